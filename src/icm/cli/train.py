@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -24,7 +23,7 @@ from icm.cli.common import console, err_console, print_error, print_json
 class _RunByDefault(TyperGroup):
     """``icm train CONFIG ...`` means ``icm train run CONFIG ...``."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
