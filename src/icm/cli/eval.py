@@ -20,6 +20,9 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON instead of tables.")
 OutOpt = typer.Option(None, "--out", "-o", help="Write the JSON summary here (for `icm eval compare`).")
 HtmlOpt = typer.Option(None, "--html", help="Write a self-contained HTML report here.")
 NameOpt = typer.Option(None, "--name", help="Name of this run in summaries and comparisons.")
+ConfidenceOpt = typer.Option(0.95, "--confidence", help="Confidence level of every interval (Wilson for proportions, bootstrap for AUC).")
+BootstrapOpt = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the AUC, average precision, F1 and balanced accuracy intervals (0: none).")
+SeedOpt = typer.Option(0, "--seed", help="Seed of the bootstrap.")
 
 
 def _fail(msg: object, code: int = 2) -> NoReturn:
@@ -69,7 +72,7 @@ def _load_policy(name: str):  # noqa: ANN202
 @app.command("icm")
 def icm_cmd(
     results: Path = typer.Argument(..., help="Results: JSONL from `icm moderate`, or the paper's JSON (image_name, sexy_score, ...)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Labels file (CSV/JSON/JSONL: image + label, category or product). Default: categories from the file names."),
+    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Labels file (CSV/JSON/JSONL: image, path or sha256 + label, category or product) or a folder of violate/ and allow/ (or category) sub-folders. Default: categories from the file names."),
     policy: str = typer.Option("icm-sexy", "--policy", "-p", help="Policy that resolves categories to products."),
     rules: Optional[str] = typer.Option(None, "--rules", "-r", help="Rule set that labels the products (default: the policy's)."),
     target: str = typer.Option("rules", help="rules: positive when the rule set says violate; term: positive when the product is the term."),
@@ -78,14 +81,21 @@ def icm_cmd(
     protocol: str = typer.Option("image", help="image: each image once (default); paper: the published script's figure, double counting included."),
     sweep_step: float = typer.Option(0.05, help="Step of the threshold sweep."),
     worst: int = typer.Option(20, help="Worst errors kept for the report."),
+    confidence: float = ConfidenceOpt,
+    bootstrap: int = BootstrapOpt,
+    seed: int = SeedOpt,
     name: Optional[str] = NameOpt,
     out: Optional[Path] = OutOpt,
     html: Optional[Path] = HtmlOpt,
     json_: bool = JsonOpt,
 ) -> None:
-    """ICM accuracy, precision, recall, F1, confusion, per category, ROC/PR with AUC and a threshold sweep."""
+    """ICM accuracy, precision, recall, F1, confusion, per category, ROC/PR with AUC and a threshold sweep.
+
+    Failed and not-judged images are counted: coverage is the share judged, strict accuracy
+    counts them wrong. Every proportion has a Wilson interval, AUC a bootstrap interval.
+    """
     from icm.evaluation.icm_metrics import evaluate_icm
-    from icm.evaluation.labels import LabelResolver, read_labels_file
+    from icm.evaluation.labels import LabelResolver, read_labels
     from icm.evaluation.results import read_results
     from icm.evaluation.summary import EvalSummary
 
@@ -97,10 +107,10 @@ def icm_cmd(
         _fail("--protocol must be image or paper")
     pol = _load_policy(policy)
     try:
-        resolver = LabelResolver(pol, rules, target=target, labels=read_labels_file(labels) if labels else None)  # type: ignore[arg-type]
+        resolver = LabelResolver(pol, rules, target=target, labels=read_labels(labels) if labels else None)  # type: ignore[arg-type]
         rs = read_results(results, term=pol.term.id)
         rep = evaluate_icm(rs, resolver, threshold=threshold, protocol=protocol, score=score, sweep_step=sweep_step,  # type: ignore[arg-type]
-                           worst=worst, name=name or results.stem)
+                           worst=worst, name=name or results.stem, confidence=confidence, bootstrap=bootstrap, seed=seed)
     except KeyError as exc:
         _fail(exc.args[0] if exc.args else exc)
     except ValueError as exc:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from icm.evaluation.labels import LabelResolver, Truth, image_key
 from icm.evaluation.registry import confusion_metrics
 from icm.evaluation.results import ResultItem, ResultSet
+from icm.evaluation.stats import DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE, DEFAULT_SEED, Interval, bootstrap_curve_metrics, wilson, wilson_interval
 from icm.policy import decide
 
 Protocol = Literal["image", "paper"]
@@ -61,17 +62,39 @@ class Confusion(BaseModel):
             self.tn += 1
 
 
+# The confusion-matrix metrics that are one proportion k / n, with their k and n.
+_PROPORTIONS = {
+    "accuracy": lambda c: (c.tp + c.tn, c.total),
+    "precision": lambda c: (c.tp, c.tp + c.fp),
+    "recall": lambda c: (c.tp, c.tp + c.fn),
+    "specificity": lambda c: (c.tn, c.tn + c.fp),
+    "false_positive_rate": lambda c: (c.fp, c.fp + c.tn),
+}
+
+
+def confusion_intervals(c: Confusion, confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Interval]:
+    """Wilson intervals of every confusion metric that is a proportion (not F1 or balanced accuracy)."""
+    out = {}
+    for name, kn in _PROPORTIONS.items():
+        iv = wilson_interval(*kn(c), confidence)
+        if iv is not None:
+            out[name] = iv
+    return out
+
+
 class Scored(BaseModel):
     """A confusion matrix and the registered metrics computed from it."""
 
     confusion: Confusion
     metrics: dict[str, float | None]
+    intervals: dict[str, Interval] = Field(default_factory=dict, description="Wilson intervals of the proportions")
     n: int = Field(description="Counted units: images, or keyword matches for the ICM-Val script")
     flag_rule: str = Field(description="When an image counts as flagged, e.g. 'score >= 0.5'")
 
     @classmethod
-    def of(cls, c: Confusion, flag_rule: str) -> "Scored":
-        return cls(confusion=c, metrics=confusion_metrics(c.tp, c.fp, c.tn, c.fn), n=c.total, flag_rule=flag_rule)
+    def of(cls, c: Confusion, flag_rule: str, confidence: float = DEFAULT_CONFIDENCE) -> "Scored":
+        return cls(confusion=c, metrics=confusion_metrics(c.tp, c.fp, c.tn, c.fn), intervals=confusion_intervals(c, confidence),
+                   n=c.total, flag_rule=flag_rule)
 
 
 class PaperProtocol(BaseModel):
@@ -85,6 +108,7 @@ class PaperProtocol(BaseModel):
     overlaps: list[str] = Field(default_factory=list, description="Which keywords match which other categories' images")
     confusion: Confusion
     metrics: dict[str, float | None]
+    intervals: dict[str, Interval] = Field(default_factory=dict, description="Wilson intervals (the matches counted as if independent)")
     difference: str = Field(description="How this figure differs from the per-image one")
 
 
@@ -105,6 +129,8 @@ class SweepRow(BaseModel):
     recall: float | None
     f1: float | None
     accuracy: float | None
+    precision_ci: tuple[float, float] | None = None
+    recall_ci: tuple[float, float] | None = None
 
 
 class BestThreshold(BaseModel):
@@ -123,6 +149,7 @@ class CategoryRow(BaseModel):
     flagged: int
     correct: int
     accuracy: float
+    accuracy_ci: tuple[float, float] | None = Field(default=None, description="Wilson interval of the accuracy")
     mean_score: float
 
 
@@ -149,9 +176,19 @@ class ICMReport(BaseModel):
     threshold: float
     protocol: Protocol
     n_items: int
-    n_evaluated: int
+    n_evaluated: int = Field(description="Labelled images judged and scored: the denominator of accuracy, precision, recall ...")
     n_unlabelled: int
     n_unscored: int
+    n_judged: int = Field(default=0, description="Images judged (all, labelled or not)")
+    n_failed: int = Field(default=0, description="Images whose moderation failed (error records)")
+    n_not_judged: int = Field(default=0, description="Images the model gave no usable answer for (refused, off-format, no evidence, conflict)")
+    not_judged_reasons: dict[str, int] = Field(default_factory=dict)
+    n_strict: int = Field(default=0, description="Labelled images judged, failed or not judged: the denominator of strict accuracy and coverage")
+    failed_examples: list[str] = Field(default_factory=list)
+    not_judged_examples: list[str] = Field(default_factory=list)
+    confidence: float = Field(default=DEFAULT_CONFIDENCE, description="Confidence level of every interval")
+    bootstrap: int = Field(default=DEFAULT_BOOTSTRAP, description="Bootstrap resamples for AUC, AP, F1, balanced accuracy")
+    seed: int = DEFAULT_SEED
     unlabelled_examples: list[str] = Field(default_factory=list)
     unscored_reasons: dict[str, int] = Field(default_factory=dict)
     n_positive: int
@@ -159,6 +196,7 @@ class ICMReport(BaseModel):
     truth_sources: dict[str, int]
     confusion: Confusion
     metrics: dict[str, float | None] = Field(description="The headline figures (the chosen protocol's)")
+    intervals: dict[str, Interval] = Field(default_factory=dict, description="Intervals of the headline figures")
     per_image: Scored
     paper: PaperProtocol | None = None
     roc: Curve | None = None
@@ -249,7 +287,7 @@ def curves(y: np.ndarray, s: np.ndarray) -> tuple[Curve | None, Curve | None, Be
     return roc, pr, bt, notes
 
 
-def threshold_sweep(y: np.ndarray, s: np.ndarray, thresholds: list[float]) -> list[SweepRow]:
+def threshold_sweep(y: np.ndarray, s: np.ndarray, thresholds: list[float], confidence: float = DEFAULT_CONFIDENCE) -> list[SweepRow]:
     rows = []
     yb = y.astype(bool)
     for t in thresholds:
@@ -259,7 +297,8 @@ def threshold_sweep(y: np.ndarray, s: np.ndarray, thresholds: list[float]) -> li
         fn = int(np.sum(~flag & yb))
         tn = int(np.sum(~flag & ~yb))
         m = confusion_metrics(tp, fp, tn, fn)
-        rows.append(SweepRow(threshold=t, tp=tp, fp=fp, tn=tn, fn=fn, precision=m["precision"], recall=m["recall"], f1=m["f1"], accuracy=m["accuracy"]))
+        rows.append(SweepRow(threshold=t, tp=tp, fp=fp, tn=tn, fn=fn, precision=m["precision"], recall=m["recall"], f1=m["f1"], accuracy=m["accuracy"],
+                             precision_ci=wilson(tp, tp + fp, confidence), recall_ci=wilson(tp, tp + fn, confidence)))
     return rows
 
 
@@ -275,7 +314,8 @@ def sweep_thresholds(step: float, threshold: float) -> list[float]:
 
 
 def paper_protocol(
-    scored: list[tuple[ResultItem, Truth | None, float]], resolver: LabelResolver, threshold: float, per_image: Scored
+    scored: list[tuple[ResultItem, Truth | None, float]], resolver: LabelResolver, threshold: float, per_image: Scored,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> PaperProtocol | None:
     """The published script's figure for these results (see the module docstring)."""
     labelled = [(it, tr, s) for it, tr, s in scored if tr is not None and tr.from_name]
@@ -292,7 +332,7 @@ def paper_protocol(
             script="icm-test",
             description=f"ICM-Test script: negative when the name contains '{neg}', positive otherwise; flagged when score >= {threshold:g}",
             matches=c.total, images=len(scored), confusion=c,
-            metrics=confusion_metrics(c.tp, c.fp, c.tn, c.fn),
+            metrics=confusion_metrics(c.tp, c.fp, c.tn, c.fn), intervals=confusion_intervals(c, confidence),
             difference="none: each image is counted once, as in the per-image protocol" if same else
             "the script takes every name without 'not-' as positive, including names the per-image protocol leaves unlabelled",
         )
@@ -337,7 +377,7 @@ def paper_protocol(
         description=f"ICM-Val script: {len(truths)} category keywords matched as substrings of the image names, "
         f"one count per match; flagged when score > {threshold:g}",
         keywords=list(truths), matches=c.total, images=len(scored), double_counted=len(double), unmatched=unmatched,
-        overlaps=overlaps, confusion=c, metrics=m,
+        overlaps=overlaps, confusion=c, metrics=m, intervals=confusion_intervals(c, confidence),
         difference=summary + ". " + "; ".join(diff_parts) + ".",
     )
 
@@ -355,28 +395,59 @@ def evaluate_icm(
     sweep_step: float = 0.05,
     worst: int = 20,
     name: str | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
+    bootstrap: int = DEFAULT_BOOTSTRAP,
+    seed: int = DEFAULT_SEED,
 ) -> ICMReport:
-    """Accuracy, precision, recall, F1, curves, sweep and per-category figures of ``results``."""
+    """Accuracy, precision, recall, F1, curves, sweep and per-category figures of ``results``.
+
+    Images whose moderation failed (error records) or that the model did not judge
+    (:meth:`ResultItem.status`, or no evidence to score) are counted, never dropped: they
+    are left out of accuracy, precision, recall and the curves, which describe the judged
+    images, and counted wrong in ``strict_accuracy``; ``coverage`` is the share of the
+    labelled images that were judged. Every proportion carries a Wilson interval at
+    ``confidence``; AUC, average precision, F1 and balanced accuracy a seeded bootstrap
+    interval over ``bootstrap`` resamples (0: none).
+    """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"the threshold must be in [0, 1], got {threshold}")
     if protocol not in ("image", "paper"):
         raise ValueError(f"unknown protocol {protocol!r} (image or paper)")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"the confidence level must be between 0 and 1 (e.g. 0.95), got {confidence}")
+    if bootstrap < 0:
+        raise ValueError(f"the number of bootstrap resamples must be 0 or more, got {bootstrap}")
     notes = list(results.notes)
     scored: list[tuple[ResultItem, Truth | None, float]] = []
     unlabelled: list[str] = []
     unscored: Counter[str] = Counter()
+    failed: list[tuple[ResultItem, Truth | None]] = []
+    not_judged: list[tuple[ResultItem, Truth | None]] = []
+    not_judged_reasons: Counter[str] = Counter()
     for it in results.items:
+        status, status_why = it.status()
+        if status == "not_judged":
+            unscored[f"not judged ({status_why})"] += 1
+            not_judged_reasons[status_why or "not judged"] += 1
+            not_judged.append((it, resolver.truth(it.id, sha256=it.sha256)))
+            continue
         s, why = item_score(it, resolver, score)
         if s is None:
             unscored[why or "no score"] += 1
+            if status == "failed":
+                failed.append((it, resolver.truth(it.id, sha256=it.sha256)))
+            elif why == "no evidence to decide from":
+                not_judged_reasons["no evidence"] += 1
+                not_judged.append((it, resolver.truth(it.id, sha256=it.sha256)))
             continue
-        scored.append((it, resolver.truth(it.id), float(s)))
+        scored.append((it, resolver.truth(it.id, sha256=it.sha256), float(s)))
     labelled = [(it, tr, s) for it, tr, s in scored if tr is not None]
     unlabelled = [it.id for it, tr, _ in scored if tr is None]
     if not labelled:
         hint = "give --labels FILE, or name images <category>_<number>.<ext>"
         if unscored and not scored:
-            raise ValueError(f"no image has a usable score ({', '.join(f'{k}: {v}' for k, v in unscored.items())})")
+            raise ValueError(f"no image has a usable score ({', '.join(f'{k}: {v}' for k, v in unscored.items())}): "
+                             f"{len(failed)} failed, {len(not_judged)} not judged of {len(results.items)}")
         raise ValueError(f"no image could be labelled ({len(unlabelled)} without a known category): {hint}")
 
     y = np.array([tr.positive for _, tr, _ in labelled], dtype=int)
@@ -384,17 +455,34 @@ def evaluate_icm(
     c = Confusion()
     for truth, sc in zip(y, s):
         c.add(bool(truth), bool(sc >= threshold))
-    per_image = Scored.of(c, f"score >= {threshold:g}")
-    paper = paper_protocol(scored, resolver, threshold, per_image)
+    per_image = Scored.of(c, f"score >= {threshold:g}", confidence)
+    paper = paper_protocol(scored, resolver, threshold, per_image, confidence)
     if protocol == "paper" and paper is None:
         raise ValueError("the paper protocol reads the truth from file names (<category>_<number>, sexy_/not-sexy_): no image is named so")
     head_c = paper.confusion if protocol == "paper" and paper else c
     metrics = dict(paper.metrics if protocol == "paper" and paper else per_image.metrics)
+    intervals = dict(paper.intervals if protocol == "paper" and paper else per_image.intervals)
+
+    # failures and images not judged: counted wrong in strict accuracy, out of coverage
+    failed_l = sum(1 for _, tr in failed if tr is not None)
+    not_judged_l = sum(1 for _, tr in not_judged if tr is not None)
+    correct = c.tp + c.tn
+    n_strict = c.total + failed_l + not_judged_l
+    metrics["strict_accuracy"] = correct / n_strict
+    metrics["coverage"] = c.total / n_strict
+    for key, k in (("strict_accuracy", correct), ("coverage", c.total)):
+        iv = wilson_interval(k, n_strict, confidence)
+        if iv is not None:
+            intervals[key] = iv
 
     roc, pr, best, cnotes = curves(y, s)
     notes += cnotes
     metrics["roc_auc"] = roc.auc if roc else None
     metrics["average_precision"] = pr.auc if pr else None
+    if bootstrap and roc is not None:
+        boot = bootstrap_curve_metrics(y, s, threshold=threshold, resamples=bootstrap, confidence=confidence, seed=seed)
+        keep = ("roc_auc", "average_precision") if protocol == "paper" else tuple(boot)  # F1 of the paper's matches is not per image
+        intervals.update({k: v for k, v in boot.items() if k in keep})
 
     # per category
     groups: dict[str, list[tuple[ResultItem, Truth, float]]] = defaultdict(list)
@@ -404,10 +492,11 @@ def evaluate_icm(
     for cat, rows in groups.items():
         tr0 = rows[0][1]
         flagged = sum(1 for _, _, sc in rows if sc >= threshold)
-        correct = sum(1 for _, tr, sc in rows if (sc >= threshold) == tr.positive)
+        cat_correct = sum(1 for _, tr, sc in rows if (sc >= threshold) == tr.positive)
         per_cat.append(CategoryRow(
             category=cat, product=tr0.product, positive=tr0.positive, rule=tr0.rule, n=len(rows), flagged=flagged,
-            correct=correct, accuracy=correct / len(rows), mean_score=float(np.mean([sc for _, _, sc in rows])),
+            correct=cat_correct, accuracy=cat_correct / len(rows), accuracy_ci=wilson(cat_correct, len(rows), confidence),
+            mean_score=float(np.mean([sc for _, _, sc in rows])),
         ))
     per_cat.sort(key=lambda r: (r.accuracy, r.category))
 
@@ -445,6 +534,14 @@ def evaluate_icm(
         notes.append(f"{len(unlabelled)} image(s) have no label (no known category in the name, not in the labels file) and are not counted")
     if unscored:
         notes.append("not scored: " + ", ".join(f"{k} ({v})" for k, v in unscored.most_common()))
+    if failed or not_judged:
+        notes.append(
+            f"{len(failed)} failed and {len(not_judged)} not judged image(s) are left out of accuracy, precision, recall and "
+            f"the curves; the {failed_l + not_judged_l} of them with a label count as wrong in strict accuracy, "
+            f"and coverage is {c.total}/{n_strict} labelled images judged"
+        )
+    if protocol == "paper" and paper is not None:
+        notes.append("strict accuracy and coverage count each image once (the per-image protocol), not the published script's matches")
 
     return ICMReport(
         name=name or results.source,
@@ -460,6 +557,16 @@ def evaluate_icm(
         n_evaluated=len(labelled),
         n_unlabelled=len(unlabelled),
         n_unscored=sum(unscored.values()),
+        n_judged=len(scored),
+        n_failed=len(failed),
+        n_not_judged=len(not_judged),
+        not_judged_reasons=dict(not_judged_reasons),
+        n_strict=n_strict,
+        failed_examples=[it.id for it, _ in failed[:10]],
+        not_judged_examples=[it.id for it, _ in not_judged[:10]],
+        confidence=confidence,
+        bootstrap=bootstrap,
+        seed=seed,
         unlabelled_examples=unlabelled[:10],
         unscored_reasons=dict(unscored),
         n_positive=int(y.sum()),
@@ -467,12 +574,13 @@ def evaluate_icm(
         truth_sources=dict(sources),
         confusion=head_c,
         metrics=metrics,
+        intervals=intervals,
         per_image=per_image,
         paper=paper,
         roc=roc,
         pr=pr,
         best_f1=best,
-        sweep=threshold_sweep(y, s, sweep_thresholds(sweep_step, threshold)),
+        sweep=threshold_sweep(y, s, sweep_thresholds(sweep_step, threshold), confidence),
         per_category=per_cat,
         score_histogram=hist,
         worst_errors=worst_errors,

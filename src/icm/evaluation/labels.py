@@ -179,6 +179,47 @@ def read_labels_file(path: str | Path) -> dict[str, LabelSpec]:
     return out
 
 
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo", ".avif", ".heic",
+                   ".mp4", ".webm", ".mov", ".mkv"}
+
+
+def read_labels_dir(path: str | Path) -> dict[str, LabelSpec]:
+    """Labels from a folder of folders: ``DIR/<label or category>/<image>``.
+
+    A sub-folder named by a label word (``violate``/``allow``, ``yes``/``no``,
+    ``positive``/``negative``, ``unsafe``/``safe``, ``1``/``0`` ...) gives the truth
+    directly; any other name is taken as a dataset category of the policy. Each image is
+    keyed by its path under ``DIR``, its file name and the SHA-256 of its bytes, so
+    results of the same images elsewhere (copied, renamed) still find their label.
+    """
+    import hashlib
+
+    root = Path(path)
+    out: dict[str, LabelSpec] = {}
+    for sub in sorted(d for d in root.iterdir() if d.is_dir()):
+        label = _parse_label(sub.name)
+        spec = LabelSpec(label=label) if label is not None else LabelSpec(category=sub.name)
+        for f in sorted(sub.rglob("*")):
+            if not f.is_file() or f.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            out[f.relative_to(root).as_posix()] = spec
+            digest = hashlib.sha256()
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            out[digest.hexdigest()] = spec
+    if not out:
+        raise ValueError(f"{root}: no labelled images: expected sub-folders named violate/allow (or yes/no, 1/0, "
+                         "or a category of the policy) holding the images")
+    return out
+
+
+def read_labels(path: str | Path) -> dict[str, LabelSpec]:
+    """Labels from a file (:func:`read_labels_file`) or a folder (:func:`read_labels_dir`)."""
+    p = Path(path)
+    return read_labels_dir(p) if p.is_dir() else read_labels_file(p)
+
+
 class LabelResolver:
     """Turns image names (and an optional labels file) into :class:`Truth` under a rule set."""
 
@@ -260,10 +301,15 @@ class LabelResolver:
             return None
         return self._product_truth(product.id, source, category)
 
-    def truth(self, name: str) -> Truth | None:
-        """The truth for an image, or None when neither the labels nor its name give one."""
+    def truth(self, name: str, sha256: str | None = None) -> Truth | None:
+        """The truth for an image, or None when neither the labels nor its name give one.
+
+        A labels file is looked up by the image's path, its file name, its stem and (when
+        given) the SHA-256 of its bytes, which survives renaming and moving.
+        """
         if self.labels is not None:
-            spec = self._by_key.get(name) or self._by_key.get(image_key(name)) or self._by_key.get(image_stem(name))
+            spec = (self._by_key.get(name) or (self._by_key.get(sha256.lower()) if sha256 else None)
+                    or self._by_key.get(image_key(name)) or self._by_key.get(image_stem(name)))
             if spec is not None:
                 if spec.label is not None:
                     return Truth(positive=spec.label, source="label", category=spec.category, product=spec.product)
@@ -275,4 +321,9 @@ class LabelResolver:
         truth = self._category_truth(category) if category else None
         if truth is not None:
             truth.from_name = True
-        return truth
+            return truth
+        parent = _parent_dir(name)
+        label = _parse_label(parent) if parent else None
+        if label is not None and parent and not parent.isdigit():  # .../violate/x.jpg, .../allow/y.jpg
+            return Truth(positive=label, source="label", category=None)
+        return None

@@ -131,6 +131,8 @@ _ICM = [
     ("false_positive_rate", "False-positive rate", False, "Of the images that should pass, the share flagged"),
     ("roc_auc", "ROC AUC", True, "Area under the ROC curve (threshold-free)"),
     ("average_precision", "Average precision", True, "Area under the precision-recall curve (step-wise)"),
+    ("strict_accuracy", "Strict accuracy", True, "Accuracy with failed and not-judged images counted wrong (each image once)"),
+    ("coverage", "Coverage", True, "Share of the labelled images that were judged (not failed, not refused)"),
 ]
 for _key, _title, _hib, _desc in _ICM:
     register(MetricSpec(f"icm.{_key}", "icm", _title, f"icm.metrics.{_key}", _hib, description=_desc))

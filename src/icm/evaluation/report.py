@@ -21,6 +21,7 @@ from icm.evaluation.meq_judge import CRITERIA
 from icm.evaluation.mqa import MQAReport
 from icm.evaluation.registry import metrics_for
 from icm.evaluation.summary import EvalSummary
+from icm.evaluation.tables import _interval_cell, icm_interval
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1d1d1f;padding:0 1rem}
@@ -39,6 +40,10 @@ def _e(x: Any) -> str:
 
 def _f(x: float | None, fmt: str = ".4f") -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def _ci(ci: tuple[float, float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], num: Sequence[int] = ()) -> str:
@@ -167,15 +172,20 @@ def icm_section(r: ICMReport) -> str:
         f'<p class="meta">{_e(r.source)} ({_e(r.format)}), policy <b>{_e(r.policy)}</b>, rules <b>{_e(r.rules)}</b>, '
         f"target {_e(r.target)}, score: {_e(r.score)}; protocol <b>{_e(r.protocol)}</b>, threshold {r.threshold:g}. "
         f"{r.n_evaluated} of {r.n_items} images evaluated ({r.n_positive} should be flagged), "
-        f"{r.n_unlabelled} unlabelled, {r.n_unscored} without a score.</p>"
+        f"{r.n_unlabelled} unlabelled, {r.n_unscored} without a score. "
+        f"Judged {r.n_judged}, failed {r.n_failed}, not judged {r.n_not_judged}"
+        + (f" ({_e(', '.join(f'{k}: {v}' for k, v in r.not_judged_reasons.items()))})" if r.not_judged_reasons else "")
+        + f"; intervals at {r.confidence:.0%} (Wilson for proportions, {r.bootstrap} bootstrap resamples, seed {r.seed}).</p>"
     )
     rows = []
     data = {"icm": r.model_dump()}
     for spec in metrics_for("icm"):
         v = spec.get(data)
         if v is not None or spec.path.startswith("icm.metrics."):
-            rows.append((_e(spec.title), _f(v, spec.fmt) if v is not None else "- (undefined)", _e(spec.description)))
-    parts.append(_table(["metric", "value", "what"], rows, num=(1,)))
+            iv = icm_interval(r, spec.name)
+            rows.append((_e(spec.title), _f(v, spec.fmt) if v is not None else "- (undefined)",
+                         _e(_interval_cell(iv)), _e(spec.description)))
+    parts.append(_table(["metric", "value", f"{r.confidence:.0%} interval", "what"], rows, num=(1,)))
     c = r.confusion
     parts.append("<h3>Confusion matrix</h3>")
     parts.append(_table(["", "flagged", "passed"], [("should be flagged", f"TP {c.tp}", f"FN {c.fn}"), ("should pass", f"FP {c.fp}", f"TN {c.tn}")]))
@@ -201,7 +211,8 @@ def icm_section(r: ICMReport) -> str:
     if r.sweep:
         parts.append("<details><summary>Threshold sweep</summary>")
         parts.append(_table(["threshold", "TP", "FP", "TN", "FN", "precision", "recall", "F1", "accuracy"],
-                            [(f"{s.threshold:g}", s.tp, s.fp, s.tn, s.fn, _f(s.precision), _f(s.recall), _f(s.f1), _f(s.accuracy)) for s in r.sweep],
+                            [(f"{s.threshold:g}", s.tp, s.fp, s.tn, s.fn, _f(s.precision) + _ci(s.precision_ci), _f(s.recall) + _ci(s.recall_ci),
+                              _f(s.f1), _f(s.accuracy)) for s in r.sweep],
                             num=tuple(range(9))))
         parts.append("</details>")
     if r.per_category:
@@ -209,7 +220,8 @@ def icm_section(r: ICMReport) -> str:
         parts.append(_table(
             ["category", "product", "should", "rule", "images", "flagged", "accuracy", "mean score"],
             [(_e(c.category), _e(c.product), "flag" if c.positive else "pass", _e(c.rule), c.n, c.flagged,
-              f'<span class="{"bad" if c.accuracy < 0.9 else "good"}">{c.accuracy:.4f}</span>', f"{c.mean_score:.4f}") for c in r.per_category],
+              f'<span class="{"bad" if c.accuracy < 0.9 else "good"}">{c.accuracy:.4f}</span>' + _ci(c.accuracy_ci), f"{c.mean_score:.4f}")
+             for c in r.per_category],
             num=(4, 5, 6, 7)))
     if r.worst_errors:
         parts.append("<h3>Worst errors</h3><p>Misclassified images, most confident first, with what the model said.</p>")

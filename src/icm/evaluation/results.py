@@ -24,6 +24,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 ResultFormat = Literal["icm-jsonl", "paper-json"]
+Status = Literal["judged", "not_judged", "failed"]
+
+# Words in a record's ``not_judged`` entries or notes that say the model gave no usable answer.
+_NOT_JUDGED_WORDS = ("refused", "refusal", "off-format", "off_format", "offformat")
 
 _NAME_KEYS = ("image_name", "image", "path", "file", "filename", "name")
 
@@ -42,10 +46,37 @@ class ResultItem(BaseModel):
     reason: str | None = None
     explanation: str | None = None
     error: str | None = None
+    sha256: str | None = None
+    label: str | None = Field(default=None, description="The rule set's label of the decided product: allow, violate or None")
+    p_violation_range: tuple[float, float] | None = None
+    basis: str | None = Field(default=None, description="What the decision rested on: attributes, products, term, none, conflict")
+    not_judged: list[str] = Field(default_factory=list, description="Queries the backend did not judge, as recorded")
+    record_notes: list[str] = Field(default_factory=list, description="The record's notes")
 
     @property
     def has_evidence(self) -> bool:
         return self.p_term is not None or bool(self.attributes)
+
+    def status(self) -> tuple[Status, str | None]:
+        """Whether the image was judged, and if not, why.
+
+        ``failed``: the record is an error (the moderation did not complete).
+        ``not_judged``: the model gave no usable answer: the decision rests on nothing
+        (basis ``none``) or on contradicting answers (``conflict``), or a query was refused
+        or answered off-format (the record's ``not_judged`` list or notes say so).
+        Anything else is ``judged``. A query the backend cannot ask at all (a detector has
+        no action question) is not a refusal: it is listed in ``not_judged`` by name only.
+        """
+        if self.error:
+            return "failed", "moderation failed"
+        if self.basis in ("none", "conflict"):
+            return "not_judged", f"basis {self.basis}"
+        for text in (*self.not_judged, *self.record_notes):
+            low = text.lower()
+            for word in _NOT_JUDGED_WORDS:
+                if word in low:
+                    return "not_judged", "refused" if word.startswith("refus") else "off-format"
+        return "judged", None
 
 
 class ResultSet(BaseModel):
@@ -122,6 +153,12 @@ def _record_item(obj: dict[str, Any]) -> ResultItem:
         reason=r.reason,
         explanation=r.explanation,
         error=r.error,
+        sha256=r.sha256,
+        label=r.label,
+        p_violation_range=r.p_violation_range,
+        basis=r.basis,
+        not_judged=[str(x) for x in r.not_judged],
+        record_notes=[str(x) for x in r.notes],
     )
 
 

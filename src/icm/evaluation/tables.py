@@ -12,6 +12,7 @@ from icm.evaluation.meq import MEQReport
 from icm.evaluation.meq_judge import CRITERIA
 from icm.evaluation.mqa import MQAReport
 from icm.evaluation.registry import metrics_for
+from icm.evaluation.stats import Interval
 from icm.evaluation.summary import EvalSummary
 
 
@@ -23,21 +24,49 @@ def _notes(notes: list[str]) -> list[RenderableType]:
     return [Text(f"note: {n}", style="yellow") for n in notes if n]
 
 
+def icm_interval(r: ICMReport, metric: str) -> Interval | None:
+    """The interval of a registered ICM metric (``icm.accuracy``, ``icm.paper_accuracy`` ...), if any."""
+    key = metric.removeprefix("icm.")
+    if key == "paper_accuracy":
+        return r.paper.intervals.get("accuracy") if r.paper else None
+    if key == "per_image_accuracy":
+        return r.per_image.intervals.get("accuracy")
+    return r.intervals.get(key)
+
+
+def _interval_cell(iv: Interval | None) -> str:
+    if iv is None:
+        return ""
+    how = f"Wilson, {iv.k}/{iv.n}" if iv.method == "wilson" else f"bootstrap, {iv.resamples}"
+    return f"{iv.text()} ({how})"
+
+
+def _interval_parts(iv: Interval | None) -> tuple[str, str]:
+    if iv is None:
+        return "", ""
+    return iv.text(), (f"{iv.k}/{iv.n}" if iv.method == "wilson" else "bootstrap")
+
+
 def icm_tables(r: ICMReport, *, categories: int = 10) -> RenderableType:
     out: list[RenderableType] = []
     t = Table(title=f"ICM accuracy: {r.name} ({r.n_evaluated} images, protocol {r.protocol}, threshold {r.threshold:g})")
     t.add_column("metric")
     t.add_column("value", justify="right")
+    t.add_column(f"{r.confidence:.0%} interval", no_wrap=True)
+    t.add_column("k/n", justify="right")
     data = {"icm": r.model_dump()}
     for spec in metrics_for("icm"):
         v = spec.get(data)
         if v is not None or spec.path.startswith("icm.metrics."):
-            t.add_row(spec.title, spec.format(v) if v is not None else "- (undefined)")
+            t.add_row(spec.title, spec.format(v) if v is not None else "- (undefined)", *_interval_parts(icm_interval(r, spec.name)))
     c = r.confusion
-    t.add_row("TP / FP / TN / FN", f"{c.tp} / {c.fp} / {c.tn} / {c.fn}")
+    t.add_row("TP / FP / TN / FN", f"{c.tp} / {c.fp} / {c.tn} / {c.fn}", "", "")
     if r.best_f1:
-        t.add_row("best F1 (threshold)", f"{r.best_f1.f1:.4f} ({r.best_f1.threshold:.4f})")
+        t.add_row("best F1 (threshold)", f"{r.best_f1.f1:.4f} ({r.best_f1.threshold:.4f})", "", "")
     out.append(t)
+    reasons = ", ".join(f"{k}: {v}" for k, v in r.not_judged_reasons.items())
+    out.append(Text(f"judged / failed / not judged: {r.n_judged} / {r.n_failed} / {r.n_not_judged}" + (f" ({reasons})" if reasons else "")
+                    + f"; intervals: Wilson for proportions, bootstrap ({r.bootstrap} resamples, seed {r.seed}) for the others"))
     out.append(Text(f"policy {r.policy}, rules {r.rules}, target {r.target}; score: {r.score}", style="dim"))
     if r.paper:
         p = r.paper
@@ -53,10 +82,11 @@ def icm_tables(r: ICMReport, *, categories: int = 10) -> RenderableType:
         out.append(Text(p.difference))
     if r.per_category and len(r.per_category) > 1:
         ct = Table(title=f"Per category, worst {min(categories, len(r.per_category))} of {len(r.per_category)}")
-        for col in ("category", "product", "should", "images", "flagged", "accuracy"):
+        for col in ("category", "product", "should", "images", "flagged", "accuracy", f"{r.confidence:.0%} interval"):
             ct.add_column(col, justify="right" if col in ("images", "flagged", "accuracy") else "left")
         for row in r.per_category[:categories]:
-            ct.add_row(row.category, row.product or "-", "flag" if row.positive else "pass", str(row.n), str(row.flagged), f"{row.accuracy:.4f}")
+            ci = f"[{row.accuracy_ci[0]:.4f}, {row.accuracy_ci[1]:.4f}]" if row.accuracy_ci else ""
+            ct.add_row(row.category, row.product or "-", "flag" if row.positive else "pass", str(row.n), str(row.flagged), f"{row.accuracy:.4f}", ci)
         out.append(ct)
     out += _notes(r.notes)
     return Group(*out)
