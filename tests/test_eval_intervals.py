@@ -120,6 +120,11 @@ def _mixed_results(tmp_path: Path) -> Path:
         {"path": bust.format(10), "policy": "icm-sexy", "rules": "icm-default", "backend": "openai", "basis": "conflict",
          "p_violation": 0.5, "p_violation_range": [0.0, 1.0], "verdict": "review", "attributes": _sharp(
              {"region": "upper", "exposure": "chest", "action": "none", "cue": "none"})},
+        # the engine's refusal record: no product, basis refused, verdict review
+        {"path": bust.format(12), "policy": "icm-sexy", "rules": "icm-default", "backend": "openai", "basis": "refused",
+         "unanswered": {"term:sexy": "refused: I'm sorry, but I can't help with that."}, "verdict": "review"},
+        # a query the backend cannot ask is not a refusal: judged on the rest
+        _record(normal.format(11), "normal", 0.05, unanswered={"attr:action": "cannot-judge: the detector has no action question"}),
         # a failure no label can be found for: counted as failed, not in strict accuracy
         {"path": "shots/holiday.jpg", "policy": "icm-sexy", "rules": "icm-default", "backend": "openai", "error": "timeout"},
     ]
@@ -131,17 +136,17 @@ def _mixed_results(tmp_path: Path) -> Path:
 def test_strict_accuracy_and_coverage_count_failures_and_images_not_judged(tmp_path):
     rs = read_results(_mixed_results(tmp_path))
     statuses = [it.status()[0] for it in rs.items]
-    assert statuses.count("judged") == 5 and statuses.count("failed") == 2 and statuses.count("not_judged") == 4
+    assert statuses.count("judged") == 6 and statuses.count("failed") == 2 and statuses.count("not_judged") == 5
     rep = evaluate_icm(rs, LabelResolver(POLICY), bootstrap=200)
-    assert (rep.n_judged, rep.n_failed, rep.n_not_judged) == (5, 2, 4)
-    assert rep.not_judged_reasons == {"refused": 1, "off-format": 1, "basis none": 1, "basis conflict": 1}
-    assert rep.n_evaluated == 5 and rep.n_strict == 5 + 1 + 4  # holiday.jpg has no label
-    assert rep.metrics["accuracy"] == pytest.approx(4 / 5)
-    assert rep.metrics["strict_accuracy"] == pytest.approx(4 / 10)
-    assert rep.metrics["coverage"] == pytest.approx(5 / 10)
+    assert (rep.n_judged, rep.n_failed, rep.n_not_judged) == (6, 2, 5)
+    assert rep.not_judged_reasons == {"refused": 2, "off-format": 1, "basis none": 1, "basis conflict": 1}
+    assert rep.n_evaluated == 6 and rep.n_strict == 6 + 1 + 5  # holiday.jpg has no label
+    assert rep.metrics["accuracy"] == pytest.approx(5 / 6)
+    assert rep.metrics["strict_accuracy"] == pytest.approx(5 / 12)
+    assert rep.metrics["coverage"] == pytest.approx(6 / 12)
     acc, strict, cov = rep.intervals["accuracy"], rep.intervals["strict_accuracy"], rep.intervals["coverage"]
-    assert (acc.k, acc.n) == (4, 5) and (round(acc.low, 4), round(acc.high, 4)) == tuple(round(x, 4) for x in wilson(4, 5))
-    assert (strict.k, strict.n, cov.k, cov.n) == (4, 10, 5, 10)
+    assert (acc.k, acc.n) == (5, 6) and (round(acc.low, 4), round(acc.high, 4)) == tuple(round(x, 4) for x in wilson(5, 6))
+    assert (strict.k, strict.n, cov.k, cov.n) == (5, 12, 6, 12)
     assert rep.intervals["precision"].n == 2 and rep.intervals["recall"].n == 3
     assert rep.intervals["roc_auc"].low <= rep.metrics["roc_auc"] <= rep.intervals["roc_auc"].high
     assert any("count as wrong in strict accuracy" in n for n in rep.notes)
@@ -154,13 +159,13 @@ def test_cli_prints_and_saves_counts_and_intervals(tmp_path):
     r = runner.invoke(app, ["eval", "icm", str(res), "--out", str(out), "--html", str(html), "--bootstrap", "100", "--confidence", "0.9"])
     assert r.exit_code == 0, r.output
     assert "Strict accuracy" in r.output and "Coverage" in r.output and "90% interval" in r.output
-    assert "5 / 2 / 4" in r.output  # judged / failed / not judged
+    assert "6 / 2 / 5" in r.output  # judged / failed / not judged
     s = json.loads(out.read_text())["icm"]
-    assert (s["n_failed"], s["n_not_judged"], s["confidence"], s["bootstrap"]) == (2, 4, 0.9, 100)
+    assert (s["n_failed"], s["n_not_judged"], s["confidence"], s["bootstrap"]) == (2, 5, 0.9, 100)
     assert s["intervals"]["coverage"]["low"] < 0.5 < s["intervals"]["coverage"]["high"]
     assert s["intervals"]["roc_auc"]["method"] == "bootstrap"
     page = html.read_text()
-    assert "Strict accuracy" in page and "failed 2, not judged 4" in page and "90% interval" in page
+    assert "Strict accuracy" in page and "failed 2, not judged 5" in page and "90% interval" in page
     j = json.loads(runner.invoke(app, ["eval", "icm", str(res), "--json", "--bootstrap", "0"]).stdout)["icm"]
     assert "roc_auc" not in j["intervals"] and j["metrics"]["coverage"] == 0.5
     bad = runner.invoke(app, ["eval", "icm", str(res), "--confidence", "95"])

@@ -51,6 +51,7 @@ class ResultItem(BaseModel):
     p_violation_range: tuple[float, float] | None = None
     basis: str | None = Field(default=None, description="What the decision rested on: attributes, products, term, none, conflict")
     not_judged: list[str] = Field(default_factory=list, description="Queries the backend did not judge, as recorded")
+    unanswered: dict[str, str] = Field(default_factory=dict, description="Queries with no answer and why (refused, off-format, cannot-judge)")
     record_notes: list[str] = Field(default_factory=list, description="The record's notes")
 
     @property
@@ -63,15 +64,24 @@ class ResultItem(BaseModel):
         ``failed``: the record is an error (the moderation did not complete).
         ``not_judged``: the model gave no usable answer: the decision rests on nothing
         (basis ``none``) or on contradicting answers (``conflict``), or a query was refused
-        or answered off-format (the record's ``not_judged`` list or notes say so).
+        or answered off-format (basis ``refused``, or the record's ``unanswered``,
+        ``not_judged`` or notes say so).
         Anything else is ``judged``. A query the backend cannot ask at all (a detector has
         no action question) is not a refusal: it is listed in ``not_judged`` by name only.
         """
         if self.error:
             return "failed", "moderation failed"
+        if self.basis == "refused":
+            return "not_judged", "refused"
         if self.basis in ("none", "conflict"):
             return "not_judged", f"basis {self.basis}"
+        for why in self.unanswered.values():  # "refused: ...", "off-format: ...", "cannot-judge: ..."
+            head = why.split(":", 1)[0].strip().lower()
+            if head in ("refused", "off-format"):
+                return "not_judged", head
         for text in (*self.not_judged, *self.record_notes):
+            if text.lower().startswith("cannot-judge"):
+                continue
             low = text.lower()
             for word in _NOT_JUDGED_WORDS:
                 if word in low:
@@ -158,6 +168,7 @@ def _record_item(obj: dict[str, Any]) -> ResultItem:
         p_violation_range=r.p_violation_range,
         basis=r.basis,
         not_judged=[str(x) for x in r.not_judged],
+        unanswered={str(k): str(v) for k, v in (getattr(r, "unanswered", None) or {}).items()},
         record_notes=[str(x) for x in r.notes],
     )
 
