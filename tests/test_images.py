@@ -180,7 +180,7 @@ def test_rgba_alpha_over_white(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
-def test_animated_first_frame(tmp_path: Path, fmt: str) -> None:
+def test_animated_every_frame_is_a_view(tmp_path: Path, fmt: str) -> None:
     if fmt == "WEBP" and not features.check("webp"):
         pytest.skip("this Pillow has no WebP support")
     frames = [Image.new("RGB", (16, 16), c) for c in (RED, GREEN, BLUE)]
@@ -189,8 +189,11 @@ def test_animated_first_frame(tmp_path: Path, fmt: str) -> None:
         kwargs["lossless"] = True
     li = load_image(write(tmp_path, f"anim.{fmt.lower()}", encode(frames[0], fmt, **kwargs)))
     assert li.frames == 3
-    assert close(li.image.getpixel((8, 8)), RED, tol=8)
-    assert any("first frame" in n for n in li.notes)
+    assert close(li.image.getpixel((8, 8)), RED, tol=8)  # ``image`` stays the first frame
+    assert [v.frame for v in li.views] == [0, 1, 2] and li.frames_seen == 3
+    for view, colour in zip(li.views, (RED, GREEN, BLUE)):
+        assert close(view.image.getpixel((8, 8)), colour, tol=8) and view.background is None
+    assert any("all 3 judged" in n for n in li.notes)
 
 
 def _red_top_blue_bottom(orientation: int) -> bytes:

@@ -12,6 +12,15 @@ Decoding is strict: this module never switches ``PIL.ImageFile.LOAD_TRUNCATED_IM
 on, so a truncated file is an error rather than a half-grey image that a model would
 happily score as "safe" (if other code in the process switched it on, every loaded image
 carries a warning note).
+
+Every frame counts: animated GIF/WebP/APNG, multi-page TIFF and multi-picture JPEG (MPO)
+are *sampled* (all frames up to ``max_frames``, evenly spaced beyond that, always the
+first and the last), and an image with meaningful transparency is seen over a white and
+over a black background, so that content hidden after a benign first frame, or drawn in
+white on a transparent canvas, is still judged. :attr:`LoadedImage.views` holds what the
+backend is asked about; the engine keeps the worst view. Decoding stays bounded: the
+per-frame pixel limit applies to every frame, and the pixels decoded over all frames
+(including those decoded only to reach a later frame of an animation) are bounded too.
 """
 
 from __future__ import annotations
@@ -39,6 +48,29 @@ Larger images are refused *before* decoding. Pillow's own hard limit
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 """Largest file read into memory (256 MiB)."""
 
+DEFAULT_MAX_FRAMES = 16
+"""Frames judged per multi-frame image or video by default (evenly spaced beyond that)."""
+
+DEFAULT_MAX_TOTAL_PIXELS = 400_000_000
+"""Pixels decoded over all frames of one file by default (at least ``max_pixels``).
+
+For an animation this counts every frame decoded on the way to a sampled one (GIF, APNG
+and WebP frames are composited in order), so a file with many large frames is refused
+rather than decoded for minutes.
+"""
+
+ALPHA_MIN_FRACTION = 0.001
+"""Transparency is *meaningful* when more than this fraction of pixels is not fully opaque.
+
+Such images are judged over a white and over a black background (the worse kept), since
+content drawn in white on a transparent canvas is invisible over white.
+"""
+
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0)}
+
+_RANDOM_ACCESS_FORMATS = frozenset({"TIFF", "MPO"})
+"""Formats whose frames decode independently; others are decoded in order to reach a frame."""
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".dib",
      ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif",
@@ -49,6 +81,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 HEIC/HEIF/AVIF are included so that such files are *reported* (Pillow may lack the
 codec) instead of being skipped silently.
 """
+
+VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".m4v", ".webm", ".mov", ".mkv"})
+"""Video file extensions (lower case): read by :mod:`icm.moderation.video` and picked up in folders."""
+
+MEDIA_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 # Signatures of common non-image files, for a plainer error than "cannot identify".
 _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
@@ -73,6 +110,19 @@ class ImageLoadError(Exception):
 
 
 @dataclass
+class FrameView:
+    """One picture a backend judges: a frame of the file over one background."""
+
+    image: Image.Image
+    frame: int = 0
+    """Index of the frame in the file (0 for a still image)."""
+    timestamp: float | None = None
+    """Seconds from the start (videos, and animations that state frame durations)."""
+    background: str | None = None
+    """``white`` or ``black`` when the frame has meaningful transparency, else None."""
+
+
+@dataclass
 class LoadedImage:
     """A decoded image ready for a backend, and what was done to get it.
 
@@ -90,7 +140,18 @@ class LoadedImage:
     mode: str
     format: str | None
     frames: int = 1
+    """How many frames the file has (for a video, as the container states or estimated)."""
     notes: list[str] = field(default_factory=list)
+    views: list[FrameView] = field(default_factory=list)
+    """What is judged: every sampled frame, over each background when it has alpha.
+
+    Empty for a LoadedImage built by hand; :meth:`judged_views` then gives ``image``.
+    """
+    frames_seen: int = 1
+    """How many distinct frames of the file are in ``views``."""
+
+    def judged_views(self) -> list[FrameView]:
+        return self.views or [FrameView(self.image)]
 
 
 def load_image(
@@ -99,12 +160,20 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     name: str | None = None,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    max_total_pixels: int | None = None,
 ) -> LoadedImage:
     """Load one image as 8-bit RGB, or raise :class:`ImageLoadError`.
 
     ``name`` labels the image in error messages and in ``LoadedImage.source``
-    (defaults to the path, or ``"<bytes>"`` for in-memory data).
+    (defaults to the path, or ``"<bytes>"`` for in-memory data). ``image`` is the first
+    frame over white; ``views`` holds every sampled frame (at most ``max_frames``) over
+    each background that matters. ``max_total_pixels`` bounds the pixels decoded over
+    all frames (default :data:`DEFAULT_MAX_TOTAL_PIXELS`, at least ``max_pixels``).
     """
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    total_limit = max(max_total_pixels or DEFAULT_MAX_TOTAL_PIXELS, max_pixels)
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         data = bytes(path_or_bytes)
         source = name or "<bytes>"
@@ -127,42 +196,36 @@ def load_image(
         raise ImageLoadError(source, f"refused to decode a possible decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageLoadError(source, _describe_non_image(data)) from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except MemoryError as exc:
+        raise ImageLoadError(source, "not enough memory to open it") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise any type (struct.error, ...)
         raise ImageLoadError(source, f"the file header is corrupt ({_cause(exc)})") from exc
 
     with im:
         fmt = im.format
         mode = im.mode
         width, height = im.size
-        if width * height > max_pixels:
-            raise ImageLoadError(
-                source,
-                f"refused to decode a possible decompression bomb: {width}x{height} = "
-                f"{width * height / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:.1f}",
-            )
+        _check_frame_size(source, width, height, max_pixels)
         notes: list[str] = []
         if ImageFile.LOAD_TRUNCATED_IMAGES:
             notes.append(
                 "warning: PIL.ImageFile.LOAD_TRUNCATED_IMAGES was switched on in this process, "
                 "so a truncated file may have been decoded partially"
             )
-        try:
-            im.load()  # first frame; raises on truncated data (LOAD_TRUNCATED_IMAGES is False)
-        except Image.DecompressionBombError as exc:
-            raise ImageLoadError(source, f"refused to decode a possible decompression bomb ({exc})") from exc
-        except MemoryError as exc:
-            raise ImageLoadError(source, "not enough memory to decode it") from exc
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageLoadError(source, f"the file is truncated or corrupt ({_cause(exc)})") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            _decode(im, source, "the file is truncated or corrupt")  # first frame
+            transpose = _orientation(im, notes)
+            frames = _count_frames(im, notes)
+            wanted = sample_frames(frames, max_frames)
+            views = _frame_views(im, source, notes, wanted, frames, transpose, max_pixels, total_limit)
 
-        frame = _apply_exif_orientation(im, notes)
-        rgb = _to_rgb(frame, source, notes)
-        frames = _count_frames(im, notes)
-
-    if frames > 1 and fmt == "MPO":  # phone JPEGs carrying previews or depth maps
-        notes.append(f"multi-picture JPEG ({frames} images): the first (main) image is used")
-    elif frames > 1:
-        notes.append(f"animated ({frames} frames): the first frame is used")
+    rgb = views[0].image
+    seen = len({v.frame for v in views})
+    if frames > 1:
+        kind = "multi-picture JPEG" if fmt == "MPO" else "multi-page" if fmt == "TIFF" else "animated"
+        which = f"all {seen} judged" if seen == frames else f"{seen} evenly spaced judged (first and last included)"
+        notes.append(f"{kind} ({frames} frames): {which}")
     return LoadedImage(
         image=rgb,
         source=source,
@@ -173,8 +236,98 @@ def load_image(
         mode=mode,
         format=fmt,
         frames=frames,
-        notes=notes,
+        notes=list(dict.fromkeys(notes)),
+        views=views,
+        frames_seen=seen,
     )
+
+
+def sample_frames(count: int, max_frames: int) -> list[int]:
+    """Frame indices to judge: all of ``count`` up to ``max_frames``, evenly spaced beyond.
+
+    The first and the last frame are always included (when ``max_frames`` >= 2).
+    """
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    if count <= max_frames:
+        return list(range(count))
+    if max_frames == 1:
+        return [0]
+    step = max_frames - 1
+    return [(i * (count - 1) + step // 2) // step for i in range(max_frames)]
+
+
+def _check_frame_size(source: str, width: int, height: int, max_pixels: int, what: str = "") -> None:
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            source,
+            f"refused to decode a possible decompression bomb{what}: {width}x{height} = "
+            f"{width * height / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:.1f}",
+        )
+
+
+def _decode(im: Image.Image, source: str, what: str) -> None:
+    """``im.load()`` with every failure turned into an :class:`ImageLoadError`."""
+    try:
+        im.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is False)
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(source, f"refused to decode a possible decompression bomb ({exc})") from exc
+    except MemoryError as exc:
+        raise ImageLoadError(source, "not enough memory to decode it") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise any type
+        raise ImageLoadError(source, f"{what} ({_cause(exc)})") from exc
+
+
+def _frame_views(
+    im: Image.Image,
+    source: str,
+    notes: list[str],
+    wanted: list[int],
+    frames: int,
+    transpose: Image.Transpose | None,
+    max_pixels: int,
+    total_limit: int,
+) -> list[FrameView]:
+    """Decode the ``wanted`` frames (ascending) within the pixel budget, as views."""
+    views: list[FrameView] = []
+    canvas = im.width * im.height
+    sequential = im.format not in _RANDOM_ACCESS_FORMATS
+    spent, at = canvas, 0
+    for k in wanted:
+        if k != at:
+            if sequential:  # frames at+1 .. k are all decoded on the way
+                spent += (k - at) * canvas
+                _check_budget(source, spent, total_limit, frames, len(wanted))
+            try:
+                im.seek(k)
+            except EOFError as exc:
+                raise ImageLoadError(
+                    source, f"frame {k} of the {frames} the file declares is missing (truncated or corrupt file)"
+                ) from exc
+            except MemoryError as exc:
+                raise ImageLoadError(source, "not enough memory to decode it") from exc
+            except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise any type
+                raise ImageLoadError(source, f"frame {k} of {frames} is corrupt ({_cause(exc)})") from exc
+            at = k
+            w, h = im.size
+            _check_frame_size(source, w, h, max_pixels, f" (frame {k})")
+            if not sequential:
+                spent += w * h
+                _check_budget(source, spent, total_limit, frames, len(wanted))
+            _decode(im, source, f"frame {k} of {frames} is truncated or corrupt")
+        frame: Image.Image = im.transpose(transpose) if transpose is not None else im
+        for background, rgb in _to_rgb_views(frame, source, notes):
+            views.append(FrameView(rgb, frame=k, timestamp=None, background=background))
+    return views
+
+
+def _check_budget(source: str, spent: int, limit: int, frames: int, sampled: int) -> None:
+    if spent > limit:
+        raise ImageLoadError(
+            source,
+            f"refused to decode {frames} frames: judging {sampled} of them needs over {spent / 1e6:.0f} "
+            f"megapixels decoded, over the limit of {limit / 1e6:.0f} (a possible decompression bomb)",
+        )
 
 
 def _read_file(path: Path, source: str, max_bytes: int) -> bytes:
@@ -227,38 +380,72 @@ def _as_text(head: bytes) -> str | None:
     return None
 
 
-def _apply_exif_orientation(im: Image.Image, notes: list[str]) -> Image.Image:
+_ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(im: Image.Image, notes: list[str]) -> Image.Transpose | None:
+    """The transpose that makes the image upright from its EXIF orientation (applied to every frame)."""
     try:
         orientation = im.getexif().get(0x0112, 1)
-        if orientation in (2, 3, 4, 5, 6, 7, 8):
-            out = ImageOps.exif_transpose(im)
-            notes.append(f"rotated/flipped upright from EXIF orientation {orientation}")
-            return out
     except Exception as exc:  # noqa: BLE001 - malformed EXIF must not lose the image
         notes.append(f"EXIF orientation unreadable, image left as stored ({_cause(exc)})")
-    return im
+        return None
+    method = _ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    if method is not None:
+        notes.append(f"rotated/flipped upright from EXIF orientation {orientation}")
+    return method
+
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+
+
+def _to_rgb_views(im: Image.Image, source: str, notes: list[str]) -> list[tuple[str | None, Image.Image]]:
+    """The frame as 8-bit RGB: over white, and also over black when its alpha is meaningful."""
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        try:
+            rgba = im.convert("RGBA")
+        except Exception as exc:  # noqa: BLE001 - odd modes of untrusted files
+            raise ImageLoadError(source, f"unsupported colour mode {im.mode!r} ({_cause(exc)})") from exc
+        alpha = np.asarray(rgba.getchannel("A"))
+        clear = float((alpha < 255).mean()) if alpha.size else 0.0
+        if clear > ALPHA_MIN_FRACTION:
+            notes.append(
+                f"transparency ({im.mode}, {clear:.1%} of pixels not opaque): judged over white and over black, "
+                "the worse kept"
+            )
+            return [(name, _composite(rgba, colour)) for name, colour in BACKGROUNDS.items()]
+        if clear > 0:
+            notes.append(f"transparency ({im.mode}) composited over white ({clear:.2%} of pixels, too few to matter)")
+        return [(None, _composite(rgba, BACKGROUNDS["white"]))]
+    return [(None, _to_rgb(im, source, notes))]
+
+
+def _composite(rgba: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, (*colour, 255))
+    background.alpha_composite(rgba)
+    return background.convert("RGB")
 
 
 def _to_rgb(im: Image.Image, source: str, notes: list[str]) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparency is composited over white."""
+    """Any Pillow mode without transparency to 8-bit RGB."""
     mode = im.mode
-    if mode == "RGB" and "transparency" not in im.info:
+    if mode == "RGB":
         return im.copy()
     if mode.startswith("I;16") or mode in ("I", "F"):
         return Image.fromarray(_high_depth_to_8bit(np.asarray(im), mode, notes), "L").convert("RGB")
     if mode == "CMYK":
         return _cmyk_to_rgb(im, notes)
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
     try:
-        if has_alpha:
-            rgba = im.convert("RGBA")
-            if rgba.getextrema()[3][0] < 255:
-                notes.append(f"transparency ({mode}) composited over white")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            background.alpha_composite(rgba)
-            return background.convert("RGB")
         return im.convert("RGB")
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - odd modes of untrusted files
         raise ImageLoadError(source, f"unsupported colour mode {mode!r} ({_cause(exc)})") from exc
 
 
@@ -333,7 +520,7 @@ def iter_image_paths(
     inputs: Iterable[str | os.PathLike[str]],
     *,
     stdin: TextIO | None = None,
-    extensions: Collection[str] = IMAGE_EXTENSIONS,
+    extensions: Collection[str] = MEDIA_EXTENSIONS,
 ) -> Iterator[PathEntry]:
     """Expand files, folders, glob patterns and ``-`` into a deterministic list of images.
 
