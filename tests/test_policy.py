@@ -193,8 +193,8 @@ def test_compiled_prompts_cover_every_attribute_and_product():
     assert c.term.prompt == "Is the image sexy?\nAnswer with Yes or No."
     assert [a.attribute for a in c.attributes] == ["region", "exposure", "action", "cue"]
     exposure = c.attributes[1]
-    assert exposure.letters == list("ABCDEFGHI")
-    assert "I. Nothing notable" in exposure.prompt
+    assert exposure.letters == list("BCDEFGHJK")  # moderation option labels skip A, I and O
+    assert "K. Nothing notable" in exposure.prompt
     stage = next(s for s in c.stages if s.product == "upper_chest")
     assert "cleavage" in stage.explicit and "The image is sexy" in stage.explanation
     assert "3. Is the image sexy?" in stage.combined
@@ -211,7 +211,7 @@ def test_decision_from_attributes_term_and_rules():
     d = decide(policy, "icm-default", attributes=attrs)
     assert d.product == "upper_chest" and d.label.violates and d.basis == "attributes"
     assert d.verdict == "block" and 0.7 <= d.p_violation <= 1.0
-    assert abs(sum(d.products.values()) - 1.0) < 1e-9
+    assert abs(sum(d.products.values()) + d.p_uncovered - 1.0) < 1e-9  # products and the uncovered cells
     # the same evidence under another rule set: same product, other label
     d2 = decide(policy, "adult-platform", attributes=attrs)
     assert d2.product == "upper_chest" and not d2.label.violates and d2.verdict == "allow"

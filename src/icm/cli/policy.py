@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from icm.cli.common import console, print_error, print_json, print_warning
-from icm.policy import PolicyError, builtin_policy_names, compile_prompts, load_policy, load_policy_file, policy_ref
+from icm.policy import Issue, PolicyError, builtin_policy_names, check_policy, compile_prompts, load_policy, load_policy_file, policy_ref
+from icm.policy.grid import describe_cell
 from icm.policy.diff import diff_rule_sets
 
 app = typer.Typer(help="Policies: terms, attributes, attribute products and rule sets.", no_args_is_help=True)
@@ -54,9 +55,19 @@ def list_policies(json_: bool = JsonOpt) -> None:
 def show(name: str = typer.Argument(..., help="Built-in policy name or YAML path"), json_: bool = JsonOpt) -> None:
     """A policy's attributes, products and how each rule set labels them."""
     p = _load(name)
+    grid = p.grid
+    cells = grid.cells_per_product()
     if json_:
         data = p.model_dump(mode="json")
         data["labels"] = {rs.name: {pid: lab.model_dump(mode="json") for pid, lab in p.labels(rs).items()} for rs in p.rule_sets}
+        data["grid"] = {
+            "cells": grid.n_cells,
+            "cells_per_product": cells,
+            "uncovered": grid.n_uncovered,
+            "uncovered_example": grid.uncovered_example(),
+            "uncovered_labels": {rs.name: lab.model_dump(mode="json") if (lab := p.uncovered_label(rs)) else None for rs in p.rule_sets},
+            "precedence": "the most specific matching product owns a cell, then the highest priority",
+        }
         print_json(data)
         return
     console.print(f"[bold]{p.name}[/bold] v{p.version}: {p.description}")
@@ -71,16 +82,31 @@ def show(name: str = typer.Argument(..., help="Built-in policy name or YAML path
     pt = Table(title="Attribute products and their labels per rule set")
     pt.add_column("product")
     pt.add_column("assignment")
+    pt.add_column("cells", justify="right")
     for rs in p.rule_sets:
         pt.add_column(rs.name)
     labels = {rs.name: p.labels(rs) for rs in p.rule_sets}
     for prod in p.products:
-        cells = []
+        labs = []
         for rs in p.rule_sets:
             lab = labels[rs.name][prod.id]
-            cells.append("[green]allow[/green]" if not lab.violates else f"[red]{lab.short()}[/red]")
-        pt.add_row(prod.id, ", ".join(f"{k}={v}" for k, v in prod.assignment.items()), *cells)
+            labs.append("[green]allow[/green]" if not lab.violates else f"[red]{lab.short()}[/red]")
+        assignment = ", ".join(f"{k}={v}" for k, v in prod.assignment.items())
+        if prod.priority:
+            assignment += f" (priority {prod.priority})"
+        pt.add_row(prod.id, assignment, str(cells[prod.id]), *labs)
+    if grid.n_uncovered:
+        labs = []
+        for rs in p.rule_sets:
+            lab = p.uncovered_label(rs)
+            labs.append("-" if lab is None else "[green]allow[/green]" if not lab.violates else f"[red]{lab.short()}[/red]")
+        pt.add_row("[italic](uncovered)[/italic]", "e.g. " + describe_cell(grid.uncovered_example() or {}), str(grid.n_uncovered), *labs)
     console.print(pt)
+    console.print(
+        f"Precedence: each of the {grid.n_cells} cells of the attribute grid belongs to the most specific product "
+        "that matches it, then to the one with the highest priority; uncovered cells take each rule set's default.",
+        highlight=False,
+    )
     rt = Table(title="Rule sets")
     for col in ("rule set", "audience", "review / block at", "rules"):
         rt.add_column(col)
@@ -112,10 +138,18 @@ def validate(
             continue
         if strict and warnings:
             failed = True
-        report.append({"file": str(f), "ok": not (strict and warnings), "issues": [str(w) for w in warnings]})
+        infos = [Issue(i.level, i.loc, i.message, str(f)) for i in check_policy(policy) if i.level == "info"]
+        grid = policy.grid
+        report.append({
+            "file": str(f), "ok": not (strict and warnings), "issues": [str(w) for w in warnings],
+            "info": [str(i) for i in infos],
+            "grid": {"cells": grid.n_cells, "uncovered": grid.n_uncovered, "uncovered_example": grid.uncovered_example()},
+        })
         if not json_:
             for w in warnings:
                 print_warning(w)
+            for i in infos:
+                console.print(str(i), highlight=False)
             console.print(f"{f}: ok ({policy.name}: {len(policy.products)} products, {len(policy.rule_sets)} rule sets)", highlight=False)
     if json_:
         print_json(report)

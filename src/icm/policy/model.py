@@ -6,6 +6,10 @@ values to some of those attributes, with a short explicit description ("It is kn
 that ..."). A *rule set* (adult platform, teen audience, region X) is nothing more than a
 labelling of the products: changing the rules relabels products, it never retrains a model.
 
+Every cell of the joint attribute grid (one value per attribute) belongs to at most one
+product: the most specific matching product, ties broken by ``Product.priority``
+(:mod:`icm.policy.grid`); cells no product matches take each rule set's ``default``.
+
 Cross-references (a product naming an unknown value, a rule naming an unknown product)
 are checked by :func:`icm.policy.validate.check_policy`, which reports every problem with
 its location so that the YAML loader can point at the file and line.
@@ -15,9 +19,12 @@ from __future__ import annotations
 
 import re
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from icm.policy.grid import CellGrid
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 
@@ -114,7 +121,11 @@ class Product(_Strict):
         description="Dataset category names (e.g. the paper's file-name prefixes) of this product",
     )
     source: str | None = Field(default=None, description="Where the product comes from")
-
+    priority: int = Field(
+        default=0,
+        description="Breaks ties of precedence: when equally specific products match one cell of the "
+        "attribute grid, the one with the highest priority owns it (see icm.policy.grid)",
+    )
 
     @property
     def key(self) -> tuple[tuple[str, str], ...]:
@@ -221,13 +232,17 @@ class RuleSet(_Strict):
             if rule.matches(product):
                 severity = (rule.severity or self.default_severity) if rule.label == "violate" else None
                 return Label(verdict=rule.label, severity=severity, rule=rule.name or f"rule {i + 1}: {rule.title}", reason=rule.reason)
+        return self.default_label()
+
+    def default_label(self) -> Label | None:
+        """The ``default`` label: products no rule matches and grid cells no product covers."""
         if self.default is None:
             return None
         severity = self.default_severity if self.default == "violate" else None
         return Label(verdict=self.default, severity=severity, rule="default")
 
 
-_POLICY_CACHES = ("attribute_map", "product_map", "rule_set_map", "category_map")
+_POLICY_CACHES = ("attribute_map", "product_map", "rule_set_map", "category_map", "grid", "decision_labels")
 
 
 class Policy(_Strict):
@@ -243,7 +258,12 @@ class Policy(_Strict):
     default_rules: str | None = Field(
         default=None, description="The rule set used when none is named (default: the first)"
     )
-
+    uncovered_positive: bool | None = Field(
+        default=None,
+        description="Whether an image in a cell of the attribute grid that no product covers is an "
+        "instance of the term (what the term question should answer there). None: unknown, so the "
+        "term's answer is no evidence for or against those cells (likelihood 1/2 in fusion)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "Policy":
@@ -308,6 +328,18 @@ class Policy(_Strict):
                 raise ValueError(f"rule set {rs.name!r} labels no rule for product {p.id!r} and has no default")
             out[p.id] = label
         return out
+
+    def uncovered_label(self, rules: str | RuleSet | None = None) -> Label | None:
+        """The label of the grid cells no product covers: the rule set's default."""
+        rs = rules if isinstance(rules, RuleSet) else self.rule_set(rules)
+        return rs.default_label()
+
+    @cached_property
+    def grid(self) -> "CellGrid":
+        """The joint attribute grid and the product that owns each cell (computed once)."""
+        from icm.policy.grid import build_grid
+
+        return build_grid(self)
 
     def resolve_category(self, category: str) -> Product:
         """The product a dataset category name (e.g. ``upper_bust``) stands for."""

@@ -17,7 +17,7 @@ Loc = tuple[str | int, ...]
 
 @dataclass(frozen=True)
 class Issue:
-    level: Literal["error", "warning"]
+    level: Literal["error", "warning", "info"]
     loc: Loc
     message: str
     file: str | None = None
@@ -51,7 +51,12 @@ class PolicyError(Exception):
 
 
 def check_policy(policy: "Policy") -> list[Issue]:
-    """Every error and warning about cross-references in ``policy``."""
+    """Every error, warning and info about ``policy``: cross-references, then the grid.
+
+    The grid checks (:mod:`icm.policy.grid`) run only when the cross-references are sound:
+    a tie of precedence is an error at the later of the two products; cells no product
+    covers are an error for each rule set without a ``default``, else an ``info``.
+    """
     issues: list[Issue] = []
 
     def err(loc: Loc, msg: str) -> None:
@@ -135,4 +140,49 @@ def check_policy(policy: "Policy") -> list[Issue]:
                 err(("rule_sets", r), f"rule set {rs.name!r} has no default and labels no rule for products: {', '.join(uncovered)}")
     if policy.default_rules is not None and policy.default_rules not in names:
         err(("default_rules",), f"default_rules names unknown rule set {policy.default_rules!r}")
+    if not any(i.level == "error" for i in issues):
+        issues.extend(_check_grid(policy))
+    return issues
+
+
+def _check_grid(policy: "Policy") -> list[Issue]:
+    """Ties of precedence and uncovered cells of the attribute grid."""
+    from icm.policy.grid import MAX_CELLS, MAX_TIES, MAX_WORK, describe_cell, grid_size, grid_work
+
+    n = grid_size(policy)
+    if n > MAX_CELLS:
+        return [Issue("error", ("attributes",), f"the attribute grid has {n} cells (one value per attribute), more than {MAX_CELLS}: use fewer attributes or values")]
+    if grid_work(policy) > MAX_WORK:
+        return [Issue("error", ("products",), f"{len(policy.products)} products over a grid of {n} cells are too many to map (more than {MAX_WORK} cell visits)")]
+    grid = policy.grid
+    issues: list[Issue] = []
+    products = policy.products
+    for t in grid.ties:
+        a, b = products[t.first], products[t.second]
+        issues.append(Issue(
+            "error", ("products", t.second),
+            f"products {a.id!r} and {b.id!r} both match {t.cells} cell(s) of the attribute grid, e.g. "
+            f"{describe_cell(grid.cell(t.example))}, and neither is more specific ({len(a.assignment)} "
+            f"attribute(s) each) nor has a higher priority ({a.priority}): give one of them a higher 'priority'",
+        ))
+    if len(grid.ties) >= MAX_TIES:
+        issues.append(Issue("error", ("products",), f"more ties than the {MAX_TIES} named above; resolve these first"))
+    uncovered = grid.n_uncovered
+    if uncovered:
+        example = describe_cell(grid.uncovered_example() or {})
+        no_default = [(r, rs) for r, rs in enumerate(policy.rule_sets) if rs.default is None]
+        for r, rs in no_default:
+            issues.append(Issue(
+                "error", ("rule_sets", r),
+                f"rule set {rs.name!r} has no default, but {uncovered} of {grid.n_cells} cells of the attribute "
+                f"grid match no product, e.g. {example}: add products for them or a 'default'",
+            ))
+        if not no_default:
+            defaults = ", ".join(f"{rs.name}: {rs.default}" for rs in policy.rule_sets)
+            pos = {None: "unknown (the term's answer is no evidence about them)", True: "positive", False: "not positive"}[policy.uncovered_positive]
+            issues.append(Issue(
+                "info", (),
+                f"{uncovered} of {grid.n_cells} cells of the attribute grid match no product, e.g. {example}; "
+                f"they take each rule set's default ({defaults}); for the term they are {pos} (uncovered_positive)",
+            ))
     return issues
