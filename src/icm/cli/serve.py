@@ -23,7 +23,9 @@ def serve(
     host: Optional[str] = typer.Option(None, help="Interface to listen on (default: 127.0.0.1). Without API keys only loopback is allowed."),
     port: Optional[int] = typer.Option(None, help="TCP port (default: 8000)."),
     allow_unauthenticated: Optional[bool] = typer.Option(None, "--allow-unauthenticated", help="Listen beyond loopback without API keys (only behind your own auth)."),
-    api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="An accepted API key, KEY or NAME:KEY (repeatable). $ICM_API_KEYS (comma-separated) adds more."),
+    api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="Where accepted API keys are: a FILE (one KEY or NAME:KEY a line, # comments) or env:VARIABLE (comma-separated); repeatable. Never the key itself (argv is visible to every user). $ICM_API_KEYS adds more."),
+    allowed_host: Optional[list[str]] = typer.Option(None, "--allowed-host", help="Without API keys: a Host name to accept besides localhost and the loopback addresses (repeatable)."),
+    rate_limit: Optional[int] = typer.Option(None, help="Requests per minute per API key (per client without keys); 0: no limit (default)."),
     policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Default policy: built-in name or YAML file (default: icm-sexy)."),
     rules: Optional[str] = typer.Option(None, "--rules", "-r", help="Default rule set of the default policy."),
     policies: Optional[list[str]] = typer.Option(None, "--extra-policy", help="Another policy clients may name per request (repeatable)."),
@@ -40,12 +42,17 @@ def serve(
     max_batch_size: Optional[int] = typer.Option(None, help="Most images per backend call (default: 8)."),
     max_wait_ms: Optional[float] = typer.Option(None, help="How long a request waits for others to batch with (default: 5)."),
     max_queue: Optional[int] = typer.Option(None, help="Requests allowed to wait; more get 503 (default: 256)."),
+    max_queue_bytes: Optional[int] = typer.Option(None, help="Memory waiting requests may hold, in bytes; more get 503 (default: 1 GiB)."),
+    decode_pixel_budget: Optional[int] = typer.Option(None, help="Pixels decoded at once over all requests (default: 50,000,000)."),
+    reduce_to_pixels: Optional[int] = typer.Option(None, help="Reduce decoded images larger than this for the model; 0 keeps sizes (default: 4,194,304)."),
     max_upload_bytes: Optional[int] = typer.Option(None, help="Largest image in bytes (default: 20 MiB)."),
     max_pixels: Optional[int] = typer.Option(None, help="Largest image in pixels (default: 40,000,000)."),
     image_root: Optional[str] = typer.Option(None, help="Folder clients may name files in (JSON 'path'); off by default."),
     db: Optional[str] = typer.Option(None, help="Decision store: SQLite file or SQLAlchemy URL (default: icm-decisions.sqlite)."),
     keep_images: Optional[bool] = typer.Option(None, "--keep-images/--no-keep-images", help="Keep images for the review page (default: keep)."),
     image_dir: Optional[str] = typer.Option(None, help="Where kept images go (default: '<db>-images')."),
+    keep_images_days: Optional[float] = typer.Option(None, help="Delete kept images older than this many days, at start and hourly; 0 keeps them forever (default: 30)."),
+    purge_only: bool = typer.Option(False, "--purge-only", help="Delete kept images past --keep-images-days, then exit without serving."),
     review_page: Optional[bool] = typer.Option(None, "--review-page/--no-review-page", help="Serve the review page at /review (default: on)."),
     log_level: Optional[str] = typer.Option(None, help="uvicorn log level (default: info)."),
 ) -> None:
@@ -57,19 +64,27 @@ def serve(
         _missing_extra(exc)
     given: dict[str, Any] = {
         "host": host, "port": port, "allow_unauthenticated": allow_unauthenticated,
-        "api_keys": list(api_key) if api_key else None, "policy": policy, "rules": rules,
+        "api_keys": None, "allowed_hosts": list(allowed_host) if allowed_host else None, "rate_limit": rate_limit,
+        "policy": policy, "rules": rules,
         "policies": list(policies) if policies else None, "backend": backend, "model": model, "adapter": adapter,
         "base_url": base_url, "dtype": dtype, "device": device, "escalate_backend": escalate_backend,
         "explain": explain, "torch_threads": torch_threads, "batching": batching, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
-        "max_queue": max_queue, "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
+        "max_queue": max_queue, "max_queue_bytes": max_queue_bytes, "decode_pixel_budget": decode_pixel_budget,
+        "reduce_to_pixels": reduce_to_pixels, "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
         "image_root": image_root, "db": db, "keep_images": keep_images, "image_dir": image_dir,
+        "keep_images_days": keep_images_days,
         "review_page": review_page, "log_level": log_level,
     }
     try:
+        if api_key:
+            given["api_keys"] = [k for source in api_key for k in read_key_source(source)]
         if config:
             cfg = ServeConfig.from_file(config, **given)
         else:
             cfg = ServeConfig(**{k: v for k, v in given.items() if v is not None})
+        if purge_only:
+            _purge(cfg)
+            return
         cfg.check_bind()
     except (ValueError, OSError) as exc:
         print_error(f"icm serve: {exc}")
@@ -79,6 +94,57 @@ def serve(
     except (ValueError, KeyError) as exc:  # bad policy / rules / backend settings
         print_error(f"icm serve: {exc}")
         raise typer.Exit(2) from None
+
+
+def read_key_source(source: str) -> list[str]:
+    """The API keys in a file (one a line, '#' comments) or in ``env:VARIABLE`` (comma-separated).
+
+    A key given on the command line would be readable by every user of the machine (``ps``,
+    /proc) and kept in shell history, so ``--api-key`` names where keys are instead.
+    """
+    import os
+    from pathlib import Path
+
+    if source.startswith("env:"):
+        var = source[4:]
+        value = os.environ.get(var)
+        if not var or value is None:
+            raise ValueError(f"--api-key env:{var}: no such environment variable")
+        keys = [k.strip() for k in value.split(",") if k.strip()]
+        where = f"environment variable {var}"
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                "--api-key takes a file of keys or env:VARIABLE, not a key: no file by that name "
+                "(a key on the command line is visible to every user in ps and kept in shell history)"
+            )
+        keys = [
+            line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+        where = f"file {path}"
+    if not keys:
+        raise ValueError(f"--api-key: the {where} holds no key")
+    return keys
+
+
+def _purge(cfg: Any) -> None:
+    from icm.serve.store import DecisionStore, ImageStore, purge_kept_images
+
+    image_dir = cfg.resolved_image_dir()
+    if image_dir is None:
+        err_console.print("images are not kept (--no-keep-images): nothing to purge")
+        return
+    if not cfg.keep_images_days:
+        err_console.print("--keep-images-days is 0 (keep forever): nothing purged")
+        return
+    store = DecisionStore(cfg.db_url())
+    try:
+        n = purge_kept_images(store, ImageStore(image_dir), cfg.keep_images_days)
+    finally:
+        store.close()
+    err_console.print(f"deleted {n} kept images older than {cfg.keep_images_days:g} days from {image_dir}")
 
 
 def export_reviews(

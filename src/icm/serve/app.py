@@ -18,6 +18,7 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer KEY`` when keys are conf
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -35,20 +36,24 @@ from icm.moderation.engine import Moderator
 from icm.moderation.images import ImageLoadError, LoadedImage, load_image
 from icm.moderation.record import ModerationRecord
 from icm.policy import Policy, load_policy
-from icm.serve.auth import Authenticator
+from icm.serve.auth import Authenticator, cross_site, host_allowed
 from icm.serve.batching import BatcherClosed, DynamicBatcher, QueueFull
 from icm.serve.config import ServeConfig
 from icm.serve.errors import APIError, BodyTooLarge, image_error
 from icm.serve.metrics import ServerMetrics
-from icm.serve.store import FORMAT_MEDIA_TYPES, DecisionMeta, DecisionStore, ImageStore
+from icm.serve.limits import Overloaded, PixelBudget, RateLimited, RateLimiter, decode_weight, loaded_bytes, reduce_loaded
+from icm.serve.paths import PathRefused, read_beneath
+from icm.serve.store import FORMAT_MEDIA_TYPES, DecisionMeta, DecisionStore, ImageStore, purge_kept_images
 
 try:
     from fastapi import Depends, FastAPI, Query, Request
+    from fastapi import Path as PathParam
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
     from fastapi.staticfiles import StaticFiles
     from pydantic import BaseModel, Field
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
+    from starlette.requests import ClientDisconnect
 except ImportError as err:  # pragma: no cover
     raise ImportError(f"the server needs FastAPI ({err}): pip install 'icm-assistant[serve]'") from err
 
@@ -57,6 +62,7 @@ log = logging.getLogger("icm.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _worker = threading.local()
 IMAGE_FIELD = "image"
+MAX_ID = 2**63 - 1  # the largest id a SQL integer column holds; larger ones are 422, not a 500
 
 # --------------------------------------------------------------------------- API models
 
@@ -156,6 +162,8 @@ class Service:
     metrics: ServerMetrics
     owned: list[Any] = field(default_factory=list)  # backends / store to close on shutdown
     batcher: DynamicBatcher[Job, Outcome] | None = None
+    pixels: PixelBudget | None = None  # made in the server's event loop (lifespan)
+    limiter: RateLimiter | None = None
 
     @property
     def default_moderator(self) -> Moderator:
@@ -341,6 +349,29 @@ class _Metrics:
             self.metrics.request_seconds.observe(time.perf_counter() - t0, path)
 
 
+class _RateLimitHeaders:
+    """Add ``RateLimit-Limit/-Remaining/-Reset`` to answers of rate-limited requests."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                state = (scope.get("state") or {}).get("ratelimit")
+                if state is not None:
+                    have = {k.lower() for k, _ in message.get("headers", [])}
+                    extra = [(k.lower().encode(), v.encode()) for k, v in state.headers().items() if k.lower().encode() not in have]
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
 # --------------------------------------------------------------------------- the app
 
 
@@ -361,8 +392,11 @@ def create_app(
         svc.metrics.batch_seconds.observe(seconds)
 
     svc.batcher = DynamicBatcher(
-        svc.process, max_batch_size=batch_size, max_wait_ms=wait_ms, max_queue=config.max_queue, on_batch=on_batch
+        svc.process, max_batch_size=batch_size, max_wait_ms=wait_ms, max_queue=config.max_queue,
+        max_queue_cost=config.max_queue_bytes, on_batch=on_batch,
     )
+    svc.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+    allowed_hosts = [*config.allowed_hosts, config.host]
     svc.metrics.queue._fn = lambda: float(svc.batcher.queue_depth if svc.batcher else 0)
     svc.metrics.info.set(__version__, svc.default_moderator.backend_name, svc.default_moderator.model_id)
 
@@ -370,6 +404,8 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         assert svc.batcher is not None
         await svc.batcher.start()
+        svc.pixels = PixelBudget(config.decode_pixel_budget, max_waiting=config.max_queue)
+        purger = asyncio.create_task(_purge_loop(), name="icm-purge") if svc.images is not None else None
         log.info(
             "icm serve: policy %s, rules %s, backend %s, batching %s (max %d, %.1f ms), store %s",
             svc.config_policy_name, svc.default_rules, svc.default_moderator.backend_name,
@@ -378,8 +414,27 @@ def create_app(
         try:
             yield
         finally:
+            if purger is not None:
+                purger.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purger
             await svc.batcher.stop()
             svc.close()
+
+    async def _purge_loop() -> None:
+        """Delete kept images past --keep-images-days at start, then every hour."""
+        if not config.keep_images_days or svc.images is None:
+            return
+        every = min(3600.0, config.keep_images_days * 86400 / 4)
+        while True:
+            try:
+                assert svc.batcher is not None  # in the worker thread: no image is written meanwhile
+                n = await svc.batcher.run_exclusive(purge_kept_images, svc.store, svc.images, config.keep_images_days)
+                if n:
+                    log.info("deleted %d kept images older than %g days", n, config.keep_images_days)
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.error("purging kept images failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(every)
 
     app = FastAPI(
         title="icm moderation service",
@@ -397,11 +452,46 @@ def create_app(
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _exc: ClientDisconnect) -> Response:
+        client = request.client.host if request.client else "unknown client"
+        log.warning("%s disconnected during the upload to %s %s; nothing was moderated", client, request.method, request.url.path)
+        svc.metrics.rejected.inc("client_disconnected")
+        return Response(status_code=400)  # nobody reads it
+
     def principal(request: Request) -> str | None:
         client = request.client.host if request.client else None
         if "x-forwarded-for" in request.headers or "forwarded" in request.headers:
             client = None  # relayed by a proxy: the real client is not known to be local
-        return svc.auth.principal(request.headers.get("authorization"), client)
+        if not svc.auth.enabled:
+            # Trust by network location must not extend to pages of other sites in the user's browser.
+            host = request.headers.get("host")
+            if not config.allow_unauthenticated and not host_allowed(host, allowed_hosts):
+                raise APIError(
+                    403, "host_not_allowed",
+                    f"this server answers requests for this machine only, not for Host {(host or '')[:100]!r} "
+                    "(DNS rebinding protection; add the name with --allowed-host, or configure API keys)",
+                )
+            why = cross_site(request.headers)
+            if why is not None:
+                raise APIError(
+                    403, "cross_site_request",
+                    f"refused a request from another site's page ({why}): without API keys only this server's "
+                    "own pages and non-browser clients may call it",
+                )
+        who = svc.auth.principal(request.headers.get("authorization"), client)
+        if svc.limiter is not None and request.url.path != "/metrics":
+            try:
+                state = svc.limiter.hit(f"key:{who}" if who else f"client:{client or 'unknown'}")
+            except RateLimited as exc:
+                svc.metrics.rejected.inc("rate_limited")
+                raise APIError(
+                    429, "rate_limited",
+                    f"over the limit of {exc.state.limit} requests per minute; retry in {exc.state.reset} s",
+                    headers={**exc.state.headers(), "Retry-After": str(exc.state.reset)},
+                ) from None
+            request.state.ratelimit = state
+        return who
 
     # ------------------------------------------------------------------ moderation
 
@@ -439,12 +529,20 @@ def create_app(
             )
         pname, rname = svc.resolve(policy, rules)
         t0 = time.perf_counter()
+        assert svc.pixels is not None
+        # Decoding holds its pixels (read from the header) of the server's budget, so many large
+        # images decode a few at a time; an image over --max-pixels is refused without decoding.
+        pixels = await run_in_threadpool(decode_weight, data, config.max_pixels)
         try:
-            im = await run_in_threadpool(
-                load_image, data, name=name, max_pixels=config.max_pixels, max_bytes=config.max_upload_bytes
-            )
+            async with svc.pixels.hold(pixels):
+                im = await run_in_threadpool(_decode, data, name)
+        except Overloaded as exc:
+            svc.metrics.rejected.inc("overloaded")
+            raise APIError(503, "overloaded", f"the server is busy: {exc}; retry later", headers={"Retry-After": "1"}) from None
         except ImageLoadError as exc:
             err = image_error(exc)
+            if source == "path":  # a server-side file: say what is wrong, never what it contains
+                err = APIError(err.status, err.code, f"{name!r} in the server's image folder: {err.code.replace('_', ' ')}")
             svc.metrics.rejected.inc(err.code)
             raise err from None
         load_ms = round((time.perf_counter() - t0) * 1000, 3)
@@ -454,7 +552,7 @@ def create_app(
         )
         assert svc.batcher is not None
         try:
-            out = await svc.batcher.submit(job)
+            out = await svc.batcher.submit(job, cost=len(data) + loaded_bytes(im))
         except QueueFull as exc:
             raise APIError(503, "overloaded", f"the server is busy: {exc}; retry later", headers={"Retry-After": "1"}) from None
         except BatcherClosed as exc:
@@ -472,7 +570,7 @@ def create_app(
     async def _from_multipart(request: Request) -> tuple[bytes, str, str | None, str | None, str]:
         try:
             form = await request.form(max_files=2, max_fields=16, max_part_size=64 * 1024)
-        except APIError:
+        except (APIError, ClientDisconnect):
             raise
         except Exception as exc:  # noqa: BLE001 - starlette's parser errors
             raise APIError(400, "bad_multipart", f"the multipart body could not be parsed: {getattr(exc, 'detail', exc)}") from None
@@ -498,7 +596,7 @@ def create_app(
     async def _from_json(request: Request) -> tuple[bytes, str, str | None, str | None, str]:
         try:
             raw = await request.json()
-        except APIError:
+        except (APIError, ClientDisconnect):
             raise
         except Exception as exc:  # noqa: BLE001
             raise APIError(400, "bad_json", f"the body is not valid JSON ({type(exc).__name__}: {exc})") from None
@@ -523,6 +621,10 @@ def create_app(
         data, rel = await run_in_threadpool(_read_root_file, body.path or "")
         return data, rel, body.policy, body.rules, "path"
 
+    def _decode(data: bytes, name: str) -> LoadedImage:
+        im = load_image(data, name=name, max_pixels=config.max_pixels, max_bytes=config.max_upload_bytes)
+        return reduce_loaded(im, config.reduce_to_pixels)
+
     def _check_size(n: int) -> None:
         if n > config.max_upload_bytes:
             svc.metrics.rejected.inc("image_too_large")
@@ -532,28 +634,15 @@ def create_app(
             )
 
     def _read_root_file(path: str) -> tuple[bytes, str]:
+        """Read a file beneath --image-root without a check-then-open race (see icm.serve.paths)."""
         if not config.image_root:
             raise APIError(403, "paths_disabled", "server-side paths are off: the server was started without --image-root")
-        if "\x00" in path or not path.strip():
-            raise APIError(400, "bad_path", "the path is empty or contains a NUL character")
-        root = os.path.realpath(config.image_root)
-        target = os.path.realpath(os.path.join(root, path))
-        if os.path.commonpath([root, target]) != root:
-            raise APIError(403, "path_outside_root", f"the path {path!r} is outside the server's image folder")
-        rel = os.path.relpath(target, root)
         try:
-            size = os.stat(target).st_size
-            if not os.path.isfile(target):
-                raise APIError(422, "not_a_file", f"{rel!r} is not a file")
-        except FileNotFoundError:
-            raise APIError(404, "no_such_file", f"no file {path!r} in the server's image folder") from None
-        except PermissionError:
-            raise APIError(403, "permission_denied", f"the server may not read {rel!r}") from None
-        _check_size(size)
-        with open(target, "rb") as fh:
-            data = fh.read(config.max_upload_bytes + 1)
-        _check_size(len(data))
-        return data, rel
+            return read_beneath(config.image_root, path, config.max_upload_bytes)
+        except PathRefused as exc:
+            if exc.code == "image_too_large":
+                svc.metrics.rejected.inc("image_too_large")
+            raise APIError(exc.status, exc.code, exc.detail) from None
 
     # ------------------------------------------------------------------ policies
 
@@ -589,7 +678,7 @@ def create_app(
     @app.get("/v1/decisions", responses=ERRORS, tags=["review"], summary="Recent decisions, newest first")
     def decisions(
         limit: int = Query(50, ge=1, le=500),
-        before_id: int | None = Query(None, description="Page: decisions with a smaller id"),
+        before_id: int | None = Query(None, ge=1, le=MAX_ID, description="Page: decisions with a smaller id"),
         verdict: Literal["allow", "review", "block"] | None = None,
         reviewed: bool | None = None,
         policy: str | None = None,
@@ -599,7 +688,7 @@ def create_app(
         return {"decisions": items, "total": svc.store.count_decisions()}
 
     @app.get("/v1/decisions/{decision_id}", responses=ERRORS, tags=["review"], summary="One decision with its reviews")
-    def decision(decision_id: int, _who: str | None = Depends(principal)) -> dict[str, Any]:
+    def decision(decision_id: int = PathParam(ge=1, le=MAX_ID), _who: str | None = Depends(principal)) -> dict[str, Any]:
         d = svc.store.get_decision(decision_id)
         if d is None:
             raise APIError(404, "no_such_decision", f"no decision {decision_id}")
@@ -610,7 +699,9 @@ def create_app(
         "/v1/decisions/{decision_id}/reviews", status_code=201, responses=ERRORS, tags=["review"],
         summary="Confirm or override a decision",
     )
-    def review(decision_id: int, body: ReviewIn, who: str | None = Depends(principal)) -> dict[str, Any]:
+    def review(
+        body: ReviewIn, decision_id: int = PathParam(ge=1, le=MAX_ID), who: str | None = Depends(principal)
+    ) -> dict[str, Any]:
         d = svc.store.get_decision(decision_id)
         if d is None:
             raise APIError(404, "no_such_decision", f"no decision {decision_id}")
@@ -698,6 +789,7 @@ def create_app(
 
     app.add_middleware(_BodyLimit, limit=config.max_upload_bytes * 4 // 3 + 1024 * 1024)
     app.add_middleware(_Metrics, metrics=svc.metrics)
+    app.add_middleware(_RateLimitHeaders)
     return app
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from icm.serve.config import APIKey, is_loopback
 from icm.serve.errors import APIError
@@ -49,3 +49,58 @@ class Authenticator:
         if found is None:
             raise APIError(401, "invalid_api_key", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
         return found
+
+
+LOCAL_HOSTNAMES = ("localhost", "127.0.0.1", "::1", "localhost.localdomain")
+
+
+def split_host(value: str) -> str:
+    """The host name of a ``Host`` header or an origin's authority, lower case, without port."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1]:8000
+        return value[1:].split("]", 1)[0]
+    if value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def host_allowed(host_header: str | None, allowed: Sequence[str]) -> bool:
+    """Whether a request's ``Host`` names this machine (or a name the operator allowed).
+
+    A browser tricked by DNS rebinding sends the attacker's name as Host while connecting
+    to 127.0.0.1, so a loopback server must refuse Host names it does not know.
+    """
+    if not host_header:
+        return False
+    host = split_host(host_header)
+    names = {split_host(a) for a in allowed if a and a != "*"}
+    if "*" in allowed or host in names or host in LOCAL_HOSTNAMES or host.endswith(".localhost"):
+        return True
+    try:
+        import ipaddress
+
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cross_site(headers: "Mapping[str, str]") -> str | None:
+    """Why a request comes from another site's page, or None when it does not.
+
+    As Go's ``http.CrossOriginProtection``: ``Sec-Fetch-Site`` (sent by every current
+    browser) must be ``same-origin`` or ``none``; without it, an ``Origin`` header must name
+    the same host and port as ``Host``. Requests without either come from no browser.
+    """
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return None if site.strip().lower() in ("same-origin", "none") else f"Sec-Fetch-Site: {site}"
+    origin = headers.get("origin")
+    if origin is None:
+        return None
+    if origin.strip().lower() == "null":
+        return "Origin: null"
+    _, sep, authority = origin.partition("://")
+    host = headers.get("host") or ""
+    if not sep or authority.strip().lower().rstrip("/") != host.strip().lower():
+        return f"Origin: {origin[:100]}"
+    return None

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+R2 = TypeVar("R2")
 
 
 class QueueFull(RuntimeError):
@@ -38,6 +39,7 @@ class _Pending(Generic[T, R]):
     item: T
     future: "asyncio.Future[R]"
     enqueued: float
+    cost: int = 0
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -50,6 +52,7 @@ class DynamicBatcher(Generic[T, R]):
         max_batch_size: int = 8,
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
+        max_queue_cost: int | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "icm-batch",
     ) -> None:
@@ -61,6 +64,8 @@ class DynamicBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.max_queue_cost = max_queue_cost
+        self.queued_cost = 0  # cost of the items waiting or being processed (their memory)
         self.on_batch = on_batch
         self._name = name
         self._queue: asyncio.Queue[_Pending[T, R]] | None = None
@@ -85,6 +90,7 @@ class DynamicBatcher(Generic[T, R]):
         self._queue = asyncio.Queue()
         self._closing = False
         self._unfinished = 0
+        self.queued_cost = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
         self._task = asyncio.create_task(self._loop(), name=self._name)
 
@@ -110,15 +116,30 @@ class DynamicBatcher(Generic[T, R]):
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    async def submit(self, item: T) -> R:
-        """Queue one item and wait for its result (exceptions of ``process`` propagate)."""
+    async def run_exclusive(self, fn: Callable[..., R2], *args: object) -> R2:
+        """Run ``fn(*args)`` in the worker thread between batches (never beside ``process``)."""
+        if self._executor is None:
+            raise BatcherClosed("the batch worker is not running")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def submit(self, item: T, cost: int = 0) -> R:
+        """Queue one item and wait for its result (exceptions of ``process`` propagate).
+
+        ``cost`` (the memory the item holds, in bytes) counts against ``max_queue_cost``
+        until its batch is done; an item is always accepted into an empty queue.
+        """
         if not self.running or self._queue is None or self._closing:
             raise BatcherClosed("the batch worker is not running")
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(f"{self._queue.qsize()} requests are already waiting (limit {self.max_queue})")
+        if self.max_queue_cost is not None and self.queued_cost and self.queued_cost + cost > self.max_queue_cost:
+            raise QueueFull(
+                f"the waiting requests hold {self.queued_cost / 2**20:,.0f} MiB (limit {self.max_queue_cost / 2**20:,.0f} MiB)"
+            )
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._unfinished += 1
-        self._queue.put_nowait(_Pending(item, fut, time.perf_counter()))
+        self.queued_cost += cost
+        self._queue.put_nowait(_Pending(item, fut, time.perf_counter(), cost))
         # A request cancelled while waiting (client gone) cancels its future; the batch
         # loop then skips it. Once its batch runs, the result is stored regardless.
         return await fut
@@ -149,6 +170,7 @@ class DynamicBatcher(Generic[T, R]):
                 await self._run(loop, batch)
             finally:
                 self._unfinished -= len(batch)
+                self.queued_cost -= sum(p.cost for p in batch)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T, R]]) -> None:
         live = [p for p in batch if not p.future.done()]  # a cancelled request needs no work

@@ -14,16 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 API_KEYS_ENV = "ICM_API_KEYS"
 DEFAULT_DB = "icm-decisions.sqlite"
+MIN_KEY_LENGTH = 16
+"""Shortest API key accepted: 16 random characters are beyond guessing over the network."""
+KEYGEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 class ServeConfig(BaseModel):
     """Settings of the moderation server; the CLI maps one flag to each field."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # no key in an error message
 
     # -- network
     host: str = Field("127.0.0.1", description="Interface to listen on. Without API keys only loopback is allowed.")
@@ -31,10 +34,18 @@ class ServeConfig(BaseModel):
     allow_unauthenticated: bool = Field(
         False, description="Listen on a non-loopback interface although no API key is configured."
     )
-    api_keys: list[str] = Field(
+    api_keys: list[SecretStr] = Field(
         default_factory=list,
-        description="Accepted API keys, 'KEY' or 'NAME:KEY' (NAME is recorded with reviews); "
-        f"${API_KEYS_ENV} (comma-separated) adds more.",
+        description="Accepted API keys, 'KEY' or 'NAME:KEY' (NAME is recorded with reviews), each at least "
+        f"{MIN_KEY_LENGTH} characters; ${API_KEYS_ENV} (comma-separated) adds more.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Without API keys, Host header names accepted besides localhost, the loopback addresses "
+        "and --host (refusing others defeats DNS rebinding). '*' accepts any.",
+    )
+    rate_limit: int = Field(
+        0, ge=0, description="Requests per minute per API key (per client without keys) on /v1 routes; 0: no limit."
     )
     # -- moderation
     policy: str = Field("icm-sexy", description="Default policy: a built-in name or a policy YAML file.")
@@ -60,9 +71,24 @@ class ServeConfig(BaseModel):
     max_batch_size: int = Field(8, ge=1, description="Most images per backend call.")
     max_wait_ms: float = Field(5.0, ge=0, description="How long the first request of a batch waits for company.")
     max_queue: int = Field(256, ge=1, description="Requests waiting beyond this are refused with 503.")
+    max_queue_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1,
+        description="Memory the requests waiting for the model may hold (their bytes and decoded pixels); "
+        "beyond it they are refused with 503.",
+    )
     # -- inputs
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest image accepted, in bytes.")
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image accepted, in pixels (width x height).")
+    decode_pixel_budget: int = Field(
+        50_000_000, ge=1,
+        description="Pixels decoded at once over all requests (read from each image's header first); "
+        "images beyond the budget wait their turn, and one larger than it decodes alone.",
+    )
+    reduce_to_pixels: int = Field(
+        2048 * 2048, ge=0,
+        description="Decoded images larger than this are reduced (integer box filter) before they wait for "
+        "the model, which resizes to less anyway; 0 keeps every size.",
+    )
     image_root: str | None = Field(
         None, description="Folder whose files clients may name by path; paths outside it are refused."
     )
@@ -72,17 +98,19 @@ class ServeConfig(BaseModel):
     image_dir: str | None = Field(
         None, description="Where kept images go (default: '<db file>-images' beside a SQLite file)."
     )
+    keep_images_days: float = Field(
+        30.0, ge=0,
+        description="Kept images older than this many days are deleted, at start and every hour; "
+        "0 keeps them forever.",
+    )
     # -- web
     review_page: bool = Field(True, description="Serve the review page at /review.")
     log_level: str = "info"
 
     @field_validator("api_keys")
     @classmethod
-    def _keys_not_blank(cls, v: list[str]) -> list[str]:
-        for k in v:
-            if not k.strip() or not APIKey.parse(k).key:
-                raise ValueError("an API key is empty")
-        return [k.strip() for k in v]
+    def _keys_valid(cls, v: list[SecretStr]) -> list[SecretStr]:
+        return [SecretStr(APIKey.parse(k.get_secret_value()).entry) for k in v]  # raises on a bad key
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -106,12 +134,19 @@ class ServeConfig(BaseModel):
         return cls.model_validate(data)
 
     def all_api_keys(self, environ: dict[str, str] | None = None) -> list["APIKey"]:
+        """The configured keys and those of ``$ICM_API_KEYS``; raises ValueError on a bad one."""
         env = os.environ if environ is None else environ
-        raw = list(self.api_keys) + [k for k in (env.get(API_KEYS_ENV) or "").split(",") if k.strip()]
+        raw = [k.get_secret_value() for k in self.api_keys]
+        for entry in (env.get(API_KEYS_ENV) or "").split(","):
+            if entry.strip():
+                raw.append(entry)
         out: list[APIKey] = []
         for entry in raw:
-            key = APIKey.parse(entry.strip())
-            if key.key and all(key.key != k.key for k in out):
+            try:
+                key = APIKey.parse(entry)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (in --api-key, api_keys or ${API_KEYS_ENV})") from None
+            if all(not hmac.compare_digest(key.secret.encode(), k.secret.encode()) for k in out):
                 out.append(key)
         return out
 
@@ -142,19 +177,53 @@ class ServeConfig(BaseModel):
 
 @dataclass(frozen=True)
 class APIKey:
+    """An accepted key: ``name`` is recorded with decisions and reviews; ``key`` never leaves."""
+
     name: str
-    key: str
+    key: SecretStr
 
     @classmethod
     def parse(cls, entry: str) -> "APIKey":
-        """'NAME:KEY' or a bare 'KEY' (named after a short hash of itself)."""
-        name, sep, key = entry.partition(":")
-        if sep and name and key:
-            return cls(name=name.strip(), key=key.strip())
-        return cls(name="key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], key=entry.strip())
+        """'NAME:KEY' or a bare 'KEY' (named after a short hash of itself).
+
+        Refuses an empty secret ('alice:'), an empty name (':KEY') and a key shorter than
+        :data:`MIN_KEY_LENGTH`; the messages name the key's NAME, never the key.
+        """
+        entry = entry.strip()
+        if not entry:
+            raise ValueError("an API key is empty")
+        name, sep, secret = entry.partition(":")
+        name, secret = name.strip(), secret.strip()
+        if sep:
+            if not name:
+                raise ValueError("an API key entry ':KEY' has an empty NAME (write NAME:KEY, or the key alone)")
+            if not secret:
+                raise ValueError(f"the API key entry for {name!r} has an empty key after 'NAME:'")
+            if any(ch.isspace() or not ch.isprintable() for ch in name) or len(name) > 100:
+                raise ValueError(f"the API key NAME {name[:100]!r} must be printable, without spaces, at most 100 characters")
+        else:
+            secret = name
+            name = "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
+        if any(ch.isspace() or not ch.isprintable() for ch in secret):
+            raise ValueError(f"the API key {'for ' + repr(name) if sep else '(unnamed)'} contains spaces or unprintable characters")
+        if len(secret) < MIN_KEY_LENGTH:
+            raise ValueError(
+                f"the API key {'for ' + repr(name) if sep else '(unnamed)'} is {len(secret)} characters: keys need at "
+                f"least {MIN_KEY_LENGTH} (make one with {KEYGEN_HINT})"
+            )
+        return cls(name=name, key=SecretStr(secret))
+
+    @property
+    def secret(self) -> str:
+        return self.key.get_secret_value()
+
+    @property
+    def entry(self) -> str:
+        """The 'NAME:KEY' form (for storage in the config; secret)."""
+        return f"{self.name}:{self.secret}"
 
     def matches(self, token: str) -> bool:
-        return hmac.compare_digest(self.key.encode(), token.encode())
+        return hmac.compare_digest(self.secret.encode(), token.encode())
 
 
 def is_loopback(host: str) -> bool:

@@ -19,6 +19,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -298,6 +299,20 @@ class DecisionStore:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(DECISIONS)).scalar() or 0)
 
+    def mark_images_gone(self, sha256s: Sequence[str]) -> int:
+        """Record that these images are no longer kept; returns the decisions changed."""
+        n = 0
+        with self._writing(), self.engine.begin() as conn:
+            for i in range(0, len(sha256s), 500):
+                chunk = list(sha256s[i : i + 500])
+                result = conn.execute(
+                    sa.update(DECISIONS)
+                    .where(DECISIONS.c.image_sha256.in_(chunk), DECISIONS.c.image_kept.is_(True))
+                    .values(image_kept=False)
+                )
+                n += int(result.rowcount or 0)
+        return n
+
     def decision_ids(self) -> list[int]:
         with self.engine.connect() as conn:
             return [int(r[0]) for r in conn.execute(sa.select(DECISIONS.c.id).order_by(DECISIONS.c.id))]
@@ -422,9 +437,14 @@ class ImageStore:
         return self.root / sha256[:2] / sha256
 
     def put(self, sha256: str, data: bytes) -> Path:
+        """Keep ``data``; an image kept already is touched, so its retention starts again."""
         target = self.path(sha256)
         if target.exists():
-            return target
+            try:
+                os.utime(target)
+                return target
+            except FileNotFoundError:  # purged meanwhile: write it again
+                pass
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
@@ -444,3 +464,42 @@ class ImageStore:
             return self.path(sha256).read_bytes()
         except (FileNotFoundError, ValueError):
             return None
+
+    def purge(self, older_than_s: float, *, now: float | None = None) -> list[str]:
+        """Delete kept images (and stray temporary files) not written for ``older_than_s``
+        seconds; returns the SHA-256 of each image deleted."""
+        cutoff = (time.time() if now is None else now) - older_than_s
+        gone: list[str] = []
+        if not self.root.is_dir():
+            return gone
+        for sub in sorted(self.root.iterdir()):
+            if not sub.is_dir() or sub.is_symlink() or len(sub.name) != 2:
+                continue
+            for f in sub.iterdir():
+                try:
+                    st = f.lstat()
+                except FileNotFoundError:
+                    continue
+                if st.st_mtime >= cutoff or not (_SHA.match(f.name) or f.name.startswith(".tmp-")):
+                    continue
+                try:
+                    f.unlink()
+                except FileNotFoundError:
+                    continue
+                if _SHA.match(f.name):
+                    gone.append(f.name)
+        return gone
+
+
+def purge_kept_images(store: DecisionStore, images: ImageStore, days: float, *, now: float | None = None) -> int:
+    """Delete kept images older than ``days`` and mark their decisions as without image.
+
+    A moderation server receives images that may be illegal to hold; keeping them only as
+    long as reviewers need them is the operator's duty (``--keep-images-days``). Returns how
+    many images were deleted; ``days`` 0 deletes nothing.
+    """
+    if days <= 0:
+        return 0
+    gone = images.purge(days * 86400.0, now=now)
+    store.mark_images_gone(gone)
+    return len(gone)

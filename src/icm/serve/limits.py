@@ -1,0 +1,219 @@
+"""Bounds on what the server holds: decoded pixels, queued memory, and requests per key.
+
+* :class:`PixelBudget`: how many pixels may be decoded at once across all requests. A
+  request reads the image's size from its header (no decoding) and waits until that many
+  pixels of the budget are free, so sixteen 40-megapixel PNGs decode one or two at a time
+  instead of all at once. Waiters are served first come, first served, and their number
+  is bounded (more get 503).
+* :func:`reduce_loaded`: right after decoding, an image larger than the model needs is
+  reduced (``Image.reduce``, an integer box filter) so a queued request holds megabytes,
+  not hundreds of them.
+* :class:`RateLimiter`: requests per minute per API key (or per client without keys), a
+  fixed one-minute window per key, answered with the ``RateLimit-*`` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import io
+import math
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+BYTES_PER_QUEUED_PIXEL = 4  # Pillow keeps an RGB image as 32 bits per pixel
+
+
+class Overloaded(RuntimeError):
+    """Too many requests are waiting for the resource; answered with 503 and Retry-After."""
+
+
+class PixelBudget:
+    """An asyncio semaphore weighted by pixels, first come first served.
+
+    ``hold(pixels)`` waits until ``pixels`` (capped at the whole budget, so an image larger
+    than the budget decodes alone) are free. ``peak`` is the most pixels ever held at once
+    (for tests and metrics).
+    """
+
+    def __init__(self, budget: int, *, max_waiting: int = 256) -> None:
+        if budget < 1:
+            raise ValueError("the pixel budget must be at least 1")
+        self.budget = budget
+        self.max_waiting = max_waiting
+        self.in_use = 0
+        self.peak = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def weight(self, pixels: int) -> int:
+        return max(1, min(int(pixels), self.budget))
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[int]:
+        w = self.weight(pixels)
+        if self._waiters or self.in_use + w > self.budget:
+            if len(self._waiters) >= self.max_waiting:
+                raise Overloaded(f"{len(self._waiters)} images are already waiting to be decoded")
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (w, fut)
+            self._waiters.append(entry)
+            try:
+                await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    self._release(w)  # granted while being cancelled: give it back
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(entry)
+                    self._wake()
+                raise
+        else:
+            self._take(w)
+        try:
+            yield w
+        finally:
+            self._release(w)
+
+    def _take(self, w: int) -> None:
+        self.in_use += w
+        self.peak = max(self.peak, self.in_use)
+
+    def _release(self, w: int) -> None:
+        self.in_use -= w
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            w, fut = self._waiters[0]
+            if fut.done():  # cancelled
+                self._waiters.popleft()
+                continue
+            if self.in_use + w > self.budget:
+                return
+            self._waiters.popleft()
+            self._take(w)
+            fut.set_result(None)
+
+
+def decode_weight(data: bytes, max_pixels: int, max_frames: int = 16) -> int:
+    """Pixels decoding ``data`` will hold, from its header (no pixel is decoded).
+
+    Width x height, times the frames the loader samples (at most ``max_frames``) for an
+    animation; 0 for an image the loader refuses from its header alone (over ``max_pixels``,
+    or a header Pillow cannot parse).
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    return 0
+                frames = int(getattr(im, "n_frames", 1) or 1)
+                return int(w) * int(h) * max(1, min(frames, max_frames))
+    except Exception:  # noqa: BLE001 - any header Pillow cannot parse
+        return 0
+
+
+def reduce_loaded(loaded: Any, max_pixels: int) -> Any:
+    """Reduce ``loaded.image`` (and each of ``loaded.views``) to at most ``max_pixels``.
+
+    ``Image.reduce(n)`` averages n x n blocks: cheap, no ringing, and enough for models that
+    resize to under a few megapixels anyway. A note records the change. ``max_pixels`` 0
+    keeps every size.
+    """
+    if max_pixels <= 0:
+        return loaded
+    im = loaded.image
+    factor = _factor(im.width * im.height, max_pixels)
+    views = list(getattr(loaded, "views", None) or [])
+    if factor <= 1 and all(_factor(v.image.width * v.image.height, max_pixels) <= 1 for v in views):
+        return loaded
+    before = f"{im.width}x{im.height}"
+    if factor > 1:
+        loaded.image = im.reduce(factor)
+        loaded.width, loaded.height = loaded.image.width, loaded.image.height
+    for v in views:
+        f = _factor(v.image.width * v.image.height, max_pixels)
+        if f > 1:
+            v.image = v.image.reduce(f)
+    loaded.notes.append(
+        f"reduced from {before} to {loaded.image.width}x{loaded.image.height} for the model "
+        f"(the server's limit is {max_pixels:,} pixels)"
+    )
+    return loaded
+
+
+def _factor(pixels: int, max_pixels: int) -> int:
+    return max(1, math.ceil(math.sqrt(pixels / max_pixels))) if pixels > max_pixels else 1
+
+
+def loaded_bytes(loaded: Any) -> int:
+    """Memory a decoded image holds: its pixels and those of its views."""
+    ims = [loaded.image] + [v.image for v in (getattr(loaded, "views", None) or []) if v.image is not loaded.image]
+    return sum(i.width * i.height * BYTES_PER_QUEUED_PIXEL for i in ims)
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+@dataclass(frozen=True)
+class RateState:
+    """One request's standing in its key's window, sent as ``RateLimit-*`` headers."""
+
+    limit: int
+    remaining: int
+    reset: int  # seconds until the window ends
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset),
+        }
+
+
+class RateLimited(Exception):
+    def __init__(self, state: RateState) -> None:
+        super().__init__(f"over {state.limit} requests per minute")
+        self.state = state
+
+
+class RateLimiter:
+    """``limit`` requests per minute per key, in a fixed window that opens with the key's
+    first request (as GitHub's API does per hour). Thread-safe; expired windows are dropped,
+    so memory is bounded by the keys active in the last minute."""
+
+    WINDOW = 60.0
+
+    def __init__(self, limit: int, *, clock: Any = time.monotonic) -> None:
+        self.limit = limit
+        self.clock = clock
+        self._windows: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def hit(self, key: str) -> RateState:
+        """Count one request for ``key``; raises :class:`RateLimited` when over the limit."""
+        now = self.clock()
+        with self._lock:
+            if len(self._windows) > 10_000:
+                self._windows = {k: v for k, v in self._windows.items() if now - v[0] < self.WINDOW}
+            start, count = self._windows.get(key, (now, 0))
+            if now - start >= self.WINDOW:
+                start, count = now, 0
+            reset = max(1, math.ceil(start + self.WINDOW - now))
+            if count >= self.limit:
+                raise RateLimited(RateState(self.limit, 0, reset))
+            count += 1
+            self._windows[key] = (start, count)
+            return RateState(self.limit, self.limit - count, reset)
