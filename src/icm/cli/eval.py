@@ -317,6 +317,81 @@ def run_cmd(
     raise typer.Exit(1 if errors else 0)
 
 
+# -- icm eval calibrate ----------------------------------------------------------------------------
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    results: Path = typer.Argument(..., help="Results: the JSONL that `icm moderate --out` writes."),
+    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Truth per image: CSV/JSON/JSONL (image, path, file name or sha256 + label violate/allow, category or product), or a folder of violate/ and allow/ (or category) sub-folders. Default: categories from the file names."),
+    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Built-in policy or policy YAML file (default: the one the records name)."),
+    rules: Optional[str] = typer.Option(None, "--rules", "-r", help="Rule set to calibrate (default: the one the records were decided under)."),
+    block_precision: Optional[float] = typer.Option(None, "--block-precision", help="Target: of the images blocked, at least this share truly violates (e.g. 0.95)."),
+    allow_miss: Optional[float] = typer.Option(None, "--allow-miss", help="Target: of the true violations, at most this share is allowed (e.g. 0.01)."),
+    by: str = typer.Option("point", "--by", help="point: targets on the point estimates; bound: on the whole Wilson interval (safer with little data)."),
+    min_blocked: int = typer.Option(1, "--min-blocked", help="A block threshold must block at least this many images to count for the precision target."),
+    confidence: float = ConfidenceOpt,
+    step: float = typer.Option(0.05, "--step", help="Step of the threshold tables."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Policy file to write (default: <policy>-<rules>-calibrated.yaml)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the tables; write no policy file."),
+    json_: bool = JsonOpt,
+) -> None:
+    """Choose a rule set's review/block thresholds for the targets you name, from labelled results.
+
+    Prints the trade-off tables (blocked / reviewed / allowed fractions, block precision and
+    allow miss rate with Wilson intervals) and writes the policy with the new thresholds,
+    for `icm moderate --policy FILE`. Exit 1 when a target cannot be met (nothing written).
+    """
+    from icm.evaluation.calibrate import CalibrationError, calibrate, write_override
+    from icm.evaluation.labels import LabelResolver, read_labels
+    from icm.evaluation.results import read_results
+    from icm.evaluation.tables import calibration_tables
+
+    try:
+        rs = read_results(results)
+    except ValueError as exc:
+        _fail(exc)
+    names = {it.policy for it in rs.items if it.policy}
+    if policy is None:
+        if len(names) > 1:
+            _fail(f"{results}: records of several policies ({', '.join(sorted(names))}): pass --policy")
+        policy = next(iter(names), "icm-sexy")
+    pol = _load_policy(policy)
+    if rules is None:
+        used = {it.rules for it in rs.items if it.rules and not it.error}
+        if len(used) > 1:
+            _fail(f"{results}: records decided under several rule sets ({', '.join(sorted(used))}): pass --rules")
+        rules = next(iter(used), None)
+    try:
+        resolver = LabelResolver(pol, rules, labels=read_labels(labels) if labels else None)
+        report = calibrate(rs, resolver, block_precision=block_precision, allow_miss=allow_miss, by=by,  # type: ignore[arg-type]
+                           min_blocked=min_blocked, confidence=confidence, step=step,
+                           labels_source=str(labels) if labels else "file names")
+    except KeyError as exc:
+        _fail(exc.args[0] if exc.args else exc)
+    except (CalibrationError, ValueError) as exc:
+        _fail(exc)
+    written: Optional[Path] = None
+    if report.ok and not dry_run:
+        target = out or Path(f"{pol.name}-{report.rules}-calibrated.yaml")
+        try:
+            written = write_override(report, policy, target)
+        except (CalibrationError, PolicyError, OSError) as exc:
+            _fail(exc)
+    if json_:
+        data = report.model_dump(mode="json")
+        data["written"] = str(written) if written else None
+        print_json(data)
+    else:
+        console.print(calibration_tables(report))
+        if written:
+            console.print(f"policy with the new thresholds: {written}  (icm moderate IMAGES --policy {written} --rules {report.rules})", highlight=False)
+        elif not report.ok:
+            err_console.print("a target cannot be met on this data: no policy file written", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 # -- compare and report ---------------------------------------------------------------------------
 
 

@@ -105,9 +105,9 @@ def _parse_label(value: object) -> bool | None:
 
 def _spec_from_mapping(row: dict[str, object], where: str) -> tuple[str, LabelSpec]:
     lower = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
-    image = next((lower[k] for k in ("image", "path", "image_name", "file", "filename", "name", "id") if lower.get(k)), None)
+    image = next((lower[k] for k in ("image", "path", "image_name", "file", "filename", "name", "id", "sha256") if lower.get(k)), None)
     if not image:
-        raise ValueError(f"{where}: no image column (image, path, image_name or file)")
+        raise ValueError(f"{where}: no image column (image, path, image_name, file or sha256)")
     spec = LabelSpec()
     if lower.get("label") not in (None, ""):
         spec.label = _parse_label(lower["label"])

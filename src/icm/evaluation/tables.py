@@ -6,6 +6,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from icm.evaluation.calibrate import CalibrationReport
 from icm.evaluation.compare import CompareReport
 from icm.evaluation.icm_metrics import ICMReport
 from icm.evaluation.meq import MEQReport
@@ -165,3 +166,47 @@ def compare_table(c: CompareReport) -> Table:
             cells.append(f"[bold]{txt}[/bold]" if i in row.best else txt)
         t.add_row(row.title + (" ↑" if row.higher_is_better else " ↓"), *cells)
     return t
+
+
+def _pct(x: float, ci: tuple[float, float] | None) -> str:
+    return f"{x:.1%}" + (f" [{ci[0] * 100:.0f}-{ci[1] * 100:.0f}]" if ci else "")
+
+
+def _rate(x: float | None, ci: tuple[float, float] | None, k: int, n: int) -> str:
+    if x is None:
+        return "- (none)"
+    return f"{k}/{n} {x:.3f} [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else f"{k}/{n} {x:.3f}"
+
+
+def calibration_tables(r: CalibrationReport) -> RenderableType:
+    """The trade-off tables of ``icm eval calibrate`` and its outcome."""
+    out: list[RenderableType] = []
+    cols = ("review", "block", "blocked", "reviewed", "allowed", "block precision", "allow miss rate")
+
+    def table(title: str, rows: list, mark: tuple[float, float] | None) -> Table:
+        t = Table(title=title)
+        for col in cols:
+            t.add_column(col, justify="right", overflow="fold")
+        for p in rows:
+            star = mark is not None and (abs(p.review - mark[0]) < 1e-9 and abs(p.block - mark[1]) < 1e-9)
+            cells = [f"{p.review:g}", f"{p.block:g}", _pct(p.blocked_fraction, p.blocked_ci), _pct(p.reviewed_fraction, p.reviewed_ci),
+                     _pct(p.allowed_fraction, p.allowed_ci), _rate(p.block_precision, p.block_precision_ci, p.blocked_violating, p.blocked),
+                     _rate(p.allow_miss, p.allow_miss_ci, p.missed, p.violations)]
+            t.add_row(*(f"[bold]{c}[/bold]" for c in cells) if star else cells)
+        return t
+
+    fixed = r.chosen or r.current
+    mark = (r.chosen.review, r.chosen.block) if r.chosen else None
+    out.append(Text(f"Calibrating rule set '{r.rules}' of policy '{r.policy}' on {r.n} labelled images "
+                    f"({r.n_violations} violate, {r.n_clean} do not; {r.n_not_judged} not judged: always reviewed). "
+                    f"Left out: {r.n_failed} failed, {r.n_unlabelled} unlabelled. Fractions of all {r.n} images; "
+                    f"block precision = truly violating / blocked, allow miss rate = allowed / truly violating; "
+                    f"[{r.confidence:.0%} Wilson intervals]."))
+    out.append(table(f"Block threshold varied (review {fixed.review:g})", r.block_sweep, mark))
+    out.append(table(f"Review threshold varied (block {fixed.block:g})", r.review_sweep, mark))
+    out.append(table("Current thresholds" + (" and chosen thresholds (bold)" if r.chosen else ""),
+                     [r.current] + ([r.chosen] if r.chosen else []), mark))
+    for t in r.targets:
+        out.append(Text(("met: " if t.met else "NOT MET: ") + t.message, style="green" if t.met else "bold red"))
+    out += _notes(r.notes)
+    return Group(*out)

@@ -1,0 +1,538 @@
+"""Choosing a rule set's ``review`` / ``block`` thresholds from labelled results.
+
+A rule set turns P(violation) into a verdict with two thresholds (read
+:func:`icm.policy.decision._verdict`; this module keeps the same rule as a function of the
+numbers every record holds):
+
+* **block** when the decision does not say *allow* (its label is ``violate``, or there is
+  no product, as with a term score only) and P(violation) >= ``block`` (with a range,
+  its lower end);
+* **allow** when the decision does not say *violate* and P(violation) < ``review`` (with a
+  range, its upper end);
+* **review** otherwise. An image that was not judged (refused, off-format, no evidence,
+  conflict) is reviewed whatever the thresholds; an error record has no verdict at all
+  and is left out, with a count.
+
+So the blocked set depends on ``block`` only and the allowed set on ``review`` only, and
+each target picks one threshold:
+
+* ``block_precision`` (of what is blocked, at least this share truly violates): the
+  *lowest* ``block`` that meets it, so that as much as possible is blocked;
+* ``allow_miss`` (of the true violations, at most this share is allowed): the *highest*
+  ``review`` that meets it, so that as much as possible is allowed. The miss rate only
+  grows with ``review``, so this is exact.
+
+With ``by="bound"`` a target must hold for the whole Wilson interval (its lower end for a
+precision, its upper end for a miss rate), not only for the point estimate: the safe
+choice with little data. Any threshold between two neighbouring scores gives the same
+verdicts on the data; the one written is the simplest decimal in that gap, on the side
+of the chosen score (e.g. ``0.7`` for a gap from 0.55 to 0.75).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, Field
+
+from icm.evaluation.labels import LabelResolver
+from icm.evaluation.results import ResultSet
+from icm.evaluation.stats import DEFAULT_CONFIDENCE, wilson
+from icm.policy import Policy, decide
+from icm.policy.model import RuleSet, Thresholds
+
+By = Literal["point", "bound"]
+VerdictName = Literal["allow", "review", "block"]
+
+
+class CalibrationError(ValueError):
+    """The data cannot be calibrated (no labels, no violations ...)."""
+
+
+def verdict_at(violates: bool | None, low: float, high: float, review: float, block: float) -> VerdictName:
+    """The verdict of a judged image at the thresholds (the rule in the module docstring)."""
+    if violates is not False and low >= block:
+        return "block"
+    if violates is not True and high < review:
+        return "allow"
+    return "review"
+
+
+class OperatingPoint(BaseModel):
+    """What a pair of thresholds does on the calibration data."""
+
+    review: float
+    block: float
+    n: int = Field(description="Images counted (labelled, not failed)")
+    blocked: int
+    reviewed: int
+    allowed: int
+    blocked_fraction: float
+    reviewed_fraction: float
+    allowed_fraction: float
+    blocked_ci: tuple[float, float] | None = None
+    reviewed_ci: tuple[float, float] | None = None
+    allowed_ci: tuple[float, float] | None = None
+    blocked_violating: int = Field(description="Blocked images that truly violate")
+    block_precision: float | None = Field(description="Of the blocked images, the share that truly violates")
+    block_precision_ci: tuple[float, float] | None = None
+    violations: int = Field(description="Images that truly violate")
+    missed: int = Field(description="True violations allowed")
+    allow_miss: float | None = Field(description="Of the true violations, the share allowed")
+    allow_miss_ci: tuple[float, float] | None = None
+    clean: int = Field(description="Images that truly do not violate")
+    clean_allowed: int
+    clean_allowed_rate: float | None = Field(description="Of the clean images, the share allowed without a person")
+
+
+class TargetResult(BaseModel):
+    name: str = Field(description="block_precision or allow_miss")
+    target: float
+    met: bool
+    achieved: float | None = None
+    ci: tuple[float, float] | None = None
+    threshold: float | None = Field(default=None, description="The threshold chosen for it")
+    message: str
+
+
+class CalibrationReport(BaseModel):
+    results: str
+    labels: str
+    policy: str
+    rules: str
+    confidence: float
+    by: By
+    n_records: int
+    n_failed: int
+    n_not_judged: int = Field(description="Labelled images not judged: reviewed whatever the thresholds")
+    n_unlabelled: int
+    n: int = Field(description="Images calibrated on: labelled and not failed")
+    n_violations: int
+    n_clean: int
+    re_decided: int = Field(default=0, description="Records decided again under this rule set from their evidence")
+    verdict_mismatches: int = Field(default=0, description="Records whose recorded verdict the rule does not reproduce at the thresholds they were written with")
+    current: OperatingPoint
+    chosen: OperatingPoint | None = None
+    targets: list[TargetResult] = Field(default_factory=list)
+    ok: bool = Field(description="Every target named was met")
+    block_sweep: list[OperatingPoint] = Field(default_factory=list, description="block varied, review fixed")
+    review_sweep: list[OperatingPoint] = Field(default_factory=list, description="review varied, block fixed")
+    notes: list[str] = Field(default_factory=list)
+
+
+class _Data:
+    """The calibration set as arrays: one entry per labelled, not failed image."""
+
+    def __init__(self, truth: list[bool], state: list[int], low: list[float], high: list[float], judged: list[bool]) -> None:
+        self.truth = np.array(truth, dtype=bool)
+        self.state = np.array(state, dtype=np.int8)  # 1 violate, 0 allow, -1 no product (term only)
+        self.low = np.array(low, dtype=np.float64)
+        self.high = np.array(high, dtype=np.float64)
+        self.judged = np.array(judged, dtype=bool)
+
+    def blocked(self, block: float) -> np.ndarray:
+        return self.judged & (self.state != 0) & (self.low >= block)
+
+    def allowed(self, review: float) -> np.ndarray:
+        return self.judged & (self.state != 1) & (self.high < review)
+
+
+def _ci(k: int, n: int, confidence: float) -> tuple[float, float] | None:
+    return wilson(k, n, confidence)
+
+
+def operating_point(d: _Data, review: float, block: float, confidence: float = DEFAULT_CONFIDENCE) -> OperatingPoint:
+    n = int(d.truth.size)
+    b = d.blocked(block)
+    a = d.allowed(review) & ~b
+    r = ~(a | b)
+    nb, na, nr = int(b.sum()), int(a.sum()), int(r.sum())
+    bv = int((b & d.truth).sum())
+    nv = int(d.truth.sum())
+    missed = int((a & d.truth).sum())
+    clean = n - nv
+    clean_allowed = int((a & ~d.truth).sum())
+    return OperatingPoint(
+        review=review, block=block, n=n, blocked=nb, reviewed=nr, allowed=na,
+        blocked_fraction=nb / n, reviewed_fraction=nr / n, allowed_fraction=na / n,
+        blocked_ci=_ci(nb, n, confidence), reviewed_ci=_ci(nr, n, confidence), allowed_ci=_ci(na, n, confidence),
+        blocked_violating=bv, block_precision=bv / nb if nb else None, block_precision_ci=_ci(bv, nb, confidence),
+        violations=nv, missed=missed, allow_miss=missed / nv if nv else None, allow_miss_ci=_ci(missed, nv, confidence),
+        clean=clean, clean_allowed=clean_allowed, clean_allowed_rate=clean_allowed / clean if clean else None,
+    )
+
+
+def simplest_in(lo: float, hi: float) -> float:
+    """The decimal with the fewest digits in ``(lo, hi]``, as close to ``hi`` as it can be."""
+    if hi <= lo:
+        return hi
+    for digits in range(0, 13):
+        scale = 10**digits
+        v = math.floor(hi * scale + 1e-9) / scale
+        v = min(v, hi)
+        if v > lo:
+            return round(v, digits)
+    return hi
+
+
+def _fmt_ci(ci: tuple[float, float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _choose_block(d: _Data, target: float, by: By, min_blocked: int, confidence: float) -> TargetResult:
+    eligible = d.judged & (d.state != 0)
+    cands = np.unique(d.low[eligible])  # ascending; block = c blocks every eligible low >= c
+    best: tuple[float, float, int, tuple[float, float] | None] | None = None  # (precision, c, blocked, ci)
+    for i, c in enumerate(cands):
+        b = d.blocked(float(c))
+        nb = int(b.sum())
+        if nb < min_blocked:
+            continue
+        k = int((b & d.truth).sum())
+        prec = k / nb
+        ci = _ci(k, nb, confidence)
+        score = ci[0] if by == "bound" and ci else prec
+        if best is None or score > best[0]:
+            best = (score, float(c), nb, ci)
+        if score >= target - 1e-12:
+            lo = float(cands[i - 1]) if i > 0 else -1.0
+            thr = max(0.0, simplest_in(lo, float(c)))
+            what = "lower end of its interval" if by == "bound" else "point estimate"
+            return TargetResult(name="block_precision", target=target, met=True, achieved=prec, ci=ci, threshold=thr,
+                                message=f"block precision >= {target:g} met at block {thr:g}: {k}/{nb} = {prec:.4f}{_fmt_ci(ci)} "
+                                        f"(the {what}; any lower threshold blocks more and misses it)")
+    if best is None:
+        return TargetResult(name="block_precision", target=target, met=False,
+                            message=f"block precision >= {target:g} cannot be met on this data: no block threshold blocks "
+                                    f"{min_blocked} or more judged images (none has a decision that may violate)")
+    score, c, nb, _ = best
+    what = "the lower end of its interval" if by == "bound" else "it"
+    return TargetResult(name="block_precision", target=target, met=False, achieved=score,
+                        message=f"block precision >= {target:g} cannot be met on this data: at best {what} is {score:.4f}, "
+                                f"at block {c:.4g} ({nb} images blocked). Label more data, lower the target, or leave blocking "
+                                "to people (a block threshold above every score blocks nothing automatically)")
+
+
+def _choose_review(d: _Data, target: float, by: By, confidence: float) -> TargetResult:
+    nv = int(d.truth.sum())
+    if nv == 0:
+        return TargetResult(name="allow_miss", target=target, met=False,
+                            message="the allow miss rate cannot be measured: no labelled image truly violates")
+    eligible = d.judged & (d.state != 1)
+    highs = np.unique(d.high[eligible])
+    # threshold k allows every eligible high below cands[k]; the last one allows them all (when <= 1)
+    cands = list(highs.tolist())
+    if not cands or cands[-1] < 1.0:
+        cands.append(1.0)
+    chosen: tuple[int, float, int, tuple[float, float] | None] | None = None
+    for i, c in enumerate(cands):
+        a = d.allowed(float(c))
+        missed = int((a & d.truth).sum())
+        ci = _ci(missed, nv, confidence)
+        score = ci[1] if by == "bound" and ci else missed / nv
+        if score <= target + 1e-12:
+            chosen = (i, float(c), missed, ci)
+        else:
+            break  # the miss rate never falls as review grows
+    if chosen is None:
+        ci = _ci(0, nv, confidence)
+        return TargetResult(name="allow_miss", target=target, met=False, achieved=ci[1] if ci else None, ci=ci,
+                            message=f"allow miss rate <= {target:g} cannot be shown on this data: even allowing nothing, "
+                                    f"the upper end of the {confidence:.0%} interval of 0/{nv} is {ci[1] if ci else float('nan'):.4f}; "
+                                    "label more violations or use --by point")
+    i, c, missed, ci = chosen
+    lo = float(cands[i - 1]) if i > 0 else -1.0
+    thr = min(1.0, max(0.0, simplest_in(lo, c)))
+    what = "upper end of its interval" if by == "bound" else "point estimate"
+    return TargetResult(name="allow_miss", target=target, met=True, achieved=missed / nv, ci=ci, threshold=thr,
+                        message=f"allow miss rate <= {target:g} met at review {thr:g}: {missed}/{nv} = {missed / nv:.4f}{_fmt_ci(ci)} "
+                                f"(the {what}; any higher threshold allows more and misses it)")
+
+
+def _grid(step: float, extra: list[float]) -> list[float]:
+    if not 0 < step <= 0.5:
+        raise CalibrationError(f"the table step must be in (0, 0.5], got {step}")
+    pts = {round(float(t), 6) for t in np.arange(0.0, 1.0 + 1e-9, step)}
+    pts.update(round(x, 6) for x in extra)
+    return sorted(p for p in pts if 0.0 <= p <= 1.0)
+
+
+def calibrate(
+    results: ResultSet,
+    resolver: LabelResolver,
+    *,
+    block_precision: float | None = None,
+    allow_miss: float | None = None,
+    by: By = "point",
+    min_blocked: int = 1,
+    confidence: float = DEFAULT_CONFIDENCE,
+    step: float = 0.05,
+    labels_source: str = "file names",
+) -> CalibrationReport:
+    """Choose the thresholds of ``resolver.rule_set`` for the targets (see the module docstring)."""
+    if block_precision is None and allow_miss is None:
+        raise CalibrationError("name a target: --block-precision P (e.g. 0.95) and/or --allow-miss M (e.g. 0.01)")
+    for name, v in (("block precision", block_precision), ("allow miss rate", allow_miss)):
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise CalibrationError(f"the {name} target must be between 0 and 1, got {v}")
+    if by not in ("point", "bound"):
+        raise CalibrationError(f"--by must be point or bound, got {by!r}")
+    policy: Policy = resolver.policy
+    rs: RuleSet = resolver.rule_set
+    cur = rs.thresholds
+    notes = list(results.notes)
+
+    truth: list[bool] = []
+    state: list[int] = []
+    low: list[float] = []
+    high: list[float] = []
+    judged: list[bool] = []
+    failed = unlabelled = not_judged = re_decided = mismatches = 0
+    not_judged_why: Counter[str] = Counter()
+    other_policy = 0
+    for it in results.items:
+        status, why = it.status()
+        if status == "failed":
+            failed += 1
+            continue
+        tr = resolver.truth(it.id, sha256=it.sha256)
+        if tr is None:
+            unlabelled += 1
+            continue
+        if it.policy is not None and it.policy != policy.name:
+            other_policy += 1
+            continue
+        v: bool | None = None
+        lo = hi = 0.0
+        ok = status == "judged"
+        if ok:
+            if it.rules == rs.name and it.p_violation is not None:
+                v = {"violate": True, "allow": False}.get(it.label or "")
+                lo, hi = it.p_violation_range or (it.p_violation, it.p_violation)
+                if it.verdict in ("allow", "review", "block") and verdict_at(v, lo, hi, cur.review, cur.block) != it.verdict:
+                    mismatches += 1
+            elif it.has_evidence:
+                try:
+                    dec = decide(policy, rs, attributes=it.attributes or None, p_term=it.p_term)
+                except (ValueError, KeyError) as exc:
+                    ok, why = False, f"cannot re-decide: {exc}"
+                else:
+                    re_decided += 1
+                    if dec.basis in ("none", "conflict"):
+                        ok, why = False, f"basis {dec.basis}"
+                    else:
+                        v, (lo, hi) = dec.violates, dec.p_violation_range
+            else:
+                ok, why = False, "no evidence"
+        if not ok:
+            not_judged += 1
+            not_judged_why[why or "not judged"] += 1
+        truth.append(tr.positive)
+        state.append(-1 if v is None else int(v))
+        low.append(float(lo))
+        high.append(float(hi))
+        judged.append(ok)
+    if other_policy:
+        raise CalibrationError(f"{other_policy} record(s) were written under another policy than {policy.name!r}: pass --policy")
+    if not truth:
+        raise CalibrationError(
+            f"no record can be calibrated on: {len(results.items)} records, {failed} failed, {unlabelled} without a label "
+            f"(labels: {labels_source}; keys are the image path, file name, stem or SHA-256)"
+        )
+    d = _Data(truth, state, low, high, judged)
+    nv = int(d.truth.sum())
+    if failed:
+        notes.append(f"{failed} failed record(s) (errors, no verdict) are left out of the calibration")
+    if unlabelled:
+        notes.append(f"{unlabelled} record(s) have no label and are left out")
+    if not_judged:
+        notes.append(f"{not_judged} labelled image(s) were not judged ({', '.join(f'{k}: {v}' for k, v in not_judged_why.most_common())}): "
+                     "they are reviewed whatever the thresholds, and counted in the fractions and the miss rate's denominator")
+    if mismatches:
+        notes.append(f"{mismatches} record(s) have a verdict the rule does not give at the thresholds they were written with "
+                     f"(review {cur.review:g}, block {cur.block:g}): the records may come from an older decision model; "
+                     "decide them again or check the table against a fresh run")
+    if re_decided:
+        notes.append(f"{re_decided} record(s) were decided again under rule set {rs.name!r} from their recorded evidence")
+
+    targets: list[TargetResult] = []
+    new_block, new_review = cur.block, cur.review
+    if block_precision is not None:
+        t = _choose_block(d, block_precision, by, min_blocked, confidence)
+        targets.append(t)
+        if t.met and t.threshold is not None:
+            new_block = t.threshold
+    if allow_miss is not None:
+        t = _choose_review(d, allow_miss, by, confidence)
+        targets.append(t)
+        if t.met and t.threshold is not None:
+            new_review = t.threshold
+            if new_review <= 0.0:
+                notes.append("to meet the allow miss target nothing can be allowed automatically: every image that is not "
+                             "blocked goes to a person")
+    ok = all(t.met for t in targets)
+    if new_review > new_block:
+        notes.append(f"the review threshold that meets the allow target ({new_review:g}) is above the block threshold "
+                     f"({new_block:g}); review is set to {new_block:g} (allowing less can only lower the miss rate)")
+        new_review = new_block
+    try:
+        Thresholds(review=new_review, block=new_block)
+    except ValueError as exc:  # pragma: no cover - ordered above
+        raise CalibrationError(str(exc)) from None
+    current = operating_point(d, cur.review, cur.block, confidence)
+    chosen = operating_point(d, new_review, new_block, confidence) if ok else None
+    fix_r, fix_b = (new_review, new_block) if ok else (cur.review, cur.block)
+    grid = _grid(step, [cur.review, cur.block, new_review, new_block])
+    block_sweep = [operating_point(d, fix_r, b, confidence) for b in grid if b >= fix_r]
+    review_sweep = [operating_point(d, r, fix_b, confidence) for r in grid if r <= fix_b]
+    if nv == 0:
+        notes.append("no labelled image truly violates: block precision is 0 wherever anything is blocked")
+    return CalibrationReport(
+        results=results.source, labels=labels_source, policy=policy.name, rules=rs.name, confidence=confidence, by=by,
+        n_records=len(results.items), n_failed=failed, n_not_judged=not_judged, n_unlabelled=unlabelled, n=int(d.truth.size),
+        n_violations=nv, n_clean=int(d.truth.size) - nv, re_decided=re_decided, verdict_mismatches=mismatches,
+        current=current, chosen=chosen, targets=targets, ok=ok, block_sweep=block_sweep, review_sweep=review_sweep, notes=notes,
+    )
+
+
+# -- the policy file -------------------------------------------------------------------------------
+
+
+def policy_source_text(name_or_path: str) -> tuple[str, str]:
+    """The YAML text of a built-in policy or a policy file, and where it came from."""
+    from importlib import resources
+
+    from icm.policy.loader import BUILTIN_PACKAGE, builtin_policy_names
+
+    if name_or_path in builtin_policy_names():
+        return resources.files(BUILTIN_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text(encoding="utf-8"), f"built-in policy {name_or_path!r}"
+    p = Path(name_or_path)
+    try:
+        return p.read_text(encoding="utf-8"), str(p)
+    except OSError as exc:
+        raise CalibrationError(f"cannot read policy file {p}: {exc.strerror or exc}") from None
+
+
+def _flow_thresholds(review: float, block: float) -> str:
+    return f"{{review: {review!r}, block: {block!r}}}"
+
+
+def _edit_text(text: str, rules: str, review: float, block: float) -> str | None:
+    """``text`` with the rule set's thresholds replaced (comments and layout kept), or None."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(root, yaml.MappingNode):
+        return None
+    rule_sets = next((v for k, v in root.value if isinstance(k, yaml.ScalarNode) and k.value == "rule_sets"), None)
+    if not isinstance(rule_sets, yaml.SequenceNode):
+        return None
+    for item in rule_sets.value:
+        if not isinstance(item, yaml.MappingNode) or item.flow_style:
+            continue
+        keys = {k.value: (k, v) for k, v in item.value if isinstance(k, yaml.ScalarNode)}
+        name = keys.get("name")
+        if name is None or not isinstance(name[1], yaml.ScalarNode) or name[1].value != rules:
+            continue
+        new = _flow_thresholds(review, block)
+        if "thresholds" in keys:
+            v = keys["thresholds"][1]
+            if isinstance(v, yaml.MappingNode) and not v.flow_style:
+                # block style: replace the key's whole entry (from the key to the end of its last value line)
+                k = keys["thresholds"][0]
+                start = k.start_mark.index
+                end = v.end_mark.index
+                while end > start and text[end - 1] in " \n\r\t":
+                    end -= 1
+                return text[:start] + f"thresholds: {new}" + text[end:]
+            return text[: v.start_mark.index] + new + text[v.end_mark.index:]
+        name_key, name_val = name
+        eol = text.find("\n", name_val.end_mark.index)
+        eol = len(text) if eol < 0 else eol
+        return text[:eol] + "\n" + " " * name_key.start_mark.column + f"thresholds: {new}" + text[eol:]
+    return None
+
+
+def policy_with_thresholds(text: str, source: str, rules: str, review: float, block: float) -> str:
+    """The policy document with one rule set's thresholds changed, checked by loading it.
+
+    The original text is edited in place (comments and order kept); when that is not
+    possible (a flow-style rule set) the policy is written out again from its model.
+    """
+    from icm.policy import parse_policy
+
+    original, _ = parse_policy(text, source)
+    rs = original.rule_set(rules)
+    want = original.model_dump(mode="json")
+    for r in want["rule_sets"]:
+        if r["name"] == rs.name:
+            r["thresholds"] = Thresholds(review=review, block=block).model_dump(mode="json")
+
+    def good(candidate: str | None) -> bool:
+        if candidate is None:
+            return False
+        try:
+            got, _ = parse_policy(candidate, source)
+        except Exception:  # noqa: BLE001 - any failure means: use the other way
+            return False
+        return got.model_dump(mode="json") == want
+
+    edited = _edit_text(text, rs.name, review, block)
+    if good(edited):
+        return edited  # type: ignore[return-value]
+    dumped = yaml.safe_dump(want, sort_keys=False, allow_unicode=True, width=120)
+    if not good(dumped):
+        raise CalibrationError(f"could not write the policy {original.name!r} with the new thresholds (it did not load back the same)")
+    return dumped
+
+
+def header(report: CalibrationReport, source: str, previous: Thresholds) -> str:
+    """The comment block that says how the thresholds were chosen."""
+    c = report.chosen
+    assert c is not None
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    from icm import __version__
+
+    lines = [
+        f"Calibrated by `icm eval calibrate` (icm {__version__}) on {now}.",
+        f"Policy {report.policy!r} from {source}; only rule set {report.rules!r} changed:",
+        f"  thresholds review {previous.review:g} -> {c.review:g}, block {previous.block:g} -> {c.block:g}",
+        f"Chosen on {report.results} with labels from {report.labels}: {report.n} images "
+        f"({report.n_violations} violate, {report.n_clean} do not; {report.n_not_judged} not judged, always reviewed); "
+        f"{report.n_failed} failed and {report.n_unlabelled} unlabelled records left out.",
+        f"Targets ({'point estimates' if report.by == 'point' else f'whole {report.confidence:.0%} Wilson interval'}):",
+        *(f"  {t.message}" for t in report.targets),
+        f"On that data at these thresholds: blocked {c.blocked_fraction:.1%}, reviewed {c.reviewed_fraction:.1%}, "
+        f"allowed {c.allowed_fraction:.1%}; block precision {_num(c.block_precision)}{_fmt_ci(c.block_precision_ci)}, "
+        f"allow miss rate {_num(c.allow_miss)}{_fmt_ci(c.allow_miss_ci)} ({report.confidence:.0%} Wilson intervals).",
+        f"Use: icm moderate IMAGES --policy THIS_FILE --rules {report.rules}",
+    ]
+    return "".join(f"# {ln}\n" for ln in lines)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def write_override(report: CalibrationReport, policy_ref: str, out: str | Path) -> Path:
+    """Write the policy with the chosen thresholds to ``out`` (the whole policy: ``--policy`` takes a whole one)."""
+    if not report.ok or report.chosen is None:
+        raise CalibrationError("a target was not met: no policy file is written")
+    text, source = policy_source_text(policy_ref)
+    from icm.policy import parse_policy
+
+    previous = parse_policy(text, source)[0].rule_set(report.rules).thresholds
+    body = policy_with_thresholds(text, source, report.rules, report.chosen.review, report.chosen.block)
+    p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(header(report, source, previous) + body, encoding="utf-8")
+    tmp.replace(p)
+    return p
