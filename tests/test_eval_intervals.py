@@ -170,3 +170,15 @@ def test_cli_prints_and_saves_counts_and_intervals(tmp_path):
     assert "roc_auc" not in j["intervals"] and j["metrics"]["coverage"] == 0.5
     bad = runner.invoke(app, ["eval", "icm", str(res), "--confidence", "95"])
     assert bad.exit_code == 2 and "confidence level" in bad.output
+
+
+def test_mqa_accuracies_carry_wilson_intervals(tmp_path):
+    truth, pred = tmp_path / "gt.txt", tmp_path / "pred.txt"
+    answers = ["A", "B", "C", "D", "A", "B", "C", "D", "A", "B"]
+    truth.write_text("".join(f"img{i}.jpg\n{a}\n" for i, a in enumerate(answers)))
+    pred.write_text("".join(f"img{i}.jpg\n{a if i < 8 else 'D'}. because\n" for i, a in enumerate(answers)))  # 8 of 10 right
+    m = json.loads(runner.invoke(app, ["eval", "mqa", "--mc", str(truth), str(pred), "--json"]).stdout)["mqa"]
+    assert (m["mc"]["correct"], m["mc"]["total"]) == (8, 10)
+    assert [round(x, 4) for x in m["mc"]["accuracy_ci"]] == [0.4902, 0.9433] and m["confidence"] == 0.95
+    m90 = json.loads(runner.invoke(app, ["eval", "mqa", "--mc", str(truth), str(pred), "--json", "--confidence", "0.9"]).stdout)["mqa"]
+    assert m90["all"]["accuracy_ci"][0] > m["all"]["accuracy_ci"][0] and m90["confidence"] == 0.9

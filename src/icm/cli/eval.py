@@ -130,6 +130,7 @@ def mqa_cmd(
     mc: Optional[tuple[Path, Path]] = typer.Option(None, "--mc", help="Multiple-choice TRUTH and PREDICTION files in the paper's two-line format."),
     yes_no: Optional[tuple[Path, Path]] = typer.Option(None, "--yn", help="Yes/no TRUTH and PREDICTION files in the paper's two-line format."),
     model: Optional[str] = typer.Option(None, "--model", help="Only this model's answers in the paper's folder."),
+    confidence: float = ConfidenceOpt,
     name: Optional[str] = NameOpt,
     out: Optional[Path] = OutOpt,
     html: Optional[Path] = HtmlOpt,
@@ -152,8 +153,11 @@ def mqa_cmd(
         _fail(exc)
     if not reports:
         _fail("nothing to score: give the paper's MQA folder, Q-A records (JSONL), or --mc / --yn TRUTH PREDICTION")
+    if not 0.0 < confidence < 1.0:
+        _fail(f"the confidence level must be between 0 and 1 (e.g. 0.95), got {confidence}")
     summaries = []
     for r in reports:
+        r.with_intervals(confidence)
         s = EvalSummary(name=r.name, meta={"mqa_source": r.source})
         s.mqa = r
         summaries.append(s)
@@ -277,6 +281,8 @@ def run_cmd(
     batch_size: int = typer.Option(8),
     threshold: float = typer.Option(0.5, "--threshold", "-t"),
     protocol: str = typer.Option("image"),
+    confidence: float = ConfidenceOpt,
+    bootstrap: int = BootstrapOpt,
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Ask for explanations where the set has reference explanations."),
     qa: bool = typer.Option(True, "--qa/--no-qa", help="Ask the set's moderation questions."),
     offline_metric: str = typer.Option("combined", help="Offline explanation metric: combined, embedding, lexical or none."),
@@ -297,7 +303,7 @@ def run_cmd(
         cfg = EvalRunConfig(
             dataset=str(dataset), name=name, out_dir=str(out_dir), labels=str(labels) if labels else None, policy=policy, rules=rules,
             target=target, backend=backend, model=model, adapter=adapter, base_url=base_url, dtype=dtype, device=device,
-            batch_size=batch_size, threshold=threshold, protocol=protocol, explain=explain, qa=qa, offline_metric=offline_metric,
+            batch_size=batch_size, threshold=threshold, protocol=protocol, confidence=confidence, bootstrap=bootstrap, explain=explain, qa=qa, offline_metric=offline_metric,
             judge=JudgeConfig(model=judge_model, **({"base_url": judge_base_url} if judge_base_url else {})) if judge_model else None,
         )
     except ValueError as exc:

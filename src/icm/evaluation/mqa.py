@@ -27,6 +27,7 @@ from typing import Iterable, Literal
 from pydantic import BaseModel, Field
 
 from icm.evaluation.labels import image_key
+from icm.evaluation.stats import DEFAULT_CONFIDENCE, wilson
 
 QAKind = Literal["mc", "yes_no"]
 KINDS: tuple[QAKind, ...] = ("mc", "yes_no")
@@ -56,6 +57,7 @@ class KindScore(BaseModel):
     missing_answers: int = Field(default=0, description="Questions the model gave no answer to (counted wrong)")
     invalid_truth: int = Field(default=0, description="Questions whose truth starts with no valid letter (counted wrong)")
     accuracy_valid_truth: float | None = Field(default=None, description="Accuracy over questions with a valid truth")
+    accuracy_ci: tuple[float, float] | None = Field(default=None, description="Wilson interval of the accuracy")
     answer_letters: dict[str, int] = Field(default_factory=dict)
     truth_letters: dict[str, int] = Field(default_factory=dict)
 
@@ -69,7 +71,15 @@ class MQAReport(BaseModel):
     all: KindScore
     misaligned: int = Field(default=0, description="Questions whose image differs between truth and prediction files")
     per_category: dict[str, KindScore] = Field(default_factory=dict)
+    confidence: float = Field(default=DEFAULT_CONFIDENCE, description="Confidence level of the accuracy intervals")
     notes: list[str] = Field(default_factory=list)
+
+    def with_intervals(self, confidence: float = DEFAULT_CONFIDENCE) -> "MQAReport":
+        """Set the Wilson interval of every accuracy (correct / total) at ``confidence``."""
+        self.confidence = confidence
+        for k in (self.mc, self.yes_no, self.all, *self.per_category.values()):
+            k.accuracy_ci = wilson(k.correct, k.total, confidence)
+        return self
 
 
 def first_letter(text: str | None) -> str | None:
@@ -151,7 +161,7 @@ def score_records(records: list[QARecord], *, name: str, source: str, fmt: Liter
         name=name, source=source, format=fmt, mc=mc, yes_no=yn, all=al, misaligned=misaligned,
         per_category={c: _score(rs) for c, rs in sorted(by_cat.items())} if len(by_cat) > 1 else {},
         notes=[n for n in notes if n],
-    )
+    ).with_intervals()
 
 
 # -- the paper's two-line format ----------------------------------------------------------------

@@ -238,13 +238,16 @@ def mqa_section(r: MQAReport) -> str:
     parts = ["<h2>Moderation Q-A</h2>", f'<p class="meta">{_e(r.name)}: {_e(r.source)} ({_e(r.format)})</p>']
     rows = []
     for label, k in (("multiple-choice", r.mc), ("yes/no", r.yes_no), ("all", r.all)):
-        rows.append((label, k.correct, k.total, _f(k.accuracy), k.invalid_answers, k.missing_answers, k.invalid_truth, _f(k.accuracy_valid_truth)))
-    parts.append(_table(["questions", "correct", "total", "accuracy", "invalid answers", "no answer", "invalid truth", "accuracy (valid truth)"],
+        rows.append((label, k.correct, k.total, _f(k.accuracy) + _ci(k.accuracy_ci), k.invalid_answers, k.missing_answers, k.invalid_truth,
+                     _f(k.accuracy_valid_truth)))
+    parts.append(_table(["questions", "correct", "total", f"accuracy [{r.confidence:.0%} Wilson]", "invalid answers", "no answer", "invalid truth",
+                         "accuracy (valid truth)"],
                         rows, num=(1, 2, 3, 4, 5, 6, 7)))
     if r.per_category:
         parts.append("<details><summary>Per category</summary>")
         parts.append(_table(["category", "correct", "total", "accuracy"],
-                            [(_e(c), k.correct, k.total, _f(k.accuracy)) for c, k in sorted(r.per_category.items(), key=lambda x: x[1].accuracy or 0)],
+                            [(_e(c), k.correct, k.total, _f(k.accuracy) + _ci(k.accuracy_ci))
+                             for c, k in sorted(r.per_category.items(), key=lambda x: x[1].accuracy or 0)],
                             num=(1, 2, 3)))
         parts.append("</details>")
     parts.append(_notes(r.notes))

@@ -137,6 +137,8 @@ class EvalRunConfig(BaseModel):
     device: str = "auto"
     batch_size: int = 8
     threshold: float = 0.5
+    confidence: float = 0.95
+    bootstrap: int = 1000
     protocol: Protocol = "image"
     score: ScoreMode = "auto"
     explain: bool = True
@@ -248,7 +250,8 @@ def run_evaluation(
         stage("scoring moderation")
         rs = ResultSet(source=str(out_dir / "records.jsonl"), format="icm-jsonl", items=items)
         try:
-            summary.icm = evaluate_icm(rs, resolver, threshold=config.threshold, protocol=config.protocol, score=config.score, name=name)
+            summary.icm = evaluate_icm(rs, resolver, threshold=config.threshold, protocol=config.protocol, score=config.score, name=name,
+                                       confidence=config.confidence, bootstrap=config.bootstrap)
         except ValueError as exc:
             notes.append(f"ICM accuracy not computed: {exc}")
 

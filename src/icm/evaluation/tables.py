@@ -96,10 +96,11 @@ def icm_tables(r: ICMReport, *, categories: int = 10) -> RenderableType:
 def mqa_tables(r: MQAReport) -> RenderableType:
     t = Table(title=f"Moderation Q-A: {r.name}")
     t.add_column("questions", no_wrap=True)
-    for col in ("correct", "total", "accuracy", "invalid answers", "invalid truth"):
+    for col in ("correct", "total", "accuracy", f"{r.confidence:.0%} interval", "invalid answers", "invalid truth"):
         t.add_column(col, justify="right")
     for label, k in (("multiple-choice", r.mc), ("yes/no", r.yes_no), ("all", r.all)):
-        t.add_row(label, str(k.correct), str(k.total), _f(k.accuracy), str(k.invalid_answers + k.missing_answers), str(k.invalid_truth))
+        ci = f"[{k.accuracy_ci[0]:.4f}, {k.accuracy_ci[1]:.4f}]" if k.accuracy_ci else ""
+        t.add_row(label, str(k.correct), str(k.total), _f(k.accuracy), ci, str(k.invalid_answers + k.missing_answers), str(k.invalid_truth))
     return Group(t, *_notes(r.notes))
 
 
