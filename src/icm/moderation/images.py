@@ -29,11 +29,12 @@ import glob
 import hashlib
 import io
 import os
+import stat
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Iterable, Iterator, TextIO
+from typing import Any, BinaryIO, Collection, Iterable, Iterator, TextIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -162,6 +163,7 @@ def load_image(
     name: str | None = None,
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_total_pixels: int | None = None,
+    draft_pixels: int | None = None,
 ) -> LoadedImage:
     """Load one image as 8-bit RGB, or raise :class:`ImageLoadError`.
 
@@ -170,6 +172,8 @@ def load_image(
     frame over white; ``views`` holds every sampled frame (at most ``max_frames``) over
     each background that matters. ``max_total_pixels`` bounds the pixels decoded over
     all frames (default :data:`DEFAULT_MAX_TOTAL_PIXELS`, at least ``max_pixels``).
+    ``draft_pixels`` (the server's memory bound) lets a larger JPEG decode at 1/2, 1/4 or 1/8
+    scale, keeping at least that many pixels.
     """
     if max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
@@ -201,24 +205,33 @@ def load_image(
     except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise any type (struct.error, ...)
         raise ImageLoadError(source, f"the file header is corrupt ({_cause(exc)})") from exc
 
-    with im:
-        fmt = im.format
-        mode = im.mode
-        width, height = im.size
-        _check_frame_size(source, width, height, max_pixels)
-        notes: list[str] = []
-        if ImageFile.LOAD_TRUNCATED_IMAGES:
-            notes.append(
-                "warning: PIL.ImageFile.LOAD_TRUNCATED_IMAGES was switched on in this process, "
-                "so a truncated file may have been decoded partially"
-            )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            _decode(im, source, "the file is truncated or corrupt")  # first frame
-            transpose = _orientation(im, notes)
-            frames = _count_frames(im, notes)
-            wanted = sample_frames(frames, max_frames)
-            views = _frame_views(im, source, notes, wanted, frames, transpose, max_pixels, total_limit)
+    try:
+        with im:
+            fmt = im.format
+            mode = im.mode
+            width, height = im.size
+            _check_frame_size(source, width, height, max_pixels)
+            notes: list[str] = []
+            if ImageFile.LOAD_TRUNCATED_IMAGES:
+                notes.append(
+                    "warning: PIL.ImageFile.LOAD_TRUNCATED_IMAGES was switched on in this process, "
+                    "so a truncated file may have been decoded partially"
+                )
+            if draft_pixels and fmt == "JPEG" and width * height > draft_pixels:
+                _draft_jpeg(im, draft_pixels, notes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                _decode(im, source, "the file is truncated or corrupt")  # first frame
+                transpose = _orientation(im, notes)
+                frames = _count_frames(im, notes)
+                wanted = sample_frames(frames, max_frames)
+                views = _frame_views(im, source, notes, wanted, frames, transpose, max_pixels, total_limit)
+    except ImageLoadError:
+        raise
+    except MemoryError as exc:
+        raise ImageLoadError(source, "not enough memory to decode it") from exc
+    except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is this file's error
+        raise ImageLoadError(source, f"the file could not be decoded ({_cause(exc)})") from exc
 
     rgb = views[0].image
     seen = len({v.frame for v in views})
@@ -264,6 +277,27 @@ def _check_frame_size(source: str, width: int, height: int, max_pixels: int, wha
             f"refused to decode a possible decompression bomb{what}: {width}x{height} = "
             f"{width * height / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:.1f}",
         )
+
+
+def jpeg_draft_scale(width: int, height: int, draft_pixels: int) -> int:
+    """The scale (1, 2, 4 or 8) at which :func:`load_image` with ``draft_pixels`` decodes a
+    JPEG of this size: the largest whose result still has at least ``draft_pixels`` pixels."""
+    scale = 1
+    while scale < 8 and (width // (scale * 2)) * (height // (scale * 2)) >= draft_pixels:
+        scale *= 2
+    return scale
+
+
+def _draft_jpeg(im: Image.Image, draft_pixels: int, notes: list[str]) -> None:
+    """Let the JPEG decoder itself decode at 1/2, 1/4 or 1/8 scale (``Image.draft``), so a
+    caller that needs about ``draft_pixels`` never holds the full-size pixels (a server
+    bounding its memory passes the size its model needs)."""
+    scale = jpeg_draft_scale(im.width, im.height, draft_pixels)
+    if scale > 1:
+        before = im.size
+        im.draft(None, (im.width // scale, im.height // scale))
+        if im.size != before:
+            notes.append(f"decoded at reduced scale {im.width}x{im.height} (from {before[0]}x{before[1]})")
 
 
 def _decode(im: Image.Image, source: str, what: str) -> None:
@@ -330,13 +364,36 @@ def _check_budget(source: str, spent: int, limit: int, frames: int, sampled: int
         )
 
 
-def _read_file(path: Path, source: str, max_bytes: int) -> bytes:
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a special file"
+
+
+def open_regular_file(path: str | os.PathLike[str], source: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` for reading only if it is a regular file, or raise :class:`ImageLoadError`.
+
+    FIFOs, devices and sockets are refused *before* they are opened (opening a FIFO
+    blocks until a writer appears, reading ``/dev/zero`` never ends). The file is then
+    opened non-blocking and checked again on the descriptor, so a file swapped for a FIFO
+    between the two checks is refused too. Returns the descriptor and its ``fstat``.
+    """
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise ImageLoadError(source, f"the file is {size:,} bytes, over the {max_bytes:,}-byte limit")
-        with path.open("rb") as fp:
-            return fp.read(max_bytes + 1)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageLoadError(source, "it is a directory, not a file")
+            raise ImageLoadError(source, f"not a regular file ({_file_kind(st.st_mode)}): refused without opening it")
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
     except FileNotFoundError as exc:
         raise ImageLoadError(source, "no such file") from exc
     except IsADirectoryError as exc:
@@ -344,7 +401,30 @@ def _read_file(path: Path, source: str, max_bytes: int) -> bytes:
     except PermissionError as exc:
         raise ImageLoadError(source, "permission denied") from exc
     except OSError as exc:
+        raise ImageLoadError(source, f"the file could not be opened ({_cause(exc)})") from exc
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
         raise ImageLoadError(source, f"the file could not be read ({_cause(exc)})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ImageLoadError(source, f"not a regular file ({_file_kind(st.st_mode)}): refused")
+    return fd, st
+
+
+def _read_file(path: Path, source: str, max_bytes: int) -> bytes:
+    fd, st = open_regular_file(path, source)
+    with os.fdopen(fd, "rb") as fp:
+        if st.st_size > max_bytes:
+            raise ImageLoadError(source, f"the file is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit")
+        try:
+            data = fp.read(max_bytes + 1)
+        except OSError as exc:
+            raise ImageLoadError(source, f"the file could not be read ({_cause(exc)})") from exc
+    if len(data) > max_bytes:
+        raise ImageLoadError(source, f"the file is over the {max_bytes:,}-byte limit (it grew while being read)")
+    return data
 
 
 def _cause(exc: BaseException) -> str:
@@ -519,19 +599,26 @@ _GLOB_CHARS = frozenset("*?[")
 def iter_image_paths(
     inputs: Iterable[str | os.PathLike[str]],
     *,
-    stdin: TextIO | None = None,
+    stdin: TextIO | BinaryIO | None = None,
     extensions: Collection[str] = MEDIA_EXTENSIONS,
+    null: bool = False,
 ) -> Iterator[PathEntry]:
     """Expand files, folders, glob patterns and ``-`` into a deterministic list of images.
 
-    * a file is taken as given, whatever its extension (the loader reports non-images);
+    * a file is taken as given, whatever its extension (the loader reports non-images,
+      and refuses FIFOs, devices and sockets without opening them);
     * a folder is walked recursively in sorted order; files whose extension is in
       ``extensions`` are kept, hidden files and folders (``.name``) are skipped and
-      symlinked folders are not followed (no cycles);
+      symlinked folders are not followed (no cycles); a folder that cannot be read is
+      an error entry, never a silent gap;
     * a pattern (``*``, ``?``, ``[``) that is not itself an existing path is expanded
       with :func:`glob.glob` (``**`` recurses), matches sorted; matched folders are walked;
-    * ``-`` reads one path per line from ``stdin`` (default ``sys.stdin``), each treated
-      like a command-line input.
+    * ``-`` reads paths from ``stdin`` (default ``sys.stdin``), one per line, or separated
+      by NUL bytes with ``null=True`` (``find -print0``), each treated like a
+      command-line input. Names are read as bytes and decoded like ``sys.argv``
+      (:func:`os.fsdecode`, so names that are not UTF-8 survive); only the line end is
+      removed, so leading and trailing spaces are kept (a name containing a newline
+      needs ``null``).
 
     Inputs that yield nothing (missing paths, patterns with no match, folders without
     images) come out as entries with ``error`` set, so the batch goes on. A file reached
@@ -546,31 +633,44 @@ def iter_image_paths(
             seen.add(key)
             yield PathEntry(source=source, path=path)
 
+    def walk(raw: str, root: Path) -> Iterator[PathEntry]:
+        for item in _walk(root, exts):
+            if isinstance(item, OSError):
+                where = os.fsdecode(item.filename) if item.filename is not None else raw
+                why = "permission denied" if isinstance(item, PermissionError) else _cause(item)
+                yield PathEntry(raw, error=f"cannot read folder {where}: {why}")
+            else:
+                yield from emit(raw, item)
+
     def expand(raw: str) -> Iterator[PathEntry]:
         path = Path(raw)
-        if path.is_dir():
-            found = False
-            for file in _walk(path, exts):
-                found = True
-                yield from emit(raw, file)
-            if not found:
+        try:
+            st: os.stat_result | None = os.stat(path)
+        except PermissionError:
+            yield PathEntry(raw, error=f"cannot access {raw}: permission denied")
+            return
+        except (OSError, ValueError):  # missing, a dangling link, a name with NUL
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            entries = list(walk(raw, path))
+            yield from entries
+            if not entries:
                 yield PathEntry(raw, error=f"no image files in folder {raw} (looked for {', '.join(sorted(exts))})")
-        elif path.exists():
-            yield from emit(raw, path)
+        elif st is not None:
+            yield from emit(raw, path)  # a FIFO or device too: the loader refuses it by name
         elif _GLOB_CHARS & set(raw):
             matches = sorted(glob.glob(raw, recursive=True))
-            images = [
-                file
-                for match in map(Path, matches)
-                for file in (_walk(match, exts) if match.is_dir() else [match])
-                if file.suffix.lower() in exts
-            ]
+            found: list[PathEntry] = []
+            for match in map(Path, matches):
+                if match.is_dir():
+                    found.extend(walk(raw, match))
+                elif match.suffix.lower() in exts:
+                    found.extend(emit(raw, match))
             if not matches:
                 yield PathEntry(raw, error=f"no files match the pattern {raw}")
-            elif not images:
+            elif not found:
                 yield PathEntry(raw, error=f"the pattern {raw} matches no image files")
-            for file in images:
-                yield from emit(raw, file)
+            yield from found
         elif path.is_symlink():
             yield PathEntry(raw, error=f"{raw} is a broken symbolic link")
         else:
@@ -580,17 +680,42 @@ def iter_image_paths(
         raw = os.fspath(item)
         if raw == "-":
             stream = stdin if stdin is not None else sys.stdin
-            for line in stream:
-                line = line.strip()
-                if line:
-                    yield from expand(line)
+            for name in read_path_list(stream, null=null):
+                yield from expand(name)
         else:
             yield from expand(raw)
 
 
-def _walk(root: Path, exts: set[str]) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
+def read_path_list(stream: TextIO | BinaryIO, *, null: bool = False) -> Iterator[str]:
+    """Paths from a list: one per line (only the line end is removed) or NUL-separated.
+
+    A text stream's underlying bytes are read when it has them (``sys.stdin.buffer``) and
+    decoded with :func:`os.fsdecode`, so a name that is not valid UTF-8 comes out as the
+    same ``str`` the OS gives for it. Empty entries are skipped.
+    """
+    source: Any = getattr(stream, "buffer", stream)
+    if null:
+        data = source.read()
+        parts: Iterable[str | bytes] = data.split(b"\0" if isinstance(data, bytes) else "\0")
+    else:
+        parts = source
+    for part in parts:
+        name = os.fsdecode(part) if isinstance(part, bytes) else part
+        if not null:
+            name = name[:-1] if name.endswith("\n") else name
+            name = name[:-1] if name.endswith("\r") else name
+        if name:
+            yield name
+
+
+def _walk(root: Path, exts: set[str]) -> Iterator[Path | OSError]:
+    """Image files under ``root``, sorted; an :class:`OSError` for each folder that cannot be read."""
+    errors: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append):
+        yield from errors
+        errors.clear()
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
-                yield Path(dirpath) / name
+            if not name.startswith(".") and os.path.splitext(name.rstrip())[1].lower() in exts:
+                yield Path(dirpath) / name  # "photo.png " (trailing space) counts as a .png
+    yield from errors

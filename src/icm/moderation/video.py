@@ -39,6 +39,7 @@ from icm.moderation.images import (
     _cause,
     _check_frame_size,
     load_image,
+    open_regular_file,
     sample_frames,
 )
 
@@ -101,22 +102,20 @@ def _import_av(source: str) -> Any:
     return av
 
 
-def _file_digest(path: Path, source: str) -> tuple[str, int]:
+def _open_digest(path: Path, source: str) -> tuple[Any, str, int]:
+    """The file opened (regular files only, see :func:`open_regular_file`), its sha256 and size."""
+    fd, _ = open_regular_file(path, source)
+    fh = os.fdopen(fd, "rb")
     h, n = hashlib.sha256(), 0
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-                n += len(chunk)
-    except FileNotFoundError as exc:
-        raise ImageLoadError(source, "no such file") from exc
-    except IsADirectoryError as exc:
-        raise ImageLoadError(source, "it is a directory, not a file") from exc
-    except PermissionError as exc:
-        raise ImageLoadError(source, "permission denied") from exc
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+            n += len(chunk)
+        fh.seek(0)
     except OSError as exc:
+        fh.close()
         raise ImageLoadError(source, f"the file could not be read ({_cause(exc)})") from exc
-    return h.hexdigest(), n
+    return fh, h.hexdigest(), n
 
 
 def sample_times(duration: float, fps: float, max_frames: int) -> list[float]:
@@ -141,33 +140,39 @@ def load_video(
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a positive number, got {fps}")
+    stream: Any
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         data = bytes(path_or_bytes)
         source = name or "<bytes>"
+        av = _import_av(source)
         digest, n_bytes = hashlib.sha256(data).hexdigest(), len(data)
-        opener: Any = lambda: io.BytesIO(data)  # noqa: E731
+        stream = io.BytesIO(data)
     else:
         source = name or os.fspath(path_or_bytes)
-        digest, n_bytes = _file_digest(Path(path_or_bytes), source)
-        opener = lambda: os.fspath(path_or_bytes)  # noqa: E731
+        av = _import_av(source)
+        # av reads the descriptor checked to be a regular file, not the path a second time
+        stream, digest, n_bytes = _open_digest(Path(path_or_bytes), source)
     if n_bytes == 0:
+        stream.close()
         raise ImageLoadError(source, "the file is empty (0 bytes)")
-    av = _import_av(source)
     total_limit = max(max_total_pixels or DEFAULT_MAX_TOTAL_PIXELS, max_pixels)
     try:
-        container = av.open(opener(), mode="r")
-    except Exception as exc:  # noqa: BLE001 - FFmpeg reports corrupt input with many error types
-        raise ImageLoadError(source, f"not a readable video ({_cause(exc)})") from exc
-    try:
-        return _sample(container, source, digest, n_bytes, fps, max_frames, max_pixels, total_limit)
-    except ImageLoadError:
-        raise
-    except MemoryError as exc:
-        raise ImageLoadError(source, "not enough memory to decode it") from exc
-    except Exception as exc:  # noqa: BLE001 - FFmpeg reports corrupt input with many error types
-        raise ImageLoadError(source, f"the video is corrupt or truncated ({_cause(exc)})") from exc
+        try:
+            container = av.open(stream, mode="r")
+        except Exception as exc:  # noqa: BLE001 - FFmpeg reports corrupt input with many error types
+            raise ImageLoadError(source, f"not a readable video ({_cause(exc)})") from exc
+        try:
+            return _sample(container, source, digest, n_bytes, fps, max_frames, max_pixels, total_limit)
+        except ImageLoadError:
+            raise
+        except MemoryError as exc:
+            raise ImageLoadError(source, "not enough memory to decode it") from exc
+        except Exception as exc:  # noqa: BLE001 - FFmpeg reports corrupt input with many error types
+            raise ImageLoadError(source, f"the video is corrupt or truncated ({_cause(exc)})") from exc
+        finally:
+            container.close()
     finally:
-        container.close()
+        stream.close()
 
 
 def _duration(container: Any, stream: Any) -> float | None:
