@@ -112,6 +112,31 @@ def test_calibrate_finds_the_known_thresholds_and_decide_keeps_the_promise(tmp_p
     assert rep["verdict_mismatches"] == 0
 
 
+def test_another_rule_set_is_decided_again_and_a_calibrated_file_calibrates_again(tmp_path):
+    res, labels, _, _ = _dataset(tmp_path)
+    first = tmp_path / "children.yaml"
+    r = runner.invoke(app, ["eval", "calibrate", str(res), "-l", str(labels), "--rules", "children", "--block-precision", "0.95",
+                            "--allow-miss", "0.05", "-o", str(first), "--json"])
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.stdout)
+    assert j["rules"] == "children" and j["re_decided"] == 54 and (j["chosen"]["review"], j["chosen"]["block"]) == (0.4, 0.7)
+    pol = load_policy(str(first))
+    assert (pol.rule_set("children").thresholds.review, pol.rule_set("children").thresholds.block) == (0.4, 0.7)
+    assert pol.rule_set("icm-default").thresholds == POLICY.rule_set("icm-default").thresholds
+    # calibrating the calibrated file again keeps one header and the earlier calibration
+    second = tmp_path / "again.yaml"
+    r = runner.invoke(app, ["eval", "calibrate", str(res), "-l", str(labels), "--policy", str(first), "--rules", "icm-default",
+                            "--allow-miss", "0.05", "-o", str(second), "--json"])
+    assert r.exit_code == 0, r.output
+    text = second.read_text()
+    assert text.count("# Calibrated by") == 1 and "review 0.3 -> 0.4" in text
+    assert load_policy(str(second)).rule_set("children").thresholds.review == 0.4  # the first calibration is kept
+    # records written at review 0.3 do not get their verdicts at review 0.4 (0.30 and 0.31 were reviewed): flagged
+    j = json.loads(runner.invoke(app, ["eval", "calibrate", str(res), "-l", str(labels), "--policy", str(second), "--allow-miss", "0.05",
+                                       "--dry-run", "--json"]).stdout)
+    assert j["verdict_mismatches"] == 2 and any("older decision model" in n for n in j["notes"])
+
+
 def test_icm_moderate_runs_with_the_written_policy(tmp_path):
     res, labels, _, _ = _dataset(tmp_path)
     out = tmp_path / "calibrated.yaml"

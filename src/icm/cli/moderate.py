@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from icm.cli.common import console, err_console, print_error
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, BackendConfigError
 from icm.moderation.job import JobSummary, ModerateConfig, build_moderator, run_job
 from icm.moderation.record import ModerationRecord
 from icm.policy import PolicyError
@@ -69,6 +70,16 @@ def moderate(
     resume: bool = typer.Option(False, "--resume", help="Skip images --out already holds for the same policy, rules, backend and model."),
     max_pixels: Optional[int] = typer.Option(None, help="Refuse images above this many pixels (decompression bombs)."),
     json_: bool = typer.Option(False, "--json", help="Print the records as JSON lines instead of a table."),
+    min_label_mass: float = typer.Option(
+        DEFAULT_MIN_LABEL_MASS, "--min-label-mass",
+        help="hf/openai: an answer counts only when the model puts at least this probability on the valid labels "
+        "(Yes/No or the option labels); below it the question is not judged (refused or off-format) and the image is never allowed.",
+    ),
+    guided_choice: str = typer.Option(
+        "off", "--guided-choice",
+        help="openai: ask the server to constrain answers to the labels: off, structured_outputs (vLLM >= 0.10), "
+        "guided_choice (older vLLM) or regex (SGLang). A server that rejects it is asked without it.",
+    ),
 ) -> None:
     """Moderate images with a policy and rule set; one verdict (allow / review / block) per image."""
     if not inputs:
@@ -77,7 +88,8 @@ def moderate(
     config = ModerateConfig(
         inputs=list(inputs), policy=policy, rules=rules, backend=backend, model=model, adapter=adapter,
         base_url=base_url, dtype=dtype, device=device, escalate_backend=escalate_backend, explain=explain,
-        batch_size=batch_size, out=out, resume=resume, max_pixels=max_pixels,
+        batch_size=batch_size, out=out, resume=resume, max_pixels=max_pixels, min_label_mass=min_label_mass,
+        guided_choice=guided_choice,
     )
     if resume and not out:
         err_console.print("[red]--resume needs --out[/red]")
@@ -111,6 +123,9 @@ def moderate(
     try:
         with progress:
             summary = run_job(config, moderator=moderator, stdin=sys.stdin, on_start=on_start, on_record=on_record)
+    except BackendConfigError as exc:
+        print_error(f"stopped: {exc}" + (f" (the records so far are in {out}; fix this and rerun with --resume)" if out else ""))
+        raise typer.Exit(2) from None
     finally:
         moderator.backend.close()
         if moderator.escalate_to is not None:

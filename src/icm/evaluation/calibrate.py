@@ -513,8 +513,21 @@ def header(report: CalibrationReport, source: str, previous: Thresholds) -> str:
         f"allowed {c.allowed_fraction:.1%}; block precision {_num(c.block_precision)}{_fmt_ci(c.block_precision_ci)}, "
         f"allow miss rate {_num(c.allow_miss)}{_fmt_ci(c.allow_miss_ci)} ({report.confidence:.0%} Wilson intervals).",
         f"Use: icm moderate IMAGES --policy THIS_FILE --rules {report.rules}",
+        HEADER_END,
     ]
     return "".join(f"# {ln}\n" for ln in lines)
+
+
+HEADER_START = "# Calibrated by `icm eval calibrate`"
+HEADER_END = "-- end of the calibration header --"
+
+
+def strip_header(text: str) -> str:
+    """``text`` without an earlier calibration header (calibrating a calibrated policy again)."""
+    if not text.startswith(HEADER_START):
+        return text
+    end = text.find(f"# {HEADER_END}\n")
+    return text[end + len(HEADER_END) + 3:] if end >= 0 else text
 
 
 def _num(x: float | None) -> str:
@@ -526,6 +539,7 @@ def write_override(report: CalibrationReport, policy_ref: str, out: str | Path) 
     if not report.ok or report.chosen is None:
         raise CalibrationError("a target was not met: no policy file is written")
     text, source = policy_source_text(policy_ref)
+    text = strip_header(text)
     from icm.policy import parse_policy
 
     previous = parse_policy(text, source)[0].rule_set(report.rules).thresholds

@@ -2,7 +2,10 @@
 
 Records are appended and flushed one by one, so a killed run loses nothing already done,
 and ``resume=True`` skips images the output already holds for the same policy, rule set,
-backend and model (failed ones are tried again).
+backend and model (failed ones, e.g. a request that got HTTP 503 after its retries, are
+tried again). A :class:`~icm.moderation.backends.base.BackendConfigError` (a rejected
+API key, an unknown model) propagates out of :func:`run_job`: the records written so far
+stay, and no error record is written for the image it stopped on.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from icm.moderation.backends import create_backend
-from icm.moderation.backends.base import Backend
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, Backend
 from icm.moderation.engine import Moderator
 from icm.moderation.images import iter_image_paths
 from icm.moderation.record import ModerationRecord
@@ -41,15 +44,22 @@ class ModerateConfig:
     out: str | None = None
     resume: bool = False
     max_pixels: int | None = None
+    min_label_mass: float = DEFAULT_MIN_LABEL_MASS
+    """hf/openai: the least probability the valid labels must hold for an answer to count."""
+    guided_choice: str = "off"
+    """openai: constrain answers to the labels (off, structured_outputs, guided_choice, regex)."""
 
 
 def _backend_options(name: str, c: ModerateConfig) -> dict[str, object]:
     if name == "detector":
         return {}
     if name == "hf":
-        return {"model": c.model, "adapter": c.adapter, "dtype": c.dtype, "device": c.device, "batch_size": c.batch_size}
+        return {
+            "model": c.model, "adapter": c.adapter, "dtype": c.dtype, "device": c.device, "batch_size": c.batch_size,
+            "min_label_mass": c.min_label_mass,
+        }
     if name == "openai":
-        return {"model": c.model, "base_url": c.base_url}
+        return {"model": c.model, "base_url": c.base_url, "min_label_mass": c.min_label_mass, "guided_choice": c.guided_choice}
     raise ValueError(f"unknown backend {name!r} (choose from detector, hf, openai, cascade)")
 
 
@@ -61,6 +71,8 @@ def build_moderator(c: ModerateConfig) -> Moderator:
     policy.rule_set(c.rules)  # fail early on an unknown rule set, before loading a model
     if c.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    if not 0.0 <= c.min_label_mass <= 1.0:
+        raise ValueError(f"--min-label-mass must be between 0 and 1, got {c.min_label_mass}")
     escalate: Backend | None = None
     if c.backend == "cascade":
         if c.escalate_backend not in ("hf", "openai"):
