@@ -19,13 +19,13 @@ pytest.importorskip("transformers")
 
 from tiny_models import COLOR_QUESTIONS, noise_image, square_image  # noqa: E402
 
-from icm.moderation.backends.base import Choice, Query, YesNoScore  # noqa: E402
+from icm.moderation.backends.base import Choice, NotJudged, Query, YesNoScore  # noqa: E402
 from icm.moderation.backends.hf import (  # noqa: E402
     HFBackend,
     grouped_probs,
     resolve_answer_token_ids,
 )
-from icm.policy.prompts_format import choice_prompt, yes_no_prompt  # noqa: E402
+from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-5
@@ -51,19 +51,23 @@ def _images(backend: HFBackend, n: int = 4) -> list:
     return images[: n - 1] + [square_image("red", size=base)]
 
 
+# The untrained tiny models put almost no probability on Yes/No or the option labels, so
+# with the default minimum label mass every answer would be "not judged". The tests of the
+# scoring arithmetic below turn that check off (min_label_mass=0); the tests at the end of
+# the file check it.
 @pytest.fixture(scope="module")
 def llava(tiny_llava_path: Path) -> HFBackend:
-    return HFBackend(model=str(tiny_llava_path), batch_size=8, device="cpu")
+    return HFBackend(model=str(tiny_llava_path), batch_size=8, device="cpu", min_label_mass=0.0)
 
 
 @pytest.fixture(scope="module")
 def qwen(tiny_qwen2vl_path: Path) -> HFBackend:
-    return HFBackend(model=str(tiny_qwen2vl_path), batch_size=8, device="cpu")
+    return HFBackend(model=str(tiny_qwen2vl_path), batch_size=8, device="cpu", min_label_mass=0.0)
 
 
 @pytest.fixture(scope="module")
 def idefics3(tiny_idefics3_path: Path) -> HFBackend:
-    return HFBackend(model=str(tiny_idefics3_path), batch_size=8, device="cpu")
+    return HFBackend(model=str(tiny_idefics3_path), batch_size=8, device="cpu", min_label_mass=0.0)
 
 
 @pytest.fixture(params=["llava", "qwen", "idefics3"])
@@ -142,13 +146,13 @@ def test_explicit_processor_class(tiny_qwen2vl_path: Path, qwen: HFBackend) -> N
 
     from icm.moderation.backends.hf import image_only_processor_class
 
-    b = HFBackend(model=str(tiny_qwen2vl_path), processor_class=image_only_processor_class(Qwen2VLProcessor))
+    b = HFBackend(model=str(tiny_qwen2vl_path), processor_class=image_only_processor_class(Qwen2VLProcessor), min_label_mass=0.0)
     assert not b.processor_fallback
     image = _images(b, 1)
     assert b.score_yes_no(image, [QUESTIONS[0]])[0].p_yes == pytest.approx(  # type: ignore[union-attr]
         qwen.score_yes_no(image, [QUESTIONS[0]])[0].p_yes, abs=TOL  # type: ignore[union-attr]
     )
-    by_name = HFBackend(model=str(tiny_qwen2vl_path), processor_class="Qwen2VLProcessor")
+    by_name = HFBackend(model=str(tiny_qwen2vl_path), processor_class="Qwen2VLProcessor", min_label_mass=0.0)
     assert type(by_name.processor).__name__ == "Qwen2VLProcessor"
     assert by_name.score_yes_no(image, [QUESTIONS[0]])[0].p_yes == pytest.approx(  # type: ignore[union-attr]
         qwen.score_yes_no(image, [QUESTIONS[0]])[0].p_yes, abs=TOL  # type: ignore[union-attr]
@@ -258,7 +262,7 @@ def test_prefix_split_inside_merged_tokens(tiny_llava_path: Path) -> None:
     the cached prefix must stop before the merged token and still score the exact prompt."""
     from tiny_models import LLAVA_CHAT_TEMPLATE
 
-    b = HFBackend(model=str(tiny_llava_path), device="cpu")
+    b = HFBackend(model=str(tiny_llava_path), device="cpu", min_label_mass=0.0)
     b.processor.chat_template = LLAVA_CHAT_TEMPLATE.replace("<image>\n", "<image> ")
     images = _images(b)
     queries = [  # questions whose first word merges with the space before it ("\u0120the")
@@ -372,14 +376,18 @@ def test_adapter_generate_answers_from_the_image(tuned: HFBackend) -> None:
 
 def test_unmerged_adapter_scores_the_same(tiny_llava_path: Path, color_adapter_path: Path, tuned: HFBackend) -> None:
     """The adapter kept as a peft wrapper (not merged) scores like the merged one, padding included."""
-    unmerged = HFBackend(model=str(tiny_llava_path), adapter=str(color_adapter_path), merge_adapter=False)
+    unmerged = HFBackend(model=str(tiny_llava_path), adapter=str(color_adapter_path), merge_adapter=False, min_label_mass=0.0)
     images = _squares("red", 2) + _squares("blue", 2)
     queries = [
         Query("red", "yes_no", COLOR_QUESTIONS["red"]),
         Query("long", "yes_no", "Is the image red? Look carefully at the colours of the square."),
         Query("pick", "choice", "What colour is the square?", ("red", "blue", "green")),
     ]
-    a, b = unmerged.ask(images, queries), tuned.ask(images, queries)
+    tuned.min_label_mass = 0.0  # "pick" was never trained: compare the raw scores
+    try:
+        a, b = unmerged.ask(images, queries), tuned.ask(images, queries)
+    finally:
+        tuned.min_label_mass = 0.5
     for x, y in zip(a, b):
         assert x["red"].p_yes == pytest.approx(y["red"].p_yes, abs=1e-4)  # type: ignore[union-attr]
         assert x["long"].p_yes == pytest.approx(y["long"].p_yes, abs=1e-4)  # type: ignore[union-attr]
@@ -490,15 +498,81 @@ def test_backend_uses_every_single_token_spelling(llava: HFBackend) -> None:
     assert len(tok.encode("Yes", add_special_tokens=False)) == 1
     assert len(tok.encode(" Yes", add_special_tokens=False)) == 1
     image = _images(llava, 1)[0]
-    prompt = choice_prompt("What is it?", OPTIONS3)
-    # the choice protocol over letters agrees with a plain forward too
+    prompt = moderation_choice_prompt("What is it?", OPTIONS3)
+    # the choice protocol over the option labels agrees with a plain forward too
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = llava.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = llava.processor(images=[image], text=[text], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         logits = llava.model(**inputs).logits[0, -1]
     groups = [sorted({tok.encode(v, add_special_tokens=False)[0] for v in (c, " " + c)
-                      if len(tok.encode(v, add_special_tokens=False)) == 1}) for c in "ABC"]
+                      if len(tok.encode(v, add_special_tokens=False)) == 1}) for c in option_labels(3)]
     expected = torch.softmax(torch.stack([torch.logsumexp(logits[g], 0) for g in groups]), 0)
     got = llava.choose([image], "What is it?", OPTIONS3)[0]
     assert got.probs == pytest.approx(expected.tolist(), abs=TOL)  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- label mass: not judged
+
+
+def test_untrained_model_whose_first_token_is_not_a_label_is_not_judged(tiny_llava_path: Path) -> None:
+    """The random tiny LLaVA would say anything but Yes/No or a label: with the default
+    minimum label mass nothing it says is read as an answer, and the note says why."""
+    strict = HFBackend(model=str(tiny_llava_path), device="cpu")
+    assert strict.min_label_mass == 0.5
+    images = _images(strict, 2)
+    answers = strict.ask(images, _queries())
+    for a in answers:
+        for key, ans in a.items():
+            assert isinstance(ans, NotJudged), (key, ans)
+            assert ans.reason in ("off-format", "refused")
+            assert "< 0.5" in ans.detail and ans.raw["top_token"] is not None
+    # the same model with the check off gives numbers: the check is what refuses them
+    assert isinstance(strict.score_yes_no(images[:1], [QUESTIONS[0]])[0], NotJudged)
+    strict.min_label_mass = 0.0
+    assert isinstance(strict.score_yes_no(images[:1], [QUESTIONS[0]])[0], YesNoScore)
+
+
+def test_tuned_adapter_answers_are_judged_and_the_base_model_is_not(tiny_llava_path: Path, tuned: HFBackend) -> None:
+    from tiny_models import HUE_OPTIONS, HUE_QUESTION
+
+    images = _squares("red", 2) + _squares("blue", 2)
+    queries = [Query("term:red", "yes_no", COLOR_QUESTIONS["red"]), Query("attr:hue", "choice", HUE_QUESTION, HUE_OPTIONS)]
+    for i, a in enumerate(tuned.ask(images, queries)):
+        term, hue = a["term:red"], a["attr:hue"]
+        assert isinstance(term, YesNoScore) and term.raw["yes_no_mass"] >= 0.5
+        assert isinstance(hue, Choice) and hue.raw["letter_mass"] >= 0.5
+        assert (term.p_yes > 0.9) == (i < 2) and (hue.probs[0] > 0.5) == (i < 2)
+    base = HFBackend(model=str(tiny_llava_path), device="cpu")
+    assert all(isinstance(x, NotJudged) for a in base.ask(images, queries) for x in a.values())
+
+
+def test_a_refusal_token_is_refused_and_a_label_token_is_an_answer(llava: HFBackend) -> None:
+    """Next-token distributions built on the real tokenizer: "I" (of "I'm sorry") on top
+    with Yes/No far below is a refusal, never the 0.12 a renormalised softmax would give."""
+    tok = llava.tokenizer
+    vocab = len(tok)
+    old = llava.min_label_mass
+    llava.min_label_mass = 0.5
+    try:
+
+        def dist(top: dict[str, float]) -> torch.Tensor:
+            logits = torch.full((vocab,), -30.0)
+            for piece, value in top.items():
+                logits[tok.convert_tokens_to_ids(piece)] = value
+            return torch.log_softmax(logits, -1)
+
+        refused = llava._yes_no(dist({"I": 0.0, "No": -9.0, "Yes": -11.0}))
+        assert isinstance(refused, NotJudged) and refused.reason == "refused" and refused.raw["top_token"] == "I"
+        off = llava._yes_no(dist({"The": 0.0, "No": -9.0, "Yes": -11.0})) if "The" in tok.get_vocab() else None
+        if off is not None:
+            assert isinstance(off, NotJudged) and off.reason == "off-format"
+        yes = llava._yes_no(dist({"Yes": 0.0, "No": -1.0, "I": -3.0}))
+        assert isinstance(yes, YesNoScore) and yes.p_yes == pytest.approx(1 / (1 + torch.e ** -1), abs=1e-3)
+        groups = llava._letters(3)
+        refused_c = llava._choice(dist({"I": 0.0, "B": -5.0}), groups)
+        assert isinstance(refused_c, NotJudged) and refused_c.reason == "refused"
+        picked = llava._choice(dist({"C": 0.0, "B": -2.0}), groups)
+        assert isinstance(picked, Choice) and max(range(3), key=picked.probs.__getitem__) == 1
+    finally:
+        llava.min_label_mass = old

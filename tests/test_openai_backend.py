@@ -31,14 +31,15 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from icm.moderation.backends.base import Query  # noqa: E402
+from icm.moderation.backends.base import BackendConfigError, Choice, Failed, NotJudged, Query, YesNoScore  # noqa: E402
 from icm.moderation.backends.openai_compat import (  # noqa: E402
     OpenAIBackend,
     _first_token_candidates,
+    is_refusal,
     parse_choice_text,
     parse_yes_no_text,
 )
-from icm.policy.prompts_format import choice_prompt, yes_no_prompt  # noqa: E402
+from icm.policy.prompts_format import moderation_choice_prompt, yes_no_prompt  # noqa: E402
 
 MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
@@ -274,7 +275,7 @@ def test_yes_no_probability_from_vllm_logprobs(fake: FakeOpenAIServer, make_back
 
     body = fake.bodies("ya")[0]
     assert body["model"] == MODEL
-    assert body["max_tokens"] == 1 and body["temperature"] == 0
+    assert body["max_tokens"] == 16 and body["temperature"] == 0  # room to read a verbose or refusing answer
     assert body["logprobs"] is True and body["top_logprobs"] == 20
     user = body["messages"][-1]
     assert user["role"] == "user"
@@ -322,11 +323,11 @@ def test_yes_no_without_logprobs_falls_back_to_parsed_text(fake: FakeOpenAIServe
 
     out = backend.score_yes_no([img()] * 4, ["q [k=t-yes]", "q [k=t-no]", "q [k=t-null]", "q [k=t-bad]"])
 
-    assert [o.p_yes if o else None for o in out] == [1.0, 0.0, 1.0, None]
-    assert all(o.source == "parsed" for o in out[:3] if o)
-    [err] = backend.last_errors
-    assert err.index == 3 and "not yes/no" in err.error and err.raw["text"] == "Maybe"
-    assert backend.stats.parsed_fallbacks == 3 and backend.stats.failures == 1
+    assert [o.p_yes for o in out[:3]] == [1.0, 0.0, 1.0]  # type: ignore[union-attr]
+    assert all(isinstance(o, YesNoScore) and o.source == "parsed" for o in out[:3])
+    assert isinstance(out[3], NotJudged) and out[3].reason == "off-format" and out[3].raw["text"] == "Maybe"
+    assert backend.last_errors == []  # an unreadable answer is not a failed request
+    assert backend.stats.parsed_fallbacks == 3 and backend.stats.failures == 0
 
 
 # --------------------------------------------------------------------------- choice
@@ -334,34 +335,35 @@ def test_yes_no_without_logprobs_falls_back_to_parsed_text(fake: FakeOpenAIServe
 
 def test_choose_distribution_from_logprobs_and_parsed(fake: FakeOpenAIServer, make_backend: Any) -> None:
     options = ["no exposure", "partial exposure", "full exposure"]
-    top = [("A", -1.2), (" B", -0.7), ("B", -2.05), ("C", -1.9), ("D", -2.5), ("The", -3.3), ("a", -3.0)]
+    top = [("B", -1.2), (" C", -0.7), ("C", -2.05), ("D", -1.9), ("E", -2.5), ("The", -3.3), ("b", -3.0)]
     fake.script("c-lp", Reply(json=vllm_logprobs_body(top)))
     backend = make_backend()
 
     [lp_choice] = backend.choose([img()], "How exposed is the person? [k=c-lp]", options)
 
     a, b, c = math.exp(-1.2), math.exp(-0.7) + math.exp(-2.05), math.exp(-1.9)
-    assert lp_choice is not None and lp_choice.source == "logprobs"
+    assert isinstance(lp_choice, Choice) and lp_choice.source == "logprobs"
     assert lp_choice.probs == pytest.approx([a / (a + b + c), b / (a + b + c), c / (a + b + c)], rel=1e-9)
     body = fake.bodies("c-lp")[0]
-    assert body["messages"][-1]["content"][1]["text"] == choice_prompt("How exposed is the person? [k=c-lp]", options)
+    assert body["messages"][-1]["content"][1]["text"] == moderation_choice_prompt("How exposed is the person? [k=c-lp]", options)
+    assert "\nB. no exposure\nC. partial exposure\nD. full exposure\n" in body["messages"][-1]["content"][1]["text"]
 
-    fake.script("c-txt", Reply(json=text_body("C. full exposure")))
+    fake.script("c-txt", Reply(json=text_body("D. full exposure")))
     [parsed] = backend.choose([img()], "How exposed? [k=c-txt]", options)
-    assert parsed is not None and parsed.source == "parsed" and parsed.probs == [0.0, 0.0, 1.0]
+    assert isinstance(parsed, Choice) and parsed.source == "parsed" and parsed.probs == [0.0, 0.0, 1.0]
 
-    fake.script("c-bad", Reply(json=text_body("E")))
-    assert backend.choose([img()], "How exposed? [k=c-bad]", options) == [None]
-    assert "no option letter" in backend.last_errors[0].error
+    fake.script("c-bad", Reply(json=text_body("F")))
+    [bad] = backend.choose([img()], "How exposed? [k=c-bad]", options)
+    assert isinstance(bad, NotJudged) and bad.reason == "off-format" and "'F'" in bad.detail
 
 
 def test_choose_missing_letters_share_the_leftover_mass(fake: FakeOpenAIServer, make_backend: Any) -> None:
-    top = [("B", -0.05)]
+    top = [("C", -0.05)]
     fake.script("c-miss", Reply(json=vllm_logprobs_body(top)))
     [choice] = make_backend().choose([img()], "Which? [k=c-miss]", ["x", "y", "z"])
     bound = min(-0.05, math.log((1 - math.exp(-0.05)) / 2))
     z = 2 * math.exp(bound) + math.exp(-0.05)
-    assert choice is not None
+    assert isinstance(choice, Choice)
     assert choice.probs == pytest.approx([math.exp(bound) / z, math.exp(-0.05) / z, math.exp(bound) / z])
 
 
@@ -392,8 +394,8 @@ def test_500_then_success_and_persistent_503_gives_up(fake: FakeOpenAIServer, ma
 
     out = backend.score_yes_no([img(), img()], ["q [k=flaky]", "q [k=down]"])
 
-    assert out[0] is not None and out[0].p_yes == 0.0 and out[0].source == "parsed"
-    assert out[1] is None
+    assert isinstance(out[0], YesNoScore) and out[0].p_yes == 0.0 and out[0].source == "parsed"
+    assert isinstance(out[1], Failed) and out[1].status == 503 and "3 attempts" in out[1].error
     assert fake.hits["flaky"] == 2 and fake.hits["down"] == 3
     [err] = backend.last_errors
     assert err.index == 1 and err.status == 503
@@ -401,24 +403,35 @@ def test_500_then_success_and_persistent_503_gives_up(fake: FakeOpenAIServer, ma
     assert backend.stats.retries == 1 + 2 and backend.stats.failures == 1
 
 
-@pytest.mark.parametrize(
-    ("status", "payload", "message"),
-    [
-        (400, vllm_error(400, "This model's maximum context length is 4096 tokens."), "maximum context length"),
-        (404, {"error": {"message": "The model `gpt-x` does not exist", "code": "model_not_found"}}, "does not exist"),
-        (401, {"detail": "Invalid API key"}, "Invalid API key"),
-    ],
-)
-def test_client_errors_are_not_retried(
-    status: int, payload: dict[str, Any], message: str, fake: FakeOpenAIServer, make_backend: Any
-) -> None:
-    fake.script("c4xx", Reply(status, json=payload))
+def test_client_errors_are_not_retried(fake: FakeOpenAIServer, make_backend: Any) -> None:
+    fake.script("c4xx", Reply(400, json=vllm_error(400, "This model's maximum context length is 4096 tokens.")))
     backend = make_backend(max_retries=3)
     out = backend.score_yes_no([img(), img()], ["q [k=c4xx]", "fine [k=ok4xx]"])
-    assert out[0] is None and out[1] is not None
+    assert isinstance(out[0], Failed) and isinstance(out[1], YesNoScore)
     assert fake.hits["c4xx"] == 1
     [err] = backend.last_errors
-    assert err.status == status and f"HTTP {status}" in err.error and message in err.error
+    assert err.status == 400 and "HTTP 400" in err.error and "maximum context length" in err.error
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "message", "what"),
+    [
+        (404, {"error": {"message": "The model `gpt-x` does not exist", "code": "model_not_found"}}, "does not exist", "does not exist"),
+        (401, {"detail": "Invalid API key"}, "Invalid API key", "API key was rejected"),
+        (403, {"error": {"message": "Forbidden"}}, "Forbidden", "access was refused"),
+    ],
+)
+def test_configuration_errors_stop_with_one_message(
+    status: int, payload: dict[str, Any], message: str, what: str, fake: FakeOpenAIServer, make_backend: Any
+) -> None:
+    """401/403/404 cannot be fixed by a retry or another image: a BackendConfigError, not an item error."""
+    fake.default = Reply(status, json=payload)
+    backend = make_backend(max_retries=3)
+    with pytest.raises(BackendConfigError) as info:
+        backend.ask([img(), img()], [Query("term:t", "yes_no", "q"), Query("attr:a", "choice", "c", ("x", "y"))])
+    assert what in str(info.value) and message in str(info.value) and f"HTTP {status}" in str(info.value)
+    assert "sk-test" not in str(info.value)
+    assert len(fake.requests) == 4  # one per query, none retried
 
 
 def test_malformed_json_is_a_per_item_error(fake: FakeOpenAIServer, make_backend: Any) -> None:
@@ -426,7 +439,7 @@ def test_malformed_json_is_a_per_item_error(fake: FakeOpenAIServer, make_backend
     fake.script("nochoice", Reply(json={"object": "chat.completion", "choices": []}))
     backend = make_backend()
     out = backend.score_yes_no([img()] * 3, ["q [k=broken]", "q [k=ok]", "q [k=nochoice]"])
-    assert out[0] is None and out[1] is not None and out[2] is None
+    assert isinstance(out[0], Failed) and isinstance(out[1], YesNoScore) and isinstance(out[2], Failed)
     errors = {e.index: e.error for e in backend.last_errors}
     assert "malformed JSON" in errors[0] and "no choices" in errors[2]
     assert fake.hits["broken"] == 1
@@ -439,9 +452,9 @@ def test_timeout_fails_only_that_item(fake: FakeOpenAIServer, make_backend: Any)
     out = backend.score_yes_no([img()] * 3, ["q [k=ok1]", "q [k=hang]", "q [k=ok2]"])
     elapsed = time.monotonic() - t0
 
-    assert out[0] is not None and out[2] is not None and out[1] is None
+    assert isinstance(out[0], YesNoScore) and isinstance(out[2], YesNoScore) and isinstance(out[1], Failed)
     [err] = backend.last_errors
-    assert err.index == 1 and "timed out" in err.error
+    assert err.index == 1 and "timed out" in err.error and "timed out" in out[1].error
     assert fake.hits["hang"] == 2  # first try + one retry
     assert elapsed < 1.5  # did not wait for the server's 2 s hang
 
@@ -452,10 +465,29 @@ def test_connection_refused_is_retried_then_reported(make_backend: Any) -> None:
     dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     s.close()
     backend = make_backend(base_url=dead, max_retries=1)
-    assert backend.score_yes_no([img()], ["q"]) == [None]
-    [err] = backend.last_errors
+    with pytest.raises(BackendConfigError, match="cannot reach the server") as info:
+        backend.score_yes_no([img(), img()], ["q", "q2"])
+    assert dead in str(info.value) and "connection error" in str(info.value)
+    [err, _] = backend.last_errors
     assert "connection error" in err.error
-    assert backend.stats.requests == 2 and backend.stats.retries == 1
+    assert backend.stats.requests == 4 and backend.stats.retries == 2
+
+
+def test_connection_lost_after_answers_is_a_per_item_failure(
+    server_url: tuple[FakeOpenAIServer, str], fake: FakeOpenAIServer, make_backend: Any
+) -> None:
+    """A server that answered before and then goes away: the items fail (and are retried by
+    --resume), the job is not stopped as misconfigured."""
+    backend = make_backend(max_retries=0)
+    assert isinstance(backend.score_yes_no([img()], ["q"])[0], YesNoScore)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    backend.base_url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    s.close()
+    backend._run(backend._transport().aclose())
+    backend._http = None
+    [out] = backend.score_yes_no([img()], ["q"])
+    assert isinstance(out, Failed) and "connection error" in out.error
 
 
 # --------------------------------------------------------------------------- auth, images
@@ -525,7 +557,7 @@ def test_ask_sends_everything_in_one_pass_encoding_each_image_once(
     fake: FakeOpenAIServer, make_backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake.default = Reply(json=vllm_logprobs_body([("Yes", -0.1), ("No", -2.4)]), delay=0.2)
-    fake.script("ask-c", Reply(json=vllm_logprobs_body([("B", -0.1), ("A", -2.4)]), delay=0.2))
+    fake.script("ask-c", Reply(json=vllm_logprobs_body([("C", -0.1), ("B", -2.4)]), delay=0.2))
     backend = make_backend(max_concurrency=16)
     encoded: list[int] = []
     real_encode = backend._encode
@@ -560,8 +592,8 @@ def test_ask_reports_errors_per_query_key(fake: FakeOpenAIServer, make_backend: 
     backend = make_backend()
     queries = [Query("good", "yes_no", "ok? [k=ask-good]"), Query("bad", "yes_no", "bad? [k=ask-bad]")]
     out = backend.ask([img(), img()], queries)
-    assert [s["bad"] for s in out] == [None, None]
-    assert all(s["good"] is not None for s in out)
+    assert all(isinstance(s["bad"], Failed) and "HTTP 400" in s["bad"].error for s in out)
+    assert all(isinstance(s["good"], YesNoScore) for s in out)
     assert sorted((e.index, e.key) for e in backend.last_errors) == [(0, "bad"), (1, "bad")]
 
 
@@ -573,7 +605,7 @@ def test_sync_api_works_inside_a_running_loop_and_from_threads(fake: FakeOpenAIS
         return backend.score_yes_no([img()], ["q [k=loop]"])
 
     [score] = asyncio.run(inside_loop())
-    assert score is not None and score.source == "logprobs"
+    assert isinstance(score, YesNoScore) and score.source == "logprobs"
 
     def worker(key: str) -> tuple[Any, list[Any]]:
         res = backend.score_yes_no([img()], [f"q [k={key}]"])
@@ -583,8 +615,8 @@ def test_sync_api_works_inside_a_running_loop_and_from_threads(fake: FakeOpenAIS
         good = pool.submit(worker, "th-good")
         bad = pool.submit(worker, "th-bad")
         (good_res, good_errs), (bad_res, bad_errs) = good.result(timeout=10), bad.result(timeout=10)
-    assert good_res[0] is not None and good_errs == []  # errors are per thread
-    assert bad_res == [None] and len(bad_errs) == 1
+    assert isinstance(good_res[0], YesNoScore) and good_errs == []  # errors are per thread
+    assert isinstance(bad_res[0], Failed) and len(bad_errs) == 1
 
 
 # --------------------------------------------------------------------------- generate
@@ -620,6 +652,6 @@ def test_text_parsers_and_legacy_logprobs_format() -> None:
     assert parse_yes_no_text("None of them") is None
     assert parse_choice_text("(B) partial", ["A", "B"]) == 1
     assert parse_choice_text("C", ["A", "B"]) is None
-    assert parse_choice_text("Answer: A", ["A", "B"]) is None
+    assert parse_choice_text("Answer: A", ["A", "B"]) == 0
     legacy = {"tokens": ["Yes"], "token_logprobs": [-0.3], "top_logprobs": [{"Yes": -0.3, "No": -1.5}]}
     assert sorted(_first_token_candidates(legacy) or []) == [("No", -1.5), ("Yes", -0.3)]

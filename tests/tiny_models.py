@@ -61,6 +61,10 @@ def noise_image(size: int = 32, seed: int = 0, *, height: int | None = None) -> 
 
 
 COLOR_QUESTIONS = {"red": "Is the image red?", "blue": "Is the image blue?"}
+# A moderation multiple-choice question the adapter also learns, worded exactly as the
+# backends word it (moderation_choice_prompt): options Red, Blue -> labels B, C.
+HUE_QUESTION = "Which colour is the square?"
+HUE_OPTIONS = ("Red", "Blue")
 
 
 def train_color_adapter(
@@ -73,11 +77,12 @@ def train_color_adapter(
     lr: float = 5e-3,
     seed: int = 0,
 ) -> Path:
-    """LoRA-train a tiny LLaVA to answer "Is the image red/blue?" from the image.
+    """LoRA-train a tiny LLaVA to answer "Is the image red/blue?" and :data:`HUE_QUESTION`.
 
-    Plain torch + peft. Each example is a red or blue square and one of the two
-    questions; the target is the "Yes"/"No" token after the generation prompt, so the
-    answer depends on both the image and the wording. Prompts are built with the
+    Plain torch + peft. Each example is a red or blue square and one of the three
+    questions; the target is the "Yes"/"No" token, or the option label ("B" red, "C"
+    blue) of the hue question, after the generation prompt, so the answer depends on both
+    the image and the wording. Prompts are built with the
     processor's chat template, the way the backend builds them. ``lm_head`` is in
     ``modules_to_save`` (on a random model LoRA alone barely moves the loss).
     """
@@ -85,7 +90,7 @@ def train_color_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from icm.policy.prompts_format import yes_no_prompt
+    from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -107,8 +112,12 @@ def train_color_adapter(
     yes_id = tokenizer.convert_tokens_to_ids("Yes")
     no_id = tokenizer.convert_tokens_to_ids("No")
 
-    def prompt(question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": yes_no_prompt(question)}]}]
+    labels = option_labels(len(HUE_OPTIONS))
+    label_ids = [tokenizer.convert_tokens_to_ids(label) for label in labels]
+
+    def prompt(question: str, options: tuple[str, ...] = ()) -> str:
+        text = moderation_choice_prompt(question, options) if options else yes_no_prompt(question)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     # Encode a fixed pool of examples once (the processor dominates otherwise), then
@@ -122,6 +131,9 @@ def train_color_adapter(
             images.append(image)
             texts.append(prompt(COLOR_QUESTIONS[asked]))
             targets.append(yes_id if color == asked else no_id)
+        images.append(image)
+        texts.append(prompt(HUE_QUESTION, HUE_OPTIONS))
+        targets.append(label_ids[0 if color == "red" else 1])
     data = dict(processor(images=images, text=texts, padding=True, return_tensors="pt", add_special_tokens=False))
     labels = torch.tensor(targets)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

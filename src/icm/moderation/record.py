@@ -53,6 +53,18 @@ class ModerationRecord(BaseModel):
     )
     attribute_sources: dict[str, str] = Field(default_factory=dict)
     not_judged: list[str] = Field(default_factory=list, description="Attributes the backend could not judge")
+    unanswered: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Queries (term:ID, attr:ID) with no answer and why: 'refused' (the model declined; the verdict is "
+            "review and there is no product), 'off-format' (its answer was not a label; never allowed) or "
+            "'cannot-judge' (the backend cannot see it, e.g. a detector asked about an action)"
+        ),
+    )
+    failed_queries: dict[str, str] = Field(
+        default_factory=dict,
+        description="On an error record: the queries whose requests failed for good, and why (the image gets no verdict)",
+    )
     product: str | None = None
     product_probability: float | None = None
     product_description: str | None = None
@@ -61,14 +73,20 @@ class ModerationRecord(BaseModel):
     severity: str | None = None
     p_violation: float | None = None
     p_violation_range: tuple[float, float] | None = None
-    basis: str | None = Field(default=None, description="attributes, products, term or none")
+    basis: str | None = Field(
+        default=None, description="attributes, products, term, none, conflict, or refused (the model declined to answer)"
+    )
     verdict: VerdictName | None = None
     reason: str | None = Field(default=None, description="Why, in one sentence built from the evidence")
     explanation: str | None = Field(default=None, description="The model's own explanation (--explain)")
     boxes: list[BoxRecord] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
     timings: Timings = Field(default_factory=Timings)
-    error: str | None = None
+    error: str | None = Field(
+        default=None,
+        description="Why there is no verdict (unreadable image, a failed request: names the query and the cause); "
+        "records with an error are retried by --resume",
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     icm_version: str = __version__
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from icm.policy import Policy, load_policy
 from icm.policy.prompts import explanation_prompt
-from icm.policy.prompts_format import choice_prompt, option_letters, yes_no_prompt
+from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
 
 VERDICT_PROMPT = (
     "Under the rule set '{rules}' ({audience}), should this image be allowed or blocked?\n"
@@ -66,8 +66,8 @@ def conversation(
                 if a.id not in prod.assignment:
                     continue
                 options = [v.option_text for v in a.values]
-                letter = option_letters(len(options))[a.value_ids.index(prod.assignment[a.id])]
-                turns.append((choice_prompt(a.question, options), letter))
+                letter = option_labels(len(options))[a.value_ids.index(prod.assignment[a.id])]
+                turns.append((moderation_choice_prompt(a.question, options), letter))
         if explanation:
             turns.append((explanation_prompt(policy), explanation.strip()))
         if rules in policy.rule_set_map:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from icm.policy import Policy, PolicyError, builtin_policy_names, load_policy
-from icm.policy.prompts_format import choice_prompt, option_letters, yes_no_prompt
+from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
 
 __all__ = [
     "DataError",
@@ -307,8 +307,8 @@ def moderation_examples(examples: Sequence[Example], policy: Policy | None = Non
             value = product.assignment.get(attr.id)
             if value is None:
                 continue  # the product says nothing about this attribute
-            letters = option_letters(len(attr.values))
-            prompt = choice_prompt(attr.question, [v.option_text for v in attr.values])
+            letters = option_labels(len(attr.values))
+            prompt = moderation_choice_prompt(attr.question, [v.option_text for v in attr.values])
             out.append(single(prompt, letters[attr.value_ids.index(value)], "attribute"))
     return out, skipped
 

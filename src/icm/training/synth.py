@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from icm.policy import Policy, load_policy
-from icm.policy.prompts_format import CHOICE_INSTRUCTION, YES_NO_INSTRUCTION, option_letters
+from icm.policy.prompts_format import CHOICE_INSTRUCTION, YES_NO_INSTRUCTION, option_labels, option_letters
 
 __all__ = [
     "ACTIONS",
@@ -460,7 +460,7 @@ def teacher_reply(policy: Policy, messages: list[dict[str, Any]]) -> Reply:
         for attr in policy.attributes:
             if prompt.startswith(attr.question):
                 value = f.assignment.get(attr.id)
-                letters = option_letters(len(attr.values))
+                letters = option_labels(len(attr.values))  # moderation questions: as icm moderate asks
                 right = attr.value_ids.index(value) if value in attr.value_ids else 0
                 lps = [(letter, math.log(0.97) if i == right else math.log(0.03 / (len(letters) - 1)))
                        for i, letter in enumerate(letters)]

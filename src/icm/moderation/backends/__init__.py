@@ -8,11 +8,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from icm.moderation.backends.base import Backend, Box, Choice, Query, YesNoScore
+from icm.moderation.backends.base import (
+    DEFAULT_MIN_LABEL_MASS,
+    Backend,
+    BackendConfigError,
+    Box,
+    Choice,
+    Failed,
+    NotJudged,
+    Query,
+    YesNoScore,
+)
 
 BACKENDS = ("detector", "hf", "openai")
 
-__all__ = ["BACKENDS", "Backend", "Box", "Choice", "Query", "YesNoScore", "create_backend"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_MIN_LABEL_MASS",
+    "Backend",
+    "BackendConfigError",
+    "Box",
+    "Choice",
+    "Failed",
+    "NotJudged",
+    "Query",
+    "YesNoScore",
+    "create_backend",
+]
 
 
 def create_backend(name: str, **options: Any) -> Backend:

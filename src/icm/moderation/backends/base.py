@@ -9,9 +9,22 @@ A backend answers three kinds of question about images, always batched:
 * ``generate(images, messages)``: free text, e.g. a moderation explanation.
 
 A backend declares which of these it supports in ``capabilities``; the engine never
-calls an operation a backend does not declare.  Operations a backend cannot judge for
-a given question return ``None`` in that slot (for example a detector asked about an
-action it cannot see): the engine reports "not judged", it never guesses.
+calls an operation a backend does not declare.
+
+Every slot of an answer is one of:
+
+* a :class:`YesNoScore` or :class:`Choice`: the model answered, with enough probability
+  on the valid labels (see :data:`DEFAULT_MIN_LABEL_MASS`);
+* :class:`NotJudged`: the backend gives no answer and nothing went wrong, with a reason:
+  ``cannot-judge`` (a detector asked about an action it cannot see), ``refused`` (the
+  model declined: "I'm sorry, but I can't help with that.") or ``off-format`` (it said
+  something that is not one of the labels). ``None`` is still accepted and means
+  ``cannot-judge``;
+* :class:`Failed`: the request failed for good (after its retries); the engine makes the
+  whole image an error record, never a verdict.
+
+A failure that no retry or other image can fix (a rejected API key, an unknown model, a
+missing package) raises :class:`BackendConfigError`, which stops a job at once.
 """
 
 from __future__ import annotations
@@ -82,7 +95,49 @@ class Query:
     attribute: str | None = None
 
 
-Answer = YesNoScore | Choice | None
+DEFAULT_MIN_LABEL_MASS = 0.5
+"""An answer counts only when the model puts at least this probability on the valid labels
+(Yes/No, or the option labels) for its first answer token; below it the query is not
+judged. 0.5 means "the labels are more likely than everything else together"."""
+
+NotJudgedReason = Literal["cannot-judge", "refused", "off-format"]
+
+
+@dataclass
+class NotJudged:
+    """No answer for one (image, question), and why; nothing failed.
+
+    ``detail`` says what the model said instead (its text, its label mass), ``raw`` keeps
+    what the backend saw (top tokens, logprobs).
+    """
+
+    reason: NotJudgedReason
+    detail: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+@dataclass
+class Failed:
+    """A request that still failed after its retries (HTTP 503, a timeout, a bad response).
+
+    ``error`` names the cause ("HTTP 503 from ...: ... (gave up after 3 attempts)").
+    """
+
+    error: str
+    status: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+class BackendConfigError(RuntimeError):
+    """The backend cannot work at all (authentication, an unknown model, a missing package,
+    a server that cannot be reached): the job stops with this message instead of writing one
+    error record per image."""
+
+
+Answer = YesNoScore | Choice | NotJudged | Failed | None
 
 Message = dict[str, Any]
 """An OpenAI-style chat message: ``{"role": "user", "content": "text"}``.
@@ -108,21 +163,21 @@ class Backend(abc.ABC):
 
     def score_yes_no(
         self, images: Sequence[Image.Image], questions: Sequence[str]
-    ) -> list[YesNoScore | None]:
-        """P(Yes) for ``questions[i]`` about ``images[i]``; ``None`` where not judged."""
+    ) -> list[YesNoScore | NotJudged | Failed | None]:
+        """P(Yes) for ``questions[i]`` about ``images[i]``; :class:`NotJudged` / :class:`Failed` otherwise."""
         raise NotImplementedError(f"backend {self.name!r} cannot score yes/no questions")
 
     def choose(
         self, images: Sequence[Image.Image], question: str, options: Sequence[str]
-    ) -> list[Choice | None]:
-        """A distribution over ``options`` (lettered A, B, ...) per image."""
+    ) -> list[Choice | NotJudged | Failed | None]:
+        """A distribution over ``options`` (labelled as :func:`~icm.policy.prompts_format.option_labels`) per image."""
         raise NotImplementedError(f"backend {self.name!r} cannot answer multiple-choice questions")
 
     def ask(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> list[dict[str, Answer]]:
         """Ask every query about every image; one ``{query.key: answer}`` dict per image.
 
         The default asks query by query through :meth:`score_yes_no` and :meth:`choose`,
-        skipping kinds the backend does not support (their answer is ``None``). Backends
+        skipping kinds the backend does not support (their answer is :class:`NotJudged`). Backends
         that can share work across the questions about one image (encode the image once,
         reuse its key/value cache) override this: it is the engine's hot path.
         """
@@ -134,7 +189,7 @@ class Backend(abc.ABC):
             elif q.kind == "choice" and self.supports("choose"):
                 answers = list(self.choose(images, q.question, list(q.options)))
             else:
-                answers = [None] * len(images)
+                answers = [NotJudged("cannot-judge", f"the {self.name} backend cannot answer {q.kind} questions")] * len(images)
             for slot, answer in zip(out, answers):
                 slot[q.key] = answer
         return out

@@ -2,8 +2,12 @@
 
 Scoring follows the paper's protocol: the probability of an answer is the softmax over
 the answers' next-token logits at the last prompt position ("Yes" vs "No", or the option
-letters). Every answer may be spelled by several single tokens ("Yes", " Yes", "yes",
-...); their probabilities are summed (logsumexp over the logits).
+labels). Every answer may be spelled by several single tokens ("Yes", " Yes", "yes",
+...); their probabilities are summed (logsumexp over the logits). The softmax is an
+answer only when the labels hold at least ``min_label_mass`` of the next-token
+probability (default 0.5): when the model would rather say something else ("I", "Sorry",
+"The"), the question is :class:`~icm.moderation.backends.base.NotJudged`, ``refused``
+when its most likely token starts a refusal, ``off-format`` otherwise.
 
 The hot path is :meth:`HFBackend.ask`: every question about an image shares the prompt
 up to and including the image tokens. That prefix is run once per image, its key/value
@@ -29,8 +33,18 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from PIL import Image
 
-from icm.moderation.backends.base import Answer, Backend, Choice, Message, Query, YesNoScore
-from icm.policy.prompts_format import choice_prompt, option_letters, yes_no_prompt
+from icm.moderation.backends.base import (
+    DEFAULT_MIN_LABEL_MASS,
+    Answer,
+    Backend,
+    BackendConfigError,
+    Choice,
+    Message,
+    NotJudged,
+    Query,
+    YesNoScore,
+)
+from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -52,7 +66,7 @@ def _require_hf() -> tuple[Any, Any]:
         import torch
         import transformers
     except ImportError as err:  # pragma: no cover - exercised in a subprocess test
-        raise ImportError(
+        raise _MissingPackage(
             f"the 'hf' backend needs torch and transformers ({err}); install them with: {INSTALL_HINT}"
         ) from err
     return torch, transformers
@@ -271,10 +285,14 @@ class HFBackend(Backend):
         prefix_cache: bool = True,
         merge_adapter: bool = True,
         trust_remote_code: bool = False,
+        min_label_mass: float = DEFAULT_MIN_LABEL_MASS,
     ) -> None:
         torch, transformers = _require_hf()
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if not 0.0 <= min_label_mass <= 1.0:
+            raise ValueError(f"min_label_mass must be between 0 and 1, got {min_label_mass}")
+        self.min_label_mass = float(min_label_mass)
         self._model_path = str(model)
         self._adapter = str(adapter) if adapter else None
         self.batch_size = batch_size
@@ -359,12 +377,13 @@ class HFBackend(Backend):
         return int(token_id)
 
     def _letters(self, n: int) -> list[list[int]]:
+        """Token ids of each option label of an ``n``-option moderation question."""
         groups = []
-        for letter in option_letters(n):
-            if letter not in self._letter_ids:
-                self._letter_ids[letter] = resolve_answer_token_ids(self.tokenizer, letter)
-            groups.append(self._letter_ids[letter])
-        _check_disjoint(groups, option_letters(n))
+        for label in option_labels(n):
+            if label not in self._letter_ids:
+                self._letter_ids[label] = resolve_answer_token_ids(self.tokenizer, label)
+            groups.append(self._letter_ids[label])
+        _check_disjoint(groups, option_labels(n))
         return groups
 
     # ------------------------------------------------------------------ prompts
@@ -540,16 +559,16 @@ class HFBackend(Backend):
 
     # ------------------------------------------------------------------ public API
 
-    def score_yes_no(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[YesNoScore | None]:
+    def score_yes_no(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[YesNoScore | NotJudged]:
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         unique, index = _dedupe(images)
         logprobs = self._last_logprobs(unique, [(index[i], yes_no_prompt(q)) for i, q in enumerate(questions)])
         return [self._yes_no(row) for row in logprobs] if len(questions) else []
 
-    def choose(self, images: Sequence[Image.Image], question: str, options: Sequence[str]) -> list[Choice | None]:
+    def choose(self, images: Sequence[Image.Image], question: str, options: Sequence[str]) -> list[Choice | NotJudged]:
         groups = self._letters(len(options))
-        prompt = choice_prompt(question, options)
+        prompt = moderation_choice_prompt(question, options)
         unique, index = _dedupe(images)
         logprobs = self._last_logprobs(unique, [(index[i], prompt) for i in range(len(images))])
         return [self._choice(row, groups) for row in logprobs] if len(images) else []
@@ -565,7 +584,7 @@ class HFBackend(Backend):
                 groups.append(None)
             elif q.kind == "choice":
                 groups.append(self._letters(len(q.options)))
-                prompts.append(choice_prompt(q.question, q.options))
+                prompts.append(moderation_choice_prompt(q.question, q.options))
             else:
                 prompts.append(None)
                 groups.append(None)
@@ -582,7 +601,7 @@ class HFBackend(Backend):
             answers: dict[str, Answer] = {}
             for q, prompt, g in zip(queries, prompts, groups):
                 if prompt is None:
-                    answers[q.key] = None
+                    answers[q.key] = NotJudged("cannot-judge", f"unknown query kind {q.kind!r}")
                     continue
                 row = logprobs[done[(index[i], prompt)]]
                 answers[q.key] = self._yes_no(row) if q.kind == "yes_no" else self._choice(row, g or [])
@@ -625,28 +644,43 @@ class HFBackend(Backend):
 
     # ------------------------------------------------------------------ answers
 
-    def _yes_no(self, logprobs: "torch.Tensor") -> YesNoScore:
+    def _yes_no(self, logprobs: "torch.Tensor") -> YesNoScore | NotJudged:
         probs, scores = grouped_probs(logprobs[None], [self._yes_ids, self._no_ids])
-        return YesNoScore(
-            p_yes=float(probs[0, 0]),
-            source="logits",
-            raw={
-                "logprob_yes": float(scores[0, 0]),
-                "logprob_no": float(scores[0, 1]),
-                "yes_no_mass": float(scores[0].exp().sum()),
-            },
-        )
+        raw = {
+            "logprob_yes": float(scores[0, 0]),
+            "logprob_no": float(scores[0, 1]),
+            "yes_no_mass": float(scores[0].exp().sum()),
+        }
+        if raw["yes_no_mass"] < self.min_label_mass:
+            return self._not_judged(logprobs, raw["yes_no_mass"], "Yes/No", raw)
+        return YesNoScore(p_yes=float(probs[0, 0]), source="logits", raw=raw)
 
-    def _choice(self, logprobs: "torch.Tensor", groups: Sequence[Sequence[int]]) -> Choice:
+    def _choice(self, logprobs: "torch.Tensor", groups: Sequence[Sequence[int]]) -> Choice | NotJudged:
         probs, scores = grouped_probs(logprobs[None], groups)
-        return Choice(
-            probs=[float(p) for p in probs[0]],
-            source="logits",
-            raw={"logprobs": [float(s) for s in scores[0]], "letter_mass": float(scores[0].exp().sum())},
-        )
+        raw = {"logprobs": [float(s) for s in scores[0]], "letter_mass": float(scores[0].exp().sum())}
+        if raw["letter_mass"] < self.min_label_mass:
+            return self._not_judged(logprobs, raw["letter_mass"], "the option labels", raw)
+        return Choice(probs=[float(p) for p in probs[0]], source="logits", raw=raw)
+
+    def _not_judged(self, logprobs: "torch.Tensor", mass: float, what: str, raw: dict[str, Any]) -> NotJudged:
+        """Not judged: the model's next token is not a label; ``refused`` when it starts a refusal."""
+        top = int(logprobs.argmax())
+        token = self.tokenizer.decode([top])
+        word = token.strip().strip(".,!:;\"'").lower()
+        reason = "refused" if word in _REFUSAL_FIRST_TOKENS else "off-format"
+        detail = f"most likely next token {token!r} (p={float(logprobs[top].exp()):.3g}); P({what})={mass:.3g} < {self.min_label_mass:g}"
+        return NotJudged(reason, detail, {**raw, "top_token": token})
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+# First tokens that start a refusal ("I'm sorry", "Sorry, ...", "As an AI", "Unfortunately").
+_REFUSAL_FIRST_TOKENS = frozenset({"i", "i'm", "sorry", "as", "unfortunately", "apologies", "unable"})
+
+
+class _MissingPackage(ImportError, BackendConfigError):
+    """torch or transformers is not installed: an ImportError (as before) that also stops a job."""
 
 
 class _PrefixMismatch(RuntimeError):

@@ -6,18 +6,31 @@ message, and only ``httpx`` is used (no ``openai`` SDK), through
 :class:`~icm.openai_http.ChatTransport`.
 
 Probabilities follow the paper's protocol as closely as an HTTP API allows: the model is
-asked for one token with ``logprobs``/``top_logprobs`` and P(Yes) is the softmax over the
+asked with ``logprobs``/``top_logprobs`` and P(Yes) is the softmax over the
 log-probabilities of the "Yes" and "No" variants among the first token's top candidates
-(see :func:`yes_no_from_logprobs`).  Servers that return no logprobs still work: the
-answer text is parsed and the record says ``source="parsed"`` (a 0/1 probability).
+(see :func:`yes_no_from_logprobs`).  That softmax is only an answer when the labels hold
+at least ``min_label_mass`` of the first token's probability (default 0.5): a model
+whose first token is "I" (of "I'm sorry, but I can't help with that.") has not answered
+Yes or No, however the two tiny remaining shares compare.  Otherwise, and for servers that
+return no logprobs, the answer text (up to ``answer_tokens`` tokens) is read: a refusal
+is :class:`NotJudged` ``refused``, a clear answer ("Yes", "yes, the image ...",
+"B. Because ...", "The answer is (B).", "Answer: B") is used with ``source="parsed"``
+(a 0/1 probability), anything else is ``off-format``; it is never guessed at.
+With ``guided_choice`` the server is asked to constrain the answer to the labels
+(vLLM's ``structured_outputs``/``guided_choice``, SGLang's ``regex``); a server that
+rejects the field is remembered and asked without it from then on.
 
 Every request of a batch runs concurrently (bounded by ``max_concurrency``) on an event
 loop owned by the backend in a background thread, so the synchronous API works from
 plain code, worker threads and from inside a running event loop alike.  Transient
 failures (429, 408, 5xx, connection errors, timeouts) are retried with exponential
 backoff and jitter, honouring ``Retry-After``; other 4xx fail at once.  A request that
-still fails gives ``None`` for that item and an :class:`ItemError` in
-:attr:`OpenAIBackend.last_errors`: one bad image never fails the batch.
+still fails gives :class:`~icm.moderation.backends.base.Failed` for that item (the engine
+makes its image an error record) and an :class:`ItemError` in
+:attr:`OpenAIBackend.last_errors`: one bad image never fails the batch.  401, 403 and 404
+(a rejected key, an unknown model or a wrong URL), and a server that cannot be reached by
+any request before it ever answered, raise
+:class:`~icm.moderation.backends.base.BackendConfigError` instead: no image can succeed.
 """
 
 from __future__ import annotations
@@ -38,11 +51,15 @@ from typing import Any, Awaitable, Callable, Literal, Sequence, TypeVar
 from PIL import Image
 
 from icm.moderation.backends.base import (
+    DEFAULT_MIN_LABEL_MASS,
     Answer,
     Backend,
+    BackendConfigError,
     Capability,
     Choice,
+    Failed,
     Message,
+    NotJudged,
     Query,
     YesNoScore,
 )
@@ -58,7 +75,7 @@ from icm.openai_http import (
     env_first,
     first_choice,
 )
-from icm.policy.prompts_format import choice_prompt, option_letters, yes_no_prompt
+from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -67,6 +84,7 @@ __all__ = [
     "OpenAIUsage",
     "choice_from_logprobs",
     "encode_image",
+    "is_refusal",
     "parse_choice_text",
     "parse_yes_no_text",
     "yes_no_from_logprobs",
@@ -75,6 +93,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = RETRY_STATUSES  # plus every 5xx
+CONFIG_STATUSES = frozenset({401, 403, 404})  # a rejected key, no access, an unknown model or URL
+GUIDED_CHOICE_STYLES = ("off", "structured_outputs", "guided_choice", "regex")
 _T = TypeVar("_T")
 
 
@@ -222,7 +242,10 @@ def _distribution(
     logps = [present.get(label, imputed if imputed is not None else -math.inf) for label in labels]
     norm = _logsumexp(logps)
     probs = [math.exp(lp - norm) for lp in logps]
-    raw: dict[str, Any] = {"logprobs": {k: present[k] for k in labels if k in present}}
+    raw: dict[str, Any] = {
+        "logprobs": {k: present[k] for k in labels if k in present},
+        "label_mass": math.exp(_logsumexp(list(present.values()))),
+    }
     if missing:
         raw["imputed"] = {"labels": missing, "logprob": imputed}
     return probs, raw
@@ -238,7 +261,9 @@ def yes_no_from_logprobs(candidates: Sequence[tuple[str, float]]) -> tuple[float
 
     ``P(Yes) = sum_yes / (sum_yes + sum_no)`` over the case/space/punctuation variants of
     "Yes" and "No" (a two-way softmax on their summed log-probabilities); a side missing
-    from the list is imputed as described in :func:`_distribution`.
+    from the list is imputed as described in :func:`_distribution`.  ``raw["label_mass"]``
+    is the probability the listed Yes/No variants hold together: the caller decides
+    whether that is enough to be an answer.
     """
     res = _distribution(candidates, ["yes", "no"], _match_yes_no)
     if res is None:
@@ -252,8 +277,9 @@ def choice_from_logprobs(
 ) -> tuple[list[float], dict[str, Any]] | None:
     """A distribution over option ``letters`` from first-token candidates; None if none is listed.
 
-    Letters match in upper case only (" B", "B.", "(B"): a lower-case "a" is more often
-    the article than an answer.
+    Labels match in upper case only (" B", "B.", "(B"): lower-case single letters are
+    more often words or abbreviations ("a", "e.g.") than answers.  ``raw["label_mass"]``
+    is the probability the listed labels hold together.
     """
 
     def match(token: str) -> str | None:
@@ -263,22 +289,87 @@ def choice_from_logprobs(
     return _distribution(candidates, list(letters), match)
 
 
-_YES_NO_RE = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
-_LETTER_RE = re.compile(r"^[\W_]*([A-Z])(?![A-Za-z])")
+# --------------------------------------------------------------------------- answer text
+
+# How models decline. Matched anywhere in the first sentence or two of an answer (case
+# and curly apostrophes ignored), so "I'm sorry, but ...", "Sorry, I can't ...", "As an
+# AI, I cannot ...", "I cannot assist with that request." and "Unfortunately, I'm unable
+# to ..." all count.
+_REFUSAL_RE = re.compile(
+    r"\b(?:"
+    r"i'?m sorry|i am sorry|sorry, (?:but )?i|i apologi[sz]e|my apologies"
+    r"|i (?:can ?not|can't|won't|will not|am unable|'m unable|am not able|'m not able|must decline|do not feel comfortable|don't feel comfortable)"
+    r"|i'm unable|i'm not able|unable to (?:help|assist|comply|provide|answer|determine|analy[sz]e|evaluate)"
+    r"|(?:can't|cannot|can not|won't) (?:help|assist|comply|provide|answer|do that|fulfil)"
+    r"|as an ai\b|as a language model|not (?:able|comfortable|permitted|allowed) to"
+    r"|against (?:my|the) (?:guidelines|policy|policies)"
+    r")",
+    re.IGNORECASE,
+)
+# First tokens that start a refusal ("I'm sorry", "Sorry", "As an AI", "Unfortunately"):
+# when only one token was generated, such a first token is read as a refusal.
+_REFUSAL_FIRST_TOKENS = frozenset({"i", "i'm", "sorry", "as", "unfortunately", "apologies", "unable", "im"})
+
+
+def is_refusal(text: str | None) -> bool:
+    """Whether an answer declines to answer ("I'm sorry, but I can't help with that.")."""
+    if not text:
+        return False
+    t = text.replace("\u2019", "'").replace("\u2018", "'")[:300]
+    return bool(_REFUSAL_RE.search(t))
+
+
+def _refused_or_off_format(text: str | None, top_token: str | None) -> str:
+    """``refused`` when the text (or, with one generated token, that token) declines."""
+    if is_refusal(text):
+        return "refused"
+    words = re.findall(r"[A-Za-z']+", text or "")
+    first = (words[0] if words else _norm_token(top_token or "")).lower()
+    if len(words) <= 1 and first in _REFUSAL_FIRST_TOKENS:
+        return "refused"
+    return "off-format"
+
+
+# The answer is at the start, or after an "answer is" / "Answer:" lead-in, possibly in
+# brackets or bold: "B", "(B)", "**B**", "B. Because ...", "The answer is (B).",
+# "Answer: B", "The correct option is B".
+_LEAD_IN = r"(?:(?:the\s+)?(?:correct\s+|final\s+|best\s+)?(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*(?:option\s+)?)?"
+_YES_NO_RE = re.compile(r"^[\W_]*" + _LEAD_IN + r"[\W_]*(yes|no)\b", re.IGNORECASE)
+_LABEL_RE = re.compile(r"^[\W_]*" + _LEAD_IN + r"[\W_]*([A-Z])(?![A-Za-z0-9'])", re.IGNORECASE)
 
 
 def parse_yes_no_text(text: str) -> bool | None:
-    """True/False for an answer starting with yes/no (any case, leading punctuation)."""
+    """True/False for an answer that says yes or no first, else None.
+
+    Reads "Yes", "yes, the image ...", "**No**.", "The answer is yes.", "Answer: No";
+    not "None of them", "I'm sorry" or "Not sure".
+    """
     m = _YES_NO_RE.match(text or "")
     return None if m is None else m.group(1).lower() == "yes"
 
 
-def parse_choice_text(text: str, letters: Sequence[str]) -> int | None:
-    """The index of the option letter an answer starts with ("B", " (B)", "B. cats")."""
-    m = _LETTER_RE.match(text or "")
-    if m is None or m.group(1) not in letters:
-        return None
-    return list(letters).index(m.group(1))
+def parse_choice_text(text: str, letters: Sequence[str], options: Sequence[str] | None = None) -> int | None:
+    """The index of the option an answer names first, else None.
+
+    Reads an upper-case label at the start or after an "answer is" lead-in ("B",
+    " (B)", "B. Because ...", "The answer is (B).", "Answer: B"), or, with ``options``,
+    an answer that is exactly one option's text ("Partial exposure.").  A label in
+    lower case counts only after a lead-in ("answer: b"); a label that is not one of
+    ``letters`` is not an answer.
+    """
+    t = (text or "").strip()
+    m = _LABEL_RE.match(t)
+    if m is not None:
+        label = m.group(1)
+        led_in = bool(m.group(0)[: m.start(1)].strip(" \t\r\n*_([{\"'`"))
+        if (label.isupper() or led_in) and label.upper() in letters:
+            return list(letters).index(label.upper())
+    if options:
+        bare = re.sub(r"[\W_]+", " ", t).strip().lower()
+        hits = [i for i, o in enumerate(options) if re.sub(r"[\W_]+", " ", o).strip().lower() == bare]
+        if len(hits) == 1:
+            return hits[0]
+    return None
 
 
 # --------------------------------------------------------------------------- backend
@@ -318,6 +409,18 @@ class OpenAIBackend(Backend):
             ``--max-logprobs`` allow at most 20).
         use_logprobs: set False for servers that reject the ``logprobs`` parameter; the
             answers are then parsed from text (``source="parsed"``).
+        min_label_mass: the least first-token probability the valid labels (Yes/No, or
+            the option labels) must hold together for the logprobs to be an answer
+            (default 0.5); below it the answer text decides: a refusal or anything that
+            is not a clear answer is not judged.
+        answer_tokens: ``max_tokens`` of a scoring request: enough to read a verbose or
+            refusing answer ("The answer is (B).", "I'm sorry, but ..."); the
+            probabilities come from the first token only.
+        guided_choice: ask the server to constrain answers to the labels: ``"off"``
+            (default), ``"structured_outputs"`` (vLLM >= 0.10: ``structured_outputs:
+            {"choice": [...]}``), ``"guided_choice"`` (older vLLM) or ``"regex"``
+            (SGLang). A server that rejects the field (HTTP 400/422) is asked without it
+            from then on.
         system_prompt: an optional system message for yes/no and choice questions.
         extra_body: merged into every request body (e.g. vLLM's
             ``{"chat_template_kwargs": {"enable_thinking": False}}``).
@@ -343,6 +446,9 @@ class OpenAIBackend(Backend):
         jpeg_quality: int = 90,
         top_logprobs: int = 20,
         use_logprobs: bool = True,
+        min_label_mass: float = DEFAULT_MIN_LABEL_MASS,
+        answer_tokens: int = 16,
+        guided_choice: Literal["off", "structured_outputs", "guided_choice", "regex"] | bool = "off",
         system_prompt: str | None = None,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
@@ -367,6 +473,21 @@ class OpenAIBackend(Backend):
         self.jpeg_quality = jpeg_quality
         self.top_logprobs = top_logprobs
         self.use_logprobs = use_logprobs
+        if not 0.0 <= min_label_mass <= 1.0:
+            raise ValueError(f"min_label_mass must be between 0 and 1, got {min_label_mass}")
+        if answer_tokens < 1:
+            raise ValueError("answer_tokens must be at least 1")
+        if guided_choice is True:
+            guided_choice = "structured_outputs"
+        elif guided_choice is False or guided_choice is None:
+            guided_choice = "off"
+        if guided_choice not in GUIDED_CHOICE_STYLES:
+            raise ValueError(f"guided_choice must be one of {', '.join(GUIDED_CHOICE_STYLES)}; got {guided_choice!r}")
+        self.min_label_mass = float(min_label_mass)
+        self.answer_tokens = int(answer_tokens)
+        self.guided_choice = str(guided_choice)
+        self.guided_rejected: str | None = None  # the server's message when it rejected guided output
+        self._answered = False  # has any request ever been answered (for "cannot reach the server")
         self.system_prompt = system_prompt
         self.extra_body = dict(extra_body or {})
         self.stats = OpenAIUsage()
@@ -398,41 +519,40 @@ class OpenAIBackend(Backend):
 
     def score_yes_no(
         self, images: Sequence[Image.Image], questions: Sequence[str]
-    ) -> list[YesNoScore | None]:
+    ) -> list[YesNoScore | NotJudged | Failed]:
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         urls = self._encode_all(images)
 
         async def batch() -> list[Any]:
             return await asyncio.gather(
-                *(self._yes_no_task(i, None, urls[i], q) for i, q in enumerate(questions))
+                *(self._score_task(i, None, urls[i], yes_no_prompt(q), None, ()) for i, q in enumerate(questions))
             )
 
         return self._finish(self._run(batch()))
 
     def choose(
         self, images: Sequence[Image.Image], question: str, options: Sequence[str]
-    ) -> list[Choice | None]:
-        letters = option_letters(len(options))
-        prompt = choice_prompt(question, options)
+    ) -> list[Choice | NotJudged | Failed]:
+        labels = option_labels(len(options))
+        prompt = moderation_choice_prompt(question, options)
         urls = self._encode_all(images)
 
         async def batch() -> list[Any]:
             return await asyncio.gather(
-                *(self._choice_task(i, None, url, prompt, letters) for i, url in enumerate(urls))
+                *(self._score_task(i, None, url, prompt, labels, tuple(options)) for i, url in enumerate(urls))
             )
 
         return self._finish(self._run(batch()))
 
     def ask(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> list[dict[str, Answer]]:
         """All queries about all images in one concurrent pass; each image encoded once."""
-        prepared: list[tuple[Query, str, list[str]]] = []
+        prepared: list[tuple[Query, str, list[str] | None]] = []
         for q in queries:
             if q.kind == "yes_no":
-                prepared.append((q, yes_no_prompt(q.question), []))
+                prepared.append((q, yes_no_prompt(q.question), None))
             elif q.kind == "choice":
-                letters = option_letters(len(q.options))
-                prepared.append((q, choice_prompt(q.question, q.options), letters))
+                prepared.append((q, moderation_choice_prompt(q.question, q.options), option_labels(len(q.options))))
             else:
                 raise ValueError(f"unknown query kind {q.kind!r}")
         urls = self._encode_all(images)
@@ -440,11 +560,8 @@ class OpenAIBackend(Backend):
         async def batch() -> list[Any]:
             tasks: list[Awaitable[Any]] = []
             for i, url in enumerate(urls):
-                for q, prompt, letters in prepared:
-                    if q.kind == "yes_no":
-                        tasks.append(self._yes_no_task(i, q.key, url, prompt, formatted=True))
-                    else:
-                        tasks.append(self._choice_task(i, q.key, url, prompt, letters))
+                for q, prompt, labels in prepared:
+                    tasks.append(self._score_task(i, q.key, url, prompt, labels, q.options))
             return await asyncio.gather(*tasks)
 
         flat = self._finish(self._run(batch()))
@@ -563,10 +680,20 @@ class OpenAIBackend(Backend):
         raise ValueError("a conversation needs a user message to attach the image to")
 
     def _scoring_params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"max_tokens": 1, "temperature": 0}
+        params: dict[str, Any] = {"max_tokens": self.answer_tokens, "temperature": 0}
         if self.use_logprobs:
             params.update(logprobs=True, top_logprobs=self.top_logprobs)
         return params
+
+    def _guided_params(self, labels: Sequence[str]) -> dict[str, Any]:
+        """The request fields that constrain the answer to ``labels`` (none when off or rejected)."""
+        if self.guided_choice == "off" or self.guided_rejected is not None:
+            return {}
+        if self.guided_choice == "structured_outputs":
+            return {"structured_outputs": {"choice": list(labels)}}
+        if self.guided_choice == "guided_choice":
+            return {"guided_choice": list(labels)}
+        return {"regex": "(" + "|".join(re.escape(label) for label in labels) + ")"}
 
     @staticmethod
     def _message(data: Any) -> tuple[str | None, Any]:
@@ -576,57 +703,85 @@ class OpenAIBackend(Backend):
             raise ChatError("the response has no choices", raw={"response": data})
         return choice_text(choice), choice.get("logprobs")
 
-    async def _yes_no_task(
-        self, index: int, key: str | None, url: str, question: str, *, formatted: bool = False
-    ) -> tuple[YesNoScore | None, ItemError | None]:
-        prompt = question if formatted else yes_no_prompt(question)
-        try:
-            data = await self._request({"messages": self._question_messages(url, prompt), **self._scoring_params()})
-            text, logprobs = self._message(data)
-            candidates = _first_token_candidates(logprobs)
-            if candidates:
-                res = yes_no_from_logprobs(candidates)
-                if res is not None:
-                    p, raw = res
-                    return YesNoScore(p, source="logprobs", raw={"text": text, **raw}), None
-            answer = parse_yes_no_text(text or "")
-            if answer is None:
-                why = "no Yes/No among the top logprobs and the answer text is not yes/no" if candidates else (
-                    "the answer text is not yes/no (no logprobs returned)"
-                )
-                raise ChatError(why, raw={"text": text, "top_logprobs": candidates})
-            self.stats.parsed_fallbacks += 1
-            return YesNoScore(1.0 if answer else 0.0, source="parsed", raw={"text": text}), None
-        except ChatError as e:
-            return None, ItemError(index, str(e), key, e.status, e.raw)
-        except Exception as e:  # noqa: BLE001 - an odd response must not fail the batch
-            return None, ItemError(index, f"unexpected {type(e).__name__}: {e}", key)
+    async def _post_scoring(self, messages: list[Message], labels: Sequence[str]) -> tuple[Any, bool]:
+        """POST a scoring request; ``(response, guided)``. A rejected guided field is dropped for good."""
+        guided = self._guided_params(labels)
+        body = {"messages": messages, **self._scoring_params()}
+        if guided:
+            try:
+                return await self._request({**body, **guided}), True
+            except ChatError as e:
+                if e.status not in (400, 422):
+                    raise
+                if self.guided_rejected is None:
+                    self.guided_rejected = str(e)
+                    log.warning(
+                        "openai backend: the server rejected guided output (%s); asking without it from now on", e
+                    )
+        return await self._request(body), False
 
-    async def _choice_task(
-        self, index: int, key: str | None, url: str, prompt: str, letters: Sequence[str]
-    ) -> tuple[Choice | None, ItemError | None]:
+    async def _score_task(
+        self,
+        index: int,
+        key: str | None,
+        url: str,
+        prompt: str,
+        labels: Sequence[str] | None,
+        options: Sequence[str],
+    ) -> tuple[YesNoScore | Choice | NotJudged | Failed, ItemError | None]:
+        """One scoring question (yes/no when ``labels`` is None) about one image.
+
+        Never raises for one item: a request that fails for good is :class:`Failed` (with
+        its :class:`ItemError`); an answer that is not one is :class:`NotJudged`.
+        """
+        yes_no = labels is None
+        valid = ["Yes", "No"] if yes_no else list(labels or [])
         try:
-            data = await self._request({"messages": self._question_messages(url, prompt), **self._scoring_params()})
+            data, guided = await self._post_scoring(self._question_messages(url, prompt), valid)
+            self._answered = True
             text, logprobs = self._message(data)
-            candidates = _first_token_candidates(logprobs)
-            if candidates:
-                res = choice_from_logprobs(candidates, letters)
-                if res is not None:
-                    probs, raw = res
-                    return Choice(probs, source="logprobs", raw={"text": text, **raw}), None
-            idx = parse_choice_text(text or "", letters)
-            if idx is None:
-                why = "no option letter among the top logprobs and none in the answer text" if candidates else (
-                    "the answer text names no option letter (no logprobs returned)"
-                )
-                raise ChatError(why, raw={"text": text, "top_logprobs": candidates})
-            self.stats.parsed_fallbacks += 1
-            probs = [1.0 if j == idx else 0.0 for j in range(len(letters))]
-            return Choice(probs, source="parsed", raw={"text": text}), None
         except ChatError as e:
-            return None, ItemError(index, str(e), key, e.status, e.raw)
+            return Failed(str(e), e.status, e.raw), ItemError(index, str(e), key, e.status, e.raw)
         except Exception as e:  # noqa: BLE001 - an odd response must not fail the batch
-            return None, ItemError(index, f"unexpected {type(e).__name__}: {e}", key)
+            msg = f"unexpected {type(e).__name__}: {e}"
+            return Failed(msg), ItemError(index, msg, key)
+        text = text if isinstance(text, str) else None
+        candidates = _first_token_candidates(logprobs)
+        mass: float | None = None
+        top = max(candidates, key=lambda c: c[1])[0] if candidates else None
+        if candidates:
+            res = yes_no_from_logprobs(candidates) if yes_no else choice_from_logprobs(candidates, valid)
+            mass = 0.0 if res is None else float(res[1]["label_mass"])
+            if res is not None and mass >= self.min_label_mass:
+                value, raw = res
+                raw = {"text": text, **raw}
+                if yes_no:
+                    return YesNoScore(float(value), source="logprobs", raw=raw), None  # type: ignore[arg-type]
+                return Choice(list(value), source="logprobs", raw=raw), None  # type: ignore[arg-type]
+        raw_nj: dict[str, Any] = {"text": text, "label_mass": mass, "top_token": top}
+        # With guided output the text is forced to be a label: it says nothing when the
+        # logprobs show the model wanted to say something else.
+        if not (guided and candidates) and not is_refusal(text):
+            if yes_no:
+                answer = parse_yes_no_text(text or "")
+                if answer is not None:
+                    self.stats.parsed_fallbacks += 1
+                    return YesNoScore(1.0 if answer else 0.0, source="guided" if guided else "parsed", raw={"text": text, "label_mass": mass}), None
+            else:
+                idx = parse_choice_text(text or "", valid, options)
+                if idx is not None:
+                    self.stats.parsed_fallbacks += 1
+                    probs = [1.0 if j == idx else 0.0 for j in range(len(valid))]
+                    return Choice(probs, source="guided" if guided else "parsed", raw={"text": text, "label_mass": mass}), None
+        reason = _refused_or_off_format(None if (guided and candidates) else text, top)
+        shown = (text or "").strip().replace("\n", " ")
+        shown = shown[:80] + ("..." if len(shown) > 80 else "")
+        detail = f"answered {shown!r}" if shown else "no answer text"
+        if mass is not None:
+            detail += f"; P(valid labels)={mass:.3g} < {self.min_label_mass:g}"
+        elif self.use_logprobs:
+            detail += "; no logprobs returned"
+        return NotJudged(reason, detail, raw_nj), None  # type: ignore[arg-type]
 
     def _finish(self, results: Sequence[tuple[_T, ItemError | None]]) -> list[_T]:
         """Split (answer, error) pairs, record the errors for :attr:`last_errors`."""
@@ -634,11 +789,28 @@ class OpenAIBackend(Backend):
         with self._lock:  # callers in several threads may finish at once
             self.stats.failures += len(errors)
         self._local.errors = errors
+        config = next((e for e in errors if e.status in CONFIG_STATUSES), None)
+        if config is not None:
+            what = {401: "the API key was rejected", 403: "access was refused", 404: "the model or the URL does not exist"}
+            raise BackendConfigError(
+                f"openai backend: {what.get(config.status or 0, 'the server refused the request')} "
+                f"(model {self.model!r} at {self.base_url}): {config.error}"
+            )
+        if (
+            errors
+            and not self._answered
+            and len(errors) == len(results)
+            and all(e.status is None and e.error.startswith("connection error") for e in errors)
+        ):
+            raise BackendConfigError(
+                f"openai backend: cannot reach the server at {self.base_url} (no request has ever been answered): "
+                f"{errors[0].error}"
+            )
         for err in errors:
-            log.debug("openai backend: item %d%s not judged: %s", err.index, f" ({err.key})" if err.key else "", err.error)
+            log.debug("openai backend: item %d%s failed: %s", err.index, f" ({err.key})" if err.key else "", err.error)
         if errors:
             log.warning(
-                "openai backend: %d of %d answers missing (see last_errors); first: %s",
+                "openai backend: %d of %d requests failed (see last_errors); first: %s",
                 len(errors),
                 len(results),
                 errors[0].error,
