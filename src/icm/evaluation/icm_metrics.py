@@ -233,6 +233,8 @@ def item_score(item: ResultItem, resolver: LabelResolver, mode: ScoreMode = "aut
         return None, f"cannot re-decide: {exc}"
     if d.basis == "none":
         return None, "no evidence to decide from"
+    if d.basis == "conflict":
+        return None, "conflicting evidence"
     return d.p_violation, None
 
 
@@ -436,8 +438,8 @@ def evaluate_icm(
             unscored[why or "no score"] += 1
             if status == "failed":
                 failed.append((it, resolver.truth(it.id, sha256=it.sha256)))
-            elif why == "no evidence to decide from":
-                not_judged_reasons["no evidence"] += 1
+            elif why in ("no evidence to decide from", "conflicting evidence"):
+                not_judged_reasons["no evidence" if why.startswith("no") else "basis conflict"] += 1
                 not_judged.append((it, resolver.truth(it.id, sha256=it.sha256)))
             continue
         scored.append((it, resolver.truth(it.id, sha256=it.sha256), float(s)))
