@@ -218,6 +218,27 @@ def test_the_pixel_budget_bounds_concurrent_decoding_and_images_are_reduced(tmp_
     assert backend.sizes and all(w * h <= 400 * 400 for w, h in backend.sizes), backend.sizes
     rec = responses[0].json()["record"]
     assert any("reduced from 1600x1600 to 400x400" in n for n in rec["notes"]), rec["notes"]
+    assert (rec["width"], rec["height"]) == (400, 400)  # what the model saw, as its boxes are
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    """The JPEG decoder itself decodes at 1/2, 1/4 or 1/8 (Image.draft): the full-size pixels
+    of a 24-megapixel photo are never held, and its budget weight is the reduced size."""
+    from icm.serve.limits import decode_weight
+
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 4000), (200, 40, 40)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    assert decode_weight(data, 40_000_000, 500 * 500) == 750 * 500  # 1/8 scale
+    assert decode_weight(data, 40_000_000) == 6000 * 4000
+    assert decode_weight(data, 20_000_000) == 0  # refused from its header, nothing decoded
+    backend = SizeBackend()
+    with TestClient(app_for(tmp_path, backend, reduce_to_pixels=500 * 500), base_url=BASE, client=LOCAL) as c:
+        r = c.post("/v1/moderate", files={"image": ("big.jpg", data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    notes = r.json()["record"]["notes"]
+    assert any("decoded at reduced scale 750x500 (from 6000x4000)" in n for n in notes), notes
+    assert backend.sizes == [(612, 408)]  # then to at most 500 x 500 pixels, aspect ratio kept
 
 
 def test_queued_memory_is_bounded_with_503_and_retry_after(tmp_path):

@@ -532,7 +532,7 @@ def create_app(
         assert svc.pixels is not None
         # Decoding holds its pixels (read from the header) of the server's budget, so many large
         # images decode a few at a time; an image over --max-pixels is refused without decoding.
-        pixels = await run_in_threadpool(decode_weight, data, config.max_pixels)
+        pixels = await run_in_threadpool(decode_weight, data, config.max_pixels, config.reduce_to_pixels)
         try:
             async with svc.pixels.hold(pixels):
                 im = await run_in_threadpool(_decode, data, name)
@@ -622,7 +622,10 @@ def create_app(
         return data, rel, body.policy, body.rules, "path"
 
     def _decode(data: bytes, name: str) -> LoadedImage:
-        im = load_image(data, name=name, max_pixels=config.max_pixels, max_bytes=config.max_upload_bytes)
+        im = load_image(
+            data, name=name, max_pixels=config.max_pixels, max_bytes=config.max_upload_bytes,
+            draft_pixels=config.reduce_to_pixels or None,
+        )
         return reduce_loaded(im, config.reduce_to_pixels)
 
     def _check_size(n: int) -> None:

@@ -103,14 +103,17 @@ class PixelBudget:
             fut.set_result(None)
 
 
-def decode_weight(data: bytes, max_pixels: int, max_frames: int = 16) -> int:
+def decode_weight(data: bytes, max_pixels: int, draft_pixels: int = 0, max_frames: int = 16) -> int:
     """Pixels decoding ``data`` will hold, from its header (no pixel is decoded).
 
     Width x height, times the frames the loader samples (at most ``max_frames``) for an
-    animation; 0 for an image the loader refuses from its header alone (over ``max_pixels``,
-    or a header Pillow cannot parse).
+    animation, and for a JPEG the reduced scale it decodes at (``draft_pixels``); 0 for an
+    image the loader refuses from its header alone (over ``max_pixels``, or a header Pillow
+    cannot parse).
     """
     from PIL import Image
+
+    from icm.moderation.images import jpeg_draft_scale
 
     try:
         with warnings.catch_warnings():
@@ -119,6 +122,9 @@ def decode_weight(data: bytes, max_pixels: int, max_frames: int = 16) -> int:
                 w, h = im.size
                 if w * h > max_pixels:
                     return 0
+                if draft_pixels and im.format == "JPEG":
+                    scale = jpeg_draft_scale(w, h, draft_pixels)
+                    w, h = -(-w // scale), -(-h // scale)
                 frames = int(getattr(im, "n_frames", 1) or 1)
                 return int(w) * int(h) * max(1, min(frames, max_frames))
     except Exception:  # noqa: BLE001 - any header Pillow cannot parse
@@ -128,25 +134,22 @@ def decode_weight(data: bytes, max_pixels: int, max_frames: int = 16) -> int:
 def reduce_loaded(loaded: Any, max_pixels: int) -> Any:
     """Reduce ``loaded.image`` (and each of ``loaded.views``) to at most ``max_pixels``.
 
-    ``Image.reduce(n)`` averages n x n blocks: cheap, no ringing, and enough for models that
-    resize to under a few megapixels anyway. A note records the change. ``max_pixels`` 0
-    keeps every size.
+    As ``Image.thumbnail``: an integer ``reduce`` (n x n block averages, cheap) first, then
+    Lanczos to the exact size, aspect ratio kept. A note records the change. ``max_pixels``
+    0 keeps every size.
     """
     if max_pixels <= 0:
         return loaded
     im = loaded.image
-    factor = _factor(im.width * im.height, max_pixels)
     views = list(getattr(loaded, "views", None) or [])
-    if factor <= 1 and all(_factor(v.image.width * v.image.height, max_pixels) <= 1 for v in views):
+    if im.width * im.height <= max_pixels and all(v.image.width * v.image.height <= max_pixels for v in views):
         return loaded
     before = f"{im.width}x{im.height}"
-    if factor > 1:
-        loaded.image = im.reduce(factor)
-        loaded.width, loaded.height = loaded.image.width, loaded.image.height
+    done: dict[int, Any] = {}  # a view may be the image itself: reduce it once
+    loaded.image = done.setdefault(id(im), _shrink(im, max_pixels))
+    loaded.width, loaded.height = loaded.image.width, loaded.image.height
     for v in views:
-        f = _factor(v.image.width * v.image.height, max_pixels)
-        if f > 1:
-            v.image = v.image.reduce(f)
+        v.image = done.get(id(v.image)) or done.setdefault(id(v.image), _shrink(v.image, max_pixels))
     loaded.notes.append(
         f"reduced from {before} to {loaded.image.width}x{loaded.image.height} for the model "
         f"(the server's limit is {max_pixels:,} pixels)"
@@ -154,8 +157,14 @@ def reduce_loaded(loaded: Any, max_pixels: int) -> Any:
     return loaded
 
 
-def _factor(pixels: int, max_pixels: int) -> int:
-    return max(1, math.ceil(math.sqrt(pixels / max_pixels))) if pixels > max_pixels else 1
+def _shrink(im: Any, max_pixels: int) -> Any:
+    from PIL import Image
+
+    if im.width * im.height <= max_pixels:
+        return im
+    scale = math.sqrt(max_pixels / (im.width * im.height))
+    size = (max(1, math.floor(im.width * scale)), max(1, math.floor(im.height * scale)))
+    return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def loaded_bytes(loaded: Any) -> int:
