@@ -15,28 +15,37 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from icm.policy import Policy, decide, load_policy
+from icm.policy import Policy, PolicyError, decide, load_policy
 from icm.policy.decision import CONFLICT_Z, EPS
 from icm.policy.model import Attribute, AttributeValue, Product, Rule, RuleSet, Term
 
 # -- the oracle ---------------------------------------------------------------------------
 
 
-def oracle_owner(policy: Policy, cell: dict[str, str]) -> str | None:
-    """The product owning ``cell``: most specific match, then highest priority; None if none."""
-    matching = [p for p in policy.products if all(cell[a] == v for a, v in p.assignment.items())]
+def top_level(products: list[Product], cell: dict[str, str]) -> list[Product]:
+    """The matching products of the highest precedence: most specific, then highest priority."""
+    matching = [p for p in products if all(cell[a] == v for a, v in p.assignment.items())]
     if not matching:
-        return None
+        return []
     top = max((len(p.assignment), p.priority) for p in matching)
-    level = [p for p in matching if (len(p.assignment), p.priority) == top]
-    assert len(level) == 1, f"unresolved tie on {cell}: {[p.id for p in level]}"
-    return level[0].id
+    return [p for p in matching if (len(p.assignment), p.priority) == top]
+
+
+def all_cells(attributes: list[Attribute]):
+    ids = [a.id for a in attributes]
+    for values in itertools.product(*[a.value_ids for a in attributes]):
+        yield dict(zip(ids, values))
+
+
+def oracle_owner(policy: Policy, cell: dict[str, str]) -> str | None:
+    """The product owning ``cell``; None if no product matches it."""
+    level = top_level(policy.products, cell)
+    assert len(level) <= 1, f"unresolved tie on {cell}: {[p.id for p in level]}"
+    return level[0].id if level else None
 
 
 def oracle_cells(policy: Policy):
-    ids = [a.id for a in policy.attributes]
-    for values in itertools.product(*[a.value_ids for a in policy.attributes]):
-        cell = dict(zip(ids, values))
+    for cell in all_cells(policy.attributes):
         yield cell, oracle_owner(policy, cell)
 
 
@@ -73,7 +82,8 @@ def oracle(policy: Policy, rules: str, attributes: dict[str, dict[str, float]], 
 
 
 @st.composite
-def policies(draw):
+def policy_parts(draw, distinct_priorities: bool = True):
+    """Attributes, products (distinct priorities resolve every tie) and rule sets."""
     n_attrs = draw(st.integers(1, 3))
     attrs = []
     for i in range(n_attrs):
@@ -86,21 +96,31 @@ def policies(draw):
             for values in itertools.product(*[a.value_ids for a in subset]):
                 candidates.append(dict(zip([a.id for a in subset], values)))
     chosen = draw(st.lists(st.sampled_from(range(len(candidates))), min_size=1, max_size=min(10, len(candidates)), unique=True))
-    # distinct priorities resolve every tie between equally specific products
-    priorities = draw(st.permutations(range(len(chosen))))
+    if distinct_priorities:
+        priorities = draw(st.permutations(range(len(chosen))))
+    else:
+        priorities = draw(st.lists(st.integers(0, 1), min_size=len(chosen), max_size=len(chosen)))
     products = [
         Product(id=f"p{k}", assignment=candidates[c], description=f"product {k}", positive=draw(st.booleans()), priority=prio)
         for k, (c, prio) in enumerate(zip(chosen, priorities))
     ]
+    covered = all(top_level(products, cell) for cell in all_cells(attrs))
     rule_sets = []
     for r in range(draw(st.integers(1, 3))):
         labels = draw(st.lists(st.sampled_from(["allow", "violate"]), min_size=len(products), max_size=len(products)))
         rules = [Rule(products=[p.id], label=lab) for p, lab in zip(products, labels)]
-        rule_sets.append(RuleSet(name=f"rs{r}", audience="test", rules=rules, default=draw(st.sampled_from(["allow", "violate"]))))
-    return Policy(
+        # a rule set needs a default only when some cells are uncovered
+        default = draw(st.sampled_from(["allow", "violate", None] if covered else ["allow", "violate"]))
+        rule_sets.append(RuleSet(name=f"rs{r}", audience="test", rules=rules, default=default))
+    return dict(
         name="random", term=Term(id="t", question="Is it t?"), attributes=attrs, products=products,
         rule_sets=rule_sets, uncovered_positive=draw(st.sampled_from([None, True, False])),
     )
+
+
+@st.composite
+def policies(draw):
+    return Policy(**draw(policy_parts()))
 
 
 def evidence(policy: Policy, floor: float = 0.0):
@@ -234,6 +254,28 @@ def test_relabelling_one_product_moves_p_violation_by_exactly_its_mass(case, dat
             assert before.label == after.label
     else:
         assert after.label is None and before.basis == "conflict"
+
+
+@settings(max_examples=200, deadline=None)
+@given(policy_parts(distinct_priorities=False))
+def test_a_policy_is_valid_exactly_when_no_cell_is_tied(parts):
+    tied = [cell for cell in all_cells(parts["attributes"]) if len(top_level(parts["products"], cell)) > 1]
+    if not tied:
+        policy = Policy(**parts)
+        assert not policy.grid.ties
+        for cell in all_cells(parts["attributes"]):  # and the vectorised map agrees cell by cell
+            idx = tuple(policy.grid.values[k].index(cell[a]) for k, a in enumerate(policy.grid.attributes))
+            o = int(policy.grid.owner[idx])
+            assert (policy.products[o].id if o >= 0 else None) == oracle_owner(policy, cell)
+        return
+    with pytest.raises(PolicyError) as info:
+        Policy(**parts)
+    messages = [i.message for i in info.value.issues]
+    assert messages and all("priority" in m for m in messages)
+    # every tied pair is named, with an example cell where the two are level
+    pairs = {pair for cell in tied for pair in itertools.combinations(sorted(p.id for p in top_level(parts["products"], cell)), 2)}
+    for a, b in pairs:
+        assert any(f"'{a}' and '{b}'" in m for m in messages), (a, b, messages)
 
 
 # -- the exact example of issue 10 ----------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import combinations
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,6 +41,9 @@ UNCOVERED = -1
 
 MAX_TIES = 100
 """At most this many tied pairs of products are named."""
+
+MAX_PAIR_CHECKS = 200_000
+"""At most this many pairs of equally ranked products are checked for a tie per rank."""
 
 
 def grid_work(policy: "Policy") -> int:
@@ -128,6 +132,11 @@ def _selector(policy_axes: dict[str, int], value_index: dict[str, dict[str, int]
     return tuple(sel)
 
 
+def _compatible(a: "Product", b: "Product") -> bool:
+    """Whether some cell matches both (they agree on every attribute both set)."""
+    return all(b.assignment.get(k, v) == v for k, v in a.assignment.items())
+
+
 def build_grid(policy: "Policy") -> CellGrid:
     """The precedence map of ``policy`` (see the module docstring).
 
@@ -155,14 +164,26 @@ def build_grid(policy: "Policy") -> CellGrid:
             for i in group:
                 count[sels[i]] += 1
             tied = (count > 1) & free
-            left = tied.copy()
-            # name the tied pairs, one example cell each (at most MAX_TIES, to bound the work)
-            while len(ties) < MAX_TIES and left.any():
-                cell = np.unravel_index(int(np.argmax(left)), shape)
-                i, j = [k for k in group if all(s.start <= c < s.stop for s, c in zip(sels[k], cell))][:2]
-                both = _selector(axes, value_index, {**products[i].assignment, **products[j].assignment}, shape)
-                ties.append(Tie(i, j, int(np.count_nonzero(tied[both])), tuple(int(c) for c in cell)))
-                left[both] = False
+            if tied.any():
+                # name every tied pair with one example cell (at most MAX_TIES, to bound the work)
+                candidates = [i for i in group if tied[sels[i]].any()]
+                reported = len(ties)
+                for checked, (i, j) in enumerate(combinations(candidates, 2)):
+                    if len(ties) >= MAX_TIES or checked >= MAX_PAIR_CHECKS:
+                        break
+                    if not _compatible(products[i], products[j]):
+                        continue
+                    both = _selector(axes, value_index, {**products[i].assignment, **products[j].assignment}, shape)
+                    sub = free[both]  # a free cell both match: neither outranks the other there
+                    n = int(np.count_nonzero(sub))
+                    if n:
+                        first = np.argwhere(sub)[0]
+                        ties.append(Tie(i, j, n, tuple(s.start + int(k) for s, k in zip(both, first))))
+                if len(ties) == reported and len(ties) < MAX_TIES:  # checks ran out: name one anyway
+                    cell = np.unravel_index(int(np.argmax(tied)), shape)
+                    i, j = [k for k in candidates if all(sl.start <= c < sl.stop for sl, c in zip(sels[k], cell))][:2]
+                    both = _selector(axes, value_index, {**products[i].assignment, **products[j].assignment}, shape)
+                    ties.append(Tie(i, j, int(np.count_nonzero(free[both])), tuple(int(c) for c in cell)))
         for i in group:  # file order: on a tie (an error) the earlier product keeps the cell
             view = owner[sels[i]]
             view[view == UNCOVERED] = i

@@ -162,8 +162,8 @@ def _check_grid(policy: "Policy") -> list[Issue]:
         issues.append(Issue(
             "error", ("products", t.second),
             f"products {a.id!r} and {b.id!r} both match {t.cells} cell(s) of the attribute grid, e.g. "
-            f"{describe_cell(grid.cell(t.example))}, and neither is more specific ({len(a.assignment)} "
-            f"attribute(s) each) nor has a higher priority ({a.priority}): give one of them a higher 'priority'",
+            f"{describe_cell(grid.cell(t.example))}, with equal precedence ({len(a.assignment)} attribute(s) "
+            f"set and priority {a.priority} each): give the one that should own those cells a higher 'priority'",
         ))
     if len(grid.ties) >= MAX_TIES:
         issues.append(Issue("error", ("products",), f"more ties than the {MAX_TIES} named above; resolve these first"))
