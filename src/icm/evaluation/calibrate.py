@@ -181,6 +181,12 @@ def simplest_in(lo: float, hi: float) -> float:
     return hi
 
 
+def fmt_threshold(x: float) -> str:
+    """A threshold as short as it can be written without changing it."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
+
+
 def _fmt_ci(ci: tuple[float, float] | None) -> str:
     return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
@@ -205,7 +211,7 @@ def _choose_block(d: _Data, target: float, by: By, min_blocked: int, confidence:
             thr = max(0.0, simplest_in(lo, float(c)))
             what = "lower end of its interval" if by == "bound" else "point estimate"
             return TargetResult(name="block_precision", target=target, met=True, achieved=prec, ci=ci, threshold=thr,
-                                message=f"block precision >= {target:g} met at block {thr:g}: {k}/{nb} = {prec:.4f}{_fmt_ci(ci)} "
+                                message=f"block precision >= {target:g} met at block {fmt_threshold(thr)}: {k}/{nb} = {prec:.4f}{_fmt_ci(ci)} "
                                         f"(the {what}; any lower threshold blocks more and misses it)")
     if best is None:
         return TargetResult(name="block_precision", target=target, met=False,
@@ -251,7 +257,7 @@ def _choose_review(d: _Data, target: float, by: By, confidence: float) -> Target
     thr = min(1.0, max(0.0, simplest_in(lo, c)))
     what = "upper end of its interval" if by == "bound" else "point estimate"
     return TargetResult(name="allow_miss", target=target, met=True, achieved=missed / nv, ci=ci, threshold=thr,
-                        message=f"allow miss rate <= {target:g} met at review {thr:g}: {missed}/{nv} = {missed / nv:.4f}{_fmt_ci(ci)} "
+                        message=f"allow miss rate <= {target:g} met at review {fmt_threshold(thr)}: {missed}/{nv} = {missed / nv:.4f}{_fmt_ci(ci)} "
                                 f"(the {what}; any higher threshold allows more and misses it)")
 
 
@@ -259,7 +265,7 @@ def _grid(step: float, extra: list[float]) -> list[float]:
     if not 0 < step <= 0.5:
         raise CalibrationError(f"the table step must be in (0, 0.5], got {step}")
     pts = {round(float(t), 6) for t in np.arange(0.0, 1.0 + 1e-9, step)}
-    pts.update(round(x, 6) for x in extra)
+    pts.update(float(x) for x in extra)  # exact: the chosen thresholds' rows must be the chosen ones
     return sorted(p for p in pts if 0.0 <= p <= 1.0)
 
 
@@ -356,7 +362,7 @@ def calibrate(
                      "they are reviewed whatever the thresholds, and counted in the fractions and the miss rate's denominator")
     if mismatches:
         notes.append(f"{mismatches} record(s) have a verdict the rule does not give at the thresholds they were written with "
-                     f"(review {cur.review:g}, block {cur.block:g}): the records may come from an older decision model; "
+                     f"(review {fmt_threshold(cur.review)}, block {fmt_threshold(cur.block)}): the records may come from an older decision model; "
                      "decide them again or check the table against a fresh run")
     if re_decided:
         notes.append(f"{re_decided} record(s) were decided again under rule set {rs.name!r} from their recorded evidence")
@@ -378,8 +384,8 @@ def calibrate(
                              "blocked goes to a person")
     ok = all(t.met for t in targets)
     if new_review > new_block:
-        notes.append(f"the review threshold that meets the allow target ({new_review:g}) is above the block threshold "
-                     f"({new_block:g}); review is set to {new_block:g} (allowing less can only lower the miss rate)")
+        notes.append(f"the review threshold that meets the allow target ({fmt_threshold(new_review)}) is above the block threshold "
+                     f"({fmt_threshold(new_block)}); review is set to {fmt_threshold(new_block)} (allowing less can only lower the miss rate)")
         new_review = new_block
     try:
         Thresholds(review=new_review, block=new_block)
@@ -503,7 +509,7 @@ def header(report: CalibrationReport, source: str, previous: Thresholds) -> str:
     lines = [
         f"Calibrated by `icm eval calibrate` (icm {__version__}) on {now}.",
         f"Policy {report.policy!r} from {source}; only rule set {report.rules!r} changed:",
-        f"  thresholds review {previous.review:g} -> {c.review:g}, block {previous.block:g} -> {c.block:g}",
+        f"  thresholds review {fmt_threshold(previous.review)} -> {fmt_threshold(c.review)}, block {fmt_threshold(previous.block)} -> {fmt_threshold(c.block)}",
         f"Chosen on {report.results} with labels from {report.labels}: {report.n} images "
         f"({report.n_violations} violate, {report.n_clean} do not; {report.n_not_judged} not judged, always reviewed); "
         f"{report.n_failed} failed and {report.n_unlabelled} unlabelled records left out.",

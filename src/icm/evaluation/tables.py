@@ -6,7 +6,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from icm.evaluation.calibrate import CalibrationReport
+from icm.evaluation.calibrate import CalibrationReport, fmt_threshold
 from icm.evaluation.compare import CompareReport
 from icm.evaluation.icm_metrics import ICMReport
 from icm.evaluation.meq import MEQReport
@@ -190,7 +190,7 @@ def calibration_tables(r: CalibrationReport) -> RenderableType:
             t.add_column(col, justify="right", overflow="fold")
         for p in rows:
             star = mark is not None and (abs(p.review - mark[0]) < 1e-9 and abs(p.block - mark[1]) < 1e-9)
-            cells = [f"{p.review:g}", f"{p.block:g}", _pct(p.blocked_fraction, p.blocked_ci), _pct(p.reviewed_fraction, p.reviewed_ci),
+            cells = [f"{fmt_threshold(p.review)}", f"{fmt_threshold(p.block)}", _pct(p.blocked_fraction, p.blocked_ci), _pct(p.reviewed_fraction, p.reviewed_ci),
                      _pct(p.allowed_fraction, p.allowed_ci), _rate(p.block_precision, p.block_precision_ci, p.blocked_violating, p.blocked),
                      _rate(p.allow_miss, p.allow_miss_ci, p.missed, p.violations)]
             t.add_row(*(f"[bold]{c}[/bold]" for c in cells) if star else cells)
@@ -203,8 +203,8 @@ def calibration_tables(r: CalibrationReport) -> RenderableType:
                     f"Left out: {r.n_failed} failed, {r.n_unlabelled} unlabelled. Fractions of all {r.n} images; "
                     f"block precision = truly violating / blocked, allow miss rate = allowed / truly violating; "
                     f"[{r.confidence:.0%} Wilson intervals]."))
-    out.append(table(f"Block threshold varied (review {fixed.review:g})", r.block_sweep, mark))
-    out.append(table(f"Review threshold varied (block {fixed.block:g})", r.review_sweep, mark))
+    out.append(table(f"Block threshold varied (review {fmt_threshold(fixed.review)})", r.block_sweep, mark))
+    out.append(table(f"Review threshold varied (block {fmt_threshold(fixed.block)})", r.review_sweep, mark))
     out.append(table("Current thresholds" + (" and chosen thresholds (bold)" if r.chosen else ""),
                      [r.current] + ([r.chosen] if r.chosen else []), mark))
     for t in r.targets:
