@@ -193,14 +193,19 @@ def _fmt_ci(ci: tuple[float, float] | None) -> str:
 
 def _choose_block(d: _Data, target: float, by: By, min_blocked: int, confidence: float) -> TargetResult:
     eligible = d.judged & (d.state != 0)
-    cands = np.unique(d.low[eligible])  # ascending; block = c blocks every eligible low >= c
+    order = np.argsort(d.low[eligible], kind="mergesort")
+    lows, truths = d.low[eligible][order], d.truth[eligible][order]
+    cands = np.unique(lows)  # ascending; block = c blocks every eligible low >= c
+    first = np.searchsorted(lows, cands, side="left")
+    blocked_n = lows.size - first
+    true_from = np.r_[np.cumsum(truths[::-1])[::-1], 0]  # violations among lows[i:]
+    blocked_k = true_from[first]
     best: tuple[float, float, int, tuple[float, float] | None] | None = None  # (precision, c, blocked, ci)
     for i, c in enumerate(cands):
-        b = d.blocked(float(c))
-        nb = int(b.sum())
+        nb = int(blocked_n[i])
         if nb < min_blocked:
             continue
-        k = int((b & d.truth).sum())
+        k = int(blocked_k[i])
         prec = k / nb
         ci = _ci(k, nb, confidence)
         score = ci[0] if by == "bound" and ci else prec
@@ -231,15 +236,16 @@ def _choose_review(d: _Data, target: float, by: By, confidence: float) -> Target
         return TargetResult(name="allow_miss", target=target, met=False,
                             message="the allow miss rate cannot be measured: no labelled image truly violates")
     eligible = d.judged & (d.state != 1)
-    highs = np.unique(d.high[eligible])
+    order = np.argsort(d.high[eligible], kind="mergesort")
+    highs, truths = d.high[eligible][order], d.truth[eligible][order]
     # threshold k allows every eligible high below cands[k]; the last one allows them all (when <= 1)
-    cands = list(highs.tolist())
+    cands = list(np.unique(highs).tolist())
     if not cands or cands[-1] < 1.0:
         cands.append(1.0)
+    missed_before = np.r_[0, np.cumsum(truths)][np.searchsorted(highs, np.array(cands), side="left")]
     chosen: tuple[int, float, int, tuple[float, float] | None] | None = None
     for i, c in enumerate(cands):
-        a = d.allowed(float(c))
-        missed = int((a & d.truth).sum())
+        missed = int(missed_before[i])
         ci = _ci(missed, nv, confidence)
         score = ci[1] if by == "bound" and ci else missed / nv
         if score <= target + 1e-12:
