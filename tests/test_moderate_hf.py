@@ -70,3 +70,31 @@ def test_moderate_with_a_tuned_adapter_through_the_cli(tmp_path, tiny_llava_path
     assert all(r.verdict == "allow" for r in records2)
     before = {r.path: r.term.p_yes for r in records}
     assert all(abs(before[r.path] - r.term.p_yes) < 1e-5 for r in records2)
+
+
+def test_a_model_that_does_not_answer_with_the_labels_is_never_allowed(tmp_path, tiny_llava_path):
+    """The untrained tiny LLaVA's next token is anything but Yes/No or B/C: every question is
+    not judged (off-format, or refused when its top token starts a refusal), so no image is
+    allowed, none gets a product, and the record says why."""
+    policy = tmp_path / "redness.yaml"
+    policy.write_text(POLICY)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(2):
+        square_image("blue", seed=i).save(imgs / f"blue{i}.png")
+    out = tmp_path / "out.jsonl"
+    args = ["moderate", str(imgs), "--policy", str(policy), "--backend", "hf", "--model", str(tiny_llava_path),
+            "--out", str(out), "--rules", "anything-goes"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records, _ = read_records(out)
+    assert len(records) == 2
+    for r in records:
+        assert r.ok and r.verdict == "review" and r.product is None
+        assert r.term.p_yes is None and r.attributes == {}
+        assert set(r.unanswered) == {"term:red", "attr:hue"}
+        assert all(v.startswith(("off-format", "refused")) and "< 0.5" in v for v in r.unanswered.values())
+    # with the check off, the same model's noise would have been read as answers
+    result = CliRunner().invoke(app, args[:-4] + ["--out", str(tmp_path / "lax.jsonl"), "--min-label-mass", "0"])
+    lax, _ = read_records(tmp_path / "lax.jsonl")
+    assert all(r.term.p_yes is not None and r.attributes for r in lax)

@@ -204,6 +204,19 @@ def test_401_stops_the_job_at_once_with_one_message(fake, work):
     assert len(fake.requests) == 4  # the first batch (2 images x 2 queries), nothing retried, nothing after
 
 
+def test_a_key_revoked_mid_run_stops_the_job_and_resume_finishes_it(fake, work):
+    fake.script("term", NO, NO, Reply(401, json={"detail": "API key revoked"}))
+    fake.script("hue", BLUE)
+    result, records = _run(work, "--batch-size", "1")
+    assert result.exit_code == 2 and "API key revoked" in result.output
+    assert len(records) == 2 and all(r.ok and r.verdict == "allow" for r in records)  # what was done is kept
+    fake.reset()
+    fake.script("term", NO)
+    fake.script("hue", BLUE)
+    result, records = _run(work, "--resume")
+    assert result.exit_code == 0 and len(records) == 6 and fake.hits["term"] == 4
+
+
 def test_unknown_model_404_stops_the_job(fake, work):
     fake.default = Reply(404, json=vllm_error(404, f"The model `{MODEL}` does not exist."))
     result, records = _run(work)
@@ -218,6 +231,7 @@ def _assert_refused(records: list[Any]) -> None:
     for r in records:
         assert r.ok, r.error
         assert r.verdict == "review" and r.product is None and r.rule is None and r.basis == "refused"
+        assert r.p_violation is None and r.label is None
         assert any(v.startswith("refused") for v in r.unanswered.values()), r.unanswered
         assert "refused" in r.reason
 
