@@ -156,7 +156,7 @@ def test_a_directory_swapped_for_a_symlink_never_leaks_a_file_from_outside(tmp_p
     with TestClient(app, base_url=BASE, client=LOCAL) as c:
         swapper.start()
         try:
-            for i in range(1500):
+            for i in range(500):
                 r = c.post("/v1/moderate", json={"path": "d/x.png" if i % 2 else "d/y.png"})
                 statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
                 assert "SECRET" not in r.text and "hunter2" not in r.text, r.text
@@ -166,6 +166,78 @@ def test_a_directory_swapped_for_a_symlink_never_leaks_a_file_from_outside(tmp_p
             stop.set()
             swapper.join()
     assert statuses.get(200, 0) > 0 and set(statuses) <= {200, 403, 404}, statuses
+
+
+def test_read_beneath_under_a_racing_swap_reads_only_files_inside(tmp_path):
+    """The same race without HTTP around it, 20,000 reads: each is the inside file or a refusal."""
+    from icm.serve.paths import PathRefused, read_beneath
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / ".real" / "sub").mkdir(parents=True)
+    (outside / "sub").mkdir(parents=True)
+    (root / ".real" / "sub" / "f").write_bytes(b"inside")
+    (outside / "sub" / "f").write_bytes(b"OUTSIDE")
+    (root / ".link").symlink_to(outside)
+    (root / ".rel").symlink_to("../outside")
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            for name in (".real", ".link", ".rel"):
+                os.rename(root / name, root / "d")
+                os.rename(root / "d", root / name)
+
+    seen: dict[str, int] = {}
+    t = threading.Thread(target=swap, daemon=True)
+    t.start()
+    try:
+        for _ in range(20_000):
+            try:
+                data, rel = read_beneath(str(root), "d/sub/f", 1000)
+                assert (data, rel) == (b"inside", "d/sub/f")
+                seen["ok"] = seen.get("ok", 0) + 1
+            except PathRefused as exc:
+                seen[exc.code] = seen.get(exc.code, 0) + 1
+    finally:
+        stop.set()
+        t.join()
+    assert seen.get("ok", 0) > 0 and set(seen) <= {"ok", "no_such_file", "path_outside_root"}, seen
+
+
+def test_pixel_budget_is_first_come_first_served_and_returned_on_cancel():
+    from icm.serve.limits import Overloaded, PixelBudget
+
+    async def scenario() -> None:
+        b = PixelBudget(100, max_waiting=2)
+        order: list[str] = []
+
+        async def job(name: str, px: int, hold: float) -> None:
+            async with b.hold(px):
+                order.append(name)
+                assert b.in_use <= b.budget
+                await asyncio.sleep(hold)
+
+        big = asyncio.create_task(job("big", 80, 0.05))
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(job("huge", 1000, 0.0))  # over the budget: runs alone
+        small = asyncio.create_task(job("small", 10, 0.0))  # fits now, but waits its turn
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            async with b.hold(1):
+                pass
+        await asyncio.gather(big, waiting, small)
+        assert order == ["big", "huge", "small"] and b.in_use == 0 and b.peak == 100
+        blocker = asyncio.create_task(job("blocker", 100, 0.05))
+        await asyncio.sleep(0)
+        cancelled = asyncio.create_task(job("cancelled", 50, 0.0))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await blocker
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert b.in_use == 0 and b.waiting == 0
+
+    asyncio.run(scenario())
 
 
 # --------------------------------------------------------------------------- memory
@@ -394,9 +466,14 @@ def test_api_key_flag_reads_a_file_or_the_environment_never_a_literal_key(tmp_pa
     keys = tmp_path / "keys"
     keys.write_text(f"# team keys\nalice:{KEY}\n\nbob:{'b' * 24}\n")
     monkeypatch.setenv("MY_KEYS", f"carol:{'c' * 16}")
+    keys.chmod(0o644)
     r = runner.invoke(cli, ["serve", "--db", db, "--api-key", str(keys), "--api-key", "env:MY_KEYS"])
     assert r.exit_code == 0, r.output
     assert [k.name for k in started[0].all_api_keys()] == ["alice", "bob", "carol"]
+    assert "readable by other users" in r.output and KEY not in r.output
+    keys.chmod(0o600)
+    r = runner.invoke(cli, ["serve", "--db", db, "--api-key", str(keys)])
+    assert r.exit_code == 0 and "readable" not in r.output
     keys.write_text("alice:\n")
     r = runner.invoke(cli, ["serve", "--db", db, "--api-key", str(keys)])
     assert r.exit_code == 2 and "empty key" in r.output

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import typer
+from pydantic import SecretStr
 
 from icm.cli.common import err_console, print_error
 
@@ -96,7 +97,7 @@ def serve(
         raise typer.Exit(2) from None
 
 
-def read_key_source(source: str) -> list[str]:
+def read_key_source(source: str) -> list[SecretStr]:
     """The API keys in a file (one a line, '#' comments) or in ``env:VARIABLE`` (comma-separated).
 
     A key given on the command line would be readable by every user of the machine (``ps``,
@@ -124,9 +125,11 @@ def read_key_source(source: str) -> list[str]:
             if line.strip() and not line.lstrip().startswith("#")
         ]
         where = f"file {path}"
+        if os.name == "posix" and path.stat().st_mode & 0o077:
+            err_console.print(f"[yellow]warning: {path} is readable by other users; chmod 600 it[/yellow]")
     if not keys:
         raise ValueError(f"--api-key: the {where} holds no key")
-    return keys
+    return [SecretStr(k) for k in keys]
 
 
 def _purge(cfg: Any) -> None:

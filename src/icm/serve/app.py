@@ -98,13 +98,15 @@ class ErrorBody(BaseModel):
 ERRORS = {
     400: {"model": ErrorBody, "description": "Malformed request (bad JSON or base64)"},
     401: {"model": ErrorBody, "description": "Missing or invalid API key"},
-    403: {"model": ErrorBody, "description": "Path outside the image folder, paths disabled, or a non-loopback client without keys"},
+    403: {"model": ErrorBody, "description": "Path outside the image folder, paths disabled, or without keys: a non-loopback client, "
+          "a Host that is not this machine's, or a request from another site's page"},
     404: {"model": ErrorBody, "description": "No such file, decision or image"},
     413: {"model": ErrorBody, "description": "Image over the byte or pixel limit"},
     415: {"model": ErrorBody, "description": "Not an image, or an unsupported content type"},
     422: {"model": ErrorBody, "description": "Missing field, unknown policy or rule set, empty or corrupt image"},
+    429: {"model": ErrorBody, "description": "Over the key's requests per minute (see Retry-After and the RateLimit-* headers)"},
     502: {"model": ErrorBody, "description": "The model backend failed on this image"},
-    503: {"model": ErrorBody, "description": "Too many requests waiting, or shutting down"},
+    503: {"model": ErrorBody, "description": "Too many requests or too much memory waiting (see Retry-After), or shutting down"},
 }
 
 MODERATE_BODY = {
