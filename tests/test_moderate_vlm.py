@@ -261,6 +261,7 @@ def test_a_refused_attribute_with_a_clear_term_answer_is_still_review_without_pr
     fake.script("hue", Reply(json=text_body("I'm sorry, but I can't help with that.")))
     result, records = _run(work)
     _assert_refused(records)
+    assert "attr:hue refused" in " ".join(result.output.split())  # the summary table says why
     assert all(r.term.p_yes is not None and r.term.p_yes < 0.1 for r in records)
     assert all(list(r.unanswered) == ["attr:hue"] for r in records)
 

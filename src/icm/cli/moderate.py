@@ -47,6 +47,9 @@ def summary_table(summary: JobSummary) -> Table:
         else:
             judged = [a for a in r.attributes if a not in r.not_judged]
             what = "- (judged: " + ", ".join(["term"] * (r.term is not None and r.term.p_yes is not None) + judged) + ")"
+        unread = {k: v.split(":")[0] for k, v in r.unanswered.items() if not v.startswith("cannot-judge")}
+        if unread:  # refused / off-format answers: say so, they are why the image is not allowed
+            what += " " + ", ".join(f"{k} {why}" for k, why in unread.items())
         if r.stage:
             what += f" [stage: {r.stage}]"
         t.add_row(escape(r.path), f"[{style}]{r.verdict}[/{style}]", _fmt(r.term.p_yes if r.term else None), pv, what)
