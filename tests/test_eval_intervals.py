@@ -182,3 +182,19 @@ def test_mqa_accuracies_carry_wilson_intervals(tmp_path):
     assert [round(x, 4) for x in m["mc"]["accuracy_ci"]] == [0.4902, 0.9433] and m["confidence"] == 0.95
     m90 = json.loads(runner.invoke(app, ["eval", "mqa", "--mc", str(truth), str(pred), "--json", "--confidence", "0.9"]).stdout)["mqa"]
     assert m90["all"]["accuracy_ci"][0] > m["all"]["accuracy_ci"][0] and m90["confidence"] == 0.9
+
+
+def test_meq_means_and_failure_share_carry_intervals():
+    from statistics import NormalDist, stdev
+
+    from icm.evaluation.meq import MEQItem, aggregate
+
+    acc = [80, 90, 70, 85, 95, 60, 75, 88]
+    items = [MEQItem(id=f"i{i}", scores={"accuracy": a, "preciseness": a, "comprehensiveness": a, "fluency": a}) for i, a in enumerate(acc)]
+    items.append(MEQItem(id="failed", scores={}, error="judge reply unreadable"))  # counted 0 in the paper's mean
+    rep = aggregate(items, name="t", source="t", mode="judgements")
+    vals = acc + [0]
+    m, half = sum(vals) / 9, NormalDist().inv_cdf(0.975) * stdev(vals) / 9 ** 0.5
+    assert rep.means["accuracy"] == pytest.approx(m)
+    assert rep.means_ci["accuracy"] == pytest.approx((m - half, m + half))
+    assert rep.failed_ci == pytest.approx(wilson(1, 9))

@@ -184,6 +184,7 @@ def meq_cmd(
     offline: Optional[bool] = typer.Option(None, "--offline/--no-offline", help="Compute the offline metric (default: when there is no judge, and with --judgements)."),
     offline_metric: str = typer.Option("combined", help="combined (embedding + ROUGE-L), embedding or lexical (no extra package)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N explanations."),
+    confidence: float = ConfidenceOpt,
     name: Optional[str] = NameOpt,
     out: Optional[Path] = OutOpt,
     html: Optional[Path] = HtmlOpt,
@@ -252,6 +253,9 @@ def meq_cmd(
                 if rep.mode != "offline":
                     rep.correlations = correlations(rep.items)
         M.attach_worst(rep, pairs)
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"the confidence level must be between 0 and 1 (e.g. 0.95), got {confidence}")
+        rep.with_intervals(confidence)
     except ValueError as exc:
         _fail(exc)
     s = EvalSummary(name=rep.name, meta={"meq_source": rep.source, **({"judge": judge_model} if judge_model else {})})

@@ -90,6 +90,10 @@ class MEQReport(BaseModel):
     missing: dict[str, int] = Field(default_factory=dict, description="Items without a score, per criterion")
     means: dict[str, float | None] = Field(default_factory=dict, description="Mean per criterion over all items, a missing score counted 0 (the paper's)")
     means_scored: dict[str, float | None] = Field(default_factory=dict, description="Mean per criterion over the items that have it")
+    means_ci: dict[str, tuple[float, float] | None] = Field(
+        default_factory=dict, description="Interval of each of 'means' (normal approximation: mean +- z * sd / sqrt(n))")
+    failed_ci: tuple[float, float] | None = Field(default=None, description="Wilson interval of the share of items with no score")
+    confidence: float = 0.95
     failures: list[Failure] = Field(default_factory=list)
     offline: OfflineSummary | None = None
     correlations: list[Correlation] = Field(default_factory=list)
@@ -98,6 +102,27 @@ class MEQReport(BaseModel):
     items: list[MEQItem] = Field(default_factory=list)
     worst: list[Explanations] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+
+    def with_intervals(self, confidence: float = 0.95) -> "MEQReport":
+        """Intervals at ``confidence``: of each mean score (missing counted 0, as in ``means``) and of the failure share."""
+        from statistics import NormalDist
+
+        from icm.evaluation.stats import wilson
+
+        self.confidence = confidence
+        z = NormalDist().inv_cdf(0.5 + confidence / 2)
+        self.means_ci = {}
+        for c, m in self.means.items():
+            vals = [it.scores.get(c) or 0.0 for it in self.items]
+            n = len(vals)
+            if m is None or n < 2:
+                self.means_ci[c] = None
+                continue
+            sd = (sum((v - m) ** 2 for v in vals) / (n - 1)) ** 0.5
+            half = z * sd / n**0.5
+            self.means_ci[c] = (max(0.0, m - half), min(100.0, m + half))
+        self.failed_ci = wilson(self.n_failed, self.n_items, confidence) if self.n_items and self.means else None
+        return self
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -233,7 +258,7 @@ def aggregate(
             f"{rep.n_failed} item(s) got no score and {rep.n_partial} only some: 'means' counts a missing score as 0 "
             "(the paper's protocol), 'means_scored' leaves them out"
         )
-    return rep
+    return rep.with_intervals()
 
 
 def from_judgements(judgements: list[Judgement], *, name: str, source: str) -> MEQReport:

@@ -46,6 +46,10 @@ def _ci(ci: tuple[float, float] | None) -> str:
     return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _ci2(ci: tuple[float, float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], num: Sequence[int] = ()) -> str:
     out = ["<table><thead><tr>", *(f"<th>{_e(h)}</th>" for h in headers), "</tr></thead><tbody>"]
     for row in rows:
@@ -260,7 +264,8 @@ def meq_section(r: MEQReport) -> str:
              f"; {r.n_items} explanations, {r.n_complete} fully scored, {r.n_partial} partly, {r.n_failed} failed.</p>"]
     if r.means:
         parts.append(_table(["criterion", "mean (missing = 0)", "mean over scored", "missing"],
-                            [(c, _f(r.means.get(c), ".2f"), _f(r.means_scored.get(c), ".2f"), r.missing.get(c, 0)) for c in CRITERIA],
+                            [(c, _f(r.means.get(c), ".2f") + _ci2(r.means_ci.get(c)), _f(r.means_scored.get(c), ".2f"), r.missing.get(c, 0))
+                             for c in CRITERIA],
                             num=(1, 2, 3)))
     if r.offline:
         o = r.offline

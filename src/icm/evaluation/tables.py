@@ -109,10 +109,12 @@ def meq_tables(r: MEQReport) -> RenderableType:
     title = f"Explanation quality: {r.name} ({r.n_items} explanations, {r.mode}" + (f", judge {r.judge_model}" if r.judge_model else "") + ")"
     if r.means:
         t = Table(title=title)
-        for col in ("criterion", "mean (missing = 0)", "mean over scored", "missing"):
+        for col in ("criterion", "mean (missing = 0)", f"{r.confidence:.0%} interval", "mean over scored", "missing"):
             t.add_column(col, justify="left" if col == "criterion" else "right")
         for c in CRITERIA:
-            t.add_row(c, _f(r.means.get(c), ".2f"), _f(r.means_scored.get(c), ".2f"), str(r.missing.get(c, 0)))
+            ci = r.means_ci.get(c)
+            t.add_row(c, _f(r.means.get(c), ".2f"), f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "", _f(r.means_scored.get(c), ".2f"),
+                      str(r.missing.get(c, 0)))
         out.append(t)
         out.append(Text(f"{r.n_complete} fully scored, {r.n_partial} partly, {r.n_failed} failed"))
     else:
