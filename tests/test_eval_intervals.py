@@ -198,3 +198,24 @@ def test_meq_means_and_failure_share_carry_intervals():
     assert rep.means["accuracy"] == pytest.approx(m)
     assert rep.means_ci["accuracy"] == pytest.approx((m - half, m + half))
     assert rep.failed_ci == pytest.approx(wilson(1, 9))
+
+
+def test_error_records_of_a_real_moderation_run_are_counted(tmp_path):
+    """`icm moderate` (offline detector) over a folder with a broken file, then `icm eval icm`
+    with the folder convention for labels: the failure is in coverage and strict accuracy."""
+    import shutil
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "images"
+    clean = tmp_path / "truth" / "allow"
+    clean.mkdir(parents=True)
+    for f in sorted(examples.glob("*.jpg")):
+        shutil.copy(f, clean / f.name)
+    (clean / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    recs = tmp_path / "recs.jsonl"
+    r = runner.invoke(app, ["moderate", str(clean), "--out", str(recs)])
+    assert r.exit_code == 1, r.output  # one image failed
+    s = json.loads(runner.invoke(app, ["eval", "icm", str(recs), "--labels", str(tmp_path / "truth"), "--json"]).stdout)["icm"]
+    assert (s["n_judged"], s["n_failed"], s["n_not_judged"]) == (3, 1, 0)
+    assert s["metrics"]["accuracy"] == 1.0  # the three photos are allowed, rightly
+    assert s["metrics"]["coverage"] == 0.75 and s["metrics"]["strict_accuracy"] == 0.75
+    assert s["intervals"]["strict_accuracy"]["n"] == 4 and s["failed_examples"] == [str(clean / "broken.jpg")]
