@@ -147,6 +147,7 @@ def test_beyond_max_frames_sampled_evenly(tmp_path: Path, fmt: str, ext: str) ->
     li = load_image(path, max_frames=4)
     assert li.frames == 20 and li.frames_seen == 4
     assert [v.frame for v in li.views] == sample_frames(20, 4) == [0, 6, 13, 19]
+    assert [v.timestamp for v in li.views] == ([0.0, 0.6, 1.3, 1.9] if fmt == "GIF" else [None] * 4)
     assert read_figure(li.views[-1].image) == OFFENDING  # the last frame is always seen
     assert any("4 evenly spaced judged" in n for n in li.notes)
 
@@ -190,6 +191,8 @@ def test_the_late_offending_frame_decides(tmp_path: Path, fmt: str, ext: str) ->
     late, ok = synth_moderator(backend).moderate_paths([str(path), str(benign)])
     assert late.ok and late.verdict == "block" and late.product == "whole_bare_still"
     assert (late.frame, late.frames_seen, late.frame_count) == (6, 8, 8)
+    # 100 ms per frame: frame 6 starts at 0.6 s (TIFF pages have no time)
+    assert late.timestamp == (None if fmt == "TIFF" else 0.6)
     assert [s.frame for s in late.frame_scores] == list(range(8))
     assert [s.verdict for s in late.frame_scores] == ["allow"] * 6 + ["block", "allow"]
     assert late.p_violation == max(s.p_violation for s in late.frame_scores)
@@ -215,7 +218,7 @@ def test_a_failing_frame_makes_the_whole_file_an_error(tmp_path: Path) -> None:
     draw_figure(BENIGN).save(other)
     bad, good = synth_moderator(FigureBackend(poison=True)).moderate_paths([str(path), str(other)])
     assert not bad.ok and bad.verdict is None
-    assert "frame 2 of 5" in (bad.error or "") and "crashed" in (bad.error or "")
+    assert "frame 2 at 0.2s (of 5 frames)" in (bad.error or "") and "crashed" in (bad.error or "")
     assert bad.frame == 2 and bad.frame_count == 5
     assert good.ok and good.verdict == "allow"  # the batch goes on
 

@@ -322,10 +322,17 @@ def _frame_views(
     max_pixels: int,
     total_limit: int,
 ) -> list[FrameView]:
-    """Decode the ``wanted`` frames (ascending) within the pixel budget, as views."""
+    """Decode the ``wanted`` frames (ascending) within the pixel budget, as views.
+
+    Animations that state frame durations get timestamps: GIF and APNG are stepped
+    through frame by frame (what Pillow does inside ``seek`` anyway) adding up the
+    durations; WebP states each frame's start time itself.
+    """
     views: list[FrameView] = []
     canvas = im.width * im.height
     sequential = im.format not in _RANDOM_ACCESS_FORMATS
+    stepped = frames > 1 and im.format in ("GIF", "PNG") and isinstance(im.info.get("duration"), (int, float))
+    clock = 0.0  # milliseconds at the start of frame ``at`` (stepped formats)
     spent, at = canvas, 0
     for k in wanted:
         if k != at:
@@ -333,7 +340,12 @@ def _frame_views(
                 spent += (k - at) * canvas
                 _check_budget(source, spent, total_limit, frames, len(wanted))
             try:
-                im.seek(k)
+                if stepped:
+                    for f in range(at + 1, k + 1):
+                        clock += max(0.0, float(im.info.get("duration") or 0))  # frame f-1's duration
+                        im.seek(f)
+                else:
+                    im.seek(k)
             except EOFError as exc:
                 raise ImageLoadError(
                     source, f"frame {k} of the {frames} the file declares is missing (truncated or corrupt file)"
@@ -349,9 +361,14 @@ def _frame_views(
                 spent += w * h
                 _check_budget(source, spent, total_limit, frames, len(wanted))
             _decode(im, source, f"frame {k} of {frames} is truncated or corrupt")
+        timestamp: float | None = None
+        if stepped:
+            timestamp = round(clock / 1000, 3)
+        elif im.format == "WEBP" and frames > 1 and isinstance(im.info.get("timestamp"), (int, float)):
+            timestamp = round(float(im.info["timestamp"]) / 1000, 3)
         frame: Image.Image = im.transpose(transpose) if transpose is not None else im
         for background, rgb in _to_rgb_views(frame, source, notes):
-            views.append(FrameView(rgb, frame=k, timestamp=None, background=background))
+            views.append(FrameView(rgb, frame=k, timestamp=timestamp, background=background))
     return views
 
 
