@@ -91,8 +91,7 @@ def icm_cmd(
 ) -> None:
     """ICM accuracy, precision, recall, F1, confusion, per category, ROC/PR with AUC and a threshold sweep.
 
-    Failed and not-judged images are counted: coverage is the share judged, strict accuracy
-    counts them wrong. Every proportion has a Wilson interval, AUC a bootstrap interval.
+    Failed and not-judged images are counted: coverage is the share judged, strict accuracy counts them wrong. Every proportion has a Wilson interval, AUC a bootstrap interval.
     """
     from icm.evaluation.icm_metrics import evaluate_icm
     from icm.evaluation.labels import LabelResolver, read_labels
@@ -348,9 +347,7 @@ def calibrate_cmd(
 ) -> None:
     """Choose a rule set's review/block thresholds for the targets you name, from labelled results.
 
-    Prints the trade-off tables (blocked / reviewed / allowed fractions, block precision and
-    allow miss rate with Wilson intervals) and writes the policy with the new thresholds,
-    for `icm moderate --policy FILE`. Exit 1 when a target cannot be met (nothing written).
+    Prints the trade-off tables (blocked / reviewed / allowed fractions, block precision and allow miss rate with Wilson intervals) and writes the policy with the new thresholds, for `icm moderate --policy FILE`. Exit 1 when a target cannot be met (nothing written).
     """
     from icm.evaluation.calibrate import CalibrationError, calibrate, write_override
     from icm.evaluation.labels import LabelResolver, read_labels
