@@ -236,6 +236,23 @@ def test_pixel_budget_is_first_come_first_served_and_returned_on_cancel():
         with pytest.raises(asyncio.CancelledError):
             await cancelled
         assert b.in_use == 0 and b.waiting == 0
+        # the encoded images of waiting requests are bounded too
+        b = PixelBudget(100, max_waiting=10, max_waiting_bytes=1000)
+
+        async def job2(px: int, nbytes: int, hold: float) -> None:
+            async with b.hold(px, nbytes):
+                await asyncio.sleep(hold)
+
+        blocker = asyncio.create_task(job2(100, 5000, 0.05))  # decoding now: not waiting
+        await asyncio.sleep(0)
+        first = asyncio.create_task(job2(10, 800, 0.0))
+        await asyncio.sleep(0)
+        assert b.waiting_bytes == 800
+        with pytest.raises(Overloaded, match="MiB"):
+            async with b.hold(10, 300):
+                pass
+        await asyncio.gather(blocker, first)
+        assert b.waiting_bytes == 0 and b.in_use == 0
 
     asyncio.run(scenario())
 

@@ -406,7 +406,9 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         assert svc.batcher is not None
         await svc.batcher.start()
-        svc.pixels = PixelBudget(config.decode_pixel_budget, max_waiting=config.max_queue)
+        svc.pixels = PixelBudget(
+            config.decode_pixel_budget, max_waiting=config.max_queue, max_waiting_bytes=config.max_queue_bytes
+        )
         purger = asyncio.create_task(_purge_loop(), name="icm-purge") if svc.images is not None else None
         log.info(
             "icm serve: policy %s, rules %s, backend %s, batching %s (max %d, %.1f ms), store %s",
@@ -536,7 +538,7 @@ def create_app(
         # images decode a few at a time; an image over --max-pixels is refused without decoding.
         pixels = await run_in_threadpool(decode_weight, data, config.max_pixels, config.reduce_to_pixels)
         try:
-            async with svc.pixels.hold(pixels):
+            async with svc.pixels.hold(pixels, len(data)):
                 im = await run_in_threadpool(_decode, data, name)
         except Overloaded as exc:
             svc.metrics.rejected.inc("overloaded")
@@ -839,5 +841,7 @@ def serve(config: ServeConfig) -> None:
         uvicorn.Config(
             app, host=config.host, port=config.port, log_level=config.log_level,
             timeout_graceful_shutdown=30, proxy_headers=False,
+            # requests beyond those the queues admit get uvicorn's 503 before their bodies are read
+            limit_concurrency=2 * config.max_queue + 64,
         )
     ).run()

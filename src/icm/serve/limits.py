@@ -40,11 +40,13 @@ class PixelBudget:
     (for tests and metrics).
     """
 
-    def __init__(self, budget: int, *, max_waiting: int = 256) -> None:
+    def __init__(self, budget: int, *, max_waiting: int = 256, max_waiting_bytes: int | None = None) -> None:
         if budget < 1:
             raise ValueError("the pixel budget must be at least 1")
         self.budget = budget
         self.max_waiting = max_waiting
+        self.max_waiting_bytes = max_waiting_bytes
+        self.waiting_bytes = 0  # the encoded images of the requests waiting (they hold them meanwhile)
         self.in_use = 0
         self.peak = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
@@ -57,14 +59,21 @@ class PixelBudget:
         return max(1, min(int(pixels), self.budget))
 
     @contextlib.asynccontextmanager
-    async def hold(self, pixels: int) -> AsyncIterator[int]:
+    async def hold(self, pixels: int, nbytes: int = 0) -> AsyncIterator[int]:
+        """Wait for ``pixels`` of the budget; ``nbytes`` is what the waiting request holds."""
         w = self.weight(pixels)
         if self._waiters or self.in_use + w > self.budget:
             if len(self._waiters) >= self.max_waiting:
                 raise Overloaded(f"{len(self._waiters)} images are already waiting to be decoded")
+            if self.max_waiting_bytes is not None and self.waiting_bytes + nbytes > self.max_waiting_bytes:
+                raise Overloaded(
+                    f"the images waiting to be decoded hold {self.waiting_bytes / 2**20:,.0f} MiB "
+                    f"(limit {self.max_waiting_bytes / 2**20:,.0f} MiB)"
+                )
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             entry = (w, fut)
             self._waiters.append(entry)
+            self.waiting_bytes += nbytes
             try:
                 await fut
             except BaseException:
@@ -75,6 +84,8 @@ class PixelBudget:
                         self._waiters.remove(entry)
                     self._wake()
                 raise
+            finally:
+                self.waiting_bytes -= nbytes
         else:
             self._take(w)
         try:
