@@ -11,7 +11,6 @@ teacher server (:class:`icm.training.synth.TeacherServer`).
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Sequence

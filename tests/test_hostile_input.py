@@ -315,7 +315,8 @@ def test_resume_survives_an_output_torn_inside_a_multibyte_character(tmp_path: P
 def test_resume_matches_by_resolved_path_and_content_not_spelling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()
-    a, b = png(folder / "a.png"), png(folder / "b.png", (0, 90, 0))
+    a = png(folder / "a.png")
+    png(folder / "b.png", (0, 90, 0))
     out = tmp_path / "out.jsonl"
     monkeypatch.chdir(tmp_path)
     assert run_job(ModerateConfig(inputs=["imgs/a.png", "imgs/b.png"], out=str(out))).ok

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Collection, Iterable, Iterator, TextIO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest image decoded by default: 100 megapixels, about 300 MB as 8-bit RGB.
