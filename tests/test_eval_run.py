@@ -86,16 +86,20 @@ def test_run_with_a_text_generating_backend(tmp_path):
     assert len(load_dataset(ds).items) == 3
     backend = ScriptedVLM()
     out = tmp_path / "out"
-    cfg = EvalRunConfig(dataset=str(ds), out_dir=str(out), offline_metric="lexical", name="scripted-run")
+    cfg = EvalRunConfig(dataset=str(ds), out_dir=str(out), offline_metric="lexical", name="scripted-run", confidence=0.9)
     s = run_evaluation(cfg, moderator=Moderator(backend, policy="icm-sexy"))
     # moderation: the red image is flagged, the blue one passes, the broken file is an error record
     icm = s.icm
     assert icm is not None and icm.n_evaluated == 2 and icm.n_unscored == 1
     assert (icm.confusion.tp, icm.confusion.tn, icm.confusion.fp, icm.confusion.fn) == (1, 1, 0, 0)
     assert s.meta["moderation_errors"] == 1
+    # the broken file is a failure: out of accuracy, in coverage and strict accuracy (the manifest labels it)
+    assert (icm.n_failed, icm.n_strict, icm.metrics["coverage"], icm.confidence) == (1, 3, 2 / 3, 0.9)
+    assert icm.intervals["coverage"].confidence == 0.9 and (icm.intervals["coverage"].k, icm.intervals["coverage"].n) == (2, 3)
     # Q-A: answers read from the generated text; the blue image's multiple-choice answer "D" is wrong
     m = s.mqa
     assert m is not None and (m.mc.correct, m.mc.total, m.yes_no.correct, m.yes_no.total) == (1, 2, 2, 2)
+    assert m.confidence == 0.9 and m.mc.accuracy_ci is not None and m.mc.accuracy_ci[0] < 0.5 < m.mc.accuracy_ci[1]
     qa = [json.loads(line) for line in (out / "qa.jsonl").read_text().splitlines()]
     assert len(qa) == 4 and {q["answer_source"] for q in qa} == {"generate"}
     assert any("A. chest" in p and "option's letter" in p for p in backend.prompts)

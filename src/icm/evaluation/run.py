@@ -267,7 +267,7 @@ def run_evaluation(
                 notes.append(f"moderation Q-A not scored: backend {mod.backend_name} answered none of the {n_q} questions"
                              + (f" ({'; '.join(sorted(why))[:300]})" if why else " (it cannot read question text)"))
             else:
-                summary.mqa = score_records(qa, name=name, source=str(out_dir / "qa.jsonl"), fmt="icm-jsonl")
+                summary.mqa = score_records(qa, name=name, source=str(out_dir / "qa.jsonl"), fmt="icm-jsonl").with_intervals(config.confidence)
 
         refs = {ds.image_path(it): it.reference_explanation for it in ds.items if it.reference_explanation}
         if refs and config.explain:
@@ -277,7 +277,7 @@ def run_evaluation(
                 notes.append(f"explanation quality not scored: backend {mod.backend_name} wrote no explanation for the {len(refs)} "
                              "images with a reference")
             else:
-                summary.meq = _score_explanations(pairs, config, name, stage)
+                summary.meq = _score_explanations(pairs, config, name, stage).with_intervals(config.confidence)
                 if len(pairs) < len(refs):
                     summary.meq.notes.append(f"{len(refs) - len(pairs)} image(s) with a reference got no explanation")
     finally:
