@@ -26,6 +26,7 @@ from icm.moderation.engine import Moderator, _worst_view, moderate
 from icm.moderation.images import ImageLoadError, load_image, sample_frames
 from icm.moderation.job import read_records
 from icm.moderation.record import ModerationRecord
+from icm.moderation.video import load_video
 from icm.policy import load_policy
 from icm.training.synth import Figure, TeacherServer, draw_figure, read_figure
 
@@ -371,6 +372,30 @@ def test_long_video_is_thinned_evenly_and_its_end_is_seen(tmp_path: Path) -> Non
     assert r.frames_seen == 5 and r.frame_count == 300
     assert [s.timestamp for s in r.frame_scores] == [0.0, 15.0, 30.0, 44.0, 59.0]
     assert (r.frame, r.timestamp) == (295, 59.0)
+
+
+def test_video_display_rotation_is_applied(tmp_path: Path) -> None:
+    """A phone's portrait video is stored sideways with a display matrix; frames are judged upright."""
+    av = pytest.importorskip("av")
+    path = tmp_path / "portrait.mp4"
+    stored = Image.new("RGB", (64, 32), (220, 20, 20))
+    stored.paste((20, 20, 220), (0, 16, 64, 32))  # red top half, blue bottom half as stored
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(90)  # shown turned 90 degrees counter-clockwise
+        for _ in range(5):
+            for packet in stream.encode(av.VideoFrame.from_image(stored)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    li = load_video(path)
+    im = li.views[0].image
+    assert im.size == (32, 64) and (li.width, li.height) == (32, 64)
+    # counter-clockwise: the stored top (red) is now on the left
+    left, right = im.getpixel((4, 32)), im.getpixel((27, 32))
+    assert left[0] > 150 and left[2] < 90 and right[2] > 150 and right[0] < 90, (left, right)
+    assert any("display matrix" in n for n in li.notes)
 
 
 def test_video_without_pyav_is_a_per_file_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

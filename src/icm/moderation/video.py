@@ -27,6 +27,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from icm.moderation.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_FRAMES,
@@ -195,6 +197,22 @@ def _last_packet_time(container: Any, stream: Any) -> float | None:
     return end
 
 
+_ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+def _upright(frame: Any, notes: list[str]) -> Image.Image:
+    """The frame as RGB, turned as the video's display matrix says (phones store portrait video sideways)."""
+    image = frame.to_image()
+    rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360  # counter-clockwise, as PIL's
+    method = _ROTATIONS.get(rotation)
+    if method is not None:
+        image = image.transpose(method)
+        note = f"turned {rotation} degrees counter-clockwise, as the video's display matrix says"
+        if note not in notes:
+            notes.append(note)
+    return image
+
+
 def _sample(
     container: Any, source: str, digest: str, n_bytes: int, fps: float, max_frames: int, max_pixels: int, total_limit: int
 ) -> LoadedImage:
@@ -256,7 +274,7 @@ def _sample(
             if t + tolerance < target:
                 continue
             _check_frame_size(source, frame.width, frame.height, max_pixels, " (video frame)")
-            views.append(FrameView(frame.to_image(), frame=index_of(t, this_seq), timestamp=round(t, 3)))
+            views.append(FrameView(_upright(frame, notes), frame=index_of(t, this_seq), timestamp=round(t, 3)))
             while pending and pending[0] <= t + tolerance:
                 pending.pop(0)
             break
