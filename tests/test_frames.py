@@ -93,6 +93,8 @@ def save_animation(path: Path, frames: list[Image.Image], fmt: str) -> Path:
         kwargs["lossless"] = True
     if fmt == "GIF":
         kwargs["disposal"] = 1
+    if fmt == "MPO":
+        kwargs["quality"] = 95
     frames[0].save(path, fmt, **kwargs)
     return path
 
@@ -200,6 +202,15 @@ def test_the_late_offending_frame_decides(tmp_path: Path, fmt: str, ext: str) ->
     assert ok.ok and ok.verdict == "allow" and ok.frame == 0 and ok.frames_seen == 8
     # all 16 frames of both files went to the backend in one batch
     assert backend.batches == [16]
+
+
+def test_multi_picture_jpeg_second_picture_is_judged(tmp_path: Path) -> None:
+    """An MPO (a phone's stereo pair or main image plus a second picture) hides nothing either."""
+    path = save_animation(tmp_path / "pair.jpg", figures(2, 1), "MPO")
+    assert Image.open(path).format == "MPO"
+    (r,) = synth_moderator().moderate_paths([str(path)])
+    assert r.ok and r.verdict == "block" and (r.frame, r.frames_seen, r.frame_count) == (1, 2, 2)
+    assert [s.verdict for s in r.frame_scores] == ["allow", "block"]
 
 
 def test_still_image_record_has_frame_zero(tmp_path: Path) -> None:
