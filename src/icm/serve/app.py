@@ -24,7 +24,6 @@ import binascii
 import contextlib
 import io
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field

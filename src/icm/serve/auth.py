@@ -84,7 +84,7 @@ def host_allowed(host_header: str | None, allowed: Sequence[str]) -> bool:
         return False
 
 
-def cross_site(headers: "Mapping[str, str]") -> str | None:
+def cross_site(headers: Mapping[str, str]) -> str | None:
     """Why a request comes from another site's page, or None when it does not.
 
     As Go's ``http.CrossOriginProtection``: ``Sec-Fetch-Site`` (sent by every current
