@@ -655,3 +655,45 @@ def test_text_parsers_and_legacy_logprobs_format() -> None:
     assert parse_choice_text("Answer: A", ["A", "B"]) == 0
     legacy = {"tokens": ["Yes"], "token_logprobs": [-0.3], "top_logprobs": [{"Yes": -0.3, "No": -1.5}]}
     assert sorted(_first_token_candidates(legacy) or []) == [("No", -1.5), ("Yes", -0.3)]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("B", 0), (" C", 1), ("(B) no exposure", 0), ("B. Because the person is fully clothed.", 0),
+        ("The answer is (C).", 1), ("Answer: D", 2), ("answer: d", 2), ("**C**", 1), ("The correct option is D.", 2),
+        ("Option C", 1), ("Partial exposure.", 1),  # exactly one option's text
+        # never misread: sentence starts, refusals, labels that are not options, lower case alone
+        ("I'm sorry, but I can't help with that.", None), ("A woman in a swimsuit.", None), ("A", None),
+        ("Based on the image, B.", None), ("E", None), ("b) partial", None), ("The image shows a beach.", None),
+        ("", None),
+    ],
+)
+def test_choice_text_is_read_or_left_unread(text: str, expected: int | None) -> None:
+    assert parse_choice_text(text, ["B", "C", "D"], ["No exposure", "Partial exposure", "Full exposure"]) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Yes", True), ("yes", True), (" Yes.", True), ("Yes, the image is suggestive.", True), ("**No**", False),
+        ("no, it is not", False), ("The answer is yes.", True), ("Answer: No", False),
+        ("None of them", None), ("Not sure", None), ("I'm sorry, but no.", None), ("Nope", None), ("Maybe", None),
+    ],
+)
+def test_yes_no_text_is_read_or_left_unread(text: str, expected: bool | None) -> None:
+    assert parse_yes_no_text(text) is expected
+
+
+def test_refusal_phrasings() -> None:
+    refusals = [
+        "I'm sorry, but I can't help with that.", "I\u2019m sorry, I can\u2019t assist with this request.",
+        "Sorry, I cannot help with that.", "I cannot provide a description of this image.",
+        "I can't determine that from the image.", "As an AI, I do not evaluate explicit content.",
+        "Unfortunately, I am unable to analyze this image.", "I apologize, but I won't comment on that.",
+        "I must decline to answer.", "That request is against my guidelines.",
+    ]
+    answers = ["Yes", "No, the person is dressed.", "B. Because the image is calm.", "The answer is (C).",
+               "The image shows a person on a beach."]
+    assert all(is_refusal(t) for t in refusals), [t for t in refusals if not is_refusal(t)]
+    assert not any(is_refusal(t) for t in answers)
