@@ -302,6 +302,8 @@ def test_verbose_answers_are_read_correctly(fake, work, term, hue, product):
     result, records = _run(work)
     assert result.exit_code == 0, result.output
     assert all(r.ok and r.product == product and not r.unanswered for r in records), [(r.product, r.unanswered) for r in records]
+    from_text = "logprobs" not in json.dumps(term)
+    assert all(any("read from the answer text" in n for n in r.notes) == from_text for r in records)
     assert {r.verdict for r in records} == {"block" if product == "red_square" else "allow"}
 
 
