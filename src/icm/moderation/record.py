@@ -22,7 +22,9 @@ class TermScore(BaseModel):
     term: str
     question: str
     p_yes: float | None = Field(description="P(Yes) for the term question; None when not judged")
-    source: str | None = Field(default=None, description="logits, logprobs, parsed (answer text only) or a detector")
+    source: str | None = Field(
+        default=None, description="logits, logprobs, parsed (read from the answer text: 0/1), guided (constrained answer text) or a detector"
+    )
 
 
 class Timings(BaseModel):

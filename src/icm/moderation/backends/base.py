@@ -58,8 +58,9 @@ class YesNoScore:
     """P(Yes) for one (image, question) pair and how it was obtained.
 
     ``source`` is ``"logits"`` for next-token logits, ``"logprobs"`` for a server's
-    top logprobs, ``"parsed"`` when only the answer text was available (the probability
-    is then 0/1 and less trustworthy), or a detector's name.
+    top logprobs, ``"parsed"`` when only the answer text could be read (the probability
+    is then 0/1 and less trustworthy), ``"guided"`` for the text of a constrained
+    (guided-choice) answer without logprobs, or a detector's name.
     """
 
     p_yes: float
