@@ -261,3 +261,71 @@ def test_paths_and_errors_with_brackets_are_printed_literally(tmp_path):
     result = runner.invoke(app, ["moderate", str(odd)], env={"COLUMNS": "200"})
     assert result.exit_code == 1
     assert "[serve].png" in result.output and "holiday" in result.output
+
+
+class Scripted(RednessBackend):
+    """Answers through RednessBackend, then replaces the answers of some queries."""
+
+    def __init__(self, replace: dict[str, object]) -> None:
+        super().__init__()
+        self.replace = replace
+
+    def ask(self, images, queries):
+        out = super().ask(images, queries)
+        for slot in out:
+            slot.update({k: v for k, v in self.replace.items() if k in slot})
+        return out
+
+
+def test_one_failed_query_makes_the_image_an_error_not_a_verdict(tmp_path):
+    from icm.moderation.backends.base import Failed
+
+    red = _solid(tmp_path / "red.png", (250, 5, 5))
+    mod = Moderator(Scripted({"attr:action": Failed("HTTP 503 from http://vlm/v1/chat/completions: busy (gave up after 4 attempts)", 503)}),
+                    policy="icm-sexy")
+    (r,) = mod.moderate_paths([str(red)])
+    assert not r.ok and r.verdict is None and r.product is None and r.p_violation is None
+    assert r.error.startswith("redness backend failed on 1 of 5 queries: attr:action: HTTP 503")
+    assert r.failed_queries == {"attr:action": "HTTP 503 from http://vlm/v1/chat/completions: busy (gave up after 4 attempts)"}
+    assert r.sha256 and r.width == 32  # the image is identified, so --resume retries it
+
+
+def test_refused_and_off_format_answers_are_never_allowed(tmp_path):
+    from icm.moderation.backends.base import NotJudged
+
+    blue = _solid(tmp_path / "blue.png", (5, 5, 250))  # RednessBackend allows it when it answers everything
+    (ok,) = Moderator(Scripted({}), policy="icm-sexy").moderate_paths([str(blue)])
+    assert ok.verdict == "allow" and ok.unanswered == {}
+
+    refused = NotJudged("refused", "answered \"I'm sorry, but I can't help with that.\"", {"text": "I'm sorry, but I can't help with that."})
+    (r,) = Moderator(Scripted({"attr:cue": refused}), policy="icm-sexy").moderate_paths([str(blue)])
+    assert r.ok and r.verdict == "review" and r.basis == "refused" and r.product is None and r.p_violation is None
+    assert r.unanswered["attr:cue"].startswith("refused") and "I'm sorry" in r.reason
+    assert r.attributes["region"] and "cue" in r.not_judged  # what was answered is kept as evidence
+
+    (o,) = Moderator(Scripted({"attr:cue": NotJudged("off-format", "answered 'Maybe'")}), policy="icm-sexy").moderate_paths([str(blue)])
+    assert o.ok and o.verdict == "review" and o.unanswered == {"attr:cue": "off-format: answered 'Maybe'"}
+
+    # cannot-judge (a detector asked about an action) leaves the attribute out and decides on the rest
+    (c,) = Moderator(Scripted({"attr:cue": NotJudged("cannot-judge")}), policy="icm-sexy").moderate_paths([str(blue)])
+    assert c.ok and c.basis != "refused" and c.unanswered == {"attr:cue": "cannot-judge"}
+
+
+def test_a_configuration_error_stops_the_job_and_keeps_what_was_done(tmp_path):
+    from icm.moderation.backends.base import BackendConfigError
+
+    for i in range(4):
+        _solid(tmp_path / f"img{i}.png", (0, 0, 200))
+    out = tmp_path / "out.jsonl"
+
+    class Revoked(RednessBackend):
+        def ask(self, images, queries):
+            if self.calls >= 1:
+                raise BackendConfigError("openai backend: the API key was rejected")
+            self.calls += 1
+            return super().ask(images, queries)
+
+    with pytest.raises(BackendConfigError, match="API key"):
+        run_job(ModerateConfig(inputs=[str(tmp_path)], out=str(out), batch_size=2), moderator=Moderator(Revoked(), policy="icm-sexy"))
+    records, _ = read_records(out)
+    assert len(records) == 2 and all(r.ok for r in records)  # the first batch; no error record per image
