@@ -697,3 +697,22 @@ def test_refusal_phrasings() -> None:
                "The image shows a person on a beach."]
     assert all(is_refusal(t) for t in refusals), [t for t in refusals if not is_refusal(t)]
     assert not any(is_refusal(t) for t in answers)
+
+
+@pytest.mark.parametrize(
+    ("style", "field", "value"),
+    [
+        ("structured_outputs", "structured_outputs", {"choice": ["B", "C", "D"]}),
+        ("guided_choice", "guided_choice", ["B", "C", "D"]),
+        ("regex", "regex", "(B|C|D)"),
+    ],
+)
+def test_guided_choice_styles(style: str, field: str, value: Any, fake: FakeOpenAIServer, make_backend: Any) -> None:
+    fake.script("g", Reply(json=vllm_logprobs_body([("C", -0.1), ("B", -2.5)])))
+    backend = make_backend(guided_choice=style)
+    [choice] = backend.choose([img()], "Which? [k=g]", ["x", "y", "z"])
+    assert isinstance(choice, Choice) and choice.source == "logprobs"
+    assert fake.bodies("g")[0][field] == value
+    with pytest.raises(ValueError, match="guided_choice"):
+        make_backend(guided_choice="outlines")
+    assert "structured_outputs" not in make_backend()._guided_params(["B", "C"])  # off by default

@@ -103,6 +103,11 @@ judged. 0.5 means "the labels are more likely than everything else together"."""
 
 NotJudgedReason = Literal["cannot-judge", "refused", "off-format"]
 
+REFUSAL_FIRST_WORDS = frozenset({"i", "i'm", "im", "sorry", "as", "unfortunately", "apologies", "unable"})
+"""First words of refusals ("I'm sorry", "Sorry, ...", "As an AI", "Unfortunately"): when a
+backend sees only the first token of an answer that is not a label, one of these makes
+the answer ``refused`` rather than ``off-format``."""
+
 
 @dataclass
 class NotJudged:

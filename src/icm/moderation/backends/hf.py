@@ -35,6 +35,7 @@ from PIL import Image
 
 from icm.moderation.backends.base import (
     DEFAULT_MIN_LABEL_MASS,
+    REFUSAL_FIRST_WORDS,
     Answer,
     Backend,
     BackendConfigError,
@@ -667,16 +668,12 @@ class HFBackend(Backend):
         top = int(logprobs.argmax())
         token = self.tokenizer.decode([top])
         word = token.strip().strip(".,!:;\"'").lower()
-        reason = "refused" if word in _REFUSAL_FIRST_TOKENS else "off-format"
+        reason = "refused" if word in REFUSAL_FIRST_WORDS else "off-format"
         detail = f"most likely next token {token!r} (p={float(logprobs[top].exp()):.3g}); P({what})={mass:.3g} < {self.min_label_mass:g}"
         return NotJudged(reason, detail, {**raw, "top_token": token})
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-# First tokens that start a refusal ("I'm sorry", "Sorry, ...", "As an AI", "Unfortunately").
-_REFUSAL_FIRST_TOKENS = frozenset({"i", "i'm", "sorry", "as", "unfortunately", "apologies", "unable"})
 
 
 class _MissingPackage(ImportError, BackendConfigError):

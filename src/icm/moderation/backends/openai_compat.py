@@ -52,6 +52,7 @@ from PIL import Image
 
 from icm.moderation.backends.base import (
     DEFAULT_MIN_LABEL_MASS,
+    REFUSAL_FIRST_WORDS,
     Answer,
     Backend,
     BackendConfigError,
@@ -306,9 +307,6 @@ _REFUSAL_RE = re.compile(
     r")",
     re.IGNORECASE,
 )
-# First tokens that start a refusal ("I'm sorry", "Sorry", "As an AI", "Unfortunately"):
-# when only one token was generated, such a first token is read as a refusal.
-_REFUSAL_FIRST_TOKENS = frozenset({"i", "i'm", "sorry", "as", "unfortunately", "apologies", "unable", "im"})
 
 
 def is_refusal(text: str | None) -> bool:
@@ -325,7 +323,7 @@ def _refused_or_off_format(text: str | None, top_token: str | None) -> str:
         return "refused"
     words = re.findall(r"[A-Za-z']+", text or "")
     first = (words[0] if words else _norm_token(top_token or "")).lower()
-    if len(words) <= 1 and first in _REFUSAL_FIRST_TOKENS:
+    if len(words) <= 1 and first in REFUSAL_FIRST_WORDS:  # only one token generated: judge by it
         return "refused"
     return "off-format"
 
