@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import tiny_models  # noqa: E402
 from icm.moderation.backends.base import Query  # noqa: E402
 from icm.moderation.backends.hf import HFBackend, grouped_probs  # noqa: E402
-from icm.policy.prompts_format import choice_prompt, yes_no_prompt  # noqa: E402
+from icm.policy.prompts_format import moderation_choice_prompt as choice_prompt, yes_no_prompt  # noqa: E402
 
 QUERIES = [
     Query("term:sexy", "yes_no", "Is the image sexy?", term="sexy"),
@@ -134,7 +134,7 @@ def main() -> None:
             vocab_size=2000,
             tokenizer_texts=[choice_prompt(q.question, q.options) if q.options else yes_no_prompt(q.question) for q in QUERIES],
         )
-        backend = HFBackend(model=str(path), batch_size=args.batch_size, device="cpu", dtype="float32")
+        backend = HFBackend(model=str(path), batch_size=args.batch_size, device="cpu", dtype="float32", min_label_mass=0.0)  # untrained: raw scores
         n_params = tiny_models.count_parameters(backend.model)
         images = [tiny_models.noise_image(args.image_size, seed=i) for i in range(args.images)]
         texts = [

@@ -192,10 +192,10 @@ def test_page_with_api_keys_asks_for_the_key(browser, tmp_path, monkeypatch):
 
     monkeypatch.delenv("ICM_API_KEYS", raising=False)
     driver = browser
-    with _Server(ServeConfig(db=str(tmp_path / "d.sqlite"), api_keys=["team:s3cret"])) as srv:
+    with _Server(ServeConfig(db=str(tmp_path / "d.sqlite"), api_keys=["team:s3cret-0123456789ab"])) as srv:
         driver.get(srv.url + "/review")
         _wait(driver, lambda d: "API key" in _text(d, "status"))
-        driver.find_element("id", "api-key").send_keys("s3cret", Keys.TAB)
+        driver.find_element("id", "api-key").send_keys("s3cret-0123456789ab", Keys.TAB)
         _wait(driver, lambda d: "icm-sexy" in _text(d, "upload-policy"))
         driver.find_element("id", "upload-file").send_keys(str(EXAMPLES / "flower.jpg"))
         driver.find_element("id", "upload-submit").click()

@@ -104,6 +104,7 @@ def png(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes
 
 def config(tmp_path: Path, **kw: Any) -> ServeConfig:
     kw.setdefault("db", str(tmp_path / "decisions.sqlite"))
+    kw.setdefault("allowed_hosts", ["testserver", "icm"])  # the Host names of TestClient and _burst
     return ServeConfig(**kw)
 
 
@@ -330,8 +331,8 @@ def test_a_backend_failure_is_a_502_and_no_decision(tmp_path, monkeypatch):
 
 
 def test_api_keys_from_config_and_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("ICM_API_KEYS", "envkey-123, bob:bobs-key")
-    cfg = config(tmp_path, api_keys=["alice:alices-key"])
+    monkeypatch.setenv("ICM_API_KEYS", "envkey-1234567890, bob:bobs-key-0123456789")
+    cfg = config(tmp_path, api_keys=["alice:alices-key-0123456789"])
     app = create_app(cfg, moderator=Moderator(ColourBackend()))
     img = {"image": ("b.png", png((0, 0, 255)), "image/png")}
     # keys configured: any client, loopback or not, needs one
@@ -341,18 +342,18 @@ def test_api_keys_from_config_and_environment(tmp_path, monkeypatch):
         assert "Authorization: Bearer" in r.json()["detail"]
         r = c.post("/v1/moderate", files=img, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"] == "invalid_api_key"
-        assert c.post("/v1/moderate", files=img, headers={"Authorization": "Basic alices-key"}).status_code == 401
+        assert c.post("/v1/moderate", files=img, headers={"Authorization": "Basic alices-key-0123456789"}).status_code == 401
         for route in ("/v1/policies", "/v1/decisions", "/metrics"):
             assert c.get(route).status_code == 401, route
         assert c.get("/healthz").status_code == 200 and c.get("/healthz").json()["auth"] == "api-keys"
         assert c.get("/review").status_code == 200  # the page has no data; its API calls need the key
 
         ids = []
-        for key in ("alices-key", "envkey-123", "bobs-key"):
+        for key in ("alices-key-0123456789", "envkey-1234567890", "bobs-key-0123456789"):
             r = c.post("/v1/moderate", files=img, headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200, (key, r.text)
             ids.append(r.json()["decision_id"])
-        h = {"Authorization": "Bearer alices-key"}
+        h = {"Authorization": "Bearer alices-key-0123456789"}
         clients = [d["client"] for d in c.get("/v1/decisions", headers=h).json()["decisions"]]
         assert clients[0] == "bob" and clients[2] == "alice" and clients[1].startswith("key-")
         # the key's name is who reviewed, unless a reviewer name is given
@@ -382,9 +383,9 @@ def test_bind_refuses_public_interfaces_without_keys(tmp_path, monkeypatch):
         ServeConfig(host=host).check_bind()
     with pytest.raises(ValueError, match="without API keys"):
         ServeConfig(host="0.0.0.0").check_bind()
-    ServeConfig(host="0.0.0.0", api_keys=["k"]).check_bind()
+    ServeConfig(host="0.0.0.0", api_keys=["k" * 16]).check_bind()
     ServeConfig(host="0.0.0.0", allow_unauthenticated=True).check_bind()
-    monkeypatch.setenv("ICM_API_KEYS", "from-env")
+    monkeypatch.setenv("ICM_API_KEYS", "from-env-0123456789")
     ServeConfig(host="0.0.0.0").check_bind()
     monkeypatch.delenv("ICM_API_KEYS")
     r = runner.invoke(cli, ["serve", "--host", "0.0.0.0", "--db", str(tmp_path / "x.sqlite")])
@@ -395,7 +396,7 @@ def test_bind_refuses_public_interfaces_without_keys(tmp_path, monkeypatch):
 def test_config_file_and_flags(tmp_path, monkeypatch):
     monkeypatch.delenv("ICM_API_KEYS", raising=False)
     f = tmp_path / "serve.yaml"
-    f.write_text("port: 9123\nrules: children\nmax_batch_size: 4\napi_keys: ['a:k1']\n")
+    f.write_text("port: 9123\nrules: children\nmax_batch_size: 4\napi_keys: ['a:k1-0123456789abcdef']\n")
     cfg = ServeConfig.from_file(f, port=9200)
     assert (cfg.port, cfg.rules, cfg.max_batch_size, cfg.all_api_keys()[0].name) == (9200, "children", 4, "a")
     f.write_text("prot: 1\n")
@@ -605,9 +606,9 @@ def test_export_reviews_as_training_records(colour_client, tmp_path):
     assert msgs[0]["content"][0] == {"type": "image"} and all(m["content"][0]["type"] == "text" for m in msgs[1:])
     qa = [(msgs[i]["content"][-1]["text"], msgs[i + 1]["content"][0]["text"]) for i in range(0, len(msgs), 2)]
     assert qa[0] == ("Is the image sexy?\nAnswer with Yes or No.", "Yes")
-    # upper_chest = region "upper" (option A of 4) and exposure "chest" (option B of 9)
-    assert qa[1][0].startswith("Which part of the body does the image mainly show?\nA. ") and qa[1][1] == "A"
-    assert qa[2][0].startswith("What does the person's clothing leave exposed?\nA. ") and qa[2][1] == "B"
+    # upper_chest = region "upper" (option B of 4) and exposure "chest" (option C of 9): labels skip A, I, O
+    assert qa[1][0].startswith("Which part of the body does the image mainly show?\nB. ") and qa[1][1] == "B"
+    assert qa[2][0].startswith("What does the person's clothing leave exposed?\nB. ") and qa[2][1] == "C"
     assert qa[3][1] == "The neckline shows cleavage."
     assert qa[-1][0].startswith("Under the rule set 'icm-default'") and qa[-1][1] == "block"
 

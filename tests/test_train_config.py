@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from icm.cli.main import app
 from icm.policy import load_policy
-from icm.policy.prompts_format import choice_prompt, yes_no_prompt
+from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
 from icm.training.config import ConfigError, TrainConfig, load_config
 from icm.training.synth import (
     ACTIONS,
@@ -167,8 +167,8 @@ def test_teacher_answers_what_the_image_shows():
         yes = ask(yes_no_prompt(policy.term.question))
         assert yes == ("Yes" if f.positive else "No")
         for attr in policy.attributes:
-            letter = ask(choice_prompt(attr.question, [v.option_text for v in attr.values]))
-            assert "ABC"[attr.value_ids.index(f.assignment[attr.id])] == letter
+            letter = ask(moderation_choice_prompt(attr.question, [v.option_text for v in attr.values]))
+            assert option_labels(len(attr.values))[attr.value_ids.index(f.assignment[attr.id])] == letter
 
 
 def test_icm_data_synth_generate_runs_the_real_pipeline(tmp_path):
@@ -273,8 +273,8 @@ def test_exports_read_back_with_moderation_questions(synth_export):
         asked = {ex.messages[0]["content"][1]["text"]: ex.messages[1]["content"][0]["text"] for ex in exs}
         assert asked[yes_no_prompt(policy.term.question)] == ("Yes" if product.positive else "No")
         for attr in policy.attributes:
-            prompt = choice_prompt(attr.question, [v.option_text for v in attr.values])
-            assert asked[prompt] == "ABC"[attr.value_ids.index(product.assignment[attr.id])]
+            prompt = moderation_choice_prompt(attr.question, [v.option_text for v in attr.values])
+            assert asked[prompt] == option_labels(len(attr.values))[attr.value_ids.index(product.assignment[attr.id])]
     _, skipped = moderation_examples(llava_ex["train"])
     assert skipped == len(llava_ex["train"])  # no product: no moderation questions, counted
 
@@ -299,7 +299,8 @@ def test_reviewed_decisions_train_as_they_are_exported(synth_export, tmp_path):
     ex = load_examples([f])["train"]
     assert len(ex) == 1 and ex[0].messages == messages and ex[0].images == [image]
     mq, skipped = moderation_examples(ex)
-    assert skipped == 0 and [m.messages[1]["content"][0]["text"] for m in mq] == ["Yes", "B", "C", "B"]
+    # lower, bare, wave are options 2, 3 and 2: labelled C, D, C (the labels skip A, I and O: B, C, D, ...)
+    assert skipped == 0 and [m.messages[1]["content"][0]["text"] for m in mq] == ["Yes", "C", "D", "C"]
 
 
 def test_general_data_is_mixed_at_the_ratio(synth_export, tmp_path):
@@ -347,7 +348,7 @@ def test_training_prompt_is_what_the_backend_scores(tiny_models, synth_export, f
     from icm.training.collator import ChatCollator
     from icm.training.datasets import TrainDataset, load_examples, moderation_examples
 
-    backend = HFBackend(model=str(tiny_models[family]), batch_size=4, device="cpu")
+    backend = HFBackend(model=str(tiny_models[family]), batch_size=4, device="cpu", min_label_mass=0.0)  # untrained: compare raw scores
     policy = load_policy("synth-shapes")
     mq, _ = moderation_examples(load_examples([synth_export / "hf"])["train"][:3])
     ds = TrainDataset(mq)
@@ -377,7 +378,7 @@ def test_training_prompt_is_what_the_backend_scores(tiny_models, synth_export, f
         else:
             attr = next(a for a in policy.attributes if item["messages"][0]["content"][1]["text"].startswith(a.question))
             options = [v.option_text for v in attr.values]
-            groups = [resolve_answer_token_ids(tok, letter) for letter in "ABC"]
+            groups = [resolve_answer_token_ids(tok, label) for label in option_labels(len(options))]
             probs, _ = grouped_probs(lp, groups)
             expected = backend.choose([image], attr.question, options)[0].probs
             assert max(abs(float(p) - e) for p, e in zip(probs[0], expected)) < 1e-4

@@ -72,6 +72,9 @@ def moderate(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="JSONL file, one record per image, written as it goes."),
     resume: bool = typer.Option(False, "--resume", help="Skip images --out already holds for the same policy, rules, backend and model."),
     max_pixels: Optional[int] = typer.Option(None, help="Refuse images above this many pixels (decompression bombs)."),
+    max_frames: int = typer.Option(16, "--max-frames", help="Frames judged per animated/multi-page image or video (all up to this, evenly spaced beyond; the worst frame decides)."),
+    null: bool = typer.Option(False, "--null", "-0", help="With -: paths on stdin are separated by NUL bytes (find -print0), not lines."),
+    fps: float = typer.Option(1.0, "--fps", help="Video: frames sampled per second, thinned evenly to --max-frames (needs the [video] extra)."),
     json_: bool = typer.Option(False, "--json", help="Print the records as JSON lines instead of a table."),
     min_label_mass: float = typer.Option(
         DEFAULT_MIN_LABEL_MASS, "--min-label-mass",
@@ -91,8 +94,8 @@ def moderate(
     config = ModerateConfig(
         inputs=list(inputs), policy=policy, rules=rules, backend=backend, model=model, adapter=adapter,
         base_url=base_url, dtype=dtype, device=device, escalate_backend=escalate_backend, explain=explain,
-        batch_size=batch_size, out=out, resume=resume, max_pixels=max_pixels, min_label_mass=min_label_mass,
-        guided_choice=guided_choice,
+        batch_size=batch_size, out=out, resume=resume, max_pixels=max_pixels,
+        max_frames=max_frames, fps=fps, null=null, min_label_mass=min_label_mass, guided_choice=guided_choice,
     )
     if resume and not out:
         err_console.print("[red]--resume needs --out[/red]")

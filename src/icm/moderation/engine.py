@@ -12,14 +12,16 @@ with confidence (verdict other than ``allow``, or nothing judged) go to the seco
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
-from icm.moderation.backends.base import Backend, Box, Choice, Query, YesNoScore
-from icm.moderation.images import ImageLoadError, LoadedImage, load_image
-from icm.moderation.record import BoxRecord, ModerationRecord, TermScore, Timings
+from icm.moderation.backends.base import Backend, BackendConfigError, Box, Choice, Failed, NotJudged, Query, YesNoScore
+from icm.moderation.images import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, FrameView, ImageLoadError, LoadedImage
+from icm.moderation.record import BoxRecord, FrameScore, ModerationRecord, TermScore, Timings
+from icm.moderation.video import DEFAULT_FPS, load_media
 from icm.policy import Decision, Policy, decide, load_policy
 from icm.policy.model import RuleSet
 from icm.policy.prompts import attribute_prompts, explanation_prompt, term_prompt
@@ -51,6 +53,8 @@ class _Evidence:
     attributes: dict[str, dict[str, float]]
     sources: dict[str, str]
     boxes: list[Box]
+    failed: dict[str, str]  # query key -> why its request failed
+    unanswered: dict[str, NotJudged]  # query key -> why it is not judged (refused, off-format, cannot-judge)
 
 
 def _collect(policy: Policy, queries: Sequence[Query], answers: dict[str, object]) -> _Evidence:
@@ -59,9 +63,15 @@ def _collect(policy: Policy, queries: Sequence[Query], answers: dict[str, object
     sources: dict[str, str] = {}
     boxes: list[Box] = []
     seen_boxes: set[tuple] = set()
+    failed: dict[str, str] = {}
+    unanswered: dict[str, NotJudged] = {}
     for q in queries:
         ans = answers.get(q.key)
-        if ans is None:
+        if isinstance(ans, Failed):
+            failed[q.key] = ans.error
+            continue
+        if ans is None or isinstance(ans, NotJudged):
+            unanswered[q.key] = ans if isinstance(ans, NotJudged) else NotJudged("cannot-judge")
             continue
         for b in (getattr(ans, "raw", None) or {}).get("boxes", []) or []:
             if isinstance(b, Box):
@@ -76,12 +86,21 @@ def _collect(policy: Policy, queries: Sequence[Query], answers: dict[str, object
                 raise ValueError(f"backend returned {len(ans.probs)} probabilities for {len(q.option_ids)} options of {q.attribute!r}")
             attributes[q.attribute] = dict(zip(q.option_ids, (float(p) for p in ans.probs)))
             sources[q.attribute] = ans.source
-    return _Evidence(term, attributes, sources, boxes)
+    return _Evidence(term, attributes, sources, boxes, failed, unanswered)
 
 
 def _reason(policy: Policy, d: Decision) -> str:
     if d.basis == "none":
         return "Not judged: the backend gave no usable evidence for this policy."
+    if d.basis == "conflict":
+        return f"Conflicting evidence: {d.conflict}; sent to review under rule set '{d.rules}'."
+    if d.product is None and d.label is not None:  # the most likely cells are ones no product covers
+        cell = ", ".join(f"{a}={v}" for a, v in (d.cell or {}).items())
+        verb = "violate" if d.label.violates else "are allowed"
+        return (
+            f"Most likely: cells no product covers (p={d.p_uncovered:.2f}; most likely cell {cell}); they {verb} "
+            f"by the default of rule set '{d.rules}'; P(violation)={d.p_violation:.2f} -> {d.verdict}."
+        )
     if d.product is not None and d.label is not None:
         verb = "violates" if d.label.violates else "is allowed"
         return (
@@ -94,6 +113,41 @@ def _reason(policy: Policy, d: Decision) -> str:
         f"P({policy.term.id})={d.p_term:.2f} from the term question alone, no attribute product "
         f"identified; under rule set '{d.rules}' P(violation) is {rng} -> {d.verdict}."
     )
+
+
+def _apply_unanswered(rec: ModerationRecord, unanswered: dict[str, NotJudged]) -> ModerationRecord:
+    """Record why queries went unanswered; a refusal or an off-format answer is never allowed.
+
+    A refusal ("I'm sorry, but I can't help with that.") says nothing about which product
+    the image is, and often that it is one a model will not discuss: the verdict is
+    ``review``, basis ``refused``, with no product and no P(violation) (the evidence that
+    was answered stays in ``term`` and ``attributes``). An off-format answer leaves its query out of the evidence;
+    the rest decides, but ``allow`` becomes ``review``.
+    """
+    rec.unanswered = {key: nj.describe() for key, nj in unanswered.items()}
+    refused = [key for key, nj in unanswered.items() if nj.reason == "refused"]
+    off = [key for key, nj in unanswered.items() if nj.reason == "off-format"]
+    if refused:
+        said = next((str(unanswered[k].raw.get("text") or "").strip() for k in refused if unanswered[k].raw.get("text")), "")
+        rec.product = rec.product_probability = rec.product_description = None
+        rec.rule = rec.label = rec.severity = None
+        rec.p_violation = rec.p_violation_range = None  # what was answered is not the whole picture
+        rec.basis = "refused"
+        rec.verdict = "review"
+        rec.reason = (
+            f"The model refused to answer {', '.join(refused)}"
+            + (f" ({said[:80]!r})" if said else "")
+            + ": no product is assigned and the image goes to review."
+        )
+    elif off and rec.verdict == "allow":
+        rec.verdict = "review"
+        rec.reason = (
+            f"The model's answer to {', '.join(off)} was not one of the labels, so that evidence is missing; "
+            f"the rest would allow ({rec.reason}) but an image with unread answers is not allowed -> review."
+        )
+    elif off:
+        rec.notes.append(f"not judged (off-format answer): {', '.join(off)}")
+    return rec
 
 
 class Moderator:
@@ -137,6 +191,8 @@ class Moderator:
             answers = backend.ask([im.image for im in images], self.queries)
             if len(answers) != len(images):
                 raise RuntimeError(f"backend {backend.name!r} returned {len(answers)} answers for {len(images)} images")
+        except BackendConfigError:
+            raise  # no image can succeed: stop the job with this one message
         except Exception as exc:  # noqa: BLE001 - isolate the bad image, keep the batch going
             if len(images) == 1:
                 return [self.error_record(images[0].source, f"{backend.name} backend failed: {type(exc).__name__}: {exc}", images[0])]
@@ -155,14 +211,32 @@ class Moderator:
         return records
 
     def _record(self, backend: Backend, im: LoadedImage, answers: dict, model_ms: float) -> ModerationRecord:
+        """One image's record from its answers.
+
+        A query whose request failed makes the whole record an error naming every failed
+        query (no verdict from partial evidence; ``--resume`` retries it). A refused query
+        makes the verdict ``review`` with no product; an off-format one makes ``allow``
+        into ``review``; ``cannot-judge`` (a detector asked about an action) only leaves
+        the attribute out, as before.
+        """
         ev = _collect(self.policy, self.queries, answers)
+        if ev.failed:
+            err = "; ".join(f"{key}: {why}" for key, why in ev.failed.items())
+            rec = self.error_record(im.source, f"{backend.name} backend failed on {len(ev.failed)} of {len(self.queries)} queries: {err}", im)
+            rec.failed_queries = dict(ev.failed)
+            rec.notes = list(im.notes)
+            rec.stage = backend.name if self.escalate_to is not None else None
+            rec.timings = Timings(model_ms=round(model_ms, 3))
+            return rec
         p_term = ev.term.p_yes if ev.term is not None else None
         d = decide(self.policy, self.rule_set, attributes=ev.attributes or None, p_term=p_term)
         not_judged = [a.id for a in self.policy.attributes if a.id not in ev.attributes]
         notes = list(im.notes)
-        if ev.term is not None and ev.term.source == "parsed":
-            notes.append("P(Yes) parsed from the answer text: the server returned no logprobs")
-        return ModerationRecord(
+        from_text = [f"term:{self.policy.term.id}"] if ev.term is not None and ev.term.source in ("parsed", "guided") else []
+        from_text += [f"attr:{a}" for a, src in ev.sources.items() if src in ("parsed", "guided")]
+        if from_text:
+            notes.append(f"read from the answer text (0 or 1, no usable logprobs): {', '.join(from_text)}")
+        rec = ModerationRecord(
             path=im.source,
             sha256=im.sha256,
             bytes=im.n_bytes,
@@ -197,6 +271,7 @@ class Moderator:
             notes=notes,
             timings=Timings(model_ms=round(model_ms, 3)),
         )
+        return _apply_unanswered(rec, ev.unanswered)
 
     def _add_explanations(self, backend: Backend, images: Sequence[LoadedImage], records: list[ModerationRecord]) -> None:
         todo = [(im, r) for im, r in zip(images, records) if r.ok]
@@ -234,32 +309,84 @@ class Moderator:
     def moderate_loaded(
         self, images: Sequence[LoadedImage], load_ms: Sequence[float] | None = None
     ) -> list[ModerationRecord]:
-        """Moderate decoded images (one batch), cascade included."""
+        """Moderate decoded images (one batch), cascade included.
+
+        Every view of every image (each sampled frame, over each background that matters)
+        is judged, all views of the batch together; each image then takes its worst view
+        (:func:`_worst_view`), after escalation with the cascade. A view that fails makes
+        the whole image an error: no verdict is made on part of its frames.
+        """
         if not images:
             return []
-        records = self._run_stage(self.backend, images)
+        owners: list[int] = []
+        metas: list[FrameView] = []
+        views: list[LoadedImage] = []
+        for i, im in enumerate(images):
+            judged = im.judged_views()
+            for v in judged:
+                owners.append(i)
+                metas.append(v)
+                views.append(im if len(judged) == 1 and v.image is im.image
+                             else replace(im, image=v.image, width=v.image.width, height=v.image.height, views=[]))
+        multi = len(views) > len(images)
+        # With several views per image, explain only the view kept (below), not every frame.
+        runner = self
+        if self.explain and multi:
+            runner = copy.copy(self)
+            runner.explain = False
+        records = runner._run_stage(self.backend, views)
+        deciders: list[Backend] = [self.backend] * len(records)
         if self.escalate_to is not None:
             idx = [i for i, r in enumerate(records) if r.ok and r.verdict != "allow"]
             if idx:
-                second = self._run_stage(self.escalate_to, [images[i] for i in idx])
+                second = runner._run_stage(self.escalate_to, [views[i] for i in idx])
                 for i, r in zip(idx, second):
                     r.notes.insert(0, f"escalated by {self.backend.name}: {records[i].reason}")
                     r.timings.model_ms += records[i].timings.model_ms
                     records[i] = r
-        for i, r in enumerate(records):
+                    deciders[i] = self.escalate_to
+        out: list[ModerationRecord] = []
+        kept: list[int] = []
+        for i, im in enumerate(images):
+            members = [j for j, o in enumerate(owners) if o == i]
+            record, j = _aggregate(im, [records[j] for j in members], [metas[j] for j in members])
+            out.append(record)
+            kept.append(members[j])
+        if runner is not self:
+            for backend in {id(b): b for b in deciders}.values():
+                todo = [(views[j], r) for j, r in zip(kept, out, strict=True) if deciders[j] is backend and r.ok]
+                if todo and backend.supports("generate"):
+                    self._add_explanations(backend, [v for v, _ in todo], [r for _, r in todo])
+        for i, r in enumerate(out):
             r.timings.load_ms = load_ms[i] if load_ms else 0.0
             r.timings.total_ms = round(r.timings.load_ms + r.timings.model_ms + r.timings.explain_ms, 3)
-        return records
+        return out
 
-    def moderate_paths(self, paths: Sequence[str], *, max_pixels: int | None = None) -> list[ModerationRecord]:
-        """Load and moderate one batch of files; unreadable files become error records."""
+    def moderate_paths(
+        self,
+        paths: Sequence[str],
+        *,
+        max_pixels: int | None = None,
+        max_frames: int | None = None,
+        fps: float | None = None,
+    ) -> list[ModerationRecord]:
+        """Load and moderate one batch of files (stills, multi-frame images, videos).
+
+        Unreadable files become error records. ``max_frames`` and ``fps`` set the frame
+        sampling (defaults :data:`DEFAULT_MAX_FRAMES` and :data:`DEFAULT_FPS`).
+        """
         loaded: list[LoadedImage] = []
         load_ms: list[float] = []
         slots: list[ModerationRecord | int] = []
         for p in paths:
             t0 = time.perf_counter()
             try:
-                im = load_image(p, max_pixels=max_pixels) if max_pixels else load_image(p)
+                im = load_media(
+                    p,
+                    max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                    max_frames=max_frames or DEFAULT_MAX_FRAMES,
+                    fps=fps or DEFAULT_FPS,
+                )
             except ImageLoadError as exc:
                 slots.append(self.error_record(str(p), str(exc)))
                 continue
@@ -270,6 +397,45 @@ class Moderator:
         return [done[s] if isinstance(s, int) else s for s in slots]
 
 
+_SEVERITY = {"allow": 0, "review": 1, "block": 2}
+
+
+def _worst_view(records: Sequence[ModerationRecord]) -> int:
+    """The view an image is judged by: highest P(violation), then the more severe verdict, then the earliest."""
+    def key(i: int) -> tuple[float, int, int]:
+        r = records[i]
+        return (r.p_violation if r.p_violation is not None else -1.0, _SEVERITY.get(r.verdict or "", -1), -i)
+
+    return max(range(len(records)), key=key)
+
+
+def _aggregate(
+    im: LoadedImage, records: Sequence[ModerationRecord], metas: Sequence[FrameView]
+) -> tuple[ModerationRecord, int]:
+    """One record for an image from its views' records, and the index of the view it came from."""
+    def where(m: FrameView) -> str:
+        at = f"frame {m.frame}" + (f" at {m.timestamp:g}s" if m.timestamp is not None else "")
+        return at + (f" over {m.background}" if m.background else "")
+
+    failed = [i for i, r in enumerate(records) if not r.ok]
+    chosen = failed[0] if failed else _worst_view(records)
+    r, m = records[chosen], metas[chosen]
+    if len(records) > 1:
+        if failed:
+            r.error = f"{where(m)} (of {im.frames} frames): {r.error}"
+        else:
+            r.notes.insert(0, f"worst of {len(records)} views judged: {where(m)}")
+            r.frame_scores = [
+                FrameScore(frame=x.frame, timestamp=x.timestamp, background=x.background,
+                           p_violation=y.p_violation, verdict=y.verdict)
+                for x, y in zip(metas, records, strict=True)
+            ]
+        r.timings.model_ms = round(sum(x.timings.model_ms for x in records), 3)
+    r.frame, r.timestamp, r.background = m.frame, m.timestamp, m.background
+    r.frames_seen, r.frame_count = im.frames_seen, im.frames
+    return r, chosen
+
+
 def moderate(
     images: Iterable[str] | str,
     *,
@@ -278,9 +444,14 @@ def moderate(
     backend: Backend | str = "detector",
     explain: bool = False,
     batch_size: int = 8,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    fps: float = DEFAULT_FPS,
     **backend_options: object,
 ) -> list[ModerationRecord]:
-    """Moderate image files with a policy; the library form of ``icm moderate``.
+    """Moderate image and video files with a policy; the library form of ``icm moderate``.
+
+    Multi-frame images and videos are judged on up to ``max_frames`` frames (videos
+    sampled at ``fps``); each record carries the worst frame.
 
     >>> records = moderate(["photo.jpg"], policy="icm-sexy", rules="children")  # doctest: +SKIP
     """
@@ -293,7 +464,7 @@ def moderate(
         mod = Moderator(be, policy=policy, rules=rules, explain=explain)
         out: list[ModerationRecord] = []
         for i in range(0, len(paths), batch_size):
-            out.extend(mod.moderate_paths(paths[i : i + batch_size]))
+            out.extend(mod.moderate_paths(paths[i : i + batch_size], max_frames=max_frames, fps=fps))
         return out
     finally:
         if owned:

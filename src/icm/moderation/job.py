@@ -21,7 +21,7 @@ from typing import Callable, TextIO
 from icm.moderation.backends import create_backend
 from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, Backend
 from icm.moderation.engine import Moderator
-from icm.moderation.images import iter_image_paths
+from icm.moderation.images import ImageLoadError, iter_image_paths, open_regular_file
 from icm.moderation.record import ModerationRecord
 
 
@@ -48,6 +48,12 @@ class ModerateConfig:
     """hf/openai: the least probability the valid labels must hold for an answer to count."""
     guided_choice: str = "off"
     """openai: constrain answers to the labels (off, structured_outputs, guided_choice, regex)."""
+    max_frames: int = 16
+    """Frames judged per multi-frame image or video (evenly spaced beyond that, first and last included)."""
+    fps: float = 1.0
+    """Video: frames sampled per second (thinned evenly to ``max_frames``)."""
+    null: bool = False
+    """``-`` reads NUL-separated paths (``find -print0``) instead of one per line."""
 
 
 def _backend_options(name: str, c: ModerateConfig) -> dict[str, object]:
@@ -73,6 +79,10 @@ def build_moderator(c: ModerateConfig) -> Moderator:
         raise ValueError("--batch-size must be at least 1")
     if not 0.0 <= c.min_label_mass <= 1.0:
         raise ValueError(f"--min-label-mass must be between 0 and 1, got {c.min_label_mass}")
+    if c.max_frames < 1:
+        raise ValueError("--max-frames must be at least 1")
+    if not (c.fps > 0 and c.fps < float("inf")):
+        raise ValueError("--fps must be a positive number")
     escalate: Backend | None = None
     if c.backend == "cascade":
         if c.escalate_backend not in ("hf", "openai"):
@@ -85,14 +95,21 @@ def build_moderator(c: ModerateConfig) -> Moderator:
 
 
 def _sha256(path: Path) -> str | None:
+    """The file's sha256; None when it cannot be read or is not a regular file (never opens a FIFO)."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
+        fd, _ = open_regular_file(path, str(path))
+        with os.fdopen(fd, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-    except OSError:
+    except (OSError, ImageLoadError):
         return None
     return h.hexdigest()
+
+
+def _resolved(path: str | os.PathLike[str]) -> str:
+    """The key resume matches a file by (with its sha256): the resolved path, not its spelling."""
+    return os.path.normcase(os.path.realpath(path))
 
 
 def read_records(path: Path) -> tuple[list[ModerationRecord], int]:
@@ -100,7 +117,9 @@ def read_records(path: Path) -> tuple[list[ModerationRecord], int]:
     records, bad = [], 0
     if not path.exists():
         return records, bad
-    with open(path, encoding="utf-8") as fh:
+    # errors="replace": a run killed inside a multi-byte character leaves a torn last line,
+    # which must count as one bad line, not stop the whole file from being read.
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             if not line.strip():
                 continue
@@ -126,7 +145,7 @@ class JobSummary:
 
 
 def _prepare_output(c: ModerateConfig, mod: Moderator) -> tuple[TextIO | None, dict[str, ModerationRecord]]:
-    """Open the output; with resume, keep finished records and return them by path."""
+    """Open the output; with resume, keep finished records and return them by resolved path."""
     if not c.out:
         return None, {}
     out = Path(c.out)
@@ -136,7 +155,7 @@ def _prepare_output(c: ModerateConfig, mod: Moderator) -> tuple[TextIO | None, d
         records, _ = read_records(out)
         same = lambda r: (r.policy, r.rules, r.backend, r.model) == (mod.policy.name, mod.rule_set.name, mod.backend_name, mod.model_id)  # noqa: E731
         keep = [r for r in records if r.ok or not same(r)]
-        done = {r.path: r for r in keep if r.ok and same(r)}
+        done = {_resolved(r.local_path()): r for r in keep if r.ok and same(r)}
         tmp = out.with_name(out.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             for r in keep:
@@ -160,7 +179,7 @@ def run_job(
     t0 = time.perf_counter()
     mod = moderator or build_moderator(c)
     summary = JobSummary()
-    entries = list(iter_image_paths(c.inputs, stdin=stdin))
+    entries = list(iter_image_paths(c.inputs, stdin=stdin, null=c.null))
     if on_start:
         on_start(len(entries))
     fh, done = _prepare_output(c, mod)
@@ -181,7 +200,7 @@ def run_job(
         pending: list[str] = []
 
         def flush_batch() -> None:
-            for r in mod.moderate_paths(pending, max_pixels=c.max_pixels):
+            for r in mod.moderate_paths(pending, max_pixels=c.max_pixels, max_frames=c.max_frames, fps=c.fps):
                 emit(r)
             pending.clear()
 
@@ -191,7 +210,7 @@ def run_job(
                 emit(mod.error_record(e.source, e.error or "no image"))
                 continue
             path = str(e.path)
-            prev = done.get(path)
+            prev = done.get(_resolved(e.path))
             if prev is not None and prev.sha256 == _sha256(e.path):
                 summary.skipped += 1
                 summary.verdicts[prev.verdict or "none"] += 1

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import os
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from icm import __version__
 
@@ -34,12 +36,53 @@ class Timings(BaseModel):
     total_ms: float = 0.0
 
 
+def json_safe_text(text: str) -> str:
+    """``text`` unchanged when it is valid Unicode, else each byte that was not UTF-8 shown as ``\\xNN``.
+
+    File names that are not UTF-8 reach Python as ``str`` with lone surrogates
+    (``surrogateescape``), which JSON cannot carry; this makes them printable and safe.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, str):
+        return json_safe_text(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    return value
+
+
+class FrameScore(BaseModel):
+    """One judged view of a multi-frame image or video (``frame_scores``)."""
+
+    frame: int
+    timestamp: float | None = None
+    background: str | None = None
+    p_violation: float | None = None
+    verdict: VerdictName | None = None
+
+
 class ModerationRecord(BaseModel):
     """Everything a person needs to check one verdict."""
 
     model_config = ConfigDict(extra="allow")
 
     path: str
+    path_bytes: str | None = Field(
+        default=None,
+        description="Only when the file name is not valid UTF-8: its exact bytes, base64; `path` then shows them as \\xNN",
+    )
     sha256: str | None = None
     bytes: int | None = None
     width: int | None = None
@@ -82,6 +125,18 @@ class ModerationRecord(BaseModel):
     reason: str | None = Field(default=None, description="Why, in one sentence built from the evidence")
     explanation: str | None = Field(default=None, description="The model's own explanation (--explain)")
     boxes: list[BoxRecord] = Field(default_factory=list)
+    frame: int | None = Field(
+        default=None, description="Index in the file of the frame the verdict comes from (the worst judged; 0 for a still)"
+    )
+    timestamp: float | None = Field(default=None, description="Video (and timed animation): seconds of that frame")
+    background: str | None = Field(
+        default=None, description="white or black: the background the worst view was judged on (meaningful alpha only)"
+    )
+    frames_seen: int | None = Field(default=None, description="How many frames of the file were judged")
+    frame_count: int | None = Field(default=None, description="How many frames the file has (video: as stated or estimated)")
+    frame_scores: list[FrameScore] = Field(
+        default_factory=list, description="Multi-frame, video or alpha images: P(violation) and verdict of every view judged"
+    )
     notes: list[str] = Field(default_factory=list)
     timings: Timings = Field(default_factory=Timings)
     error: str | None = Field(
@@ -95,6 +150,28 @@ class ModerationRecord(BaseModel):
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_safe_names(cls, data: Any) -> Any:
+        """Keep a record writable as JSON whatever the file name (see :func:`json_safe_text`)."""
+        if not isinstance(data, dict):
+            return data
+        path = data.get("path")
+        if isinstance(path, str) and json_safe_text(path) != path:
+            data = dict(data)
+            try:
+                raw = os.fsencode(path)
+            except UnicodeEncodeError:
+                raw = path.encode("utf-8", "surrogatepass")
+            data["path_bytes"] = base64.b64encode(raw).decode("ascii")
+        return _json_safe(data) if any(isinstance(v, (str, list, dict)) for v in data.values()) else data
+
+    def local_path(self) -> str:
+        """The file name as the OS spells it (undoing the JSON-safe form of ``path``)."""
+        if self.path_bytes:
+            return os.fsdecode(base64.b64decode(self.path_bytes))
+        return self.path
 
     def resume_key(self) -> tuple[Any, ...]:
         return (self.path, self.sha256, self.policy, self.rules, self.backend, self.model)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from icm.policy.model import Policy, Product
-from icm.policy.prompts_format import choice_prompt, option_letters, yes_no_prompt
+from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
 
 # Fields: {term}, {hint} (the product's short description), {question} (the term question),
 # {yes} / {no} (the term's verdict statements, e.g. "The image is sexy" / "The image is not sexy").
@@ -115,8 +115,8 @@ def attribute_prompts(policy: Policy) -> list[AttributePrompt]:
                 question=a.question,
                 option_ids=a.value_ids,
                 options=options,
-                letters=option_letters(len(options)),
-                prompt=choice_prompt(a.question, options),
+                letters=option_labels(len(options)),
+                prompt=moderation_choice_prompt(a.question, options),
             )
         )
     return out

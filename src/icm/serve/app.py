@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
 from icm import __version__
+from icm.moderation.backends.base import BackendConfigError
 from icm.moderation.engine import Moderator
 from icm.moderation.images import ImageLoadError, LoadedImage, load_image
 from icm.moderation.record import ModerationRecord
@@ -560,6 +561,12 @@ def create_app(
             raise APIError(503, "overloaded", f"the server is busy: {exc}; retry later", headers={"Retry-After": "1"}) from None
         except BatcherClosed as exc:
             raise APIError(503, "unavailable", str(exc), headers={"Retry-After": "5"}) from None
+        except BackendConfigError as exc:  # a rejected key, an unknown model: no decision can be made
+            log.error("the backend cannot work: %s", exc)
+            raise APIError(
+                503, "backend_unavailable", "the model backend is misconfigured or unreachable (see the server log)",
+                headers={"Retry-After": "30"},
+            ) from None
         except Exception as exc:  # noqa: BLE001 - the store (or the image folder) failed
             log.exception("batch failed: %s: %s", type(exc).__name__, exc)
             raise APIError(
