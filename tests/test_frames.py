@@ -248,13 +248,18 @@ def test_cascade_aggregates_after_escalation(tmp_path: Path) -> None:
     assert second.explained == 1 and first.explained == 0 and r.explanation == f"I see {OFFENDING}"
 
 
-def test_worst_view_ties_go_to_the_more_severe_then_the_earliest() -> None:
-    def rec(p: float, verdict: str) -> ModerationRecord:
+def test_worst_view_is_the_most_severe_verdict_then_the_highest_p_then_the_earliest() -> None:
+    def rec(p: float | None, verdict: str) -> ModerationRecord:
         return ModerationRecord(path="x", policy="p", rules="r", backend="b", p_violation=p, verdict=verdict)
 
-    assert _worst_view([rec(0.2, "allow"), rec(0.7, "review"), rec(0.5, "block")]) == 1
+    # a blocked frame blocks the file even where another frame has a higher P(violation)
+    # (allowed product, P(violation) in the review band)
+    assert _worst_view([rec(0.2, "allow"), rec(0.75, "review"), rec(0.72, "block")]) == 2
+    assert _worst_view([rec(0.2, "allow"), rec(0.7, "review"), rec(0.5, "review")]) == 1
     assert _worst_view([rec(0.7, "review"), rec(0.7, "block"), rec(0.7, "block")]) == 1
     assert _worst_view([rec(0.1, "allow"), rec(0.1, "allow")]) == 0
+    # a refused frame has no P(violation): it still keeps the file from being allowed
+    assert _worst_view([rec(0.1, "allow"), rec(None, "review"), rec(0.2, "allow")]) == 1
 
 
 # --------------------------------------------------------------------------- transparency

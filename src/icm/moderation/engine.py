@@ -401,10 +401,15 @@ _SEVERITY = {"allow": 0, "review": 1, "block": 2}
 
 
 def _worst_view(records: Sequence[ModerationRecord]) -> int:
-    """The view an image is judged by: highest P(violation), then the more severe verdict, then the earliest."""
-    def key(i: int) -> tuple[float, int, int]:
+    """The view an image is judged by: the most severe verdict, then the highest P(violation), then the earliest.
+
+    Verdict first: a file is blocked when any of its frames is, and a frame that was refused or
+    answered off-format (verdict ``review``, often with no P(violation)) keeps the whole file
+    from being allowed, whatever P(violation) the other frames have.
+    """
+    def key(i: int) -> tuple[int, float, int]:
         r = records[i]
-        return (r.p_violation if r.p_violation is not None else -1.0, _SEVERITY.get(r.verdict or "", -1), -i)
+        return (_SEVERITY.get(r.verdict or "", -1), r.p_violation if r.p_violation is not None else -1.0, -i)
 
     return max(range(len(records)), key=key)
 
