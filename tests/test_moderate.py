@@ -329,3 +329,35 @@ def test_a_configuration_error_stops_the_job_and_keeps_what_was_done(tmp_path):
         run_job(ModerateConfig(inputs=[str(tmp_path)], out=str(out), batch_size=2), moderator=Moderator(Revoked(), policy="icm-sexy"))
     records, _ = read_records(out)
     assert len(records) == 2 and all(r.ok for r in records)  # the first batch; no error record per image
+
+
+def test_resume_redoes_records_of_a_policy_whose_content_changed(tmp_path):
+    """A calibrated policy keeps its name and rule-set names; its old records must not count as done."""
+    from icm.policy import load_policy
+
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        _solid(tmp_path / "in" / f"img{i}.png", (200, 0, 0))
+    out = tmp_path / "out.jsonl"
+    import icm.policies
+
+    text = (Path(icm.policies.__file__).parent / "icm-sexy.yaml").read_text()
+    policy_file = tmp_path / "icm-sexy.yaml"
+    policy_file.write_text(text)
+    cfg = ModerateConfig(inputs=[str(tmp_path / "in")], out=str(out), policy=str(policy_file), resume=True)
+    first = RednessBackend()
+    run_job(cfg, moderator=Moderator(first, policy=load_policy(str(policy_file))))
+    assert first.images_seen == 3
+    same = RednessBackend()  # the same file again: everything is done
+    assert run_job(cfg, moderator=Moderator(same, policy=load_policy(str(policy_file)))).skipped == 3
+    assert same.images_seen == 0
+    # new thresholds of one rule set, same names: every image is decided again
+    assert "thresholds: {review: 0.5, block: 0.9}" in text
+    policy_file.write_text(text.replace("thresholds: {review: 0.5, block: 0.9}", "thresholds: {review: 0.45, block: 0.9}"))
+    changed = load_policy(str(policy_file))
+    assert changed.name == "icm-sexy"
+    again = RednessBackend()
+    summary = run_job(cfg, moderator=Moderator(again, policy=changed))
+    assert summary.skipped == 0 and again.images_seen == 3
+    records, _ = read_records(out)
+    assert len({r.policy_digest for r in records}) == 2 and all(r.policy_digest for r in records)

@@ -13,6 +13,7 @@ with confidence (verdict other than ``allow``, or nothing judged) go to the seco
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -170,6 +171,9 @@ class Moderator:
         self.explain = explain
         self.max_new_tokens = max_new_tokens
         self.queries = build_queries(self.policy)
+        # The policy's content, not its name: a calibrated copy keeps the name and rule-set
+        # names but decides differently, so --resume must not take its old records as done.
+        self.policy_digest = hashlib.sha256(self.policy.model_dump_json().encode()).hexdigest()[:16]
         self.explain_prompt = explanation_prompt(self.policy)
 
     @property
@@ -243,6 +247,7 @@ class Moderator:
             width=im.width,
             height=im.height,
             policy=self.policy.name,
+            policy_digest=self.policy_digest,
             rules=self.rule_set.name,
             backend=self.backend_name,
             model=self.model_id,
@@ -265,6 +270,9 @@ class Moderator:
             p_violation=d.p_violation,
             p_violation_range=d.p_violation_range,
             basis=d.basis,
+            p_uncovered=d.p_uncovered,
+            cell=d.cell,
+            conflict=d.conflict,
             verdict=d.verdict,
             reason=_reason(self.policy, d),
             boxes=[BoxRecord(**b.as_dict()) for b in ev.boxes],
@@ -298,6 +306,7 @@ class Moderator:
             width=im.width if im else None,
             height=im.height if im else None,
             policy=self.policy.name,
+            policy_digest=self.policy_digest,
             rules=self.rule_set.name,
             backend=self.backend_name,
             model=self.model_id,

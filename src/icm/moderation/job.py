@@ -153,7 +153,8 @@ def _prepare_output(c: ModerateConfig, mod: Moderator) -> tuple[TextIO | None, d
     done: dict[str, ModerationRecord] = {}
     if c.resume and out.exists():
         records, _ = read_records(out)
-        same = lambda r: (r.policy, r.rules, r.backend, r.model) == (mod.policy.name, mod.rule_set.name, mod.backend_name, mod.model_id)  # noqa: E731
+        mine = (mod.policy.name, mod.policy_digest, mod.rule_set.name, mod.backend_name, mod.model_id)
+        same = lambda r: (r.policy, r.policy_digest, r.rules, r.backend, r.model) == mine  # noqa: E731
         keep = [r for r in records if r.ok or not same(r)]
         done = {_resolved(r.local_path()): r for r in keep if r.ok and same(r)}
         tmp = out.with_name(out.name + ".tmp")

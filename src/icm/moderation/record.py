@@ -88,6 +88,9 @@ class ModerationRecord(BaseModel):
     width: int | None = None
     height: int | None = None
     policy: str
+    policy_digest: str | None = Field(
+        default=None, description="sha256 (16 hex digits) of the policy's content: --resume redoes records of another version"
+    )
     rules: str
     backend: str
     model: str | None = None
@@ -121,6 +124,11 @@ class ModerationRecord(BaseModel):
     basis: str | None = Field(
         default=None, description="attributes, products, term, none, conflict, or refused (the model declined to answer)"
     )
+    p_uncovered: float | None = Field(
+        default=None, description="Mass of the attribute-grid cells no product covers (they take the rule set's default)"
+    )
+    cell: dict[str, str] | None = Field(default=None, description="The most likely cell of the attribute grid")
+    conflict: str | None = Field(default=None, description="What conflicted, when basis is 'conflict'")
     verdict: VerdictName | None = None
     reason: str | None = Field(default=None, description="Why, in one sentence built from the evidence")
     explanation: str | None = Field(default=None, description="The model's own explanation (--explain)")
@@ -174,4 +182,4 @@ class ModerationRecord(BaseModel):
         return self.path
 
     def resume_key(self) -> tuple[Any, ...]:
-        return (self.path, self.sha256, self.policy, self.rules, self.backend, self.model)
+        return (self.path, self.sha256, self.policy, self.policy_digest, self.rules, self.backend, self.model)
