@@ -1,0 +1,72 @@
+"""Policies, health and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from icm import __version__
+from icm.serve.metrics import CONTENT_TYPE
+from icm.serve.routes.common import ERRORS, principal, service
+
+router = APIRouter()
+
+
+@router.get("/v1/policies", responses=ERRORS, tags=["policies"], summary="Policies and rule sets this server applies")
+def policies(request: Request, _who: str | None = Depends(principal)) -> dict[str, Any]:
+    svc = service(request)
+    out = []
+    for p in svc.policies.values():
+        default_rules = svc.default_rules if p.name == svc.config_policy_name else p.rule_set().name
+        labels = {rs.name: p.labels(rs) for rs in p.rule_sets}
+        out.append({
+            "name": p.name,
+            "version": p.version,
+            "description": p.description,
+            "term": p.term.id,
+            "question": p.term.question,
+            "default_rules": default_rules,
+            "attributes": [{"id": a.id, "question": a.question, "values": a.value_ids} for a in p.attributes],
+            "rule_sets": [
+                {"name": rs.name, "audience": rs.audience, "description": rs.description,
+                 "thresholds": rs.thresholds.model_dump()}
+                for rs in p.rule_sets
+            ],
+            "products": [
+                {"id": pr.id, "description": pr.description, "assignment": pr.assignment, "positive": pr.positive,
+                 "labels": {name: lab[pr.id].verdict for name, lab in labels.items()}}
+                for pr in p.products
+            ],
+        })
+    return {"default_policy": svc.config_policy_name, "default_rules": svc.default_rules, "policies": out}
+
+
+@router.get("/healthz", tags=["operations"], summary="Liveness and readiness")
+def healthz(request: Request) -> JSONResponse:
+    svc = service(request)
+    config = svc.config
+    db_ok = svc.store.ping()
+    running = svc.batcher is not None and svc.batcher.running
+    body = {
+        "status": "ok" if db_ok and running else "unavailable",
+        "version": __version__,
+        "policy": svc.config_policy_name,
+        "rules": svc.default_rules,
+        "backend": svc.default_moderator.backend_name,
+        "model": svc.default_moderator.model_id,
+        "database": "ok" if db_ok else "unreachable",
+        "batching": {
+            "enabled": config.batching,
+            "max_batch_size": config.max_batch_size if config.batching else 1,
+            "max_wait_ms": config.max_wait_ms if config.batching else 0.0,
+        },
+        "auth": "api-keys" if svc.auth.enabled else "none (loopback only)" if not config.allow_unauthenticated else "none",
+    }
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse, tags=["operations"], summary="Prometheus metrics")
+def metrics(request: Request, _who: str | None = Depends(principal)) -> PlainTextResponse:
+    return PlainTextResponse(service(request).metrics.render(), media_type=CONTENT_TYPE)

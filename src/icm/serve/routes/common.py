@@ -1,0 +1,75 @@
+"""What every router uses: the service dependency, the caller's identity, the error shapes."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from icm.serve.auth import cross_site, host_allowed
+from icm.serve.errors import APIError
+from icm.serve.limits import RateLimited
+from icm.serve.service import Service
+
+MAX_ID = 2**63 - 1  # the largest id a SQL integer column holds; larger ones are 422, not a 500
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+ERRORS = {
+    400: {"model": ErrorBody, "description": "Malformed request (bad JSON or base64)"},
+    401: {"model": ErrorBody, "description": "Missing or invalid API key"},
+    403: {"model": ErrorBody, "description": "Path outside the image folder, paths disabled, or without keys: a non-loopback client, "
+          "a Host that is not this machine's, or a request from another site's page"},
+    404: {"model": ErrorBody, "description": "No such file, decision or image"},
+    413: {"model": ErrorBody, "description": "Image over the byte or pixel limit"},
+    415: {"model": ErrorBody, "description": "Not an image, or an unsupported content type"},
+    422: {"model": ErrorBody, "description": "Missing field, unknown policy or rule set, empty or corrupt image"},
+    429: {"model": ErrorBody, "description": "Over the key's requests per minute (see Retry-After and the RateLimit-* headers)"},
+    502: {"model": ErrorBody, "description": "The model backend failed on this image"},
+    503: {"model": ErrorBody, "description": "Too many requests or too much memory waiting (see Retry-After), or shutting down"},
+}
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def principal(request: Request) -> str | None:
+    """The caller's API key name (None without keys); enforces auth, Host, same-site and the rate limit."""
+    svc = service(request)
+    config = svc.config
+    client = request.client.host if request.client else None
+    if "x-forwarded-for" in request.headers or "forwarded" in request.headers:
+        client = None  # relayed by a proxy: the real client is not known to be local
+    if not svc.auth.enabled:
+        # Trust by network location must not extend to pages of other sites in the user's browser.
+        host = request.headers.get("host")
+        if not config.allow_unauthenticated and not host_allowed(host, [*config.allowed_hosts, config.host]):
+            raise APIError(
+                403, "host_not_allowed",
+                f"this server answers requests for this machine only, not for Host {(host or '')[:100]!r} "
+                "(DNS rebinding protection; add the name with --allowed-host, or configure API keys)",
+            )
+        why = cross_site(request.headers)
+        if why is not None:
+            raise APIError(
+                403, "cross_site_request",
+                f"refused a request from another site's page ({why}): without API keys only this server's "
+                "own pages and non-browser clients may call it",
+            )
+    who = svc.auth.principal(request.headers.get("authorization"), client)
+    if svc.limiter is not None and request.url.path != "/metrics":
+        try:
+            state = svc.limiter.hit(f"key:{who}" if who else f"client:{client or 'unknown'}")
+        except RateLimited as exc:
+            svc.metrics.rejected.labels("rate_limited").inc()
+            raise APIError(
+                429, "rate_limited",
+                f"over the limit of {exc.state.limit} requests per minute; retry in {exc.state.reset} s",
+                headers={**exc.state.headers(), "Retry-After": str(exc.state.reset)},
+            ) from None
+        request.state.ratelimit = state
+    return who

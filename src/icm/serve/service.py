@@ -1,0 +1,217 @@
+"""What the routes share: the policies, the moderators, the store, and the batch worker's work.
+
+``Service.process`` runs in the :class:`~icm.serve.batching.DynamicBatcher`'s worker thread:
+it moderates a batch, keeps the images, and commits the decisions before any request of
+the batch is answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from icm.moderation.engine import Moderator
+from icm.moderation.images import LoadedImage
+from icm.moderation.record import ModerationRecord
+from icm.moderation.redecide import redecidable, redecide
+from icm.policy import Policy, load_policy
+from icm.serve.auth import Authenticator
+from icm.serve.batching import DynamicBatcher
+from icm.serve.config import ServeConfig
+from icm.serve.errors import APIError
+from icm.serve.limits import PixelBudget, RateLimiter
+from icm.serve.metrics import ServerMetrics
+from icm.serve.store import DecisionMeta, DecisionStore, ImageStore
+
+log = logging.getLogger("icm.serve")
+
+_worker = threading.local()
+
+
+@dataclass
+class Job:
+    """One image waiting for the batch worker, to be judged under one policy and rule set."""
+
+    image: LoadedImage
+    data: bytes
+    policy: str
+    rules: str
+    meta: DecisionMeta
+    load_ms: float
+
+
+@dataclass
+class Outcome:
+    record: ModerationRecord
+    decision_id: int | None
+
+
+@dataclass
+class Service:
+    """Everything the routes share; ``process`` runs in the batch worker thread."""
+
+    config: ServeConfig
+    policies: dict[str, Policy]
+    moderators: dict[tuple[str, str], Moderator]
+    store: DecisionStore
+    images: ImageStore | None
+    auth: Authenticator
+    metrics: ServerMetrics
+    owned: list[Any] = field(default_factory=list)  # backends / store to close on shutdown
+    batcher: DynamicBatcher[Job, Outcome] | None = None
+    pixels: PixelBudget | None = None  # made in the server's event loop (lifespan)
+    limiter: RateLimiter | None = None
+    extras: dict[str, Any] = field(default_factory=dict)  # webhooks, fetchers: set by create_app
+
+    @property
+    def default_moderator(self) -> Moderator:
+        return next(iter(self.moderators.values()))
+
+    def resolve(self, policy: str | None, rules: str | None) -> tuple[str, str]:
+        pname = policy or self.config_policy_name
+        if pname not in self.policies:
+            raise APIError(422, "unknown_policy", f"unknown policy {pname!r}: this server has {', '.join(self.policies)}")
+        p = self.policies[pname]
+        if rules is None:
+            rname = self.default_rules if pname == self.config_policy_name else p.rule_set().name
+        else:
+            rname = rules
+        if (pname, rname) not in self.moderators:
+            known = ", ".join(r.name for r in p.rule_sets)
+            raise APIError(422, "unknown_rules", f"policy {pname!r} has no rule set {rname!r} (known: {known})")
+        return pname, rname
+
+    @property
+    def config_policy_name(self) -> str:
+        return self.default_moderator.policy.name
+
+    @property
+    def default_rules(self) -> str:
+        return self.default_moderator.rule_set.name
+
+    def moderate(self, jobs: list[Job]) -> list[ModerationRecord]:
+        """One record per job; the model is asked once per policy, the rule sets decide after.
+
+        The jobs of a policy are moderated together under the rule set most of them name;
+        the others' records are re-decided from the same evidence (:func:`redecide`). Only
+        records whose evidence depends on the rule set (a cascade's, a multi-view image's)
+        are moderated again under their own rule set.
+        """
+        records: list[ModerationRecord | None] = [None] * len(jobs)
+        by_policy: dict[str, list[int]] = {}
+        for i, j in enumerate(jobs):
+            by_policy.setdefault(j.policy, []).append(i)
+        for pname, idx in by_policy.items():
+            counts: dict[str, int] = {}
+            for i in idx:
+                counts[jobs[i].rules] = counts.get(jobs[i].rules, 0) + 1
+            first = max(counts, key=lambda r: counts[r])
+            lead = self.moderators[(pname, first)]
+            # the same image named under several rule sets (or policies of one request) is asked about once
+            unique: dict[Any, int] = {}
+            for i in idx:
+                unique.setdefault(jobs[i].image.sha256 or id(jobs[i].image), i)
+            firsts = list(unique.values())
+            done = dict(zip(firsts, lead.moderate_loaded([jobs[i].image for i in firsts], [jobs[i].load_ms for i in firsts])))
+            again: dict[str, list[int]] = {}
+            for i in idx:
+                base = done[unique[jobs[i].image.sha256 or id(jobs[i].image)]]
+                if jobs[i].rules == first:
+                    records[i] = base if i in done else base.model_copy(deep=True)
+                elif redecidable(base):
+                    records[i] = redecide(base, lead.policy, jobs[i].rules)
+                else:
+                    again.setdefault(jobs[i].rules, []).append(i)
+            for rname, rest in again.items():
+                redone = self.moderators[(pname, rname)].moderate_loaded(
+                    [jobs[i].image for i in rest], [jobs[i].load_ms for i in rest]
+                )
+                for i, r in zip(rest, redone):
+                    records[i] = r
+        assert all(r is not None for r in records)
+        return records  # type: ignore[return-value]
+
+    def process(self, jobs: list[Job]) -> list[Outcome]:
+        """Moderate a batch, keep images, commit decisions (and their webhook events)."""
+        if self.config.torch_threads and not getattr(_worker, "threads_set", False):
+            import torch
+
+            torch.set_num_threads(self.config.torch_threads)  # in the worker thread itself
+            _worker.threads_set = True
+        records = self.moderate(jobs)
+        ok = [i for i, r in enumerate(records) if r.ok]
+        for i in ok:
+            r, j = records[i], jobs[i]
+            if self.images is not None and r.sha256:
+                self.images.put(r.sha256, j.data)  # before the commit: a stored decision's image exists
+                j.meta.image_kept = True
+        ids = self.store.add_decisions([records[i] for i in ok], [jobs[i].meta for i in ok])
+        id_of = dict(zip(ok, ids))
+        out = []
+        for i, r in enumerate(records):
+            if r.ok:
+                self.metrics.decisions.labels(r.verdict or "none").inc()
+            else:
+                self.metrics.backend_errors.inc()
+            out.append(Outcome(record=r, decision_id=id_of.get(i)))
+        return out
+
+    def close(self) -> None:
+        for thing in self.owned:
+            try:
+                thing.close()
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                log.debug("closing %r failed", thing, exc_info=True)
+
+
+def build_service(config: ServeConfig, *, moderator: Moderator | None = None, store: DecisionStore | None = None) -> Service:
+    """Load policies and the backend, open the store; raises on bad settings."""
+    from icm.moderation.job import ModerateConfig, build_moderator
+
+    owned: list[Any] = []
+    if config.torch_threads and config.backend in ("hf", "cascade"):
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    if moderator is None:
+        moderator = build_moderator(
+            ModerateConfig(
+                policy=config.policy, rules=config.rules, backend=config.backend, model=config.model,
+                adapter=config.adapter, base_url=config.base_url, dtype=config.dtype, device=config.device,
+                escalate_backend=config.escalate_backend, explain=config.explain,
+                batch_size=config.max_batch_size if config.batching else 1,
+            )
+        )
+        owned.append(moderator.backend)
+        if moderator.escalate_to is not None:
+            owned.append(moderator.escalate_to)
+    policies: dict[str, Policy] = {moderator.policy.name: moderator.policy}
+    for ref in config.policies:
+        p = load_policy(ref)
+        policies.setdefault(p.name, p)
+    moderators: dict[tuple[str, str], Moderator] = {(moderator.policy.name, moderator.rule_set.name): moderator}
+    for p in policies.values():
+        for rs in p.rule_sets:
+            moderators.setdefault(
+                (p.name, rs.name),
+                Moderator(
+                    moderator.backend, policy=p, rules=rs.name, explain=moderator.explain,
+                    escalate_to=moderator.escalate_to, max_new_tokens=moderator.max_new_tokens,
+                ),
+            )
+    if store is None:
+        store = DecisionStore(config.db_url())
+        owned.append(store)
+    image_dir = config.resolved_image_dir()
+    return Service(
+        config=config,
+        policies=policies,
+        moderators=moderators,
+        store=store,
+        images=ImageStore(image_dir) if image_dir is not None else None,
+        auth=Authenticator(config.all_api_keys(), allow_unauthenticated=config.allow_unauthenticated),
+        metrics=ServerMetrics(),
+        owned=owned,
+    )
