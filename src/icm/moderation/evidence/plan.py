@@ -1,0 +1,99 @@
+"""Which offline sources a policy's ``evidence`` names, which can run here, and what that lets
+the detector judge: for the term and each attribute, ``clear`` (it can answer for every
+image), ``flag`` (it answers only when something is found: it cannot clear an image) or
+``none``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from icm.moderation.evidence.catalog import BUILTIN_SOURCES
+from icm.policy.model import AttributeEvidence, EvidenceFrom, Policy, TermEvidence
+
+Reach = Literal["clear", "flag", "none"]
+
+
+@dataclass
+class Coverage:
+    """What one target (the term, or one attribute) can be judged from here."""
+
+    target: str
+    reach: Reach
+    sources: list[str] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)
+    """Source name -> why it cannot run (the package or file it needs)."""
+
+    def describe(self) -> str:
+        have = ", ".join(self.sources) or "nothing"
+        text = {"clear": f"judged from {have}", "flag": f"flagged from {have} (cannot clear an image)",
+                "none": "not judged offline"}[self.reach]
+        if self.missing:
+            text += "; missing: " + "; ".join(f"{s} ({why})" for s, why in self.missing.items())
+        return text
+
+
+def source_reason(policy: Policy, name: str) -> str | None:
+    """Why source ``name`` of ``policy`` cannot run here, or ``None`` when it can."""
+    spec = policy.evidence.sources.get(name) if policy.evidence else None
+    if spec is not None:
+        from icm.moderation.evidence.sources import OnnxClassifierSource
+
+        return OnnxClassifierSource(name, path=spec.path, labels=spec.labels, input_size=spec.input_size,
+                                    mean=spec.mean, std=spec.std).unavailable_reason()
+    info = BUILTIN_SOURCES.get(name)
+    if info is None:
+        return "unknown source"
+    return info.unavailable_reason()
+
+
+def _always_fires(item: EvidenceFrom, policy: Policy) -> bool:
+    """A classifier item with no ``min_score``: it gives a probability for every image."""
+    if item.min_score > 0 or item.keywords:
+        return False
+    if policy.evidence and item.source in policy.evidence.sources:
+        return True
+    info = BUILTIN_SOURCES.get(item.source)
+    return info is not None and info.kind == "classifier"
+
+
+def _reach(policy: Policy, spec: TermEvidence | AttributeEvidence, silent: bool, reason: Callable[[str], str | None], target: str) -> Coverage:
+    names = list(dict.fromkeys(i.source for i in spec.from_))
+    missing = {n: why for n in names if (why := reason(n)) is not None}
+    ok = [n for n in names if n not in missing]
+    if not ok:
+        return Coverage(target, "none", [], missing)
+    clears = (silent and not missing) or any(_always_fires(i, policy) for i in spec.from_ if i.source in ok)
+    return Coverage(target, "clear" if clears else "flag", ok, missing)
+
+
+def coverage(policy: Policy, reason: Callable[[str], str | None] | None = None) -> dict[str, Coverage]:
+    """``{"term": ..., "<attribute id>": ...}`` for every target of the policy (``none`` where
+    its ``evidence`` says nothing). ``reason(source)`` says why a source cannot run
+    (default: :func:`source_reason`)."""
+    why = reason or (lambda name: source_reason(policy, name))
+    ev = policy.evidence
+    out: dict[str, Coverage] = {}
+    if ev is not None and ev.term is not None:
+        out["term"] = _reach(policy, ev.term, ev.term.silent is not None, why, "term")
+    else:
+        out["term"] = Coverage("term", "none")
+    for a in policy.attributes:
+        spec = ev.attributes.get(a.id) if ev is not None else None
+        out[a.id] = _reach(policy, spec, spec.silent is not None, why, a.id) if spec is not None else Coverage(a.id, "none")
+    return out
+
+
+def needed_extras(policy: Policy) -> list[str]:
+    """The install commands of the built-in sources the policy names that cannot run here."""
+    ev = policy.evidence
+    if ev is None:
+        return []
+    names = {i.source for t in [ev.term, *ev.attributes.values()] if t is not None for i in t.from_}
+    hints = []
+    for n in sorted(names):
+        info = BUILTIN_SOURCES.get(n)
+        if info is not None and info.unavailable_reason() is not None:
+            hints.append(info.install_hint())
+    return sorted(set(hints))
