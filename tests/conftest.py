@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,60 @@ def color_adapter_path(tiny_llava_path: Path, tiny_models_dir: Path) -> Path:
     from tiny_models import train_color_adapter
 
     return train_color_adapter(tiny_llava_path, tiny_models_dir / "color-adapter")
+
+
+# --------------------------------------------------------------------------- unexpected skips
+# In CI (CI=true, or ICM_STRICT_SKIPS=1 as .ci/run sets; ICM_STRICT_SKIPS=0 turns it off) a
+# test that skips for a reason matched by no pattern of tests/allowed_skips.txt fails the
+# run: a missing browser, database or data set must not hide a test behind a green run.
+
+ALLOWED_SKIPS = Path(__file__).resolve().parent / "allowed_skips.txt"
+_unexpected_skips: list[tuple[str, str]] = []
+
+
+def _strict_skips() -> bool:
+    flag = os.environ.get("ICM_STRICT_SKIPS")
+    if flag is not None:
+        return flag.strip().lower() not in ("", "0", "false", "no")
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _allowed_skip_patterns() -> list[re.Pattern[str]]:
+    if not ALLOWED_SKIPS.exists():
+        return []
+    lines = (line.strip() for line in ALLOWED_SKIPS.read_text(encoding="utf-8").splitlines())
+    return [re.compile(line) for line in lines if line and not line.startswith("#")]
+
+
+def _note_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if not any(p.search(reason) for p in _allowed_skip_patterns()):
+        _unexpected_skips.append((report.nodeid, reason))
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _note_skip(report)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _note_skip(report)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    if not _unexpected_skips:
+        return
+    strict = _strict_skips()
+    title = "unexpected skips (they fail this run)" if strict else "skips not in tests/allowed_skips.txt"
+    terminalreporter.section(title, sep="=", red=strict, yellow=not strict)
+    for nodeid, reason in _unexpected_skips:
+        terminalreporter.line(f"{nodeid}: {reason}")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _unexpected_skips and _strict_skips() and session.exitstatus in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

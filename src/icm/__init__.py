@@ -8,7 +8,32 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is its one source).
+
+    In a source tree that was never installed (``PYTHONPATH=src``), pyproject.toml's
+    ``[project] version`` is read directly.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("icm-assistant")
+    except PackageNotFoundError:
+        pass
+    import re
+    from pathlib import Path
+
+    try:
+        text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return "0+unknown"
+    project = text.partition("[project]")[2].split("\n[", 1)[0]
+    match = re.search(r'^version\s*=\s*"([^"]+)"', project, re.MULTILINE)
+    return match.group(1) if match else "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = ["__version__", "moderate", "load_policy", "decide"]
 
