@@ -32,9 +32,9 @@ from fastapi.responses import JSONResponse, Response  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from icm.moderation.backends.base import BackendConfigError, Choice, Failed, NotJudged, Query, YesNoScore  # noqa: E402
-from icm.moderation.backends.openai_compat import (  # noqa: E402
-    OpenAIBackend,
-    _first_token_candidates,
+from icm.moderation.backends.openai_compat import OpenAIBackend  # noqa: E402
+from icm.moderation.backends.openai_parsing import (  # noqa: E402
+    first_token_candidates,
     is_refusal,
     parse_choice_text,
     parse_yes_no_text,
@@ -484,8 +484,6 @@ def test_connection_lost_after_answers_is_a_per_item_failure(
     s.bind(("127.0.0.1", 0))
     backend.base_url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     s.close()
-    backend._run(backend._transport().aclose())
-    backend._http = None
     [out] = backend.score_yes_no([img()], ["q"])
     assert isinstance(out, Failed) and "connection error" in out.error
 
@@ -654,7 +652,7 @@ def test_text_parsers_and_legacy_logprobs_format() -> None:
     assert parse_choice_text("C", ["A", "B"]) is None
     assert parse_choice_text("Answer: A", ["A", "B"]) == 0
     legacy = {"tokens": ["Yes"], "token_logprobs": [-0.3], "top_logprobs": [{"Yes": -0.3, "No": -1.5}]}
-    assert sorted(_first_token_candidates(legacy) or []) == [("No", -1.5), ("Yes", -0.3)]
+    assert sorted(first_token_candidates(legacy) or []) == [("No", -1.5), ("Yes", -0.3)]
 
 
 @pytest.mark.parametrize(

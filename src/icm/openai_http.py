@@ -1,48 +1,55 @@
-"""A resilient async transport for OpenAI-compatible ``/chat/completions`` endpoints.
+"""One client for every OpenAI-compatible ``/chat/completions`` server we talk to.
 
-One POST per call on any OpenAI-compatible server (vLLM, SGLang, Ollama, LM Studio,
-llama.cpp's server, OpenAI), using only ``httpx``: a bounded number of requests in
-flight (an ``asyncio`` semaphore and matching connection limits), a timeout per request,
-retries of transient failures (408, 429, 5xx, connection errors, timeouts) with
-exponential backoff and jitter that honour ``Retry-After`` (seconds or an HTTP date),
-no retry of other 4xx, and token counts from each response's ``usage``.  A request that
-cannot be had raises :class:`ChatError`, naming the HTTP status and the server's own
-message (OpenAI, vLLM and FastAPI error shapes).
+The moderation backend (:class:`~icm.moderation.backends.openai_compat.OpenAIBackend`),
+the data pipeline's text LLM (:class:`~icm.data.llm.TextClient`), the MEQ judge
+(:class:`~icm.evaluation.meq_judge.Judge`) and chat streaming all send their requests
+through :class:`ChatClient`, configured by one :class:`ServerSettings`.  Under it is the
+official ``openai`` SDK's ``AsyncOpenAI`` (vLLM, SGLang, Ollama, LM Studio, llama.cpp's
+server, OpenAI): it retries 408/409/429/5xx, connection errors and timeouts, honours
+``Retry-After``, types the responses (logprobs included) and parses server-sent events.
 
-:class:`ChatTransport` is what :class:`~icm.moderation.backends.openai_compat.OpenAIBackend`,
-:class:`~icm.data.llm.TextClient` and :class:`~icm.evaluation.meq_judge.Judge` send their
-requests with; each keeps its own request bodies, answer parsing and event-loop handling.
+What the SDK lacks is kept here, small: a bounded number of requests in flight per event
+loop, counts of requests, retries and tokens (:class:`ChatUsage`), a configurable backoff,
+a retry of a success whose body is not JSON (for the judge), requests without any
+``Authorization`` header for local servers without a key, and one error type
+(:class:`ChatError`) whose message names the HTTP status and the server's own message
+(OpenAI, vLLM and FastAPI error shapes), ``(gave up after N attempts)`` for transient
+failures that outlived their retries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import email.utils
+import json
 import logging
 import os
 import random
 import time
+import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Collection
+from typing import Any, AsyncIterator, Collection, Mapping
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 __all__ = [
     "API_KEY_ENV",
     "BASE_URL_ENV",
     "DEFAULT_BASE_URL",
     "RETRY_STATUSES",
+    "ChatClient",
     "ChatError",
-    "ChatTransport",
     "ChatUsage",
+    "ServerSettings",
     "api_key_from_env",
+    "backoff",
     "base_url_from_env",
-    "choice_text",
     "env_first",
-    "first_choice",
+    "is_retryable_status",
     "retry_after",
     "server_message",
-    "usage_tokens",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,7 +57,14 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 BASE_URL_ENV = ("ICM_OPENAI_BASE_URL", "OPENAI_BASE_URL")
 API_KEY_ENV = ("ICM_OPENAI_API_KEY", "OPENAI_API_KEY")
-RETRY_STATUSES: frozenset[int] = frozenset({408, 429})  # plus every 5xx
+RETRY_STATUSES: frozenset[int] = frozenset({408, 409, 429})  # plus every 5xx: what the SDK retries
+
+# Parameters the SDK's ``chat.completions.create`` takes by name; anything else in a
+# request body (vLLM's ``guided_choice``, ``chat_template_kwargs`` ...) goes in ``extra_body``.
+_SDK_PARAMS = frozenset(
+    {"max_tokens", "temperature", "top_p", "seed", "logprobs", "top_logprobs", "response_format", "stop", "n",
+     "presence_penalty", "frequency_penalty", "logit_bias", "user", "max_completion_tokens"}
+)
 
 
 # --------------------------------------------------------------------------- environment
@@ -65,14 +79,71 @@ def env_first(*names: str) -> str | None:
     return None
 
 
-def base_url_from_env(base_url: str | None = None) -> str:
-    """``base_url``, else ``$ICM_OPENAI_BASE_URL`` / ``$OPENAI_BASE_URL``, else the local default."""
-    return (base_url or env_first(*BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+def base_url_from_env(base_url: str | None = None, env: Collection[str] = BASE_URL_ENV, default: str = DEFAULT_BASE_URL) -> str:
+    """``base_url``, else the first of ``env`` set (``$ICM_OPENAI_BASE_URL`` / ``$OPENAI_BASE_URL``), else ``default``."""
+    return (base_url or env_first(*env) or default).rstrip("/")
 
 
-def api_key_from_env(api_key: str | None = None) -> str | None:
-    """``api_key``, else ``$ICM_OPENAI_API_KEY`` / ``$OPENAI_API_KEY`` (None when unset)."""
-    return api_key or env_first(*API_KEY_ENV)
+def api_key_from_env(api_key: str | None = None, env: Collection[str] = API_KEY_ENV) -> str | None:
+    """``api_key``, else the first of ``env`` set (``$ICM_OPENAI_API_KEY`` / ``$OPENAI_API_KEY``); None when unset."""
+    return api_key or env_first(*env)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+class ServerSettings(BaseModel):
+    """How to reach one OpenAI-compatible server: the one object every client is built from.
+
+    ``api_key`` is a :class:`~pydantic.SecretStr` (never shown in ``repr`` or dumps); no
+    key means no ``Authorization`` header at all (local servers).  ``max_concurrency``
+    bounds the requests in flight per event loop; ``timeout`` is per HTTP request;
+    ``max_retries`` extra attempts of transient failures, waiting ``backoff_base *
+    2**attempt`` (capped at ``max_backoff``, jittered) or the server's ``Retry-After``
+    (also capped at ``max_backoff``).  ``extra_headers`` go with every request,
+    ``extra_body`` is merged into every request body.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_url: str = DEFAULT_BASE_URL
+    api_key: SecretStr | None = None
+    model: str | None = None
+    timeout: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    backoff_base: float = Field(default=0.5, ge=0)
+    max_backoff: float = Field(default=30.0, ge=0)
+    max_concurrency: int = Field(default=8, ge=1)
+    extra_headers: dict[str, str] = Field(default_factory=dict)
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        base_url: str | None = None,
+        api_key: str | SecretStr | None = None,
+        base_url_env: Collection[str] = BASE_URL_ENV,
+        api_key_env: Collection[str] = API_KEY_ENV,
+        default_base_url: str = DEFAULT_BASE_URL,
+        **fields: Any,
+    ) -> "ServerSettings":
+        """Settings with the base URL and key taken from the arguments, else the environment."""
+        key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
+        key = api_key_from_env(key, api_key_env)
+        return cls(
+            base_url=base_url_from_env(base_url, base_url_env, default_base_url),
+            api_key=SecretStr(key) if key else None,
+            **fields,
+        )
+
+    @property
+    def url(self) -> str:
+        """The chat-completions endpoint (for messages)."""
+        return f"{self.base_url.rstrip('/')}/chat/completions"
+
+    def secret(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key is not None else None
 
 
 # --------------------------------------------------------------------------- records
@@ -85,7 +156,7 @@ class ChatUsage:
     ``requests`` counts HTTP requests sent (retries included), ``retries`` the repeated
     ones, ``failures`` the items that got no answer (request failed after its retries,
     or the answer could not be read), ``parsed_fallbacks`` the answers read from text
-    because the server gave no usable logprobs.  The transport counts requests, retries
+    because the server gave no usable logprobs.  The client counts requests, retries
     and tokens; failures and fallbacks are counted by its users.
     """
 
@@ -105,8 +176,8 @@ class ChatUsage:
 
 
 class ChatError(Exception):
-    """A request that failed for good (after its retries, at once for a 4xx) or an answer
-    that cannot be read.
+    """A request that failed for good (after its retries, at once for other 4xx) or an
+    answer that cannot be read.
 
     ``status`` is the HTTP status when the server answered with one, ``retryable`` whether
     the last failure was a transient one, ``raw`` what could be kept of the response and
@@ -132,9 +203,17 @@ class ChatError(Exception):
 # --------------------------------------------------------------------------- responses
 
 
-def server_message(resp: httpx.Response, limit: int = 500) -> str:
+def is_retryable_status(status: int) -> bool:
+    """Whether the SDK retries a response with this status (408, 409, 429, 5xx)."""
+    return status in RETRY_STATUSES or status >= 500
+
+
+def server_message(resp: Any, limit: int = 500) -> str:
     """The server's error message: OpenAI ``{"error": {"message"}}``, vLLM ``{"message"}``,
-    FastAPI ``{"detail"}``, else the body text; at most ``limit`` characters."""
+    FastAPI ``{"detail"}``, else the body text; at most ``limit`` characters.
+
+    ``resp`` is an ``httpx`` (or ``httpx2``) response whose body has been read.
+    """
     try:
         body = resp.json()
     except ValueError:
@@ -149,13 +228,21 @@ def server_message(resp: httpx.Response, limit: int = 500) -> str:
         msg = msg or body.get("message") or body.get("detail")
     if not msg:
         msg = resp.text
-    msg = str(msg).strip() or resp.reason_phrase
+    msg = str(msg).strip() or getattr(resp, "reason_phrase", "") or f"HTTP {resp.status_code}"
     return msg[:limit]
 
 
-def retry_after(resp: httpx.Response) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
-    value = resp.headers.get("retry-after")
+def retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds from ``Retry-After`` (delta-seconds or an HTTP date) or ``retry-after-ms``."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
     if not value:
         return None
     try:
@@ -171,183 +258,325 @@ def retry_after(resp: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def usage_tokens(data: Any) -> tuple[int, int]:
-    """``(prompt_tokens, completion_tokens)`` from a response's ``usage`` (0 when absent)."""
-    usage = data.get("usage") if isinstance(data, dict) else None
-    if not isinstance(usage, dict):
-        return 0, 0
-    pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (pt if isinstance(pt, int) else 0), (ct if isinstance(ct, int) else 0)
+# --------------------------------------------------------------------------- the client
+
+def backoff(settings: ServerSettings, attempt: int) -> float:
+    """The wait before retry ``attempt + 1``: exponential with "equal jitter" (half fixed, half random)."""
+    d = min(settings.max_backoff, settings.backoff_base * (2 ** min(attempt, 60)))
+    return d / 2 + random.uniform(0, d / 2)
 
 
-def first_choice(data: Any) -> dict[str, Any] | None:
-    """``choices[0]`` of a chat completion, or None when the response has none."""
-    try:
-        choice = data["choices"][0]
-    except (TypeError, KeyError, IndexError):
-        return None
-    return choice if isinstance(choice, dict) else None
+# HTTP requests sent by the current call (an httpx event hook counts into it).
+_ATTEMPTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("icm_chat_attempts", default=None)
 
 
-def choice_text(choice: dict[str, Any]) -> Any:
-    """The message text of a choice: ``message.content``, or the completions-style ``text``
-    when there is no content (None when neither is there)."""
-    message = choice.get("message") or {}
-    text = message.get("content")
-    if text is None and isinstance(choice.get("text"), str):
-        text = choice["text"]
-    return text
+def _sdk_client_class() -> type:
+    """``AsyncOpenAI`` with our backoff (imported on first use: the SDK costs ~0.5 s to import)."""
+    global _SDK_CLASS
+    if _SDK_CLASS is None:
+        from openai import AsyncOpenAI
+
+        class _IcmAsyncOpenAI(AsyncOpenAI):  # type: ignore[misc]
+            # Ours, not the SDK's: its backoff is fixed (0.5 s doubling to 8 s, Retry-After
+            # up to 2 min); ours is the user's --backoff and caps Retry-After at max_backoff.
+            icm_settings: ServerSettings
+            icm_extra_retry: frozenset[int] = frozenset()
+
+            def _calculate_retry_timeout(self, remaining_retries: int, options: Any, response_headers: Any = None) -> float:
+                s = self.icm_settings
+                wait = retry_after(response_headers)
+                if wait is not None:
+                    return min(wait, s.max_backoff)
+                return backoff(s, max(0, options.get_max_retries(self.max_retries) - remaining_retries))
+
+            def _should_retry(self, response: Any) -> bool:
+                if response.status_code in self.icm_extra_retry:
+                    return True
+                return bool(super()._should_retry(response))
+
+        _SDK_CLASS = _IcmAsyncOpenAI
+    return _SDK_CLASS
 
 
-# --------------------------------------------------------------------------- transport
+_SDK_CLASS: type | None = None
 
 
-class ChatTransport:
-    """POSTs chat-completion bodies to ``{base_url}/chat/completions`` with retries.
+@dataclass
+class _LoopState:
+    sdk: Any
+    sem: asyncio.Semaphore
 
-    The HTTP client and the semaphore are made on first use, in the running event loop,
-    and belong to that loop: use one transport per loop and :meth:`aclose` it there (or
-    :meth:`reset` it when that loop is gone).  Request bodies are sent as given (the
-    caller puts ``model`` in them).
+
+class ChatClient:
+    """Chat completions on one server, for use inside any event loop.
+
+    The SDK client (with its ``httpx`` connection pool) and the semaphore are made on
+    first use in the running event loop and belong to it; a client used from several
+    loops keeps one of each per loop.  :meth:`aclose` closes the current loop's.
 
     Args:
-        base_url: the API root, e.g. ``http://127.0.0.1:8000/v1``.
-        api_key: sent as ``Authorization: Bearer`` when given.
-        max_concurrency: requests in flight at once.
-        timeout: seconds per HTTP request.
-        max_retries: extra attempts for transient failures.
-        backoff_base / max_backoff: the retry delay is ``backoff_base * 2**attempt``
-            (capped at ``max_backoff``) with jitter; ``Retry-After`` wins when given
-            (also capped at ``max_backoff``).
-        retry_statuses: the 4xx statuses retried (every 5xx is).
-        retry_malformed_json: retry a success whose body is not JSON (else it fails at once).
-        message_limit: the most characters of the server's error message kept.
+        settings: where and how to send (see :class:`ServerSettings`).
         stats: the :class:`ChatUsage` to count into (shared with the caller).
         transport: an ``httpx`` transport (tests use ``httpx.MockTransport``).
-        logger: where retries are logged (at debug level).
+        retry_malformed_json: retry a success whose body is not JSON, within the same
+            retry budget (else it fails at once).
+        extra_retry_statuses: 4xx statuses retried besides the SDK's 408, 409 and 429.
+        message_limit: the most characters of the server's error message kept.
     """
 
     def __init__(
         self,
-        base_url: str,
+        settings: ServerSettings,
         *,
-        api_key: str | None = None,
-        max_concurrency: int = 8,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        backoff_base: float = 0.5,
-        max_backoff: float = 30.0,
-        retry_statuses: Collection[int] = RETRY_STATUSES,
-        retry_malformed_json: bool = False,
-        message_limit: int = 500,
         stats: ChatUsage | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        logger: logging.Logger | None = None,
+        retry_malformed_json: bool = False,
+        extra_retry_statuses: Collection[int] = (),
+        message_limit: int = 500,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        if max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
-        self.url = f"{base_url.rstrip('/')}/chat/completions"
-        self._api_key = api_key
-        self.max_concurrency = max_concurrency
-        self.timeout = float(timeout)
-        self.max_retries = max_retries
-        self.backoff_base = float(backoff_base)
-        self.max_backoff = float(max_backoff)
-        self.retry_statuses = frozenset(retry_statuses)
-        self.retry_malformed_json = retry_malformed_json
-        self.message_limit = message_limit
+        self.settings = settings
         self.stats = stats if stats is not None else ChatUsage()
         self._transport = transport
-        self._log = logger or log
-        self._client: httpx.AsyncClient | None = None
-        self._sem: asyncio.Semaphore | None = None
+        self.retry_malformed_json = retry_malformed_json
+        self.extra_retry_statuses = frozenset(extra_retry_statuses)
+        self.message_limit = message_limit
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
-        return f"ChatTransport(url={self.url!r}, api_key={'set' if self._api_key else 'unset'})"
+        return f"ChatClient(url={self.settings.url!r}, api_key={'set' if self.settings.api_key else 'unset'})"
 
-    def _ensure(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        if self._client is None or self._sem is None:
-            headers = {"Accept": "application/json"}
-            if self._api_key:
-                headers["Authorization"] = f"Bearer {self._api_key}"
-            self._client = httpx.AsyncClient(
-                headers=headers,
-                timeout=httpx.Timeout(self.timeout),
-                limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency),
+    @property
+    def url(self) -> str:
+        return self.settings.url
+
+    # ------------------------------------------------------------------ per loop
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None:
+            s = self.settings
+            owner = self
+
+            async def count(request: httpx.Request) -> None:
+                owner.stats.requests += 1
+                box = _ATTEMPTS.get()
+                if box is not None:
+                    box[0] += 1
+
+            http = httpx.AsyncClient(
+                timeout=httpx.Timeout(s.timeout),
+                limits=httpx.Limits(max_connections=s.max_concurrency, max_keepalive_connections=s.max_concurrency),
                 transport=self._transport,
+                event_hooks={"request": [count]},
             )
-            self._sem = asyncio.Semaphore(self.max_concurrency)
-        return self._client, self._sem
+            cls = _sdk_client_class()
+            sdk = cls(
+                base_url=s.base_url,
+                # The SDK insists on a key; without one each request omits the header (see _headers).
+                api_key=s.secret() or "no-key",
+                max_retries=s.max_retries,
+                timeout=s.timeout,
+                http_client=http,
+            )
+            sdk.icm_settings = s
+            sdk.icm_extra_retry = self.extra_retry_statuses
+            state = _LoopState(sdk, asyncio.Semaphore(s.max_concurrency))
+            self._states[loop] = state
+        return state
 
-    def backoff(self, attempt: int) -> float:
-        """Exponential backoff with "equal jitter": half fixed, half random."""
-        d = min(self.max_backoff, self.backoff_base * (2**attempt))
-        return d / 2 + random.uniform(0, d / 2)
+    def _headers(self) -> dict[str, Any]:
+        headers: dict[str, Any] = dict(self.settings.extra_headers)
+        if self.settings.api_key is None:
+            from openai import Omit
 
-    async def post(self, body: dict[str, Any]) -> Any:
-        """POST one chat completion with retries; the parsed JSON or :class:`ChatError`."""
-        data, _ = await self.post_counted(body)
-        return data
+            headers["Authorization"] = Omit()
+        return headers
 
-    async def post_counted(self, body: dict[str, Any]) -> tuple[Any, int]:
-        """:meth:`post`, also giving the number of HTTP requests it took."""
-        client, sem = self._ensure()
-        url = self.url
-        attempts = self.max_retries + 1
-        last_error = "no attempt made"
-        last_status: int | None = None
-        for attempt in range(attempts):
-            delay: float | None = None
-            try:
-                async with sem:
-                    self.stats.requests += 1
-                    resp = await client.post(url, json=body)
-            except httpx.TimeoutException as e:
-                last_error, last_status = f"request timed out after {self.timeout:g}s ({type(e).__name__})", None
-            except httpx.TransportError as e:
-                last_error, last_status = f"connection error: {type(e).__name__}: {e}", None
-            else:
-                status = resp.status_code
-                if status in self.retry_statuses or status >= 500:
-                    last_error = f"HTTP {status} from {url}: {server_message(resp, self.message_limit)}"
-                    last_status = status
-                    delay = retry_after(resp)
-                elif status >= 400:
-                    raise ChatError(
-                        f"HTTP {status} from {url}: {server_message(resp, self.message_limit)}", status, attempts=attempt + 1
-                    )
-                else:
+    def _split(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``create(...)`` keyword arguments for a request body (unknown fields in ``extra_body``)."""
+        merged = {**body, **self.settings.extra_body}
+        model = merged.pop("model", None) or self.settings.model
+        if not model:
+            raise ChatError("no model name for the request")
+        kwargs: dict[str, Any] = {"model": model, "messages": merged.pop("messages")}
+        extra = {k: merged.pop(k) for k in list(merged) if k not in _SDK_PARAMS and k != "stream"}
+        kwargs.update(merged)
+        if extra:
+            kwargs["extra_body"] = extra
+        kwargs["extra_headers"] = self._headers()
+        return kwargs
+
+    # ------------------------------------------------------------------ calls
+
+    async def complete(self, body: Mapping[str, Any]) -> Any:
+        """One chat completion (an SDK ``ChatCompletion``) with retries, or :class:`ChatError`."""
+        completion, _ = await self.complete_counted(body)
+        return completion
+
+    async def complete_counted(self, body: Mapping[str, Any]) -> tuple[Any, int]:
+        """:meth:`complete`, also giving the number of HTTP requests it took."""
+        state = self._state()
+        kwargs = self._split(body)
+        box = [0]
+        token = _ATTEMPTS.set(box)
+        try:
+            async with state.sem:
+                while True:
                     try:
-                        data = resp.json()
-                    except ValueError:
-                        last_error, last_status = f"malformed JSON in the response from {url}", status
-                        if not self.retry_malformed_json:
-                            raise ChatError(
-                                last_error, status, raw={"body": resp.text[:500]}, attempts=attempt + 1
-                            ) from None
-                    else:
-                        pt, ct = usage_tokens(data)
-                        self.stats.prompt_tokens += pt
-                        self.stats.completion_tokens += ct
-                        return data, attempt + 1
-            if attempt + 1 < attempts:
-                self.stats.retries += 1
-                wait = min(delay, self.max_backoff) if delay is not None else self.backoff(attempt)
-                self._log.debug("%s; retry %d in %.2fs", last_error, attempt + 1, wait)
-                await asyncio.sleep(wait)
-        raise ChatError(f"{last_error} (gave up after {attempts} attempts)", last_status, retryable=True, attempts=attempts)
+                        completion = await state.sdk.chat.completions.create(**kwargs)
+                        break
+                    except json.JSONDecodeError:
+                        # Ours: the SDK never retries a success it cannot parse; the judge does,
+                        # within the same budget of attempts.
+                        if not self.retry_malformed_json or box[0] > self.settings.max_retries:
+                            raise
+                        await asyncio.sleep(backoff(self.settings, box[0] - 1))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one ChatError
+            raise self._error(exc, box[0]) from None
+        finally:
+            _ATTEMPTS.reset(token)
+            self.stats.retries += max(0, box[0] - 1)
+        attempts = max(1, box[0])
+        usage = getattr(completion, "usage", None)
+        self.stats.prompt_tokens += _int(getattr(usage, "prompt_tokens", 0))
+        self.stats.completion_tokens += _int(getattr(usage, "completion_tokens", 0))
+        if not hasattr(completion, "choices"):  # a server that answered a JSON string or list
+            raise ChatError(f"the response from {self.url} is not a chat completion", raw={"response": completion},
+                            attempts=attempts)
+        return completion, attempts
+
+    async def stream(self, body: Mapping[str, Any]) -> AsyncIterator[str]:
+        """The answer's text pieces as the server streams them (``"stream": true``).
+
+        A server that answers with a plain JSON completion instead gives its whole text
+        as one piece.  Failures (after the SDK's retries) raise :class:`ChatError`.
+        """
+        state = self._state()
+        kwargs = self._split(body)
+        box = [0]
+        token = _ATTEMPTS.set(box)
+        try:
+            async with state.sem:
+                try:
+                    async with state.sdk.chat.completions.with_streaming_response.create(**kwargs, stream=True) as resp:
+                        if "text/event-stream" not in resp.headers.get("content-type", ""):
+                            data = await resp.json()
+                            text = _dict_text(data)
+                            if text:
+                                yield text
+                            return
+                        async for chunk in await resp.parse():
+                            err = getattr(chunk, "error", None) or (chunk.model_extra or {}).get("error")
+                            if err:
+                                raise ChatError(f"the server reported an error: {err}")
+                            for choice in chunk.choices or []:
+                                piece = choice.delta.content if choice.delta is not None else None
+                                if piece:
+                                    yield piece
+                            usage = getattr(chunk, "usage", None)
+                            if usage is not None:
+                                self.stats.prompt_tokens += _int(getattr(usage, "prompt_tokens", 0))
+                                self.stats.completion_tokens += _int(getattr(usage, "completion_tokens", 0))
+                except ChatError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every failure becomes one ChatError
+                    raise self._error(exc, box[0]) from None
+        finally:
+            try:
+                _ATTEMPTS.reset(token)
+            except ValueError:  # the generator was closed from another context
+                pass
+            self.stats.retries += max(0, box[0] - 1)
+
+    def _error(self, exc: BaseException, attempts: int) -> ChatError:
+        """Our :class:`ChatError` for what the SDK (or the response) raised."""
+        import openai
+
+        url = self.url
+        attempts = max(1, attempts)
+        gave_up = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            msg = f"HTTP {status} from {url}: {server_message(exc.response, self.message_limit)}"
+            retryable = is_retryable_status(status) or status in self.extra_retry_statuses
+            return ChatError(msg + (gave_up if retryable else ""), status, retryable=retryable, attempts=attempts)
+        if isinstance(exc, openai.APITimeoutError):
+            cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "timeout"
+            msg = f"request timed out after {self.settings.timeout:g}s ({cause})"
+            return ChatError(msg + gave_up, retryable=True, attempts=attempts)
+        if isinstance(exc, openai.APIConnectionError):
+            cause = exc.__cause__ or exc
+            return ChatError(f"connection error: {type(cause).__name__}: {cause}{gave_up}", retryable=True, attempts=attempts)
+        if isinstance(exc, json.JSONDecodeError):
+            return ChatError(f"malformed JSON in the response from {url}{gave_up}", 200, attempts=attempts)
+        if isinstance(exc, openai.OpenAIError):
+            return ChatError(f"{type(exc).__name__}: {exc}", attempts=attempts)
+        return ChatError(f"unexpected {type(exc).__name__}: {exc}", attempts=attempts)
 
     async def aclose(self) -> None:
-        """Close the HTTP client (in the loop it was used in); the transport can be used again."""
-        client = self._client
-        self._client = None
-        self._sem = None
-        if client is not None:
-            await client.aclose()
+        """Close the current loop's SDK client; the client can be used again."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        state = self._states.pop(loop, None)
+        if state is not None:
+            await state.sdk.close()
 
     def reset(self) -> None:
-        """Forget the HTTP client and semaphore without closing them (their loop is gone)."""
-        self._client = None
-        self._sem = None
+        """Forget every loop's SDK client without closing them (their loops are gone)."""
+        self._states.clear()
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _dict_text(data: Any) -> str:
+    """The message text of a plain-JSON chat completion (the streaming fallback)."""
+    try:
+        choice = data["choices"][0]
+    except (TypeError, KeyError, IndexError):
+        return ""
+    if not isinstance(choice, dict):
+        return ""
+    text = (choice.get("message") or {}).get("content")
+    if text is None and isinstance(choice.get("text"), str):
+        text = choice["text"]
+    return text if isinstance(text, str) else ""
+
+
+def completion_text(completion: Any) -> tuple[Any, Any]:
+    """``(message text, choice)`` of a completion's first choice; ``(None, None)`` without choices.
+
+    The text is ``message.content`` (text parts joined when a server sends a list), or
+    the completions-style ``text`` some servers put on the choice instead.
+    """
+    choices = getattr(completion, "choices", None) or []
+    if not choices:
+        return None, None
+    choice = choices[0]
+    message = getattr(choice, "message", None)
+    text = getattr(message, "content", None) if message is not None else None
+    if isinstance(text, list):
+        text = "".join(p.get("text", "") if isinstance(p, dict) else str(getattr(p, "text", "")) for p in text)
+    if text is None:
+        extra = getattr(choice, "model_extra", None) or {}
+        if isinstance(extra.get("text"), str):
+            text = extra["text"]
+    return text, choice
+
+
+def dump(obj: Any) -> Any:
+    """A response as plain data (for error records)."""
+    to_dict = getattr(obj, "to_dict", None)
+    if callable(to_dict):
+        try:
+            return to_dict()
+        except Exception:  # noqa: BLE001 - best effort for a record
+            return repr(obj)
+    return obj
+
+
+__all__ += ["completion_text", "dump"]

@@ -26,31 +26,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
-from pydantic import BaseModel, Field
-
-from icm.data.cache import ResponseCache, prompt_hash
+from icm.aio import in_daemon_thread
+from icm.cache import ReplyCache, prompt_hash, stage_key
+from icm.data.generate_config import Failure, GenerateConfig, GenerateSummary, ItemOutcome, Mode
+from icm.data.generate_prompts import PromptPlan, plan_prompts, qa_prompt, split_combined_answer, stage_conversations
 from icm.data.inputs import InputError, Sample, file_sha256, load_samples
 from icm.data.llm import ChatError, TextClient
 from icm.data.outputs import OutputStore
-from icm.data.quality import ALL_FILTERS, DEFAULT_FILTERS, check_description, check_explanation
+from icm.data.quality import check_description, check_explanation
 from icm.data.records import DescriptionRecord, ExplanationRecord, InstructRecord, Rejected
 from icm.data.tables import parse_qa_text
+from icm.moderation.backends.base import Failed
 from icm.policy import Policy, load_policy
-from icm.policy.prompts import StagePrompts, qa_generation_prompt, stage_prompts
+from icm.policy.prompts import StagePrompts, stage_prompts
 
 __all__ = [
     "GenerateConfig",
     "GenerateSummary",
     "Generator",
     "ItemOutcome",
+    "Mode",
     "PromptPlan",
     "generate",
     "plan_prompts",
@@ -58,136 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["combined", "separate"]
-
-
-@dataclass
-class GenerateConfig:
-    """Everything ``icm data generate`` takes; the CLI maps one option onto each field."""
-
-    inputs: list[str] = field(default_factory=list)
-    """CSV (image,product) or JSONL files, or folders with one sub-folder per product."""
-    out: str = "icm-instruct"
-    """Output folder: records.jsonl, rejected.jsonl, summary.json (and cache.sqlite)."""
-    policy: str = "icm-sexy"
-    mllm_model: str | None = None
-    mllm_base_url: str | None = None
-    mllm_api_key: str | None = None
-    llm_model: str | None = None
-    """The text LLM for Q-A generation; default: the MLLM."""
-    llm_base_url: str | None = None
-    """Default: the MLLM's server."""
-    llm_api_key: str | None = None
-    mode: Mode = "combined"
-    qa: bool = True
-    n_yes_no: int = 4
-    n_choice: int = 5
-    n_what: int = 3
-    n_how: int = 3
-    concurrency: int = 8
-    timeout: float = 120.0
-    max_retries: int = 3
-    backoff: float = 0.5
-    max_tokens: int = 1024
-    qa_max_tokens: int = 1024
-    temperature: float = 0.0
-    seed: int | None = None
-    max_image_side: int | None = 1024
-    cache: str | None = None
-    """SQLite response cache; default ``<out>/cache.sqlite``."""
-    filters: list[str] = field(default_factory=lambda: list(DEFAULT_FILTERS))
-    min_qa: int = 1
-    """Fewest usable Q-A pairs for an image to be kept."""
-    limit: int | None = None
-    retry_rejected: bool = False
-    """Forget earlier whole-image rejections and try those images again (pair it with a
-    new --seed or --temperature, else the cache answers the same)."""
-    dry_run: bool = False
-
-    def validate(self, *, need_model: bool = True) -> None:
-        if not self.inputs:
-            raise ValueError("no inputs: give CSV/JSONL files or folders with one sub-folder per product")
-        if self.mode not in ("combined", "separate"):
-            raise ValueError(f"mode must be 'combined' or 'separate', got {self.mode!r}")
-        unknown = sorted(set(self.filters) - set(ALL_FILTERS))
-        if unknown:
-            raise ValueError(f"unknown filters {unknown} (known: {', '.join(ALL_FILTERS)})")
-        if self.concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        if min(self.n_yes_no, self.n_choice, self.n_what, self.n_how) < 0:
-            raise ValueError("question counts must be >= 0")
-        if self.qa and self.n_yes_no + self.n_choice + self.n_what + self.n_how == 0:
-            raise ValueError("all question counts are 0: use --no-qa to skip the Q-A stage")
-        if need_model and not self.dry_run and not self.mllm_model:
-            raise ValueError("the MLLM's model name is needed (--mllm-model), or use --dry-run")
-
-    @property
-    def cache_path(self) -> Path:
-        return Path(self.cache) if self.cache else Path(self.out) / "cache.sqlite"
-
-    def public(self) -> dict[str, Any]:
-        """The config without API keys (for summaries and provenance)."""
-        d = asdict(self)
-        d.pop("mllm_api_key", None)
-        d.pop("llm_api_key", None)
-        return d
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class ItemOutcome:
-    """What happened to one input, reported as it happens (progress callbacks)."""
-
-    status: Literal["written", "rejected", "skipped", "duplicate", "failed", "input_error"]
-    image: str
-    id: str | None = None
-    stage: str | None = None
-    reason: str | None = None
-    detail: str | None = None
-
-
-class Failure(BaseModel):
-    image: str
-    id: str | None = None
-    stage: str
-    error: str
-
-
-class GenerateSummary(BaseModel):
-    """The run's totals (also written to ``<out>/summary.json``)."""
-
-    inputs: int = 0
-    written: int = 0
-    rejected: int = 0
-    rejected_rows: int = 0
-    rejected_by_reason: dict[str, int] = Field(default_factory=dict)
-    skipped: int = Field(default=0, description="Images already done by an earlier run")
-    duplicates: int = 0
-    failed: int = 0
-    failures: list[Failure] = Field(default_factory=list)
-    input_errors: list[dict[str, str]] = Field(default_factory=list)
-    requests: int = Field(default=0, description="HTTP requests sent, retries included")
-    retries: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
-    records_total: int = Field(default=0, description="Records in records.jsonl after the run")
-    repaired_bytes: int = Field(default=0, description="Bytes of a half-written last line cut off at start")
-    out: str = ""
-    config: dict[str, Any] = Field(default_factory=dict, description="The run's settings (API keys left out)")
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @property
-    def ok(self) -> bool:
-        return self.failed == 0 and not self.input_errors
 
 
 class StageFailed(Exception):
@@ -203,157 +73,7 @@ class _Reject(Exception):
         self.stage, self.reason, self.detail, self.raw = stage, reason, detail, raw
 
 
-# --------------------------------------------------------------------------- the combined answer
-
-_SECTION_NAMES = (
-    r"explicit(?:\s+content)?",
-    r"implicit(?:\s+content)?",
-    r"(?:explanation|verdict|moderation|conclusion|assessment|judg(?:e)?ment|reason(?:ing)?|why|is the image\b[^\n:]*)",
-)
-
-
-def _marker(n: int) -> re.Pattern[str]:
-    return re.compile(
-        rf"(?:^|\n)[ \t]*(?:#{{1,6}}[ \t]*)?(?:\*\*|__)?[ \t]*(?:(?:question|part|step|q)[ \t]*)?{n}[ \t]*[\.\):](?!\d)",
-        re.IGNORECASE,
-    )
-
-
-def _named(i: int) -> re.Pattern[str]:
-    return re.compile(
-        rf"(?:^|\n)[ \t]*(?:#{{1,6}}[ \t]*)?(?:\*\*|__)?[ \t]*(?:{_SECTION_NAMES[i]})[^\n]{{0,40}}?(?::|\*\*|__|\n)",
-        re.IGNORECASE,
-    )
-
-
-_LABEL = re.compile(
-    r"^\s*(?:\*\*|__)?\s*(?:explicit|implicit|explanation|verdict|moderation|conclusion|assessment|reason(?:ing)?)"
-    r"[^:\n]{0,30}:\s*(?:\*\*|__)?\s*",
-    re.IGNORECASE,
-)
-
-
-def _clean_section(s: str) -> str:
-    s = s.strip().lstrip("*_# \t")
-    s = _LABEL.sub("", s, count=1)
-    s = re.sub(r"^(?:\*\*|__)\s*", "", s)
-    lines = s.split("\n")
-    # an echoed question on its own line ("Explicit content: what is visibly ...?")
-    if len(lines) > 1 and lines[0].strip().rstrip("*_: ").endswith("?"):
-        s = "\n".join(lines[1:])
-    return s.strip().strip("*_").strip()
-
-
-def split_combined_answer(text: str) -> tuple[str, str, str] | None:
-    """Explicit content, implicit content and explanation from the multi-question answer.
-
-    Finds the parts by their numbers ("1.", "**2)**", "### 3:", "Question 3.") or by
-    their names ("Explicit content:", "**Implicit content**"), else takes exactly three
-    paragraphs. None when none of these splits it into three non-empty parts.
-    """
-    t = (text or "").replace("\r\n", "\n").strip()
-    if not t:
-        return None
-    for finder in (_marker, _named):
-        starts: list[tuple[int, int]] = []
-        pos = 0
-        for i in range(3):
-            m = finder(i + 1 if finder is _marker else i).search(t, pos)  # type: ignore[operator]
-            if not m:
-                break
-            starts.append((m.start(), m.end()))
-            pos = m.end()
-        if len(starts) == 3:
-            parts = []
-            for i, (_, end) in enumerate(starts):
-                stop = starts[i + 1][0] if i + 1 < 3 else len(t)
-                parts.append(_clean_section(t[end:stop]))
-            if all(parts):
-                return parts[0], parts[1], parts[2]
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", t) if p.strip()]
-    if len(paragraphs) == 3:
-        parts = [_clean_section(p) for p in paragraphs]
-        if all(parts):
-            return parts[0], parts[1], parts[2]
-    return None
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-class PromptPlan(BaseModel):
-    """What a dry run prints: the prompts of each product the inputs use."""
-
-    inputs: int
-    input_errors: list[dict[str, str]]
-    products: dict[str, int]
-    mode: Mode
-    stages: list[StagePrompts]
-    qa_prompt: str | None
-    requests_per_image: int
-
-
-def _conversations(mode: Mode, p: StagePrompts) -> dict[str, list[dict[str, str]]]:
-    if mode == "combined":
-        return {"combined": [{"role": "user", "content": p.combined}]}
-    return {
-        "explicit": [{"role": "user", "content": p.explicit}],
-        "implicit": [{"role": "user", "content": p.implicit}],
-        "explanation": [{"role": "user", "content": p.explanation}],
-    }
-
-
-def _qa_prompt(policy: Policy, c: GenerateConfig, explanation: str) -> str:
-    return qa_generation_prompt(policy, explanation, n_yes_no=c.n_yes_no, n_choice=c.n_choice, n_what=c.n_what, n_how=c.n_how)
-
-
-def plan_prompts(config: GenerateConfig) -> PromptPlan:
-    """The prompts a run would send, without sending anything (``--dry-run``)."""
-    policy = load_policy(config.policy)
-    samples, errors = load_samples(config.inputs, policy)
-    if config.limit is not None:
-        samples = samples[: config.limit]
-    products = Counter(s.product.id for s in samples)
-    stages = [stage_prompts(policy, pid) for pid in products]
-    qa = _qa_prompt(policy, config, "<the explanation written by the MLLM>") if config.qa else None
-    per_image = (1 if config.mode == "combined" else 3) + (1 if config.qa else 0)
-    return PromptPlan(
-        inputs=len(samples),
-        input_errors=[{"origin": e.origin, "error": e.error} for e in errors],
-        products=dict(products),
-        mode=config.mode,
-        stages=stages,
-        qa_prompt=qa,
-        requests_per_image=per_image,
-    )
-
-
 # --------------------------------------------------------------------------- the pipeline
-
-
-async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run a blocking call in a daemon thread (a killed or interrupted run never waits on it)."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[Any] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not fut.done():
-            (fut.set_result if ok else fut.set_exception)(value)
-
-    def run() -> None:
-        try:
-            res = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            ok, value = False, exc
-        else:
-            ok, value = True, res
-        try:
-            loop.call_soon_threadsafe(settle, ok, value)
-        except RuntimeError:
-            pass  # the loop is gone (the run was interrupted)
-
-    threading.Thread(target=run, name="icm-data-call", daemon=True).start()
-    return await fut
 
 
 class _Item:
@@ -373,7 +93,7 @@ class _Item:
                 from icm.moderation.images import ImageLoadError, load_image
 
                 try:
-                    self._image = (await _in_thread(load_image, self.sample.path)).image
+                    self._image = (await in_daemon_thread(load_image, self.sample.path)).image
                 except ImageLoadError as exc:
                     raise _Reject("image", "unreadable", exc.cause) from None
             return self._image
@@ -383,9 +103,11 @@ class Generator:
     """The pipeline, for library use: pass your own backends to reuse or fake them.
 
     ``mllm`` is an :class:`~icm.moderation.backends.openai_compat.OpenAIBackend` (or any
-    object with its ``generate(images, messages, ...)``, ``last_errors``, ``stats`` and
-    ``model`` API); ``llm`` a :class:`~icm.data.llm.TextClient`. Both are built from the
-    config when not given.
+    object with its ``async generate_async(images, messages, ...)`` (text or
+    :class:`~icm.moderation.backends.base.Failed` per item), ``stats`` and ``model``);
+    ``llm`` a :class:`~icm.data.llm.TextClient`. Both are built from the config (its
+    :meth:`~GenerateConfig.mllm_server` and :meth:`~GenerateConfig.llm_server`) when not
+    given. Every request is awaited in the run's own event loop: no thread per call.
     """
 
     def __init__(
@@ -405,25 +127,16 @@ class Generator:
         self.llm = llm if llm is not None else (self._make_llm() if config.qa else None)
         self.mllm_model = str(getattr(self.mllm, "model", "mllm"))
         self.llm_model = self.llm.model if self.llm is not None else None
-        self.cache: ResponseCache  # opened by each run
+        self.cache: ReplyCache  # opened by each run
 
     def _make_mllm(self) -> Any:
         from icm.moderation.backends.openai_compat import OpenAIBackend
 
-        c = self.config
-        return OpenAIBackend(
-            c.mllm_model, base_url=c.mllm_base_url, api_key=c.mllm_api_key, max_concurrency=c.concurrency,
-            timeout=c.timeout, max_retries=c.max_retries, backoff_base=c.backoff, max_image_side=c.max_image_side,
-        )
+        return OpenAIBackend(settings=self.config.mllm_server(), max_image_side=self.config.max_image_side)
 
     def _make_llm(self) -> TextClient:
-        c = self.config
-        return TextClient(
-            c.llm_model or c.mllm_model or "",
-            base_url=c.llm_base_url or c.mllm_base_url,
-            api_key=c.llm_api_key or c.mllm_api_key,
-            max_concurrency=c.concurrency, timeout=c.timeout, max_retries=c.max_retries, backoff_base=c.backoff,
-        )
+        settings = self.config.llm_server()
+        return TextClient(settings.model or "", settings=settings)
 
     # ------------------------------------------------------------------ calls
 
@@ -433,45 +146,39 @@ class Generator:
     async def _ask_mllm(self, item: _Item, stage: str, messages: list[dict[str, str]]) -> str:
         c = self.config
         params = {**self._params(c.max_tokens), "max_image_side": c.max_image_side}
-        ph = prompt_hash(messages, params)
-        hit = self.cache.get(item.sha, stage, ph, self.mllm_model)
+        key = stage_key(item.sha, stage, prompt_hash(messages, params))
+        hit = self.cache.get(self.mllm_model, key)
         if hit is not None:
             return hit.text
         image = await item.image()
-
-        def call() -> tuple[str | None, str]:
-            out = self.mllm.generate(
-                [image], [messages], max_new_tokens=c.max_tokens, temperature=c.temperature, seed=c.seed
-            )
-            errs = self.mllm.last_errors
-            return out[0], (errs[0].error if errs else "the server gave no answer")
-
-        text, error = await _in_thread(call)
-        if text is None:
-            raise StageFailed(stage, error)
-        self.cache.put(item.sha, stage, ph, self.mllm_model, text)
+        [text] = await self.mllm.generate_async(
+            [image], [messages], max_new_tokens=c.max_tokens, temperature=c.temperature, seed=c.seed
+        )
+        if isinstance(text, Failed) or not isinstance(text, str):
+            raise StageFailed(stage, text.error if isinstance(text, Failed) else "the server gave no answer")
+        self.cache.put(self.mllm_model, key, text, stage=stage)
         return text
 
     async def _ask_llm(self, item: _Item, stage: str, prompt: str) -> str:
         assert self.llm is not None
         c = self.config
         messages = [{"role": "user", "content": prompt}]
-        ph = prompt_hash(messages, self._params(c.qa_max_tokens))
-        hit = self.cache.get(item.sha, stage, ph, self.llm.model)
+        key = stage_key(item.sha, stage, prompt_hash(messages, self._params(c.qa_max_tokens)))
+        hit = self.cache.get(self.llm.model, key)
         if hit is not None:
             return hit.text
         try:
             res = await self.llm.complete(messages, max_tokens=c.qa_max_tokens, temperature=c.temperature, seed=c.seed)
         except ChatError as exc:
             raise StageFailed(stage, str(exc)) from None
-        self.cache.put(item.sha, stage, ph, self.llm.model, res.text,
+        self.cache.put(self.llm.model, key, res.text, stage=stage,
                        prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens)
         return res.text
 
     # ------------------------------------------------------------------ one image
 
     async def _texts(self, item: _Item, prompts: StagePrompts) -> tuple[str, str, str]:
-        convs = _conversations(self.config.mode, prompts)
+        convs = stage_conversations(self.config.mode, prompts)
         if self.config.mode == "combined":
             raw = await self._ask_mllm(item, "combined", convs["combined"])
             parts = split_combined_answer(raw)
@@ -530,7 +237,7 @@ class Generator:
         )
         rows: list[Rejected] = []
         if c.qa:
-            raw = await self._ask_llm(item, "qa", _qa_prompt(self.policy, c, explanation))
+            raw = await self._ask_llm(item, "qa", qa_prompt(self.policy, c, explanation))
             parsed = parse_qa_text(raw)
             if not parsed.pairs:
                 if parsed.tables == 0:
@@ -567,7 +274,7 @@ class Generator:
         reasons: Counter[str] = Counter()
         mllm_before = _usage(self.mllm)
         llm_before = _usage(self.llm)
-        self.cache = ResponseCache(c.cache_path)
+        self.cache = ReplyCache(c.cache_path)
         store = OutputStore(c.out, retry_rejected=c.retry_rejected)
         summary.repaired_bytes = store.repaired_bytes
         in_flight: set[str] = set()
@@ -584,7 +291,7 @@ class Generator:
         async def handle(sample: Sample) -> None:
             image = str(sample.path)
             try:
-                sha = await _in_thread(file_sha256, sample.path)
+                sha = await in_daemon_thread(file_sha256, sample.path)
             except OSError as exc:
                 summary.failed += 1
                 summary.failures.append(Failure(image=image, stage="image", error=f"cannot read the file: {exc}"))
@@ -646,6 +353,9 @@ class Generator:
             self.cache.close()
             if self._own_llm and self.llm is not None:
                 await self.llm.aclose()
+            mllm_close = getattr(self.mllm, "aclose", None)
+            if mllm_close is not None:  # its client for this run's loop (the loop ends with the run)
+                await mllm_close()
         mllm_after, llm_after = _usage(self.mllm), _usage(self.llm)
         for key in ("requests", "retries", "prompt_tokens", "completion_tokens"):
             spent = mllm_after[key] - mllm_before[key] + llm_after[key] - llm_before[key]

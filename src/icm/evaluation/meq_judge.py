@@ -7,9 +7,11 @@ asks for JSON, but :func:`parse_judgement` reads whatever comes back: a JSON obj
 (fenced or not, nested or not), a markdown table (criteria as rows or as columns),
 ``Accuracy: 85/100`` lines, stray text around any of them.
 
-The client (:class:`Judge`) needs only ``httpx``: requests run concurrently (bounded),
-transient failures (connection errors, timeouts, 408, 429, 5xx) are retried with
-exponential backoff honouring ``Retry-After``, and every reply is cached in SQLite keyed
+The client (:class:`Judge`) sends through :class:`~icm.openai_http.ChatClient` (the
+``openai`` SDK), configured by :meth:`JudgeConfig.server`: requests run concurrently
+(bounded), transient failures (connection errors, timeouts, 408, 409, 425, 429, 5xx,
+and a success whose body is not JSON) are retried with exponential backoff honouring
+``Retry-After``, and every reply is cached in SQLite keyed
 by (model, hash of the request), so an interrupted run resumes where it stopped and a
 rerun costs nothing. Failed requests are not cached: they are tried again next time.
 Replies are cached as text and parsed when read, so a better parser needs no new calls.
@@ -20,13 +22,9 @@ An explanation the judge gives no usable score for is a *failure*, counted and r
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import re
-import sqlite3
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -34,7 +32,9 @@ from typing import Any, Callable, Literal, Sequence
 import httpx
 from pydantic import BaseModel, Field, SecretStr
 
-from icm.openai_http import RETRY_STATUSES, ChatError, ChatTransport, ChatUsage, env_first, first_choice
+from icm.cache import ReplyCache, request_key
+from icm.aio import run_sync
+from icm.openai_http import ChatClient, ChatError, ChatUsage, ServerSettings, completion_text, env_first
 
 CRITERIA: tuple[str, ...] = ("accuracy", "preciseness", "comprehensiveness", "fluency")
 _CRITERION_RE = {
@@ -43,7 +43,7 @@ _CRITERION_RE = {
     "comprehensiveness": r"comprehensive(?:ness)?|completeness",
     "fluency": r"fluen(?:cy|t)",
 }
-_RETRYABLE = RETRY_STATUSES | {409, 425}  # plus every 5xx
+_EXTRA_RETRY = frozenset({425})  # besides what the SDK retries (408, 409, 429, 5xx)
 
 DEFAULT_CACHE = Path(os.environ.get("ICM_CACHE_DIR", Path.home() / ".cache" / "icm")) / "judge.sqlite"
 
@@ -257,50 +257,6 @@ def parse_judgement(text: str | None) -> ParsedJudgement:
     return ParsedJudgement(scores=scores, methods=methods, error=error)
 
 
-# --------------------------------------------------------------------------- cache
-
-
-class JudgeCache:
-    """Judge replies in SQLite, keyed by (model, SHA-256 of the request)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS replies (model TEXT NOT NULL, key TEXT NOT NULL, reply TEXT NOT NULL, "
-                "created REAL NOT NULL, PRIMARY KEY (model, key))"
-            )
-            self._db.commit()
-
-    def get(self, model: str, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT reply FROM replies WHERE model = ? AND key = ?", (model, key)).fetchone()
-        return row[0] if row else None
-
-    def put(self, model: str, key: str, reply: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO replies (model, key, reply, created) VALUES (?, ?, ?, ?)", (model, key, reply, time.time())
-            )
-            self._db.commit()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0])
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-
-def request_key(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
 # --------------------------------------------------------------------------- client
 
 
@@ -321,6 +277,14 @@ class JudgeConfig(BaseModel):
     cache: Path | None = DEFAULT_CACHE
     json_mode: bool = Field(default=False, description="Send response_format={'type': 'json_object'} (servers that support it)")
 
+    def server(self) -> ServerSettings:
+        """The judge server as the :class:`~icm.openai_http.ServerSettings` every client takes."""
+        return ServerSettings(
+            base_url=self.base_url.rstrip("/"), api_key=self.api_key, model=self.model, timeout=self.timeout,
+            max_retries=self.max_retries, backoff_base=self.backoff_base, max_backoff=self.max_backoff,
+            max_concurrency=self.concurrency,
+        )
+
 
 @dataclass
 class ExplanationPair:
@@ -339,18 +303,14 @@ class JudgeResult(BaseModel):
     methods: list[str] = Field(default_factory=list)
 
 
-def _content(data: Any) -> str:
+def _content(completion: Any) -> str:
     """The judge's reply text; :class:`ChatError` when there is none."""
-    choice = first_choice(data)
-    if choice is None or "message" not in choice:
+    text, choice = completion_text(completion)
+    if choice is None or getattr(choice, "message", None) is None:
         raise ChatError("the response has no choices[0].message")
-    msg = choice["message"]
-    content = msg.get("content") if isinstance(msg, dict) else None
-    if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    if not isinstance(content, str) or not content.strip():
+    if not isinstance(text, str) or not text.strip():
         raise ChatError("the judge returned an empty message")
-    return content
+    return text
 
 
 class Judge:
@@ -359,7 +319,7 @@ class Judge:
     def __init__(self, config: JudgeConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.config = config
         self._transport = transport
-        self.cache = JudgeCache(config.cache) if config.cache else None
+        self.cache = ReplyCache(config.cache) if config.cache else None
         self.stats = ChatUsage()
 
     @property
@@ -383,51 +343,42 @@ class Judge:
             body["response_format"] = {"type": "json_object"}
         return body
 
-    async def _one(self, http: ChatTransport, sem: asyncio.Semaphore, pair: ExplanationPair) -> JudgeResult:
+    async def _one(self, http: ChatClient, pair: ExplanationPair) -> JudgeResult:
         body = self.body(pair)
         key = request_key(body)
         model = self.config.model
         if self.cache is not None:
-            reply = self.cache.get(model, key)
-            if reply is not None:
-                p = parse_judgement(reply)
-                return JudgeResult(id=pair.id, scores=p.scores, reply=reply, error=p.error, cached=True, methods=list(p.methods))
-        async with sem:  # held through the retries: at most ``concurrency`` pairs are being judged at once
-            try:
-                data, attempts = await http.post_counted(body)
-            except ChatError as exc:
-                return JudgeResult(id=pair.id, scores={c: None for c in CRITERIA}, error=str(exc), attempts=exc.attempts)
+            hit = self.cache.get(model, key)
+            if hit is not None:
+                p = parse_judgement(hit.text)
+                return JudgeResult(id=pair.id, scores=p.scores, reply=hit.text, error=p.error, cached=True, methods=list(p.methods))
+        try:  # the client holds its semaphore through the retries: at most ``concurrency`` pairs in flight
+            completion, attempts = await http.complete_counted(body)
+        except ChatError as exc:
+            return JudgeResult(id=pair.id, scores={c: None for c in CRITERIA}, error=str(exc), attempts=exc.attempts)
         try:
-            reply = _content(data)
+            reply = _content(completion)
         except ChatError as exc:
             return JudgeResult(id=pair.id, scores={c: None for c in CRITERIA}, error=str(exc), attempts=attempts)
         if self.cache is not None:
-            self.cache.put(model, key, reply)
+            self.cache.put(model, key, reply, stage="judge")
         p = parse_judgement(reply)
         return JudgeResult(id=pair.id, scores=p.scores, reply=reply, error=p.error, attempts=attempts, methods=list(p.methods))
 
     async def judge_async(
         self, pairs: Sequence[ExplanationPair], on_result: Callable[[JudgeResult], None] | None = None
     ) -> list[JudgeResult]:
-        c = self.config
-        http = ChatTransport(
-            c.base_url,
-            api_key=c.api_key.get_secret_value() if c.api_key is not None else None,
-            max_concurrency=c.concurrency,
-            timeout=c.timeout,
-            max_retries=c.max_retries,
-            backoff_base=c.backoff_base,
-            max_backoff=c.max_backoff,
-            retry_statuses=_RETRYABLE,
-            retry_malformed_json=True,
-            message_limit=300,
+        http = ChatClient(
+            self.config.server(),
             stats=self.stats,
             transport=self._transport,
+            retry_malformed_json=True,
+            extra_retry_statuses=_EXTRA_RETRY,
+            message_limit=300,
         )
-        sem = asyncio.Semaphore(c.concurrency)
 
         async def run(pair: ExplanationPair) -> JudgeResult:
-            r = await self._one(http, sem, pair)
+            r = await self._one(http, pair)
             if on_result is not None:
                 on_result(r)
             return r
@@ -438,26 +389,8 @@ class Judge:
             await http.aclose()
 
     def judge(self, pairs: Sequence[ExplanationPair], on_result: Callable[[JudgeResult], None] | None = None) -> list[JudgeResult]:
-        """Judge every pair (concurrently); works with or without a running event loop."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.judge_async(pairs, on_result))
-        out: list[list[JudgeResult]] = []
-        err: list[BaseException] = []
-
-        def target() -> None:
-            try:
-                out.append(asyncio.run(self.judge_async(pairs, on_result)))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                err.append(exc)
-
-        t = threading.Thread(target=target)
-        t.start()
-        t.join()
-        if err:
-            raise err[0]
-        return out[0]
+        """Judge every pair (concurrently); works with or without a running event loop (:func:`~icm.aio.run_sync`)."""
+        return run_sync(self.judge_async(pairs, on_result))
 
     def close(self) -> None:
         if self.cache is not None:

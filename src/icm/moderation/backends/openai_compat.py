@@ -2,57 +2,48 @@
 
 Works with vLLM, SGLang, Ollama, LM Studio, llama.cpp's server and OpenAI itself: the
 image is sent as a ``data:`` URL in an ``image_url`` content part of the first user
-message, and only ``httpx`` is used (no ``openai`` SDK), through
-:class:`~icm.openai_http.ChatTransport`.
+message, through :class:`~icm.openai_http.ChatClient` (the ``openai`` SDK's
+``AsyncOpenAI``).  How a response becomes an answer (logprobs over the labels, the
+label-mass rule, refusals, text answers) is in
+:mod:`icm.moderation.backends.openai_parsing`.
 
-Probabilities follow the paper's protocol as closely as an HTTP API allows: the model is
-asked with ``logprobs``/``top_logprobs`` and P(Yes) is the softmax over the
-log-probabilities of the "Yes" and "No" variants among the first token's top candidates
-(see :func:`yes_no_from_logprobs`).  That softmax is only an answer when the labels hold
-at least ``min_label_mass`` of the first token's probability (default 0.5): a model
-whose first token is "I" (of "I'm sorry, but I can't help with that.") has not answered
-Yes or No, however the two tiny remaining shares compare.  Otherwise, and for servers that
-return no logprobs, the answer text (up to ``answer_tokens`` tokens) is read: a refusal
-is :class:`NotJudged` ``refused``, a clear answer ("Yes", "yes, the image ...",
-"B. Because ...", "The answer is (B).", "Answer: B") is used with ``source="parsed"``
-(a 0/1 probability), anything else is ``off-format``; it is never guessed at.
-With ``guided_choice`` the server is asked to constrain the answer to the labels
-(vLLM's ``structured_outputs``/``guided_choice``, SGLang's ``regex``); a server that
-rejects the field is remembered and asked without it from then on.
+The backend is asynchronous at its core (:meth:`OpenAIBackend.ask_async`,
+:meth:`~OpenAIBackend.score_yes_no_async`, :meth:`~OpenAIBackend.choose_async`,
+:meth:`~OpenAIBackend.generate_async`, :meth:`~OpenAIBackend.stream_async`): every
+request of a batch runs concurrently, bounded by ``max_concurrency``.  The synchronous
+API of :class:`~icm.moderation.backends.base.Backend` runs the same coroutines on an event
+loop owned by the backend (:class:`~icm.aio.LoopThread`), so it works from plain code,
+worker threads and inside a running event loop alike.
 
-Every request of a batch runs concurrently (bounded by ``max_concurrency``) on an event
-loop owned by the backend in a background thread, so the synchronous API works from
-plain code, worker threads and from inside a running event loop alike.  Transient
-failures (429, 408, 5xx, connection errors, timeouts) are retried with exponential
-backoff and jitter, honouring ``Retry-After``; other 4xx fail at once.  A request that
-still fails gives :class:`~icm.moderation.backends.base.Failed` for that item (the engine
-makes its image an error record) and an :class:`ItemError` in
+Transient failures (408, 409, 429, 5xx, connection errors, timeouts) are retried with
+exponential backoff and jitter, honouring ``Retry-After``; other 4xx fail at once.  A
+request that still fails gives :class:`~icm.moderation.backends.base.Failed` for that
+item (the engine makes its image an error record) and an :class:`ItemError` in
 :attr:`OpenAIBackend.last_errors`: one bad image never fails the batch.  401, 403 and 404
 (a rejected key, an unknown model or a wrong URL), and a server that cannot be reached by
 any request before it ever answered, raise
 :class:`~icm.moderation.backends.base.BackendConfigError` instead: no image can succeed.
+With ``guided_choice`` the server is asked to constrain the answer to the labels (vLLM's
+``structured_outputs``/``guided_choice``, SGLang's ``regex``); a server that rejects the
+field is remembered and asked without it from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import io
 import logging
-import math
-import os
 import re
 import threading
-import weakref
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Literal, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Coroutine, Literal, Sequence, TypeVar
 
 from PIL import Image
 
+from icm.aio import LoopThread
 from icm.moderation.backends.base import (
     DEFAULT_MIN_LABEL_MASS,
-    REFUSAL_FIRST_WORDS,
     Answer,
     Backend,
     BackendConfigError,
@@ -64,19 +55,27 @@ from icm.moderation.backends.base import (
     Query,
     YesNoScore,
 )
+from icm.moderation.backends.openai_parsing import (
+    choice_from_logprobs,
+    first_token_candidates,
+    is_refusal,
+    parse_choice_text,
+    parse_yes_no_text,
+    read_answer,
+    yes_no_from_logprobs,
+)
 from icm.openai_http import (
     DEFAULT_BASE_URL,
-    RETRY_STATUSES,
+    ChatClient,
     ChatError,
-    ChatTransport,
     ChatUsage,
-    api_key_from_env,
-    base_url_from_env,
-    choice_text,
+    ServerSettings,
+    completion_text,
+    dump,
     env_first,
-    first_choice,
 )
 from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
+from icm.prompting import openai_conversation, question_conversation
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -85,6 +84,7 @@ __all__ = [
     "OpenAIUsage",
     "choice_from_logprobs",
     "encode_image",
+    "first_token_candidates",
     "is_refusal",
     "parse_choice_text",
     "parse_yes_no_text",
@@ -93,7 +93,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = RETRY_STATUSES  # plus every 5xx
 CONFIG_STATUSES = frozenset({401, 403, 404})  # a rejected key, no access, an unknown model or URL
 GUIDED_CHOICE_STYLES = ("off", "structured_outputs", "guided_choice", "regex")
 _T = TypeVar("_T")
@@ -101,7 +100,7 @@ _T = TypeVar("_T")
 
 # --------------------------------------------------------------------------- records
 
-# Running totals for one backend object: the transport's record, under its old name.
+# Running totals for one backend object: the client's record, under its old name.
 OpenAIUsage = ChatUsage
 
 
@@ -161,226 +160,9 @@ def encode_image(
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-# --------------------------------------------------------------------------- logprobs
-
-# Characters a tokenizer or a model may put around an answer token: leading spaces
-# (" Yes"), byte-level/sentencepiece space markers, punctuation ("Yes.", "(A").
-_TOKEN_STRIP = " \t\r\n.,!?:;\"'`*()[]{}<>_-"
-
-
-def _norm_token(token: str) -> str:
-    token = token.replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\n")
-    return token.strip(_TOKEN_STRIP)
-
-
-def _logsumexp(values: Sequence[float]) -> float:
-    if not values:
-        return -math.inf
-    m = max(values)
-    if m == -math.inf:
-        return -math.inf
-    return m + math.log(sum(math.exp(v - m) for v in values))
-
-
-def _first_token_candidates(logprobs: Any) -> list[tuple[str, float]] | None:
-    """``(token, logprob)`` candidates for the first generated token, or None.
-
-    Reads the chat format (``logprobs.content[0].top_logprobs``, as vLLM, SGLang and
-    OpenAI return it) and the legacy completions format (``logprobs.top_logprobs[0]`` a
-    ``{token: logprob}`` dict).  The sampled token is added when the top list lacks it.
-    """
-    if not isinstance(logprobs, dict):
-        return None
-    out: list[tuple[str, float]] = []
-    content = logprobs.get("content")
-    if isinstance(content, list) and content:
-        first = content[0] or {}
-        for entry in first.get("top_logprobs") or []:
-            tok, lp = entry.get("token"), entry.get("logprob")
-            if isinstance(tok, str) and isinstance(lp, (int, float)):
-                out.append((tok, float(lp)))
-        tok, lp = first.get("token"), first.get("logprob")
-        if isinstance(tok, str) and isinstance(lp, (int, float)) and tok not in {t for t, _ in out}:
-            out.append((tok, float(lp)))
-    elif isinstance(logprobs.get("top_logprobs"), list) and logprobs["top_logprobs"]:
-        first_top = logprobs["top_logprobs"][0] or {}
-        out = [(t, float(v)) for t, v in first_top.items() if isinstance(v, (int, float))]
-        tokens, lps = logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []
-        if tokens and lps and isinstance(lps[0], (int, float)) and tokens[0] not in first_top:
-            out.append((tokens[0], float(lps[0])))
-    return out or None
-
-
-def _distribution(
-    candidates: Sequence[tuple[str, float]], labels: Sequence[str], match: Callable[[str], str | None]
-) -> tuple[list[float], dict[str, Any]] | None:
-    """Softmax over ``labels`` from first-token candidates; None if no label is present.
-
-    The probability mass of every variant of a label (" Yes", "YES", "Yes.") is summed.
-    A label absent from the list was not among the top candidates, so its logprob is at
-    most the smallest listed one, and all absent labels together hold at most the mass
-    the list leaves over.  Each absent label is given
-    ``min(smallest listed logprob, log(unlisted mass / number absent))``: the largest
-    value consistent with the list, so the result is never more confident than the
-    server's numbers support.
-    """
-    per_label: dict[str, list[float]] = {label: [] for label in labels}
-    for tok, lp in candidates:
-        label = match(tok)
-        if label is not None and label in per_label:
-            per_label[label].append(lp)
-    present = {k: _logsumexp(v) for k, v in per_label.items() if v}
-    present = {k: v for k, v in present.items() if v > -math.inf}
-    if not present:
-        return None
-    missing = [label for label in labels if label not in present]
-    imputed: float | None = None
-    if missing:
-        listed = [lp for _, lp in candidates]
-        leftover = 1.0 - sum(math.exp(lp) for lp in listed)
-        leftover_lp = math.log(max(leftover, 1e-300) / len(missing))
-        imputed = min(min(listed), leftover_lp)
-    logps = [present.get(label, imputed if imputed is not None else -math.inf) for label in labels]
-    norm = _logsumexp(logps)
-    probs = [math.exp(lp - norm) for lp in logps]
-    raw: dict[str, Any] = {
-        "logprobs": {k: present[k] for k in labels if k in present},
-        "label_mass": math.exp(_logsumexp(list(present.values()))),
-    }
-    if missing:
-        raw["imputed"] = {"labels": missing, "logprob": imputed}
-    return probs, raw
-
-
-def _match_yes_no(token: str) -> str | None:
-    t = _norm_token(token).lower()
-    return t if t in ("yes", "no") else None
-
-
-def yes_no_from_logprobs(candidates: Sequence[tuple[str, float]]) -> tuple[float, dict[str, Any]] | None:
-    """P(Yes) from first-token ``(token, logprob)`` candidates; None if neither side is listed.
-
-    ``P(Yes) = sum_yes / (sum_yes + sum_no)`` over the case/space/punctuation variants of
-    "Yes" and "No" (a two-way softmax on their summed log-probabilities); a side missing
-    from the list is imputed as described in :func:`_distribution`.  ``raw["label_mass"]``
-    is the probability the listed Yes/No variants hold together: the caller decides
-    whether that is enough to be an answer.
-    """
-    res = _distribution(candidates, ["yes", "no"], _match_yes_no)
-    if res is None:
-        return None
-    probs, raw = res
-    return probs[0], raw
-
-
-def choice_from_logprobs(
-    candidates: Sequence[tuple[str, float]], letters: Sequence[str]
-) -> tuple[list[float], dict[str, Any]] | None:
-    """A distribution over option ``letters`` from first-token candidates; None if none is listed.
-
-    Labels match in upper case only (" B", "B.", "(B"): lower-case single letters are
-    more often words or abbreviations ("a", "e.g.") than answers.  ``raw["label_mass"]``
-    is the probability the listed labels hold together.
-    """
-
-    def match(token: str) -> str | None:
-        t = _norm_token(token)
-        return t if len(t) == 1 else None
-
-    return _distribution(candidates, list(letters), match)
-
-
-# --------------------------------------------------------------------------- answer text
-
-# How models decline. Matched anywhere in the first sentence or two of an answer (case
-# and curly apostrophes ignored), so "I'm sorry, but ...", "Sorry, I can't ...", "As an
-# AI, I cannot ...", "I cannot assist with that request." and "Unfortunately, I'm unable
-# to ..." all count.
-_REFUSAL_RE = re.compile(
-    r"\b(?:"
-    r"i'?m sorry|i am sorry|sorry, (?:but )?i|i apologi[sz]e|my apologies"
-    r"|i (?:can ?not|can't|won't|will not|am unable|'m unable|am not able|'m not able|must decline|do not feel comfortable|don't feel comfortable)"
-    r"|i'm unable|i'm not able|unable to (?:help|assist|comply|provide|answer|determine|analy[sz]e|evaluate)"
-    r"|(?:can't|cannot|can not|won't) (?:help|assist|comply|provide|answer|do that|fulfil)"
-    r"|as an ai\b|as a language model|not (?:able|comfortable|permitted|allowed) to"
-    r"|against (?:my|the) (?:guidelines|policy|policies)"
-    r")",
-    re.IGNORECASE,
-)
-
-
-def is_refusal(text: str | None) -> bool:
-    """Whether an answer declines to answer ("I'm sorry, but I can't help with that.")."""
-    if not text:
-        return False
-    t = text.replace("\u2019", "'").replace("\u2018", "'")[:300]
-    return bool(_REFUSAL_RE.search(t))
-
-
-def _refused_or_off_format(text: str | None, top_token: str | None) -> str:
-    """``refused`` when the text (or, with one generated token, that token) declines."""
-    if is_refusal(text):
-        return "refused"
-    words = re.findall(r"[A-Za-z']+", text or "")
-    first = (words[0] if words else _norm_token(top_token or "")).lower()
-    if len(words) <= 1 and first in REFUSAL_FIRST_WORDS:  # only one token generated: judge by it
-        return "refused"
-    return "off-format"
-
-
-# The answer is at the start, or after an "answer is" / "Answer:" lead-in, possibly in
-# brackets or bold: "B", "(B)", "**B**", "B. Because ...", "The answer is (B).",
-# "Answer: B", "The correct option is B".
-_LEAD_IN = r"(?:(?:the\s+)?(?:correct\s+|final\s+|best\s+)?(?:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*(?:option\s+)?)?"
-_YES_NO_RE = re.compile(r"^[\W_]*" + _LEAD_IN + r"[\W_]*(yes|no)\b", re.IGNORECASE)
-_LABEL_RE = re.compile(r"^[\W_]*" + _LEAD_IN + r"[\W_]*([A-Z])(?![A-Za-z0-9'])", re.IGNORECASE)
-
-
-def parse_yes_no_text(text: str) -> bool | None:
-    """True/False for an answer that says yes or no first, else None.
-
-    Reads "Yes", "yes, the image ...", "**No**.", "The answer is yes.", "Answer: No";
-    not "None of them", "I'm sorry" or "Not sure".
-    """
-    m = _YES_NO_RE.match(text or "")
-    return None if m is None else m.group(1).lower() == "yes"
-
-
-def parse_choice_text(text: str, letters: Sequence[str], options: Sequence[str] | None = None) -> int | None:
-    """The index of the option an answer names first, else None.
-
-    Reads an upper-case label at the start or after an "answer is" lead-in ("B",
-    " (B)", "B. Because ...", "The answer is (B).", "Answer: B"), or, with ``options``,
-    an answer that is exactly one option's text ("Partial exposure.").  A label in
-    lower case counts only after a lead-in ("answer: b"); a label that is not one of
-    ``letters`` is not an answer.
-    """
-    t = (text or "").strip()
-    m = _LABEL_RE.match(t)
-    if m is not None:
-        label = m.group(1)
-        led_in = bool(m.group(0)[: m.start(1)].strip(" \t\r\n*_([{\"'`"))
-        if (label.isupper() or led_in) and label.upper() in letters:
-            return list(letters).index(label.upper())
-    if options:
-        bare = re.sub(r"[\W_]+", " ", t).strip().lower()
-        hits = [i for i, o in enumerate(options) if re.sub(r"[\W_]+", " ", o).strip().lower() == bare]
-        if len(hits) == 1:
-            return hits[0]
-    return None
-
-
 # --------------------------------------------------------------------------- backend
 
-
-def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    if not loop.is_closed():
-        try:
-            loop.call_soon_threadsafe(loop.stop)
-        except RuntimeError:
-            pass
-    if thread is not threading.current_thread():
-        thread.join(timeout=5)
+_Result = tuple[Any, "ItemError | None"]
 
 
 class OpenAIBackend(Backend):
@@ -395,10 +177,12 @@ class OpenAIBackend(Backend):
             ``OPENAI_API_KEY``; never logged or shown in ``repr``.
         max_concurrency: requests in flight at once (shared by all calls on this object).
         timeout: seconds per HTTP request.
-        max_retries: extra attempts for 408/429/5xx, connection errors and timeouts.
+        max_retries: extra attempts for 408/409/429/5xx, connection errors and timeouts.
         backoff_base / max_backoff: the retry delay is ``backoff_base * 2**attempt``
             (capped at ``max_backoff``) with jitter; ``Retry-After`` wins when given
             (also capped at ``max_backoff``).
+        settings: a :class:`~icm.openai_http.ServerSettings` instead of the six
+            arguments above (its ``model`` is used when ``model`` is not given).
         image_detail: the ``detail`` field of image parts (OpenAI: "low"/"high"/"auto");
             omitted when None.
         max_image_side: downscale images whose longer side exceeds this (None: never).
@@ -438,6 +222,7 @@ class OpenAIBackend(Backend):
         max_retries: int = 3,
         backoff_base: float = 0.5,
         max_backoff: float = 30.0,
+        settings: ServerSettings | None = None,
         image_detail: str | None = None,
         max_image_side: int | None = 1024,
         image_format: Literal["auto", "jpeg", "png"] = "auto",
@@ -450,21 +235,19 @@ class OpenAIBackend(Backend):
         system_prompt: str | None = None,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
-        model = model or env_first("ICM_OPENAI_MODEL")
+        model = model or (settings.model if settings is not None else None) or env_first("ICM_OPENAI_MODEL")
         if not model:
             raise ValueError("OpenAIBackend needs a model name (argument or ICM_OPENAI_MODEL)")
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if settings is None:
+            settings = ServerSettings.from_env(
+                base_url=base_url, api_key=api_key, max_concurrency=max_concurrency, timeout=float(timeout),
+                max_retries=max_retries, backoff_base=float(backoff_base), max_backoff=float(max_backoff),
+            )
         self.model = model
-        self.base_url = base_url_from_env(base_url)
-        self._api_key = api_key_from_env(api_key)
-        self.max_concurrency = max_concurrency
-        self.timeout = float(timeout)
-        self.max_retries = max_retries
-        self.backoff_base = float(backoff_base)
-        self.max_backoff = float(max_backoff)
         self.image_detail = image_detail
         self.max_image_side = max_image_side
         self.image_format = image_format
@@ -489,20 +272,54 @@ class OpenAIBackend(Backend):
         self.system_prompt = system_prompt
         self.extra_body = dict(extra_body or {})
         self.stats = OpenAIUsage()
-
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._loop_pid: int | None = None
-        self._finalizer: weakref.finalize | None = None
-        self._http: ChatTransport | None = None  # made on the loop thread, bound to that loop
+        self._runner = LoopThread("icm-openai-backend")
+        self._client = ChatClient(settings, stats=self.stats)
 
     def __repr__(self) -> str:
         return (
             f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, "
-            f"api_key={'set' if self._api_key else 'unset'}, max_concurrency={self.max_concurrency})"
+            f"api_key={'set' if self.settings.api_key else 'unset'}, max_concurrency={self.max_concurrency})"
         )
+
+    # ------------------------------------------------------------------ settings
+
+    @property
+    def settings(self) -> ServerSettings:
+        return self._client.settings
+
+    @settings.setter
+    def settings(self, value: ServerSettings) -> None:
+        """New settings take effect with a fresh client (the old one is closed on the backend's loop)."""
+        old = self._client
+        self._client = ChatClient(value, stats=self.stats)
+        if self._runner.in_loop_thread():
+            return
+        try:
+            self._runner.run(old.aclose())
+        except Exception:  # noqa: BLE001 - best effort
+            log.debug("closing the old client failed", exc_info=True)
+
+    @property
+    def base_url(self) -> str:
+        return self.settings.base_url
+
+    @base_url.setter
+    def base_url(self, value: str) -> None:
+        self.settings = self.settings.model_copy(update={"base_url": value.rstrip("/")})
+
+    @property
+    def max_concurrency(self) -> int:
+        return self.settings.max_concurrency
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.timeout
+
+    @property
+    def max_retries(self) -> int:
+        return self.settings.max_retries
 
     @property
     def model_id(self) -> str:
@@ -510,65 +327,85 @@ class OpenAIBackend(Backend):
 
     @property
     def last_errors(self) -> list[ItemError]:
-        """Per-item errors of this thread's most recent call (empty when all answered)."""
+        """Per-item errors of this thread's most recent synchronous call (empty when all answered)."""
         return list(getattr(self._local, "errors", []))
 
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ async API
+
+    async def score_yes_no_async(
+        self, images: Sequence[Image.Image], questions: Sequence[str]
+    ) -> list[YesNoScore | NotJudged | Failed]:
+        answers, errors = await self._score_yes_no(images, questions)
+        return self._settle(answers, errors)
+
+    async def choose_async(
+        self, images: Sequence[Image.Image], question: str, options: Sequence[str]
+    ) -> list[Choice | NotJudged | Failed]:
+        answers, errors = await self._choose(images, question, options)
+        return self._settle(answers, errors)
+
+    async def ask_async(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> list[dict[str, Answer]]:
+        """All queries about all images in one concurrent pass; each image encoded once."""
+        answers, errors = await self._ask(images, queries)
+        self._settle([None] * len(errors), errors, total=len(images) * len(queries))
+        return answers
+
+    async def generate_async(
+        self,
+        images: Sequence[Image.Image],
+        messages: Sequence[Sequence[Message]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> list[str | Failed]:
+        """Completion text per (image, conversation), or :class:`Failed` saying why there is none."""
+        answers, errors = await self._generate(images, messages, max_new_tokens, temperature, top_p, seed)
+        return self._settle(answers, errors)
+
+    async def stream_async(
+        self,
+        image: Image.Image,
+        messages: Sequence[Message],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> AsyncIterator[str]:
+        """The next assistant message's text pieces as the server streams them.
+
+        Raises :class:`~icm.openai_http.ChatError` when the request fails (after retries).
+        """
+        conv = self._attach_image(list(messages), self._encode(image))
+        body: dict[str, Any] = {"messages": conv, **self._generation_params(max_new_tokens, temperature, top_p, seed)}
+        async for piece in self._client.stream({"model": self.model, **body, **self.extra_body}):
+            yield piece
+
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running event loop (for callers of the async API)."""
+        await self._client.aclose()
+
+    # ------------------------------------------------------------------ sync API
 
     def score_yes_no(
         self, images: Sequence[Image.Image], questions: Sequence[str]
     ) -> list[YesNoScore | NotJudged | Failed]:
-        if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        urls = self._encode_all(images)
-
-        async def batch() -> list[Any]:
-            return await asyncio.gather(
-                *(self._score_task(i, None, urls[i], yes_no_prompt(q), None, ()) for i, q in enumerate(questions))
-            )
-
-        return self._finish(self._run(batch()))
+        answers, errors = self._sync(self._score_yes_no(images, questions))
+        return self._settle(answers, errors)
 
     def choose(
         self, images: Sequence[Image.Image], question: str, options: Sequence[str]
     ) -> list[Choice | NotJudged | Failed]:
-        labels = option_labels(len(options))
-        prompt = moderation_choice_prompt(question, options)
-        urls = self._encode_all(images)
-
-        async def batch() -> list[Any]:
-            return await asyncio.gather(
-                *(self._score_task(i, None, url, prompt, labels, tuple(options)) for i, url in enumerate(urls))
-            )
-
-        return self._finish(self._run(batch()))
+        answers, errors = self._sync(self._choose(images, question, options))
+        return self._settle(answers, errors)
 
     def ask(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> list[dict[str, Answer]]:
         """All queries about all images in one concurrent pass; each image encoded once."""
-        prepared: list[tuple[Query, str, list[str] | None]] = []
-        for q in queries:
-            if q.kind == "yes_no":
-                prepared.append((q, yes_no_prompt(q.question), None))
-            elif q.kind == "choice":
-                prepared.append((q, moderation_choice_prompt(q.question, q.options), option_labels(len(q.options))))
-            else:
-                raise ValueError(f"unknown query kind {q.kind!r}")
-        urls = self._encode_all(images)
-
-        async def batch() -> list[Any]:
-            tasks: list[Awaitable[Any]] = []
-            for i, url in enumerate(urls):
-                for q, prompt, labels in prepared:
-                    tasks.append(self._score_task(i, q.key, url, prompt, labels, q.options))
-            return await asyncio.gather(*tasks)
-
-        flat = self._finish(self._run(batch()))
-        out: list[dict[str, Answer]] = [{} for _ in images]
-        it = iter(flat)
-        for slot in out:
-            for q, _, _ in prepared:
-                slot[q.key] = next(it)
-        return out
+        answers, errors = self._sync(self._ask(images, queries))
+        self._settle([None] * len(errors), errors, total=len(images) * len(queries))
+        return answers
 
     def generate(
         self,
@@ -581,53 +418,150 @@ class OpenAIBackend(Backend):
         seed: int | None = None,
     ) -> list[str | None]:
         """Completion text per (image, conversation); deterministic (greedy) by default."""
+        answers, errors = self._sync(self._generate(images, messages, max_new_tokens, temperature, top_p, seed))
+        return [None if isinstance(a, Failed) else a for a in self._settle(answers, errors)]
+
+    def stream(
+        self,
+        image: Image.Image,
+        messages: Sequence[Message],
+        on_token: Callable[[str], None],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> str:
+        """Generate the next assistant message, calling ``on_token`` with each piece (on the
+        backend's loop thread); the whole text. Raises :class:`~icm.openai_http.ChatError`."""
+
+        async def run() -> str:
+            pieces: list[str] = []
+            async for piece in self.stream_async(
+                image, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+            ):
+                pieces.append(piece)
+                on_token(piece)
+            return "".join(pieces)
+
+        return self._runner.run(run()).strip()
+
+    def close(self) -> None:
+        """Close the HTTP client and stop the backend's event-loop thread."""
+        self._runner.close(self._client.aclose)
+        self._client.reset()
+
+    # ------------------------------------------------------------------ batches
+
+    def _sync(self, coro: Coroutine[Any, Any, tuple[_T, list[ItemError]]]) -> tuple[_T, list[ItemError]]:
+        """Run a batch on the backend's loop; its errors become this thread's :attr:`last_errors`."""
+        self._local.errors = []
+        answers, errors = self._runner.run(coro)
+        self._local.errors = errors
+        return answers, errors
+
+    async def _score_yes_no(self, images: Sequence[Image.Image], questions: Sequence[str]) -> tuple[list[Any], list[ItemError]]:
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        urls = self._encode_all(images)
+        return _split(await asyncio.gather(
+            *(self._score_task(i, None, urls[i], yes_no_prompt(q), None, ()) for i, q in enumerate(questions))
+        ))
+
+    async def _choose(
+        self, images: Sequence[Image.Image], question: str, options: Sequence[str]
+    ) -> tuple[list[Any], list[ItemError]]:
+        labels = option_labels(len(options))
+        prompt = moderation_choice_prompt(question, options)
+        urls = self._encode_all(images)
+        return _split(await asyncio.gather(
+            *(self._score_task(i, None, url, prompt, labels, tuple(options)) for i, url in enumerate(urls))
+        ))
+
+    async def _ask(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> tuple[list[dict[str, Answer]], list[ItemError]]:
+        prepared: list[tuple[Query, str, list[str] | None]] = []
+        for q in queries:
+            if q.kind == "yes_no":
+                prepared.append((q, yes_no_prompt(q.question), None))
+            elif q.kind == "choice":
+                prepared.append((q, moderation_choice_prompt(q.question, q.options), option_labels(len(q.options))))
+            else:
+                raise ValueError(f"unknown query kind {q.kind!r}")
+        urls = self._encode_all(images)
+        tasks = [
+            self._score_task(i, q.key, url, prompt, labels, q.options)
+            for i, url in enumerate(urls)
+            for q, prompt, labels in prepared
+        ]
+        flat, errors = _split(await asyncio.gather(*tasks))
+        out: list[dict[str, Answer]] = [{} for _ in images]
+        it = iter(flat)
+        for slot in out:
+            for q, _, _ in prepared:
+                slot[q.key] = next(it)
+        return out, errors
+
+    async def _generate(
+        self,
+        images: Sequence[Image.Image],
+        messages: Sequence[Sequence[Message]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float | None,
+        seed: int | None,
+    ) -> tuple[list[Any], list[ItemError]]:
         if len(images) != len(messages):
             raise ValueError(f"{len(images)} images but {len(messages)} conversations")
         urls = self._encode_all(images)
         convs = [self._attach_image(list(m), url) for m, url in zip(messages, urls)]
-        params: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature}
-        if top_p is not None:
-            params["top_p"] = top_p
-        if seed is not None:
-            params["seed"] = seed
+        params = self._generation_params(max_new_tokens, temperature, top_p, seed)
 
-        async def one(i: int, conv: list[Message]) -> tuple[str | None, ItemError | None]:
+        async def one(i: int, conv: list[Message]) -> _Result:
             try:
-                data = await self._request({"messages": conv, **params})
-                text, _ = self._message(data)
-                if text is None:
-                    raise ChatError("the response has no message content", raw={"response": data})
+                completion = await self._request({"messages": conv, **params})
+                text, _ = completion_text(completion)
+                if not isinstance(text, str):
+                    raise ChatError("the response has no message content", raw={"response": dump(completion)})
                 return text, None
             except ChatError as e:
-                return None, ItemError(i, str(e), None, e.status, e.raw)
+                return Failed(str(e), e.status, e.raw), ItemError(i, str(e), None, e.status, e.raw)
             except Exception as e:  # noqa: BLE001 - an odd response must not fail the batch
-                return None, ItemError(i, f"unexpected {type(e).__name__}: {e}")
+                msg = f"unexpected {type(e).__name__}: {e}"
+                return Failed(msg), ItemError(i, msg)
 
-        async def batch() -> list[Any]:
-            return await asyncio.gather(*(one(i, c) for i, c in enumerate(convs)))
+        return _split(await asyncio.gather(*(one(i, c) for i, c in enumerate(convs))))
 
-        return self._finish(self._run(batch()))
+    def _settle(self, answers: list[_T], errors: list[ItemError], total: int | None = None) -> list[_T]:
+        """Count and log a batch's errors; a configuration error stops the job here."""
+        total = len(answers) if total is None else total
+        with self._lock:  # callers in several threads may finish at once
+            self.stats.failures += len(errors)
+        config = next((e for e in errors if e.status in CONFIG_STATUSES), None)
+        if config is not None:
+            what = {401: "the API key was rejected", 403: "access was refused", 404: "the model or the URL does not exist"}
+            raise BackendConfigError(
+                f"openai backend: {what.get(config.status or 0, 'the server refused the request')} "
+                f"(model {self.model!r} at {self.base_url}): {config.error}"
+            )
+        if (
+            errors
+            and not self._answered
+            and len(errors) == total
+            and all(e.status is None and e.error.startswith("connection error") for e in errors)
+        ):
+            raise BackendConfigError(
+                f"openai backend: cannot reach the server at {self.base_url} (no request has ever been answered): "
+                f"{errors[0].error}"
+            )
+        for err in errors:
+            log.debug("openai backend: item %d%s failed: %s", err.index, f" ({err.key})" if err.key else "", err.error)
+        if errors:
+            log.warning(
+                "openai backend: %d of %d requests failed (see last_errors); first: %s", len(errors), total, errors[0].error
+            )
+        return answers
 
-    def close(self) -> None:
-        """Close the HTTP client and stop the backend's event-loop thread."""
-        with self._lock:
-            loop, thread, http = self._loop, self._thread, self._http
-            same_process = self._loop_pid == os.getpid()
-            self._loop = self._thread = self._http = None
-            self._loop_pid = None
-            if self._finalizer is not None:
-                self._finalizer.detach()
-                self._finalizer = None
-        if loop is None or thread is None or not same_process:
-            return
-        if http is not None and thread.is_alive():
-            try:
-                asyncio.run_coroutine_threadsafe(http.aclose(), loop).result(timeout=5)
-            except Exception:  # noqa: BLE001 - best effort on shutdown
-                log.debug("closing the HTTP client failed", exc_info=True)
-        _stop_loop(loop, thread)
-
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ one request
 
     def _encode(self, image: Image.Image) -> str:
         return encode_image(
@@ -648,34 +582,20 @@ class OpenAIBackend(Backend):
             urls.append(cache[key])
         return urls
 
-    def _image_part(self, url: str) -> dict[str, Any]:
-        image_url: dict[str, Any] = {"url": url}
-        if self.image_detail:
-            image_url["detail"] = self.image_detail
-        return {"type": "image_url", "image_url": image_url}
-
     def _question_messages(self, url: str, text: str) -> list[Message]:
-        msgs: list[Message] = []
-        if self.system_prompt:
-            msgs.append({"role": "system", "content": self.system_prompt})
-        msgs.append({"role": "user", "content": [self._image_part(url), {"type": "text", "text": text}]})
-        return msgs
+        return openai_conversation(question_conversation(text, self.system_prompt), url, self.image_detail)
 
     def _attach_image(self, messages: list[Message], url: str) -> list[Message]:
-        """A copy of ``messages`` with the image put first in the first user turn."""
-        messages = copy.deepcopy(messages)
-        for msg in messages:
-            if msg.get("role") == "user":
-                content = msg.get("content")
-                if isinstance(content, str):
-                    parts: list[Any] = [{"type": "text", "text": content}]
-                elif isinstance(content, list):
-                    parts = list(content)
-                else:
-                    parts = []
-                msg["content"] = [self._image_part(url), *parts]
-                return messages
-        raise ValueError("a conversation needs a user message to attach the image to")
+        """A copy of ``messages`` with the image put first in the first user turn (:mod:`icm.prompting`)."""
+        return openai_conversation(messages, url, self.image_detail)
+
+    def _generation_params(self, max_new_tokens: int, temperature: float, top_p: float | None, seed: int | None) -> dict[str, Any]:
+        params: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature}
+        if top_p is not None:
+            params["top_p"] = top_p
+        if seed is not None:
+            params["seed"] = seed
+        return params
 
     def _scoring_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"max_tokens": self.answer_tokens, "temperature": 0}
@@ -693,16 +613,14 @@ class OpenAIBackend(Backend):
             return {"guided_choice": list(labels)}
         return {"regex": "(" + "|".join(re.escape(label) for label in labels) + ")"}
 
-    @staticmethod
-    def _message(data: Any) -> tuple[str | None, Any]:
-        """Message text and logprobs of the first choice; raises on an unexpected shape."""
-        choice = first_choice(data)
-        if choice is None:
-            raise ChatError("the response has no choices", raw={"response": data})
-        return choice_text(choice), choice.get("logprobs")
+    async def _request(self, body: dict[str, Any]) -> Any:
+        """One chat completion with retries (an SDK ``ChatCompletion``), or :class:`ChatError`."""
+        completion = await self._client.complete({"model": self.model, **body, **self.extra_body})
+        self._answered = True
+        return completion
 
     async def _post_scoring(self, messages: list[Message], labels: Sequence[str]) -> tuple[Any, bool]:
-        """POST a scoring request; ``(response, guided)``. A rejected guided field is dropped for good."""
+        """A scoring request; ``(response, guided)``. A rejected guided field is dropped for good."""
         guided = self._guided_params(labels)
         body = {"messages": messages, **self._scoring_params()}
         if guided:
@@ -732,154 +650,25 @@ class OpenAIBackend(Backend):
         Never raises for one item: a request that fails for good is :class:`Failed` (with
         its :class:`ItemError`); an answer that is not one is :class:`NotJudged`.
         """
-        yes_no = labels is None
-        valid = ["Yes", "No"] if yes_no else list(labels or [])
+        valid = ["Yes", "No"] if labels is None else list(labels)
         try:
-            data, guided = await self._post_scoring(self._question_messages(url, prompt), valid)
-            self._answered = True
-            text, logprobs = self._message(data)
+            completion, guided = await self._post_scoring(self._question_messages(url, prompt), valid)
+            text, choice = completion_text(completion)
+            if choice is None:
+                raise ChatError("the response has no choices", raw={"response": dump(completion)})
         except ChatError as e:
             return Failed(str(e), e.status, e.raw), ItemError(index, str(e), key, e.status, e.raw)
         except Exception as e:  # noqa: BLE001 - an odd response must not fail the batch
             msg = f"unexpected {type(e).__name__}: {e}"
             return Failed(msg), ItemError(index, msg, key)
-        text = text if isinstance(text, str) else None
-        candidates = _first_token_candidates(logprobs)
-        mass: float | None = None
-        top = max(candidates, key=lambda c: c[1])[0] if candidates else None
-        if candidates:
-            res = yes_no_from_logprobs(candidates) if yes_no else choice_from_logprobs(candidates, valid)
-            mass = 0.0 if res is None else float(res[1]["label_mass"])
-            if res is not None and mass >= self.min_label_mass:
-                value, raw = res
-                raw = {"text": text, **raw}
-                if yes_no:
-                    return YesNoScore(float(value), source="logprobs", raw=raw), None  # type: ignore[arg-type]
-                return Choice(list(value), source="logprobs", raw=raw), None  # type: ignore[arg-type]
-        raw_nj: dict[str, Any] = {"text": text, "label_mass": mass, "top_token": top}
-        # With guided output the text is forced to be a label: it says nothing when the
-        # logprobs show the model wanted to say something else.
-        if not (guided and candidates) and not is_refusal(text):
-            if yes_no:
-                answer = parse_yes_no_text(text or "")
-                if answer is not None:
-                    self.stats.parsed_fallbacks += 1
-                    return YesNoScore(1.0 if answer else 0.0, source="guided" if guided else "parsed", raw={"text": text, "label_mass": mass}), None
-            else:
-                idx = parse_choice_text(text or "", valid, options)
-                if idx is not None:
-                    self.stats.parsed_fallbacks += 1
-                    probs = [1.0 if j == idx else 0.0 for j in range(len(valid))]
-                    return Choice(probs, source="guided" if guided else "parsed", raw={"text": text, "label_mass": mass}), None
-        reason = _refused_or_off_format(None if (guided and candidates) else text, top)
-        shown = (text or "").strip().replace("\n", " ")
-        shown = shown[:80] + ("..." if len(shown) > 80 else "")
-        detail = f"answered {shown!r}" if shown else "no answer text"
-        if mass is not None:
-            detail += f"; P(valid labels)={mass:.3g} < {self.min_label_mass:g}"
-        elif self.use_logprobs:
-            detail += "; no logprobs returned"
-        return NotJudged(reason, detail, raw_nj), None  # type: ignore[arg-type]
+        answer, from_text = read_answer(
+            text, getattr(choice, "logprobs", None), labels=labels, options=options, guided=guided,
+            min_label_mass=self.min_label_mass, logprobs_asked=self.use_logprobs,
+        )
+        if from_text:
+            self.stats.parsed_fallbacks += 1
+        return answer, None
 
-    def _finish(self, results: Sequence[tuple[_T, ItemError | None]]) -> list[_T]:
-        """Split (answer, error) pairs, record the errors for :attr:`last_errors`."""
-        errors = [err for _, err in results if err is not None]
-        with self._lock:  # callers in several threads may finish at once
-            self.stats.failures += len(errors)
-        self._local.errors = errors
-        config = next((e for e in errors if e.status in CONFIG_STATUSES), None)
-        if config is not None:
-            what = {401: "the API key was rejected", 403: "access was refused", 404: "the model or the URL does not exist"}
-            raise BackendConfigError(
-                f"openai backend: {what.get(config.status or 0, 'the server refused the request')} "
-                f"(model {self.model!r} at {self.base_url}): {config.error}"
-            )
-        if (
-            errors
-            and not self._answered
-            and len(errors) == len(results)
-            and all(e.status is None and e.error.startswith("connection error") for e in errors)
-        ):
-            raise BackendConfigError(
-                f"openai backend: cannot reach the server at {self.base_url} (no request has ever been answered): "
-                f"{errors[0].error}"
-            )
-        for err in errors:
-            log.debug("openai backend: item %d%s failed: %s", err.index, f" ({err.key})" if err.key else "", err.error)
-        if errors:
-            log.warning(
-                "openai backend: %d of %d requests failed (see last_errors); first: %s",
-                len(errors),
-                len(results),
-                errors[0].error,
-            )
-        return [answer for answer, _ in results]
 
-    # ------------------------------------------------------------------ HTTP
-
-    def _transport(self) -> ChatTransport:
-        # Runs on the backend's loop thread only, so no lock is needed.
-        if self._http is None:
-            self._http = ChatTransport(
-                self.base_url,
-                api_key=self._api_key,
-                max_concurrency=self.max_concurrency,
-                timeout=self.timeout,
-                max_retries=self.max_retries,
-                backoff_base=self.backoff_base,
-                max_backoff=self.max_backoff,
-                stats=self.stats,
-                logger=log,
-            )
-        self._http.stats = self.stats  # whatever object the caller counts in now
-        return self._http
-
-    async def _request(self, body: dict[str, Any]) -> Any:
-        """POST one chat completion with retries; the parsed JSON or :class:`ChatError`."""
-        return await self._transport().post({"model": self.model, **body, **self.extra_body})
-
-    # ------------------------------------------------------------------ event loop
-
-    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
-        """The backend's event loop, started in a daemon thread on first use (or after a fork)."""
-        with self._lock:
-            if (
-                self._loop is not None
-                and self._thread is not None
-                and self._loop_pid == os.getpid()
-                and self._thread.is_alive()
-            ):
-                return self._loop
-            loop = asyncio.new_event_loop()
-            ready = threading.Event()
-
-            def run() -> None:
-                asyncio.set_event_loop(loop)
-                loop.call_soon(ready.set)
-                try:
-                    loop.run_forever()
-                finally:
-                    try:
-                        loop.run_until_complete(loop.shutdown_asyncgens())
-                    finally:
-                        loop.close()
-
-            thread = threading.Thread(target=run, name="icm-openai-backend", daemon=True)
-            thread.start()
-            ready.wait()
-            self._loop, self._thread, self._loop_pid = loop, thread, os.getpid()
-            self._http = None  # bound to the previous loop, if any
-            self._finalizer = weakref.finalize(self, _stop_loop, loop, thread)
-            return loop
-
-    def _run(self, coro: Awaitable[_T]) -> _T:
-        """Run ``coro`` on the backend's loop and wait for it (safe inside a running loop)."""
-        loop = self._ensure_loop()
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("OpenAIBackend's sync API cannot be called from its own event loop")
-        fut = asyncio.run_coroutine_threadsafe(coro, loop)  # type: ignore[arg-type]
-        try:
-            return fut.result()
-        except BaseException:
-            fut.cancel()
-            raise
+def _split(results: Sequence[_Result]) -> tuple[list[Any], list[ItemError]]:
+    return [answer for answer, _ in results], [err for _, err in results if err is not None]
