@@ -25,6 +25,7 @@ from icm.moderation.images import DEFAULT_MAX_PIXELS, ImageLoadError, LoadedImag
 from icm.moderation.record import ModerationRecord
 from icm.policy import Policy, load_policy
 from icm.policy.model import RuleSet
+from icm.prompting import chat_conversation
 
 HELP = """\
 Ask anything about the image. Commands:
@@ -119,8 +120,13 @@ class ChatSession:
         return policy_context(self._policy, self.rule_set, self.last_verdict)
 
     def messages(self) -> list[Message]:
-        """What the model sees next: the system prompt and the turns so far."""
-        return [{"role": "system", "content": self.system_message()}, *self.history]
+        """What the model sees next: the system prompt (none when empty) and the turns so far.
+
+        Built by :mod:`icm.prompting`, as the backends build a scored question: with an
+        empty system prompt, a moderation question asked here is the prompt it is scored
+        and trained on.
+        """
+        return chat_conversation(self.system_message(), self.history)
 
     def open_image(self, path: str | Path) -> LoadedImage:
         """Switch to another image; raises ImageLoadError. The conversation starts over."""

@@ -1,10 +1,10 @@
 """Batches for instruction tuning: the model's chat template, loss on assistant tokens only.
 
 A conversation is rendered with the checkpoint's own chat template (the processor's, else
-the tokenizer's: the one the ``hf`` backend uses) and cut into segments at every
-assistant reply: for the k-th reply, the text before it is the template's rendering of
-the conversation so far *with the generation prompt*, and the reply is what the
-rendering of the conversation including the reply adds after that. So:
+the tokenizer's: :func:`icm.prompting.find_templater`, as the ``hf`` backend) and cut
+into segments at every assistant reply: for the k-th reply, the text before it is the
+template's rendering of the conversation so far *with the generation prompt*, and the
+reply is what the rendering of the conversation including the reply adds after that. So:
 
 * the prompt of a single-turn example is tokenised exactly as
   :class:`~icm.moderation.backends.hf.HFBackend` tokenises it when it scores the term's
@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from PIL import Image
 
+from icm.prompting import add_special_tokens, encode_prompt, find_templater, render
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -44,16 +46,6 @@ class Segment:
     assistant: bool
     images: int = 0
     """How many images this (non-assistant) segment holds."""
-
-
-def find_templater(processor: Any) -> Any:
-    """The object whose chat template renders prompts: the processor's, else its tokenizer's
-    (the same choice as the hf backend)."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    for owner in (processor, tokenizer):
-        if getattr(owner, "chat_template", None):
-            return owner
-    raise ValueError("the checkpoint has no chat template (neither its processor nor its tokenizer)")
 
 
 def _count_images(messages: Sequence[dict[str, Any]]) -> int:
@@ -71,17 +63,14 @@ def render_segments(templater: Any, messages: Sequence[dict[str, Any]]) -> list[
     wrong, and so would the loss mask).
     """
 
-    def render(msgs: Sequence[dict[str, Any]], generation_prompt: bool) -> str:
-        return templater.apply_chat_template(list(msgs), add_generation_prompt=generation_prompt, tokenize=False)
-
     segments: list[Segment] = []
     done = ""
     images_done = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = render(messages[:i], True)
-        full = render(messages[: i + 1], False)
+        prompt = render(templater, messages[:i], generation_prompt=True)
+        full = render(templater, messages[: i + 1], generation_prompt=False)
         if not prompt.startswith(done) or not full.startswith(prompt) or len(full) == len(prompt):
             raise ValueError(
                 "the chat template does not render the conversation as the prompt followed by the assistant's reply "
@@ -95,13 +84,6 @@ def render_segments(templater: Any, messages: Sequence[dict[str, Any]]) -> list[
     if not segments or not segments[-1].assistant:
         raise ValueError("a training conversation must end with an assistant reply")
     return segments
-
-
-def _bos_rule(tokenizer: Any, text: str) -> bool:
-    """Let the tokenizer add BOS only when the rendered text does not start with it (as the
-    hf backend and transformers do)."""
-    bos = getattr(tokenizer, "bos_token", None)
-    return not (bos is not None and text.startswith(bos))
 
 
 class ChatCollator:
@@ -142,12 +124,12 @@ class ChatCollator:
             else:
                 take = images[used : used + seg.images] if seg.images else []
                 used += seg.images
-                kwargs: dict[str, Any] = {"text": [seg.text], "return_tensors": "pt"}
-                kwargs["add_special_tokens"] = _bos_rule(self.tokenizer, seg.text) if n == 0 else False
+                # the BOS rule for the first segment, as at inference (icm.prompting); none later
+                bos = add_special_tokens(self.tokenizer, seg.text) if n == 0 else False
                 if take:
-                    enc = self.processor(images=take, **kwargs)
+                    enc = encode_prompt(self.processor, take, [seg.text], add_bos=bos)
                 else:
-                    enc = self.tokenizer(seg.text, add_special_tokens=kwargs["add_special_tokens"], return_tensors="pt")
+                    enc = self.tokenizer(seg.text, add_special_tokens=bos, return_tensors="pt")
                 seg_ids = enc["input_ids"][0].tolist()
                 seg_extra = {}
                 width = enc["input_ids"].shape
