@@ -618,7 +618,7 @@ def test_store_migrations_and_durability_settings(tmp_path):
     db = tmp_path / "s.sqlite"
     url = "sqlite:///" + str(db)
     s = DecisionStore(url)
-    assert s.applied == [1] and s.schema_version() == 1
+    assert s.applied == ["0001", "0002", "0003"] and s.schema_version() == "0003"
     s.close()
     s = DecisionStore(url)
     assert s.applied == [], "migrations run once"
@@ -626,12 +626,117 @@ def test_store_migrations_and_durability_settings(tmp_path):
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"icm_decisions", "icm_reviews", "icm_schema_migrations"} <= tables
-    con.execute("INSERT INTO icm_schema_migrations VALUES (99, 'from the future', 'now')")
+    assert {"icm_decisions", "icm_reviews", "icm_claims", "icm_webhook_outbox", "alembic_version"} <= tables
+    con.execute("UPDATE alembic_version SET version_num = '9999'")
     con.commit()
     con.close()
-    with pytest.raises(StoreError, match="newer than this"):
+    with pytest.raises(StoreError, match="newer icm"):
         DecisionStore(url)
+
+
+def _legacy_v1_database(url: str) -> None:
+    """A database as the numbered migrations of the previous release left it (schema version 1,
+    its tables frozen here as that release defined them), with a decision of each verdict and a review."""
+    import sqlalchemy as sa
+
+    md = sa.MetaData()
+    decisions = sa.Table(
+        "icm_decisions", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("created_at", sa.String(40), nullable=False),
+        sa.Column("image_sha256", sa.String(64), nullable=True),
+        sa.Column("image_name", sa.Text, nullable=True),
+        sa.Column("image_format", sa.String(16), nullable=True),
+        sa.Column("image_kept", sa.Boolean, nullable=False, default=False),
+        sa.Column("source", sa.String(16), nullable=True),
+        sa.Column("client", sa.String(200), nullable=True),
+        sa.Column("policy", sa.String(200), nullable=False),
+        sa.Column("rules", sa.String(200), nullable=False),
+        sa.Column("backend", sa.String(100), nullable=False),
+        sa.Column("model", sa.Text, nullable=True),
+        sa.Column("verdict", sa.String(16), nullable=True),
+        sa.Column("p_violation", sa.Float, nullable=True),
+        sa.Column("p_term", sa.Float, nullable=True),
+        sa.Column("product", sa.String(200), nullable=True),
+        sa.Column("product_probability", sa.Float, nullable=True),
+        sa.Column("rule", sa.Text, nullable=True),
+        sa.Column("label", sa.String(16), nullable=True),
+        sa.Column("reason", sa.Text, nullable=True),
+        sa.Column("explanation", sa.Text, nullable=True),
+        sa.Column("record", sa.Text, nullable=False),
+        sa.Index("ix_icm_decisions_sha", "image_sha256"),
+        sa.Index("ix_icm_decisions_created", "created_at"),
+    )
+    reviews = sa.Table(
+        "icm_reviews", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("decision_id", sa.Integer, sa.ForeignKey("icm_decisions.id"), nullable=False),
+        sa.Column("created_at", sa.String(40), nullable=False),
+        sa.Column("reviewer", sa.String(200), nullable=False),
+        sa.Column("api_key_name", sa.String(200), nullable=True),
+        sa.Column("action", sa.String(16), nullable=False),
+        sa.Column("verdict", sa.String(16), nullable=False),
+        sa.Column("product", sa.String(200), nullable=True),
+        sa.Column("note", sa.Text, nullable=True),
+        sa.Index("ix_icm_reviews_decision", "decision_id"),
+    )
+    migrations = sa.Table(
+        "icm_schema_migrations", md,
+        sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("applied_at", sa.String(40), nullable=False),
+    )
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        md.create_all(conn)
+        conn.execute(sa.insert(migrations).values(version=1, name="decisions and reviews", applied_at="2026-01-01T00:00:00"))
+        for i, verdict in enumerate(("allow", "review", "block"), 1):
+            conn.execute(sa.insert(decisions).values(
+                id=i, created_at=f"2026-01-0{i}T00:00:00", policy="icm-sexy", rules="icm-default", backend="colour",
+                verdict=verdict, image_kept=False, record=json.dumps({"verdict": verdict}),
+            ))
+        conn.execute(sa.insert(reviews).values(
+            decision_id=3, created_at="2026-01-04T00:00:00", reviewer="ann", action="override", verdict="allow",
+        ))
+    engine.dispose()
+
+
+def _drop_icm_tables(url: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for table in ("icm_webhook_outbox", "icm_claims", "icm_reviews", "icm_decisions", "icm_schema_migrations", "alembic_version"):
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+    engine.dispose()
+
+
+def _store_urls(tmp_path: Path) -> list[str]:
+    urls = ["sqlite:///" + str(tmp_path / "legacy.sqlite")]
+    if os.environ.get("ICM_TEST_POSTGRES_URL"):
+        urls.append(os.environ["ICM_TEST_POSTGRES_URL"])
+    return urls
+
+
+def test_a_database_of_the_numbered_migrations_upgrades_to_the_alembic_revisions(tmp_path):
+    """SQLite always, PostgreSQL too when ICM_TEST_POSTGRES_URL is set: the old schema is taken
+    over at revision 0001, upgraded, its decisions and reviews kept, and the new features work on it."""
+    for url in _store_urls(tmp_path):
+        _drop_icm_tables(url)
+        _legacy_v1_database(url)
+        s = DecisionStore(url)
+        try:
+            assert s.applied == ["0002", "0003"], url
+            assert s.schema_version() == "0003"
+            assert [d["verdict"] for d in s.list_decisions()] == ["block", "review", "allow"]
+            assert s.get_decision(3)["reviews"][0]["reviewer"] == "ann"
+            # the model's review verdict awaits a person after the upgrade; new decisions are stored
+            assert [d["id"] for d in s.queue()] == [2]
+            assert s.claim_next("bob")["id"] == 2
+        finally:
+            s.close()
+        assert DecisionStore(url).applied == [], "upgraded once"
+        _drop_icm_tables(url)
 
 
 def _review_some(c) -> dict[str, int]:
@@ -696,13 +801,7 @@ def test_postgresql_replaces_sqlite_by_a_url(tmp_path, monkeypatch):
     url = os.environ.get("ICM_TEST_POSTGRES_URL")
     if not url:
         pytest.skip("set ICM_TEST_POSTGRES_URL (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/icm_test) to test PostgreSQL")
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        for table in ("icm_reviews", "icm_decisions", "icm_schema_migrations"):
-            conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
-    engine.dispose()
+    _drop_icm_tables(url)
     monkeypatch.delenv("ICM_API_KEYS", raising=False)
     cfg = config(tmp_path, db=url, image_dir=str(tmp_path / "images"))
     with TestClient(create_app(cfg, moderator=Moderator(ColourBackend(), explain=True)), client=LOCAL) as c:

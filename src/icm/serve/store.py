@@ -5,8 +5,10 @@ SQLite (a file path) is the default; a team points ``--db`` at a URL such as
 
 Durability: a decision is committed before the request that made it is answered, so a
 server killed at any moment has lost no acknowledged decision. SQLite runs in WAL mode with
-``synchronous=FULL``. The schema is created and upgraded by numbered migrations recorded in
-the ``icm_schema_migrations`` table; opening a store applies the missing ones.
+``synchronous=FULL``. The schema is created and upgraded by Alembic revisions shipped in
+``icm/serve/migrations`` (their state in the ``alembic_version`` table); opening a store
+applies the missing ones. A database made by the numbered migrations of earlier releases
+(``icm_schema_migrations``) is taken over at the revision it matches and upgraded from there.
 
 Kept images live outside the database, content-addressed by SHA-256 (:class:`ImageStore`).
 """
@@ -23,7 +25,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from icm.moderation.record import ModerationRecord
 
@@ -42,8 +44,8 @@ def utcnow() -> str:
 # --------------------------------------------------------------------------- schema
 
 
-def _schema_v1(md: sa.MetaData) -> tuple[sa.Table, sa.Table]:
-    """Version 1 of the schema, frozen: later versions are new migrations, never edits here."""
+def _tables(md: sa.MetaData) -> tuple[sa.Table, sa.Table, sa.Table, sa.Table]:
+    """The current schema, for queries; Alembic revisions (``icm/serve/migrations``) make it."""
     decisions = sa.Table(
         "icm_decisions",
         md,
@@ -69,8 +71,7 @@ def _schema_v1(md: sa.MetaData) -> tuple[sa.Table, sa.Table]:
         sa.Column("reason", sa.Text, nullable=True),
         sa.Column("explanation", sa.Text, nullable=True),
         sa.Column("record", sa.Text, nullable=False),
-        sa.Index("ix_icm_decisions_sha", "image_sha256"),
-        sa.Index("ix_icm_decisions_created", "created_at"),
+        sa.Column("queue", sa.String(16), nullable=True),
     )
     reviews = sa.Table(
         "icm_reviews",
@@ -84,31 +85,38 @@ def _schema_v1(md: sa.MetaData) -> tuple[sa.Table, sa.Table]:
         sa.Column("verdict", sa.String(16), nullable=False),
         sa.Column("product", sa.String(200), nullable=True),
         sa.Column("note", sa.Text, nullable=True),
-        sa.Index("ix_icm_reviews_decision", "decision_id"),
     )
-    return decisions, reviews
+    claims = sa.Table(
+        "icm_claims",
+        md,
+        sa.Column("decision_id", sa.Integer, sa.ForeignKey("icm_decisions.id"), primary_key=True, autoincrement=False),
+        sa.Column("reviewer", sa.String(200), nullable=False),
+        sa.Column("claimed_at", sa.String(40), nullable=False),
+        sa.Column("expires_at", sa.Float, nullable=False),
+    )
+    outbox = sa.Table(
+        "icm_webhook_outbox",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("event_id", sa.String(64), nullable=False, unique=True),
+        sa.Column("event", sa.String(40), nullable=False),
+        sa.Column("decision_id", sa.Integer, sa.ForeignKey("icm_decisions.id"), nullable=False),
+        sa.Column("created_at", sa.String(40), nullable=False),
+        sa.Column("payload", sa.Text, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False, default=0),
+        sa.Column("next_attempt_at", sa.Float, nullable=False),
+        sa.Column("delivered_at", sa.String(40), nullable=True),
+        sa.Column("last_error", sa.Text, nullable=True),
+    )
+    return decisions, reviews, claims, outbox
 
-
-def _migration_1(conn: sa.Connection) -> None:
-    md = sa.MetaData()
-    _schema_v1(md)
-    md.create_all(conn)
-
-
-MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
-    (1, "decisions and reviews", _migration_1),
-]
-"""Numbered schema migrations, applied in order; append, never edit or renumber."""
 
 _META = sa.MetaData()
-DECISIONS, REVIEWS = _schema_v1(_META)  # the current schema (== the latest migration's)
-MIGRATIONS_TABLE = sa.Table(
-    "icm_schema_migrations",
-    _META,
-    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("name", sa.String(200), nullable=False),
-    sa.Column("applied_at", sa.String(40), nullable=False),
-)
+DECISIONS, REVIEWS, CLAIMS, OUTBOX = _tables(_META)
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+LEGACY_MIGRATIONS_TABLE = "icm_schema_migrations"
+LEGACY_REVISIONS = {1: "0001"}
+"""The Alembic revision each numbered migration of earlier releases corresponds to."""
 
 # --------------------------------------------------------------------------- store
 
@@ -122,10 +130,26 @@ class DecisionMeta:
     image_kept: bool = False
     source: str | None = None  # upload, base64, path, page
     client: str | None = None  # the API key's name
+    queue: str | None = None  # why it awaits a person: 'review' (the verdict) or 'audit' (sampled); None: not queued
 
 
 class StoreError(RuntimeError):
     pass
+
+
+class ClaimConflict(StoreError):
+    """Another reviewer holds the decision (their claim has not expired)."""
+
+    def __init__(self, decision_id: int, holder: str, expires_at: float) -> None:
+        super().__init__(f"decision {decision_id} is claimed by {holder!r} for {max(0, round(expires_at - time.time()))} more seconds")
+        self.decision_id, self.holder, self.expires_at = decision_id, holder, expires_at
+
+
+WEBHOOK_EVENTS = ("decision.block", "review.override")
+
+
+MIGRATION_LOCK_KEY = 0x1C0DEC1
+"""PostgreSQL advisory lock held while migrating, so that replicas started together do not race."""
 
 
 class DecisionStore:
@@ -152,34 +176,65 @@ class DecisionStore:
         if self.is_sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock = threading.Lock() if self.is_sqlite else None
+        self.webhooks = False  # write webhook events to the outbox (the server sets it when a URL is configured)
         self.applied = self.migrate()
 
     # -- schema --------------------------------------------------------------------------
 
-    def migrate(self) -> list[int]:
-        """Apply missing migrations; returns the versions applied now."""
-        applied_now: list[int] = []
-        with self.engine.begin() as conn:
-            MIGRATIONS_TABLE.create(conn, checkfirst=True)
-            done = {r.version for r in conn.execute(sa.select(MIGRATIONS_TABLE.c.version))}
-            newest_known = MIGRATIONS[-1][0]
-            if done and max(done) > newest_known:
-                raise StoreError(
-                    f"the database at {self.safe_url} has schema version {max(done)}, newer than this "
-                    f"icm (knows up to {newest_known}): upgrade icm"
-                )
-            for version, name, fn in MIGRATIONS:
-                if version in done:
-                    continue
-                log.info("decision store: applying migration %d (%s)", version, name)
-                fn(conn)
-                conn.execute(sa.insert(MIGRATIONS_TABLE).values(version=version, name=name, applied_at=utcnow()))
-                applied_now.append(version)
-        return applied_now
+    def _alembic(self, conn: sa.Connection) -> Any:
+        from alembic.config import Config
 
-    def schema_version(self) -> int:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.attributes["connection"] = conn
+        return cfg
+
+    def migrate(self) -> list[str]:
+        """Apply missing Alembic revisions; returns the revisions applied now, oldest first."""
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        with self._writing(), self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # replicas starting at once migrate one at a time
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            cfg = self._alembic(conn)
+            script = ScriptDirectory.from_config(cfg)
+            head = script.get_current_head()
+            current = MigrationContext.configure(conn).get_current_revision()
+            insp = sa.inspect(conn)
+            if current is None and insp.has_table(LEGACY_MIGRATIONS_TABLE):
+                done = [int(r[0]) for r in conn.execute(sa.text(f"SELECT version FROM {LEGACY_MIGRATIONS_TABLE}"))]
+                newest = max(done, default=0)
+                if newest and newest not in LEGACY_REVISIONS:
+                    raise StoreError(
+                        f"the database at {self.safe_url} has schema version {newest}, newer than this "
+                        f"icm (knows up to {max(LEGACY_REVISIONS)}): upgrade icm"
+                    )
+                if newest:
+                    log.info("decision store: taking over schema version %d as revision %s", newest, LEGACY_REVISIONS[newest])
+                    command.stamp(cfg, LEGACY_REVISIONS[newest])
+                    current = LEGACY_REVISIONS[newest]
+            if current is not None:
+                try:
+                    script.get_revision(current)
+                except Exception:  # noqa: BLE001 - alembic's ResolutionError / CommandError
+                    raise StoreError(
+                        f"the database at {self.safe_url} has schema revision {current!r}, unknown to this icm "
+                        f"(newest known: {head}): it was made by a newer icm; upgrade icm"
+                    ) from None
+            todo = [s.revision for s in script.iterate_revisions(head, current)][::-1]
+            if todo:
+                log.info("decision store: applying revisions %s", ", ".join(todo))
+                command.upgrade(cfg, "head")
+        return todo
+
+    def schema_version(self) -> str | None:
+        """The database's Alembic revision."""
+        from alembic.runtime.migration import MigrationContext
+
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.max(MIGRATIONS_TABLE.c.version))).scalar() or 0)
+            return MigrationContext.configure(conn).get_current_revision()
 
     @property
     def safe_url(self) -> str:
@@ -235,9 +290,12 @@ class DecisionStore:
                     "reason": r.reason,
                     "explanation": r.explanation,
                     "record": r.model_dump_json(),
+                    "queue": m.queue,
                 }
                 result = conn.execute(sa.insert(DECISIONS).values(**row).returning(DECISIONS.c.id))
                 ids.append(int(result.scalar_one()))
+                if self.webhooks and r.verdict == "block":
+                    self._add_event(conn, "decision.block", ids[-1], {"decision": _summary(row, ids[-1])})
         return ids
 
     def get_decision(self, decision_id: int) -> dict[str, Any] | None:
@@ -338,6 +396,9 @@ class DecisionStore:
             ).first()
             if d is None:
                 raise KeyError(f"no decision {decision_id}")
+            claim = conn.execute(sa.select(CLAIMS).where(CLAIMS.c.decision_id == decision_id)).mappings().first()
+            if claim is not None and claim["reviewer"] != reviewer and claim["expires_at"] > time.time():
+                raise ClaimConflict(decision_id, claim["reviewer"], claim["expires_at"])
             same_product = product is None or product == d.product
             action = "confirm" if verdict == d.verdict and same_product else "override"
             values = {
@@ -351,7 +412,207 @@ class DecisionStore:
                 "note": note or None,
             }
             rid = conn.execute(sa.insert(REVIEWS).values(**values).returning(REVIEWS.c.id)).scalar_one()
-        return {"id": int(rid), **values}
+            conn.execute(sa.delete(CLAIMS).where(CLAIMS.c.decision_id == decision_id))
+            out = {"id": int(rid), **values}
+            if self.webhooks and action == "override":
+                row = conn.execute(sa.select(DECISIONS).where(DECISIONS.c.id == decision_id)).mappings().one()
+                self._add_event(conn, "review.override", decision_id, {"decision": _summary(row, decision_id), "review": out})
+        return out
+
+    # -- the review queue ----------------------------------------------------------------
+
+    def _queue_query(
+        self,
+        *,
+        policy: str | None = None,
+        rules: str | None = None,
+        verdict: str | None = None,
+        product: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> Any:
+        reviewed = sa.select(REVIEWS.c.id).where(REVIEWS.c.decision_id == DECISIONS.c.id).exists()
+        q = sa.select(DECISIONS).where(DECISIONS.c.queue.is_not(None), ~reviewed)
+        for col, value in ((DECISIONS.c.policy, policy), (DECISIONS.c.rules, rules), (DECISIONS.c.verdict, verdict),
+                           (DECISIONS.c.product, product)):
+            if value:
+                q = q.where(col == value)
+        if since:
+            q = q.where(DECISIONS.c.created_at >= since)
+        if until:
+            q = q.where(DECISIONS.c.created_at < until)
+        return q
+
+    def queue(self, *, limit: int = 50, now: float | None = None, **filters: str | None) -> list[dict[str, Any]]:
+        """Decisions awaiting a person (queued and not reviewed), oldest first, with any live claim.
+
+        Filters: ``policy``, ``rules``, ``verdict``, ``product``, and ``since`` / ``until``
+        (ISO times, compared with ``created_at``).
+        """
+        now = time.time() if now is None else now
+        q = self._queue_query(**filters).order_by(DECISIONS.c.id).limit(max(1, min(int(limit), 1000)))
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(q).mappings())
+            claims = {
+                c["decision_id"]: c
+                for c in conn.execute(
+                    sa.select(CLAIMS).where(CLAIMS.c.decision_id.in_([r["id"] for r in rows]), CLAIMS.c.expires_at > now)
+                ).mappings()
+            } if rows else {}
+        out = []
+        for row in rows:
+            d = _decision_dict(row, full=False)
+            c = claims.get(row["id"])
+            d["claimed_by"] = c["reviewer"] if c else None
+            d["claim_expires_at"] = c["expires_at"] if c else None
+            out.append(d)
+        return out
+
+    def queue_count(self, **filters: str | None) -> int:
+        q = sa.select(sa.func.count()).select_from(self._queue_query(**filters).subquery())
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar() or 0)
+
+    def claim(self, decision_id: int, reviewer: str, *, ttl_s: float = 300.0, now: float | None = None) -> dict[str, Any]:
+        """Claim a decision for ``ttl_s`` seconds (renewing one's own claim); raises
+        :class:`ClaimConflict` while another reviewer's claim lives, KeyError for no such decision."""
+        now = time.time() if now is None else now
+        with self._writing(), self.engine.begin() as conn:
+            if conn.execute(sa.select(DECISIONS.c.id).where(DECISIONS.c.id == decision_id)).first() is None:
+                raise KeyError(f"no decision {decision_id}")
+            self._claim(conn, decision_id, reviewer, ttl_s, now)
+        return {"decision_id": decision_id, "reviewer": reviewer, "expires_at": now + ttl_s}
+
+    def _claim(self, conn: sa.Connection, decision_id: int, reviewer: str, ttl_s: float, now: float) -> None:
+        values = {"reviewer": reviewer, "claimed_at": utcnow(), "expires_at": now + ttl_s}
+        taken = conn.execute(
+            sa.update(CLAIMS)
+            .where(CLAIMS.c.decision_id == decision_id, sa.or_(CLAIMS.c.expires_at <= now, CLAIMS.c.reviewer == reviewer))
+            .values(**values)
+        ).rowcount
+        if taken:
+            return
+        holder = conn.execute(sa.select(CLAIMS).where(CLAIMS.c.decision_id == decision_id)).mappings().first()
+        if holder is not None:
+            raise ClaimConflict(decision_id, holder["reviewer"], holder["expires_at"])
+        try:
+            with conn.begin_nested():
+                conn.execute(sa.insert(CLAIMS).values(decision_id=decision_id, **values))
+        except sa.exc.IntegrityError:  # another server claimed it between the two statements
+            holder = conn.execute(sa.select(CLAIMS).where(CLAIMS.c.decision_id == decision_id)).mappings().first()
+            raise ClaimConflict(decision_id, holder["reviewer"] if holder else "someone", holder["expires_at"] if holder else now) from None
+
+    def claim_next(
+        self, reviewer: str, *, ttl_s: float = 300.0, skip: Sequence[int] = (), now: float | None = None, **filters: str | None
+    ) -> dict[str, Any] | None:
+        """Claim the oldest queued decision nobody else holds (and not in ``skip``); None when there is none.
+
+        A reviewer who holds a claim already gets that decision again first (a reload keeps one's place).
+        """
+        now = time.time() if now is None else now
+        for d in self.queue(limit=200, now=now, **filters):
+            if d["id"] in skip or (d["claimed_by"] not in (None, reviewer)):
+                continue
+            try:
+                self.claim(d["id"], reviewer, ttl_s=ttl_s, now=now)
+            except ClaimConflict:
+                continue
+            d["claimed_by"], d["claim_expires_at"] = reviewer, now + ttl_s
+            return d
+        return None
+
+    def release(self, decision_id: int, reviewer: str) -> bool:
+        """Give a claim back (a skip); only its holder can."""
+        with self._writing(), self.engine.begin() as conn:
+            n = conn.execute(sa.delete(CLAIMS).where(CLAIMS.c.decision_id == decision_id, CLAIMS.c.reviewer == reviewer)).rowcount
+        return bool(n)
+
+    def agreement(self) -> dict[str, Any]:
+        """How often reviewers agree with the model (per product) and with each other.
+
+        Reviewer against model: each reviewed decision whose model verdict is allow or block
+        counts once, by its latest review; decisions the model sent to review are counted
+        apart (what people made of them). Reviewer against reviewer: decisions reviewed by two
+        or more people, each person's latest verdict, every pair of people once.
+        """
+        with self.engine.connect() as conn:
+            reviews = list(conn.execute(sa.select(REVIEWS).order_by(REVIEWS.c.id)).mappings())
+            ids = sorted({r["decision_id"] for r in reviews})
+            model = {
+                r["id"]: (r["verdict"], r["product"])
+                for r in conn.execute(sa.select(DECISIONS.c.id, DECISIONS.c.verdict, DECISIONS.c.product).where(DECISIONS.c.id.in_(ids))).mappings()
+            } if ids else {}
+        latest: dict[int, Any] = {}
+        per_person: dict[int, dict[str, str]] = {}
+        for r in reviews:
+            latest[r["decision_id"]] = r
+            per_person.setdefault(r["decision_id"], {})[r["reviewer"]] = r["verdict"]
+        products: dict[str, dict[str, Any]] = {}
+        for did, r in latest.items():
+            verdict, product = model.get(did, (None, None))
+            p = products.setdefault(product or "(none)", {"reviewed": 0, "agree": 0, "model_review": {"allow": 0, "block": 0}})
+            if verdict in ("allow", "block"):
+                p["reviewed"] += 1
+                p["agree"] += int(r["verdict"] == verdict)
+            elif verdict == "review":
+                p["model_review"][r["verdict"]] += 1
+        for p in products.values():
+            p["rate"] = round(p["agree"] / p["reviewed"], 4) if p["reviewed"] else None
+        pairs = agree = 0
+        items = 0
+        for verdicts in per_person.values():
+            people = sorted(verdicts)
+            if len(people) < 2:
+                continue
+            items += 1
+            for i in range(len(people)):
+                for j in range(i + 1, len(people)):
+                    pairs += 1
+                    agree += int(verdicts[people[i]] == verdicts[people[j]])
+        return {
+            "reviewer_vs_model": {"by_product": dict(sorted(products.items()))},
+            "reviewer_vs_reviewer": {"items": items, "pairs": pairs, "agree": agree, "rate": round(agree / pairs, 4) if pairs else None},
+        }
+
+    # -- the webhook outbox --------------------------------------------------------------
+
+    def _add_event(self, conn: sa.Connection, event: str, decision_id: int, body: dict[str, Any]) -> None:
+        import uuid
+
+        event_id = uuid.uuid4().hex
+        payload = {"id": event_id, "type": event, "created_at": utcnow(), **body}
+        conn.execute(sa.insert(OUTBOX).values(
+            event_id=event_id, event=event, decision_id=decision_id, created_at=payload["created_at"],
+            payload=json.dumps(payload, sort_keys=True, default=str), attempts=0, next_attempt_at=time.time(),
+        ))
+
+    def due_events(self, *, now: float | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Undelivered webhook events whose next attempt is due, oldest first."""
+        now = time.time() if now is None else now
+        q = (
+            sa.select(OUTBOX).where(OUTBOX.c.delivered_at.is_(None), OUTBOX.c.next_attempt_at <= now)
+            .order_by(OUTBOX.c.id).limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def event_delivered(self, outbox_id: int) -> None:
+        with self._writing(), self.engine.begin() as conn:
+            conn.execute(sa.update(OUTBOX).where(OUTBOX.c.id == outbox_id).values(
+                delivered_at=utcnow(), attempts=OUTBOX.c.attempts + 1, last_error=None))
+
+    def event_failed(self, outbox_id: int, error: str, retry_at: float) -> None:
+        with self._writing(), self.engine.begin() as conn:
+            conn.execute(sa.update(OUTBOX).where(OUTBOX.c.id == outbox_id).values(
+                attempts=OUTBOX.c.attempts + 1, last_error=error[:2000], next_attempt_at=retry_at))
+
+    def events(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(sa.select(OUTBOX).order_by(OUTBOX.c.id)).mappings()]
+
+    def pending_events(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(OUTBOX).where(OUTBOX.c.delivered_at.is_(None))).scalar() or 0)
 
     def reviews(self, decision_id: int | None = None) -> list[dict[str, Any]]:
         q = sa.select(REVIEWS).order_by(REVIEWS.c.id)
@@ -398,7 +659,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 _SUMMARY = (
     "id", "created_at", "image_sha256", "image_name", "image_format", "image_kept", "source", "client",
     "policy", "rules", "backend", "model", "verdict", "p_violation", "p_term", "product",
-    "product_probability", "rule", "label", "reason", "explanation",
+    "product_probability", "rule", "label", "reason", "explanation", "queue",
 )
 
 
@@ -407,6 +668,13 @@ def _decision_dict(row: Any, *, full: bool) -> dict[str, Any]:
     out["image_kept"] = bool(out["image_kept"])
     if full:
         out["record"] = json.loads(row["record"])
+    return out
+
+
+def _summary(row: Any, decision_id: int) -> dict[str, Any]:
+    """A decision as webhook events carry it (no image bytes, no full record)."""
+    out = {k: row[k] for k in _SUMMARY if k != "id" and k in row}
+    out["id"] = decision_id
     return out
 
 
