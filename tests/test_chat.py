@@ -286,12 +286,14 @@ def test_openai_backend_streams_server_sent_events():
             assert user[1] == {"type": "text", "text": "What is it?"}
             backend.close()
     with _SSEServer("error") as srv:
-        backend = OpenAIBackend("served-vlm", base_url=f"http://127.0.0.1:{srv.port}/v1")
+        backend = OpenAIBackend("served-vlm", base_url=f"http://127.0.0.1:{srv.port}/v1", max_retries=1, backoff_base=0.01)
         s = ChatSession(backend)
         s.open_image(EXAMPLES / "flower.jpg")
         ev = s.ask("What is it?")
         assert ev.kind == "error" and "503" in ev.text and "overloaded" in ev.text
+        assert len(srv.requests) == 2, "a streamed answer is retried like every other request"
         assert s.history == [], "a failed turn is not part of the conversation"
+        backend.close()
 
 
 # --------------------------------------------------------------------------- end to end

@@ -271,7 +271,7 @@ _ATTEMPTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("ic
 
 
 def _sdk_client_class() -> type:
-    """``AsyncOpenAI`` with our backoff (imported on first use: the SDK costs ~0.5 s to import)."""
+    """``AsyncOpenAI`` with our backoff (imported on first use: ``import openai`` took 0.7-1.2 s here)."""
     global _SDK_CLASS
     if _SDK_CLASS is None:
         from openai import AsyncOpenAI
