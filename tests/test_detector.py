@@ -1,4 +1,7 @@
-"""Tests of the offline detector backend (open_nsfw, optional NudeNet)."""
+"""Tests of the offline detector backend's built-in mappings (open_nsfw, optional NudeNet).
+
+The evidence declared in policies (RapidOCR, EfficientNet-Lite0, the user's ONNX
+classifiers) is tested in tests/test_offline_evidence.py."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Any, Callable
 import pytest
 from PIL import Image
 
-from icm.moderation.backends.base import Box, Choice, Query, YesNoScore
+from icm.moderation.backends.base import Box, Choice, NotJudged, Query, YesNoScore
 from icm.moderation.backends.detector import (
     EVIDENCE_FLOOR,
     EXPOSURE_MAP,
@@ -153,7 +156,8 @@ def test_unsupported_queries_are_not_judged(backend: DetectorBackend, photos: li
     answers = backend.ask(photos, UNSUPPORTED + [REGION])  # region is off by default
     for answer in answers:
         assert set(answer) == {q.key for q in UNSUPPORTED} | {REGION.key}
-        assert all(v is None for v in answer.values()), answer
+        # horrifying is only *flagged* offline (weapons): with none in view it is not judged
+        assert all(v is None or (isinstance(v, NotJudged) and v.reason == "cannot-judge") for v in answer.values()), answer
     assert backend.score_yes_no(photos, ["Is the image sexy?"] * 3) == [None] * 3
     assert backend.choose(photos, "Which?", ["a", "b"]) == [None] * 3
     assert backend.ask([], [SEXY]) == []
@@ -164,7 +168,7 @@ def test_without_nudenet(monkeypatch: pytest.MonkeyPatch, photos: list[Image.Ima
     backend = DetectorBackend(intra_op_num_threads=2)
     assert backend.nudenet_available is False
     assert "nudenet" in (backend.nudenet_unavailable_reason or "")
-    assert backend.model_id == "open_nsfw"
+    assert backend.model_id.startswith("open_nsfw") and "nudenet" not in backend.model_id
     answers = backend.ask(photos[:1], [SEXY, EXPOSURE])
     assert isinstance(answers[0]["term:sexy"], YesNoScore) and "boxes" not in answers[0]["term:sexy"].raw
     assert answers[0]["attr:exposure"] is None
@@ -173,7 +177,8 @@ def test_without_nudenet(monkeypatch: pytest.MonkeyPatch, photos: list[Image.Ima
     with pytest.raises(NudeNetUnavailableError):
         DetectorBackend(use_nudenet=True)
     disabled = DetectorBackend(use_nudenet=False)
-    assert not disabled.nudenet_available and disabled.model_id == "open_nsfw"
+    assert not disabled.nudenet_available and "nudenet" not in disabled.model_id
+    assert DetectorBackend(sources=["open_nsfw"]).model_id == "open_nsfw"
 
 
 # --------------------------------------------------------------------------- NudeNet on real photos
@@ -181,7 +186,7 @@ def test_without_nudenet(monkeypatch: pytest.MonkeyPatch, photos: list[Image.Ima
 
 @needs_nudenet
 def test_nudenet_finds_the_face_on_grace_hopper(backend: DetectorBackend, photos: list[Image.Image]) -> None:
-    assert backend.nudenet_available and backend.model_id.startswith("open_nsfw+nudenet-")
+    assert backend.nudenet_available and backend.model_id.startswith("open_nsfw") and "+nudenet-" in backend.model_id
     boxes = backend.detect(photos)
     assert len(boxes) == len(photos)
     hopper = boxes[0]
@@ -198,7 +203,7 @@ def test_nudenet_finds_the_face_on_grace_hopper(backend: DetectorBackend, photos
         assert argmax(EXPOSURE_OPTIONS, exposure.probs) == "normal"
         assert exposure.raw["boxes"] == image_boxes
         term = answer["term:sexy"]
-        assert isinstance(term, YesNoScore) and term.raw["boxes"] == image_boxes
+        assert isinstance(term, YesNoScore) and term.source == "open_nsfw"  # the boxes travel with exposure
 
 
 @needs_nudenet

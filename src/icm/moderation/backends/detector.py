@@ -97,7 +97,7 @@ from icm.moderation.backends.base import (
     Query,
     YesNoScore,
 )
-from icm.moderation.evidence.catalog import NUDENET_LABELS
+from icm.moderation.evidence.catalog import BUILTIN_SOURCES, NUDENET_LABELS
 from icm.moderation.evidence.mapping import attribute_distribution, item_score, term_probability
 from icm.moderation.evidence.plan import Coverage, coverage, source_reason
 from icm.moderation.evidence.sources import (
@@ -328,15 +328,22 @@ class DetectorBackend(Backend):
                 if use_nudenet:
                     raise NudeNetUnavailableError(self.nudenet_unavailable_reason) from exc
         self.nudenet_available: bool = self.nudenet_unavailable_reason is None
+        self._model_id: str | None = None
+        self.model_id  # noqa: B018 - fixed now, whatever is installed later
 
     @property
     def model_id(self) -> str:
-        names = ["open_nsfw"] + sorted(
-            n for n in {k[0] for k in self._sources} if n not in ("open_nsfw", "nudenet")
-        )
-        if self.nudenet_available:
-            names.append(f"nudenet-{self.nudenet_version}")
-        return "+".join(names)
+        """The built-in sources that can run here (fixed at construction: ``--resume`` compares it)."""
+        if self._model_id is None:
+            names = []
+            for name in ("open_nsfw", "rapidocr", "efficientnet_lite0"):
+                allowed = self.only_sources is None or name in self.only_sources
+                if allowed and BUILTIN_SOURCES[name].unavailable_reason() is None:
+                    names.append(name)
+            if self.nudenet_available:
+                names.append(f"nudenet-{self.nudenet_version}")
+            self._model_id = "+".join(names) or "none"
+        return self._model_id
 
     # -- policies and sources ----------------------------------------------------------
 
@@ -420,6 +427,9 @@ class DetectorBackend(Backend):
                     name, intra_op_num_threads=self.intra_op_num_threads, batch_size=self.batch_size)
             return src
 
+    def _nsfw_model(self) -> Any:
+        return self._builtin("open_nsfw").model()
+
     def _nudenet_model(self) -> Any:
         if not self.nudenet_available:
             raise NudeNetUnavailableError(self.nudenet_unavailable_reason or "nudenet is not available")
@@ -439,9 +449,12 @@ class DetectorBackend(Backend):
     def _run_sources(self, policy: Policy | None, names: Sequence[str], images: Sequence[Image.Image]) -> dict[str, list[SourceOutput]]:
         out: dict[str, list[SourceOutput]] = {}
         for name in names:
-            src = self._source(policy, name) if policy is not None else self._builtin(name)
             t0 = time.perf_counter()
-            out[name] = src.run(images)
+            if name == "nudenet":
+                out[name] = [SourceOutput(boxes=boxes) for boxes in self.detect(images)]
+            else:
+                src = self._source(policy, name) if policy is not None else self._builtin(name)
+                out[name] = src.run(images)
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
         return out
 
@@ -527,7 +540,8 @@ class DetectorBackend(Backend):
             raw["boxes"] = boxes
         if missing:
             raw["missing"] = {n: why for n, why in missing.items() if any(item.source == n for item in spec.from_)}
-        source = "+".join(ran)
+        # the sources whose evidence counts: those that fired, else every one that looked and saw nothing
+        source = "+".join(dict.fromkeys(f.item.source for f in fired)) or "+".join(ran)
         if isinstance(spec, TermEvidence):
             p = term_probability(spec, fired, all_sources_ran=all_ran)
             if p is None:

@@ -97,3 +97,76 @@ def needed_extras(policy: Policy) -> list[str]:
         if info is not None and info.unavailable_reason() is not None:
             hints.append(info.install_hint())
     return sorted(set(hints))
+
+
+def judgeability(policy: Policy, backend: object, *, cascade: bool = False) -> tuple[str | None, list[str]]:
+    """Before a run: ``(error, warnings)`` about what ``backend`` can judge of ``policy``.
+
+    ``error`` (``icm moderate`` exits 2 on it unless ``--allow-unjudged``) when the backend
+    can judge nothing of the policy: every image would go to review. Warnings when it can
+    flag but never clear an image, or (``cascade``) when its first stage escalates everything.
+    Backends without a ``coverage`` method (the MLLM backends) judge every question.
+    """
+    cov_fn = getattr(backend, "coverage", None)
+    if not callable(cov_fn):
+        return None, []
+    cov: dict[str, Coverage] = cov_fn(policy)
+    name = getattr(backend, "name", "detector")
+    needed = sorted({a for p in policy.products for a in p.assignment})
+    missing = {s: why for c in cov.values() for s, why in c.missing.items()}
+    extras = needed_extras(policy)
+    hint_extras = f"; installing {', '.join(extras)} would add sources this policy names" if extras else ""
+    if all(c.reach == "none" for c in cov.values()):
+        why = "; ".join(f"{s}: {w}" for s, w in missing.items()) or f"policy {policy.name!r} declares no offline evidence that applies"
+        what = (f"the {name} backend can judge nothing of policy {policy.name!r} here ({why}), so every image would "
+                f"go to review")
+        if cascade:
+            return None, [what + ": the cascade escalates every image to the MLLM"]
+        return (what + ". Judge it with an MLLM: --backend hf or openai, or --backend cascade" + hint_extras
+                + "; or pass --allow-unjudged to run anyway."), []
+    warnings = []
+    can_clear = cov["term"].reach == "clear" or all(cov[a].reach == "clear" for a in needed)
+    if not can_clear:
+        flagged = ", ".join(f"{t} ({c.describe()})" for t, c in cov.items() if c.reach != "none")
+        after = "the cascade escalates the rest to the MLLM" if cascade else "the rest go to review; --backend cascade sends them to an MLLM"
+        warnings.append(f"the {name} backend cannot clear an image under policy {policy.name!r} here, only flag it: "
+                        f"{flagged}; {after}{hint_extras}")
+    elif missing:
+        warnings.append(f"policy {policy.name!r} names offline sources that cannot run here: "
+                        + "; ".join(f"{s}: {w}" for s, w in missing.items()))
+    return None, warnings
+
+
+def _item_text(item: EvidenceFrom) -> str:
+    what = item.labels if item.labels else item.keywords
+    shown = ", ".join(what[:4]) + (f" +{len(what) - 4} more" if len(what) > 4 else "")
+    kind = "keywords" if item.keywords else "labels"
+    tail = f" -> {item.value}" if item.value else ""
+    extra = f", min {item.min_score:g}" if item.min_score else ""
+    return f"{item.source} {kind} [{shown}]{tail} (strength {item.strength:g}{extra})"
+
+
+def offline_summary(policy: Policy) -> list[dict[str, object]]:
+    """Per target (the term, each attribute): what the policy judges it from offline, and
+    whether those sources can run here (``icm policy show``)."""
+    cov = coverage(policy)
+    ev = policy.evidence
+    rows: list[dict[str, object]] = []
+    declared_attrs = ev.attributes if ev is not None else {}
+    for target in ["term", *(a.id for a in policy.attributes)]:
+        spec = (ev.term if ev is not None else None) if target == "term" else declared_attrs.get(target)
+        items = [_item_text(i) for i in spec.from_] if spec is not None else []
+        silent = None
+        if isinstance(spec, TermEvidence) and spec.silent is not None:
+            silent = f"P(term)={spec.silent:g} when nothing fires"
+        elif isinstance(spec, AttributeEvidence) and spec.silent is not None:
+            silent = f"{spec.silent} ({spec.silent_confidence:g}) when nothing fires"
+        c = cov[target]
+        here = c.describe()
+        if spec is None and target == "exposure":
+            items, here = ["nudenet (built-in exposure mapping, the AGPL [nudenet] extra)"], "judged from nudenet when installed"
+        if spec is None and target == "term" and policy.term.id == "sexy":
+            items, here = ["open_nsfw P(nsfw) (built-in)"], "judged from open_nsfw"
+        rows.append({"target": target, "from": items, "silent": silent, "here": here if items else "not judged offline (needs an MLLM)",
+                     "reach": c.reach})
+    return rows
