@@ -20,6 +20,7 @@ failures that outlived their retries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import email.utils
 import json
@@ -29,7 +30,7 @@ import random
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, AsyncIterator, Collection, Mapping
+from typing import Any, AsyncIterator, Collection, Iterator, Mapping
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -414,29 +415,39 @@ class ChatClient:
         completion, _ = await self.complete_counted(body)
         return completion
 
+    @contextlib.contextmanager
+    def _counting(self) -> Iterator[list[int]]:
+        """Count the HTTP requests of one call (the event hook adds to the box); retries go to the stats."""
+        box = [0]
+        token = _ATTEMPTS.set(box)
+        try:
+            yield box
+        finally:
+            try:
+                _ATTEMPTS.reset(token)
+            except ValueError:  # a stream closed from another context
+                pass
+            self.stats.retries += max(0, box[0] - 1)
+
     async def complete_counted(self, body: Mapping[str, Any]) -> tuple[Any, int]:
         """:meth:`complete`, also giving the number of HTTP requests it took."""
         state = self._state()
         kwargs = self._split(body)
-        box = [0]
-        token = _ATTEMPTS.set(box)
         try:
-            async with state.sem:
-                while True:
-                    try:
-                        completion = await state.sdk.chat.completions.create(**kwargs)
-                        break
-                    except json.JSONDecodeError:
-                        # Ours: the SDK never retries a success it cannot parse; the judge does,
-                        # within the same budget of attempts.
-                        if not self.retry_malformed_json or box[0] > self.settings.max_retries:
-                            raise
-                        await asyncio.sleep(backoff(self.settings, box[0] - 1))
+            with self._counting() as box:
+                async with state.sem:
+                    while True:
+                        try:
+                            completion = await state.sdk.chat.completions.create(**kwargs)
+                            break
+                        except json.JSONDecodeError:
+                            # Ours: the SDK never retries a success it cannot parse; the judge does,
+                            # within the same budget of attempts.
+                            if not self.retry_malformed_json or box[0] > self.settings.max_retries:
+                                raise
+                            await asyncio.sleep(backoff(self.settings, box[0] - 1))
         except Exception as exc:  # noqa: BLE001 - every failure becomes one ChatError
             raise self._error(exc, box[0]) from None
-        finally:
-            _ATTEMPTS.reset(token)
-            self.stats.retries += max(0, box[0] - 1)
         attempts = max(1, box[0])
         usage = getattr(completion, "usage", None)
         self.stats.prompt_tokens += _int(getattr(usage, "prompt_tokens", 0))
@@ -454,9 +465,7 @@ class ChatClient:
         """
         state = self._state()
         kwargs = self._split(body)
-        box = [0]
-        token = _ATTEMPTS.set(box)
-        try:
+        with self._counting() as box:
             async with state.sem:
                 try:
                     async with state.sdk.chat.completions.with_streaming_response.create(**kwargs, stream=True) as resp:
@@ -482,12 +491,6 @@ class ChatClient:
                     raise
                 except Exception as exc:  # noqa: BLE001 - every failure becomes one ChatError
                     raise self._error(exc, box[0]) from None
-        finally:
-            try:
-                _ATTEMPTS.reset(token)
-            except ValueError:  # the generator was closed from another context
-                pass
-            self.stats.retries += max(0, box[0] - 1)
 
     def _error(self, exc: BaseException, attempts: int) -> ChatError:
         """Our :class:`ChatError` for what the SDK (or the response) raised."""

@@ -336,18 +336,20 @@ class OpenAIBackend(Backend):
         self, images: Sequence[Image.Image], questions: Sequence[str]
     ) -> list[YesNoScore | NotJudged | Failed]:
         answers, errors = await self._score_yes_no(images, questions)
-        return self._settle(answers, errors)
+        self._settle(errors, len(answers))
+        return answers
 
     async def choose_async(
         self, images: Sequence[Image.Image], question: str, options: Sequence[str]
     ) -> list[Choice | NotJudged | Failed]:
         answers, errors = await self._choose(images, question, options)
-        return self._settle(answers, errors)
+        self._settle(errors, len(answers))
+        return answers
 
     async def ask_async(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> list[dict[str, Answer]]:
         """All queries about all images in one concurrent pass; each image encoded once."""
         answers, errors = await self._ask(images, queries)
-        self._settle([None] * len(errors), errors, total=len(images) * len(queries))
+        self._settle(errors, len(images) * len(queries))
         return answers
 
     async def generate_async(
@@ -362,7 +364,8 @@ class OpenAIBackend(Backend):
     ) -> list[str | Failed]:
         """Completion text per (image, conversation), or :class:`Failed` saying why there is none."""
         answers, errors = await self._generate(images, messages, max_new_tokens, temperature, top_p, seed)
-        return self._settle(answers, errors)
+        self._settle(errors, len(answers))
+        return answers
 
     async def stream_async(
         self,
@@ -393,18 +396,20 @@ class OpenAIBackend(Backend):
         self, images: Sequence[Image.Image], questions: Sequence[str]
     ) -> list[YesNoScore | NotJudged | Failed]:
         answers, errors = self._sync(self._score_yes_no(images, questions))
-        return self._settle(answers, errors)
+        self._settle(errors, len(answers))
+        return answers
 
     def choose(
         self, images: Sequence[Image.Image], question: str, options: Sequence[str]
     ) -> list[Choice | NotJudged | Failed]:
         answers, errors = self._sync(self._choose(images, question, options))
-        return self._settle(answers, errors)
+        self._settle(errors, len(answers))
+        return answers
 
     def ask(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> list[dict[str, Answer]]:
         """All queries about all images in one concurrent pass; each image encoded once."""
         answers, errors = self._sync(self._ask(images, queries))
-        self._settle([None] * len(errors), errors, total=len(images) * len(queries))
+        self._settle(errors, len(images) * len(queries))
         return answers
 
     def generate(
@@ -419,7 +424,8 @@ class OpenAIBackend(Backend):
     ) -> list[str | None]:
         """Completion text per (image, conversation); deterministic (greedy) by default."""
         answers, errors = self._sync(self._generate(images, messages, max_new_tokens, temperature, top_p, seed))
-        return [None if isinstance(a, Failed) else a for a in self._settle(answers, errors)]
+        self._settle(errors, len(answers))
+        return [None if isinstance(a, Failed) else a for a in answers]
 
     def stream(
         self,
@@ -531,9 +537,8 @@ class OpenAIBackend(Backend):
 
         return _split(await asyncio.gather(*(one(i, c) for i, c in enumerate(convs))))
 
-    def _settle(self, answers: list[_T], errors: list[ItemError], total: int | None = None) -> list[_T]:
-        """Count and log a batch's errors; a configuration error stops the job here."""
-        total = len(answers) if total is None else total
+    def _settle(self, errors: list[ItemError], total: int) -> None:
+        """Count and log the errors of a batch of ``total`` requests; a configuration error stops the job here."""
         with self._lock:  # callers in several threads may finish at once
             self.stats.failures += len(errors)
         config = next((e for e in errors if e.status in CONFIG_STATUSES), None)
@@ -559,7 +564,6 @@ class OpenAIBackend(Backend):
             log.warning(
                 "openai backend: %d of %d requests failed (see last_errors); first: %s", len(errors), total, errors[0].error
             )
-        return answers
 
     # ------------------------------------------------------------------ one request
 
