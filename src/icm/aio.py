@@ -71,6 +71,11 @@ class LoopThread:
             self._finalizer = weakref.finalize(self, _stop, loop, thread)
             return loop
 
+    @property
+    def started(self) -> bool:
+        """Whether the loop runs now (in this process)."""
+        return self._loop is not None and self._pid == os.getpid() and self._thread is not None and self._thread.is_alive()
+
     def in_loop_thread(self) -> bool:
         return self._thread is not None and threading.current_thread() is self._thread
 

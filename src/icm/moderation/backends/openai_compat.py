@@ -294,8 +294,8 @@ class OpenAIBackend(Backend):
         """New settings take effect with a fresh client (the old one is closed on the backend's loop)."""
         old = self._client
         self._client = ChatClient(value, stats=self.stats)
-        if self._runner.in_loop_thread():
-            return
+        if self._runner.in_loop_thread() or not self._runner.started:
+            return  # nothing opened on the backend's loop yet (or we are on it: the old client is left to the GC)
         try:
             self._runner.run(old.aclose())
         except Exception:  # noqa: BLE001 - best effort
