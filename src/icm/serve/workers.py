@@ -1,0 +1,71 @@
+"""``icm serve --workers N``: N server processes on one port, each with its own model and batcher.
+
+uvicorn's supervisor binds the socket once and starts N worker processes (spawned, not
+forked, so no model or database connection is shared by accident); the kernel spreads
+connections over them. Each worker builds the app from the same :class:`ServeConfig`,
+passed through a private file (mode 0600, deleted when the supervisor stops) because it
+holds the API keys and must not appear in ``ps``.
+
+What the workers share is the decision store: give them a server database
+(``--db postgresql+psycopg://...``). SQLite works too for a few workers on one machine
+(WAL mode, writers wait their turn), but the review queue and rate limits are per process.
+Each worker keeps its own metrics: ``/metrics`` answers for the worker that took the
+connection, so scrape N separate processes (one port each) when you need metrics per replica.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+from icm.serve.config import ServeConfig
+
+CONFIG_ENV = "ICM_SERVE_WORKER_CONFIG"
+
+
+def _config_data(config: ServeConfig) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    data["api_keys"] = [k.get_secret_value() for k in config.api_keys]
+    data["workers"] = 1
+    return data
+
+
+def app_factory() -> Any:
+    """The app of one worker (uvicorn calls this in each worker process)."""
+    from icm.serve.app import create_app
+
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        raise RuntimeError(f"{CONFIG_ENV} is not set: this factory is for icm serve --workers")
+    with open(path, encoding="utf-8") as fh:
+        config = ServeConfig(**json.load(fh))
+    logger = logging.getLogger("icm")
+    if not logger.handlers:  # as icm serve does in one process
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"%(levelname)-9s %(name)s [pid {os.getpid()}]: %(message)s"))
+        logger.addHandler(handler)
+        level = config.log_level.upper()
+        logger.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+    return create_app(config)
+
+
+def serve_workers(config: ServeConfig) -> None:
+    """Run ``config.workers`` worker processes behind one socket (blocking)."""
+    import uvicorn
+
+    fd, path = tempfile.mkstemp(prefix="icm-serve-", suffix=".json")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(_config_data(config), fh)
+        os.environ[CONFIG_ENV] = path
+        uvicorn.run(
+            "icm.serve.workers:app_factory", factory=True, host=config.host, port=config.port, workers=config.workers,
+            log_level=config.log_level, timeout_graceful_shutdown=30, proxy_headers=False,
+            limit_concurrency=2 * config.max_queue + 64,
+        )
+    finally:
+        os.unlink(path)
