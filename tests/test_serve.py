@@ -9,19 +9,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import json
 import os
 import re
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
@@ -32,7 +28,6 @@ from typer.testing import CliRunner  # noqa: E402
 
 import icm  # noqa: E402
 from icm.cli.main import app as cli  # noqa: E402
-from icm.moderation.backends.base import Backend, Box, Choice, YesNoScore  # noqa: E402
 from icm.moderation.engine import Moderator  # noqa: E402
 from icm.serve import ServeConfig, create_app  # noqa: E402
 from icm.serve.export import export_reviews  # noqa: E402
@@ -41,6 +36,8 @@ from icm.serve.store import DecisionStore, StoreError  # noqa: E402
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 LOCAL = ("127.0.0.1", 50123)
 runner = CliRunner()
+
+from serve_helpers import ColourBackend, png  # noqa: E402
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -52,65 +49,6 @@ def metric(text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return 0.0
-
-
-class ColourBackend(Backend):
-    """A scripted model that looks at the image: redness is its evidence.
-
-    P(Yes) is the red share of the pixels; red images get the first option of every
-    attribute (a violating product under icm-default) and a box over their left half,
-    others the last option ("normal"/"none"). It records the size of every batch it is
-    asked about, sleeps ``delay`` seconds per call, and fails on images whose top-left
-    pixel is pure green when ``fail_green`` is set.
-    """
-
-    name = "colour"
-    capabilities = frozenset({"score_yes_no", "choose", "generate"})
-
-    def __init__(self, delay: float = 0.0, fail_green: bool = False) -> None:
-        self.delay = delay
-        self.fail_green = fail_green
-        self.batches: list[int] = []
-        self.lock = threading.Lock()
-
-    @staticmethod
-    def red(image: Image.Image) -> float:
-        a = np.asarray(image.convert("RGB"), dtype=np.float64)
-        return float((a[..., 0] / (a.sum(axis=-1) + 1e-9)).mean())
-
-    def ask(self, images, queries):
-        with self.lock:
-            self.batches.append(len(images))
-        if self.delay:
-            time.sleep(self.delay)
-        if self.fail_green and any(im.convert("RGB").getpixel((0, 0)) == (0, 255, 0) for im in images):
-            raise RuntimeError("green is not allowed")
-        return super().ask(images, queries)
-
-    def score_yes_no(self, images, questions):
-        out = []
-        for im in images:
-            red = self.red(im)
-            boxes = [Box("RED_AREA", 0.9, 0.0, 0.0, im.width / 2, float(im.height))] if red > 0.5 else []
-            out.append(YesNoScore(p_yes=min(1.0, max(0.0, (red - 0.2) * 1.6)), source="colour", raw={"boxes": boxes}))
-        return out
-
-    def choose(self, images, question, options):
-        out = []
-        for im in images:
-            probs = [0.01] * len(options)
-            probs[0 if self.red(im) > 0.5 else -1] = 1.0
-            out.append(Choice(probs=probs, source="colour"))
-        return out
-
-    def generate(self, images, messages, *, max_new_tokens=256):
-        return ["The image is mostly red." if self.red(im) > 0.5 else "Nothing red here." for im in images]
-
-
-def png(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def config(tmp_path: Path, **kw: Any) -> ServeConfig:

@@ -29,6 +29,7 @@ from icm.moderation.engine import Moderator
 from icm.serve.batching import DynamicBatcher
 from icm.serve.config import ServeConfig
 from icm.serve.errors import APIError
+from icm.serve.fetch import FetchPolicy, ImageFetcher
 from icm.serve.limits import PixelBudget, RateLimiter
 from icm.serve.service import Job, Outcome, Service, build_service
 from icm.serve.store import DecisionStore, purge_kept_images
@@ -42,10 +43,11 @@ except ImportError as err:  # pragma: no cover
     raise ImportError(f"the server needs FastAPI ({err}): pip install 'icm-assistant[serve]'") from err
 
 from icm.serve.middleware import BodyLimit, RateLimitHeaders, RequestMetrics
-from icm.serve.routes import admin, moderation, review
+from icm.serve.routes import admin, moderation, openai_moderations, review
 from icm.serve.routes.review import STATIC_DIR
 
 log = logging.getLogger("icm.serve")
+OPENAI_PATH = "/v1/moderations"
 
 __all__ = ["Job", "Outcome", "Service", "build_service", "create_app", "serve"]
 
@@ -71,6 +73,10 @@ def create_app(
         max_queue_cost=config.max_queue_bytes, on_batch=on_batch,
     )
     svc.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+    svc.extras["fetcher"] = ImageFetcher(FetchPolicy(
+        hosts=list(config.image_url_hosts), max_bytes=config.max_upload_bytes, timeout_s=config.image_url_timeout_s,
+        max_redirects=config.image_url_max_redirects, private_networks=config.image_url_private_networks,
+    ))
     svc.metrics.set_queue_depth(lambda: float(svc.batcher.queue_depth if svc.batcher else 0))
     svc.metrics.info.info(
         {"version": __version__, "backend": svc.default_moderator.backend_name, "model": svc.default_moderator.model_id}
@@ -112,7 +118,13 @@ def create_app(
     app.state.service = svc
 
     @app.exception_handler(APIError)
-    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        if request.url.path == OPENAI_PATH:  # OpenAI's error shape, which its SDKs read
+            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            if exc.status in (401, 403):
+                kind = "authentication_error" if exc.status == 401 else "permission_error"
+            body = {"error": {"message": exc.detail, "type": kind, "param": None, "code": exc.code}}
+            return JSONResponse(body, status_code=exc.status, headers=exc.headers)
         return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(ClientDisconnect)
@@ -123,6 +135,7 @@ def create_app(
         return Response(status_code=400)  # nobody reads it
 
     app.include_router(moderation.router)
+    app.include_router(openai_moderations.router)
     app.include_router(review.router)
     app.include_router(admin.router)
     if config.review_page:
@@ -157,6 +170,10 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     config.check_bind()
+    if config.workers > 1:  # N processes on one socket (icm.serve.workers)
+        from icm.serve.workers import serve_workers
+
+        return serve_workers(config)
     if not logging.getLogger("icm").handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))

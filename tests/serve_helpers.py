@@ -1,0 +1,96 @@
+"""Scaffolding the server's tests share: a scripted backend, PNG bytes, a live server in a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from icm.moderation.backends.base import Backend, Box, Choice, YesNoScore
+
+
+class ColourBackend(Backend):
+    """A scripted model that looks at the image: redness is its evidence.
+
+    P(Yes) is the red share of the pixels; red images get the first option of every
+    attribute (a violating product under icm-default) and a box over their left half,
+    others the last option ("normal"/"none"). It records the size of every batch it is
+    asked about, sleeps ``delay`` seconds per call, and fails on images whose top-left
+    pixel is pure green when ``fail_green`` is set.
+    """
+
+    name = "colour"
+    capabilities = frozenset({"score_yes_no", "choose", "generate"})
+
+    def __init__(self, delay: float = 0.0, fail_green: bool = False) -> None:
+        self.delay = delay
+        self.fail_green = fail_green
+        self.batches: list[int] = []
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def red(image: Image.Image) -> float:
+        a = np.asarray(image.convert("RGB"), dtype=np.float64)
+        return float((a[..., 0] / (a.sum(axis=-1) + 1e-9)).mean())
+
+    def ask(self, images, queries):
+        with self.lock:
+            self.batches.append(len(images))
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_green and any(im.convert("RGB").getpixel((0, 0)) == (0, 255, 0) for im in images):
+            raise RuntimeError("green is not allowed")
+        return super().ask(images, queries)
+
+    def score_yes_no(self, images, questions):
+        out = []
+        for im in images:
+            red = self.red(im)
+            boxes = [Box("RED_AREA", 0.9, 0.0, 0.0, im.width / 2, float(im.height))] if red > 0.5 else []
+            out.append(YesNoScore(p_yes=min(1.0, max(0.0, (red - 0.2) * 1.6)), source="colour", raw={"boxes": boxes}))
+        return out
+
+    def choose(self, images, question, options):
+        out = []
+        for im in images:
+            probs = [0.01] * len(options)
+            probs[0 if self.red(im) > 0.5 else -1] = 1.0
+            out.append(Choice(probs=probs, source="colour"))
+        return out
+
+    def generate(self, images, messages, *, max_new_tokens=256):
+        return ["The image is mostly red." if self.red(im) > 0.5 else "Nothing red here." for im in images]
+
+
+def png(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+
+
+@contextlib.contextmanager
+def live_server(app: Any) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free loopback port in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (server.started and server.servers) and time.monotonic() < deadline:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -1,0 +1,217 @@
+"""`POST /v1/moderations`: OpenAI's moderation API, with the official `openai` SDK as the client.
+
+The server runs for real (uvicorn on a loopback port); the SDK is pointed at it by its
+base URL only. Image URLs are fetched only from allow-listed hosts and never from private
+addresses, before or after a redirect.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+import httpx  # noqa: E402
+
+from icm.moderation.engine import Moderator  # noqa: E402
+from icm.serve import ServeConfig, create_app  # noqa: E402
+from icm.serve.fetch import FetchPolicy, ImageFetcher, host_listed, public_address  # noqa: E402
+from serve_helpers import ColourBackend, live_server, png  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+KEY = "alice:" + "s3cret-key-for-tests-0123"
+TOKEN = KEY.split(":", 1)[1]
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def make_app(tmp_path: Path, moderator: Moderator | None = None, **kw):
+    kw.setdefault("db", str(tmp_path / "d.sqlite"))
+    return create_app(ServeConfig(api_keys=[KEY], **kw), moderator=moderator)
+
+
+def client(base: str, **kw) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=TOKEN, max_retries=0, **kw)
+
+
+def test_the_openai_sdk_moderates_the_sample_photos_as_not_flagged(tmp_path, monkeypatch):
+    """The detector backend (real models), the official SDK, OpenAI's model name: the three
+    sample photos are not flagged, and each result carries the stored decision."""
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    app = make_app(tmp_path)
+    with live_server(app) as base:
+        sdk = client(base)
+        resp = sdk.moderations.create(
+            model="omni-moderation-latest", input=[part(data_url(p.read_bytes(), "image/jpeg")) for p in photos]
+        )
+        assert resp.id.startswith("modr-") and resp.model == "icm-sexy:icm-default"
+        assert len(resp.results) == len(photos)
+        for result in resp.results:
+            assert result.flagged is False
+            assert result.categories.model_dump(exclude_none=True) == {"sexy": False}
+            assert result.category_applied_input_types.model_dump(exclude_none=True) == {"sexy": ["image"]}
+            (d,) = result.model_extra["icm"]["decisions"]
+            assert d["record"]["verdict"] == "allow" and d["record"]["backend"] == "detector"
+            assert result.category_scores.model_dump(exclude_none=True)["sexy"] == pytest.approx(d["record"]["p_violation"])
+            stored = httpx.get(f"{base}/v1/decisions/{d['decision_id']}", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+            assert stored["verdict"] == "allow" and stored["source"] == "data-url"
+        # a rule set named in the model, one image as a plain data: URL string
+        one = sdk.moderations.create(model="icm-sexy:children", input=data_url(photos[0].read_bytes(), "image/jpeg"))
+        assert one.model == "icm-sexy:children" and not one.results[0].flagged
+        assert one.results[0].model_extra["icm"]["decisions"][0]["record"]["rules"] == "children"
+
+
+def test_several_policies_at_once_and_a_flagged_image(tmp_path, monkeypatch):
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    backend = ColourBackend()
+    app = make_app(tmp_path, Moderator(backend, policy="icm-sexy"), policies=["gambling"])
+    with live_server(app) as base:
+        sdk = client(base)
+        red, blue = data_url(png((255, 0, 0))), data_url(png((0, 0, 255)))
+        resp = sdk.moderations.create(model="icm-sexy:children,gambling", input=[part(red), part(blue)])
+        assert resp.model == "icm-sexy:children,gambling:gambling-default"
+        flagged, clean = resp.results
+        assert set(flagged.categories.model_dump(exclude_none=True)) == {"sexy", "gambling"}
+        assert flagged.flagged and flagged.categories.model_dump(exclude_none=True)["sexy"] is True
+        verdicts = {d["record"]["policy"]: d["record"]["verdict"] for d in flagged.model_extra["icm"]["decisions"]}
+        assert verdicts["icm-sexy"] == "block"
+        assert not clean.flagged and set(clean.categories.model_dump(exclude_none=True).values()) == {False}
+        # 2 images x 2 policies = 4 stored decisions; each image was asked about once per policy
+        total = httpx.get(f"{base}/v1/decisions", headers={"Authorization": f"Bearer {TOKEN}"}).json()["total"]
+        assert total == 4
+
+
+def test_bad_input_gets_a_clear_error_through_the_sdk(tmp_path, monkeypatch):
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    backend = ColourBackend(fail_green=True)
+    app = make_app(tmp_path, Moderator(backend, policy="icm-sexy"))
+    with live_server(app) as base:
+        sdk = client(base)
+        with pytest.raises(openai.BadRequestError, match="judges images only"):
+            sdk.moderations.create(model="omni-moderation-latest", input="I want to hurt them.")
+        with pytest.raises(openai.BadRequestError, match="text part"):
+            sdk.moderations.create(input=[{"type": "text", "text": "hello"}, part(data_url(png((0, 0, 9))))])
+        with pytest.raises(openai.BadRequestError, match="no rule set 'nope'"):
+            sdk.moderations.create(model="icm-sexy:nope", input=[part(data_url(png((0, 0, 9))))])
+        with pytest.raises(openai.BadRequestError, match="unknown policy"):
+            sdk.moderations.create(model="text-moderation-stable", input=[part(data_url(png((0, 0, 9))))])
+        with pytest.raises(openai.BadRequestError, match="does not fetch images from 'example.com'"):
+            sdk.moderations.create(input=[part("https://example.com/cat.jpg")])
+        with pytest.raises(openai.APIStatusError, match="not an image|unsupported") as info:
+            sdk.moderations.create(input=[part(data_url(b"plain text, not a picture", "image/png"))])
+        assert info.value.status_code == 415
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong-key-wrong-key-1", max_retries=0).moderations.create(
+                input=[part(data_url(png((0, 0, 9))))]
+            )
+        # a backend failure is an error, never "flagged: false"
+        with pytest.raises(openai.InternalServerError) as failed:
+            sdk.moderations.create(input=[part(data_url(png((0, 255, 0))))])
+        assert failed.value.status_code == 502 and "green is not allowed" in str(failed.value)
+        total = httpx.get(f"{base}/v1/decisions", headers={"Authorization": f"Bearer {TOKEN}"}).json()["total"]
+        assert total == 0, "no request above made a decision"
+
+
+# --------------------------------------------------------------------------- image URLs
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    """/img.png: a PNG; /big: more than the limit; /to?u=URL: a redirect; /loop: redirects to itself."""
+
+    body = png((0, 0, 200))
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path == "/img.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(self.body)))
+            self.end_headers()
+            self.wfile.write(self.body)
+        elif self.path == "/big":
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the limit is checked while reading
+            self.wfile.write(b"\0" * 300_000)
+        elif self.path.startswith("/to?u="):
+            self.send_response(302)
+            self.send_header("Location", self.path[len("/to?u="):])
+            self.end_headers()
+        elif self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+        else:
+            self.send_response(404)
+            self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def image_host():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_image_urls_only_from_listed_hosts_and_public_addresses(tmp_path, monkeypatch, image_host):
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    port = image_host
+    app = make_app(tmp_path, Moderator(ColourBackend(), policy="icm-sexy"), image_url_hosts=["img.test", "inside.test"],
+                   max_upload_bytes=200_000)
+    names = {"img.test": ["127.0.0.1"], "inside.test": ["10.20.30.40"], "other.test": ["127.0.0.1"]}
+
+    def resolver(host: str, _port: int) -> list[str]:
+        return names[host]
+
+    # img.test stands for a public CDN: its (loopback) address counts as public here, nothing else does
+    monkeypatch.setattr("icm.serve.fetch.public_address", lambda ip: ip == "127.0.0.1")
+    svc = app.state.service
+    svc.extras["fetcher"] = ImageFetcher(FetchPolicy(hosts=svc.config.image_url_hosts, max_bytes=200_000, max_redirects=2),
+                                         resolver=resolver)
+    with live_server(app) as base:
+        sdk = client(base)
+        ok = sdk.moderations.create(input=[part(f"http://img.test:{port}/img.png")])
+        assert ok.results[0].flagged is False
+        assert ok.results[0].model_extra["icm"]["decisions"][0]["record"]["sha256"] is not None
+        # a redirect is checked again: to a private address, to a host not listed
+        with pytest.raises(openai.BadRequestError, match="private or reserved address"):
+            sdk.moderations.create(input=[part(f"http://img.test:{port}/to?u=http://inside.test:{port}/img.png")])
+        with pytest.raises(openai.BadRequestError, match="does not fetch images from 'other.test'"):
+            sdk.moderations.create(input=[part(f"http://img.test:{port}/to?u=http://other.test:{port}/img.png")])
+        with pytest.raises(openai.InternalServerError, match="redirected more than 2 times"):
+            sdk.moderations.create(input=[part(f"http://img.test:{port}/loop")])
+        with pytest.raises(openai.APIStatusError, match="200,000-byte limit") as big:
+            sdk.moderations.create(input=[part(f"http://img.test:{port}/big")])
+        assert big.value.status_code == 413
+        with pytest.raises(openai.BadRequestError, match="data: URLs or http"):
+            sdk.moderations.create(input=[part("file:///etc/passwd")])
+
+
+def test_the_address_checks_themselves():
+    assert host_listed("a.example.com", ["*.example.com"]) and host_listed("CDN.example.com.", ["cdn.example.com"])
+    assert not host_listed("example.com", ["*.example.com"]) and not host_listed("evilexample.com", ["*.example.com"])
+    for ip in ("127.0.0.1", "10.1.2.3", "172.16.0.9", "192.168.1.1", "169.254.169.254", "::1", "fe80::1",
+               "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1", "fc00::1", "224.0.0.1"):
+        assert not public_address(ip), ip
+    assert public_address("93.184.216.34") and public_address("2606:4700::1111")
+    # every address a name resolves to is checked, not only the first
+    fetcher = ImageFetcher(FetchPolicy(hosts=["cdn.test"], max_bytes=10), resolver=lambda h, p: ["93.184.216.34", "10.0.0.1"])
+    with pytest.raises(Exception, match="private or reserved address"):
+        fetcher._check("https://cdn.test/x.png")
