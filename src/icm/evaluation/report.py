@@ -1,69 +1,41 @@
 """A self-contained HTML report of an evaluation summary.
 
-One file, no external resource: plots are drawn with matplotlib (Agg backend, no
-display needed) and embedded as base64 PNG; tables and text are plain HTML with every
-value escaped. Without matplotlib (the ``eval`` extra) the report still has every table,
-and says why it has no plots.
+One file, no external resource: the page is rendered from the Jinja2 templates in
+``icm/evaluation/templates`` (shipped as package data) with autoescape on, so every value
+from a summary (file names, model output, notes) is HTML-escaped. Plots are drawn with
+matplotlib (Agg backend, no display needed) and embedded as base64 PNG. Without
+matplotlib (the ``eval`` extra) the report still has every table, and says why it has no
+plots.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from icm.evaluation.compare import CompareReport
 from icm.evaluation.icm_metrics import ICMReport
 from icm.evaluation.meq import MEQReport
 from icm.evaluation.meq_judge import CRITERIA
-from icm.evaluation.mqa import MQAReport
 from icm.evaluation.registry import metrics_for
 from icm.evaluation.summary import EvalSummary
 from icm.evaluation.tables import _interval_cell, icm_interval
+from icm.fileio import atomic_write
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1d1d1f;padding:0 1rem}
-h1{font-size:1.6rem}h2{margin-top:2.2rem;border-bottom:2px solid #ddd;padding-bottom:.2rem}h3{margin-top:1.4rem}
-table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.25rem .55rem;text-align:left;vertical-align:top}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}.bad{color:#b00020}.good{color:#0a7a2f}
-.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4rem .7rem;margin:.4rem 0}.meta{color:#555}
-.plots{display:flex;flex-wrap:wrap;gap:1rem}.plots img{max-width:520px;width:100%;border:1px solid #eee}
-details{margin:.3rem 0}pre{white-space:pre-wrap;background:#f7f7f7;padding:.5rem}
-"""
-
-
-def _e(x: Any) -> str:
-    return html.escape("" if x is None else str(x))
+__all__ = ["icm_plots", "meq_plots", "render_html", "write_html"]
 
 
 def _f(x: float | None, fmt: str = ".4f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _ci(ci: tuple[float, float] | None) -> str:
-    return "" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def _ci2(ci: tuple[float, float] | None) -> str:
-    return "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], num: Sequence[int] = ()) -> str:
-    out = ["<table><thead><tr>", *(f"<th>{_e(h)}</th>" for h in headers), "</tr></thead><tbody>"]
-    for row in rows:
-        out.append("<tr>")
-        for i, cell in enumerate(row):
-            cls = ' class="num"' if i in num else ""
-            out.append(f"<td{cls}>{cell}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-def _notes(notes: Iterable[str]) -> str:
-    return "".join(f'<div class="note">{_e(n)}</div>' for n in notes if n)
+def _ci(ci: tuple[float, float] | None, fmt: str = ".3f") -> str:
+    return "" if ci is None else f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
 # -- plots ------------------------------------------------------------------------------
@@ -81,13 +53,14 @@ def _pyplot():  # noqa: ANN202
 
 
 def _png(fig) -> str:  # noqa: ANN001
+    """The figure as base64 PNG (for a ``data:`` URL)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     fig.clf()
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode("ascii")}">'
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def icm_plots(r: ICMReport) -> list[str]:
@@ -167,170 +140,60 @@ def meq_plots(r: MEQReport) -> list[str]:
     return imgs
 
 
-# -- sections --------------------------------------------------------------------------------
+# -- rendering -------------------------------------------------------------------------------
 
 
-def icm_section(r: ICMReport) -> str:
-    parts = ["<h2>ICM accuracy</h2>"]
-    parts.append(
-        f'<p class="meta">{_e(r.source)} ({_e(r.format)}), policy <b>{_e(r.policy)}</b>, rules <b>{_e(r.rules)}</b>, '
-        f"target {_e(r.target)}, score: {_e(r.score)}; protocol <b>{_e(r.protocol)}</b>, threshold {r.threshold:g}. "
-        f"{r.n_evaluated} of {r.n_items} images evaluated ({r.n_positive} should be flagged), "
-        f"{r.n_unlabelled} unlabelled, {r.n_unscored} without a score. "
-        f"Judged {r.n_judged}, failed {r.n_failed}, not judged {r.n_not_judged}"
-        + (f" ({_e(', '.join(f'{k}: {v}' for k, v in r.not_judged_reasons.items()))})" if r.not_judged_reasons else "")
-        + f"; intervals at {r.confidence:.0%} (Wilson for proportions, {r.bootstrap} bootstrap resamples, seed {r.seed}).</p>"
-    )
+def _icm_metric_rows(r: ICMReport) -> list[tuple[str, str, str, str]]:
+    """Each metric of the registry that has a value (the ``icm.metrics.*`` ones always)."""
     rows = []
     data = {"icm": r.model_dump()}
     for spec in metrics_for("icm"):
         v = spec.get(data)
         if v is not None or spec.path.startswith("icm.metrics."):
-            iv = icm_interval(r, spec.name)
-            rows.append((_e(spec.title), _f(v, spec.fmt) if v is not None else "- (undefined)",
-                         _e(_interval_cell(iv)), _e(spec.description)))
-    parts.append(_table(["metric", "value", f"{r.confidence:.0%} interval", "what"], rows, num=(1,)))
-    c = r.confusion
-    parts.append("<h3>Confusion matrix</h3>")
-    parts.append(_table(["", "flagged", "passed"], [("should be flagged", f"TP {c.tp}", f"FN {c.fn}"), ("should pass", f"FP {c.fp}", f"TN {c.tn}")]))
-    if r.paper:
-        p = r.paper
-        parts.append("<h3>The published script's protocol</h3>")
-        parts.append(f"<p>{_e(p.description)}.</p>")
-        parts.append(_table(
-            ["protocol", "counted", "TP", "FP", "TN", "FN", "accuracy", "precision", "recall"],
-            [
-                ("published script", f"{p.matches} matches / {p.images} images", p.confusion.tp, p.confusion.fp, p.confusion.tn, p.confusion.fn,
-                 _f(p.metrics.get("accuracy"), ".5f"), _f(p.metrics.get("precision")), _f(p.metrics.get("recall"))),
-                ("each image once", f"{r.per_image.n} images", r.per_image.confusion.tp, r.per_image.confusion.fp, r.per_image.confusion.tn,
-                 r.per_image.confusion.fn, _f(r.per_image.metrics.get("accuracy"), ".5f"), _f(r.per_image.metrics.get("precision")),
-                 _f(r.per_image.metrics.get("recall"))),
-            ], num=(2, 3, 4, 5, 6, 7, 8)))
-        parts.append(f"<p><b>Difference:</b> {_e(p.difference)}</p>")
-    if r.best_f1:
-        b = r.best_f1
-        parts.append(f"<p>Best F1 {b.f1:.4f} at threshold {b.threshold:.4f} (precision {b.precision:.4f}, recall {b.recall:.4f}).</p>")
-    imgs = icm_plots(r)
-    parts.append('<div class="plots">' + "".join(imgs) + "</div>" if imgs else _notes(["no plots: install matplotlib (pip install 'icm-assistant[eval]')"]))
-    if r.sweep:
-        parts.append("<details><summary>Threshold sweep</summary>")
-        parts.append(_table(["threshold", "TP", "FP", "TN", "FN", "precision", "recall", "F1", "accuracy"],
-                            [(f"{s.threshold:g}", s.tp, s.fp, s.tn, s.fn, _f(s.precision) + _ci(s.precision_ci), _f(s.recall) + _ci(s.recall_ci),
-                              _f(s.f1), _f(s.accuracy)) for s in r.sweep],
-                            num=tuple(range(9))))
-        parts.append("</details>")
-    if r.per_category:
-        parts.append("<h3>Per category (worst first)</h3>")
-        parts.append(_table(
-            ["category", "product", "should", "rule", "images", "flagged", "accuracy", "mean score"],
-            [(_e(c.category), _e(c.product), "flag" if c.positive else "pass", _e(c.rule), c.n, c.flagged,
-              f'<span class="{"bad" if c.accuracy < 0.9 else "good"}">{c.accuracy:.4f}</span>' + _ci(c.accuracy_ci), f"{c.mean_score:.4f}")
-             for c in r.per_category],
-            num=(4, 5, 6, 7)))
-    if r.worst_errors:
-        parts.append("<h3>Worst errors</h3><p>Misclassified images, most confident first, with what the model said.</p>")
-        rows = []
-        for e in r.worst_errors:
-            said = " ".join(x for x in (e.reason, e.explanation) if x)
-            rows.append((_e(e.id), _e(e.category), _e(e.product), "flag" if e.truth else "pass", f"{e.score:.4f}", _e(e.verdict), _e(said) or "-"))
-        parts.append(_table(["image", "category", "product", "should", "score", "verdict", "reason / explanation"], rows, num=(4,)))
-    parts.append(_notes(r.notes))
-    return "".join(parts)
+            rows.append((spec.title, _f(v, spec.fmt) if v is not None else "- (undefined)",
+                         _interval_cell(icm_interval(r, spec.name)), spec.description))
+    return rows
 
 
-def mqa_section(r: MQAReport) -> str:
-    parts = ["<h2>Moderation Q-A</h2>", f'<p class="meta">{_e(r.name)}: {_e(r.source)} ({_e(r.format)})</p>']
-    rows = []
-    for label, k in (("multiple-choice", r.mc), ("yes/no", r.yes_no), ("all", r.all)):
-        rows.append((label, k.correct, k.total, _f(k.accuracy) + _ci(k.accuracy_ci), k.invalid_answers, k.missing_answers, k.invalid_truth,
-                     _f(k.accuracy_valid_truth)))
-    parts.append(_table(["questions", "correct", "total", f"accuracy [{r.confidence:.0%} Wilson]", "invalid answers", "no answer", "invalid truth",
-                         "accuracy (valid truth)"],
-                        rows, num=(1, 2, 3, 4, 5, 6, 7)))
-    if r.per_category:
-        parts.append("<details><summary>Per category</summary>")
-        parts.append(_table(["category", "correct", "total", "accuracy"],
-                            [(_e(c), k.correct, k.total, _f(k.accuracy) + _ci(k.accuracy_ci))
-                             for c, k in sorted(r.per_category.items(), key=lambda x: x[1].accuracy or 0)],
-                            num=(1, 2, 3)))
-        parts.append("</details>")
-    parts.append(_notes(r.notes))
-    return "".join(parts)
+def _worst_error_rows(errors: Iterable[Any]) -> list[tuple[Any, ...]]:
+    return [(e.id, e.category, e.product, "flag" if e.truth else "pass", f"{e.score:.4f}", e.verdict,
+             " ".join(x for x in (e.reason, e.explanation) if x) or "-") for e in errors]
 
 
-def meq_section(r: MEQReport) -> str:
-    parts = ["<h2>Moderation explanation quality</h2>",
-             f'<p class="meta">{_e(r.name)}: {_e(r.source)}; mode {_e(r.mode)}' + (f", judge {_e(r.judge_model)}" if r.judge_model else "") +
-             f"; {r.n_items} explanations, {r.n_complete} fully scored, {r.n_partial} partly, {r.n_failed} failed.</p>"]
-    if r.means:
-        parts.append(_table(["criterion", "mean (missing = 0)", "mean over scored", "missing"],
-                            [(c, _f(r.means.get(c), ".2f") + _ci2(r.means_ci.get(c)), _f(r.means_scored.get(c), ".2f"), r.missing.get(c, 0))
-                             for c in CRITERIA],
-                            num=(1, 2, 3)))
-    if r.offline:
-        o = r.offline
-        parts.append(f"<p>Offline metric: {_e(o.metric)}" + (f" ({_e(o.model)})" if o.model else "") +
-                     f"; mean {o.mean:.2f} / 100, mean ROUGE-L {o.mean_lexical:.4f}" +
-                     (f", mean embedding cosine {o.mean_embedding:.4f}" if o.mean_embedding is not None else "") + ".</p>")
-    if r.correlations:
-        parts.append("<h3>How far to trust the offline metric</h3>")
-        parts.append(_table(["measure", "criterion", "Spearman", "p-value", "n"],
-                            [(_e(c.measure), _e(c.criterion), _f(c.spearman), _f(c.p_value, ".2e"), c.n) for c in r.correlations], num=(2, 3, 4)))
-    imgs = meq_plots(r)
-    if imgs:
-        parts.append('<div class="plots">' + "".join(imgs) + "</div>")
-    if r.failures:
-        parts.append("<details><summary>Failures</summary>")
-        parts.append(_table(["item", "error"], [(_e(f.id), _e(f.error)) for f in r.failures]))
-        parts.append("</details>")
-    if r.worst:
-        parts.append("<h3>Lowest-scored explanations</h3>")
-        for w in r.worst:
-            sc = ", ".join(f"{c} {_f(w.scores.get(c), '.0f')}" for c in CRITERIA if w.scores.get(c) is not None)
-            if w.offline is not None:
-                sc += (", " if sc else "") + f"offline {w.offline:.1f}"
-            parts.append(f"<details><summary>{_e(w.id)}: {_e(sc)}</summary><p><b>Reference</b></p><pre>{_e(w.reference)}</pre>"
-                         f"<p><b>Model</b></p><pre>{_e(w.candidate)}</pre></details>")
-    parts.append(_notes(r.notes))
-    return "".join(parts)
+def _worst_scores(w: Any) -> str:
+    sc = ", ".join(f"{c} {_f(w.scores.get(c), '.0f')}" for c in CRITERIA if w.scores.get(c) is not None)
+    if w.offline is not None:
+        sc += (", " if sc else "") + f"offline {w.offline:.1f}"
+    return sc
+
+
+@lru_cache(maxsize=1)
+def _env() -> Environment:
+    env = Environment(
+        loader=PackageLoader("icm.evaluation", "templates"),
+        autoescape=True,  # every value is escaped; the templates hold the only markup
+        undefined=StrictUndefined,  # a misspelt field is an error, not an empty cell
+        finalize=lambda x: "" if x is None else x,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(fmt=_f, ci=_ci)
+    env.globals.update(
+        criteria=CRITERIA, icm_plots=icm_plots, meq_plots=meq_plots, icm_metric_rows=_icm_metric_rows,
+        worst_error_rows=_worst_error_rows, worst_scores=_worst_scores,
+        per_category_by_accuracy=lambda d: sorted(d.items(), key=lambda x: x[1].accuracy or 0),
+    )
+    return env
 
 
 def render_html(summary: EvalSummary, compare: CompareReport | None = None) -> str:
-    meta = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in summary.meta.items())
-    body = [f"<h1>Evaluation: {_e(summary.name)}</h1>",
-            f'<p class="meta">icm {_e(summary.icm_version)}, {_e(summary.created_at)}</p>']
-    if meta:
-        body.append(f"<table>{meta}</table>")
-    if summary.icm:
-        body.append(icm_section(summary.icm))
-    if summary.mqa:
-        body.append(mqa_section(summary.mqa))
-    if summary.meq:
-        body.append(meq_section(summary.meq))
-    if compare:
-        body.append(compare_section(compare))
-    if not (summary.icm or summary.mqa or summary.meq or compare):
-        body.append("<p>No figures in this summary.</p>")
-    return (
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>icm evaluation: {_e(summary.name)}</title><style>{_CSS}</style></head><body>"
-        + "".join(body) + "</body></html>\n"
-    )
-
-
-def compare_section(c: CompareReport) -> str:
-    rows = []
-    for r in c.rows:
-        cells = []
-        for i, v in enumerate(r.values):
-            txt = "-" if v is None else format(v, r.fmt)
-            cells.append(f"<b>{txt}</b>" if i in r.best else txt)
-        rows.append((_e(r.title) + (" &uarr;" if r.higher_is_better else " &darr;"), *cells))
-    return "<h2>Runs compared</h2>" + _table(["metric", *c.runs], rows, num=tuple(range(1, len(c.runs) + 1)))
+    """The report page of ``summary`` (and of a comparison of runs)."""
+    return _env().get_template("report.html.j2").render(summary=summary, compare=compare)
 
 
 def write_html(summary: EvalSummary, path: str | Path, compare: CompareReport | None = None) -> Path:
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(render_html(summary, compare), encoding="utf-8")
+    with atomic_write(p) as fh:
+        fh.write(render_html(summary, compare))
     return p
