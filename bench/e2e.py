@@ -34,7 +34,7 @@ def main() -> int:
 
     import torch
 
-    from icm.training.e2e import E2EConfig, report_lines, run_e2e
+    from icm.demo.e2e import E2EConfig, report_lines, run_e2e
 
     work = Path(args.workdir)
     if work.exists() and not args.keep:

@@ -3,10 +3,10 @@
 The offending content is the synthetic policy's marker (``synth-shapes``: a figure whose
 marked part is red is "bare", which the ``general`` rule set blocks); it appears only in
 a late frame, after benign ones. In-process tests use :class:`FigureBackend`, which
-reads the figure from the pixels with :func:`icm.training.synth.read_figure` (what the
+reads the figure from the pixels with :func:`icm.demo.synth.read_figure` (what the
 scripted teacher sees), so that the frame-selection logic is checked on real decoded
 frames; the end-to-end tests run ``icm moderate --backend openai`` against the scripted
-teacher server (:class:`icm.training.synth.TeacherServer`).
+teacher server (:class:`icm.demo.teacher.TeacherServer`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from PIL import Image, features
 from typer.testing import CliRunner
 
 from icm.cli.main import app
+from icm.demo.synth import Figure, draw_figure, read_figure
+from icm.demo.teacher import TeacherServer
 from icm.moderation.backends.base import Backend, Choice, Query, YesNoScore
 from icm.moderation.engine import Moderator, _worst_view, moderate
 from icm.moderation.images import ImageLoadError, load_image, sample_frames
@@ -28,7 +30,6 @@ from icm.moderation.job import read_records
 from icm.moderation.record import ModerationRecord
 from icm.moderation.video import load_video
 from icm.policy import load_policy
-from icm.training.synth import Figure, TeacherServer, draw_figure, read_figure
 
 BENIGN = Figure("upper", "covered", "still")  # general: allow
 OFFENDING = Figure("whole", "bare", "still")  # general: block (bare, severity high)

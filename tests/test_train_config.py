@@ -24,21 +24,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from icm.cli.main import app
+from icm.demo.synth import ACTIONS, EXPOSURES, REGIONS, Figure, draw_figure, make_synth_dataset, random_figure, read_figure
+from icm.demo.teacher import TeacherServer, teacher_reply
 from icm.policy import load_policy
 from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
 from icm.training.config import ConfigError, TrainConfig, load_config
-from icm.training.synth import (
-    ACTIONS,
-    EXPOSURES,
-    REGIONS,
-    Figure,
-    TeacherServer,
-    draw_figure,
-    make_synth_dataset,
-    random_figure,
-    read_figure,
-    teacher_reply,
-)
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -327,7 +317,7 @@ def tiny_models(tmp_path_factory):
     import torch
 
     torch.set_num_threads(1)
-    from icm.training.synth import synth_corpus
+    from icm.demo.teacher import synth_corpus
     from icm.training.tiny import build_tiny_idefics3, build_tiny_llava, build_tiny_qwen2vl
 
     root = tmp_path_factory.mktemp("tiny")

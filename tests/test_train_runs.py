@@ -37,7 +37,8 @@ def work(tmp_path_factory):
     """A tiny LLaVA and the synthetic task's data: hf export (train/validation), general data."""
     torch.set_num_threads(1)
     from icm.data.generate import GenerateConfig, generate
-    from icm.training.synth import TeacherServer, make_synth_dataset, synth_corpus
+    from icm.demo.synth import make_synth_dataset
+    from icm.demo.teacher import TeacherServer, synth_corpus
     from icm.training.tiny import build_tiny_llava
 
     root = tmp_path_factory.mktemp("train-runs")
@@ -276,7 +277,7 @@ def test_two_process_cpu_run_with_accelerate(work):
 
 @pytest.mark.parametrize("family", ["qwen2vl", "idefics3"])
 def test_lora_on_other_model_families(work, tmp_path, family):
-    from icm.training.synth import synth_corpus
+    from icm.demo.teacher import synth_corpus
     from icm.training import tiny
 
     build = {"qwen2vl": tiny.build_tiny_qwen2vl, "idefics3": tiny.build_tiny_idefics3}[family]

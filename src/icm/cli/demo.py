@@ -1,4 +1,4 @@
-"""`icm demo ...`: runnable demonstrations of the whole system; thin over icm.training.e2e."""
+"""`icm demo ...`: runnable demonstrations of the whole system; thin over icm.demo.e2e."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def e2e(
 
     Prints each stage's time and ends with a line `ICM accuracy: 0.xxxx`.
     """
-    from icm.training.e2e import E2EConfig, report_lines, run_e2e
+    from icm.demo.e2e import E2EConfig, report_lines, run_e2e
 
     cfg = E2EConfig(workdir=str(workdir), train_images=train_images, test_images=test_images,
                     general_examples=general_examples, max_steps=max_steps, learning_rate=learning_rate,

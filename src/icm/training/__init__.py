@@ -1,4 +1,4 @@
-"""Instruction tuning (``icm train``) and the whole loop on a CPU (``icm demo e2e``).
+"""Instruction tuning (``icm train``).
 
 One concept per module; nothing here imports torch until a run starts:
 
@@ -10,9 +10,9 @@ One concept per module; nothing here imports torch until a run starts:
 * :mod:`~icm.training.evaluate`: the held-out ICM evaluation at the end of a run;
 * :mod:`~icm.training.merge`: ``icm train merge``;
 * :mod:`~icm.training.launch` and ``accelerate_configs/``: many devices with ``accelerate launch``;
-* :mod:`~icm.training.synth`: the synthetic task and its scripted teacher server;
-* :mod:`~icm.training.tiny`: tiny VLMs with a tokenizer trained locally;
-* :mod:`~icm.training.e2e`: ``icm demo e2e``.
+* :mod:`~icm.training.tiny`: tiny VLMs with a tokenizer trained locally.
+
+The synthetic task, its scripted teacher and ``icm demo e2e`` are in :mod:`icm.demo`.
 """
 
 from icm.training.config import ConfigError, TrainConfig, load_config
