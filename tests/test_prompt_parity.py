@@ -19,9 +19,6 @@ trained token must be one the backend reads the answer from.
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +27,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from openai_recorder import Recorded, recording_server  # noqa: E402
 from tiny_models import noise_image  # noqa: E402
 
 import icm.chat.streaming as streaming  # noqa: E402
@@ -52,53 +50,10 @@ def test_the_parity_test_covers_every_built_in_policy() -> None:
     assert sorted(builtin_policy_names()) == sorted(POLICIES)
 
 
-# --------------------------------------------------------------------------- a server that records requests
-
-
-class _Recorder(BaseHTTPRequestHandler):
-    bodies: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).bodies.append(body)
-        reply = {
-            "id": "chatcmpl-1",
-            "object": "chat.completion",
-            "created": 0,
-            "model": body.get("model"),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "Yes"},
-                    "logprobs": {"content": [{"token": "Yes", "logprob": -0.1, "top_logprobs": [
-                        {"token": "Yes", "logprob": -0.1}, {"token": "No", "logprob": -2.4}, {"token": "B", "logprob": -0.2},
-                    ]}]},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
-        }
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+def server() -> Iterator[Recorded]:
+    with recording_server() as rec:
+        yield rec
 
 
 # --------------------------------------------------------------------------- models
@@ -149,7 +104,7 @@ def _hf_ids(backend: HFBackend, image: Any, rendered: str) -> list[int]:
 
 @pytest.mark.parametrize("policy_name", POLICIES)
 def test_every_consumer_shows_the_model_the_same_prompt(
-    model: tuple[HFBackend, Path], policy_name: str, server: str, monkeypatch: pytest.MonkeyPatch
+    model: tuple[HFBackend, Path], policy_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend, image_path = model
     policy = load_policy(policy_name)
@@ -222,7 +177,7 @@ def test_every_consumer_shows_the_model_the_same_prompt(
 
 @pytest.mark.parametrize("policy_name", POLICIES)
 def test_the_openai_backend_requests_the_prompt_the_model_is_scored_and_trained_on(
-    model: tuple[HFBackend, Path], policy_name: str, server: str
+    model: tuple[HFBackend, Path], policy_name: str, server: Recorded
 ) -> None:
     """The request's messages, rendered with the checkpoint's template after swapping the
     ``image_url`` part for the image, are the hf backend's prompt, byte for byte."""
@@ -235,16 +190,16 @@ def test_the_openai_backend_requests_the_prompt_the_model_is_scored_and_trained_
     rendered = {t: backend._render_user(t) for t in _scored_texts(backend, image, queries)}
     templater = find_templater(backend.processor)
 
-    _Recorder.bodies.clear()
+    server.requests.clear()
     remote = create_backend(
-        "openai", model="tiny", base_url=server, api_key="sk-parity-test-key-0001", timeout=5.0, max_retries=0
+        "openai", model="tiny", base_url=server.url, api_key="sk-parity-test-key-0001", timeout=5.0, max_retries=0
     )
     try:
         remote.ask([image], queries)
     finally:
         remote.close()
-    assert len(_Recorder.bodies) == len(queries)
-    for body in _Recorder.bodies:
+    assert len(server.bodies) == len(queries)
+    for body in server.bodies:
         messages = body["messages"]
         user = messages[-1]
         assert [m["role"] for m in messages] == ["user"]
