@@ -3,8 +3,10 @@
     python bench/bench_detector.py [--threads N] [--repeats R]
 
 Prints the median wall time per image of: loading (icm.moderation.images.load_image),
-open_nsfw alone, NudeNet alone, and a full ``ask`` with the term and exposure queries,
-for one image per call and for a batch of 8. ONNX threads are set explicitly
+open_nsfw alone, NudeNet alone, and a full ``ask`` with the term and exposure queries of
+icm-sexy (its ``evidence``: open_nsfw, RapidOCR and EfficientNet-Lite0 when installed;
+``--sources open_nsfw,nudenet`` for the earlier open_nsfw+NudeNet stack), for one image
+per call and for a batch of 8. Per policy and per source: bench/offline_evidence.py. ONNX threads are set explicitly
 (``--threads``, default: the number of CPUs) because timings on a shared machine
 depend on it.
 """
@@ -39,11 +41,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sources", default=None, help="comma-separated sources to use (default: every one installed)")
     args = parser.parse_args()
 
     images = [load_image(p).image for p in PHOTOS]
     batch = (images * 3)[:8]
-    backend = DetectorBackend(batch_size=8, intra_op_num_threads=args.threads)
+    sources = args.sources.split(",") if args.sources else None
+    backend = DetectorBackend(batch_size=8, intra_op_num_threads=args.threads, sources=sources)
     queries = [
         Query(key="term:sexy", kind="yes_no", question="Is the image sexy?", term="sexy"),
         Query(key="attr:exposure", kind="choice", question="?", options=EXPOSURE_OPTIONS,
