@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from icm.moderation.backends.base import Backend, Box, Choice, YesNoScore
+from icm.moderation.backends.base import Backend, Box, Choice, NotJudged, YesNoScore
 
 
 class ColourBackend(Backend):
@@ -27,9 +27,10 @@ class ColourBackend(Backend):
     name = "colour"
     capabilities = frozenset({"score_yes_no", "choose", "generate"})
 
-    def __init__(self, delay: float = 0.0, fail_green: bool = False) -> None:
+    def __init__(self, delay: float = 0.0, fail_green: bool = False, refuse_green: bool = False) -> None:
         self.delay = delay
         self.fail_green = fail_green
+        self.refuse_green = refuse_green  # green images: the term question is refused, so the verdict is review
         self.batches: list[int] = []
         self.lock = threading.Lock()
 
@@ -52,6 +53,9 @@ class ColourBackend(Backend):
         for im in images:
             red = self.red(im)
             boxes = [Box("RED_AREA", 0.9, 0.0, 0.0, im.width / 2, float(im.height))] if red > 0.5 else []
+            if self.refuse_green and im.convert("RGB").getpixel((0, 0))[1] > 200:
+                out.append(NotJudged("refused", "I can't help with that.", {"text": "I can't help with that."}))
+                continue
             out.append(YesNoScore(p_yes=min(1.0, max(0.0, (red - 0.2) * 1.6)), source="colour", raw={"boxes": boxes}))
         return out
 
@@ -73,14 +77,17 @@ def png(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes
     return buf.getvalue()
 
 
-
-
 @contextlib.contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free loopback port in a thread; yields its base URL."""
+def live_server(app: Any, **options: Any) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free loopback port in a thread; yields its base URL.
+
+    ``options`` go to ``uvicorn.Config`` (``lifespan="off"``, ``timeout_graceful_shutdown=1`` ...).
+    The one server-in-a-thread harness of the tests.
+    """
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    config = {"host": "127.0.0.1", "port": 0, "log_level": "warning", "lifespan": "on", **options}
+    server = uvicorn.Server(uvicorn.Config(app, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

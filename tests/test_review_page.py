@@ -76,12 +76,12 @@ def browser() -> Iterator[object]:
 
 
 class _Server:
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, moderator: object | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(create_app(config, moderator=moderator), host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "_Server":
@@ -205,6 +205,124 @@ def test_page_with_api_keys_asks_for_the_key(browser, tmp_path, monkeypatch):
         driver.find_element("id", "override-submit").click()
         _wait(driver, lambda d: _text(d, "review-status").startswith("Saved"))
         assert "by team" in _text(driver, "review-status")
+
+
+def _overflowing(driver) -> list[str]:
+    """Controls whose box reaches outside their card (section), and page-wide horizontal overflow."""
+    return driver.execute_script("""
+        const out = [];
+        for (const sec of document.querySelectorAll('section')) {
+          if (sec.hidden) continue;
+          const box = sec.getBoundingClientRect();
+          for (const c of sec.querySelectorAll('select, input, button, textarea, img, table')) {
+            const r = c.getBoundingClientRect();
+            if (r.width === 0 && r.height === 0) continue;
+            if (r.left < box.left - 0.5 || r.right > box.right + 0.5) out.push((c.id || c.tagName) + ' in ' + sec.id);
+          }
+        }
+        const doc = document.documentElement;
+        if (doc.scrollWidth > doc.clientWidth + 1) out.push('page ' + doc.scrollWidth + ' > ' + doc.clientWidth);
+        return out;
+    """)
+
+
+def test_the_queue_claim_keyboard_decisions_and_the_queue_emptying(browser, tmp_path, monkeypatch):
+    """Four images the model sends to review; bob holds one. Alice works through the queue
+    with the keyboard only (A allow, S skip, B block), never gets bob's item, sees the queue
+    empty; every decision is stored with who and when, and the model's own stays."""
+    import httpx
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    from icm.moderation.engine import Moderator
+    from serve_helpers import ColourBackend, png
+
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    db = tmp_path / "q.sqlite"
+    driver = browser
+    moderator = Moderator(ColourBackend(refuse_green=True), policy="icm-sexy")
+    with _Server(ServeConfig(db=str(db)), moderator=moderator) as srv:
+        ids = []
+        for i, colour in enumerate([(0, 255, 0), (10, 240, 0), (20, 230, 0), (30, 220, 0), (255, 0, 0)]):
+            r = httpx.post(srv.url + "/v1/moderate", files={"image": (f"g{i + 1}.png", png(colour, (120, 90)), "image/png")})
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["decision_id"])
+        g1, g2, g3, g4, red = ids
+        assert httpx.post(f"{srv.url}/v1/decisions/{g2}/claim", json={"reviewer": "bob"}).status_code == 200
+
+        driver.set_window_size(1024, 800)
+        driver.get(srv.url + "/review")
+        driver.find_element("id", "reviewer").send_keys("alice", Keys.TAB)
+        _wait(driver, lambda d: len(d.find_elements("css selector", "#queue-list li")) == 4)
+        assert _text(driver, "queue-count") == "(4 waiting)"
+        items = driver.find_elements("css selector", "#queue-list li")
+        assert [li.get_attribute("data-id") for li in items] == [str(i) for i in (g1, g2, g3, g4)], "oldest first; red is not queued"
+        assert "claimed by bob" in items[1].text
+        _wait(driver, lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#queue-list img')].every(i => i.naturalWidth > 0)"))
+        assert driver.execute_script("return document.querySelector('#queue-list img').naturalWidth") == 120  # a thumbnail
+
+        def showing(decision_id: int):
+            return lambda d: _text(d, "decision-id").startswith(f"#{decision_id} ") and not d.find_element("id", "claim-banner").get_attribute("hidden")
+
+        driver.find_element("id", "queue-start").click()
+        _wait(driver, showing(g1))
+        assert "Claimed by alice" in _text(driver, "claim-banner")
+        store = DecisionStore("sqlite:///" + str(db))
+        assert [i["claimed_by"] for i in store.queue()] == ["alice", "bob", None, None]
+        # layout at 1024 px: no control leaves its card, nothing scrolls sideways
+        assert _overflowing(driver) == []
+
+        keys = ActionChains(driver)
+        keys.send_keys("a").perform()
+        _wait(driver, showing(g3))  # bob's g2 is never offered
+        ActionChains(driver).send_keys("s").perform()
+        _wait(driver, showing(g4))
+        ActionChains(driver).send_keys("b").perform()
+        _wait(driver, lambda d: "queue is empty" in _text(d, "status"))
+        _wait(driver, lambda d: _text(d, "queue-count") == "(2 waiting)")
+        assert _text(driver, "claim-banner") == "" or driver.find_element("id", "claim-banner").get_attribute("hidden")
+        # a key typed into a field is text, not a decision
+        note = driver.find_element("id", "note")
+        note.send_keys("b")
+        assert len(store.reviews()) == 2
+
+        # bob decides his item; alice starts again and takes the one she skipped
+        assert httpx.post(f"{srv.url}/v1/decisions/{g2}/reviews", json={"verdict": "allow", "reviewer": "bob"}).status_code == 201
+        driver.find_element("id", "queue-start").click()
+        _wait(driver, showing(g3))
+        driver.find_element("id", "queue-start").send_keys(Keys.ESCAPE)  # focus on a button: keys still decide
+        ActionChains(driver).send_keys("a").perform()
+        _wait(driver, lambda d: _text(d, "queue-count") == "(0 waiting)")
+        _wait(driver, lambda d: d.find_element("id", "queue-empty").is_displayed())
+        assert driver.find_elements("css selector", "#queue-list li") == []
+        assert _overflowing(driver) == []
+
+        got = [(r["decision_id"], r["reviewer"], r["verdict"]) for r in store.reviews()]
+        assert got == [(g1, "alice", "allow"), (g4, "alice", "block"), (g2, "bob", "allow"), (g3, "alice", "allow")]
+        assert all(store.get_decision(i)["verdict"] == "review" for i in (g1, g2, g3, g4)), "the model's decisions stay"
+        assert store.get_decision(red)["reviews"] == []
+        assert "Reviewers agree with the model" in _text(driver, "agreement")
+        store.close()
+        driver.set_window_size(1400, 1000)
+
+
+def test_no_control_overflows_its_card_from_1024_px_up(browser, tmp_path, monkeypatch):
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    driver = browser
+    with _Server(ServeConfig(db=str(tmp_path / "d.sqlite"))) as srv:
+        httpx = pytest.importorskip("httpx")
+        r = httpx.post(srv.url + "/v1/moderate", files={"image": (PHOTO.name, PHOTO.read_bytes(), "image/jpeg")}, timeout=300)
+        did = r.json()["decision_id"]
+        try:
+            for width in (1024, 1280, 1920):
+                driver.set_window_size(width, 900)
+                driver.get(f"{srv.url}/review#decision={did}")
+                _wait(driver, lambda d: _text(d, "decision-id").startswith(f"#{did}"))
+                _wait(driver, lambda d: len(d.find_elements("css selector", "#upload-rules option")) >= 4)
+                assert _overflowing(driver) == [], width
+        finally:
+            driver.set_window_size(1400, 1000)
 
 
 def _epoch(iso: str) -> float:

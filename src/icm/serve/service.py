@@ -8,6 +8,7 @@ the batch is answered.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,6 +145,7 @@ class Service:
         ok = [i for i, r in enumerate(records) if r.ok]
         for i in ok:
             r, j = records[i], jobs[i]
+            j.meta.queue = queue_reason(r.verdict, self.config.audit_rate)
             if self.images is not None and r.sha256:
                 self.images.put(r.sha256, j.data)  # before the commit: a stored decision's image exists
                 j.meta.image_kept = True
@@ -153,6 +155,7 @@ class Service:
         for i, r in enumerate(records):
             if r.ok:
                 self.metrics.decisions.labels(r.verdict or "none").inc()
+                self.metrics.observe_stage(r)
             else:
                 self.metrics.backend_errors.inc()
             out.append(Outcome(record=r, decision_id=id_of.get(i)))
@@ -166,6 +169,19 @@ class Service:
                 log.debug("closing %r failed", thing, exc_info=True)
 
 
+def queue_reason(verdict: str | None, audit_rate: float, rng: random.Random | None = None) -> str | None:
+    """Why a decision awaits a person: ``review`` (the model's verdict), ``audit`` (allow or
+    block, sampled at ``audit_rate`` so people check the model's confident verdicts too), or None."""
+    if verdict == "review":
+        return "review"
+    if audit_rate > 0 and verdict in ("allow", "block") and (rng or _rng).random() < audit_rate:
+        return "audit"
+    return None
+
+
+_rng = random.Random()
+
+
 def build_service(config: ServeConfig, *, moderator: Moderator | None = None, store: DecisionStore | None = None) -> Service:
     """Load policies and the backend, open the store; raises on bad settings."""
     from icm.moderation.job import ModerateConfig, build_moderator
@@ -176,13 +192,9 @@ def build_service(config: ServeConfig, *, moderator: Moderator | None = None, st
 
         torch.set_num_threads(config.torch_threads)
     if moderator is None:
+        spec = config.backend_spec()  # validates the backend settings
         moderator = build_moderator(
-            ModerateConfig(
-                policy=config.policy, rules=config.rules, backend=config.backend, model=config.model,
-                adapter=config.adapter, base_url=config.base_url, dtype=config.dtype, device=config.device,
-                escalate_backend=config.escalate_backend, explain=config.explain,
-                batch_size=config.max_batch_size if config.batching else 1,
-            )
+            ModerateConfig(policy=config.policy, rules=config.rules, explain=config.explain, **spec.model_dump())
         )
         owned.append(moderator.backend)
         if moderator.escalate_to is not None:

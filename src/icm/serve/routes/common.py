@@ -24,6 +24,7 @@ ERRORS = {
     403: {"model": ErrorBody, "description": "Path outside the image folder, paths disabled, or without keys: a non-loopback client, "
           "a Host that is not this machine's, or a request from another site's page"},
     404: {"model": ErrorBody, "description": "No such file, decision or image"},
+    409: {"model": ErrorBody, "description": "The decision is claimed by another reviewer"},
     413: {"model": ErrorBody, "description": "Image over the byte or pixel limit"},
     415: {"model": ErrorBody, "description": "Not an image, or an unsupported content type"},
     422: {"model": ErrorBody, "description": "Missing field, unknown policy or rule set, empty or corrupt image"},

@@ -8,12 +8,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from icm.serve.errors import APIError
 from icm.serve.routes.common import ERRORS, MAX_ID, principal, service
-from icm.serve.store import FORMAT_MEDIA_TYPES
+from icm.serve.store import FORMAT_MEDIA_TYPES, ClaimConflict
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
@@ -71,12 +71,136 @@ def review(
             raise APIError(422, "unknown_policy", f"this server does not know the decision's policy {d['policy']!r}")
         if body.product not in p.product_map:
             raise APIError(422, "unknown_product", f"policy {p.name!r} has no product {body.product!r}")
-    r = svc.store.add_review(
-        decision_id, verdict=body.verdict, product=body.product, note=(body.note or "").strip() or None,
-        reviewer=reviewer, api_key_name=who,
-    )
+    try:
+        r = svc.store.add_review(
+            decision_id, verdict=body.verdict, product=body.product, note=(body.note or "").strip() or None,
+            reviewer=reviewer, api_key_name=who,
+        )
+    except ClaimConflict as exc:
+        raise APIError(409, "claimed", f"{exc}: two people do not decide the same item") from None
     svc.metrics.reviews.labels(r["action"]).inc()
+    svc.extras.get("wake_webhooks", lambda: None)()
     return r
+
+
+# --------------------------------------------------------------------------- the review queue
+
+
+class QueueFilters(BaseModel):
+    policy: str | None = Field(None, max_length=200)
+    rules: str | None = Field(None, max_length=200)
+    verdict: Literal["allow", "review", "block"] | None = None
+    product: str | None = Field(None, max_length=200)
+    since: str | None = Field(None, max_length=40, description="ISO date or time: decisions made at or after it")
+    until: str | None = Field(None, max_length=40, description="ISO date or time: decisions made before it")
+
+
+class ClaimIn(QueueFilters):
+    reviewer: str | None = Field(None, max_length=200, description="Who claims (default: the API key's name)")
+    skip: list[int] = Field(default_factory=list, max_length=1000, description="Decisions this reviewer skipped")
+
+
+class ReviewerIn(BaseModel):
+    reviewer: str | None = Field(None, max_length=200)
+
+
+def _reviewer(body_reviewer: str | None, who: str | None) -> str:
+    reviewer = (body_reviewer or "").strip() or who
+    if not reviewer:
+        raise APIError(422, "missing_reviewer", "say who reviews: give 'reviewer' (no API key identifies you)")
+    return reviewer
+
+
+def _with_images(d: dict[str, Any]) -> dict[str, Any]:
+    kept = d.get("image_kept") and d.get("image_sha256")
+    d["image_url"] = f"/v1/images/{d['image_sha256']}" if kept else None
+    d["thumbnail_url"] = f"/v1/images/{d['image_sha256']}/thumbnail" if kept else None
+    return d
+
+
+@router.get("/v1/review-queue", responses=ERRORS, summary="Decisions awaiting a person, oldest first")
+def review_queue(
+    request: Request,
+    filters: QueueFilters = Depends(),
+    limit: int = Query(50, ge=1, le=500),
+    _who: str | None = Depends(principal),
+) -> dict[str, Any]:
+    """Decisions whose verdict is `review`, or that were sampled for audit (`--audit-rate`), and
+    that nobody has reviewed yet; each says who holds it (`claimed_by`) while a claim lives."""
+    svc = service(request)
+    f = filters.model_dump()
+    items = [_with_images(d) for d in svc.store.queue(limit=limit, **f)]
+    total = svc.store.queue_count(**f)
+    svc.metrics.review_queue.set(svc.store.queue_count())
+    return {"items": items, "total": total, "claim_seconds": svc.config.claim_seconds}
+
+
+@router.post("/v1/review-queue/claim", responses={**ERRORS, 204: {"description": "The queue (as filtered) is empty"}},
+             summary="Claim the next decision of the queue")
+def claim_next(request: Request, body: ClaimIn, who: str | None = Depends(principal)) -> Response:
+    """The oldest queued decision nobody else holds, claimed for `--claim-seconds`; 204 when none is left."""
+    svc = service(request)
+    reviewer = _reviewer(body.reviewer, who)
+    d = svc.store.claim_next(
+        reviewer, ttl_s=svc.config.claim_seconds, skip=body.skip, **body.model_dump(exclude={"reviewer", "skip"})
+    )
+    if d is None:
+        return Response(status_code=204)
+    full = svc.store.get_decision(d["id"]) or d
+    full.update({"claimed_by": d["claimed_by"], "claim_expires_at": d["claim_expires_at"]})
+    return JSONResponse(_with_images(full))
+
+
+@router.post("/v1/decisions/{decision_id}/claim", responses=ERRORS, summary="Claim one decision")
+def claim(request: Request, body: ReviewerIn, decision_id: int = PathParam(ge=1, le=MAX_ID),
+          who: str | None = Depends(principal)) -> dict[str, Any]:
+    svc = service(request)
+    reviewer = _reviewer(body.reviewer, who)
+    try:
+        return svc.store.claim(decision_id, reviewer, ttl_s=svc.config.claim_seconds)
+    except KeyError:
+        raise APIError(404, "no_such_decision", f"no decision {decision_id}") from None
+    except ClaimConflict as exc:
+        raise APIError(409, "claimed", str(exc)) from None
+
+
+@router.delete("/v1/decisions/{decision_id}/claim", status_code=204, responses=ERRORS, summary="Give a claim back (skip)")
+def release(request: Request, decision_id: int = PathParam(ge=1, le=MAX_ID), reviewer: str | None = Query(None, max_length=200),
+            who: str | None = Depends(principal)) -> Response:
+    service(request).store.release(decision_id, _reviewer(reviewer, who))
+    return Response(status_code=204)
+
+
+@router.get("/v1/review-queue/agreement", responses=ERRORS, summary="Reviewer-model and reviewer-reviewer agreement")
+def agreement(request: Request, _who: str | None = Depends(principal)) -> dict[str, Any]:
+    return service(request).store.agreement()
+
+
+@router.get(
+    "/v1/images/{sha256}/thumbnail", responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
+    summary="A kept image, at most 160 pixels a side", response_class=Response,
+)
+def thumbnail(request: Request, sha256: str, _who: str | None = Depends(principal)) -> Response:
+    svc = service(request)
+    data = svc.images.get(sha256.lower()) if svc.images is not None else None
+    if data is None:
+        raise APIError(404, "no_such_image", f"no kept image {sha256}")
+    return Response(
+        _thumbnail(data), media_type="image/jpeg",
+        headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+def _thumbnail(data: bytes, side: int = 160) -> bytes:
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (side * 2, side * 2))
+        small = ImageOps.exif_transpose(im).convert("RGB")
+        small.thumbnail((side, side))
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
 
 
 @router.get(

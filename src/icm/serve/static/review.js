@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { policies: [], defaultPolicy: null, current: null, oldest: null, imageUrl: null };
+const state = { policies: [], defaultPolicy: null, current: null, oldest: null, imageUrl: null,
+  claimed: null, claimExpires: null, skip: [], thumbs: new Map(), busy: false };
 
 function el(tag, text, cls) {
   const e = document.createElement(tag);
@@ -33,6 +34,7 @@ async function api(path, options) {
   const opts = Object.assign({}, options || {});
   opts.headers = headers(opts.headers);
   const resp = await fetch(path, opts);
+  if (resp.status === 204) return null;
   const type = resp.headers.get("content-type") || "";
   const body = type.includes("application/json") ? await resp.json() : await resp.text();
   if (!resp.ok) {
@@ -76,6 +78,182 @@ async function loadPolicies() {
     sel.appendChild(o);
   }
   fillRules();
+  fillQueueFilters();
+}
+
+// ------------------------------------------------------------------ the review queue
+
+function fillSelect(sel, values) {
+  const keep = sel.value;
+  sel.replaceChildren();
+  const any = el("option", "any");
+  any.value = "";
+  sel.appendChild(any);
+  for (const v of values) {
+    const o = el("option", v);
+    o.value = v;
+    sel.appendChild(o);
+  }
+  sel.value = values.includes(keep) ? keep : "";
+}
+
+function fillQueueFilters() {
+  const chosen = policyByName($("q-policy").value);
+  const pols = chosen ? [chosen] : state.policies;
+  fillSelect($("q-policy"), state.policies.map((p) => p.name));
+  if (chosen) $("q-policy").value = chosen.name;
+  const uniq = (xs) => [...new Set(xs)];
+  fillSelect($("q-rules"), uniq(pols.flatMap((p) => p.rule_sets.map((r) => r.name))));
+  fillSelect($("q-product"), uniq(pols.flatMap((p) => p.products.map((r) => r.id))));
+}
+
+function nextDay(date) {
+  const d = new Date(date + "T00:00:00Z");
+  d.setUTCDate(d.getUTCDate() + 1);
+  return d.toISOString().slice(0, 10);
+}
+
+function queueFilters() {
+  const f = {};
+  for (const [key, id] of [["policy", "q-policy"], ["rules", "q-rules"], ["verdict", "q-verdict"], ["product", "q-product"]]) {
+    if ($(id).value) f[key] = $(id).value;
+  }
+  if ($("q-since").value) f.since = $("q-since").value;
+  if ($("q-until").value) f.until = nextDay($("q-until").value);  // the day chosen is included
+  return f;
+}
+
+async function thumbnail(url) {
+  if (state.thumbs.has(url)) return state.thumbs.get(url);
+  const resp = await fetch(url, { headers: headers() });
+  if (!resp.ok) return null;
+  const obj = URL.createObjectURL(await resp.blob());
+  state.thumbs.set(url, obj);
+  return obj;
+}
+
+async function loadQueue() {
+  const params = new URLSearchParams(Object.assign({ limit: "100" }, queueFilters()));
+  const data = await api("/v1/review-queue?" + params.toString());
+  $("queue-count").textContent = "(" + data.total + " waiting)";
+  $("queue-empty").hidden = data.total > 0;
+  const ul = $("queue-list");
+  ul.replaceChildren();
+  for (const d of data.items) {
+    const li = document.createElement("li");
+    li.dataset.id = String(d.id);
+    const img = document.createElement("img");
+    img.alt = "";
+    li.appendChild(img);
+    if (d.thumbnail_url) thumbnail(d.thumbnail_url).then((u) => { if (u) img.src = u; }).catch(() => {});
+    const text = el("span");
+    text.appendChild(el("span", "#" + d.id + " "));
+    text.appendChild(verdictSpan(d.verdict));
+    let rest = " · " + d.policy + "/" + d.rules + " · " + (d.product || "no product") + " · " + d.queue + " · " + d.created_at.slice(0, 19).replace("T", " ");
+    if (d.claimed_by) rest += " · claimed by " + d.claimed_by;
+    text.appendChild(el("span", rest));
+    li.appendChild(text);
+    if (state.claimed === d.id) li.classList.add("current");
+    li.addEventListener("click", () => claimOne(d.id).catch((e) => setStatus(e.message, true)));
+    ul.appendChild(li);
+  }
+  loadAgreement().catch(() => {});
+}
+
+async function loadAgreement() {
+  const a = await api("/v1/review-queue/agreement");
+  const parts = [];
+  for (const [product, p] of Object.entries(a.reviewer_vs_model.by_product)) {
+    if (p.reviewed) parts.push(product + " " + p.agree + "/" + p.reviewed);
+  }
+  const rr = a.reviewer_vs_reviewer;
+  $("agreement").textContent = "Reviewers agree with the model: " + (parts.length ? parts.join(", ") : "no reviews yet")
+    + ". Reviewers agree with each other: " + (rr.pairs ? rr.agree + "/" + rr.pairs + " pairs" : "no item reviewed twice") + ".";
+}
+
+function reviewerName() {
+  return $("reviewer").value.trim() || null;
+}
+
+function showClaim(d) {
+  state.claimed = d ? d.id : null;
+  state.claimExpires = d ? d.claim_expires_at : null;
+  const banner = $("claim-banner");
+  if (!d) { banner.hidden = true; return; }
+  const until = new Date(d.claim_expires_at * 1000).toLocaleTimeString();
+  banner.textContent = "Claimed by " + d.claimed_by + " until " + until + ": A allow, B block, S skip.";
+  banner.hidden = false;
+}
+
+async function claimNext() {
+  const body = Object.assign({ reviewer: reviewerName(), skip: state.skip }, queueFilters());
+  const d = await api("/v1/review-queue/claim", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  if (!d) {
+    showClaim(null);
+    setStatus("The queue is empty: nothing more awaits a person" + (state.skip.length ? " (besides the items you skipped)" : "") + ".");
+    await loadQueue();
+    return;
+  }
+  showClaim(d);
+  await loadQueue();
+  await openDecision(d.id);
+}
+
+async function claimOne(id) {
+  const d = await api("/v1/decisions/" + id + "/claim", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ reviewer: reviewerName() }),
+  });
+  showClaim({ id: id, claimed_by: d.reviewer, claim_expires_at: d.expires_at });
+  await loadQueue();
+  await openDecision(id);
+}
+
+async function openDecision(id) {
+  const target = "decision=" + id;
+  if (location.hash === "#" + target) await showDecision(id);
+  else { location.hash = target; await showDecision(id); }
+}
+
+async function decideByKey(verdict) {
+  const d = state.current;
+  if (!d || state.claimed !== d.id || state.busy) return;
+  state.busy = true;
+  try {
+    if (await submitReview({ verdict: verdict })) await claimNext();
+  } finally {
+    state.busy = false;
+  }
+}
+
+async function skipByKey() {
+  if (!state.claimed || state.busy) return;
+  state.busy = true;
+  try {
+    const id = state.claimed;
+    const q = reviewerName() ? "?reviewer=" + encodeURIComponent(reviewerName()) : "";
+    await api("/v1/decisions/" + id + "/claim" + q, { method: "DELETE" });
+    state.skip.push(id);
+    await claimNext();
+  } finally {
+    state.busy = false;
+  }
+}
+
+function onKey(ev) {
+  if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  const t = ev.target;
+  if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT")) return;
+  const k = ev.key.toLowerCase();
+  let job = null;
+  if (k === "a") job = decideByKey("allow");
+  else if (k === "b") job = decideByKey("block");
+  else if (k === "s") job = skipByKey();
+  if (job) {
+    ev.preventDefault();
+    job.catch((e) => setStatus(e.message, true));
+  }
 }
 
 // ------------------------------------------------------------------ decisions list
@@ -186,6 +364,8 @@ function showReviews(reviews) {
 async function showDecision(id) {
   const d = await api("/v1/decisions/" + encodeURIComponent(id));
   state.current = d;
+  if (state.claimed !== d.id) $("claim-banner").hidden = true;
+  else $("claim-banner").hidden = false;
   const r = d.record;
   $("detail").hidden = false;
   $("decision-id").textContent = "#" + d.id + (d.image_name ? " \u2013 " + d.image_name : "");
@@ -249,10 +429,14 @@ async function submitReview(body) {
     status.dataset.reviewId = String(r.id);
     const fresh = await api("/v1/decisions/" + d.id);
     showReviews(fresh.reviews || []);
+    if (state.claimed === d.id) showClaim(null);
     await loadDecisions(false);
+    await loadQueue();
+    return true;
   } catch (e) {
     status.className = "error";
     status.textContent = "Not saved: " + e.message;
+    return false;
   }
 }
 
@@ -272,6 +456,13 @@ async function init() {
     start();
   });
   $("upload-policy").addEventListener("change", fillRules);
+  $("q-policy").addEventListener("change", () => { fillQueueFilters(); loadQueue().catch((e) => setStatus(e.message, true)); });
+  for (const id of ["q-rules", "q-verdict", "q-product", "q-since", "q-until"]) {
+    $(id).addEventListener("change", () => { state.skip = []; loadQueue().catch((e) => setStatus(e.message, true)); });
+  }
+  $("queue-start").addEventListener("click", () => { state.skip = []; claimNext().catch((e) => setStatus(e.message, true)); });
+  $("queue-refresh").addEventListener("click", () => loadQueue().catch((e) => setStatus(e.message, true)));
+  document.addEventListener("keydown", onKey);
   $("filter").addEventListener("change", () => loadDecisions(false).catch((e) => setStatus(e.message, true)));
   $("refresh").addEventListener("click", () => loadDecisions(false).catch((e) => setStatus(e.message, true)));
   $("more").addEventListener("click", () => loadDecisions(true).catch((e) => setStatus(e.message, true)));
@@ -322,6 +513,7 @@ async function start() {
     $("server").textContent = h.backend + " \u00b7 " + h.policy + "/" + h.rules + " \u00b7 auth: " + h.auth;
     await loadPolicies();
     await loadDecisions(false);
+    await loadQueue();
     setStatus("");
     route();
   } catch (e) {
