@@ -81,6 +81,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import math
+import os
 import threading
 import time
 from typing import Any, Iterable, Literal, Sequence
@@ -278,8 +279,9 @@ class DetectorBackend(Backend):
     (raises :class:`NudeNetUnavailableError` otherwise), ``False`` never uses it.
     ``batch_size`` is how many images go into one ONNX session call.
     ``intra_op_num_threads`` is passed to every ONNX session (``None``: onnxruntime's
-    default, all cores). ``sources``: use only these sources (``None``: every source that
-    can run). Models load on first use.
+    default, all cores). ``sources``: use only these sources (``None``: the comma-separated
+    ``$ICM_DETECTOR_SOURCES`` if set, else every source that can run; e.g.
+    ``open_nsfw,nudenet`` skips OCR where its cost is not wanted). Models load on first use.
 
     The engine registers its policy with :meth:`use_policy`; a query set whose term no
     registered policy has falls back to the built-in policy of that term. :meth:`ask` runs
@@ -306,6 +308,8 @@ class DetectorBackend(Backend):
         self.batch_size = batch_size
         self.judge_region = judge_region
         self.intra_op_num_threads = intra_op_num_threads
+        if sources is None and os.environ.get("ICM_DETECTOR_SOURCES"):
+            sources = [n.strip() for n in os.environ["ICM_DETECTOR_SOURCES"].split(",") if n.strip()]
         self.only_sources = frozenset(sources) if sources is not None else None
         self._lock = threading.Lock()
         self._sources: dict[tuple[str, str | None], EvidenceSource] = {}
