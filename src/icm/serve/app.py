@@ -33,6 +33,7 @@ from icm.serve.fetch import FetchPolicy, ImageFetcher
 from icm.serve.limits import PixelBudget, RateLimiter
 from icm.serve.service import Job, Outcome, Service, build_service
 from icm.serve.store import DecisionStore, purge_kept_images
+from icm.serve.webhooks import WebhookDispatcher
 
 try:
     from fastapi import FastAPI, Request
@@ -77,6 +78,15 @@ def create_app(
         hosts=list(config.image_url_hosts), max_bytes=config.max_upload_bytes, timeout_s=config.image_url_timeout_s,
         max_redirects=config.image_url_max_redirects, private_networks=config.image_url_private_networks,
     ))
+    dispatcher = None
+    if config.webhook_url and config.webhook_secret is not None:
+        svc.store.webhooks = True
+        dispatcher = WebhookDispatcher(
+            svc.store, config.webhook_url, config.webhook_secret.get_secret_value(), metrics=svc.metrics,
+            base_backoff_s=min(1.0, config.webhook_max_backoff_s), max_backoff_s=config.webhook_max_backoff_s,
+        )
+        svc.extras["wake_webhooks"] = dispatcher.wake
+        svc.metrics.webhook_pending.set_function(lambda: float(svc.store.pending_events()))
     svc.metrics.set_queue_depth(lambda: float(svc.batcher.queue_depth if svc.batcher else 0))
     svc.metrics.info.info(
         {"version": __version__, "backend": svc.default_moderator.backend_name, "model": svc.default_moderator.model_id}
@@ -90,6 +100,8 @@ def create_app(
             config.decode_pixel_budget, max_waiting=config.max_queue, max_waiting_bytes=config.max_queue_bytes
         )
         purger = asyncio.create_task(_purge_loop(svc), name="icm-purge") if svc.images is not None else None
+        if dispatcher is not None:
+            await dispatcher.start()
         log.info(
             "icm serve: policy %s, rules %s, backend %s, batching %s (max %d, %.1f ms), store %s",
             svc.config_policy_name, svc.default_rules, svc.default_moderator.backend_name,
@@ -103,6 +115,8 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await purger
             await svc.batcher.stop()
+            if dispatcher is not None:
+                await dispatcher.stop()
             svc.close()
 
     app = FastAPI(

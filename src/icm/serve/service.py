@@ -151,6 +151,8 @@ class Service:
                 j.meta.image_kept = True
         ids = self.store.add_decisions([records[i] for i in ok], [jobs[i].meta for i in ok])
         id_of = dict(zip(ok, ids))
+        if any(records[i].verdict == "block" for i in ok):
+            self.extras.get("wake_webhooks", lambda: None)()  # their events are in the outbox now
         out = []
         for i, r in enumerate(records):
             if r.ok:

@@ -596,6 +596,16 @@ class DecisionStore:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
+    def lease_event(self, outbox_id: int, seen_next_attempt_at: float, until: float) -> bool:
+        """Take an event for one delivery attempt (False: another server took it first)."""
+        with self._writing(), self.engine.begin() as conn:
+            n = conn.execute(
+                sa.update(OUTBOX)
+                .where(OUTBOX.c.id == outbox_id, OUTBOX.c.delivered_at.is_(None), OUTBOX.c.next_attempt_at == seen_next_attempt_at)
+                .values(next_attempt_at=until)
+            ).rowcount
+        return bool(n)
+
     def event_delivered(self, outbox_id: int) -> None:
         with self._writing(), self.engine.begin() as conn:
             conn.execute(sa.update(OUTBOX).where(OUTBOX.c.id == outbox_id).values(
