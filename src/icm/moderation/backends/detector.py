@@ -78,6 +78,7 @@ the feet cropped reads as "upper".
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import math
@@ -255,8 +256,10 @@ def region_distribution(boxes: Iterable[Box], option_ids: Sequence[str]) -> list
 # --------------------------------------------------------------------------- backend
 
 
+@functools.lru_cache(maxsize=64)
 def _builtin_policy_for_term(term: str) -> Policy | None:
-    """The built-in policy whose term is ``term`` (for backends used without a policy)."""
+    """The built-in policy whose term is ``term`` (for backends used without a policy); cached,
+    misses included (the built-ins do not change while a process runs)."""
     from icm.policy import load_policy
     from icm.policy.loader import builtin_policy_names
 
