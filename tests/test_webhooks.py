@@ -143,3 +143,30 @@ def test_webhooks_need_a_secret_and_an_http_url(tmp_path):
         ServeConfig(db=str(tmp_path / "x.sqlite"), webhook_url="https://hooks.example.com/icm")
     with pytest.raises(ValueError, match="http"):
         ServeConfig(db=str(tmp_path / "x.sqlite"), webhook_url="ftp://x", webhook_secret=SECRET)
+
+
+def test_the_serve_flags_of_the_platform_features(tmp_path, monkeypatch):
+    """--webhook-secret reads a file or the environment, never argv; --model-alias, --image-url-host,
+    --audit-rate and --claim-seconds reach the config."""
+    import icm.serve.app as serve_app
+    from typer.testing import CliRunner
+
+    from icm.cli.main import app as cli
+
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    started: list[ServeConfig] = []
+    monkeypatch.setattr(serve_app, "serve", lambda cfg: started.append(cfg))
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+    db = str(tmp_path / "x.sqlite")
+    r = CliRunner().invoke(cli, [
+        "serve", "--db", db, "--webhook-url", "https://hooks.example.com/icm", "--webhook-secret", "env:HOOK_SECRET",
+        "--model-alias", "omni-moderation-latest=icm-sexy:children", "--image-url-host", "cdn.example.com",
+        "--audit-rate", "0.05", "--claim-seconds", "90",
+    ])
+    assert r.exit_code == 0, r.output
+    (cfg,) = started
+    assert cfg.webhook_secret.get_secret_value() == SECRET and SECRET not in repr(cfg)
+    assert cfg.model_aliases["omni-moderation-latest"] == "icm-sexy:children" and "text-moderation-latest" in cfg.model_aliases
+    assert cfg.image_url_hosts == ["cdn.example.com"] and cfg.audit_rate == 0.05 and cfg.claim_seconds == 90
+    r = CliRunner().invoke(cli, ["serve", "--db", db, "--webhook-url", "https://h.example.com", "--webhook-secret", SECRET])
+    assert r.exit_code == 2 and "not the secret itself" in r.output and SECRET not in r.output
