@@ -30,6 +30,7 @@ from icm.moderation.parquet import (
     records_table,
 )
 from icm.moderation.ray_engine import RayEngineError, RayOptions, plan_resources, resolve_inputs
+from icm.moderation.backends.base import Choice, Failed, NotJudged, YesNoScore
 from icm.moderation.record import ModerationRecord
 
 pa = pytest.importorskip("pyarrow")
@@ -129,6 +130,61 @@ def test_local_job_writes_and_resumes_parquet(tmp_path):
     assert "skipped (already in" in r.output
     again, _ = read_any_records(out)
     assert sorted(x.path for x in again) == sorted(x.path for x in records)  # failed ones retried, not doubled
+
+
+def test_vllm_stage_rows_are_read_as_the_openai_backend_reads_its_responses():
+    """The vLLM engine stage's logprobs column gives the P(Yes) and option distribution the
+    openai backend gets from the same logprobs in the chat format (the stage itself needs
+    vLLM and a GPU and is not run here)."""
+    import math
+
+    from icm.moderation.backends.openai_parsing import read_answer
+    from icm.moderation.engine import Moderator, build_queries
+    from icm.moderation.images import load_image
+    from icm.moderation.ray_llm import AnsweredBackend, chat_logprobs, question_rows, read_row_answer, records_from_answers
+    from icm.policy import load_policy
+
+    policy = load_policy("icm-sexy")
+    queries = build_queries(policy)
+    term, attr = queries[0], queries[1]
+    rows = question_rows("a.png", "data:image/png;base64,AAAA", queries)
+    assert [r["query"] for r in rows] == [q.key for q in queries]
+    assert rows[0]["sampling_params"] == {"max_tokens": 1, "temperature": 0.0, "logprobs": 20}
+    assert rows[0]["messages"][-1]["content"][0]["type"] == "image_url"  # the image first, as the openai backend sends it
+    # Ray's column after Arrow: token ids as strings, one dict per generated token
+    yes = {"logprobs": [{"9454": {"logprob": math.log(0.8), "rank": 1, "decoded_token": "Yes"},
+                         "2360": {"logprob": math.log(0.15), "rank": 2, "decoded_token": "No"},
+                         "40": {"logprob": math.log(0.05), "rank": 3, "decoded_token": "I"}}],
+           "generated_text": "Yes"}
+    got = read_row_answer(yes, term, min_label_mass=0.5)
+    chat = {"content": [{"token": "Yes", "logprob": math.log(0.8), "top_logprobs": [
+        {"token": "Yes", "logprob": math.log(0.8)}, {"token": "No", "logprob": math.log(0.15)}, {"token": "I", "logprob": math.log(0.05)}]}]}
+    want, _ = read_answer("Yes", chat, labels=None, min_label_mass=0.5)
+    assert isinstance(got, YesNoScore) and got.p_yes == pytest.approx(want.p_yes) and got.p_yes == pytest.approx(0.8 / 0.95)
+    assert chat_logprobs(yes["logprobs"])["content"][0]["token"] == "Yes"
+    # a refusal's first token holds no label mass: not judged, never a score
+    refused = {"logprobs": [{"1": {"logprob": math.log(0.97), "rank": 1, "decoded_token": "I"},
+                             "2": {"logprob": math.log(0.01), "rank": 2, "decoded_token": "Yes"}}], "generated_text": "I"}
+    assert isinstance(read_row_answer(refused, term, min_label_mass=0.5), NotJudged)
+    assert isinstance(read_row_answer({"__error__": "CUDA OOM"}, term, min_label_mass=0.5), Failed)
+    # an option question: the distribution over the labels B, C, ... as the openai backend reads it
+    opt = {"logprobs": [{"5": {"logprob": math.log(0.7), "rank": 1, "decoded_token": "B"},
+                         "6": {"logprob": math.log(0.3), "rank": 2, "decoded_token": "C"}}], "generated_text": "B"}
+    choice = read_row_answer(opt, attr, min_label_mass=0.5)
+    assert isinstance(choice, Choice) and choice.probs[0] == pytest.approx(0.7, abs=0.02)
+    # the answers go through the normal engine: same decision code as every backend
+    import io as _io
+
+    buf = _io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 150, 120)).save(buf, format="PNG")
+    im = load_image(buf.getvalue(), name="a.png")
+    mod = Moderator(AnsweredBackend("some/vlm", {}), policy=policy)
+    answered = [{**r, "generated_text": "No", "logprobs": [{"1": {"logprob": math.log(0.9), "rank": 1, "decoded_token": "No"},
+                                                           "2": {"logprob": math.log(0.1), "rank": 2, "decoded_token": "Yes"}}]}
+                for r in rows[:1]] + [{**r, **opt} for r in rows[1:]]
+    (rec,) = records_from_answers(mod, [im], answered, min_label_mass=0.5)
+    assert rec.ok and rec.backend == "vllm" and rec.model == "some/vlm"
+    assert rec.term.p_yes == pytest.approx(0.1) and rec.verdict in ("allow", "review", "block")
 
 
 # --------------------------------------------------------------------------- on Ray
