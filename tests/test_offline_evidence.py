@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from typer.testing import CliRunner
 
 from icm.cli.main import app
-from icm.moderation.backends.base import Backend, Box, Choice, NotJudged, Query, YesNoScore
+from icm.moderation.backends.base import Backend, Box, Choice, Query, YesNoScore
 from icm.moderation.backends.detector import DetectorBackend
 from icm.moderation.engine import Moderator
 from icm.moderation.evidence.mapping import (
@@ -28,7 +28,6 @@ from icm.moderation.evidence.mapping import (
 )
 from icm.moderation.evidence.plan import judgeability
 from icm.moderation.evidence.sources import SourceOutput
-from icm.moderation.images import load_image
 from icm.policy import PolicyError, load_policy
 from icm.policy.loader import parse_policy
 from icm.policy.model import AttributeEvidence, EvidenceFrom, TermEvidence

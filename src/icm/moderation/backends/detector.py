@@ -255,6 +255,8 @@ def region_distribution(boxes: Iterable[Box], option_ids: Sequence[str]) -> list
 
 # --------------------------------------------------------------------------- backend
 
+_Judge = Literal["exposure", "region"]
+
 
 @functools.lru_cache(maxsize=64)
 def _builtin_policy_for_term(term: str) -> Policy | None:
