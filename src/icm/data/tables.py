@@ -89,16 +89,16 @@ def split_row(line: str) -> list[str]:
     return cells
 
 
-def _is_separator(cells: list[str]) -> bool:
+def _is_separator_row(cells: list[str]) -> bool:
     nonempty = [c.replace(" ", "") for c in cells if c.strip()]
     return bool(nonempty) and all(_SEP_CELL.match(c) for c in nonempty)
 
 
-def _table_line(line: str) -> bool:
+def _is_table_line(line: str) -> bool:
     s = line.strip()
     if not s or "|" not in s:
         return False
-    return s.startswith("|") or s.endswith("|") or s.count("|") >= 2 or _is_separator(split_row(s))
+    return s.startswith("|") or s.endswith("|") or s.count("|") >= 2 or _is_separator_row(split_row(s))
 
 
 def find_tables(text: str) -> list[Table]:
@@ -118,8 +118,8 @@ def find_tables(text: str) -> list[Table]:
     for no, line in enumerate(lines, 1):
         if _FENCE.match(line):
             continue
-        if _table_line(line):
-            if not cur and blocks and gap_only_blank and not _has_header(line, lines, no):
+        if _is_table_line(line):
+            if not cur and blocks and gap_only_blank and not _followed_by_separator(line, lines, no):
                 cur = blocks.pop()  # continuation of the previous table after blank lines
             elif not cur:
                 contexts.append(last_text)
@@ -142,12 +142,12 @@ def find_tables(text: str) -> list[Table]:
         header: list[str] | None = None
         data: list[TableRow] = []
         for i, row in enumerate(rows):
-            if _is_separator(row.cells):
+            if _is_separator_row(row.cells):
                 if i == 1 and header is None:
                     header = rows[0].cells
                     data = []
                 continue
-            if header is not None and _norm_header(row.cells) == _norm_header(header):
+            if header is not None and _header_words(row.cells) == _header_words(header):
                 continue  # repeated header
             data.append(row)
         if header is None and data and _looks_like_header(data[0].cells):
@@ -156,13 +156,13 @@ def find_tables(text: str) -> list[Table]:
     return tables
 
 
-def _has_header(line: str, lines: list[str], no: int) -> bool:
+def _followed_by_separator(line: str, lines: list[str], no: int) -> bool:
     nxt = lines[no] if no < len(lines) else ""
-    return _is_separator(split_row(nxt)) if _table_line(nxt) else False
+    return _is_separator_row(split_row(nxt)) if _is_table_line(nxt) else False
 
 
-def _norm_header(cells: list[str]) -> list[str]:
-    return [_clean(c).lower() for c in cells if c.strip()]
+def _header_words(cells: list[str]) -> list[str]:
+    return [_cell_text(c).lower() for c in cells if c.strip()]
 
 
 # --------------------------------------------------------------------------- cell text
@@ -176,7 +176,7 @@ _NO_MARKS = "✘✗✕×❌❎✖"
 _MARKS_RE = re.compile(f"[{_YES_MARKS}{_NO_MARKS}\ufe0f]")
 
 
-def _clean(cell: str) -> str:
+def _cell_text(cell: str) -> str:
     """Cell text without markdown emphasis, line breaks or surrounding space."""
     s = _BR.sub(" ", cell)
     s = _EMPH.sub("", s)
@@ -185,7 +185,7 @@ def _clean(cell: str) -> str:
 
 
 def _is_placeholder(cell: str) -> bool:
-    return _clean(cell).lower() in _PLACEHOLDERS
+    return _cell_text(cell).lower() in _PLACEHOLDERS
 
 
 def _strip_numbering(s: str) -> str:
@@ -199,15 +199,15 @@ _HEADER_WORDS = ("question", "answer", "type", "choice", "option", "kind", "cate
 
 def _looks_like_header(cells: list[str]) -> bool:
     """A first row without a separator is a header if it names columns and asks nothing."""
-    words = [_clean(c).lower() for c in cells]
+    words = [_cell_text(c).lower() for c in cells]
     if any(w.endswith("?") for w in words):
         return False
     hits = sum(any(h in w for h in _HEADER_WORDS) for w in words)
     return hits >= 2
 
 
-def _header_role(cell: str, letters_present: set[str]) -> str:
-    w = re.sub(r"[^a-z0-9#/ ]", "", _clean(cell).lower()).strip()
+def _column_role(cell: str, letters_present: set[str]) -> str:
+    w = re.sub(r"[^a-z0-9#/ ]", "", _cell_text(cell).lower()).strip()
     m = re.fullmatch(r"(?:option|choice|answer option)?\s*([a-h])", w)
     if m and m.group(1) in letters_present and len(letters_present) >= 2:
         return f"option:{m.group(1).upper()}"
@@ -224,13 +224,13 @@ def _header_role(cell: str, letters_present: set[str]) -> str:
     return "other"
 
 
-def _roles(header: list[str]) -> list[str]:
+def _header_roles(header: list[str]) -> list[str]:
     letters = set()
     for c in header:
-        m = re.fullmatch(r"(?:option|choice|answer option)?\s*([a-h])", re.sub(r"[^a-z ]", "", _clean(c).lower()).strip())
+        m = re.fullmatch(r"(?:option|choice|answer option)?\s*([a-h])", re.sub(r"[^a-z ]", "", _cell_text(c).lower()).strip())
         if m:
             letters.add(m.group(1))
-    return [_header_role(c, letters) for c in header]
+    return [_column_role(c, letters) for c in header]
 
 
 # --------------------------------------------------------------------------- options
@@ -239,15 +239,15 @@ def _roles(header: list[str]) -> list[str]:
 _OPTION_CELL = re.compile(r"^\s*[(\[{]?([A-H])\s*(?:[\.\):\]}]\s*(?=\S)|\s+[-–—:]\s+|[\.\):\]}]\s*$)(.*)$", re.DOTALL)
 
 
-def _option_cell(cell: str) -> tuple[str, str] | None:
+def _parse_option_cell(cell: str) -> tuple[str, str] | None:
     """``("B", "text")`` for a cell holding one lettered option, else None."""
-    m = _OPTION_CELL.match(_clean(cell))
+    m = _OPTION_CELL.match(_cell_text(cell))
     if not m or split_options(cell) is not None:
         return None  # not an option, or several options in one cell
     return m.group(1), m.group(2).strip()
 
 
-def _marker(letter: str) -> re.Pattern[str]:
+def _option_letter_pattern(letter: str) -> re.Pattern[str]:
     # the letter, preceded by the start, a space, a separator or an opening bracket, and
     # followed by a delimiter: "A.", "A)", "(A)", "A:", "A -"
     return re.compile(
@@ -267,7 +267,7 @@ def split_options(cell: str) -> list[str] | None:
     starts: list[tuple[int, int]] = []
     pos = 0
     for letter in "ABCDEFGH":
-        m = _marker(letter).search(s, pos)
+        m = _option_letter_pattern(letter).search(s, pos)
         if not m:
             break
         if letter == "A" and s[: m.start()].strip():
@@ -285,16 +285,16 @@ def split_options(cell: str) -> list[str] | None:
     return texts
 
 
-def _option_run(cells: list[str], start: int = 0) -> tuple[int, int, list[str]] | None:
+def _parse_spread_options(cells: list[str], start: int = 0) -> tuple[int, int, list[str]] | None:
     """The first run of cells holding options A, B, C, ... in order: (first, end, texts)."""
     for i in range(start, len(cells)):
-        first = _option_cell(cells[i])
+        first = _parse_option_cell(cells[i])
         if not first or first[0] != "A" or not first[1]:
             continue
         texts = [first[1]]
         j = i + 1
         while j < len(cells):
-            opt = _option_cell(cells[j])
+            opt = _parse_option_cell(cells[j])
             if not opt or opt[0] != "ABCDEFGH"[len(texts)] or not opt[1]:
                 break
             texts.append(opt[1])
@@ -315,7 +315,7 @@ _FIRST_WORD = re.compile(r"^[\W_]*([A-Za-z]+)")
 
 def normalise_yes_no(answer: str) -> str | None:
     """"Yes" / "No" for an answer that is one (✓, "Yes.", "no, she is not", "True"), else None."""
-    raw = _clean(answer)
+    raw = _cell_text(answer)
     if not raw:
         return None
     if raw[0] in _YES_MARKS or (raw and all(ch in _YES_MARKS + "\ufe0f " for ch in raw)):
@@ -336,8 +336,8 @@ def normalise_yes_no(answer: str) -> str | None:
     return None
 
 
-def _undecided(answer: str) -> bool:
-    s = _clean(answer).lower().strip(" .!")
+def _is_undecided_answer(answer: str) -> bool:
+    s = _cell_text(answer).lower().strip(" .!")
     return s in _UNDECIDED or any(s.startswith(u + " ") or s.startswith(u + ",") for u in _UNDECIDED)
 
 
@@ -347,9 +347,9 @@ _LETTER_ANSWER = [
 ]
 
 
-def _choice_answer(answer: str, options: list[str]) -> int | None:
+def _parse_choice_answer(answer: str, options: list[str]) -> int | None:
     """The index of the option an answer names; -1 for a letter beyond the options."""
-    s = _strip_numbering(_MARKS_RE.sub(" ", _clean(answer)).strip())
+    s = _strip_numbering(_MARKS_RE.sub(" ", _cell_text(answer)).strip())
     if not s:
         return None
 
@@ -359,8 +359,8 @@ def _choice_answer(answer: str, options: list[str]) -> int | None:
 
     if re.fullmatch(r"[(\[{]?[a-hA-H][\.\)\]}]?", s):  # "B", "b.", "(B)"
         return by_letter(s.strip("([{.)]}"))
-    key = _text_key(s)
-    exact = [i for i, opt in enumerate(options) if _text_key(opt) == key]
+    key = _comparable_text(s)
+    exact = [i for i, opt in enumerate(options) if _comparable_text(opt) == key]
     if len(exact) == 1:  # the option's text: "A dress" is option B's text, not the letter A
         return exact[0]
     for pat in _LETTER_ANSWER:
@@ -368,19 +368,19 @@ def _choice_answer(answer: str, options: list[str]) -> int | None:
         if m:
             return by_letter(m.group(1))
     m = re.match(r"^([A-H])\s+(.+)$", s)  # "B Gray leggings"
-    if m and "ABCDEFGH".index(m.group(1)) < len(options) and _text_key(options["ABCDEFGH".index(m.group(1))]) == _text_key(m.group(2)):
+    if m and "ABCDEFGH".index(m.group(1)) < len(options) and _comparable_text(options["ABCDEFGH".index(m.group(1))]) == _comparable_text(m.group(2)):
         return by_letter(m.group(1))
-    starts = [i for i, opt in enumerate(options) if _text_key(opt) and key.startswith(_text_key(opt))]
+    starts = [i for i, opt in enumerate(options) if _comparable_text(opt) and key.startswith(_comparable_text(opt))]
     if len(starts) == 1:
         return starts[0]
     return None
 
 
-def _text_key(s: str) -> str:
+def _comparable_text(s: str) -> str:
     return re.sub(r"[\W_]+", " ", s.lower()).strip()
 
 
-def _marked(options: list[str]) -> tuple[list[str], int | None]:
+def _unmark_options(options: list[str]) -> tuple[list[str], int | None]:
     """Options without ✓/✘ marks, and the index of the one marked correct (if exactly one)."""
     correct = [i for i, o in enumerate(options) if any(m in o for m in _YES_MARKS) or "(correct)" in o.lower()]
     cleaned = [re.sub(r"\s*\((?:in)?correct\)", "", _MARKS_RE.sub("", o), flags=re.IGNORECASE).strip() for o in options]
@@ -419,10 +419,10 @@ class QAParse:
         return len(self.pairs) / self.rows if self.rows else 0.0
 
 
-def _kind_from_type(cell: str | None) -> QAKind | None:
+def _kind_of_type_cell(cell: str | None) -> QAKind | None:
     if not cell:
         return None
-    w = re.sub(r"[^a-z0-9/ -]", "", _clean(cell).lower()).strip()
+    w = re.sub(r"[^a-z0-9/ -]", "", _cell_text(cell).lower()).strip()
     if not w:
         return None
     compact = w.replace(" ", "").replace("-", "/")
@@ -439,7 +439,7 @@ def _kind_from_type(cell: str | None) -> QAKind | None:
     return None
 
 
-def _kind_from_context(context: str) -> QAKind | None:
+def _kind_of_heading(context: str) -> QAKind | None:
     """The question type a heading above a table names ("### Yes/No questions"), if one."""
     w = context.lower().strip("#*: ")
     if len(w.split()) > 8:
@@ -456,14 +456,9 @@ def _kind_from_context(context: str) -> QAKind | None:
     return found.pop() if len(found) == 1 else None  # type: ignore[return-value]
 
 
-def _open_kind(question: str) -> QAKind:
-    m = _FIRST_WORD.match(question)
-    word = m.group(1).lower() if m else ""
-    if word == "what":
-        return "what"
-    if word == "how":
-        return "how"
-    return "open"
+def _kind_of_open_question(question: str) -> QAKind:
+    word = _first_word_lower(question)
+    return "what" if word == "what" else "how" if word == "how" else "open"
 
 
 _AUX = {"is", "are", "does", "do", "did", "can", "could", "will", "would", "has", "have", "had", "was", "were",
@@ -474,7 +469,7 @@ _WH = {"what", "how", "why", "where", "who", "whom", "whose", "which", "when"}
 
 
 @dataclass
-class _Fields:
+class _RowFields:
     type: str | None = None
     question: str = ""
     options: list[str] | None = None
@@ -484,12 +479,12 @@ class _Fields:
     """Cells with content between the options and the answer (a broken option row)."""
 
 
-def _first_word(s: str) -> str:
+def _first_word_lower(s: str) -> str:
     m = _FIRST_WORD.match(s)
     return m.group(1).lower() if m else ""
 
 
-def _assign(cells: list[str], roles: list[str] | None) -> _Fields:
+def _parse_row_fields(cells: list[str], roles: list[str] | None) -> _RowFields:
     """Which cell is the type, the question, the options and the answer.
 
     Where the row has as many cells as the header and no spread options, the header
@@ -497,8 +492,8 @@ def _assign(cells: list[str], roles: list[str] | None) -> _Fields:
     split the row: the type and question come before, the answer after; without
     options, the cell that asks (ends with "?") is the question and the answer follows.
     """
-    f = _Fields()
-    run = _option_run(cells)
+    f = _RowFields()
+    run = _parse_spread_options(cells)
     if roles and len(roles) == len(cells) and run is None:
         opts: dict[str, str] = {}
         for role, cell in zip(roles, cells):
@@ -516,15 +511,15 @@ def _assign(cells: list[str], roles: list[str] | None) -> _Fields:
             f.options = [opts[k] for k in sorted(opts)]
         if f.question or f.answer is not None:
             return f
-        f = _Fields()
+        f = _RowFields()
 
     if run is not None:
         first, end, f.options = run
         before, after = cells[:first], cells[end:]
     else:
-        before, after = _split_without_run(cells, roles, f)
-    f.type, f.question = _type_and_question(before)
-    at = _answer_index(after, roles)
+        before, after = _split_at_question(cells, roles, f)
+    f.type, f.question = _parse_type_and_question(before)
+    at = _answer_cell_index(after, roles)
     if at is not None:
         f.answer = after[at]
         if f.options is not None or f.options_cell is not None:
@@ -532,7 +527,7 @@ def _assign(cells: list[str], roles: list[str] | None) -> _Fields:
     return f
 
 
-def _answer_index(after: list[str], roles: list[str] | None) -> int | None:
+def _answer_cell_index(after: list[str], roles: list[str] | None) -> int | None:
     """Which of the cells after the options (or the question) is the answer.
 
     With a header, its distance from the row's end is the header's (so an
@@ -551,31 +546,31 @@ def _answer_index(after: list[str], roles: list[str] | None) -> int | None:
     return len(after) - 1
 
 
-def _split_without_run(cells: list[str], roles: list[str] | None, f: _Fields) -> tuple[list[str], list[str]]:
+def _split_at_question(cells: list[str], roles: list[str] | None, f: _RowFields) -> tuple[list[str], list[str]]:
     for i, cell in enumerate(cells):  # choices in one cell
         if split_options(cell) is not None:
             f.options_cell = cell
             return cells[:i], cells[i + 1:]
     for i, cell in enumerate(cells):  # the cell that asks
-        if _clean(cell).endswith("?"):
+        if _cell_text(cell).endswith("?"):
             return cells[: i + 1], cells[i + 1:]
     if roles and "question" in roles and roles.index("question") < len(cells) - 1:
         qi = roles.index("question")
         return cells[: qi + 1], cells[qi + 1:]
     for i, cell in enumerate(cells[:-1]):
-        if _first_word(_clean(cell)) in _AUX | _WH and len(_clean(cell).split()) > 2:
+        if _first_word_lower(_cell_text(cell)) in _AUX | _WH and len(_cell_text(cell).split()) > 2:
             return cells[: i + 1], cells[i + 1:]
     return cells[:-1], cells[-1:]
 
 
-def _type_and_question(before: list[str]) -> tuple[str | None, str]:
+def _parse_type_and_question(before: list[str]) -> tuple[str | None, str]:
     type_cell: str | None = None
     texts: list[str] = []
     for cell in before:
-        c = _clean(cell)
+        c = _cell_text(cell)
         if not c or _is_placeholder(c) or re.fullmatch(r"#?\d{1,3}\.?", c):
             continue  # empty or a numbering column
-        if type_cell is None and not texts and len(c.split()) <= 3 and not c.endswith("?") and _kind_from_type(c):
+        if type_cell is None and not texts and len(c.split()) <= 3 and not c.endswith("?") and _kind_of_type_cell(c):
             type_cell = c
             continue
         texts.append(c)
@@ -583,30 +578,30 @@ def _type_and_question(before: list[str]) -> tuple[str | None, str]:
     return type_cell, (asking[0] if asking else (texts[-1] if texts else ""))
 
 
-def _row_pair(fields: _Fields, hint: QAKind | None) -> QAPair | tuple[str, str]:
+def _qa_pair_of_row(fields: _RowFields, hint: QAKind | None) -> QAPair | tuple[str, str]:
     """A Q-A pair, or ``(reason, detail)``."""
-    question = _strip_numbering(_clean(fields.question))
+    question = _strip_numbering(_cell_text(fields.question))
     answer_raw = fields.answer
-    answer = _strip_numbering(_clean(answer_raw or ""))
-    declared = _kind_from_type(fields.type) or hint
+    answer = _strip_numbering(_cell_text(answer_raw or ""))
+    declared = _kind_of_type_cell(fields.type) or hint
 
     options = fields.options
     if options is None and fields.options_cell is not None and not _is_placeholder(fields.options_cell):
         options = split_options(fields.options_cell)
         if options is None:
-            return "bad_choices", f"the choices cell has no lettered options A, B, ...: {_clean(fields.options_cell)[:80]!r}"
+            return "bad_choices", f"the choices cell has no lettered options A, B, ...: {_cell_text(fields.options_cell)[:80]!r}"
     if not question or _is_placeholder(question):
         return "no_question", "the question cell is empty"
     if options and fields.stray:
-        return "bad_choices", f"cells between the options and the answer: {', '.join(repr(_clean(c)[:40]) for c in fields.stray)}"
+        return "bad_choices", f"cells between the options and the answer: {', '.join(repr(_cell_text(c)[:40]) for c in fields.stray)}"
     if options:
-        options = [_clean(o) for o in options]
-        options, marked = _marked(options)
+        options = [_cell_text(o) for o in options]
+        options, marked = _unmark_options(options)
         if any(not o for o in options):
             return "bad_choices", "an option is empty"
         idx: int | None
         if answer and not _is_placeholder(answer):
-            idx = _choice_answer(answer, options)
+            idx = _parse_choice_answer(answer, options)
             if (idx is None or idx < 0) and marked is not None and not answer.strip(_YES_MARKS + "\ufe0f "):
                 idx = marked
         else:
@@ -628,21 +623,21 @@ def _row_pair(fields: _Fields, hint: QAKind | None) -> QAPair | tuple[str, str]:
         else:
             return "no_answer", "the answer cell is missing or empty"
     yn = normalise_yes_no(answer_raw or "")
-    qkey, akey = _text_key(question), _text_key(answer)
+    qkey, akey = _comparable_text(question), _comparable_text(answer)
     if qkey and (qkey == akey or (normalise_yes_no(question) is not None and len(qkey.split()) <= 2)):
         return "no_question", f"the question cell repeats the answer ({question[:60]!r})"
-    first_word = _first_word(question)
+    first_word = _first_word_lower(question)
     if declared == "yes_no" or (declared is None and yn is not None):
         if yn is not None:
             return QAPair(kind="yes_no", question=question, answer=yn)
-        if _undecided(answer):
+        if _is_undecided_answer(answer):
             return "bad_yes_no", f"a yes/no question answered {answer!r}"
         if declared == "yes_no" and (first_word in _WH or (first_word in _AUX and " or " in question.lower())):
             # typed yes/no but open: "Why is she ...?", "Is it in colour or black and white?"
-            return QAPair(kind=_open_kind(question), question=question, answer=answer)
+            return QAPair(kind=_kind_of_open_question(question), question=question, answer=answer)
         if declared == "yes_no":
             return "bad_yes_no", f"a yes/no question answered {answer[:60]!r}"
-    kind: QAKind = declared if declared in ("what", "how", "open") else _open_kind(question)
+    kind: QAKind = declared if declared in ("what", "how", "open") else _kind_of_open_question(question)
     if yn is not None and first_word in _AUX:
         return QAPair(kind="yes_no", question=question, answer=yn)
     return QAPair(kind=kind, question=question, answer=answer)
@@ -659,11 +654,11 @@ def parse_qa_text(text: str, *, default_kind: QAKind | None = None) -> QAParse:
     out = QAParse()
     for table in find_tables(text):
         out.tables += 1
-        roles = _roles(table.header) if table.header else None
+        roles = _header_roles(table.header) if table.header else None
         if roles is not None and not ({"question", "answer"} & set(roles)):
             roles = None
-        hint = _kind_from_context(table.context) or default_kind
-        data_rows = [r for r in table.rows if any(_clean(c) for c in r.cells)]
+        hint = _kind_of_heading(table.context) or default_kind
+        data_rows = [r for r in table.rows if any(_cell_text(c) for c in r.cells)]
         if not data_rows:
             out.header_only += 1
             continue
@@ -674,7 +669,7 @@ def parse_qa_text(text: str, *, default_kind: QAKind | None = None) -> QAParse:
                 while len(cells) > len(roles) and not cells[-1].strip():
                     cells.pop()
             try:
-                res = _row_pair(_assign(cells, roles), hint)
+                res = _qa_pair_of_row(_parse_row_fields(cells, roles), hint)
             except Exception as exc:  # noqa: BLE001 - one odd row never stops a table
                 res = ("unreadable", f"{type(exc).__name__}: {exc}")
             if isinstance(res, QAPair):
