@@ -75,3 +75,17 @@ def test_atomic_write_keeps_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) == 0o644
+
+
+def test_read_text_names_what_and_the_file(tmp_path):
+    from icm.fileio import read_text
+
+    with pytest.raises(ValueError, match=f"^cannot read labels file {tmp_path / 'no.csv'}: No such file"):
+        read_text(tmp_path / "no.csv", "labels file")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"^cannot read {latin}: not UTF-8 text"):
+        read_text(latin)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbfimage,label\n")
+    assert read_text(bom, encoding="utf-8-sig") == "image,label\n"

@@ -25,7 +25,7 @@ from typing import IO, Any, Generic, Iterator, Literal, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["JSONLError", "JSONLRows", "atomic_write", "read_jsonl"]
+__all__ = ["JSONLError", "JSONLRows", "atomic_write", "read_jsonl", "read_text"]
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -61,6 +61,20 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"not a JSON object ({exc.msg} at column {exc.colno})"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def read_text(path: str | os.PathLike[str], what: str = "", *, encoding: str = "utf-8") -> str:
+    """The text of a file; ``ValueError("cannot read [WHAT ]FILE: reason")`` when there is none.
+
+    ``encoding="utf-8-sig"`` drops a byte-order mark.
+    """
+    where = f"{what} {os.fspath(path)}" if what else os.fspath(path)
+    try:
+        return Path(path).read_text(encoding=encoding)
+    except OSError as exc:
+        raise ValueError(f"cannot read {where}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"cannot read {where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 @overload
