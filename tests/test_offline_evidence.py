@@ -435,3 +435,12 @@ def test_the_cascade_escalates_only_what_the_detector_cannot_clear(detector: Det
     assert 'icm_cascade_images_total{outcome="escalated"} 1.0' in text
     assert f'icm_cascade_images_total{{outcome="cleared"}} {float(len(PHOTOS))}' in text
     assert f"icm_cascade_escalation_rate {1 / len(records)}" in text
+
+
+@needs_offline
+def test_an_image_ocr_cannot_read_is_not_cleared_by_its_silence(detector: DetectorBackend, tmp_path: Path) -> None:
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (4000, 2), (120, 30, 30)).save(strip)  # RapidOCR cannot resize this for its detector
+    (r,) = Moderator(detector, policy="gambling").moderate_paths([str(strip)])
+    assert r.ok and r.verdict == "review"
+    assert "rapidocr: could not read the image" in r.unanswered["term:gambling"]

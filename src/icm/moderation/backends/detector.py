@@ -536,11 +536,13 @@ class DetectorBackend(Backend):
         width: int,
         height: int,
     ) -> Answer:
-        ran = [n for n in dict.fromkeys(item.source for item in spec.from_) if n in outputs]
+        failed = {n: o[i].error for n, o in outputs.items() if o[i].error}  # could not read this image
+        missing = {**missing, **failed}
+        ran = [n for n in dict.fromkeys(item.source for item in spec.from_) if n in outputs and n not in failed]
         if not ran:
             why = "; ".join(f"{n}: {missing.get(n, 'not run')}" for n in dict.fromkeys(item.source for item in spec.from_))
             return NotJudged("cannot-judge", f"no evidence source can run here ({why})")
-        fired = [f for item in spec.from_ if item.source in outputs
+        fired = [f for item in spec.from_ if item.source in ran
                  for f in [item_score(item, outputs[item.source][i], width=width, height=height)] if f is not None]
         all_ran = not any(item.source in missing for item in spec.from_)
         boxes = [b for f in fired for b in f.boxes]
@@ -554,7 +556,8 @@ class DetectorBackend(Backend):
         if isinstance(spec, TermEvidence):
             p = term_probability(spec, fired, all_sources_ran=all_ran)
             if p is None:
-                why = "not all of its sources can run here" if not all_ran else "the policy sets no 'silent' P(term)"
+                why = ("the policy sets no 'silent' P(term)" if all_ran else "not every source looked: "
+                       + "; ".join(f"{n}: {w}" for n, w in missing.items() if any(it.source == n for it in spec.from_)))
                 return NotJudged("cannot-judge", f"{source} found nothing for {q.key}, and silence cannot clear it ({why})", raw)
             return YesNoScore(p_yes=p, source=source, raw=raw)
         probs = attribute_distribution(spec, fired, q.option_ids, all_sources_ran=all_ran)

@@ -31,6 +31,8 @@ class SourceOutput:
     """A classifier's probability per label."""
     boxes: list[Box] = field(default_factory=list)
     """A detector's boxes; for OCR, one box per text line with ``label`` the text read."""
+    error: str | None = None
+    """Why the source could not read this image (then it says nothing about it, not "nothing found")."""
 
 
 class EvidenceSource:
@@ -194,7 +196,12 @@ class RapidOCRSource(EvidenceSource):
         engine = self.model()
         out = []
         for im in images:
-            result = engine(np.asarray(_rgb(im)))
+            try:
+                result = engine(np.asarray(_rgb(im)))
+            except Exception as exc:  # noqa: BLE001 - e.g. ResizeImgError on a 4000x2 strip: this image only
+                detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                out.append(SourceOutput(error=f"could not read the image ({detail})"))
+                continue
             boxes: list[Box] = []
             txts = getattr(result, "txts", None) or ()
             scores = getattr(result, "scores", None) or ()
