@@ -257,8 +257,8 @@ def test_base_install_alone_imports_icm_and_moderates():
             out, err = io.StringIO(), io.StringIO()
             with redirect_stdout(out), redirect_stderr(err):
                 try:
-                    app(args, standalone_mode=False)
-                    code = 0
+                    returned = app(args, standalone_mode=False)  # an Exit's code is returned
+                    code = returned if isinstance(returned, int) else 0
                 except SystemExit as exc:
                     code = exc.code
                 except Exception as exc:
