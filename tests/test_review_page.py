@@ -285,6 +285,7 @@ def test_the_queue_claim_keyboard_decisions_and_the_queue_emptying(browser, tmp_
         # a key typed into a field is text, not a decision
         note = driver.find_element("id", "note")
         note.send_keys("b")
+        time.sleep(0.5)  # a decision made by that key would be stored by now
         assert len(store.reviews()) == 2
 
         # bob decides his item; alice starts again and takes the one she skipped

@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { policies: [], defaultPolicy: null, current: null, oldest: null, imageUrl: null,
-  claimed: null, claimExpires: null, skip: [], thumbs: new Map(), busy: false };
+  claimed: null, claimExpires: null, skip: [], thumbs: new Map(), keys: Promise.resolve(), quietHash: null };
 
 function el(tag, text, cls) {
   const e = document.createElement(tag);
@@ -212,33 +212,28 @@ async function claimOne(id) {
 
 async function openDecision(id) {
   const target = "decision=" + id;
-  if (location.hash === "#" + target) await showDecision(id);
-  else { location.hash = target; await showDecision(id); }
+  if (location.hash !== "#" + target) {
+    state.quietHash = "#" + target;  // shown here: the hashchange handler need not show it again
+    location.hash = target;
+  }
+  await showDecision(id);
 }
 
+// Keys act one after another, each on the item claimed when its turn comes: a key pressed
+// while the next item loads is not lost.
 async function decideByKey(verdict) {
   const d = state.current;
-  if (!d || state.claimed !== d.id || state.busy) return;
-  state.busy = true;
-  try {
-    if (await submitReview({ verdict: verdict })) await claimNext();
-  } finally {
-    state.busy = false;
-  }
+  if (!d || state.claimed !== d.id) return;
+  if (await submitReview({ verdict: verdict })) await claimNext();
 }
 
 async function skipByKey() {
-  if (!state.claimed || state.busy) return;
-  state.busy = true;
-  try {
-    const id = state.claimed;
-    const q = reviewerName() ? "?reviewer=" + encodeURIComponent(reviewerName()) : "";
-    await api("/v1/decisions/" + id + "/claim" + q, { method: "DELETE" });
-    state.skip.push(id);
-    await claimNext();
-  } finally {
-    state.busy = false;
-  }
+  if (!state.claimed) return;
+  const id = state.claimed;
+  const q = reviewerName() ? "?reviewer=" + encodeURIComponent(reviewerName()) : "";
+  await api("/v1/decisions/" + id + "/claim" + q, { method: "DELETE" });
+  state.skip.push(id);
+  await claimNext();
 }
 
 function onKey(ev) {
@@ -246,13 +241,13 @@ function onKey(ev) {
   const t = ev.target;
   if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT")) return;
   const k = ev.key.toLowerCase();
-  let job = null;
-  if (k === "a") job = decideByKey("allow");
-  else if (k === "b") job = decideByKey("block");
-  else if (k === "s") job = skipByKey();
-  if (job) {
+  let action = null;
+  if (k === "a") action = () => decideByKey("allow");
+  else if (k === "b") action = () => decideByKey("block");
+  else if (k === "s") action = skipByKey;
+  if (action) {
     ev.preventDefault();
-    job.catch((e) => setStatus(e.message, true));
+    state.keys = state.keys.then(action).catch((e) => setStatus(e.message, true));
   }
 }
 
@@ -443,6 +438,7 @@ async function submitReview(body) {
 // ------------------------------------------------------------------ wiring
 
 function route() {
+  if (state.quietHash === location.hash) { state.quietHash = null; return; }
   const m = /decision=(\d+)/.exec(location.hash);
   if (m) showDecision(m[1]).catch((e) => setStatus(e.message, true));
 }
