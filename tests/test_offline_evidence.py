@@ -443,3 +443,25 @@ def test_an_image_ocr_cannot_read_is_not_cleared_by_its_silence(detector: Detect
     (r,) = Moderator(detector, policy="gambling").moderate_paths([str(strip)])
     assert r.ok and r.verdict == "review"
     assert "rapidocr: could not read the image" in r.unanswered["term:gambling"]
+
+
+@pytest.mark.skipif(not HAS_OBJECTS or not HAS_TORCH_ONNX, reason="needs the [objects] extra")
+def test_efficientnet_is_exported_once_to_the_cache_and_sees_the_photos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from icm.moderation.evidence import efficientnet
+    from icm.moderation.evidence.sources import EfficientNetLite0Source
+
+    monkeypatch.delenv("ICM_EFFICIENTNET_ONNX", raising=False)
+    monkeypatch.setenv("ICM_CACHE_DIR", str(tmp_path / "cache"))
+    assert not efficientnet.onnx_path().exists() and efficientnet.onnx_ready()  # can be made here
+    src = EfficientNetLite0Source(intra_op_num_threads=2)
+    photos = {p.name: Image.open(p) for p in PHOTOS}
+    outputs = dict(zip(photos, src.run(list(photos.values()))))
+    assert efficientnet.onnx_path().is_file() and efficientnet.onnx_path().parent == tmp_path / "cache"
+    top3 = {name: sorted(o.probs, key=o.probs.get, reverse=True)[:3] for name, o in outputs.items()}
+    assert top3["flower.jpg"][0] == "daisy" and top3["china.jpg"][0] in ("palace", "bell_cote"), top3
+    assert "military_uniform" in top3["grace_hopper.jpg"], top3  # Grace Hopper in uniform
+    assert all(abs(sum(o.probs.values()) - 1) < 1e-4 for o in outputs.values())
+    # a second source reads the file; the export is not redone
+    mtime = efficientnet.onnx_path().stat().st_mtime_ns
+    EfficientNetLite0Source(intra_op_num_threads=2).run([photos["china.jpg"]])
+    assert efficientnet.onnx_path().stat().st_mtime_ns == mtime
