@@ -465,3 +465,14 @@ def test_efficientnet_is_exported_once_to_the_cache_and_sees_the_photos(tmp_path
     mtime = efficientnet.onnx_path().stat().st_mtime_ns
     EfficientNetLite0Source(intra_op_num_threads=2).run([photos["china.jpg"]])
     assert efficientnet.onnx_path().stat().st_mtime_ns == mtime
+
+
+@needs_offline
+def test_moderate_says_up_front_when_the_detector_can_only_flag() -> None:
+    result = runner.invoke(app, ["moderate", str(PHOTOS[0]), "--policy", "horrifying", "--json"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    said = " ".join(result.output.split())
+    assert "cannot clear an image under policy 'horrifying'" in said and "--backend cascade" in said
+    assert said.count("cannot clear an image under policy") == 1  # once, not per image
+    record = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+    assert record["verdict"] == "review"
