@@ -62,6 +62,7 @@ def test_the_queue_holds_what_awaits_a_person_oldest_first_with_thumbnails(make)
         assert c.get("/v1/review-queue", params={"since": created[:10]}).json()["total"] == 2
         assert c.get("/v1/review-queue", params={"until": created[:10]}).json()["total"] == 0
         assert c.get("/v1/review-queue", params={"verdict": "maybe"}).status_code == 422
+        assert "icm_review_queue_depth 2.0" in c.get("/metrics").text
 
 
 def test_claims_keep_two_reviewers_off_the_same_item_and_expire(make):

@@ -87,6 +87,7 @@ def create_app(
         )
         svc.extras["wake_webhooks"] = dispatcher.wake
         svc.metrics.webhook_pending.set_function(lambda: float(svc.store.pending_events()))
+    svc.metrics.review_queue.set_function(lambda: float(svc.store.queue_count()))
     svc.metrics.set_queue_depth(lambda: float(svc.batcher.queue_depth if svc.batcher else 0))
     svc.metrics.info.info(
         {"version": __version__, "backend": svc.default_moderator.backend_name, "model": svc.default_moderator.model_id}

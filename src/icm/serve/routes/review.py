@@ -131,7 +131,6 @@ def review_queue(
     f = filters.model_dump()
     items = [_with_images(d) for d in svc.store.queue(limit=limit, **f)]
     total = svc.store.queue_count(**f)
-    svc.metrics.review_queue.set(svc.store.queue_count())
     return {"items": items, "total": total, "claim_seconds": svc.config.claim_seconds}
 
 
