@@ -98,6 +98,7 @@ def test_keywords_match_whole_words_across_case_accents_and_scripts() -> None:
     assert keyword_pattern("free spins").search(normalise_text("100 FREE   SPINS"))
     assert keyword_pattern("赌场").search("澳门赌场开业")  # no word breaks in Chinese
     assert keyword_pattern("100%").search("bonus 100%")
+    assert keyword_pattern(".com").search("bet365.com") and keyword_pattern("18+").search("only 18+")
 
 
 def test_item_scores_per_source_kind() -> None:

@@ -57,8 +57,10 @@ def keyword_pattern(keyword: str) -> re.Pattern[str]:
         body = re.escape(kw).replace(r"\ ", r"\s*")
         if _is_cjk(kw):
             hit = re.compile(body)
-        else:
-            hit = re.compile(r"(?<!\w)" + body + (r"\w*" if prefix else r"(?!\w)"))
+        else:  # word boundaries where the keyword starts or ends with a word character
+            start = r"(?<!\w)" if re.match(r"\w", kw) else ""
+            end = r"\w*" if prefix else (r"(?!\w)" if re.search(r"\w$", kw) else "")
+            hit = re.compile(start + body + end)
         _PATTERNS[keyword] = hit
     return hit
 
