@@ -510,16 +510,29 @@ class DecisionStore:
         A reviewer who holds a claim already gets that decision again first (a reload keeps one's place).
         """
         now = time.time() if now is None else now
-        for d in self.queue(limit=200, now=now, **filters):
-            if d["id"] in skip or (d["claimed_by"] not in (None, reviewer)):
-                continue
-            try:
-                self.claim(d["id"], reviewer, ttl_s=ttl_s, now=now)
-            except ClaimConflict:
-                continue
-            d["claimed_by"], d["claim_expires_at"] = reviewer, now + ttl_s
-            return d
-        return None
+        held = (
+            sa.select(CLAIMS.c.decision_id)
+            .where(CLAIMS.c.decision_id == DECISIONS.c.id, CLAIMS.c.expires_at > now, CLAIMS.c.reviewer != reviewer)
+            .exists()
+        )
+        mine = sa.select(CLAIMS.c.decision_id).where(CLAIMS.c.decision_id == DECISIONS.c.id, CLAIMS.c.reviewer == reviewer).exists()
+        q = self._queue_query(**filters).where(~held)
+        if skip:
+            q = q.where(DECISIONS.c.id.not_in(list(skip)))
+        q = q.order_by(sa.desc(mine), DECISIONS.c.id).limit(20)
+        while True:
+            with self.engine.connect() as conn:
+                rows = list(conn.execute(q).mappings())
+            if not rows:
+                return None
+            for row in rows:
+                try:
+                    self.claim(row["id"], reviewer, ttl_s=ttl_s, now=now)
+                except ClaimConflict:  # another reviewer took it meanwhile: the next one
+                    continue
+                d = _decision_dict(row, full=False)
+                d["claimed_by"], d["claim_expires_at"] = reviewer, now + ttl_s
+                return d
 
     def release(self, decision_id: int, reviewer: str) -> bool:
         """Give a claim back (a skip); only its holder can."""
