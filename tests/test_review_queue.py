@@ -4,6 +4,7 @@ agreement figures and audit sampling. The page's keyboard flow is in tests/test_
 from __future__ import annotations
 
 import io
+import os
 import random
 
 import pytest
@@ -65,8 +66,19 @@ def test_the_queue_holds_what_awaits_a_person_oldest_first_with_thumbnails(make)
         assert "icm_review_queue_depth 2.0" in c.get("/metrics").text
 
 
-def test_claims_keep_two_reviewers_off_the_same_item_and_expire(make):
-    with make(claim_seconds=120) as c:
+def _databases() -> list[str]:
+    return ["sqlite"] + (["postgresql"] if os.environ.get("ICM_TEST_POSTGRES_URL") else [])
+
+
+@pytest.mark.parametrize("database", _databases())
+def test_claims_keep_two_reviewers_off_the_same_item_and_expire(make, tmp_path, database):
+    extra = {}
+    if database == "postgresql":  # CI sets ICM_TEST_POSTGRES_URL; its icm tables are dropped
+        from test_serve import _drop_icm_tables
+
+        _drop_icm_tables(os.environ["ICM_TEST_POSTGRES_URL"])
+        extra = {"db": os.environ["ICM_TEST_POSTGRES_URL"], "image_dir": str(tmp_path / "images")}
+    with make(claim_seconds=120, **extra) as c:
         g1 = post(c, GREEN, "g1.png")["decision_id"]
         g2 = post(c, GREEN2, "g2.png")["decision_id"]
         a = c.post("/v1/review-queue/claim", json={"reviewer": "alice"}).json()
