@@ -1,9 +1,21 @@
-"""Shared test configuration."""
+"""Shared test configuration: fixtures (seed data, tiny models), the unexpected-skip check.
+
+Scaffolding that several test files share lives in modules beside this file, imported
+by name (this folder is on ``sys.path``):
+
+* ``serve_helpers``: ``ColourBackend`` (a scripted model whose evidence is redness),
+  ``png()`` and ``live_server(app)``, the one uvicorn-in-a-thread harness;
+* ``fake_openai``: ``FakeOpenAIServer``, a scripted OpenAI-compatible server
+  (``fake_openai_server()`` runs it), and vLLM/Ollama-shaped response bodies;
+* ``openai_recorder``: a server that records the requests an OpenAI client sends;
+* ``tiny_models``: tiny local VLMs (behind the ``tiny_*_path`` fixtures below).
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +23,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SEED = Path(os.environ.get("ICM_SEED_DIR", REPO.parent / "shared" / "seed"))
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+if str(Path(__file__).resolve().parent) not in sys.path:  # the helper modules, whatever pytest's import mode
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")
