@@ -209,6 +209,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    import icm.data.generate  # noqa: F401 - imports (openai's alone takes about a second) are not part of either timing
+    import openai  # noqa: F401
+
     with tempfile.TemporaryDirectory(prefix="icm-bench-datagen-") as tmp:
         root = Path(tmp)
         folder = make_images(root, args.images)

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from icm.cli.main import app
-from icm.moderation.job import ModerateConfig, read_records, run_job
+from icm.moderation.job import ModerateConfig, run_job
 from icm.moderation.parquet import (
     COLUMNS,
     ParquetRecordWriter,

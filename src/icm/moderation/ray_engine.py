@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from icm.fileio import atomic_write
 from icm.moderation.job import JobSummary, ModerateConfig, _resolved, _sha256, build_moderator
 from icm.moderation.record import ModerationRecord
 
@@ -397,13 +398,9 @@ def _prepare(out: Path | None, c: ModerateConfig, parquet: bool, identity: tuple
         if parquet:
             pq_mod.rewrite_parquet(out, keep)
         else:
-            tmp = out.with_name(out.name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
+            with atomic_write(out) as fh:
                 for r in keep:
                     fh.write(r.model_dump_json() + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, out)
     return done, bad
 
 
@@ -505,7 +502,7 @@ def run_ray_job(
         else:
             ds = ray.data.from_items(inputs.rows) if inputs.rows else None
             total = len(inputs.rows) + len(inputs.errors)
-        if on_start:
+        if on_start and not show:  # Ray's own progress bars report instead when they are on
             on_start(total if total is not None else 0)
         for source, why in inputs.errors:
             summary.total += 1
