@@ -59,7 +59,11 @@ def _config(work, out: Path, **over) -> Path:
         "model": str(work["model"]), "data": [str(work["export"])], "output_dir": str(out), "batch_size": 4,
         "max_steps": 6, "learning_rate": 2e-3, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
         "modules_to_save": ["lm_head"], "save_steps": 3, "logging_steps": 1, "num_threads": 1, "seed": 0,
-        "warmup_ratio": 0.0, **over,
+        "warmup_ratio": 0.0,
+        # a few steps leave a model that does not answer with the labels yet: these runs check the
+        # evaluation's arithmetic, so read whatever label distribution the model has (the default,
+        # 0.5, is tested by test_held_out_evaluation_of_a_model_that_does_not_answer_yet_says_so)
+        "eval_min_label_mass": 0.0, **over,
     }
     path = out.with_suffix(".yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +93,7 @@ def _scores(model: str, adapter: str | None, images: list[str]) -> list[float]:
 
     from icm.moderation.backends.hf import HFBackend
 
-    be = HFBackend(model=model, adapter=adapter, batch_size=8, device="cpu")
+    be = HFBackend(model=model, adapter=adapter, batch_size=8, device="cpu", min_label_mass=0.0)  # any P(Yes), judged or not
     q = load_policy("synth-shapes").term.question
     ims = [Image.open(p).convert("RGB") for p in images]
     return [s.p_yes for s in be.score_yes_no(ims, [q] * len(ims))]
@@ -97,6 +101,28 @@ def _scores(model: str, adapter: str | None, images: list[str]) -> list[float]:
 
 def _images(work, n: int = 6) -> list[str]:
     return sorted(str(p) for p in (work["root"] / "synth" / "train" / "images").glob("*.png"))[:n]
+
+
+def test_held_out_evaluation_of_a_model_that_does_not_answer_yet_says_so(work, tmp_path):
+    """An untrained model's answers are not judged (never read as answers), so the run's
+    evaluation has no accuracy to give; it says why instead of failing the run."""
+    from types import SimpleNamespace
+
+    from icm.training.config import TrainConfig
+    from icm.training.evaluate import evaluate_held_out
+
+    policy = load_policy("synth-shapes")
+    held = [SimpleNamespace(images=[p], product=policy.products[0].id, policy="synth-shapes") for p in _images(work, 3)]
+    cfg = TrainConfig(model=str(work["model"]), data=[str(work["export"])], output_dir=str(tmp_path), method="full")
+    assert cfg.eval_min_label_mass == 0.5
+    ev = evaluate_held_out(cfg, str(work["model"]), held, policy=policy)
+    assert ev.images == 3 and ev.icm_accuracy is None and ev.not_judged == 3 and ev.errors == 0
+    assert ev.note and "no held-out image was judged" in ev.note and ev.metrics == {"coverage": 0.0}
+    recs = [json.loads(line) for line in (tmp_path / "eval" / "moderation.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and all(r["verdict"] != "allow" and r["product"] is None for r in recs)
+    # the same model, reading its label distribution whatever its mass, does give a figure
+    ev0 = evaluate_held_out(cfg.model_copy(update={"eval_min_label_mass": 0.0}), str(work["model"]), held, policy=policy)
+    assert ev0.icm_accuracy is not None and ev0.note is None
 
 
 # --------------------------------------------------------------------------- LoRA, MSFT

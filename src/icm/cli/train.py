@@ -90,6 +90,7 @@ def run(
     eval_rules: Optional[str] = typer.Option(None, help="Rule set of the ICM evaluation."),
     eval_max_images: Optional[int] = typer.Option(None, help="Evaluate at most N held-out images."),
     eval_batch_size: Optional[int] = typer.Option(None, help="Images per batch in the evaluation."),
+    eval_min_label_mass: Optional[float] = typer.Option(None, help="Minimum label mass for an answer to count in the evaluation (as icm moderate's --min-label-mass)."),
     num_threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     dataloader_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the data counts; train nothing."),
@@ -178,6 +179,8 @@ def _print_result(res: Any) -> None:
             ("attribute accuracy", ", ".join(f"{k} {v:.3f}" for k, v in ev.get("attribute_accuracy", {}).items())),
             ("moderation records", ev["records"]),
         ]
+        if ev.get("note"):
+            rows.append(("note", ev["note"]))
     for k, v in rows:
         t.add_row(k, escape(str(v)))
     console.print(t)

@@ -108,6 +108,11 @@ class TrainConfig(BaseModel):
     eval_rules: str | None = Field(default=None, description="Rule set of the ICM evaluation (default: the policy's)")
     eval_max_images: int | None = Field(default=None, description="Evaluate at most N held-out images")
     eval_batch_size: int = Field(default=8, ge=1)
+    eval_min_label_mass: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="As icm moderate's --min-label-mass: an answer counts only when the labels hold this share of the "
+        "next-token probability (0 reads any model's label distribution, e.g. after a few smoke-test steps)",
+    )
 
     # -- machine ------------------------------------------------------------------------------
     num_threads: int | None = Field(default=None, description="torch CPU threads (default: torch's choice)")

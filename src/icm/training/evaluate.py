@@ -34,6 +34,8 @@ class HeldOut:
     product_accuracy: float | None = None
     attribute_accuracy: dict[str, float] = field(default_factory=dict)
     errors: int = 0
+    not_judged: int = 0
+    note: str | None = None
     records: str = ""
     labels: str = ""
     seconds: float = 0.0
@@ -101,9 +103,10 @@ def evaluate_held_out(config: Any, artefact: str, held: Sequence[Any], *, policy
         w.writerow(["image", "product"])
         w.writerows(sorted(truth.items()))
     if config.method == "lora":
-        backend = HFBackend(model=config.model, adapter=artefact, batch_size=config.eval_batch_size)
+        backend = HFBackend(model=config.model, adapter=artefact, batch_size=config.eval_batch_size,
+                            min_label_mass=config.eval_min_label_mass)
     else:
-        backend = HFBackend(model=artefact, batch_size=config.eval_batch_size)
+        backend = HFBackend(model=artefact, batch_size=config.eval_batch_size, min_label_mass=config.eval_min_label_mass)
     records: list[ModerationRecord] = []
     try:
         mod = Moderator(backend, policy=pol, rules=config.eval_rules)
@@ -116,12 +119,26 @@ def evaluate_held_out(config: Any, artefact: str, held: Sequence[Any], *, policy
     with open(rec_path, "w", encoding="utf-8") as fh:
         for r in records:
             fh.write(r.model_dump_json() + "\n")
+    prod_acc, attr_acc = product_accuracy(pol, records, truth)
+    errors = sum(1 for r in records if not r.ok)
+    not_judged = sum(1 for r in records if r.ok and (r.p_violation is None or r.basis in ("none", "refused", "conflict")))
+    if errors + not_judged == len(records):
+        # A short run can leave a model that does not answer with the labels yet: its
+        # answers are not judged (never read as answers), so there is no accuracy to give.
+        # The run itself succeeded; say so instead of failing it.
+        return HeldOut(
+            images=len(records), rules=rules, policy=pol.name, icm_accuracy=None,
+            metrics={"coverage": 0.0}, product_accuracy=prod_acc, attribute_accuracy=attr_acc,
+            errors=errors, not_judged=not_judged, records=str(rec_path), labels=str(labels_path),
+            note=f"no held-out image was judged ({errors} failed, {not_judged} not judged): the model does not "
+                 "answer the policy's questions with its labels yet (train longer, or see records for the answers)",
+            seconds=round(time.perf_counter() - t0, 3),
+        )
     resolver = LabelResolver(pol, rules, labels=read_labels_file(labels_path))
     report = evaluate_icm(read_results(rec_path, term=pol.term.id), resolver, name="held-out")
-    prod_acc, attr_acc = product_accuracy(pol, records, truth)
     return HeldOut(
         images=len(records), rules=rules, policy=pol.name, icm_accuracy=report.metrics.get("accuracy"),
         metrics=dict(report.metrics), product_accuracy=prod_acc, attribute_accuracy=attr_acc,
-        errors=sum(1 for r in records if not r.ok), records=str(rec_path), labels=str(labels_path),
+        errors=errors, not_judged=not_judged, records=str(rec_path), labels=str(labels_path),
         seconds=round(time.perf_counter() - t0, 3),
     )
