@@ -56,6 +56,12 @@ def serve(
     purge_only: bool = typer.Option(False, "--purge-only", help="Delete kept images past --keep-images-days, then exit without serving."),
     review_page: Optional[bool] = typer.Option(None, "--review-page/--no-review-page", help="Serve the review page at /review (default: on)."),
     log_level: Optional[str] = typer.Option(None, help="uvicorn log level (default: info)."),
+    image_url_host: Optional[list[str]] = typer.Option(None, "--image-url-host", help="/v1/moderations: a host whose http(s) image URLs are fetched ('cdn.example.com', '*.example.com'; repeatable). Default: none (data: URLs only)."),
+    model_alias: Optional[list[str]] = typer.Option(None, "--model-alias", help="/v1/moderations: NAME=POLICY[:RULES][,...] maps a model name such as omni-moderation-latest to policies (repeatable)."),
+    audit_rate: Optional[float] = typer.Option(None, help="Share of allow and block decisions sent to the review queue for audit (default: 0)."),
+    claim_seconds: Optional[float] = typer.Option(None, help="How long a reviewer's claim on a queued item lasts (default: 300)."),
+    webhook_url: Optional[str] = typer.Option(None, help="POST signed events (block decisions, overrides) to this URL, retried until accepted."),
+    webhook_secret: Optional[str] = typer.Option(None, help="Where the webhooks' HMAC key is: a FILE or env:VARIABLE (never the key itself)."),
 ) -> None:
     """Serve moderation over HTTP (POST /v1/moderate), store every decision, and the review page."""
     try:
@@ -75,10 +81,21 @@ def serve(
         "image_root": image_root, "db": db, "keep_images": keep_images, "image_dir": image_dir,
         "keep_images_days": keep_images_days,
         "review_page": review_page, "log_level": log_level,
+        "image_url_hosts": list(image_url_host) if image_url_host else None, "model_aliases": None,
+        "audit_rate": audit_rate, "claim_seconds": claim_seconds, "webhook_url": webhook_url, "webhook_secret": None,
     }
     try:
         if api_key:
             given["api_keys"] = [k for source in api_key for k in read_key_source(source)]
+        if webhook_secret:
+            given["webhook_secret"] = read_secret_source(webhook_secret, "--webhook-secret")
+        if model_alias:
+            given["model_aliases"] = dict(ServeConfig.model_fields["model_aliases"].default_factory())  # type: ignore[misc]
+            for entry in model_alias:
+                name, sep, target = entry.partition("=")
+                if not sep or not name.strip():
+                    raise ValueError(f"--model-alias {entry!r}: write NAME=POLICY[:RULES][,POLICY[:RULES]...]")
+                given["model_aliases"][name.strip()] = target.strip()
         if config:
             cfg = ServeConfig.from_file(config, **given)
         else:
@@ -130,6 +147,25 @@ def read_key_source(source: str) -> list[SecretStr]:
     if not keys:
         raise ValueError(f"--api-key: the {where} holds no key")
     return [SecretStr(k) for k in keys]
+
+
+def read_secret_source(source: str, flag: str) -> SecretStr:
+    """A secret from ``env:VARIABLE`` or the first line of a file (never from argv, which every user sees)."""
+    import os
+    from pathlib import Path
+
+    if source.startswith("env:"):
+        value = os.environ.get(source[4:])
+        if not source[4:] or value is None:
+            raise ValueError(f"{flag} {source}: no such environment variable")
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{flag} takes a file or env:VARIABLE, not the secret itself: no file by that name")
+        value = next((ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), "")
+    if len(value.strip()) < 16:
+        raise ValueError(f"{flag}: the secret is empty or shorter than 16 characters")
+    return SecretStr(value.strip())
 
 
 def _purge(cfg: Any) -> None:

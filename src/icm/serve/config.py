@@ -105,6 +105,37 @@ class ServeConfig(BaseModel):
     )
     # -- web
     review_page: bool = Field(True, description="Serve the review page at /review.")
+    # -- the OpenAI-compatible endpoint (POST /v1/moderations)
+    model_aliases: dict[str, str] = Field(
+        default_factory=lambda: {"omni-moderation-latest": "", "omni-moderation-2024-09-26": "", "text-moderation-latest": ""},
+        description="OpenAI model names and what they mean here: 'POLICY[:RULES][,POLICY[:RULES]...]'; '' is the "
+        "server's default policy and rule set.",
+    )
+    image_url_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs /v1/moderations fetches ('cdn.example.com', '*.example.com'); "
+        "none by default (data: URLs only).",
+    )
+    image_url_timeout_s: float = Field(10.0, gt=0, description="Time limit of one image URL fetch, redirects included.")
+    image_url_max_redirects: int = Field(3, ge=0, description="Redirects an image URL fetch follows (each one checked again).")
+    image_url_private_networks: bool = Field(
+        False,
+        description="Let image URLs reach private, loopback and link-local addresses (only for an allow-listed "
+        "host inside your own network; never needed for a public CDN).",
+    )
+    # -- the review queue
+    audit_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of allow and block decisions also sent to the review queue for audit."
+    )
+    claim_seconds: float = Field(300.0, gt=0, description="How long a reviewer's claim on a queued decision lasts.")
+    # -- webhooks
+    webhook_url: str | None = Field(
+        None, description="POST an event here for each block decision and each reviewer's override (retried from the outbox)."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="Key of the HMAC-SHA256 signature in X-ICM-Signature (needed with webhook_url)."
+    )
+    webhook_max_backoff_s: float = Field(300.0, gt=0, description="Longest wait between two delivery attempts of an event.")
     log_level: str = "info"
 
     @field_validator("api_keys")
@@ -118,6 +149,10 @@ class ServeConfig(BaseModel):
             raise ValueError(f"unknown backend {self.backend!r} (choose from detector, hf, openai, cascade)")
         if self.backend in ("hf", "openai") and not self.model:
             raise ValueError(f"the {self.backend} backend needs a model (--model)")
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("webhook_url needs webhook_secret (the receiver checks each event's HMAC-SHA256 signature)")
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook_url must be an http(s) URL, not {self.webhook_url[:100]!r}")
         return self
 
     # -- derived ---------------------------------------------------------------------------
