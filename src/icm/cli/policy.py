@@ -60,6 +60,9 @@ def show(name: str = typer.Argument(..., help="Built-in policy name or YAML path
     if json_:
         data = p.model_dump(mode="json")
         data["labels"] = {rs.name: {pid: lab.model_dump(mode="json") for pid, lab in p.labels(rs).items()} for rs in p.rule_sets}
+        from icm.moderation.evidence.plan import offline_summary
+
+        data["offline_evidence"] = offline_summary(p)
         data["grid"] = {
             "cells": grid.n_cells,
             "cells_per_product": cells,
@@ -115,6 +118,16 @@ def show(name: str = typer.Argument(..., help="Built-in policy name or YAML path
         rules += f"\ndefault: {rs.default or '-'}"
         rt.add_row(rs.name, rs.audience, f"{rs.thresholds.review} / {rs.thresholds.block}", rules)
     console.print(rt)
+    from rich.markup import escape
+
+    from icm.moderation.evidence.plan import offline_summary
+
+    et = Table(title="Offline evidence (the detector backend): what each question is judged from")
+    for col in ("question", "from", "when nothing fires", "here"):
+        et.add_column(col)
+    for row in offline_summary(p):
+        et.add_row(str(row["target"]), escape("\n".join(row["from"])) or "-", str(row["silent"] or "-"), escape(str(row["here"])))  # type: ignore[arg-type]
+    console.print(et)
 
 
 @app.command()

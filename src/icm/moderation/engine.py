@@ -90,6 +90,23 @@ def _collect(policy: Policy, queries: Sequence[Query], answers: dict[str, object
     return _Evidence(term, attributes, sources, boxes, failed, unanswered)
 
 
+ESCALATED_NOTE = "escalated by "
+"""How a cascade record escalated to the second stage begins its first note."""
+
+
+def was_escalated(record: ModerationRecord) -> bool | None:
+    """Whether the cascade sent this record's image to its second stage; ``None`` outside a cascade."""
+    if not record.stage:
+        return None
+    return bool(record.notes) and record.notes[0].startswith(ESCALATED_NOTE)
+
+
+def escalation_counts(records: Iterable[ModerationRecord]) -> tuple[int, int]:
+    """``(escalated, judged by the cascade)`` over the records that went through a cascade."""
+    flags = [e for e in (was_escalated(r) for r in records if r.ok) if e is not None]
+    return sum(flags), len(flags)
+
+
 def _reason(policy: Policy, d: Decision) -> str:
     if d.basis == "none":
         return "Not judged: the backend gave no usable evidence for this policy."
@@ -171,6 +188,10 @@ class Moderator:
         self.explain = explain
         self.max_new_tokens = max_new_tokens
         self.queries = build_queries(self.policy)
+        for b in (backend, escalate_to):  # the detector judges from the policy's evidence section
+            use_policy = getattr(b, "use_policy", None)
+            if callable(use_policy):
+                use_policy(self.policy)
         # The policy's content, not its name: a calibrated copy keeps the name and rule-set
         # names but decides differently, so --resume must not take its old records as done.
         self.policy_digest = hashlib.sha256(self.policy.model_dump_json().encode()).hexdigest()[:16]
@@ -350,7 +371,7 @@ class Moderator:
             if idx:
                 second = runner._run_stage(self.escalate_to, [views[i] for i in idx])
                 for i, r in zip(idx, second):
-                    r.notes.insert(0, f"escalated by {self.backend.name}: {records[i].reason}")
+                    r.notes.insert(0, f"{ESCALATED_NOTE}{self.backend.name}: {records[i].reason}")
                     r.timings.model_ms += records[i].timings.model_ms
                     records[i] = r
                     deciders[i] = self.escalate_to

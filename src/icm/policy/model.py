@@ -242,6 +242,101 @@ class RuleSet(_Strict):
         return Label(verdict=self.default, severity=severity, rule="default")
 
 
+class EvidenceSourceSpec(_Strict):
+    """A user's own ONNX image classifier, declared in a policy's ``evidence.sources``.
+
+    The image (RGB, 0..255) is resized to ``input_size`` (width, height), multiplied by
+    ``scale``, then ``(x - mean) / std`` per channel, laid out as ``layout`` with a batch
+    axis first; the first output, one row per image, is read as ``output`` (``logits``:
+    softmax is applied; ``probabilities``: used as they are; ``sigmoid``: one independent
+    probability per label). ``path`` is absolute or relative to the working directory
+    (``~`` and ``$VARS`` are expanded).
+    """
+
+    type: Literal["onnx_classifier"] = "onnx_classifier"
+    path: str
+    input_size: tuple[int, int] = Field(description="(width, height) the image is resized to")
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    scale: float = Field(default=1 / 255, gt=0.0, description="Pixels (0..255) are multiplied by this first")
+    layout: Literal["nchw", "nhwc"] = "nchw"
+    channels: Literal["rgb", "bgr"] = "rgb"
+    output: Literal["logits", "probabilities", "sigmoid"] = "logits"
+    labels: list[str] = Field(min_length=1, description="The classifier's output labels, in output order")
+    license: str | None = Field(default=None, description="The model's licence, recorded for the people who audit the policy")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "EvidenceSourceSpec":
+        if min(self.input_size) < 1:
+            raise ValueError(f"input_size must be positive, got {list(self.input_size)}")
+        if any(s == 0 for s in self.std):
+            raise ValueError("std must not be 0")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be distinct")
+        return self
+
+
+class EvidenceFrom(_Strict):
+    """One output of one evidence source, as evidence for the term or for one attribute value.
+
+    ``labels``: classes of a classifier (their probabilities are summed) or of a detector
+    (the best box score among them); ``keywords``: words an OCR source reads (the best line
+    confidence among lines holding one). The item *fires* when that score is at least
+    ``min_score``; its evidence is then ``strength * score``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    source: str
+    labels: list[str] = Field(default_factory=list)
+    keywords: list[str] = Field(default_factory=list)
+    value: str | None = Field(default=None, description="The attribute value this is evidence for (attributes only)")
+    strength: float = Field(default=1.0, gt=0.0, le=1.0)
+    min_score: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "EvidenceFrom":
+        if bool(self.labels) == bool(self.keywords):
+            raise ValueError("give either 'labels' (classes of a classifier or detector) or 'keywords' (OCR), not both or neither")
+        return self
+
+
+class TermEvidence(_Strict):
+    """Where P(term) comes from offline: a noisy-OR of the items that fire.
+
+    ``silent``: P(term) when no item fires (the leak of the noisy-OR); ``None``: the term is
+    then not judged (the sources can flag the term but not clear an image).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    silent: float | None = Field(default=None, ge=0.0, lt=1.0)
+    from_: list[EvidenceFrom] = Field(alias="from", min_length=1)
+
+
+class AttributeEvidence(_Strict):
+    """Where one attribute's distribution comes from offline (see the README, "Offline evidence").
+
+    ``silent``: the value that the silence of every source stands for ("none", "normal"); it
+    receives ``silent_confidence`` of the mass no item claims, the rest spread evenly. Without
+    it, an attribute none of whose items fires is not judged.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    silent: str | None = None
+    silent_confidence: float = Field(default=0.8, ge=0.0, le=1.0)
+    from_: list[EvidenceFrom] = Field(alias="from", min_length=1)
+
+
+class Evidence(_Strict):
+    """A policy's offline evidence: which outputs of offline models judge the term and attributes."""
+
+    sources: dict[str, EvidenceSourceSpec] = Field(default_factory=dict, description="The user's own ONNX classifiers, by name")
+    term: TermEvidence | None = None
+    attributes: dict[str, AttributeEvidence] = Field(default_factory=dict)
+
+
 _POLICY_CACHES = ("attribute_map", "product_map", "rule_set_map", "category_map", "grid", "decision_labels")
 
 
@@ -257,6 +352,9 @@ class Policy(_Strict):
     rule_sets: list[RuleSet] = Field(min_length=1)
     default_rules: str | None = Field(
         default=None, description="The rule set used when none is named (default: the first)"
+    )
+    evidence: Evidence | None = Field(
+        default=None, description="Offline evidence sources mapped onto the term and attribute values (the detector backend)"
     )
     uncovered_positive: bool | None = Field(
         default=None,

@@ -140,6 +140,7 @@ def check_policy(policy: "Policy") -> list[Issue]:
                 err(("rule_sets", r), f"rule set {rs.name!r} has no default and labels no rule for products: {', '.join(uncovered)}")
     if policy.default_rules is not None and policy.default_rules not in names:
         err(("default_rules",), f"default_rules names unknown rule set {policy.default_rules!r}")
+    issues.extend(_check_evidence(policy))
     if not any(i.level == "error" for i in issues):
         issues.extend(_check_grid(policy))
     return issues
@@ -185,4 +186,67 @@ def _check_grid(policy: "Policy") -> list[Issue]:
                 f"{uncovered} of {grid.n_cells} cells of the attribute grid match no product, e.g. {example}; "
                 f"they take each rule set's default ({defaults}); for the term they are {pos} (uncovered_positive)",
             ))
+    return issues
+
+
+def _check_evidence(policy: "Policy") -> list[Issue]:
+    """The ``evidence`` section: known sources, their output labels, attributes and values."""
+    import difflib
+
+    from icm.moderation.evidence.catalog import BUILTIN_SOURCES
+
+    ev = policy.evidence
+    if ev is None:
+        return []
+    issues: list[Issue] = []
+
+    def err(loc: Loc, msg: str) -> None:
+        issues.append(Issue("error", ("evidence", *loc), msg))
+
+    for name in ev.sources:
+        if name in BUILTIN_SOURCES:
+            err(("sources", name), f"evidence source {name!r} has the name of a built-in source; choose another name")
+    known = sorted(set(BUILTIN_SOURCES) | set(ev.sources))
+
+    def check_items(items: list, loc: Loc, values: list[str] | None, attr: str | None) -> None:
+        for k, item in enumerate(items):
+            at = (*loc, "from", k)
+            spec = ev.sources.get(item.source)
+            info = BUILTIN_SOURCES.get(item.source)
+            if spec is None and info is None:
+                err((*at, "source"), f"unknown evidence source {item.source!r} (known: {', '.join(known)})")
+                continue
+            kind = "classifier" if spec is not None else info.kind
+            labels = spec.labels if spec is not None else info.labels
+            if kind == "ocr" and item.labels:
+                err((*at, "labels"), f"source {item.source!r} reads text: give 'keywords', not 'labels'")
+            if kind != "ocr" and item.keywords:
+                err((*at, "keywords"), f"source {item.source!r} is a {kind}: give 'labels' (its output classes), not 'keywords'")
+            if labels is not None:
+                for j, label in enumerate(item.labels):
+                    if label not in labels:
+                        close = difflib.get_close_matches(label, list(labels), n=3)
+                        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                        err((*at, "labels", j), f"source {item.source!r} has no output label {label!r}{hint}")
+            for j, kw in enumerate(item.keywords):
+                if not kw.strip().rstrip("*").strip():
+                    err((*at, "keywords", j), "an empty keyword matches everything")
+            if values is None and item.value is not None:
+                err((*at, "value"), "evidence for the term has no 'value' (values belong to attributes)")
+            if values is not None:
+                if item.value is None:
+                    err(at, f"evidence for attribute {attr!r} needs the 'value' it is evidence for")
+                elif item.value not in values:
+                    err((*at, "value"), f"attribute {attr!r} has no value {item.value!r} (known: {', '.join(values)})")
+
+    if ev.term is not None:
+        check_items(ev.term.from_, ("term",), None, None)
+    for attr_id, spec in ev.attributes.items():
+        if attr_id not in policy.attribute_map:
+            err(("attributes", attr_id), f"evidence for unknown attribute {attr_id!r} (known: {', '.join(policy.attribute_map)})")
+            continue
+        values = policy.attribute_map[attr_id].value_ids
+        if spec.silent is not None and spec.silent not in values:
+            err(("attributes", attr_id, "silent"), f"attribute {attr_id!r} has no value {spec.silent!r} (known: {', '.join(values)})")
+        check_items(spec.from_, ("attributes", attr_id), values, attr_id)
     return issues

@@ -46,6 +46,30 @@ class ServerMetrics:
         )
         self.webhook_pending = Gauge("icm_webhook_pending", "Webhook events not delivered yet (the outbox).", registry=r)
         self.info = Info("icm_build", "Version, backend and model of this server.", registry=r)
+        self.cascade = Counter(
+            "icm_cascade_images", "Images the cascade decided, by outcome: cleared by the first stage, or escalated.",
+            ("outcome",), registry=r,
+        )
+        self.escalation_rate = Gauge(
+            "icm_cascade_escalation_rate", "Share of the cascade's images escalated to the second stage (0 before any).", registry=r
+        )
+        self.escalation_rate.set_function(self._escalation_rate)
+        self._cascade_counts = {"cleared": 0, "escalated": 0}
+
+    def observe_stage(self, record: object) -> None:
+        """Count a cascade record (one with a ``stage``) as cleared by the first stage or escalated."""
+        from icm.moderation.engine import was_escalated
+
+        escalated = was_escalated(record)  # type: ignore[arg-type]
+        if escalated is None:
+            return
+        outcome = "escalated" if escalated else "cleared"
+        self._cascade_counts[outcome] += 1
+        self.cascade.labels(outcome).inc()
+
+    def _escalation_rate(self) -> float:
+        total = sum(self._cascade_counts.values())
+        return self._cascade_counts["escalated"] / total if total else 0.0
 
     def set_queue_depth(self, fn: Callable[[], float]) -> None:
         self.queue.set_function(fn)
