@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Annotated, Optional, TextIO
 
 import typer
 
+from icm.cli import backend_options as bo
 from icm.cli.common import err_console, print_error
 
 VERDICT_STYLE = {"allow": "green", "review": "yellow", "block": "red"}
@@ -36,12 +37,17 @@ def render_verdict(record, out: TextIO) -> None:  # noqa: ANN001 - ModerationRec
 
 def chat(
     image: str = typer.Argument(..., help="The image to talk about."),
-    backend: str = typer.Option("hf", "--backend", "-b", help="hf or openai (detector: /verdict only)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="hf: hub id or local path; openai: served model name."),
-    adapter: Optional[str] = typer.Option(None, help="hf: LoRA adapter path."),
-    base_url: Optional[str] = typer.Option(None, help="openai: server URL (default $ICM_OPENAI_BASE_URL or $OPENAI_BASE_URL)."),
-    dtype: str = typer.Option("auto", help="hf: auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", help="hf: auto, cpu, cuda ..."),
+    backend: Annotated[Optional[str], typer.Option("--backend", "-b", help="hf or openai (detector: /verdict only).")] = "hf",
+    model: bo.ModelOpt = None,
+    adapter: bo.AdapterOpt = None,
+    base_url: bo.BaseUrlOpt = None,
+    dtype: bo.DtypeOpt = "auto",
+    device: bo.DeviceOpt = "auto",
+    min_label_mass: bo.MinLabelMassOpt = None,
+    guided_choice: bo.GuidedChoiceOpt = None,
+    api_key_env: bo.ApiKeyEnvOpt = None,
+    timeout: bo.TimeoutOpt = None,
+    max_retries: bo.MaxRetriesOpt = None,
     policy: str = typer.Option("icm-sexy", "--policy", "-p", help="Built-in policy name or policy YAML file."),
     rules: Optional[str] = typer.Option(None, "--rules", "-r", help="Rule set (default: the policy's default)."),
     temperature: float = typer.Option(0.0, help="0 (default) is greedy, deterministic decoding; above 0 samples."),
@@ -54,23 +60,27 @@ def chat(
 ) -> None:
     """Talk with a multimodal model about one image, under a policy and rule set."""
     from icm.chat import ChatSession, Sampling
-    from icm.moderation.backends import create_backend
     from icm.moderation.images import ImageLoadError
+    from icm.moderation.spec import BackendSpec, create_backend
     from icm.policy import PolicyError
 
     try:
         sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
-        opts = {"detector": {}, "hf": {"model": model, "adapter": adapter, "dtype": dtype, "device": device, "batch_size": 1},
-                "openai": {"model": model, "base_url": base_url}}
-        if backend not in opts:
-            raise ValueError(f"unknown backend {backend!r} (choose from hf, openai, detector)")
+        for name in (backend, verdict_backend):
+            if name is not None and name not in ("hf", "openai", "detector"):
+                raise ValueError(f"unknown backend {name!r} (choose from hf, openai, detector)")
+        spec = BackendSpec.build(
+            backend=backend, model=model, adapter=adapter, base_url=base_url, dtype=dtype, device=device, batch_size=1,
+            min_label_mass=min_label_mass, guided_choice=guided_choice, api_key_env=api_key_env, timeout=timeout,
+            max_retries=max_retries,
+        )
         system_text = Path(system).read_text(encoding="utf-8") if system else None
         session = ChatSession(
-            create_backend(backend, **opts[backend]), policy=policy, rules=rules, sampling=sampling,
+            create_backend(spec), policy=policy, rules=rules, sampling=sampling,
             explain_verdict=explain, system_prompt=system_text,
         )
         if verdict_backend and verdict_backend != backend:
-            session.verdict_backend = create_backend(verdict_backend, **opts.get(verdict_backend, {}))
+            session.verdict_backend = create_backend(spec, verdict_backend)
         im = session.open_image(image)
     except (ValueError, KeyError, PolicyError, ImageLoadError, ImportError, OSError) as exc:
         print_error(f"icm chat: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}")

@@ -11,7 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rich.text import Text
 
+from icm.cli import backend_options as bo
 from icm.cli.common import console, err_console, print_error, print_json
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS
 from icm.policy import PolicyError
 
 app = typer.Typer(help="Evaluate moderation: ICM accuracy, moderation Q-A, explanation quality, reports.", no_args_is_help=True)
@@ -275,13 +277,19 @@ def run_cmd(
     policy: str = typer.Option("icm-sexy", "--policy", "-p"),
     rules: Optional[str] = typer.Option(None, "--rules", "-r"),
     target: str = typer.Option("rules", help="rules or term (see `icm eval icm --help`)."),
-    backend: str = typer.Option("detector", "--backend", "-b", help="detector (offline), hf, openai or cascade."),
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    adapter: Optional[str] = typer.Option(None),
-    base_url: Optional[str] = typer.Option(None),
-    dtype: str = typer.Option("auto"),
-    device: str = typer.Option("auto"),
-    batch_size: int = typer.Option(8),
+    backend: bo.BackendOpt = "detector",
+    model: bo.ModelOpt = None,
+    adapter: bo.AdapterOpt = None,
+    base_url: bo.BaseUrlOpt = None,
+    dtype: bo.DtypeOpt = "auto",
+    device: bo.DeviceOpt = "auto",
+    batch_size: bo.BatchSizeOpt = 8,
+    min_label_mass: bo.MinLabelMassOpt = DEFAULT_MIN_LABEL_MASS,
+    guided_choice: bo.GuidedChoiceOpt = "off",
+    escalate_backend: bo.EscalateBackendOpt = "hf",
+    api_key_env: bo.ApiKeyEnvOpt = None,
+    timeout: bo.TimeoutOpt = 60.0,
+    max_retries: bo.MaxRetriesOpt = 3,
     threshold: float = typer.Option(0.5, "--threshold", "-t"),
     protocol: str = typer.Option("image"),
     confidence: float = ConfidenceOpt,
@@ -306,7 +314,8 @@ def run_cmd(
         cfg = EvalRunConfig(
             dataset=str(dataset), name=name, out_dir=str(out_dir), labels=str(labels) if labels else None, policy=policy, rules=rules,
             target=target, backend=backend, model=model, adapter=adapter, base_url=base_url, dtype=dtype, device=device,
-            batch_size=batch_size, threshold=threshold, protocol=protocol, confidence=confidence, bootstrap=bootstrap, explain=explain, qa=qa, offline_metric=offline_metric,
+            batch_size=batch_size, min_label_mass=min_label_mass, guided_choice=guided_choice, escalate_backend=escalate_backend,
+            api_key_env=api_key_env, timeout=timeout, max_retries=max_retries, threshold=threshold, protocol=protocol, confidence=confidence, bootstrap=bootstrap, explain=explain, qa=qa, offline_metric=offline_metric,
             judge=JudgeConfig(model=judge_model, **({"base_url": judge_base_url} if judge_base_url else {})) if judge_model else None,
         )
     except ValueError as exc:

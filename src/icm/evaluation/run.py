@@ -32,6 +32,8 @@ from icm.evaluation.meq_offline import OfflineMetric, correlations, score_pairs,
 from icm.evaluation.mqa import QAKind, QARecord, score_records
 from icm.evaluation.results import ResultItem, ResultSet
 from icm.evaluation.summary import EvalSummary
+from icm.fileio import read_jsonl
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS
 
 MANIFEST_NAMES = ("dataset.jsonl", "dataset.json", "manifest.jsonl")
 
@@ -80,13 +82,7 @@ def _read_manifest(path: Path) -> EvalDataset:
             except ValueError as exc:
                 raise ValueError(f"{path}: item {i}: {exc}") from None
     else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(EvalItem.model_validate_json(line))
-            except ValueError as exc:
-                raise ValueError(f"{path}:{n}: {exc}") from None
+        items.extend(read_jsonl(path, EvalItem, text=text))
     if not items:
         raise ValueError(f"{path}: the manifest lists no image")
     return EvalDataset(source=str(path), root=str(path.parent), items=items)
@@ -136,6 +132,13 @@ class EvalRunConfig(BaseModel):
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int = 8
+    # the rest of the backend's settings (icm.moderation.spec.BackendSpec), as icm moderate takes them
+    min_label_mass: float = DEFAULT_MIN_LABEL_MASS
+    guided_choice: str = "off"
+    escalate_backend: str = "hf"
+    api_key_env: str | None = None
+    timeout: float = 60.0
+    max_retries: int = 3
     threshold: float = 0.5
     confidence: float = 0.95
     bootstrap: int = 1000
@@ -220,6 +223,8 @@ def run_evaluation(
         inputs=[ds.image_path(it) for it in ds.items], policy=config.policy, rules=config.rules, backend=config.backend,
         model=config.model, adapter=config.adapter, base_url=config.base_url, dtype=config.dtype, device=config.device,
         explain=want_explain, batch_size=config.batch_size, out=str(out_dir / "records.jsonl"), resume=True,
+        min_label_mass=config.min_label_mass, guided_choice=config.guided_choice, escalate_backend=config.escalate_backend,
+        api_key_env=config.api_key_env, timeout=config.timeout, max_retries=config.max_retries,
     )
     own = moderator is None
     mod = moderator or build_moderator(mc)

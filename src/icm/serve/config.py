@@ -16,6 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS
+from icm.moderation.spec import BackendSpec
+
 API_KEYS_ENV = "ICM_API_KEYS"
 DEFAULT_DB = "icm-decisions.sqlite"
 MIN_KEY_LENGTH = 16
@@ -60,11 +63,24 @@ class ServeConfig(BaseModel):
     dtype: str = "auto"
     device: str = "auto"
     escalate_backend: str = Field("hf", description="cascade: the MLLM backend uncertain images go to.")
+    min_label_mass: float = Field(
+        DEFAULT_MIN_LABEL_MASS, ge=0.0, le=1.0,
+        description="hf/openai: the least probability the valid labels must hold for an answer to count.",
+    )
+    guided_choice: str = Field("off", description="openai: constrain answers to the labels (off, structured_outputs, guided_choice, regex).")
+    api_key_env: str | None = Field(None, description="openai: the environment variable holding the upstream server's API key.")
+    timeout: float = Field(60.0, gt=0, description="openai: seconds per HTTP request to the upstream server.")
+    max_retries: int = Field(3, ge=0, description="openai: extra attempts of a transient failure.")
     explain: bool = Field(False, description="Ask the model for an explanation of every decision.")
     torch_threads: int | None = Field(
         None, ge=1,
         description="hf: CPU threads torch may use (default: torch's choice). On a busy CPU, 1 avoids "
         "OpenMP threads spinning against the server's own threads.",
+    )
+    workers: int = Field(
+        1, ge=1, le=256,
+        description="Server processes on the one port, each with its own model and batcher (icm.serve.workers); "
+        "more than one needs a database they can share (PostgreSQL, or SQLite on one machine).",
     )
     # -- dynamic batching
     batching: bool = Field(True, description="Batch concurrent requests into one backend call.")
@@ -153,9 +169,15 @@ class ServeConfig(BaseModel):
             raise ValueError("webhook_url needs webhook_secret (the receiver checks each event's HMAC-SHA256 signature)")
         if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
             raise ValueError(f"webhook_url must be an http(s) URL, not {self.webhook_url[:100]!r}")
+        self.backend_spec()  # the backend settings every entry point checks (dtype, guided choice, ...)
         return self
 
     # -- derived ---------------------------------------------------------------------------
+
+    def backend_spec(self) -> BackendSpec:
+        """The backend settings as the spec every entry point shares (batch size: the server's batches)."""
+        fields = {name: getattr(self, name) for name in BackendSpec.model_fields if name != "batch_size"}
+        return BackendSpec.build(**fields, batch_size=self.max_batch_size if self.batching else 1)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> "ServeConfig":

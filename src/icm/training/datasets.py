@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from icm.policy import Policy, PolicyError, builtin_policy_names, load_policy
-from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
+from icm.prompting import moderation_choice_prompt, option_answer, training_conversation, yes_no_answer, yes_no_prompt
 
 __all__ = [
     "DataError",
@@ -295,21 +295,17 @@ def moderation_examples(examples: Sequence[Example], policy: Policy | None = Non
 
         def single(prompt: str, answer: str, kind: str) -> Example:
             return Example(
-                messages=[
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-                ],
+                messages=training_conversation(prompt, answer),  # as the hf backend scores it
                 images=list(image), kind=kind, product=product.id, policy=pol.name, image_key=ex.image_key,
             )
 
-        out.append(single(yes_no_prompt(pol.term.question), "Yes" if product.positive else "No", "term"))
+        out.append(single(yes_no_prompt(pol.term.question), yes_no_answer(product.positive), "term"))
         for attr in pol.attributes:
             value = product.assignment.get(attr.id)
             if value is None:
                 continue  # the product says nothing about this attribute
-            letters = option_labels(len(attr.values))
             prompt = moderation_choice_prompt(attr.question, [v.option_text for v in attr.values])
-            out.append(single(prompt, letters[attr.value_ids.index(value)], "attribute"))
+            out.append(single(prompt, option_answer(len(attr.values), attr.value_ids.index(value)), "attribute"))
     return out, skipped
 
 
