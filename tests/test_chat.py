@@ -6,17 +6,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+from serve_helpers import live_server
 
 from icm.chat import ChatSession, Sampling, policy_context
 from icm.moderation.backends.base import Backend, Choice, YesNoScore
@@ -218,7 +216,6 @@ class _SSEServer:
     """An OpenAI-compatible /chat/completions on loopback, streaming or not."""
 
     def __init__(self, mode: str = "stream") -> None:
-        import uvicorn
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -244,21 +241,15 @@ class _SSEServer:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.app = app
 
     def __enter__(self) -> "_SSEServer":
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
+        self._running = live_server(self.app)
+        self.url = self._running.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self._running.__exit__(None, None, None)
 
 
 def test_openai_backend_streams_server_sent_events():
@@ -268,7 +259,7 @@ def test_openai_backend_streams_server_sent_events():
 
     for mode, expected_pieces in (("stream", ["The image ", "shows a ", "flower."]), ("json", ["Plain answer."])):
         with _SSEServer(mode) as srv:
-            backend = OpenAIBackend("served-vlm", base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="sk-test")
+            backend = OpenAIBackend("served-vlm", base_url=f"{srv.url}/v1", api_key="sk-test")
             s = ChatSession(backend, rules="children", sampling=Sampling(seed=11, max_new_tokens=40))
             s.open_image(EXAMPLES / "flower.jpg")
             pieces: list[str] = []
@@ -286,7 +277,7 @@ def test_openai_backend_streams_server_sent_events():
             assert user[1] == {"type": "text", "text": "What is it?"}
             backend.close()
     with _SSEServer("error") as srv:
-        backend = OpenAIBackend("served-vlm", base_url=f"http://127.0.0.1:{srv.port}/v1", max_retries=1, backoff_base=0.01)
+        backend = OpenAIBackend("served-vlm", base_url=f"{srv.url}/v1", max_retries=1, backoff_base=0.01)
         s = ChatSession(backend)
         s.open_image(EXAMPLES / "flower.jpg")
         ev = s.ask("What is it?")

@@ -422,7 +422,7 @@ def test_sigkill_midway_then_resume_writes_every_record_once(tmp_path, server):
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()!r}"
     before_kill = len(script.log)
     with sqlite3.connect(out / "cache.sqlite") as db:
-        cached = set(db.execute("SELECT image_sha, stage FROM responses").fetchall())
+        cached = {(key.split(":", 1)[0], stage) for key, stage in db.execute("SELECT key, stage FROM replies")}  # key: sha:stage:prompt
     partial = len(read_records(out))
     assert 4 <= partial < N_IMAGES - len(EXPECTED_REJECTED) - 1
     # a kill can land in the middle of a line: leave one half-written behind

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from icm.data.cache import ResponseCache, prompt_hash
+from icm.cache import ReplyCache, prompt_hash, request_key, stage_key
 from icm.data.inputs import load_samples
 from icm.data.outputs import OutputStore, read_records, read_rejected, repair_jsonl
 from icm.data.records import ExplanationRecord, InstructRecord, Rejected
@@ -25,25 +25,55 @@ def record(i: int) -> InstructRecord:
 def test_cache_keys_by_image_stage_prompt_and_model(tmp_path):
     path = tmp_path / "c.sqlite"
     ph = prompt_hash([{"role": "user", "content": "describe"}], {"temperature": 0})
-    with ResponseCache(path) as c:
-        assert c.get("img", "explicit", ph, "m") is None
-        c.put("img", "explicit", ph, "m", "a woman", prompt_tokens=10, completion_tokens=3)
-        hit = c.get("img", "explicit", ph, "m")
-        assert hit is not None and hit.text == "a woman" and hit.prompt_tokens == 10
-        for other in (("img2", "explicit", ph, "m"), ("img", "implicit", ph, "m"), ("img", "explicit", ph, "m2")):
-            assert c.get(*other) is None
+    key = stage_key("img", "explicit", ph)
+    with ReplyCache(path) as c:
+        assert c.get("m", key) is None
+        c.put("m", key, "a woman", stage="explicit", prompt_tokens=10, completion_tokens=3)
+        hit = c.get("m", key)
+        assert hit is not None and hit.text == "a woman" and hit.prompt_tokens == 10 and hit.stage == "explicit"
+        for model, other in (("m", stage_key("img2", "explicit", ph)), ("m", stage_key("img", "implicit", ph)), ("m2", key)):
+            assert c.get(model, other) is None
         assert c.hits == 1 and c.misses == 4
     # other params, another prompt: another key; the entry survives reopening
     assert prompt_hash([{"role": "user", "content": "describe"}], {"temperature": 0.7}) != ph
-    with ResponseCache(path) as c:
-        assert c.get("img", "explicit", ph, "m").text == "a woman"
+    with ReplyCache(path) as c:
+        assert c.get("m", key).text == "a woman"
         assert len(c) == 1 and c.stage_counts() == {"explicit": 1}
 
 
+def test_cache_reads_the_files_of_the_two_caches_it_replaces(tmp_path):
+    """A data-generation cache (table responses) and a judge cache (table replies without
+    stage or tokens), as earlier versions wrote them, still answer: no reply is paid twice."""
+    import sqlite3
+
+    data, judge = tmp_path / "data.sqlite", tmp_path / "judge.sqlite"
+    with sqlite3.connect(data) as db:
+        db.execute("CREATE TABLE responses (image_sha TEXT NOT NULL, stage TEXT NOT NULL, prompt_sha TEXT NOT NULL, "
+                   "model TEXT NOT NULL, response TEXT NOT NULL, prompt_tokens INTEGER NOT NULL DEFAULT 0, "
+                   "completion_tokens INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, "
+                   "PRIMARY KEY (image_sha, stage, prompt_sha, model))")
+        db.execute("INSERT INTO responses VALUES ('img', 'qa', 'ph', 'llm', '| Q | A |', 12, 5, 1.0)")
+    body = {"model": "judge-m", "messages": [{"role": "user", "content": "score"}], "temperature": 0.0}
+    with sqlite3.connect(judge) as db:
+        db.execute("CREATE TABLE replies (model TEXT NOT NULL, key TEXT NOT NULL, reply TEXT NOT NULL, "
+                   "created REAL NOT NULL, PRIMARY KEY (model, key))")
+        db.execute("INSERT INTO replies VALUES ('judge-m', ?, '{\"accuracy\": 80}', 1.0)", (request_key(body),))
+    with ReplyCache(data) as c:
+        hit = c.get("llm", stage_key("img", "qa", "ph"))
+        assert hit is not None and hit.text == "| Q | A |" and (hit.prompt_tokens, hit.completion_tokens) == (12, 5)
+        assert c.stage_counts() == {"qa": 1}
+    with ReplyCache(data) as c:  # migrated once
+        assert len(c) == 1
+    with ReplyCache(judge) as c:
+        assert c.get("judge-m", request_key(body)).text == '{"accuracy": 80}'
+        c.put("judge-m", "k2", "{}", stage="judge", prompt_tokens=3)
+        assert c.stage_counts() == {"": 1, "judge": 1}
+
+
 def _write_and_die(path: str, conn) -> None:  # runs in a child process
-    with ResponseCache(path) as c:
+    with ReplyCache(path) as c:
         for i in range(50):
-            c.put(f"img{i}", "combined", "p", "m", f"text {i}")
+            c.put("m", stage_key(f"img{i}", "combined", "p"), f"text {i}", stage="combined")
         conn.send("written")
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -57,8 +87,8 @@ def test_cache_entries_survive_a_sigkill(tmp_path):
     assert parent.recv() == "written"
     p.join(10)
     assert p.exitcode == -signal.SIGKILL
-    with ResponseCache(path) as c:
-        assert len(c) == 50 and c.get("img49", "combined", "p", "m").text == "text 49"
+    with ReplyCache(path) as c:
+        assert len(c) == 50 and c.get("m", stage_key("img49", "combined", "p")).text == "text 49"
 
 
 def test_repair_cuts_only_a_half_written_last_line(tmp_path):

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
 from PIL import Image
+from serve_helpers import ColourBackend
 from typer.testing import CliRunner
 
 from icm.cli.main import app
-from icm.moderation.backends.base import Backend, Choice, YesNoScore
 from icm.moderation.engine import Moderator
 from icm.moderation.job import ModerateConfig, read_records, run_job
 
@@ -26,41 +24,21 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 runner = CliRunner()
 
 
-class RednessBackend(Backend):
-    """A scripted model that really looks at the image: redness is its evidence.
-
-    P(Yes) for the term is the mean red share of the pixels; attribute questions are
-    answered as a sharp distribution on the first option for red images and on the last
-    option (the "normal"/"none" values of icm-sexy) otherwise. It counts its calls.
-    """
+class RednessBackend(ColourBackend):
+    """The scripted model of tests/serve_helpers.py (redness is its evidence: red images
+    violate, others are "normal"/"none"), counting its calls and the images it saw."""
 
     name = "redness"
-    capabilities = frozenset({"score_yes_no", "choose", "generate"})
 
-    def __init__(self, fail_on: set[int] | None = None) -> None:
+    def __init__(self) -> None:
+        super().__init__()
         self.calls = 0
         self.images_seen = 0
-
-    @staticmethod
-    def red(image: Image.Image) -> float:
-        a = np.asarray(image.convert("RGB"), dtype=np.float64)
-        return float((a[..., 0] / (a.sum(axis=-1) + 1e-9)).mean())
 
     def score_yes_no(self, images, questions):
         self.calls += 1
         self.images_seen += len(images)
-        return [YesNoScore(p_yes=min(1.0, max(0.0, (self.red(im) - 0.2) * 1.6)), source="redness") for im in images]
-
-    def choose(self, images, question, options):
-        out = []
-        for im in images:
-            probs = [0.01] * len(options)
-            probs[0 if self.red(im) > 0.5 else -1] = 1.0
-            out.append(Choice(probs=probs, source="redness"))
-        return out
-
-    def generate(self, images, messages, *, max_new_tokens=256):
-        return ["The image is mostly red." if self.red(im) > 0.5 else "Nothing red here." for im in images]
+        return super().score_yes_no(images, questions)
 
 
 def _solid(path: Path, colour: tuple[int, int, int]) -> Path:

@@ -1,6 +1,6 @@
 """`icm moderate --backend openai` against a loopback server that behaves like real VLMs.
 
-The server is tests/test_openai_backend.py's FakeOpenAIServer (FastAPI + uvicorn on
+The server is tests/fake_openai.py's FakeOpenAIServer (FastAPI + uvicorn on
 127.0.0.1): a request picks its scripted reply by the ``[k=NAME]`` tag in its question,
 so the policy below tags its term question ``[k=term]`` and its attribute question
 ``[k=hue]``. The replies are what real servers send: vLLM chat completions with top
@@ -22,25 +22,21 @@ What a user relies on, checked through the real CLI, job, engine and backend:
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
-from test_openai_backend import FakeOpenAIServer, Reply, text_body, vllm_error, vllm_logprobs_body  # noqa: E402
+from fake_openai import MODEL, FakeOpenAIServer, Reply, fake_openai_server, text_body, vllm_error, vllm_logprobs_body  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from icm.cli.main import app  # noqa: E402
 from icm.moderation.job import read_records  # noqa: E402
 
-MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 POLICY = """
 name: vlm-check
 term: {id: red, question: "Is the image red? [k=term]"}
@@ -106,23 +102,8 @@ def _image(path: Path, colour: tuple[int, int, int]) -> Path:
 
 @pytest.fixture(scope="module")
 def vlm() -> Iterator[tuple[FakeOpenAIServer, str]]:
-    fake = FakeOpenAIServer()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(fake.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.02)
-    assert server.started, "the test server did not start"
-    yield fake, f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=5)
-    sock.close()
+    with fake_openai_server() as running:
+        yield running
 
 
 @pytest.fixture()

@@ -357,7 +357,8 @@ def synth(
     action a glyph beside it (policy synth-shapes). The teacher reads them from the pixels
     and answers `icm data generate`'s prompts over the OpenAI protocol.
     """
-    from icm.training.synth import TeacherServer, make_synth_dataset
+    from icm.demo.synth import make_synth_dataset
+    from icm.demo.teacher import TeacherServer
 
     if serve:
         try:

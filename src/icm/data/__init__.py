@@ -18,7 +18,7 @@ Records of every stage are pydantic models in :mod:`icm.data.records`.
 
 from __future__ import annotations
 
-from icm.data.cache import ResponseCache, prompt_hash
+from icm.cache import ReplyCache, prompt_hash
 from icm.data.export import EXPORT_FORMATS, ExportResult, build_samples, export_records, split_of
 from icm.data.generate import GenerateConfig, GenerateSummary, Generator, ItemOutcome, generate, plan_prompts, split_combined_answer
 from icm.data.import_icm import ImportResult, ImportStats, import_icm
@@ -35,7 +35,7 @@ __all__ = [
     "DEFAULT_POOLS", "EXPORT_FORMATS", "REASONS", "ChatError", "ChatResult", "DescriptionRecord", "ExplanationRecord",
     "ExportResult", "GenerateConfig", "GenerateSummary", "Generator", "ImportResult", "ImportStats", "InputError",
     "InstructRecord", "InstructionPools", "ItemOutcome", "MixResult", "OutputStore", "QAPair", "QAParse", "Rejected",
-    "ResponseCache", "Sample", "TextClient", "Verdict", "build_samples", "check_description", "check_explanation",
+    "ReplyCache", "Sample", "TextClient", "Verdict", "build_samples", "check_description", "check_explanation",
     "export_records", "extract_verdict", "find_tables", "generate", "import_icm", "load_samples", "mix_datasets",
     "parse_qa_text", "plan_prompts", "prompt_hash", "read_records", "read_rejected", "repair_jsonl", "split_combined_answer",
     "split_of", "split_options",

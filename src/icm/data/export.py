@@ -33,6 +33,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 from icm.data.instructions import InstructionPools
 from icm.data.records import InstructRecord
+from icm.fileio import atomic_write
 
 __all__ = [
     "DEFAULT_EXCLUDE_FLAGS",
@@ -245,11 +246,9 @@ class ExportResult:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_write(path) as fh:
         json.dump(data, fh, ensure_ascii=False, indent=1)
         fh.write("\n")
-    os.replace(tmp, path)
 
 
 def _need_datasets() -> Any:

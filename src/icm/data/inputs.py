@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from icm.fileio import read_jsonl
 from icm.moderation.images import iter_image_paths
 from icm.policy import Policy, Product
 
@@ -116,21 +117,11 @@ def _from_jsonl(policy: Policy, file: Path) -> list[Sample | InputError]:
             else:
                 out.append(_sample(policy, file.parent, _pick(row, IMAGE_KEYS), _pick(row, PRODUCT_KEYS), origin))
         return out
-    with open(file, encoding="utf-8-sig") as fh:
-        for no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            origin = f"{file}:{no}"
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                out.append(InputError(origin, f"not a JSON object: {exc}"))
-                continue
-            if not isinstance(row, dict):
-                out.append(InputError(origin, "not a JSON object"))
-                continue
-            out.append(_sample(policy, file.parent, _pick(row, IMAGE_KEYS), _pick(row, PRODUCT_KEYS), origin))
-    return out
+    rows = read_jsonl(file, text=text, skip_bad=True)
+    found: list[tuple[int, Sample | InputError]] = [(e.line, InputError(f"{file}:{e.line}", e.reason)) for e in rows.errors]
+    for no, row in zip(rows.lines, rows):
+        found.append((no, _sample(policy, file.parent, _pick(row, IMAGE_KEYS), _pick(row, PRODUCT_KEYS), f"{file}:{no}")))
+    return [x for _, x in sorted(found, key=lambda t: t[0])]  # in file order
 
 
 def _from_folder(policy: Policy, root: Path) -> list[Sample | InputError]:

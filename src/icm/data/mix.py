@@ -16,11 +16,12 @@ the mix.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from icm.fileio import atomic_write, read_jsonl
 
 __all__ = ["MixResult", "detect_layout", "load_samples_file", "mix_datasets", "parse_ratio"]
 
@@ -55,7 +56,7 @@ def load_samples_file(path: str | Path) -> list[dict[str, Any]]:
     if stripped.startswith("["):
         data = json.loads(text)
     else:
-        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = list(read_jsonl(p, text=text))
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
         raise ValueError(f"{p}: expected a JSON list (or JSONL) of samples")
     return data
@@ -154,16 +155,13 @@ def mix_datasets(
     mixed = list(a) + chosen
     rng.shuffle(mixed)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_write(out) as fh:
         if out.suffix.lower() in (".jsonl", ".ndjson"):
             for s in mixed:
                 fh.write(json.dumps(s, ensure_ascii=False) + "\n")
         else:
             json.dump(mixed, fh, ensure_ascii=False, indent=1)
             fh.write("\n")
-    os.replace(tmp, out)
     return MixResult(
         out=str(out), ours=len(a), general=len(chosen), general_available=len(b), total=len(mixed), layout=layout,
         general_per_ours=len(chosen) / len(a), asked_general_per_ours=per_ours,

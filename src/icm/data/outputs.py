@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, TextIO, TypeVar
-
-from pydantic import BaseModel, ValidationError
+from typing import Iterator, TextIO
 
 from icm.data.records import InstructRecord, Rejected
+from icm.fileio import JSONLError, atomic_write, read_jsonl
 
-__all__ = ["OutputStore", "read_jsonl", "read_records", "read_rejected", "repair_jsonl"]
-
-_M = TypeVar("_M", bound=BaseModel)
+__all__ = ["OutputStore", "read_records", "read_rejected", "repair_jsonl"]
 
 
 def repair_jsonl(path: str | os.PathLike[str]) -> int:
@@ -58,41 +55,19 @@ def repair_jsonl(path: str | os.PathLike[str]) -> int:
     return size - keep
 
 
-def read_jsonl(path: str | os.PathLike[str], model: type[_M]) -> tuple[list[_M], list[tuple[int, str]]]:
-    """The models of a JSONL file, and ``(line, error)`` for lines that are not one."""
-    out: list[_M] = []
-    bad: list[tuple[int, str]] = []
-    p = Path(path)
-    if not p.exists():
-        return out, bad
-    with open(p, encoding="utf-8") as fh:
-        for no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(model.model_validate_json(line))
-            except (ValidationError, ValueError) as exc:
-                bad.append((no, str(exc).splitlines()[0]))
-    return out, bad
-
-
 def read_records(path: str | os.PathLike[str]) -> list[InstructRecord]:
     """The records of a ``records.jsonl`` file (or of a folder holding one)."""
     p = Path(path)
     if p.is_dir():
         p = p / "records.jsonl"
-    records, bad = read_jsonl(p, InstructRecord)
-    if bad:
-        no, err = bad[0]
-        raise ValueError(f"{p}:{no}: not an InstructRecord ({err}); {len(bad)} bad line(s)")
-    return records
+    return list(read_jsonl(p, InstructRecord, missing_ok=True))
 
 
 def read_rejected(path: str | os.PathLike[str]) -> list[Rejected]:
     p = Path(path)
     if p.is_dir():
         p = p / "rejected.jsonl"
-    return read_jsonl(p, Rejected)[0]
+    return list(read_jsonl(p, Rejected, skip_bad=True, missing_ok=True))
 
 
 class OutputStore:
@@ -104,11 +79,11 @@ class OutputStore:
         self.records_path = self.folder / "records.jsonl"
         self.rejected_path = self.folder / "rejected.jsonl"
         self.repaired_bytes = repair_jsonl(self.records_path) + repair_jsonl(self.rejected_path)
-        records, bad = read_jsonl(self.records_path, InstructRecord)
-        if bad:
-            no, err = bad[0]
-            raise ValueError(f"{self.records_path}:{no} is not a record ({err}); fix or move the file before resuming")
-        rejected, _ = read_jsonl(self.rejected_path, Rejected)
+        try:
+            records = read_jsonl(self.records_path, InstructRecord, missing_ok=True)
+        except JSONLError as exc:
+            raise ValueError(f"{exc} (not a record); fix or move the file before resuming") from None
+        rejected = list(read_jsonl(self.rejected_path, Rejected, skip_bad=True, missing_ok=True))
         if retry_rejected and any(r.item for r in rejected):
             rejected = [r for r in rejected if not r.item]
             self._rewrite(self.rejected_path, rejected)
@@ -121,13 +96,9 @@ class OutputStore:
 
     @staticmethod
     def _rewrite(path: Path, items: list[Rejected]) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_write(path) as fh:
             for it in items:
                 fh.write(it.model_dump_json() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
 
     def is_done(self, item_id: str) -> bool:
         return item_id in self.done or item_id in self.rejected_items
@@ -167,4 +138,4 @@ class OutputStore:
         self.close()
 
     def iter_records(self) -> Iterator[InstructRecord]:
-        yield from read_jsonl(self.records_path, InstructRecord)[0]
+        yield from read_jsonl(self.records_path, InstructRecord, skip_bad=True, missing_ok=True)

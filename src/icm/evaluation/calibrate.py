@@ -44,6 +44,7 @@ from pydantic import BaseModel, Field
 from icm.evaluation.labels import LabelResolver
 from icm.evaluation.results import ResultSet
 from icm.evaluation.stats import DEFAULT_CONFIDENCE, wilson
+from icm.fileio import atomic_write
 from icm.policy import Policy, decide
 from icm.policy.model import RuleSet, Thresholds
 
@@ -557,8 +558,6 @@ def write_override(report: CalibrationReport, policy_ref: str, out: str | Path) 
     previous = parse_policy(text, source)[0].rule_set(report.rules).thresholds
     body = policy_with_thresholds(text, source, report.rules, report.chosen.review, report.chosen.block)
     p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(header(report, source, previous) + body, encoding="utf-8")
-    tmp.replace(p)
+    with atomic_write(p) as fh:
+        fh.write(header(report, source, previous) + body)
     return p

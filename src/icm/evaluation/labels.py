@@ -31,6 +31,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from icm.fileio import read_jsonl, read_text
 from icm.policy import Policy
 from icm.policy.model import RuleSet
 
@@ -127,10 +128,7 @@ def read_labels_file(path: str | Path) -> dict[str, LabelSpec]:
     or a list of objects, or JSONL. Columns: ``image`` (or ``path``/``image_name``) and one
     of ``label``, ``category``, ``product``."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ValueError(f"cannot read labels file {p}: {exc.strerror or exc}") from None
+    text = read_text(p, "labels file", encoding="utf-8-sig")
     out: dict[str, LabelSpec] = {}
     stripped = text.lstrip()
     if stripped.startswith("{") or stripped.startswith("["):
@@ -156,15 +154,8 @@ def read_labels_file(path: str | Path) -> dict[str, LabelSpec]:
         except json.JSONDecodeError:
             if not stripped.startswith("{"):
                 raise ValueError(f"{p}: not valid JSON") from None
-            for n, line in enumerate(text.splitlines(), 1):  # JSONL
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{p}:{n}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{p}:{n}: not a JSON object") from None
+            objects = read_jsonl(p, text=text)  # JSONL
+            for n, row in zip(objects.lines, objects):
                 img, spec = _spec_from_mapping(row, f"{p}:{n}")
                 out[img] = spec
             return out

@@ -16,7 +16,6 @@ moderation records (``path`` and ``explanation``), and paired by image file name
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -26,6 +25,7 @@ from pydantic import BaseModel, Field
 from icm.evaluation.labels import image_key, image_stem
 from icm.evaluation.meq_judge import CRITERIA, ExplanationPair, JudgeResult, parse_judgement
 from icm.evaluation.mqa import read_two_line
+from icm.fileio import read_jsonl, read_text
 
 MEQMode = Literal["judgements", "judge", "offline"]
 
@@ -183,19 +183,10 @@ def read_explanations(path: str | Path) -> dict[str, str]:
     """Explanations by image stem: the paper's two-line file, or JSONL records with
     ``path`` (or ``image``) and ``explanation`` (or ``reference``/``text``)."""
     p = Path(path)
-    try:
-        head = p.read_text(encoding="utf-8").lstrip()[:1]
-    except OSError as exc:
-        raise ValueError(f"cannot read {p}: {exc.strerror or exc}") from None
+    text = read_text(p)
     out: dict[str, str] = {}
-    if head == "{":
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{p}:{n}: not valid JSON ({exc.msg})") from None
+    if text.lstrip()[:1] == "{":
+        for obj in read_jsonl(p, text=text):
             img = obj.get("path") or obj.get("image") or obj.get("image_name")
             text = obj.get("explanation") or obj.get("reference") or obj.get("text")
             if img and isinstance(text, str) and text.strip():

@@ -19,7 +19,6 @@ Two inputs:
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Literal
@@ -28,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from icm.evaluation.labels import image_key
 from icm.evaluation.stats import DEFAULT_CONFIDENCE, wilson
+from icm.fileio import read_jsonl, read_text
 
 QAKind = Literal["mc", "yes_no"]
 KINDS: tuple[QAKind, ...] = ("mc", "yes_no")
@@ -170,10 +170,7 @@ def score_records(records: list[QARecord], *, name: str, source: str, fmt: Liter
 def read_two_line(path: str | Path) -> list[tuple[str, str]]:
     """``(image, text)`` pairs of a two-lines-per-entry file (image line, then text line)."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ValueError(f"cannot read {p}: {exc.strerror or exc}") from None
+    lines = read_text(p).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) % 2:
@@ -257,20 +254,8 @@ def evaluate_paper_folder(folder: str | Path, model: str | None = None) -> list[
 
 def read_qa_records(path: str | Path) -> tuple[list[QARecord], int]:
     """QA records of a JSONL file and the number of unreadable lines."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read {p}: {exc.strerror or exc}") from None
-    out, bad = [], 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            out.append(QARecord.model_validate(json.loads(line)))
-        except ValueError:
-            bad += 1
-    return out, bad
+    rows = read_jsonl(path, QARecord, skip_bad=True)
+    return list(rows), len(rows.errors)
 
 
 def evaluate_records_file(path: str | Path, name: str | None = None) -> MQAReport:

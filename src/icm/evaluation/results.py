@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from icm.fileio import read_jsonl, read_text
+
 ResultFormat = Literal["icm-jsonl", "paper-json"]
 Status = Literal["judged", "not_judged", "failed"]
 
@@ -147,10 +149,8 @@ def parse_paper_json(data: Any, source: str = "<json>", *, term: str | None = No
     return ResultSet(source=source, format="paper-json", items=items, bad_lines=bad, notes=notes)
 
 
-def _record_item(obj: dict[str, Any]) -> ResultItem:
-    from icm.moderation.record import ModerationRecord
-
-    r = ModerationRecord.model_validate(obj)
+def _record_item(r: Any) -> ResultItem:
+    """The figures of one :class:`~icm.moderation.record.ModerationRecord`."""
     return ResultItem(
         id=r.path,
         p_term=r.term.p_yes if r.term is not None else None,
@@ -179,16 +179,13 @@ def parse_records_jsonl(text: str, source: str = "<jsonl>") -> ResultSet:
     When a path occurs more than once (a resumed run keeps earlier records), the last
     record wins.
     """
+    from icm.moderation.record import ModerationRecord
+
     by_id: dict[str, ResultItem] = {}
-    bad = 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            item = _record_item(json.loads(line))
-        except ValueError:
-            bad += 1
-            continue
+    rows = read_jsonl(source, ModerationRecord, text=text, skip_bad=True)
+    bad = len(rows.errors)
+    for record in rows:
+        item = _record_item(record)
         by_id.pop(item.id, None)
         by_id[item.id] = item
     notes = [f"{bad} unreadable lines skipped (a run killed mid-write?)"] if bad else []
@@ -196,12 +193,25 @@ def parse_records_jsonl(text: str, source: str = "<jsonl>") -> ResultSet:
 
 
 def read_results(path: str | Path, *, term: str | None = None) -> ResultSet:
-    """Read a results file, detecting its format (our JSONL or the paper's JSON)."""
+    """Read a results file, detecting its format (our JSONL or parquet, or the paper's JSON)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read results file {p}: {exc.strerror or exc}") from None
+    from icm.moderation.parquet import is_parquet_path, read_parquet_records
+
+    if is_parquet_path(p):  # `icm moderate --out x.parquet`: a folder of part files (or one file)
+        if not p.exists():
+            raise ValueError(f"cannot read results {p}: no such file or folder")
+        try:
+            records, bad = read_parquet_records(p)
+        except ImportError as exc:
+            raise ValueError(f"{p}: {exc}") from None
+        rs = parse_records_jsonl("".join(r.model_dump_json() + "\n" for r in records), str(p))
+        if not rs.items:
+            raise ValueError(f"{p}: no readable moderation record")
+        rs.bad_lines = bad
+        if bad:
+            rs.notes.append(f"{bad} unreadable parts or rows skipped")
+        return rs
+    text = read_text(p, "results file")
     stripped = text.lstrip()
     if not stripped:
         raise ValueError(f"{p}: the results file is empty")

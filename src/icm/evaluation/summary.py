@@ -13,6 +13,7 @@ from icm import __version__
 from icm.evaluation.icm_metrics import ICMReport
 from icm.evaluation.meq import MEQReport
 from icm.evaluation.mqa import MQAReport
+from icm.fileio import atomic_write, read_text
 
 SCHEMA_VERSION = 1
 
@@ -31,19 +32,15 @@ class EvalSummary(BaseModel):
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        tmp.replace(p)
+        with atomic_write(p) as fh:
+            fh.write(self.model_dump_json(indent=2) + "\n")
         return p
 
 
 def load_summary(path: str | Path) -> EvalSummary:
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"cannot read {p}: {exc.strerror or exc}") from None
+        data = json.loads(read_text(p))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{p}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or "schema_version" not in data:

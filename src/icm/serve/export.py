@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from icm.fileio import atomic_write
 from icm.policy import Policy, load_policy
 from icm.policy.prompts import explanation_prompt
 from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
@@ -173,11 +174,9 @@ def export_reviews(
         return known.get(name)
 
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(out=str(out_path))
-    tmp = out_path.with_name(out_path.name + ".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_write(out_path) as fh:
             for decision, review in store.iter_reviewed(latest_only=True):
                 if overrides_only and review["action"] != "override":
                     continue
@@ -192,10 +191,7 @@ def export_reviews(
                     summary.overrides += 1
                 else:
                     summary.confirmations += 1
-        os.replace(tmp, out_path)
     finally:
         store.close()
-        if tmp.exists():
-            tmp.unlink()
     summary.unknown_policies = tuple(sorted(unknown))
     return summary
