@@ -10,8 +10,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.markup import escape
 from rich.table import Table
 
+from icm.cli import backend_options as bo
 from icm.cli.common import console, err_console, print_error
 from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, BackendConfigError
+from icm.moderation.engine import escalation_counts
 from icm.moderation.job import JobSummary, ModerateConfig, build_moderator, run_job
 from icm.moderation.record import ModerationRecord
 from icm.policy import PolicyError
@@ -60,15 +62,15 @@ def moderate(
     inputs: list[str] = typer.Argument(None, help="Image files, folders (recursive), glob patterns, or - for a list of paths on stdin."),
     policy: str = typer.Option("icm-sexy", "--policy", "-p", help="Built-in policy name or policy YAML file."),
     rules: Optional[str] = typer.Option(None, "--rules", "-r", help="Rule set of the policy (default: the policy's default)."),
-    backend: str = typer.Option("detector", "--backend", "-b", help="detector (offline default), hf, openai or cascade."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="hf: hub id or local path; openai: served model name."),
-    adapter: Optional[str] = typer.Option(None, help="hf: LoRA adapter path."),
-    base_url: Optional[str] = typer.Option(None, help="openai: server URL (default $ICM_OPENAI_BASE_URL or $OPENAI_BASE_URL)."),
-    dtype: str = typer.Option("auto", help="hf: auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", help="hf: auto, cpu, cuda, cuda:1, mps ..."),
-    escalate_backend: str = typer.Option("hf", help="cascade: the MLLM backend images go to when the detector cannot clear them."),
+    backend: bo.BackendOpt = "detector",
+    model: bo.ModelOpt = None,
+    adapter: bo.AdapterOpt = None,
+    base_url: bo.BaseUrlOpt = None,
+    dtype: bo.DtypeOpt = "auto",
+    device: bo.DeviceOpt = "auto",
+    escalate_backend: bo.EscalateBackendOpt = "hf",
     explain: bool = typer.Option(False, "--explain", help="Ask the model for an explanation (backends that generate text)."),
-    batch_size: int = typer.Option(8, help="Images per batch."),
+    batch_size: bo.BatchSizeOpt = 8,
     out: Optional[str] = typer.Option(None, "--out", "-o", help="JSONL file, one record per image, written as it goes."),
     resume: bool = typer.Option(False, "--resume", help="Skip images --out already holds for the same policy, rules, backend and model."),
     max_pixels: Optional[int] = typer.Option(None, help="Refuse images above this many pixels (decompression bombs)."),
@@ -76,16 +78,21 @@ def moderate(
     null: bool = typer.Option(False, "--null", "-0", help="With -: paths on stdin are separated by NUL bytes (find -print0), not lines."),
     fps: float = typer.Option(1.0, "--fps", help="Video: frames sampled per second, thinned evenly to --max-frames (needs the [video] extra)."),
     json_: bool = typer.Option(False, "--json", help="Print the records as JSON lines instead of a table."),
-    min_label_mass: float = typer.Option(
-        DEFAULT_MIN_LABEL_MASS, "--min-label-mass",
-        help="hf/openai: an answer counts only when the model puts at least this probability on the valid labels "
-        "(Yes/No or the option labels); below it the question is not judged (refused or off-format) and the image is never allowed.",
+    allow_unjudged: bool = typer.Option(
+        False, "--allow-unjudged",
+        help="Run even when the backend can judge nothing of the policy (every image would go to review); without it that is exit 2.",
     ),
-    guided_choice: str = typer.Option(
-        "off", "--guided-choice",
-        help="openai: ask the server to constrain answers to the labels: off, structured_outputs (vLLM >= 0.10), "
-        "guided_choice (older vLLM) or regex (SGLang). A server that rejects it is asked without it.",
-    ),
+    min_label_mass: bo.MinLabelMassOpt = DEFAULT_MIN_LABEL_MASS,
+    guided_choice: bo.GuidedChoiceOpt = "off",
+    api_key_env: bo.ApiKeyEnvOpt = None,
+    timeout: bo.TimeoutOpt = 60.0,
+    max_retries: bo.MaxRetriesOpt = 3,
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data actor pool; the [ray] extra). Same records either way."),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: an existing cluster (auto, ray://host:10001); default: start a local one."),
+    num_actors: int = typer.Option(1, "--num-actors", help="ray: actors in the pool, each with its own backend."),
+    cpus_per_actor: Optional[float] = typer.Option(None, "--cpus-per-actor", help="ray: CPUs per actor (default 1, less when that would leave no CPU for reading and writing)."),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="ray: GPUs per actor (fractions share a GPU)."),
+    threads_per_actor: Optional[int] = typer.Option(None, "--threads-per-actor", help="ray: model threads per actor (onnxruntime, torch); default: the actor's whole CPUs, at least 1."),
 ) -> None:
     """Moderate images with a policy and rule set; one verdict (allow / review / block) per image."""
     if not inputs:
@@ -96,16 +103,37 @@ def moderate(
         base_url=base_url, dtype=dtype, device=device, escalate_backend=escalate_backend, explain=explain,
         batch_size=batch_size, out=out, resume=resume, max_pixels=max_pixels,
         max_frames=max_frames, fps=fps, null=null, min_label_mass=min_label_mass, guided_choice=guided_choice,
+        api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
     )
     if resume and not out:
         err_console.print("[red]--resume needs --out[/red]")
         raise typer.Exit(2)
+    ray_options = None
+    ray_errors: tuple[type[Exception], ...] = ()
+    if engine == "ray":
+        from icm.moderation.ray_engine import RayEngineError, RayOptions, RunInfo
+        ray_errors = (RayEngineError, ImportError)
+        ray_options = RayOptions(address=address, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+                                 gpus_per_actor=gpus_per_actor, threads_per_actor=threads_per_actor)
+    elif engine != "local":
+        err_console.print(f"[red]unknown --engine {escape(engine)} (local or ray)[/red]")
+        raise typer.Exit(2)
     try:
-        moderator = build_moderator(config)
+        moderator = build_moderator(config) if ray_options is None else RunInfo(config)
     except (PolicyError, KeyError, ValueError, ImportError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print_error(msg)
         raise typer.Exit(2) from None
+    if getattr(moderator, "policy", None) is not None:  # said once, up front: what the backend cannot judge
+        from icm.moderation.evidence.plan import judgeability
+
+        unjudged, warnings = judgeability(moderator.policy, moderator.backend, cascade=moderator.escalate_to is not None)
+        if unjudged and not allow_unjudged:
+            print_error(unjudged)
+            moderator.backend.close()
+            raise typer.Exit(2)
+        for w in warnings + ([unjudged] if unjudged else []):
+            err_console.print(f"[yellow]note:[/yellow] {escape(w)}", highlight=False)
 
     progress = Progress(
         TextColumn("[bold]moderating[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -128,7 +156,14 @@ def moderate(
 
     try:
         with progress:
-            summary = run_job(config, moderator=moderator, stdin=sys.stdin, on_start=on_start, on_record=on_record)
+            if ray_options is None:
+                summary = run_job(config, moderator=moderator, stdin=sys.stdin, on_start=on_start, on_record=on_record)
+            else:
+                from icm.moderation.ray_engine import run_ray_job
+                summary = run_ray_job(config, ray_options, stdin=sys.stdin, on_start=on_start, on_record=on_record, info=moderator)
+    except ray_errors as exc:  # the ray engine: a pool that cannot run, a table it cannot read, Ray not installed
+        print_error(f"stopped: {exc}")
+        raise typer.Exit(2) from None
     except BackendConfigError as exc:
         print_error(f"stopped: {exc}" + (f" (the records so far are in {out}; fix this and rerun with --resume)" if out else ""))
         raise typer.Exit(2) from None
@@ -140,6 +175,9 @@ def moderate(
         console.print(summary_table(summary))
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(summary.verdicts.items()))
         extra = f", skipped (already in {out}): {summary.skipped}" if summary.skipped else ""
+        escalated, staged = escalation_counts(summary.records)
+        if staged:  # the cascade: how many images the first stage could not clear
+            extra += f", escalated: {escalated} of {staged} ({escalated / staged:.0%})"
         console.print(
             f"policy [bold]{moderator.policy.name}[/bold], rules [bold]{moderator.rule_set.name}[/bold], "
             f"backend [bold]{moderator.backend_name}[/bold] ({moderator.model_id}) | {counts or 'no verdicts'}, "

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import typer
 from pydantic import SecretStr
 
+from icm.cli import backend_options as bo
 from icm.cli.common import err_console, print_error
 
 
@@ -30,13 +31,18 @@ def serve(
     policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Default policy: built-in name or YAML file (default: icm-sexy)."),
     rules: Optional[str] = typer.Option(None, "--rules", "-r", help="Default rule set of the default policy."),
     policies: Optional[list[str]] = typer.Option(None, "--extra-policy", help="Another policy clients may name per request (repeatable)."),
-    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="detector (default), hf, openai or cascade."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="hf: hub id or local path; openai: served model name."),
-    adapter: Optional[str] = typer.Option(None, help="hf: LoRA adapter path."),
-    base_url: Optional[str] = typer.Option(None, help="openai: server URL."),
-    dtype: Optional[str] = typer.Option(None, help="hf: auto, float32, bfloat16 or float16."),
-    device: Optional[str] = typer.Option(None, help="hf: auto, cpu, cuda ..."),
-    escalate_backend: Optional[str] = typer.Option(None, help="cascade: hf or openai."),
+    backend: bo.BackendOpt = None,
+    model: bo.ModelOpt = None,
+    adapter: bo.AdapterOpt = None,
+    base_url: bo.BaseUrlOpt = None,
+    dtype: bo.DtypeOpt = None,
+    device: bo.DeviceOpt = None,
+    escalate_backend: bo.EscalateBackendOpt = None,
+    min_label_mass: bo.MinLabelMassOpt = None,
+    guided_choice: bo.GuidedChoiceOpt = None,
+    api_key_env: bo.ApiKeyEnvOpt = None,
+    timeout: bo.TimeoutOpt = None,
+    max_retries: bo.MaxRetriesOpt = None,
     explain: Optional[bool] = typer.Option(None, "--explain/--no-explain", help="Ask the model to explain every decision."),
     torch_threads: Optional[int] = typer.Option(None, help="hf: CPU threads for torch (default: torch's choice; 1 on a busy CPU)."),
     batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Dynamic batching of concurrent requests (default: on)."),
@@ -56,6 +62,7 @@ def serve(
     purge_only: bool = typer.Option(False, "--purge-only", help="Delete kept images past --keep-images-days, then exit without serving."),
     review_page: Optional[bool] = typer.Option(None, "--review-page/--no-review-page", help="Serve the review page at /review (default: on)."),
     log_level: Optional[str] = typer.Option(None, help="uvicorn log level (default: info)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Server processes on this port, each with its own model (default: 1); share a PostgreSQL --db between them."),
     image_url_host: Optional[list[str]] = typer.Option(None, "--image-url-host", help="/v1/moderations: a host whose http(s) image URLs are fetched ('cdn.example.com', '*.example.com'; repeatable). Default: none (data: URLs only)."),
     model_alias: Optional[list[str]] = typer.Option(None, "--model-alias", help="/v1/moderations: NAME=POLICY[:RULES][,...] maps a model name such as omni-moderation-latest to policies (repeatable)."),
     audit_rate: Optional[float] = typer.Option(None, help="Share of allow and block decisions sent to the review queue for audit (default: 0)."),
@@ -75,12 +82,14 @@ def serve(
         "policy": policy, "rules": rules,
         "policies": list(policies) if policies else None, "backend": backend, "model": model, "adapter": adapter,
         "base_url": base_url, "dtype": dtype, "device": device, "escalate_backend": escalate_backend,
+        "min_label_mass": min_label_mass, "guided_choice": guided_choice, "api_key_env": api_key_env,
+        "timeout": timeout, "max_retries": max_retries,
         "explain": explain, "torch_threads": torch_threads, "batching": batching, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
         "max_queue": max_queue, "max_queue_bytes": max_queue_bytes, "decode_pixel_budget": decode_pixel_budget,
         "reduce_to_pixels": reduce_to_pixels, "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
         "image_root": image_root, "db": db, "keep_images": keep_images, "image_dir": image_dir,
         "keep_images_days": keep_images_days,
-        "review_page": review_page, "log_level": log_level,
+        "review_page": review_page, "log_level": log_level, "workers": workers,
         "image_url_hosts": list(image_url_host) if image_url_host else None, "model_aliases": None,
         "audit_rate": audit_rate, "claim_seconds": claim_seconds, "webhook_url": webhook_url, "webhook_secret": None,
     }

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
-from icm.moderation.backends import create_backend
-from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, Backend
+from icm.fileio import atomic_write, read_jsonl
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS
 from icm.moderation.engine import Moderator
 from icm.moderation.images import ImageLoadError, iter_image_paths, open_regular_file
 from icm.moderation.record import ModerationRecord
+from icm.moderation.spec import BACKEND_NAMES, BackendSpec, create_backends
 
 
 @dataclass
@@ -54,19 +55,16 @@ class ModerateConfig:
     """Video: frames sampled per second (thinned evenly to ``max_frames``)."""
     null: bool = False
     """``-`` reads NUL-separated paths (``find -print0``) instead of one per line."""
+    api_key_env: str | None = None
+    """openai: the environment variable holding the API key (default $ICM_OPENAI_API_KEY / $OPENAI_API_KEY)."""
+    timeout: float = 60.0
+    """openai: seconds per HTTP request."""
+    max_retries: int = 3
+    """openai: extra attempts of a transient failure."""
 
-
-def _backend_options(name: str, c: ModerateConfig) -> dict[str, object]:
-    if name == "detector":
-        return {}
-    if name == "hf":
-        return {
-            "model": c.model, "adapter": c.adapter, "dtype": c.dtype, "device": c.device, "batch_size": c.batch_size,
-            "min_label_mass": c.min_label_mass,
-        }
-    if name == "openai":
-        return {"model": c.model, "base_url": c.base_url, "min_label_mass": c.min_label_mass, "guided_choice": c.guided_choice}
-    raise ValueError(f"unknown backend {name!r} (choose from detector, hf, openai, cascade)")
+    def backend_spec(self) -> BackendSpec:
+        """The backend fields of this config as the :class:`BackendSpec` every entry point shares."""
+        return BackendSpec.build(**{name: getattr(self, name) for name in BackendSpec.model_fields})
 
 
 def build_moderator(c: ModerateConfig) -> Moderator:
@@ -83,14 +81,11 @@ def build_moderator(c: ModerateConfig) -> Moderator:
         raise ValueError("--max-frames must be at least 1")
     if not (c.fps > 0 and c.fps < float("inf")):
         raise ValueError("--fps must be a positive number")
-    escalate: Backend | None = None
-    if c.backend == "cascade":
-        if c.escalate_backend not in ("hf", "openai"):
-            raise ValueError("the cascade escalates to an MLLM backend: --escalate-backend hf or openai")
-        first = create_backend("detector")
-        escalate = create_backend(c.escalate_backend, **_backend_options(c.escalate_backend, c))
-    else:
-        first = create_backend(c.backend, **_backend_options(c.backend, c))
+    if c.backend == "cascade" and c.escalate_backend not in ("hf", "openai"):
+        raise ValueError("the cascade escalates to an MLLM backend: --escalate-backend hf or openai")
+    if c.backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {c.backend!r} (choose from {', '.join(BACKEND_NAMES)})")
+    first, escalate = create_backends(c.backend_spec())
     return Moderator(first, policy=policy, rules=c.rules, explain=c.explain, escalate_to=escalate)
 
 
@@ -114,20 +109,8 @@ def _resolved(path: str | os.PathLike[str]) -> str:
 
 def read_records(path: Path) -> tuple[list[ModerationRecord], int]:
     """Records of a JSONL file and the number of unreadable lines (a run killed mid-write)."""
-    records, bad = [], 0
-    if not path.exists():
-        return records, bad
-    # errors="replace": a run killed inside a multi-byte character leaves a torn last line,
-    # which must count as one bad line, not stop the whole file from being read.
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                records.append(ModerationRecord.model_validate_json(line))
-            except ValueError:
-                bad += 1
-    return records, bad
+    rows = read_jsonl(path, ModerationRecord, skip_bad=True, missing_ok=True)
+    return list(rows), len(rows.errors)
 
 
 @dataclass
@@ -151,19 +134,19 @@ def _prepare_output(c: ModerateConfig, mod: Moderator) -> tuple[TextIO | None, d
     out = Path(c.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done: dict[str, ModerationRecord] = {}
+    mine = (mod.policy.name, mod.policy_digest, mod.rule_set.name, mod.backend_name, mod.model_id)
+    same = lambda r: (r.policy, r.policy_digest, r.rules, r.backend, r.model) == mine  # noqa: E731
+    from icm.moderation.parquet import is_parquet_path, open_parquet_output
+
+    if is_parquet_path(out):  # *.parquet: a folder of part files (icm.moderation.parquet)
+        return open_parquet_output(out, resume=c.resume, same=same, key=lambda r: _resolved(r.local_path()))  # type: ignore[return-value]
     if c.resume and out.exists():
         records, _ = read_records(out)
-        mine = (mod.policy.name, mod.policy_digest, mod.rule_set.name, mod.backend_name, mod.model_id)
-        same = lambda r: (r.policy, r.policy_digest, r.rules, r.backend, r.model) == mine  # noqa: E731
         keep = [r for r in records if r.ok or not same(r)]
         done = {_resolved(r.local_path()): r for r in keep if r.ok and same(r)}
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_write(out) as fh:  # drops retried failures and a half-written last line
             for r in keep:
                 fh.write(r.model_dump_json() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)  # drops retried failures and a half-written last line, atomically
         return open(out, "a", encoding="utf-8"), done
     return open(out, "w", encoding="utf-8"), done
 
