@@ -49,6 +49,8 @@ RESERVED_CPUS = 0.5
 """CPUs the default actor size leaves for Ray Data's own tasks and the driver."""
 READ_TASK_CPUS = 0.1
 MAX_FETCH_BYTES = 256 * 1024 * 1024
+RECORDS_KEPT = 1000
+"""The summary holds the first records only (the CLI shows 50); all go to the output and ``on_record``."""
 
 
 @dataclass
@@ -445,7 +447,9 @@ def run_ray_job(
 ) -> JobSummary:
     """Run ``icm moderate`` on Ray Data; the same records as :func:`icm.moderation.job.run_job`.
 
-    Output ``c.out``: ``*.parquet`` (a folder of part files) or JSONL. Raises
+    Output ``c.out``: ``*.parquet`` (a folder of part files) or JSONL; the summary's
+    ``records`` are the first :data:`RECORDS_KEPT` (every record goes to the output and to
+    ``on_record``). Raises
     :class:`RayEngineError` for a pool that cannot run, :class:`ImportError` without Ray,
     and :class:`~icm.moderation.backends.base.BackendConfigError` when a backend refuses
     its settings (the records written so far stay; rerun with ``resume``).
@@ -478,7 +482,8 @@ def run_ray_job(
         writer = _Writer(out, parquet=parquet, resume=c.resume, part_size=opts.part_size)
 
         def emit(r: ModerationRecord) -> None:
-            summary.records.append(r)
+            if len(summary.records) < RECORDS_KEPT:  # a backlog's records are in the output, not in memory
+                summary.records.append(r)
             if r.ok:
                 summary.verdicts[r.verdict or "none"] += 1
             else:
