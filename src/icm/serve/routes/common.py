@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from icm.serve.auth import cross_site, host_allowed
 from icm.serve.errors import APIError
@@ -36,6 +37,22 @@ ERRORS = {
 
 def service(request: Request) -> Service:
     return request.app.state.service
+
+
+def content_type(request: Request) -> str:
+    """The request's media type, lower case, without parameters (``multipart/form-data``)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def json_body(request: Request) -> object:
+    """The parsed JSON body; a 400 ``bad_json`` when it is not JSON. A body over the size limit
+    (:class:`APIError` from the reading) and a client that went away propagate as they are."""
+    try:
+        return await request.json()
+    except (APIError, ClientDisconnect):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise APIError(400, "bad_json", f"the body is not valid JSON ({type(exc).__name__}: {exc})") from None
 
 
 def principal(request: Request) -> str | None:

@@ -23,7 +23,7 @@ from icm.serve.batching import BatcherClosed, QueueFull
 from icm.serve.errors import APIError, image_error
 from icm.serve.limits import Overloaded, decode_weight, loaded_bytes, reduce_loaded
 from icm.serve.paths import PathRefused, read_beneath
-from icm.serve.routes.common import ERRORS, principal, service
+from icm.serve.routes.common import ERRORS, content_type, json_body, principal, service
 from icm.serve.service import Job, Outcome, Service
 from icm.serve.store import DecisionMeta
 
@@ -201,7 +201,7 @@ async def moderate(request: Request, who: str | None = Depends(principal)) -> Mo
     its name in `X-Filename`). `policy` and `rules` choose the policy and rule set.
     """
     svc = service(request)
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = content_type(request)
     if ctype == "multipart/form-data":
         data, name, policy, rules, source = await _from_multipart(svc, request)
     elif ctype == "application/json":
@@ -251,12 +251,7 @@ async def _from_multipart(svc: Service, request: Request) -> tuple[bytes, str, s
 
 
 async def _from_json(svc: Service, request: Request) -> tuple[bytes, str, str | None, str | None, str]:
-    try:
-        raw = await request.json()
-    except (APIError, ClientDisconnect):
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise APIError(400, "bad_json", f"the body is not valid JSON ({type(exc).__name__}: {exc})") from None
+    raw = await json_body(request)
     try:
         body = ModerateJSON.model_validate(raw)
     except Exception as exc:  # noqa: BLE001

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from icm.moderation.record import ModerationRecord
 from icm.serve.errors import APIError
-from icm.serve.routes.common import ERRORS, principal, service
+from icm.serve.routes.common import ERRORS, content_type, json_body, principal, service
 from icm.serve.routes.moderation import decode_base64, judge
 from icm.serve.service import Outcome, Service
 
@@ -183,13 +183,10 @@ def result_of(svc: Service, outs: list[Outcome]) -> ModerationResult:
 async def moderations(request: Request, who: str | None = Depends(principal)) -> ModerationsResponse:
     """OpenAI's `POST /v1/moderations`, for images: point an OpenAI client's base URL here."""
     svc = service(request)
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = content_type(request)
     if ctype != "application/json":
         raise APIError(415, "unsupported_content_type", f"send JSON (got content type {ctype or 'none'!r})")
-    try:
-        body = await request.json()
-    except Exception as exc:  # noqa: BLE001
-        raise APIError(400, "bad_json", f"the body is not valid JSON ({type(exc).__name__}: {exc})") from None
+    body = await json_body(request)
     if not isinstance(body, dict) or "input" not in body:
         raise APIError(400, "missing_input", "the body needs 'input' (image content parts) and optionally 'model'")
     model = body.get("model")
