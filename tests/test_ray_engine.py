@@ -311,3 +311,27 @@ def test_driver_killed_mid_run_then_resumed_has_every_image_once(cluster, images
     # what the first run finished was not redone
     done_before = {x.path: x.created_at for x in before if x.ok}
     assert all(x.created_at == done_before[x.path] for x in after if x.path in done_before)
+
+
+def test_openai_backend_in_the_actors_gets_the_drivers_key_and_url(cluster, images, tmp_path, monkeypatch):
+    """The MLLM recipe: the openai backend inside the actors against a served model. The
+    cluster started before these variables were set, so the actors see them only because
+    the driver forwards them in the runtime environment."""
+    pytest.importorskip("fastapi")
+    from fake_openai import MODEL, fake_openai_server
+
+    from icm.moderation.ray_engine import run_ray_job
+
+    folder, local = images
+    chosen = sorted(p for p in local if local[p].ok)[:6]
+    with fake_openai_server() as (fake, url):
+        monkeypatch.setenv("ICM_OPENAI_BASE_URL", url)
+        monkeypatch.setenv("ICM_OPENAI_API_KEY", "sk-forwarded-to-the-actors")
+        config = dict(inputs=chosen, backend="openai", model=MODEL, batch_size=3)
+        here = {r.path: r for r in run_job(ModerateConfig(**config)).records}
+        on_ray = run_ray_job(ModerateConfig(**config), RayOptions(num_actors=1))
+        assert fake.requests and all(
+            r["headers"].get("authorization") == "Bearer sk-forwarded-to-the-actors" for r in fake.requests)
+    assert on_ray.errors == 0 and sorted(r.path for r in on_ray.records) == sorted(chosen)
+    for r in on_ray.records:
+        assert r.model == f"{MODEL}@{url}" and stable(r) == stable(here[r.path]), r.path

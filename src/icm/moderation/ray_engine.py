@@ -30,7 +30,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -471,10 +471,14 @@ def run_ray_job(
         ctx = ray.data.DataContext.get_current()
         show = opts.progress if opts.progress is not None else os.isatty(2)
         ctx.enable_progress_bars = show
-        config = asdict(c)
+        config = {f.name: getattr(c, f.name) for f in fields(c)}  # objects stay objects (Ray pickles them)
         config.update(inputs=[], out=None, resume=False)
+        env_vars = {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        env_vars.update(forwarded_environment(c))
         identity = ray.get(
-            ray.remote(_identity_task).options(num_cpus=min(cpus, 1.0) or 0.05, num_gpus=opts.gpus_per_actor).remote(config)
+            ray.remote(_identity_task).options(
+                num_cpus=min(cpus, 1.0) or 0.05, num_gpus=opts.gpus_per_actor, runtime_env={"env_vars": env_vars}
+            ).remote(config)
         )
         if info is not None:
             info.update(identity)
@@ -525,7 +529,7 @@ def run_ray_job(
                 compute=ray.data.ActorPoolStrategy(size=opts.num_actors),
                 num_cpus=cpus,
                 num_gpus=opts.gpus_per_actor or None,
-                runtime_env={"env_vars": {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}},
+                runtime_env={"env_vars": env_vars},
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
                 skipped = batch.column("_skipped").to_pylist()
@@ -553,6 +557,19 @@ def run_ray_job(
             ray.shutdown()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+FORWARDED_ENV = ("ICM_OPENAI_API_KEY", "OPENAI_API_KEY", "ICM_OPENAI_BASE_URL", "OPENAI_BASE_URL", "HF_TOKEN", "HF_HOME")
+
+
+def forwarded_environment(c: ModerateConfig) -> dict[str, str]:
+    """The driver's variables the actors' backends read (API key and URL, Hugging Face), set in
+    their ``runtime_env``: workers on other machines do not see the driver's environment.
+    (Ray shows a job's runtime environment on its dashboard: keep the dashboard private.)"""
+    names = list(FORWARDED_ENV)
+    if getattr(c, "api_key_env", None):
+        names.append(c.api_key_env)  # type: ignore[arg-type]
+    return {n: os.environ[n] for n in names if n in os.environ}
 
 
 def _error_record(identity: tuple[Any, ...], source: str, why: str) -> ModerationRecord:
