@@ -307,15 +307,19 @@ def run_cmd(
     from icm.evaluation.meq_offline import OfflineMetricUnavailable
     from icm.evaluation.run import EvalRunConfig, run_evaluation
     from icm.evaluation.tables import summary_tables
+    from icm.moderation.spec import BackendSpec
 
     if offline_metric not in ("combined", "embedding", "lexical", "none"):
         _fail("--offline-metric must be combined, embedding, lexical or none")
     try:
+        spec = BackendSpec.build(
+            backend=backend, model=model, adapter=adapter, base_url=base_url, dtype=dtype, device=device,
+            batch_size=batch_size, min_label_mass=min_label_mass, guided_choice=guided_choice, escalate_backend=escalate_backend,
+            api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+        )
         cfg = EvalRunConfig(
             dataset=str(dataset), name=name, out_dir=str(out_dir), labels=str(labels) if labels else None, policy=policy, rules=rules,
-            target=target, backend=backend, model=model, adapter=adapter, base_url=base_url, dtype=dtype, device=device,
-            batch_size=batch_size, min_label_mass=min_label_mass, guided_choice=guided_choice, escalate_backend=escalate_backend,
-            api_key_env=api_key_env, timeout=timeout, max_retries=max_retries, threshold=threshold, protocol=protocol, confidence=confidence, bootstrap=bootstrap, explain=explain, qa=qa, offline_metric=offline_metric,
+            target=target, backend_spec=spec, threshold=threshold, protocol=protocol, confidence=confidence, bootstrap=bootstrap, explain=explain, qa=qa, offline_metric=offline_metric,
             judge=JudgeConfig(model=judge_model, **({"base_url": judge_base_url} if judge_base_url else {})) if judge_model else None,
         )
     except ValueError as exc:

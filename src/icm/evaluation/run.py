@@ -33,7 +33,7 @@ from icm.evaluation.mqa import QAKind, QARecord, score_records
 from icm.evaluation.results import ResultItem, ResultSet
 from icm.evaluation.summary import EvalSummary
 from icm.fileio import read_jsonl
-from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS
+from icm.moderation.spec import BackendSpec
 
 MANIFEST_NAMES = ("dataset.jsonl", "dataset.json", "manifest.jsonl")
 
@@ -125,20 +125,8 @@ class EvalRunConfig(BaseModel):
     policy: str = "icm-sexy"
     rules: str | None = None
     target: Target = "rules"
-    backend: str = "detector"
-    model: str | None = None
-    adapter: str | None = None
-    base_url: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_size: int = 8
-    # the rest of the backend's settings (icm.moderation.spec.BackendSpec), as icm moderate takes them
-    min_label_mass: float = DEFAULT_MIN_LABEL_MASS
-    guided_choice: str = "off"
-    escalate_backend: str = "hf"
-    api_key_env: str | None = None
-    timeout: float = 60.0
-    max_retries: int = 3
+    backend_spec: BackendSpec = Field(default_factory=BackendSpec)
+    """The model backend, as every entry point describes it (``icm moderate``'s backend options)."""
     threshold: float = 0.5
     confidence: float = 0.95
     bootstrap: int = 1000
@@ -220,11 +208,8 @@ def run_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     want_explain = config.explain and any(it.reference_explanation for it in ds.items)
     mc = ModerateConfig(
-        inputs=[ds.image_path(it) for it in ds.items], policy=config.policy, rules=config.rules, backend=config.backend,
-        model=config.model, adapter=config.adapter, base_url=config.base_url, dtype=config.dtype, device=config.device,
-        explain=want_explain, batch_size=config.batch_size, out=str(out_dir / "records.jsonl"), resume=True,
-        min_label_mass=config.min_label_mass, guided_choice=config.guided_choice, escalate_backend=config.escalate_backend,
-        api_key_env=config.api_key_env, timeout=config.timeout, max_retries=config.max_retries,
+        inputs=[ds.image_path(it) for it in ds.items], policy=config.policy, rules=config.rules, explain=want_explain,
+        out=str(out_dir / "records.jsonl"), resume=True, **config.backend_spec.model_dump(),
     )
     own = moderator is None
     mod = moderator or build_moderator(mc)
