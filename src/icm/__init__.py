@@ -35,7 +35,7 @@ def _version() -> str:
 
 __version__ = _version()
 
-__all__ = ["__version__", "moderate", "load_policy", "decide"]
+__all__ = ["__version__", "decide", "load_policy", "moderate"]
 
 
 def __getattr__(name: str) -> Any:

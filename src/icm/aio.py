@@ -16,7 +16,8 @@ import asyncio
 import os
 import threading
 import weakref
-from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 __all__ = ["LoopThread", "in_daemon_thread", "run_sync"]
 

@@ -131,7 +131,7 @@ class ReplyCache:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> "ReplyCache":
+    def __enter__(self) -> ReplyCache:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -20,8 +20,9 @@ import contextlib
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Generic, Iterator, Literal, TypeVar, overload
+from typing import IO, Any, Generic, Literal, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
@@ -105,7 +106,7 @@ def read_jsonl(
         lines: Any = text.splitlines()
     else:
         try:
-            fh = open(path, "rb")  # noqa: SIM115 - closed below
+            fh = open(path, "rb")
         except FileNotFoundError as exc:
             if missing_ok:
                 return out

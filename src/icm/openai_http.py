@@ -29,8 +29,9 @@ import os
 import random
 import time
 import weakref
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, AsyncIterator, Collection, Iterator, Mapping
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -128,7 +129,7 @@ class ServerSettings(BaseModel):
         api_key_env: Collection[str] = API_KEY_ENV,
         default_base_url: str = DEFAULT_BASE_URL,
         **fields: Any,
-    ) -> "ServerSettings":
+    ) -> ServerSettings:
         """Settings with the base URL and key taken from the arguments, else the environment."""
         key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
         key = api_key_from_env(key, api_key_env)

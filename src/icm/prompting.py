@@ -29,7 +29,8 @@ Nothing here imports torch or transformers.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 Message = dict[str, Any]
 """An OpenAI-style chat message: ``role`` and ``content`` (a string or content parts)."""
@@ -87,7 +88,7 @@ def moderation_choice_prompt(question: str, options: Sequence[str]) -> str:
     """
     labels = option_labels(len(options))
     lines = [question.strip()]
-    lines += [f"{label}. {option}" for label, option in zip(labels, options)]
+    lines += [f"{label}. {option}" for label, option in zip(labels, options, strict=True)]
     lines.append(CHOICE_INSTRUCTION)
     return "\n".join(lines)
 
@@ -106,7 +107,7 @@ def choice_prompt(question: str, options: Sequence[str]) -> str:
     """
     letters = option_letters(len(options))
     lines = [question.strip()]
-    lines += [f"{letter}. {option}" for letter, option in zip(letters, options)]
+    lines += [f"{letter}. {option}" for letter, option in zip(letters, options, strict=True)]
     lines.append(CHOICE_INSTRUCTION)
     return "\n".join(lines)
 
@@ -227,7 +228,7 @@ def render_prompt(templater: Any, conversation: Sequence[Message]) -> str:
     """
     try:
         return render(templater, hf_conversation(conversation), generation_prompt=True)
-    except Exception:  # noqa: BLE001 - templates raise their own exception types
+    except Exception:
         if not any(m.get("role") == "system" for m in conversation):
             raise
         return render(templater, hf_conversation(merge_system(conversation)), generation_prompt=True)

@@ -15,8 +15,9 @@ samples with ``top_p``, reproducibly for a given ``seed``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -87,7 +88,7 @@ def _whole(backend: Backend, image: Image.Image, messages: Sequence[Message], sa
             kwargs[name] = value
     try:
         texts = backend.generate([image], [list(messages)], **kwargs)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ChatBackendError(f"{backend.name} backend failed: {type(exc).__name__}: {exc}") from exc
     text = (texts[0] if texts else None) or ""
     if text:
@@ -121,7 +122,7 @@ def _hf_stream(backend: Any, image: Image.Image, messages: Sequence[Message], sa
     pieces: list[str] = []
 
     class _Callback(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:  # noqa: D401
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             if text:
                 pieces.append(text)
                 on_token(text)
@@ -146,7 +147,7 @@ def _hf_stream(backend: Any, image: Image.Image, messages: Sequence[Message], sa
                 backend.model.generate(**enc, **kwargs)
     except KeyboardInterrupt:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ChatBackendError(f"generation failed: {type(exc).__name__}: {exc}") from exc
     return "".join(pieces).strip()
 

@@ -9,7 +9,7 @@ descriptions.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,15 +20,15 @@ def _help(field: str) -> str:
     return BackendSpec.model_fields[field].description or ""
 
 
-BackendOpt = Annotated[Optional[str], typer.Option("--backend", "-b", help=_help("backend"))]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help=_help("model"))]
-AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help=_help("adapter"))]
-BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", help=_help("base_url"))]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help=_help("dtype") + " auto, float32, bfloat16 or float16.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help=_help("device"))]
-BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch (hf: per forward pass).")]
+BackendOpt = Annotated[str | None, typer.Option("--backend", "-b", help=_help("backend"))]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=_help("model"))]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", help=_help("adapter"))]
+BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help=_help("base_url"))]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help=_help("dtype") + " auto, float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help=_help("device"))]
+BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", help="Images per batch (hf: per forward pass).")]
 MinLabelMassOpt = Annotated[
-    Optional[float],
+    float | None,
     typer.Option(
         "--min-label-mass",
         help="hf/openai: an answer counts only when the model puts at least this probability on the valid labels "
@@ -37,17 +37,17 @@ MinLabelMassOpt = Annotated[
     ),
 ]
 GuidedChoiceOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--guided-choice",
         help="openai: ask the server to constrain answers to the labels: off, structured_outputs (vLLM >= 0.10), "
         "guided_choice (older vLLM) or regex (SGLang). A server that rejects it is asked without it.",
     ),
 ]
-EscalateBackendOpt = Annotated[Optional[str], typer.Option("--escalate-backend", help=_help("escalate_backend"))]
-ApiKeyEnvOpt = Annotated[Optional[str], typer.Option("--api-key-env", help=_help("api_key_env"))]
-TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help=_help("timeout"))]
-MaxRetriesOpt = Annotated[Optional[int], typer.Option("--max-retries", help=_help("max_retries"))]
+EscalateBackendOpt = Annotated[str | None, typer.Option("--escalate-backend", help=_help("escalate_backend"))]
+ApiKeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help=_help("api_key_env"))]
+TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help=_help("timeout"))]
+MaxRetriesOpt = Annotated[int | None, typer.Option("--max-retries", help=_help("max_retries"))]
 
 __all__ = [
     "AdapterOpt",

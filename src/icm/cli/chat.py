@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional, TextIO
+from typing import Annotated, TextIO
 
 import typer
 
 from icm.cli import backend_options as bo
-from icm.cli.common import err_console, print_error
+from icm.cli.common import print_error
 
 VERDICT_STYLE = {"allow": "green", "review": "yellow", "block": "red"}
 
@@ -18,7 +18,7 @@ def _fmt(p: float | None) -> str:
     return "-" if p is None else f"{p:.3f}"
 
 
-def render_verdict(record, out: TextIO) -> None:  # noqa: ANN001 - ModerationRecord
+def render_verdict(record, out: TextIO) -> None:
     lo, hi = record.p_violation_range or (record.p_violation, record.p_violation)
     pv = _fmt(record.p_violation) if lo == hi else f"{_fmt(record.p_violation)} (between {_fmt(lo)} and {_fmt(hi)})"
     out.write(f"verdict: {str(record.verdict).upper()}  P(violation)={pv}  rules: {record.rules}\n")
@@ -37,7 +37,7 @@ def render_verdict(record, out: TextIO) -> None:  # noqa: ANN001 - ModerationRec
 
 def chat(
     image: str = typer.Argument(..., help="The image to talk about."),
-    backend: Annotated[Optional[str], typer.Option("--backend", "-b", help="hf or openai (detector: /verdict only).")] = "hf",
+    backend: Annotated[str | None, typer.Option("--backend", "-b", help="hf or openai (detector: /verdict only).")] = "hf",
     model: bo.ModelOpt = None,
     adapter: bo.AdapterOpt = None,
     base_url: bo.BaseUrlOpt = None,
@@ -49,14 +49,14 @@ def chat(
     timeout: bo.TimeoutOpt = None,
     max_retries: bo.MaxRetriesOpt = None,
     policy: str = typer.Option("icm-sexy", "--policy", "-p", help="Built-in policy name or policy YAML file."),
-    rules: Optional[str] = typer.Option(None, "--rules", "-r", help="Rule set (default: the policy's default)."),
+    rules: str | None = typer.Option(None, "--rules", "-r", help="Rule set (default: the policy's default)."),
     temperature: float = typer.Option(0.0, help="0 (default) is greedy, deterministic decoding; above 0 samples."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --temperature > 0)."),
-    seed: Optional[int] = typer.Option(0, help="Sampling seed: the same seed gives the same answers."),
+    seed: int | None = typer.Option(0, help="Sampling seed: the same seed gives the same answers."),
     max_new_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
-    verdict_backend: Optional[str] = typer.Option(None, help="Backend for /verdict (default: the chat backend), e.g. detector."),
+    verdict_backend: str | None = typer.Option(None, help="Backend for /verdict (default: the chat backend), e.g. detector."),
     explain: bool = typer.Option(False, "--explain", help="/verdict also asks the model for an explanation."),
-    system: Optional[str] = typer.Option(None, help="File whose text replaces the policy system prompt."),
+    system: str | None = typer.Option(None, help="File whose text replaces the policy system prompt."),
 ) -> None:
     """Talk with a multimodal model about one image, under a policy and rule set."""
     from icm.chat import ChatSession, Sampling

@@ -6,11 +6,10 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from icm.cli.common import console, err_console, print_json
@@ -42,12 +41,12 @@ def generate(
     inputs: list[str] = typer.Argument(None, help="CSV (image,product) or JSONL files, or folders with one sub-folder per product."),
     out: str = typer.Option("icm-instruct", "--out", "-o", help="Output folder: records.jsonl, rejected.jsonl, summary.json, cache.sqlite."),
     policy: str = typer.Option("icm-sexy", "--policy", "-p", help="Built-in policy name or policy YAML file."),
-    mllm_model: Optional[str] = typer.Option(None, help="The MLLM's served model name (image stages)."),
-    mllm_base_url: Optional[str] = typer.Option(None, help="The MLLM server, e.g. http://127.0.0.1:8000/v1 (default $ICM_OPENAI_BASE_URL or $OPENAI_BASE_URL)."),
-    mllm_api_key: Optional[str] = typer.Option(None, envvar="ICM_MLLM_API_KEY", show_default=False, help="Default $ICM_MLLM_API_KEY, $ICM_OPENAI_API_KEY or $OPENAI_API_KEY."),
-    llm_model: Optional[str] = typer.Option(None, help="The text LLM for Q-A generation (default: the MLLM)."),
-    llm_base_url: Optional[str] = typer.Option(None, help="The LLM server (default: the MLLM's)."),
-    llm_api_key: Optional[str] = typer.Option(None, envvar="ICM_LLM_API_KEY", show_default=False, help="Default $ICM_LLM_API_KEY, else the MLLM's key."),
+    mllm_model: str | None = typer.Option(None, help="The MLLM's served model name (image stages)."),
+    mllm_base_url: str | None = typer.Option(None, help="The MLLM server, e.g. http://127.0.0.1:8000/v1 (default $ICM_OPENAI_BASE_URL or $OPENAI_BASE_URL)."),
+    mllm_api_key: str | None = typer.Option(None, envvar="ICM_MLLM_API_KEY", show_default=False, help="Default $ICM_MLLM_API_KEY, $ICM_OPENAI_API_KEY or $OPENAI_API_KEY."),
+    llm_model: str | None = typer.Option(None, help="The text LLM for Q-A generation (default: the MLLM)."),
+    llm_base_url: str | None = typer.Option(None, help="The LLM server (default: the MLLM's)."),
+    llm_api_key: str | None = typer.Option(None, envvar="ICM_LLM_API_KEY", show_default=False, help="Default $ICM_LLM_API_KEY, else the MLLM's key."),
     mode: str = typer.Option("combined", help="combined: one multi-question call per image (as the paper); separate: one call per stage."),
     qa: bool = typer.Option(True, "--qa/--no-qa", help="Generate Q-A pairs from the explanation."),
     n_yes_no: int = typer.Option(4, "--yes-no", help="Yes/no questions per image."),
@@ -61,12 +60,12 @@ def generate(
     max_tokens: int = typer.Option(1024, help="Token limit of the MLLM's replies."),
     qa_max_tokens: int = typer.Option(1024, help="Token limit of the LLM's Q-A tables."),
     temperature: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
-    seed: Optional[int] = typer.Option(None, help="Sampling seed sent to the servers (part of the cache key)."),
+    seed: int | None = typer.Option(None, help="Sampling seed sent to the servers (part of the cache key)."),
     max_image_side: int = typer.Option(1024, help="Downscale images so the longer side is at most this (0: never)."),
-    cache: Optional[str] = typer.Option(None, help="SQLite response cache (default OUT/cache.sqlite)."),
-    filters: Optional[list[str]] = typer.Option(None, "--filters", help="Quality filters, comma-separated (default: all): empty, refusal, first_person, no_verdict, contradiction, mixed_verdict, truncated, too_short. 'none' disables."),
+    cache: str | None = typer.Option(None, help="SQLite response cache (default OUT/cache.sqlite)."),
+    filters: list[str] | None = typer.Option(None, "--filters", help="Quality filters, comma-separated (default: all): empty, refusal, first_person, no_verdict, contradiction, mixed_verdict, truncated, too_short. 'none' disables."),
     min_qa: int = typer.Option(1, help="Fewest usable Q-A pairs for an image to be kept."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images."),
+    limit: int | None = typer.Option(None, help="Only the first N images."),
     retry_rejected: bool = typer.Option(False, "--retry-rejected", help="Try images rejected by an earlier run again (with a new --seed or --temperature)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the prompts and the plan; send nothing."),
     json_: bool = JsonOpt,
@@ -220,9 +219,9 @@ def _pct(n: int, d: int) -> str:
 @app.command("import-icm")
 def import_icm_cmd(
     folder: Path = typer.Argument(..., help="The released ICM-Instruct folder (mc/, qa/, reason/N/)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write records.jsonl, rejected.jsonl (every failure with its reason) and report.json here."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write records.jsonl, rejected.jsonl (every failure with its reason) and report.json here."),
     policy: str = typer.Option("icm-sexy", "--policy", "-p", help="The policy whose products the categories resolve to."),
-    filters: Optional[list[str]] = typer.Option(None, "--filter", help="Quarantine images whose explanation fails these quality filters (comma-separated), instead of only flagging them."),
+    filters: list[str] | None = typer.Option(None, "--filter", help="Quarantine images whose explanation fails these quality filters (comma-separated), instead of only flagging them."),
     json_: bool = JsonOpt,
 ) -> None:
     """Read the released ICM-Instruct text into records; print how much of it parsed."""
@@ -292,10 +291,10 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     val_ratio: float = typer.Option(0.05, help="Share of images in the validation split (by image, deterministic)."),
     seed: int = typer.Option(0, help="Seed of the split and of the instruction wording."),
-    image_root: Optional[str] = typer.Option(None, help="Write image paths relative to this folder (LLaVA's --image_folder)."),
+    image_root: str | None = typer.Option(None, help="Write image paths relative to this folder (LLaVA's --image_folder)."),
     conversation: str = typer.Option("multi", help="multi: one conversation per image; single: one sample per question."),
-    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Turns to include, comma-separated (default: term, explain, explicit, implicit, qa)."),
-    instructions: Optional[Path] = typer.Option(None, help="YAML/JSON file of extra instruction paraphrases per pool (and per term)."),
+    tasks: list[str] | None = typer.Option(None, "--tasks", help="Turns to include, comma-separated (default: term, explain, explicit, implicit, qa)."),
+    instructions: Path | None = typer.Option(None, help="YAML/JSON file of extra instruction paraphrases per pool (and per term)."),
     keep_flagged: bool = typer.Option(False, "--keep-flagged", help="Also export explanations with quality flags (refusal, contradiction, cut off ...)."),
     embed_images: bool = typer.Option(False, "--embed-images", help="hf/parquet: store the image bytes (datasets.Image) instead of paths."),
     json_: bool = JsonOpt,
@@ -348,7 +347,7 @@ def synth(
     generate: bool = typer.Option(False, "--generate", help="Then run the `icm data generate` pipeline on the train images against the scripted teacher (into OUT/instruct)."),
     serve: bool = typer.Option(False, "--serve", help="Draw nothing: serve the scripted teacher (OpenAI chat API on 127.0.0.1) until Ctrl-C or --idle-timeout."),
     port: int = typer.Option(0, help="--serve: port (0: any free one)."),
-    idle_timeout: Optional[float] = typer.Option(None, help="--serve: stop after this many seconds without a request."),
+    idle_timeout: float | None = typer.Option(None, help="--serve: stop after this many seconds without a request."),
     json_: bool = JsonOpt,
 ) -> None:
     """A synthetic moderation task for a CPU: drawn figures whose attributes are visible, and a scripted teacher.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -23,7 +22,7 @@ def e2e(
     threads: int = typer.Option(2, help="torch CPU threads."),
     rules: str = typer.Option("general", help="Rule set A of synth-shapes."),
     relabel_to: str = typer.Option("teen", help="Rule set B: moderate again under it, without retraining."),
-    min_accuracy: Optional[float] = typer.Option(0.95, help="Exit 1 below this ICM accuracy (use a negative value to only report)."),
+    min_accuracy: float | None = typer.Option(0.95, help="Exit 1 below this ICM accuracy (use a negative value to only report)."),
     seed: int = typer.Option(0, help="Seed of the data and the training."),
     json_: bool = typer.Option(False, "--json", help="Print the result as JSON at the end."),
 ) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import typer
 
 from icm import __version__
-from icm.cli import eval as eval_cli
 from icm.cli import data as data_cli
+from icm.cli import demo as demo_cli
+from icm.cli import eval as eval_cli
 from icm.cli import policy as policy_cli
 from icm.cli import train as train_cli
-from icm.cli import demo as demo_cli
 from icm.cli.chat import chat
 from icm.cli.moderate import moderate
 from icm.cli.serve import serve

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from icm.cli import backend_options as bo
@@ -61,7 +60,7 @@ def summary_table(summary: JobSummary) -> Table:
 def moderate(
     inputs: list[str] = typer.Argument(None, help="Image files, folders (recursive), glob patterns, or - for a list of paths on stdin."),
     policy: str = typer.Option("icm-sexy", "--policy", "-p", help="Built-in policy name or policy YAML file."),
-    rules: Optional[str] = typer.Option(None, "--rules", "-r", help="Rule set of the policy (default: the policy's default)."),
+    rules: str | None = typer.Option(None, "--rules", "-r", help="Rule set of the policy (default: the policy's default)."),
     backend: bo.BackendOpt = "detector",
     model: bo.ModelOpt = None,
     adapter: bo.AdapterOpt = None,
@@ -71,9 +70,9 @@ def moderate(
     escalate_backend: bo.EscalateBackendOpt = "hf",
     explain: bool = typer.Option(False, "--explain", help="Ask the model for an explanation (backends that generate text)."),
     batch_size: bo.BatchSizeOpt = 8,
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="JSONL file, one record per image, written as it goes."),
+    out: str | None = typer.Option(None, "--out", "-o", help="JSONL file, one record per image, written as it goes."),
     resume: bool = typer.Option(False, "--resume", help="Skip images --out already holds for the same policy, rules, backend and model."),
-    max_pixels: Optional[int] = typer.Option(None, help="Refuse images above this many pixels (decompression bombs)."),
+    max_pixels: int | None = typer.Option(None, help="Refuse images above this many pixels (decompression bombs)."),
     max_frames: int = typer.Option(16, "--max-frames", help="Frames judged per animated/multi-page image or video (all up to this, evenly spaced beyond; the worst frame decides)."),
     null: bool = typer.Option(False, "--null", "-0", help="With -: paths on stdin are separated by NUL bytes (find -print0), not lines."),
     fps: float = typer.Option(1.0, "--fps", help="Video: frames sampled per second, thinned evenly to --max-frames (needs the [video] extra)."),
@@ -88,11 +87,11 @@ def moderate(
     timeout: bo.TimeoutOpt = 60.0,
     max_retries: bo.MaxRetriesOpt = 3,
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data actor pool; the [ray] extra). Same records either way."),
-    address: Optional[str] = typer.Option(None, "--address", help="ray: an existing cluster (auto, ray://host:10001); default: start a local one."),
+    address: str | None = typer.Option(None, "--address", help="ray: an existing cluster (auto, ray://host:10001); default: start a local one."),
     num_actors: int = typer.Option(1, "--num-actors", help="ray: actors in the pool, each with its own backend."),
-    cpus_per_actor: Optional[float] = typer.Option(None, "--cpus-per-actor", help="ray: CPUs per actor (default 1, less when that would leave no CPU for reading and writing)."),
+    cpus_per_actor: float | None = typer.Option(None, "--cpus-per-actor", help="ray: CPUs per actor (default 1, less when that would leave no CPU for reading and writing)."),
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="ray: GPUs per actor (fractions share a GPU)."),
-    threads_per_actor: Optional[int] = typer.Option(None, "--threads-per-actor", help="ray: model threads per actor (onnxruntime, torch); default: the actor's whole CPUs, at least 1."),
+    threads_per_actor: int | None = typer.Option(None, "--threads-per-actor", help="ray: model threads per actor (onnxruntime, torch); default: the actor's whole CPUs, at least 1."),
 ) -> None:
     """Moderate images with a policy and rule set; one verdict (allow / review / block) per image."""
     if not inputs:

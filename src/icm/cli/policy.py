@@ -8,9 +8,18 @@ import typer
 from rich.table import Table
 
 from icm.cli.common import console, print_error, print_json, print_warning
-from icm.policy import Issue, PolicyError, builtin_policy_names, check_policy, compile_prompts, load_policy, load_policy_file, policy_ref
-from icm.policy.grid import describe_cell
+from icm.policy import (
+    Issue,
+    PolicyError,
+    builtin_policy_names,
+    check_policy,
+    compile_prompts,
+    load_policy,
+    load_policy_file,
+    policy_ref,
+)
 from icm.policy.diff import diff_rule_sets
+from icm.policy.grid import describe_cell
 
 app = typer.Typer(help="Policies: terms, attributes, attribute products and rule sets.", no_args_is_help=True)
 

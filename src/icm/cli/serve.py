@@ -6,7 +6,7 @@ Each `icm serve` flag sets the :class:`icm.serve.ServeConfig` field of the same 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from pydantic import SecretStr
@@ -21,16 +21,16 @@ def _missing_extra(exc: ImportError) -> None:
 
 
 def serve(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML file of settings (ServeConfig fields); flags win."),
-    host: Optional[str] = typer.Option(None, help="Interface to listen on (default: 127.0.0.1). Without API keys only loopback is allowed."),
-    port: Optional[int] = typer.Option(None, help="TCP port (default: 8000)."),
-    allow_unauthenticated: Optional[bool] = typer.Option(None, "--allow-unauthenticated", help="Listen beyond loopback without API keys (only behind your own auth)."),
-    api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="Where accepted API keys are: a FILE (one KEY or NAME:KEY a line, # comments) or env:VARIABLE (comma-separated); repeatable. Never the key itself (argv is visible to every user). $ICM_API_KEYS adds more."),
-    allowed_host: Optional[list[str]] = typer.Option(None, "--allowed-host", help="Without API keys: a Host name to accept besides localhost and the loopback addresses (repeatable)."),
-    rate_limit: Optional[int] = typer.Option(None, help="Requests per minute per API key (per client without keys); 0: no limit (default)."),
-    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Default policy: built-in name or YAML file (default: icm-sexy)."),
-    rules: Optional[str] = typer.Option(None, "--rules", "-r", help="Default rule set of the default policy."),
-    policies: Optional[list[str]] = typer.Option(None, "--extra-policy", help="Another policy clients may name per request (repeatable)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML file of settings (ServeConfig fields); flags win."),
+    host: str | None = typer.Option(None, help="Interface to listen on (default: 127.0.0.1). Without API keys only loopback is allowed."),
+    port: int | None = typer.Option(None, help="TCP port (default: 8000)."),
+    allow_unauthenticated: bool | None = typer.Option(None, "--allow-unauthenticated", help="Listen beyond loopback without API keys (only behind your own auth)."),
+    api_key: list[str] | None = typer.Option(None, "--api-key", help="Where accepted API keys are: a FILE (one KEY or NAME:KEY a line, # comments) or env:VARIABLE (comma-separated); repeatable. Never the key itself (argv is visible to every user). $ICM_API_KEYS adds more."),
+    allowed_host: list[str] | None = typer.Option(None, "--allowed-host", help="Without API keys: a Host name to accept besides localhost and the loopback addresses (repeatable)."),
+    rate_limit: int | None = typer.Option(None, help="Requests per minute per API key (per client without keys); 0: no limit (default)."),
+    policy: str | None = typer.Option(None, "--policy", "-p", help="Default policy: built-in name or YAML file (default: icm-sexy)."),
+    rules: str | None = typer.Option(None, "--rules", "-r", help="Default rule set of the default policy."),
+    policies: list[str] | None = typer.Option(None, "--extra-policy", help="Another policy clients may name per request (repeatable)."),
     backend: bo.BackendOpt = None,
     model: bo.ModelOpt = None,
     adapter: bo.AdapterOpt = None,
@@ -43,32 +43,32 @@ def serve(
     api_key_env: bo.ApiKeyEnvOpt = None,
     timeout: bo.TimeoutOpt = None,
     max_retries: bo.MaxRetriesOpt = None,
-    explain: Optional[bool] = typer.Option(None, "--explain/--no-explain", help="Ask the model to explain every decision."),
-    torch_threads: Optional[int] = typer.Option(None, help="hf: CPU threads for torch (default: torch's choice; 1 on a busy CPU)."),
-    batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Dynamic batching of concurrent requests (default: on)."),
-    max_batch_size: Optional[int] = typer.Option(None, help="Most images per backend call (default: 8)."),
-    max_wait_ms: Optional[float] = typer.Option(None, help="How long a request waits for others to batch with (default: 5)."),
-    max_queue: Optional[int] = typer.Option(None, help="Requests allowed to wait; more get 503 (default: 256)."),
-    max_queue_bytes: Optional[int] = typer.Option(None, help="Memory waiting requests may hold, in bytes; more get 503 (default: 1 GiB)."),
-    decode_pixel_budget: Optional[int] = typer.Option(None, help="Pixels decoded at once over all requests (default: 50,000,000)."),
-    reduce_to_pixels: Optional[int] = typer.Option(None, help="Reduce decoded images larger than this for the model; 0 keeps sizes (default: 4,194,304)."),
-    max_upload_bytes: Optional[int] = typer.Option(None, help="Largest image in bytes (default: 20 MiB)."),
-    max_pixels: Optional[int] = typer.Option(None, help="Largest image in pixels (default: 40,000,000)."),
-    image_root: Optional[str] = typer.Option(None, help="Folder clients may name files in (JSON 'path'); off by default."),
-    db: Optional[str] = typer.Option(None, help="Decision store: SQLite file or SQLAlchemy URL (default: icm-decisions.sqlite)."),
-    keep_images: Optional[bool] = typer.Option(None, "--keep-images/--no-keep-images", help="Keep images for the review page (default: keep)."),
-    image_dir: Optional[str] = typer.Option(None, help="Where kept images go (default: '<db>-images')."),
-    keep_images_days: Optional[float] = typer.Option(None, help="Delete kept images older than this many days, at start and hourly; 0 keeps them forever (default: 30)."),
+    explain: bool | None = typer.Option(None, "--explain/--no-explain", help="Ask the model to explain every decision."),
+    torch_threads: int | None = typer.Option(None, help="hf: CPU threads for torch (default: torch's choice; 1 on a busy CPU)."),
+    batching: bool | None = typer.Option(None, "--batching/--no-batching", help="Dynamic batching of concurrent requests (default: on)."),
+    max_batch_size: int | None = typer.Option(None, help="Most images per backend call (default: 8)."),
+    max_wait_ms: float | None = typer.Option(None, help="How long a request waits for others to batch with (default: 5)."),
+    max_queue: int | None = typer.Option(None, help="Requests allowed to wait; more get 503 (default: 256)."),
+    max_queue_bytes: int | None = typer.Option(None, help="Memory waiting requests may hold, in bytes; more get 503 (default: 1 GiB)."),
+    decode_pixel_budget: int | None = typer.Option(None, help="Pixels decoded at once over all requests (default: 50,000,000)."),
+    reduce_to_pixels: int | None = typer.Option(None, help="Reduce decoded images larger than this for the model; 0 keeps sizes (default: 4,194,304)."),
+    max_upload_bytes: int | None = typer.Option(None, help="Largest image in bytes (default: 20 MiB)."),
+    max_pixels: int | None = typer.Option(None, help="Largest image in pixels (default: 40,000,000)."),
+    image_root: str | None = typer.Option(None, help="Folder clients may name files in (JSON 'path'); off by default."),
+    db: str | None = typer.Option(None, help="Decision store: SQLite file or SQLAlchemy URL (default: icm-decisions.sqlite)."),
+    keep_images: bool | None = typer.Option(None, "--keep-images/--no-keep-images", help="Keep images for the review page (default: keep)."),
+    image_dir: str | None = typer.Option(None, help="Where kept images go (default: '<db>-images')."),
+    keep_images_days: float | None = typer.Option(None, help="Delete kept images older than this many days, at start and hourly; 0 keeps them forever (default: 30)."),
     purge_only: bool = typer.Option(False, "--purge-only", help="Delete kept images past --keep-images-days, then exit without serving."),
-    review_page: Optional[bool] = typer.Option(None, "--review-page/--no-review-page", help="Serve the review page at /review (default: on)."),
-    log_level: Optional[str] = typer.Option(None, help="uvicorn log level (default: info)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Server processes on this port, each with its own model (default: 1); share a PostgreSQL --db between them."),
-    image_url_host: Optional[list[str]] = typer.Option(None, "--image-url-host", help="/v1/moderations: a host whose http(s) image URLs are fetched ('cdn.example.com', '*.example.com'; repeatable). Default: none (data: URLs only)."),
-    model_alias: Optional[list[str]] = typer.Option(None, "--model-alias", help="/v1/moderations: NAME=POLICY[:RULES][,...] maps a model name such as omni-moderation-latest to policies (repeatable)."),
-    audit_rate: Optional[float] = typer.Option(None, help="Share of allow and block decisions sent to the review queue for audit (default: 0)."),
-    claim_seconds: Optional[float] = typer.Option(None, help="How long a reviewer's claim on a queued item lasts (default: 300)."),
-    webhook_url: Optional[str] = typer.Option(None, help="POST signed events (block decisions, overrides) to this URL, retried until accepted."),
-    webhook_secret: Optional[str] = typer.Option(None, help="Where the webhooks' HMAC key is: a FILE or env:VARIABLE (never the key itself)."),
+    review_page: bool | None = typer.Option(None, "--review-page/--no-review-page", help="Serve the review page at /review (default: on)."),
+    log_level: str | None = typer.Option(None, help="uvicorn log level (default: info)."),
+    workers: int | None = typer.Option(None, "--workers", help="Server processes on this port, each with its own model (default: 1); share a PostgreSQL --db between them."),
+    image_url_host: list[str] | None = typer.Option(None, "--image-url-host", help="/v1/moderations: a host whose http(s) image URLs are fetched ('cdn.example.com', '*.example.com'; repeatable). Default: none (data: URLs only)."),
+    model_alias: list[str] | None = typer.Option(None, "--model-alias", help="/v1/moderations: NAME=POLICY[:RULES][,...] maps a model name such as omni-moderation-latest to policies (repeatable)."),
+    audit_rate: float | None = typer.Option(None, help="Share of allow and block decisions sent to the review queue for audit (default: 0)."),
+    claim_seconds: float | None = typer.Option(None, help="How long a reviewer's claim on a queued item lasts (default: 300)."),
+    webhook_url: str | None = typer.Option(None, help="POST signed events (block decisions, overrides) to this URL, retried until accepted."),
+    webhook_secret: str | None = typer.Option(None, help="Where the webhooks' HMAC key is: a FILE or env:VARIABLE (never the key itself)."),
 ) -> None:
     """Serve moderation over HTTP (POST /v1/moderate), store every decision, and the review page."""
     try:
@@ -198,9 +198,9 @@ def _purge(cfg: Any) -> None:
 def export_reviews(
     db: str = typer.Option("icm-decisions.sqlite", help="The server's decision store (SQLite file or URL)."),
     out: str = typer.Option(..., "--out", "-o", help="JSONL file of training records."),
-    image_dir: Optional[str] = typer.Option(None, help="The server's kept images (default: '<db>-images')."),
-    image_root: Optional[str] = typer.Option(None, help="The server's --image-root, for decisions made on server-side paths."),
-    policy: Optional[list[str]] = typer.Option(None, "--policy", "-p", help="YAML file of a custom policy the decisions used (repeatable)."),
+    image_dir: str | None = typer.Option(None, help="The server's kept images (default: '<db>-images')."),
+    image_root: str | None = typer.Option(None, help="The server's --image-root, for decisions made on server-side paths."),
+    policy: list[str] | None = typer.Option(None, "--policy", "-p", help="YAML file of a custom policy the decisions used (repeatable)."),
     overrides_only: bool = typer.Option(False, "--overrides-only", help="Only decisions a reviewer overrode."),
 ) -> None:
     """Turn reviewers' confirmations and overrides into training records (JSONL) for continued tuning."""

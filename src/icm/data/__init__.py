@@ -20,7 +20,15 @@ from __future__ import annotations
 
 from icm.cache import ReplyCache, prompt_hash
 from icm.data.export import EXPORT_FORMATS, ExportResult, build_samples, export_records, split_of
-from icm.data.generate import GenerateConfig, GenerateSummary, Generator, ItemOutcome, generate, plan_prompts, split_combined_answer
+from icm.data.generate import (
+    GenerateConfig,
+    GenerateSummary,
+    Generator,
+    ItemOutcome,
+    generate,
+    plan_prompts,
+    split_combined_answer,
+)
 from icm.data.import_icm import ImportResult, ImportStats, import_icm
 from icm.data.inputs import InputError, Sample, load_samples
 from icm.data.instructions import DEFAULT_POOLS, InstructionPools

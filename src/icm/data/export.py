@@ -27,9 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 from icm.data.instructions import InstructionPools
 from icm.data.records import InstructRecord
@@ -57,7 +58,7 @@ def split_of(record: InstructRecord, val_ratio: float, seed: int = 0) -> str:
     """``"train"`` or ``"validation"``, from a hash of the image (same image, same split)."""
     if val_ratio <= 0:
         return "train"
-    h = hashlib.sha256(f"{seed}:{record.split_key}".encode("utf-8")).digest()
+    h = hashlib.sha256(f"{seed}:{record.split_key}".encode()).digest()
     u = int.from_bytes(h[:8], "big") / 2**64
     return "validation" if u < val_ratio else "train"
 

@@ -28,8 +28,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from icm.aio import in_daemon_thread
 from icm.cache import ReplyCache, prompt_hash, stage_key
@@ -339,7 +340,7 @@ class Generator:
                     return
                 try:
                     await handle(sample)
-                except Exception as exc:  # noqa: BLE001 - one image never stops the run
+                except Exception as exc:
                     log.exception("unexpected error on %s", sample.path)
                     summary.failed += 1
                     summary.failures.append(Failure(image=str(sample.path), stage="internal", error=f"{type(exc).__name__}: {exc}"))

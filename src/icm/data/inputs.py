@@ -119,7 +119,7 @@ def _from_jsonl(policy: Policy, file: Path) -> list[Sample | InputError]:
         return out
     rows = read_jsonl(file, text=text, skip_bad=True)
     found: list[tuple[int, Sample | InputError]] = [(e.line, InputError(f"{file}:{e.line}", e.reason)) for e in rows.errors]
-    for no, row in zip(rows.lines, rows):
+    for no, row in zip(rows.lines, rows, strict=True):
         found.append((no, _sample(policy, file.parent, _pick(row, IMAGE_KEYS), _pick(row, PRODUCT_KEYS), f"{file}:{no}")))
     return [x for _, x in sorted(found, key=lambda t: t[0])]  # in file order
 

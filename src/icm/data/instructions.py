@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -99,7 +100,7 @@ class InstructionPools:
                 raise ValueError(f"instruction pool {name!r} is empty")
 
     @classmethod
-    def from_file(cls, path: str | Path, *, seed: int = 0, replace: bool = False) -> "InstructionPools":
+    def from_file(cls, path: str | Path, *, seed: int = 0, replace: bool = False) -> InstructionPools:
         """Pools from a YAML/JSON file; they extend the defaults unless ``replace``."""
         p = Path(path)
         text = p.read_text(encoding="utf-8")

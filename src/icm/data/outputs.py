@@ -16,8 +16,9 @@ rejections, keyed, are not written twice.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 from icm.data.records import InstructRecord, Rejected
 from icm.fileio import JSONLError, atomic_write, read_jsonl
@@ -131,7 +132,7 @@ class OutputStore:
                 pass
             fh.close()
 
-    def __enter__(self) -> "OutputStore":
+    def __enter__(self) -> OutputStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,8 +16,8 @@ statement exists and all of them agree.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 __all__ = [
     "ALL_FILTERS",

@@ -113,7 +113,7 @@ class QAPair(BaseModel):
     def prompt(self, instruction: str | None = None) -> str:
         """The question as asked to a model; ``instruction`` overrides the answer-format line."""
         if self.kind == "choice":
-            lines = [self.question] + [f"{letter}. {c}" for letter, c in zip(self.letters, self.choices)]
+            lines = [self.question] + [f"{letter}. {c}" for letter, c in zip(self.letters, self.choices, strict=True)]
             lines.append(CHOICE_INSTRUCTION if instruction is None else instruction)
             return "\n".join(line for line in lines if line)
         if self.kind == "yes_no":

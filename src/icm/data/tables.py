@@ -137,7 +137,7 @@ def find_tables(text: str) -> list[Table]:
         blocks.append(cur)
 
     tables = []
-    for block, ctx in zip(blocks, contexts):
+    for block, ctx in zip(blocks, contexts, strict=True):
         rows = [TableRow(split_row(raw), no, raw) for no, raw in block]
         header: list[str] | None = None
         data: list[TableRow] = []
@@ -496,7 +496,7 @@ def _parse_row_fields(cells: list[str], roles: list[str] | None) -> _RowFields:
     run = _parse_spread_options(cells)
     if roles and len(roles) == len(cells) and run is None:
         opts: dict[str, str] = {}
-        for role, cell in zip(roles, cells):
+        for role, cell in zip(roles, cells, strict=True):
             if role == "type":
                 f.type = cell
             elif role == "question":

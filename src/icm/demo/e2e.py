@@ -37,8 +37,9 @@ import json
 import os
 import shlex
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from icm.demo.synth import SYNTH_POLICY
 

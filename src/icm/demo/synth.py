@@ -26,9 +26,10 @@ import csv
 import json
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -90,7 +91,7 @@ class Figure:
         return self.exposure != "covered"
 
     @classmethod
-    def of_product(cls, policy: Policy, product: str) -> "Figure":
+    def of_product(cls, policy: Policy, product: str) -> Figure:
         a = policy.product(product).assignment
         return cls(a["region"], a["exposure"], a["action"])
 

@@ -254,7 +254,7 @@ def teacher_reply(policy: Policy, messages: list[dict[str, Any]]) -> Reply:
         if prompt.startswith(QA_GENERATION.split("{", 1)[0]):
             m = _COUNTS_RE.search(prompt)
             n = [int(x) for x in m.groups()] if m else [4, 5, 3, 3]
-            counts = dict(zip(("yes_no", "choice", "what", "how"), n))
+            counts = dict(zip(("yes_no", "choice", "what", "how"), n, strict=True))
             explanation = prompt.split("Explanation:", 1)[-1].split("\n\nWrite question-answer pairs", 1)[0]
             return Reply(_qa_table(explanation.strip(), counts, hashlib.sha256(explanation.encode()).hexdigest(), term.question))
         return Reply("There is no image to describe in this request.")
@@ -352,13 +352,13 @@ class TeacherServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if self.path.rstrip("/") in ("/v1/models", "/models"):
                     self._send(200, {"object": "list", "data": [{"id": outer.model, "object": "model"}]})
                 else:
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 outer.last_request = time.monotonic()
                 if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
@@ -398,7 +398,7 @@ class TeacherServer:
 
         return Handler
 
-    def start(self) -> "TeacherServer":
+    def start(self) -> TeacherServer:
         if self._thread is None:
             self._thread = threading.Thread(target=self._server.serve_forever, name="icm-synth-teacher", daemon=True)
             self._thread.start()
@@ -422,7 +422,7 @@ class TeacherServer:
         finally:
             self.stop()
 
-    def __enter__(self) -> "TeacherServer":
+    def __enter__(self) -> TeacherServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

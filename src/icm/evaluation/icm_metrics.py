@@ -32,7 +32,15 @@ from pydantic import BaseModel, Field
 from icm.evaluation.labels import LabelResolver, Truth, image_key
 from icm.evaluation.registry import confusion_metrics
 from icm.evaluation.results import ResultItem, ResultSet
-from icm.evaluation.stats import DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE, DEFAULT_SEED, Interval, bootstrap_curve_metrics, wilson, wilson_interval
+from icm.evaluation.stats import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_CONFIDENCE,
+    DEFAULT_SEED,
+    Interval,
+    bootstrap_curve_metrics,
+    wilson,
+    wilson_interval,
+)
 from icm.policy import decide
 
 Protocol = Literal["image", "paper"]
@@ -92,7 +100,7 @@ class Scored(BaseModel):
     flag_rule: str = Field(description="When an image counts as flagged, e.g. 'score >= 0.5'")
 
     @classmethod
-    def of(cls, c: Confusion, flag_rule: str, confidence: float = DEFAULT_CONFIDENCE) -> "Scored":
+    def of(cls, c: Confusion, flag_rule: str, confidence: float = DEFAULT_CONFIDENCE) -> Scored:
         return cls(confusion=c, metrics=confusion_metrics(c.tp, c.fp, c.tn, c.fn), intervals=confusion_intervals(c, confidence),
                    n=c.total, flag_rule=flag_rule)
 
@@ -341,7 +349,7 @@ def paper_protocol(
     keywords = sorted({tr.category for _, tr, _ in labelled if tr.source in ("category", "product") and tr.category})
     truths: dict[str, bool] = {}
     for k in keywords:
-        t = resolver._category_truth(k)  # noqa: SLF001 - same resolution as the per-image truth
+        t = resolver._category_truth(k)
         if t is not None:
             truths[k] = t.positive
     c = Confusion()
@@ -455,7 +463,7 @@ def evaluate_icm(
     y = np.array([tr.positive for _, tr, _ in labelled], dtype=int)
     s = np.array([sc for _, _, sc in labelled], dtype=float)
     c = Confusion()
-    for truth, sc in zip(y, s):
+    for truth, sc in zip(y, s, strict=True):
         c.add(bool(truth), bool(sc >= threshold))
     per_image = Scored.of(c, f"score >= {threshold:g}", confidence)
     paper = paper_protocol(scored, resolver, threshold, per_image, confidence)

@@ -155,7 +155,7 @@ def read_labels_file(path: str | Path) -> dict[str, LabelSpec]:
             if not stripped.startswith("{"):
                 raise ValueError(f"{p}: not valid JSON") from None
             objects = read_jsonl(p, text=text)  # JSONL
-            for n, row in zip(objects.lines, objects):
+            for n, row in zip(objects.lines, objects, strict=True):
                 img, spec = _spec_from_mapping(row, f"{p}:{n}")
                 out[img] = spec
             return out

@@ -103,7 +103,7 @@ class MEQReport(BaseModel):
     worst: list[Explanations] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
 
-    def with_intervals(self, confidence: float = 0.95) -> "MEQReport":
+    def with_intervals(self, confidence: float = 0.95) -> MEQReport:
         """Intervals at ``confidence``: of each mean score (missing counted 0, as in ``means``) and of the failure share."""
         from statistics import NormalDist
 

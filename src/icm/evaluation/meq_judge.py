@@ -25,15 +25,16 @@ import asyncio
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, Field, SecretStr
 
-from icm.cache import ReplyCache, request_key
 from icm.aio import run_sync
+from icm.cache import ReplyCache, request_key
 from icm.openai_http import ChatClient, ChatError, ChatUsage, ServerSettings, completion_text, env_first
 
 CRITERIA: tuple[str, ...] = ("accuracy", "preciseness", "comprehensiveness", "fluency")

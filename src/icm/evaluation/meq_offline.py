@@ -32,8 +32,9 @@ import math
 import os
 import re
 import threading
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -90,7 +91,7 @@ _vectors: dict[tuple[str, str], np.ndarray] = {}
 
 
 @lru_cache(maxsize=4)
-def load_embedder(model_path: str | None = None):  # noqa: ANN201 - a SentenceTransformer
+def load_embedder(model_path: str | None = None):
     """The sentence-embedding model (cached for the process)."""
     try:
         from sentence_transformers import SentenceTransformer
@@ -116,7 +117,7 @@ def load_embedder(model_path: str | None = None):  # noqa: ANN201 - a SentenceTr
     hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr, while loading only
     try:
         return SentenceTransformer(model_path, device="cpu", local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any loading failure is reported the same way
+    except Exception as exc:
         raise OfflineMetricUnavailable(f"cannot load the embedding model at {model_path}: {exc}") from exc
     finally:
         if bar:
@@ -131,7 +132,7 @@ def embed(texts: Sequence[str], model_path: str | None = None, batch_size: int =
         model = load_embedder(model_path)
         with _lock:
             vecs = model.encode(todo, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True)
-        for t, v in zip(todo, vecs):
+        for t, v in zip(todo, vecs, strict=True):
             _vectors[(key, t)] = np.asarray(v, dtype=np.float32)
     return np.stack([_vectors[(key, t)] for t in texts]) if texts else np.zeros((0, 0), dtype=np.float32)
 
@@ -150,7 +151,7 @@ def score_pairs(
         b = embed([p.reference for p in pairs], model_path)
         cos = [float(x) for x in np.sum(a * b, axis=1)]
     out = []
-    for c, lx in zip(cos, lex):
+    for c, lx in zip(cos, lex, strict=True):
         if metric == "lexical":
             s = 100.0 * lx
         elif metric == "embedding":

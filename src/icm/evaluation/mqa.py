@@ -20,8 +20,9 @@ Two inputs:
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -74,7 +75,7 @@ class MQAReport(BaseModel):
     confidence: float = Field(default=DEFAULT_CONFIDENCE, description="Confidence level of the accuracy intervals")
     notes: list[str] = Field(default_factory=list)
 
-    def with_intervals(self, confidence: float = DEFAULT_CONFIDENCE) -> "MQAReport":
+    def with_intervals(self, confidence: float = DEFAULT_CONFIDENCE) -> MQAReport:
         """Set the Wilson interval of every accuracy (correct / total) at ``confidence``."""
         self.confidence = confidence
         for k in (self.mc, self.yes_no, self.all, *self.per_category.values()):
@@ -192,10 +193,10 @@ def pair_two_line(truth_path: str | Path, pred_path: str | Path, kind: QAKind) -
     pred = read_two_line(pred_path)
     if len(pred) != len(truth):
         raise ValueError(f"{pred_path} has {len(pred)} answers but {truth_path} has {len(truth)} questions")
-    misaligned = sum(1 for (ti, _), (pi, _) in zip(truth, pred) if image_key(ti) != image_key(pi))
+    misaligned = sum(1 for (ti, _), (pi, _) in zip(truth, pred, strict=True) if image_key(ti) != image_key(pi))
     records = [
         QARecord(image=ti, kind=kind, truth=tt, answer=pt, category=_category_of(ti))
-        for (ti, tt), (_, pt) in zip(truth, pred)
+        for (ti, tt), (_, pt) in zip(truth, pred, strict=True)
     ]
     return records, misaligned
 

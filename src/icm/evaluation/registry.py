@@ -13,8 +13,9 @@ protocol all compute them the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 Task = str  # "icm", "mqa", "meq"
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
@@ -41,7 +42,7 @@ def _ci(ci: tuple[float, float] | None, fmt: str = ".3f") -> str:
 # -- plots ------------------------------------------------------------------------------
 
 
-def _pyplot():  # noqa: ANN202
+def _pyplot():
     try:
         import matplotlib
 
@@ -52,7 +53,7 @@ def _pyplot():  # noqa: ANN202
     return plt
 
 
-def _png(fig) -> str:  # noqa: ANN001
+def _png(fig) -> str:
     """The figure as base64 PNG (for a ``data:`` URL)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")

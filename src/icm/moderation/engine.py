@@ -16,8 +16,8 @@ import copy
 import hashlib
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
 
 from icm.moderation.backends.base import Backend, BackendConfigError, Box, Choice, Failed, NotJudged, Query, YesNoScore
 from icm.moderation.images import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, FrameView, ImageLoadError, LoadedImage
@@ -85,7 +85,7 @@ def _collect(policy: Policy, queries: Sequence[Query], answers: dict[str, object
         elif q.kind == "choice" and isinstance(ans, Choice) and q.attribute:
             if len(ans.probs) != len(q.option_ids):
                 raise ValueError(f"backend returned {len(ans.probs)} probabilities for {len(q.option_ids)} options of {q.attribute!r}")
-            attributes[q.attribute] = dict(zip(q.option_ids, (float(p) for p in ans.probs)))
+            attributes[q.attribute] = dict(zip(q.option_ids, (float(p) for p in ans.probs), strict=True))
             sources[q.attribute] = ans.source
     return _Evidence(term, attributes, sources, boxes, failed, unanswered)
 
@@ -226,7 +226,7 @@ class Moderator:
         model_ms = (time.perf_counter() - t0) * 1000 / max(1, len(images))
 
         records = []
-        for im, ans in zip(images, answers):
+        for im, ans in zip(images, answers, strict=True):
             try:
                 records.append(self._record(backend, im, ans, model_ms))
             except Exception as exc:  # noqa: BLE001
@@ -303,7 +303,7 @@ class Moderator:
         return _apply_unanswered(rec, ev.unanswered)
 
     def _add_explanations(self, backend: Backend, images: Sequence[LoadedImage], records: list[ModerationRecord]) -> None:
-        todo = [(im, r) for im, r in zip(images, records) if r.ok]
+        todo = [(im, r) for im, r in zip(images, records, strict=True) if r.ok]
         if not todo:
             return
         t0 = time.perf_counter()
@@ -315,7 +315,7 @@ class Moderator:
                 r.notes.append(f"explanation failed: {type(exc).__name__}: {exc}")
             return
         ms = (time.perf_counter() - t0) * 1000 / len(todo)
-        for (_, r), text in zip(todo, texts):
+        for (_, r), text in zip(todo, texts, strict=True):
             r.explanation = text.strip() if text else None
             r.timings.explain_ms = round(ms, 3)
 
@@ -370,7 +370,7 @@ class Moderator:
             idx = [i for i, r in enumerate(records) if r.ok and r.verdict != "allow"]
             if idx:
                 second = runner._run_stage(self.escalate_to, [views[i] for i in idx])
-                for i, r in zip(idx, second):
+                for i, r in zip(idx, second, strict=True):
                     r.notes.insert(0, f"{ESCALATED_NOTE}{self.backend.name}: {records[i].reason}")
                     r.timings.model_ms += records[i].timings.model_ms
                     records[i] = r

@@ -32,9 +32,10 @@ import os
 import stat
 import sys
 import warnings
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Collection, Iterable, Iterator, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -202,7 +203,7 @@ def load_image(
         raise ImageLoadError(source, _describe_non_image(data)) from exc
     except MemoryError as exc:
         raise ImageLoadError(source, "not enough memory to open it") from exc
-    except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise any type (struct.error, ...)
+    except Exception as exc:
         raise ImageLoadError(source, f"the file header is corrupt ({_cause(exc)})") from exc
 
     try:
@@ -230,7 +231,7 @@ def load_image(
         raise
     except MemoryError as exc:
         raise ImageLoadError(source, "not enough memory to decode it") from exc
-    except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes is this file's error
+    except Exception as exc:
         raise ImageLoadError(source, f"the file could not be decoded ({_cause(exc)})") from exc
 
     rgb = views[0].image
@@ -308,7 +309,7 @@ def _decode(im: Image.Image, source: str, what: str) -> None:
         raise ImageLoadError(source, f"refused to decode a possible decompression bomb ({exc})") from exc
     except MemoryError as exc:
         raise ImageLoadError(source, "not enough memory to decode it") from exc
-    except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise any type
+    except Exception as exc:
         raise ImageLoadError(source, f"{what} ({_cause(exc)})") from exc
 
 
@@ -352,7 +353,7 @@ def _frame_views(
                 ) from exc
             except MemoryError as exc:
                 raise ImageLoadError(source, "not enough memory to decode it") from exc
-            except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise any type
+            except Exception as exc:
                 raise ImageLoadError(source, f"frame {k} of {frames} is corrupt ({_cause(exc)})") from exc
             at = k
             w, h = im.size
@@ -509,7 +510,7 @@ def _to_rgb_views(im: Image.Image, source: str, notes: list[str]) -> list[tuple[
     if im.mode in _ALPHA_MODES or "transparency" in im.info:
         try:
             rgba = im.convert("RGBA")
-        except Exception as exc:  # noqa: BLE001 - odd modes of untrusted files
+        except Exception as exc:
             raise ImageLoadError(source, f"unsupported colour mode {im.mode!r} ({_cause(exc)})") from exc
         alpha = np.asarray(rgba.getchannel("A"))
         clear = float((alpha < 255).mean()) if alpha.size else 0.0
@@ -542,7 +543,7 @@ def _to_rgb(im: Image.Image, source: str, notes: list[str]) -> Image.Image:
         return _cmyk_to_rgb(im, notes)
     try:
         return im.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - odd modes of untrusted files
+    except Exception as exc:
         raise ImageLoadError(source, f"unsupported colour mode {mode!r} ({_cause(exc)})") from exc
 
 

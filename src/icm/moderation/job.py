@@ -14,9 +14,10 @@ import hashlib
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from icm.fileio import atomic_write, read_jsonl
 from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS

@@ -22,7 +22,8 @@ those of every other backend.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from PIL import Image
 

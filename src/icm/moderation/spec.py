@@ -61,7 +61,7 @@ class BackendSpec(BaseModel):
     max_retries: int = Field(3, ge=0, description="openai: extra attempts of a transient failure.")
 
     @model_validator(mode="after")
-    def _needs_model(self) -> "BackendSpec":
+    def _needs_model(self) -> BackendSpec:
         used = self.escalate_backend if self.backend == "cascade" else self.backend
         if used in ("hf", "openai") and not self.model:
             hint = "a hub id or a local path" if used == "hf" else "the model name the server serves"
@@ -69,7 +69,7 @@ class BackendSpec(BaseModel):
         return self
 
     @classmethod
-    def build(cls, **fields: Any) -> "BackendSpec":
+    def build(cls, **fields: Any) -> BackendSpec:
         """A spec from option values (``None`` means the default), or a ``ValueError``
         naming the option: ``--batch-size: Input should be greater than or equal to 1``."""
         try:

@@ -34,9 +34,9 @@ from icm.moderation.images import (
     DEFAULT_MAX_FRAMES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_TOTAL_PIXELS,
+    VIDEO_EXTENSIONS,
     FrameView,
     ImageLoadError,
-    VIDEO_EXTENSIONS,
     LoadedImage,
     _cause,
     _check_frame_size,
@@ -161,7 +161,7 @@ def load_video(
     try:
         try:
             container = av.open(stream, mode="r")
-        except Exception as exc:  # noqa: BLE001 - FFmpeg reports corrupt input with many error types
+        except Exception as exc:
             raise ImageLoadError(source, f"not a readable video ({_cause(exc)})") from exc
         try:
             return _sample(container, source, digest, n_bytes, fps, max_frames, max_pixels, total_limit)
@@ -169,7 +169,7 @@ def load_video(
             raise
         except MemoryError as exc:
             raise ImageLoadError(source, "not enough memory to decode it") from exc
-        except Exception as exc:  # noqa: BLE001 - FFmpeg reports corrupt input with many error types
+        except Exception as exc:
             raise ImageLoadError(source, f"the video is corrupt or truncated ({_cause(exc)})") from exc
         finally:
             container.close()

@@ -43,12 +43,12 @@ The model (the README states it, section "How a decision is made"):
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from icm.policy.grid import UNCOVERED
 from icm.policy.model import Label, Policy, RuleSet
 
 VerdictName = Literal["allow", "review", "block"]

@@ -46,7 +46,7 @@ MAX_PAIR_CHECKS = 200_000
 """At most this many pairs of equally ranked products are checked for a tie per rank."""
 
 
-def grid_work(policy: "Policy") -> int:
+def grid_work(policy: Policy) -> int:
     """Cells visited to build the map: the sum over products of the cells each matches."""
     sizes = {a.id: len(a.values) for a in policy.attributes}
     n = grid_size(policy)
@@ -105,7 +105,7 @@ class CellGrid:
     def cell(self, index: int | tuple[int, ...]) -> dict[str, str]:
         """The cell at a flat index or an index tuple, as ``{attribute: value}``."""
         idx = np.unravel_index(index, self.shape) if isinstance(index, (int, np.integer)) else index
-        return {a: self.values[k][int(i)] for k, (a, i) in enumerate(zip(self.attributes, idx))}
+        return {a: self.values[k][int(i)] for k, (a, i) in enumerate(zip(self.attributes, idx, strict=True))}
 
     def uncovered_example(self) -> dict[str, str] | None:
         hits = np.flatnonzero(self.owner_flat == UNCOVERED)
@@ -116,7 +116,7 @@ def describe_cell(cell: dict[str, str]) -> str:
     return ", ".join(f"{a}={v}" for a, v in cell.items())
 
 
-def grid_size(policy: "Policy") -> int:
+def grid_size(policy: Policy) -> int:
     n = 1
     for a in policy.attributes:
         n *= len(a.values)
@@ -132,12 +132,12 @@ def _selector(policy_axes: dict[str, int], value_index: dict[str, dict[str, int]
     return tuple(sel)
 
 
-def _compatible(a: "Product", b: "Product") -> bool:
+def _compatible(a: Product, b: Product) -> bool:
     """Whether some cell matches both (they agree on every attribute both set)."""
     return all(b.assignment.get(k, v) == v for k, v in a.assignment.items())
 
 
-def build_grid(policy: "Policy") -> CellGrid:
+def build_grid(policy: Policy) -> CellGrid:
     """The precedence map of ``policy`` (see the module docstring).
 
     Assumes the cross-references are valid (known attributes and values) and the grid is
@@ -178,10 +178,10 @@ def build_grid(policy: "Policy") -> CellGrid:
                     n = int(np.count_nonzero(sub))
                     if n:
                         first = np.argwhere(sub)[0]
-                        ties.append(Tie(i, j, n, tuple(s.start + int(k) for s, k in zip(both, first))))
+                        ties.append(Tie(i, j, n, tuple(s.start + int(k) for s, k in zip(both, first, strict=True))))
                 if len(ties) == reported and len(ties) < MAX_TIES:  # checks ran out: name one anyway
                     cell = np.unravel_index(int(np.argmax(tied)), shape)
-                    i, j = [k for k in candidates if all(sl.start <= c < sl.stop for sl, c in zip(sels[k], cell))][:2]
+                    i, j = [k for k in candidates if all(sl.start <= c < sl.stop for sl, c in zip(sels[k], cell, strict=True))][:2]
                     both = _selector(axes, value_index, {**products[i].assignment, **products[j].assignment}, shape)
                     ties.append(Tie(i, j, int(np.count_nonzero(free[both])), tuple(int(c) for c in cell)))
         for i in group:  # file order: on a tie (an error) the earlier product keeps the cell

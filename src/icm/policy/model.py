@@ -148,7 +148,7 @@ class Rule(_Strict):
     reason: str | None = None
 
     @model_validator(mode="after")
-    def _selects_something(self) -> "Rule":
+    def _selects_something(self) -> Rule:
         if not self.products and not self.when:
             raise ValueError("a rule needs 'products' or 'when' to say which products it labels")
         if self.label == "allow" and self.severity is not None:
@@ -192,7 +192,7 @@ class Thresholds(_Strict):
     block: float = Field(default=0.7, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Thresholds":
+    def _ordered(self) -> Thresholds:
         if self.review > self.block:
             raise ValueError(f"review threshold {self.review} is above block threshold {self.block}")
         return self
@@ -266,7 +266,7 @@ class EvidenceSourceSpec(_Strict):
     license: str | None = Field(default=None, description="The model's licence, recorded for the people who audit the policy")
 
     @model_validator(mode="after")
-    def _sizes(self) -> "EvidenceSourceSpec":
+    def _sizes(self) -> EvidenceSourceSpec:
         if min(self.input_size) < 1:
             raise ValueError(f"input_size must be positive, got {list(self.input_size)}")
         if any(s == 0 for s in self.std):
@@ -295,7 +295,7 @@ class EvidenceFrom(_Strict):
     min_score: float = Field(default=0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "EvidenceFrom":
+    def _one_kind(self) -> EvidenceFrom:
         if bool(self.labels) == bool(self.keywords):
             raise ValueError("give either 'labels' (classes of a classifier or detector) or 'keywords' (OCR), not both or neither")
         return self
@@ -364,7 +364,7 @@ class Policy(_Strict):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Policy":
+    def _consistent(self) -> Policy:
         # Imported here: validate.py imports this module.
         from icm.policy.validate import PolicyError, check_policy
 
@@ -373,7 +373,7 @@ class Policy(_Strict):
             raise PolicyError(errors)
         return self
 
-    def model_copy(self, *, update: dict | None = None, deep: bool = False) -> "Policy":  # type: ignore[override]
+    def model_copy(self, *, update: dict | None = None, deep: bool = False) -> Policy:  # type: ignore[override]
         """A copy whose lookup tables are rebuilt (they would go stale with ``update``)."""
         new = super().model_copy(update=update, deep=deep)
         for key in _POLICY_CACHES:
@@ -433,7 +433,7 @@ class Policy(_Strict):
         return rs.default_label()
 
     @cached_property
-    def grid(self) -> "CellGrid":
+    def grid(self) -> CellGrid:
         """The joint attribute grid and the product that owns each cell (computed once)."""
         from icm.policy.grid import build_grid
 

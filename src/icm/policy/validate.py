@@ -50,7 +50,7 @@ class PolicyError(Exception):
         return "\n".join(str(i) for i in self.issues) or "invalid policy"
 
 
-def check_policy(policy: "Policy") -> list[Issue]:
+def check_policy(policy: Policy) -> list[Issue]:
     """Every error, warning and info about ``policy``: cross-references, then the grid.
 
     The grid checks (:mod:`icm.policy.grid`) run only when the cross-references are sound:
@@ -146,7 +146,7 @@ def check_policy(policy: "Policy") -> list[Issue]:
     return issues
 
 
-def _check_grid(policy: "Policy") -> list[Issue]:
+def _check_grid(policy: Policy) -> list[Issue]:
     """Ties of precedence and uncovered cells of the attribute grid."""
     from icm.policy.grid import MAX_CELLS, MAX_TIES, MAX_WORK, describe_cell, grid_size, grid_work
 
@@ -189,7 +189,7 @@ def _check_grid(policy: "Policy") -> list[Issue]:
     return issues
 
 
-def _check_evidence(policy: "Policy") -> list[Issue]:
+def _check_evidence(policy: Policy) -> list[Issue]:
     """The ``evidence`` section: known sources, their output labels, attributes and values."""
     import difflib
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from icm.serve.config import APIKey, is_loopback
 from icm.serve.errors import APIError

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class BatcherClosed(RuntimeError):
 @dataclass
 class _Pending(Generic[T, R]):
     item: T
-    future: "asyncio.Future[R]"
+    future: asyncio.Future[R]
     enqueued: float
     cost: int = 0
 
@@ -186,7 +187,7 @@ class DynamicBatcher(Generic[T, R]):
                 if not p.future.done():
                     p.future.set_exception(BatcherClosed("the server is shutting down"))
             raise
-        except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+        except Exception as exc:
             log.exception("batch of %d failed", len(live))
             for p in live:
                 if not p.future.done():
@@ -198,8 +199,8 @@ class DynamicBatcher(Generic[T, R]):
             if self.on_batch is not None:
                 try:
                     self.on_batch(len(live), time.perf_counter() - t0)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.debug("on_batch hook failed", exc_info=True)
-        for p, r in zip(live, results):
+        for p, r in zip(live, results, strict=True):
             if not p.future.done():
                 p.future.set_result(r)

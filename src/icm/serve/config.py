@@ -6,8 +6,8 @@ are the field names; flags given on the command line win over the file.
 
 from __future__ import annotations
 
-import hmac
 import hashlib
+import hmac
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -160,7 +160,7 @@ class ServeConfig(BaseModel):
         return [SecretStr(APIKey.parse(k.get_secret_value()).entry) for k in v]  # raises on a bad key
 
     @model_validator(mode="after")
-    def _check(self) -> "ServeConfig":
+    def _check(self) -> ServeConfig:
         if self.backend not in ("detector", "hf", "openai", "cascade"):
             raise ValueError(f"unknown backend {self.backend!r} (choose from detector, hf, openai, cascade)")
         if self.backend in ("hf", "openai") and not self.model:
@@ -180,7 +180,7 @@ class ServeConfig(BaseModel):
         return BackendSpec.build(**fields, batch_size=self.max_batch_size if self.batching else 1)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> "ServeConfig":
+    def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> ServeConfig:
         import yaml
 
         text = Path(path).read_text(encoding="utf-8")
@@ -190,7 +190,7 @@ class ServeConfig(BaseModel):
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)
 
-    def all_api_keys(self, environ: dict[str, str] | None = None) -> list["APIKey"]:
+    def all_api_keys(self, environ: dict[str, str] | None = None) -> list[APIKey]:
         """The configured keys and those of ``$ICM_API_KEYS``; raises ValueError on a bad one."""
         env = os.environ if environ is None else environ
         raw = [k.get_secret_value() for k in self.api_keys]
@@ -240,7 +240,7 @@ class APIKey:
     key: SecretStr
 
     @classmethod
-    def parse(cls, entry: str) -> "APIKey":
+    def parse(cls, entry: str) -> APIKey:
         """'NAME:KEY' or a bare 'KEY' (named after a short hash of itself).
 
         Refuses an empty secret ('alice:'), an empty name (':KEY') and a key shorter than

@@ -22,8 +22,9 @@ import math
 import threading
 import time
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 BYTES_PER_QUEUED_PIXEL = 4  # Pillow keeps an RGB image as 32 bits per pixel
 

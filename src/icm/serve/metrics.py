@@ -7,7 +7,7 @@ metric names are those earlier releases published (scrape configs and dashboards
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info

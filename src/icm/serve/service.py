@@ -115,7 +115,7 @@ class Service:
             for i in idx:
                 unique.setdefault(jobs[i].image.sha256 or id(jobs[i].image), i)
             firsts = list(unique.values())
-            done = dict(zip(firsts, lead.moderate_loaded([jobs[i].image for i in firsts], [jobs[i].load_ms for i in firsts])))
+            done = dict(zip(firsts, lead.moderate_loaded([jobs[i].image for i in firsts], [jobs[i].load_ms for i in firsts]), strict=True))
             again: dict[str, list[int]] = {}
             for i in idx:
                 base = done[unique[jobs[i].image.sha256 or id(jobs[i].image)]]
@@ -129,7 +129,7 @@ class Service:
                 redone = self.moderators[(pname, rname)].moderate_loaded(
                     [jobs[i].image for i in rest], [jobs[i].load_ms for i in rest]
                 )
-                for i, r in zip(rest, redone):
+                for i, r in zip(rest, redone, strict=True):
                     records[i] = r
         assert all(r is not None for r in records)
         return records  # type: ignore[return-value]
@@ -150,7 +150,7 @@ class Service:
                 self.images.put(r.sha256, j.data)  # before the commit: a stored decision's image exists
                 j.meta.image_kept = True
         ids = self.store.add_decisions([records[i] for i in ok], [jobs[i].meta for i in ok])
-        id_of = dict(zip(ok, ids))
+        id_of = dict(zip(ok, ids, strict=True))
         if any(records[i].verdict == "block" for i in ok):
             self.extras.get("wake_webhooks", lambda: None)()  # their events are in the outbox now
         out = []
@@ -167,7 +167,7 @@ class Service:
         for thing in self.owned:
             try:
                 thing.close()
-            except Exception:  # noqa: BLE001 - best effort on shutdown
+            except Exception:
                 log.debug("closing %r failed", thing, exc_info=True)
 
 

@@ -29,7 +29,7 @@ import logging
 import random
 import threading
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import httpx
 

@@ -25,8 +25,9 @@ images were split into different numbers of tiles).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -158,7 +159,7 @@ class ChatCollator:
 
     # ------------------------------------------------------------------ a batch
 
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, "torch.Tensor"]:
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         import torch
 
         encoded = [self.encode(e) for e in examples]
@@ -185,7 +186,7 @@ class ChatCollator:
         return batch
 
 
-def _concat(parts: list["torch.Tensor"]) -> "torch.Tensor":
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate image tensors along the first axis, padding other axes with zeros
     (Idefics3-style ``(batch, tiles, ...)`` tensors with different tile counts)."""
     import torch

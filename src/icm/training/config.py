@@ -11,13 +11,14 @@ Paths in the file are used as written (relative to the working directory).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["TrainConfig", "ConfigError", "load_config"]
+__all__ = ["ConfigError", "TrainConfig", "load_config"]
 
 Strategy = Literal["msft", "csft"]
 Method = Literal["lora", "full"]
@@ -126,7 +127,7 @@ class TrainConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self) -> TrainConfig:
         if not self.data:
             raise ValueError("no training data: give data (folders or files exported by `icm data export`)")
         if self.strategy == "csft" and self.general_data:

@@ -33,9 +33,10 @@ import json
 import logging
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from icm.policy import Policy, PolicyError, builtin_policy_names, load_policy
 from icm.prompting import moderation_choice_prompt, option_answer, training_conversation, yes_no_answer, yes_no_prompt
@@ -355,7 +356,7 @@ class TrainDataset:
         self._templater: Any = None
         self._segments: dict[int, Any] = {}
 
-    def prepare(self, templater: Any) -> "TrainDataset":
+    def prepare(self, templater: Any) -> TrainDataset:
         self._templater = templater
         seen: set[str] = set()
         for i, ex in enumerate(self.examples):

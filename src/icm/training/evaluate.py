@@ -14,9 +14,10 @@ set) and, since products are known, the attribute-product accuracy (most likely 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from icm.moderation.record import ModerationRecord
 from icm.policy import Policy, load_policy

@@ -17,8 +17,9 @@ image tokens for LLaVA; Qwen2-VL's ``mrope_section`` must sum to head_dim / 2.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # Chat templates close to the real ones: the image sits in the first user turn.
 LLAVA_CHAT_TEMPLATE = (

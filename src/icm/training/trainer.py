@@ -32,13 +32,14 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from icm.training.config import TrainConfig
 
-__all__ = ["TrainResult", "model_parts", "prepare_model", "train", "build_datasets"]
+__all__ = ["TrainResult", "build_datasets", "model_parts", "prepare_model", "train"]
 
 log = logging.getLogger(__name__)
 

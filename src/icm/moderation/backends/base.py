@@ -30,8 +30,9 @@ missing package) raises :class:`BackendConfigError`, which stops a job at once.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -196,7 +197,7 @@ class Backend(abc.ABC):
                 answers = list(self.choose(images, q.question, list(q.options)))
             else:
                 answers = [NotJudged("cannot-judge", f"the {self.name} backend cannot answer {q.kind} questions")] * len(images)
-            for slot, answer in zip(out, answers):
+            for slot, answer in zip(out, answers, strict=True):
                 slot[q.key] = answer
         return out
 
@@ -213,7 +214,7 @@ class Backend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (HTTP clients, sessions)."""
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -85,7 +85,8 @@ import math
 import os
 import threading
 import time
-from typing import Any, Iterable, Literal, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -113,17 +114,17 @@ from icm.policy.model import AttributeEvidence, Policy, TermEvidence
 
 __all__ = [
     "COVERED_WEIGHT",
-    "DetectorBackend",
     "EVIDENCE_FLOOR",
     "EXPOSURE_MAP",
     "EXPOSURE_OPTIONS",
     "LARGE_BARE_MIN_PARTS",
     "MIN_KEPT_MASS",
     "NUDENET_LABELS",
-    "NudeNetUnavailableError",
     "REGION_OPTIONS",
     "REGION_PARTS",
     "UNOBSERVABLE_EXPOSURE",
+    "DetectorBackend",
+    "NudeNetUnavailableError",
     "exposure_distribution",
     "exposure_evidence",
     "region_distribution",

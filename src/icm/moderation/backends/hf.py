@@ -30,8 +30,9 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -191,7 +192,7 @@ class HFBackend(Backend):
         self._accepts_positions = "position_ids" in forward_params
         self._answers = AnswerTokens(self.tokenizer)
         self._yes_ids, self._no_ids = self._answers.yes_ids, self._answers.no_ids
-        self._prefix_text: str | None | bool = False  # False: not computed yet
+        self._prefix_text: str | bool | None = False  # False: not computed yet
         self._render_cache: dict[str, str] = {}
 
     # ------------------------------------------------------------------ identity
@@ -261,7 +262,7 @@ class HFBackend(Backend):
         with torch.inference_mode():
             return self.model(**kwargs, use_cache=cache)
 
-    def _last_logprobs(self, images: Sequence[Image.Image], items: Sequence[tuple[int, str]]) -> "torch.Tensor":
+    def _last_logprobs(self, images: Sequence[Image.Image], items: Sequence[tuple[int, str]]) -> torch.Tensor:
         """Log-probabilities of the next token for each ``(image index, user text)`` item."""
         import torch
 
@@ -297,7 +298,7 @@ class HFBackend(Backend):
         items: Sequence[tuple[int, str]],
         rendered: Sequence[str],
         plan: PrefixPlan,
-    ) -> "torch.Tensor":
+    ) -> torch.Tensor:
         """Run each image's prefix once, then every question suffix against its cache."""
         import torch
 
@@ -404,7 +405,7 @@ class HFBackend(Backend):
         out: list[dict[str, Answer]] = []
         for i in range(len(images)):
             answers: dict[str, Answer] = {}
-            for q, prompt, g in zip(queries, prompts, groups):
+            for q, prompt, g in zip(queries, prompts, groups, strict=True):
                 if prompt is None:
                     answers[q.key] = NotJudged("cannot-judge", f"unknown query kind {q.kind!r}")
                     continue
@@ -449,10 +450,10 @@ class HFBackend(Backend):
 
     # ------------------------------------------------------------------ answers
 
-    def _yes_no(self, logprobs: "torch.Tensor") -> YesNoScore | NotJudged:
+    def _yes_no(self, logprobs: torch.Tensor) -> YesNoScore | NotJudged:
         return read_yes_no(logprobs, self._answers, self.min_label_mass)
 
-    def _choice(self, logprobs: "torch.Tensor", groups: Sequence[Sequence[int]]) -> Choice | NotJudged:
+    def _choice(self, logprobs: torch.Tensor, groups: Sequence[Sequence[int]]) -> Choice | NotJudged:
         return read_choice(logprobs, groups, self.tokenizer, self.min_label_mass)
 
 
@@ -484,7 +485,7 @@ def _resolve_dtype(torch: Any, dtype: str, device: str) -> Any:
     return table[dtype]
 
 
-def _positions(mask: "torch.Tensor") -> "torch.Tensor":
+def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that ignore left padding, so a padded row scores as it would alone."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 

@@ -10,7 +10,8 @@ likely token starts a refusal, ``off-format`` otherwise.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from icm.moderation.backends.base import REFUSAL_FIRST_WORDS, Choice, NotJudged, YesNoScore
 from icm.prompting import NO, YES, option_labels
@@ -89,14 +90,14 @@ def resolve_answer_token_ids(tokenizer: Any, word: str, variants: Sequence[str] 
 def check_disjoint(groups: Sequence[Sequence[int]], names: Sequence[str]) -> None:
     """Raise ``ValueError`` when two answers share a token id (their mass would be counted twice)."""
     seen: dict[int, str] = {}
-    for ids, name in zip(groups, names):
+    for ids, name in zip(groups, names, strict=True):
         for token_id in ids:
             if token_id in seen and seen[token_id] != name:
                 raise ValueError(f"answers {seen[token_id]!r} and {name!r} share token {token_id}")
             seen[token_id] = name
 
 
-def grouped_probs(logprobs: "torch.Tensor", groups: Sequence[Sequence[int]]) -> tuple["torch.Tensor", "torch.Tensor"]:
+def grouped_probs(logprobs: torch.Tensor, groups: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over answers, each answer's logit being the logsumexp over its token ids.
 
     ``logprobs`` is ``(n, vocab)`` (log-softmax or raw logits: the result is the same);
@@ -129,7 +130,7 @@ class AnswerTokens:
         return groups
 
 
-def read_yes_no(logprobs: "torch.Tensor", tokens: AnswerTokens, min_label_mass: float) -> YesNoScore | NotJudged:
+def read_yes_no(logprobs: torch.Tensor, tokens: AnswerTokens, min_label_mass: float) -> YesNoScore | NotJudged:
     """P(Yes) from one next-token distribution, or not judged when Yes/No hold too little mass."""
     probs, scores = grouped_probs(logprobs[None], [tokens.yes_ids, tokens.no_ids])
     raw = {
@@ -143,7 +144,7 @@ def read_yes_no(logprobs: "torch.Tensor", tokens: AnswerTokens, min_label_mass: 
 
 
 def read_choice(
-    logprobs: "torch.Tensor", groups: Sequence[Sequence[int]], tokenizer: Any, min_label_mass: float
+    logprobs: torch.Tensor, groups: Sequence[Sequence[int]], tokenizer: Any, min_label_mass: float
 ) -> Choice | NotJudged:
     """A distribution over the options (token id ``groups``), or not judged (too little label mass)."""
     probs, scores = grouped_probs(logprobs[None], groups)
@@ -154,7 +155,7 @@ def read_choice(
 
 
 def not_judged(
-    logprobs: "torch.Tensor", tokenizer: Any, mass: float, what: str, raw: dict[str, Any], min_label_mass: float
+    logprobs: torch.Tensor, tokenizer: Any, mass: float, what: str, raw: dict[str, Any], min_label_mass: float
 ) -> NotJudged:
     """Not judged: the model's next token is not a label; ``refused`` when it starts a refusal."""
     top = int(logprobs.argmax())

@@ -11,8 +11,9 @@ to float tolerance. The helpers below select cache rows and group suffixes by le
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from icm.prompting import render_prompt
 
@@ -81,7 +82,7 @@ def plan_prefix(rendered: Sequence[str], prefix_text: str, tokenizer: Any, image
     )
 
 
-def select_cache(cache: Any, rows: "torch.Tensor") -> Any:
+def select_cache(cache: Any, rows: torch.Tensor) -> Any:
     """A cache holding ``rows`` of ``cache`` (repeats allowed); ``cache`` itself is untouched.
 
     Layers are shallow-copied: ``batch_select_indices`` and the next forward's ``update``
@@ -107,14 +108,14 @@ def length_groups(lengths: Sequence[int], slack: float = 1.3) -> list[list[int]]
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
     return n
 
 
-def is_sequence_tensor(value: Any, ids: "torch.Tensor") -> bool:
+def is_sequence_tensor(value: Any, ids: torch.Tensor) -> bool:
     """Per-token tensors (ids, masks, token types) that must be cut with ``input_ids``."""
     return (
         hasattr(value, "shape")

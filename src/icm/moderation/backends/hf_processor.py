@@ -21,7 +21,7 @@ __all__ = ["image_only_processor_class", "load_processor"]
 logger = logging.getLogger("icm.moderation.backends.hf")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def image_only_processor_class(base: type) -> type:
     """``base`` restricted to its image processor and tokenizer.
 
@@ -106,7 +106,7 @@ def load_processor(model: str, processor_class: str | type | None = None, **kwar
             raise
         try:
             processor = image_only_processor_class(base).from_pretrained(model, **kwargs)
-        except Exception as second:  # noqa: BLE001
+        except Exception as second:
             raise err from second
         logger.info("loaded %s without its video processor (%s: %s)", name, type(err).__name__, err)
         return processor, True

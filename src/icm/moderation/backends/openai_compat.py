@@ -36,8 +36,9 @@ import io
 import logging
 import re
 import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Coroutine, Literal, Sequence, TypeVar
+from typing import Any, Literal, TypeVar
 
 from PIL import Image
 
@@ -298,7 +299,7 @@ class OpenAIBackend(Backend):
             return  # nothing opened on the backend's loop yet (or we are on it: the old client is left to the GC)
         try:
             self._runner.run(old.aclose())
-        except Exception:  # noqa: BLE001 - best effort
+        except Exception:
             log.debug("closing the old client failed", exc_info=True)
 
     @property
@@ -519,7 +520,7 @@ class OpenAIBackend(Backend):
         if len(images) != len(messages):
             raise ValueError(f"{len(images)} images but {len(messages)} conversations")
         urls = self._encode_all(images)
-        convs = [self._attach_image(list(m), url) for m, url in zip(messages, urls)]
+        convs = [self._attach_image(list(m), url) for m, url in zip(messages, urls, strict=True)]
         params = self._generation_params(max_new_tokens, temperature, top_p, seed)
 
         async def one(i: int, conv: list[Message]) -> _Result:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from icm.moderation.backends.base import REFUSAL_FIRST_WORDS, Choice, NotJudged, YesNoScore
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from icm.moderation.backends.base import Box
 from icm.moderation.evidence.sources import SourceOutput

@@ -6,8 +6,9 @@ image), ``flag`` (it answers only when something is found: it cannot clear an im
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 from icm.moderation.evidence.catalog import BUILTIN_SOURCES
 from icm.policy.model import AttributeEvidence, EvidenceFrom, Policy, TermEvidence

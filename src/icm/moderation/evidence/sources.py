@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -206,7 +207,7 @@ class RapidOCRSource(EvidenceSource):
             txts = getattr(result, "txts", None) or ()
             scores = getattr(result, "scores", None) or ()
             polys = getattr(result, "boxes", None)
-            for k, (text, score) in enumerate(zip(txts, scores)):
+            for k, (text, score) in enumerate(zip(txts, scores, strict=True)):
                 poly = np.asarray(polys[k], dtype=float) if polys is not None else np.zeros((4, 2))
                 x0, y0 = poly[:, 0].min(), poly[:, 1].min()
                 boxes.append(Box(label=str(text), score=float(score), x=float(x0), y=float(y0),
@@ -314,7 +315,7 @@ class OnnxClassifierSource(EvidenceSource):
                 probs = 1.0 / (1.0 + np.exp(-raw))
             else:
                 probs = np.clip(raw, 0.0, 1.0)
-            out.extend(SourceOutput(probs=dict(zip(self._labels, map(float, row)))) for row in probs)
+            out.extend(SourceOutput(probs=dict(zip(self._labels, map(float, row), strict=True))) for row in probs)
         return out
 
 

@@ -8,7 +8,7 @@ import base64
 import binascii
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
@@ -145,7 +145,7 @@ async def submit(svc: Service, job: Job) -> Outcome:
             503, "backend_unavailable", "the model backend is misconfigured or unreachable (see the server log)",
             headers={"Retry-After": "30"},
         ) from None
-    except Exception as exc:  # noqa: BLE001 - the store (or the image folder) failed
+    except Exception as exc:
         log.exception("batch failed: %s: %s", type(exc).__name__, exc)
         raise APIError(
             503, "store_failed", "the decision could not be made or stored (see the server log)",
