@@ -17,8 +17,8 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from icm.moderation.backends.base import Query
 from icm.moderation.backends.detector import EXPOSURE_OPTIONS, DetectorBackend

@@ -82,7 +82,7 @@ class Server:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
                 status, payload = server.reply(body)
                 self.send_response(status)
@@ -100,7 +100,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.thread.start()
         return self
 
@@ -209,8 +209,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    import icm.data.generate  # noqa: F401 - imports (openai's alone takes about a second) are not part of either timing
     import openai  # noqa: F401
+
+    import icm.data.generate  # noqa: F401 - imports (openai's alone takes about a second) are not part of either timing
 
     with tempfile.TemporaryDirectory(prefix="icm-bench-datagen-") as tmp:
         root = Path(tmp)

@@ -53,7 +53,7 @@ def main() -> int:
     t0 = time.perf_counter()
     scores = score_pairs(pairs, metric="combined")
     seconds = time.perf_counter() - t0
-    by_id = {p.id: s for p, s in zip(pairs, scores)}
+    by_id = {p.id: s for p, s in zip(pairs, scores, strict=True)}
     items = [MEQItem(id=j.id, scores=j.scores, offline=by_id.get(j.id)) for j in js]
     corr = correlations(items)
     acc = [(it.offline.score, it.scores["accuracy"]) for it in items if it.offline and it.scores.get("accuracy") is not None]

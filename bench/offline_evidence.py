@@ -27,12 +27,12 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from icm.moderation.backends.detector import DetectorBackend  # noqa: E402
-from icm.moderation.engine import Moderator  # noqa: E402
-from icm.moderation.evidence.catalog import BUILTIN_SOURCES  # noqa: E402
-from icm.moderation.evidence.sources import builtin_source  # noqa: E402
-from icm.moderation.images import load_image  # noqa: E402
-from icm.policy import load_policy  # noqa: E402
+from icm.moderation.backends.detector import DetectorBackend
+from icm.moderation.engine import Moderator
+from icm.moderation.evidence.catalog import BUILTIN_SOURCES
+from icm.moderation.evidence.sources import builtin_source
+from icm.moderation.images import load_image
+from icm.policy import load_policy
 
 POLICIES = ("icm-sexy", "gambling", "horrifying")
 LIMIT = 1.5

@@ -25,12 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
-import torch  # noqa: E402
+import torch
 
-import tiny_models  # noqa: E402
-from icm.moderation.backends.base import Query  # noqa: E402
-from icm.moderation.backends.hf import HFBackend, grouped_probs  # noqa: E402
-from icm.policy.prompts_format import moderation_choice_prompt as choice_prompt, yes_no_prompt  # noqa: E402
+from icm.moderation.backends.base import Query
+from icm.moderation.backends.hf import HFBackend, grouped_probs
+from icm.policy.prompts_format import moderation_choice_prompt as choice_prompt
+from icm.policy.prompts_format import yes_no_prompt
+
+import tiny_models
 
 QUERIES = [
     Query("term:sexy", "yes_no", "Is the image sexy?", term="sexy"),
@@ -173,7 +175,7 @@ def main() -> None:
             t_ask += t1 - t0
             t_naive += t2 - t1
 
-        diff = max(abs(a - b) for f, s in zip(fast, slow) for k in f for a, b in zip(f[k], s[k]))
+        diff = max(abs(a - b) for f, s in zip(fast, slow, strict=True) for k in f for a, b in zip(f[k], s[k], strict=True))
         n = len(images)
         print(f"naive (generate per question per image): {t_naive:7.2f} s  {n / t_naive:6.2f} images/s")
         print(f"ask   (shared prefix + KV cache, batched):  {t_ask:7.2f} s  {n / t_ask:6.2f} images/s")

@@ -140,7 +140,7 @@ async def load(url: str, clients: int, seconds: float, warmup: int) -> tuple[int
 
 def build_tiny_hf(workdir: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import build_tiny_llava  # noqa: E402 - the test suite's tiny checkpoint builder
+    from tiny_models import build_tiny_llava
 
     return build_tiny_llava(workdir / "tiny-llava")
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 
 
 @dataclass
@@ -42,7 +43,7 @@ def recording_server() -> Iterator[Recorded]:
     rec = Recorded(url="")
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             rec.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
             data = _reply(body.get("model"))

@@ -4,17 +4,19 @@ reach the backend that is built (checked on the backend object or on the wire)."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-from openai_recorder import Recorded, recording_server
 from PIL import Image
 from typer.testing import CliRunner
 
 from icm.cli.main import app
 from icm.moderation.job import ModerateConfig, build_moderator
 from icm.moderation.spec import BackendSpec, create_backend, create_backends
+
+from openai_recorder import Recorded, recording_server
 
 runner = CliRunner()
 

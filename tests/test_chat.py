@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import live_server
 
 from icm.chat import ChatSession, Sampling, policy_context
 from icm.moderation.backends.base import Backend, Choice, YesNoScore
 from icm.moderation.engine import Moderator
 from icm.policy import load_policy
+
+from serve_helpers import live_server
 
 try:  # the fake OpenAI-compatible server's annotations need it at module level
     from fastapi import Request
@@ -60,7 +61,7 @@ class EchoBackend(Backend):
 
     def generate(self, images, messages, *, max_new_tokens=256, temperature=0.0, top_p=None, seed=None):
         out = []
-        for im, conv in zip(images, messages):
+        for im, conv in zip(images, messages, strict=True):
             self.calls.append((im, [dict(m) for m in conv], {"temperature": temperature, "seed": seed}))
             mean = tuple(int(v) for v in np.asarray(im.convert("RGB")).reshape(-1, 3).mean(axis=0))
             out.append(f"colour {mean}; you asked: {conv[-1]['content']}")
@@ -243,7 +244,7 @@ class _SSEServer:
 
         self.app = app
 
-    def __enter__(self) -> "_SSEServer":
+    def __enter__(self) -> _SSEServer:
         self._running = live_server(self.app)
         self.url = self._running.__enter__()
         return self

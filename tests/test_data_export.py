@@ -51,7 +51,7 @@ def test_split_is_deterministic_and_by_image(tmp_path):
     splits = [split_of(r, 0.3, seed=1) for r in recs]
     assert splits == [split_of(r, 0.3, seed=1) for r in recs]
     by_image: dict[str, set[str]] = {}
-    for r, s in zip(recs, splits):
+    for r, s in zip(recs, splits, strict=True):
         by_image.setdefault(r.split_key, set()).add(s)
     assert all(len(v) == 1 for v in by_image.values()), "an image landed in both splits"
     assert set(splits) == {"train", "validation"}

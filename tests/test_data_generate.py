@@ -24,9 +24,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -212,7 +213,7 @@ def server() -> Iterator[tuple[str, Script]]:
         def log_message(self, *args: Any) -> None:  # keep pytest output clean
             pass
 
-        def do_POST(self) -> None:  # noqa: N802 - http.server API
+        def do_POST(self) -> None:
             n = int(self.headers.get("Content-Length", "0"))
             body = json.loads(self.rfile.read(n) or b"{}")
             with script.lock:

@@ -15,11 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES
 
 from icm.data import import_icm, read_records, read_rejected
 from icm.data.records import REASONS
-
-from conftest import FIXTURES
 
 MINI = FIXTURES / "data" / "icm-instruct-mini"
 

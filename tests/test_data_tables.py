@@ -262,7 +262,7 @@ def test_round_trip_every_rendering_parses_back(case):
     r = parse_qa_text(table)
     assert r.problems == [], (table, r.problems)
     assert r.rows == len(items)
-    for want, got in zip(items, r.pairs):
+    for want, got in zip(items, r.pairs, strict=True):
         assert got.question == want.question, table
         assert got.answer == want.answer, table
         assert got.choices == want.choices, table

@@ -34,7 +34,7 @@ def top_level(products: list[Product], cell: dict[str, str]) -> list[Product]:
 def all_cells(attributes: list[Attribute]):
     ids = [a.id for a in attributes]
     for values in itertools.product(*[a.value_ids for a in attributes]):
-        yield dict(zip(ids, values))
+        yield dict(zip(ids, values, strict=True))
 
 
 def oracle_owner(policy: Policy, cell: dict[str, str]) -> str | None:
@@ -94,7 +94,7 @@ def policy_parts(draw, distinct_priorities: bool = True):
     for subset_size in range(1, n_attrs + 1):
         for subset in itertools.combinations(attrs, subset_size):
             for values in itertools.product(*[a.value_ids for a in subset]):
-                candidates.append(dict(zip([a.id for a in subset], values)))
+                candidates.append(dict(zip([a.id for a in subset], values, strict=True)))
     chosen = draw(st.lists(st.sampled_from(range(len(candidates))), min_size=1, max_size=min(10, len(candidates)), unique=True))
     if distinct_priorities:
         priorities = draw(st.permutations(range(len(chosen))))
@@ -102,13 +102,13 @@ def policy_parts(draw, distinct_priorities: bool = True):
         priorities = draw(st.lists(st.integers(0, 1), min_size=len(chosen), max_size=len(chosen)))
     products = [
         Product(id=f"p{k}", assignment=candidates[c], description=f"product {k}", positive=draw(st.booleans()), priority=prio)
-        for k, (c, prio) in enumerate(zip(chosen, priorities))
+        for k, (c, prio) in enumerate(zip(chosen, priorities, strict=True))
     ]
     covered = all(top_level(products, cell) for cell in all_cells(attrs))
     rule_sets = []
     for r in range(draw(st.integers(1, 3))):
         labels = draw(st.lists(st.sampled_from(["allow", "violate"]), min_size=len(products), max_size=len(products)))
-        rules = [Rule(products=[p.id], label=lab) for p, lab in zip(products, labels)]
+        rules = [Rule(products=[p.id], label=lab) for p, lab in zip(products, labels, strict=True)]
         # a rule set needs a default only when some cells are uncovered
         default = draw(st.sampled_from(["allow", "violate", None] if covered else ["allow", "violate"]))
         rule_sets.append(RuleSet(name=f"rs{r}", audience="test", rules=rules, default=default))

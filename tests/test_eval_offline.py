@@ -75,7 +75,7 @@ def test_embedding_metric_ranks_paraphrases_above_unrelated_text():
         ExplanationPair("same-words", ref, "The top she wears is low and the woman looks at a seductive pose that shows."),
         ExplanationPair("unrelated", ref, "A bowl of fruit stands on a wooden kitchen table next to a window."),
     ]
-    s = {p.id: x for p, x in zip(pairs, score_pairs(pairs, metric="combined"))}
+    s = {p.id: x for p, x in zip(pairs, score_pairs(pairs, metric="combined"), strict=True)}
     assert s["para"].embedding > s["unrelated"].embedding + 0.2
     assert s["para"].score > s["unrelated"].score
     assert all(0 <= x.score <= 100 for x in s.values())
@@ -97,7 +97,7 @@ def test_offline_metric_agrees_with_gpt4o_on_a_sample_of_the_seed_judgements(see
     js = read_judgements_dir(seed_dir / "eval" / "meq" / "judgements")[::4]
     pairs = judgement_pairs(js)
     assert len(pairs) == len(js) == 48
-    scores = dict(zip((p.id for p in pairs), score_pairs(pairs)))
+    scores = dict(zip((p.id for p in pairs), score_pairs(pairs), strict=True))
     items = [MEQItem(id=j.id, scores=j.scores, offline=scores[j.id]) for j in js]
     corr = {(c.measure, c.criterion): c for c in correlations(items)}
     acc = corr[("offline", "accuracy")]

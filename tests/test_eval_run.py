@@ -47,7 +47,7 @@ class ScriptedVLM(Backend):
 
     def generate(self, images, messages, *, max_new_tokens=256):
         out = []
-        for im, conv in zip(images, messages):
+        for im, conv in zip(images, messages, strict=True):
             prompt = conv[-1]["content"]
             self.prompts.append(prompt)
             red = self.red(im)

@@ -12,8 +12,8 @@ teacher server (:class:`icm.demo.teacher.TeacherServer`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest

@@ -17,15 +17,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tiny_models import COLOR_QUESTIONS, noise_image, square_image  # noqa: E402
-
-from icm.moderation.backends.base import Choice, NotJudged, Query, YesNoScore  # noqa: E402
-from icm.moderation.backends.hf import (  # noqa: E402
+from icm.moderation.backends.base import Choice, NotJudged, Query, YesNoScore
+from icm.moderation.backends.hf import (
     HFBackend,
     grouped_probs,
     resolve_answer_token_ids,
 )
-from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt  # noqa: E402
+from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
+
+from tiny_models import COLOR_QUESTIONS, noise_image, square_image
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-5
@@ -197,20 +197,20 @@ def _reference_p_yes(backend: HFBackend, image, question: str) -> float:
 def test_scores_match_a_plain_forward(backend: HFBackend) -> None:
     images = _images(backend)
     got = backend.score_yes_no(images, QUESTIONS)
-    for image, question, score in zip(images, QUESTIONS, got):
+    for image, question, score in zip(images, QUESTIONS, got, strict=True):
         assert score.p_yes == pytest.approx(_reference_p_yes(backend, image, question), abs=TOL)  # type: ignore[union-attr]
 
 
 def test_batched_equals_unbatched(backend: HFBackend) -> None:
     images = _images(backend)
     batched = backend.score_yes_no(images, QUESTIONS)  # prompts of different lengths: padding
-    single = [backend.score_yes_no([im], [q])[0] for im, q in zip(images, QUESTIONS)]
-    for b, s in zip(batched, single):
+    single = [backend.score_yes_no([im], [q])[0] for im, q in zip(images, QUESTIONS, strict=True)]
+    for b, s in zip(batched, single, strict=True):
         assert b.p_yes == pytest.approx(s.p_yes, abs=TOL)  # type: ignore[union-attr]
 
     batched_c = backend.choose(images, "What is shown?", OPTIONS4)
     single_c = [backend.choose([im], "What is shown?", OPTIONS4)[0] for im in images]
-    for b, s in zip(batched_c, single_c):
+    for b, s in zip(batched_c, single_c, strict=True):
         assert b.probs == pytest.approx(s.probs, abs=TOL)  # type: ignore[union-attr]
 
     old = backend.batch_size
@@ -274,7 +274,7 @@ def test_prefix_split_inside_merged_tokens(tiny_llava_path: Path) -> None:
     cached = b.ask(images, queries)
     b.prefix_cache = False
     plain = b.ask(images, queries)
-    for c, p in zip(cached, plain):
+    for c, p in zip(cached, plain, strict=True):
         assert c["term:sexy"].p_yes == pytest.approx(p["term:sexy"].p_yes, abs=TOL)  # type: ignore[union-attr]
         assert c["attr:exposure"].probs == pytest.approx(p["attr:exposure"].probs, abs=TOL)  # type: ignore[union-attr]
     reference = _reference_p_yes(b, images[0], queries[0].question)
@@ -285,7 +285,7 @@ def test_ask_encodes_each_image_once(llava: HFBackend) -> None:
     """One image + several questions: the vision tower sees the image once, not per question."""
     seen: list[int] = []
 
-    def count(module, args, kwargs):  # noqa: ANN001
+    def count(module, args, kwargs):
         pixels = args[0] if args else kwargs["pixel_values"]
         seen.append(int(pixels.shape[0]))
 
@@ -322,7 +322,7 @@ def test_generate_is_greedy_and_batch_independent(backend: HFBackend) -> None:
         ],
     ]
     batched = backend.generate(images, conversations, max_new_tokens=6)
-    single = [backend.generate([im], [conv], max_new_tokens=6)[0] for im, conv in zip(images, conversations)]
+    single = [backend.generate([im], [conv], max_new_tokens=6)[0] for im, conv in zip(images, conversations, strict=True)]
     assert batched == single
     assert backend.generate(images, conversations, max_new_tokens=6) == batched
 
@@ -388,7 +388,7 @@ def test_unmerged_adapter_scores_the_same(tiny_llava_path: Path, color_adapter_p
         a, b = unmerged.ask(images, queries), tuned.ask(images, queries)
     finally:
         tuned.min_label_mass = 0.5
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x["red"].p_yes == pytest.approx(y["red"].p_yes, abs=1e-4)  # type: ignore[union-attr]
         assert x["long"].p_yes == pytest.approx(y["long"].p_yes, abs=1e-4)  # type: ignore[union-attr]
         assert x["pick"].probs == pytest.approx(y["pick"].probs, abs=1e-4)  # type: ignore[union-attr]

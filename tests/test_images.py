@@ -191,7 +191,7 @@ def test_animated_every_frame_is_a_view(tmp_path: Path, fmt: str) -> None:
     assert li.frames == 3
     assert close(li.image.getpixel((8, 8)), RED, tol=8)  # ``image`` stays the first frame
     assert [v.frame for v in li.views] == [0, 1, 2] and li.frames_seen == 3
-    for view, colour in zip(li.views, (RED, GREEN, BLUE)):
+    for view, colour in zip(li.views, (RED, GREEN, BLUE), strict=True):
         assert close(view.image.getpixel((8, 8)), colour, tol=8) and view.background is None
     assert any("all 3 judged" in n for n in li.notes)
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import ColourBackend
 from typer.testing import CliRunner
 
 from icm.cli.main import app
 from icm.moderation.engine import Moderator
 from icm.moderation.job import ModerateConfig, read_records, run_job
+
+from serve_helpers import ColourBackend
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 runner = CliRunner()

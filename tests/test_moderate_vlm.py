@@ -22,20 +22,22 @@ What a user relies on, checked through the real CLI, job, engine and backend:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from PIL import Image  # noqa: E402
-from fake_openai import MODEL, FakeOpenAIServer, Reply, fake_openai_server, text_body, vllm_error, vllm_logprobs_body  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+from PIL import Image
+from typer.testing import CliRunner
 
-from icm.cli.main import app  # noqa: E402
-from icm.moderation.job import read_records  # noqa: E402
+from icm.cli.main import app
+from icm.moderation.job import read_records
+
+from fake_openai import MODEL, FakeOpenAIServer, Reply, fake_openai_server, text_body, vllm_error, vllm_logprobs_body
 
 POLICY = """
 name: vlm-check

@@ -17,12 +17,13 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-import httpx  # noqa: E402
+import httpx
 
-from icm.moderation.engine import Moderator  # noqa: E402
-from icm.serve import ServeConfig, create_app  # noqa: E402
-from icm.serve.fetch import FetchPolicy, ImageFetcher, host_listed, public_address  # noqa: E402
-from serve_helpers import ColourBackend, live_server, png  # noqa: E402
+from icm.moderation.engine import Moderator
+from icm.serve import ServeConfig, create_app
+from icm.serve.fetch import FetchPolicy, ImageFetcher, host_listed, public_address
+
+from serve_helpers import ColourBackend, live_server, png
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 KEY = "alice:" + "s3cret-key-for-tests-0123"
@@ -42,7 +43,7 @@ def make_app(tmp_path: Path, moderator: Moderator | None = None, **kw):
     return create_app(ServeConfig(api_keys=[KEY], **kw), moderator=moderator)
 
 
-def client(base: str, **kw) -> "openai.OpenAI":
+def client(base: str, **kw) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base}/v1", api_key=TOKEN, max_retries=0, **kw)
 
 
@@ -133,7 +134,7 @@ class _Images(http.server.BaseHTTPRequestHandler):
 
     body = png((0, 0, 200))
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         if self.path == "/img.png":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 from PIL import Image, ImageDraw, ImageFont
@@ -225,7 +225,7 @@ def posters(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def test_gambling_is_judged_from_rendered_text_in_several_languages(detector: DetectorBackend, posters: list[Path]) -> None:
     mod = Moderator(detector, policy="gambling")
     records = mod.moderate_paths([str(p) for p in posters])
-    for path, r in zip(posters, records):
+    for path, r in zip(posters, records, strict=True):
         assert r.ok and r.verdict == "block", (path.name, r.verdict, r.reason, r.unanswered)
         assert r.term is not None and r.term.p_yes is not None and r.term.p_yes > 0.7
         assert "rapidocr" in (r.term.source or "")
@@ -233,7 +233,7 @@ def test_gambling_is_judged_from_rendered_text_in_several_languages(detector: De
         assert r.basis == "attributes" and r.product is not None and r.product != "none"
         ocr_boxes = [b for b in r.boxes if b.label.startswith("rapidocr:")]
         assert ocr_boxes and all(b.box[2] > 0 and b.box[3] > 0 for b in ocr_boxes)  # where the words are
-    by_name = {p.name: r for p, r in zip(posters, records)}
+    by_name = {p.name: r for p, r in zip(posters, records, strict=True)}
     assert by_name["casino_en.png"].product.startswith(("casino_table", "slot_machine"))
     assert by_name["apuestas_es.png"].product.startswith("sports_betting")
     assert by_name["wetten_de.png"].product.startswith("sports_betting")
@@ -248,7 +248,7 @@ def test_safe_photos_are_allowed_under_every_rule_set(detector: DetectorBackend,
     pol = load_policy(policy)
     for rs in pol.rule_sets:
         records = Moderator(detector, policy=pol, rules=rs.name).moderate_paths([str(p) for p in PHOTOS])
-        for path, r in zip(PHOTOS, records):
+        for path, r in zip(PHOTOS, records, strict=True):
             assert r.ok and r.verdict == "allow", (policy, rs.name, path.name, r.reason, r.unanswered)
 
 
@@ -456,7 +456,7 @@ def test_efficientnet_is_exported_once_to_the_cache_and_sees_the_photos(tmp_path
     assert not efficientnet.onnx_path().exists() and efficientnet.onnx_ready()  # can be made here
     src = EfficientNetLite0Source(intra_op_num_threads=2)
     photos = {p.name: Image.open(p) for p in PHOTOS}
-    outputs = dict(zip(photos, src.run(list(photos.values()))))
+    outputs = dict(zip(photos, src.run(list(photos.values())), strict=True))
     assert efficientnet.onnx_path().is_file() and efficientnet.onnx_path().parent == tmp_path / "cache"
     top3 = {name: sorted(o.probs, key=o.probs.get, reverse=True)[:3] for name, o in outputs.items()}
     assert top3["flower.jpg"][0] == "daisy" and top3["china.jpg"][0] in ("palace", "bell_cote"), top3

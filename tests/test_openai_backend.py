@@ -16,27 +16,28 @@ import re
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from icm.moderation.backends.base import BackendConfigError, Choice, Failed, NotJudged, Query, YesNoScore  # noqa: E402
-from icm.moderation.backends.openai_compat import OpenAIBackend  # noqa: E402
-from icm.moderation.backends.openai_parsing import (  # noqa: E402
+from icm.moderation.backends.base import BackendConfigError, Choice, Failed, NotJudged, Query, YesNoScore
+from icm.moderation.backends.openai_compat import OpenAIBackend
+from icm.moderation.backends.openai_parsing import (
     first_token_candidates,
     is_refusal,
     parse_choice_text,
     parse_yes_no_text,
 )
-from icm.policy.prompts_format import moderation_choice_prompt, yes_no_prompt  # noqa: E402
+from icm.policy.prompts_format import moderation_choice_prompt, yes_no_prompt
 
-from fake_openai import MODEL, FakeOpenAIServer, Reply, fake_openai_server, text_body, vllm_error, vllm_logprobs_body  # noqa: E402
+from fake_openai import MODEL, FakeOpenAIServer, Reply, fake_openai_server, text_body, vllm_error, vllm_logprobs_body
 
 
 @pytest.fixture(scope="module")

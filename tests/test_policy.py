@@ -9,14 +9,13 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES
 from typer.testing import CliRunner
 
 from icm.cli.main import app
 from icm.policy import PolicyError, builtin_policy_names, decide, load_policy, load_policy_file, parse_policy
 from icm.policy.diff import diff_rule_sets
 from icm.policy.prompts import compile_prompts, stage_prompts
-
-from conftest import FIXTURES
 
 runner = CliRunner()
 POLICY_FIXTURES = FIXTURES / "policies"

@@ -14,13 +14,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES
 from typer.testing import CliRunner
 
 from icm.cli.main import app
-from icm.policy import PolicyError, load_policy, load_policy_file, parse_policy
+from icm.policy import PolicyError, load_policy_file, parse_policy
 from icm.policy.loader import MAX_ALIAS_EXPANSION, MAX_DEPTH, MAX_POLICY_BYTES
-
-from conftest import FIXTURES
 
 runner = CliRunner()
 VALID = FIXTURES / "policies" / "unused_value.yaml"
@@ -29,7 +28,7 @@ VALID = FIXTURES / "policies" / "unused_value.yaml"
 def _alias_bomb() -> str:
     """289 bytes of nested aliases ("billion laughs"): 9^8 = 43 million strings once expanded."""
     lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
-    for prev, name in zip("abcdefg", "bcdefgh"):
+    for prev, name in zip("abcdefg", "bcdefgh", strict=True):
         lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
     return "\n".join(lines) + "\n"
 

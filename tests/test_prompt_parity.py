@@ -19,28 +19,29 @@ trained token must be one the backend reads the answer from.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from openai_recorder import Recorded, recording_server  # noqa: E402
-from tiny_models import noise_image  # noqa: E402
+import icm.chat.streaming as streaming
+from icm.chat import ChatSession, Sampling
+from icm.moderation.backends.hf import HFBackend
+from icm.moderation.backends.hf_answers import AnswerTokens
+from icm.moderation.engine import build_queries
+from icm.moderation.images import load_image
+from icm.policy import load_policy
+from icm.policy.loader import builtin_policy_names
+from icm.prompting import OPTION_LABELS, find_templater, render
+from icm.training.collator import ChatCollator
+from icm.training.datasets import Example, TrainDataset, moderation_examples
 
-import icm.chat.streaming as streaming  # noqa: E402
-from icm.chat import ChatSession, Sampling  # noqa: E402
-from icm.moderation.backends.hf import HFBackend  # noqa: E402
-from icm.moderation.backends.hf_answers import AnswerTokens  # noqa: E402
-from icm.moderation.engine import build_queries  # noqa: E402
-from icm.moderation.images import load_image  # noqa: E402
-from icm.policy import load_policy  # noqa: E402
-from icm.policy.loader import builtin_policy_names  # noqa: E402
-from icm.prompting import OPTION_LABELS, find_templater, render  # noqa: E402
-from icm.training.collator import ChatCollator  # noqa: E402
-from icm.training.datasets import Example, TrainDataset, moderation_examples  # noqa: E402
+from openai_recorder import Recorded, recording_server
+from tiny_models import noise_image
 
 POLICIES = ["icm-sexy", "horrifying", "gambling", "synth-shapes"]
 MODELS = {"llava": ("tiny_llava_path", 32), "qwen2vl": ("tiny_qwen2vl_path", 56), "idefics3": ("tiny_idefics3_path", 32)}

@@ -14,8 +14,8 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -23,11 +23,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
 uvicorn = pytest.importorskip("uvicorn")
 
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from icm.cli.main import app as cli  # noqa: E402
-from icm.serve import ServeConfig, create_app  # noqa: E402
-from icm.serve.store import DecisionStore  # noqa: E402
+from icm.cli.main import app as cli
+from icm.serve import ServeConfig, create_app
+from icm.serve.store import DecisionStore
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 PHOTO = EXAMPLES / "grace_hopper.jpg"
@@ -84,7 +84,7 @@ class _Server:
         self.server = uvicorn.Server(uvicorn.Config(create_app(config, moderator=moderator), host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "_Server":
+    def __enter__(self) -> _Server:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -147,7 +147,7 @@ def test_upload_see_the_verdict_override_and_export(browser, tmp_path, monkeypat
         assert len(boxes) == len(record["boxes"])
         if importlib.util.find_spec("nudenet") is not None:
             assert boxes, "NudeNet finds a face in this photo: its box must be drawn"
-        for el, b in zip(boxes, record["boxes"]):
+        for el, b in zip(boxes, record["boxes"], strict=True):
             left = float(el.value_of_css_property("left")[:-2])
             shown = driver.find_element("id", "image").size["width"]
             assert left == pytest.approx(b["box"][0] / record["width"] * shown, abs=1.5)
@@ -235,6 +235,7 @@ def test_the_queue_claim_keyboard_decisions_and_the_queue_emptying(browser, tmp_
     from selenium.webdriver.common.keys import Keys
 
     from icm.moderation.engine import Moderator
+
     from serve_helpers import ColourBackend, png
 
     monkeypatch.delenv("ICM_API_KEYS", raising=False)

@@ -12,12 +12,13 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from icm.moderation.engine import Moderator  # noqa: E402
-from icm.serve import ServeConfig, create_app  # noqa: E402
-from icm.serve.service import queue_reason  # noqa: E402
-from serve_helpers import ColourBackend, png  # noqa: E402
+from icm.moderation.engine import Moderator
+from icm.serve import ServeConfig, create_app
+from icm.serve.service import queue_reason
+
+from serve_helpers import ColourBackend, png
 
 LOCAL = ("127.0.0.1", 50123)
 RED, BLUE, GREEN, GREEN2 = (255, 0, 0), (0, 0, 255), (0, 255, 0), (20, 230, 0)

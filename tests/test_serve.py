@@ -22,22 +22,22 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
 
-import httpx  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import httpx
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
-import icm  # noqa: E402
-from icm.cli.main import app as cli  # noqa: E402
-from icm.moderation.engine import Moderator  # noqa: E402
-from icm.serve import ServeConfig, create_app  # noqa: E402
-from icm.serve.export import export_reviews  # noqa: E402
-from icm.serve.store import DecisionStore, StoreError  # noqa: E402
+import icm
+from icm.cli.main import app as cli
+from icm.moderation.engine import Moderator
+from icm.serve import ServeConfig, create_app
+from icm.serve.export import export_reviews
+from icm.serve.store import DecisionStore, StoreError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 LOCAL = ("127.0.0.1", 50123)
 runner = CliRunner()
 
-from serve_helpers import ColourBackend, png  # noqa: E402
+from serve_helpers import ColourBackend, png
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -170,7 +170,7 @@ def test_a_batch_asks_the_model_once_per_policy_and_each_rule_set_decides(tmp_pa
     records = svc.moderate(jobs)
     assert backend.batches == [len(colours)], "one model call, each distinct image asked about once"
     verdicts = set()
-    for job, rec in zip(jobs, records):
+    for job, rec in zip(jobs, records, strict=True):
         alone = Moderator(ColourBackend(), policy="icm-sexy", rules=job.rules).moderate_loaded([job.image])[0]
         assert rec.rules == job.rules
         skip = {"timings", "created_at"}
@@ -180,9 +180,9 @@ def test_a_batch_asks_the_model_once_per_policy_and_each_rule_set_decides(tmp_pa
 
 
 def test_redecide_refuses_records_whose_evidence_depends_on_the_rule_set():
+    from icm.moderation.images import load_image
     from icm.moderation.record import FrameScore
     from icm.moderation.redecide import NotRedecidable, redecide
-    from icm.moderation.images import load_image
     from icm.policy import load_policy
 
     policy = load_policy("icm-sexy")
@@ -430,7 +430,7 @@ def test_dynamic_batching_groups_concurrent_requests_and_routes_each_answer(tmp_
         )
         responses = asyncio.run(_burst(app, bodies))
         assert [r.status_code for r in responses] == [200] * 24
-        for body, colour, r in zip(bodies, colours, responses):
+        for body, colour, r in zip(bodies, colours, responses, strict=True):
             rec = r.json()["record"]
             assert rec["sha256"] == hashlib.sha256(body).hexdigest()
             assert rec["verdict"] == ("block" if colour[0] > 200 else "allow")

@@ -19,7 +19,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("sqlalchemy")
-import httpx  # noqa: E402
+import httpx
 
 KEY = "restart-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

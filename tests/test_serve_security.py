@@ -26,16 +26,16 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("sqlalchemy")
 
-import httpx  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import httpx
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+from typer.testing import CliRunner
 
-from icm.cli.main import app as cli  # noqa: E402
-from icm.moderation.backends.base import Backend, YesNoScore  # noqa: E402
-from icm.moderation.engine import Moderator  # noqa: E402
-from icm.serve import ServeConfig, create_app  # noqa: E402
-from icm.serve.store import DecisionStore, ImageStore  # noqa: E402
+from icm.cli.main import app as cli
+from icm.moderation.backends.base import Backend, YesNoScore
+from icm.moderation.engine import Moderator
+from icm.serve import ServeConfig, create_app
+from icm.serve.store import DecisionStore, ImageStore
 
 LOCAL = ("127.0.0.1", 50123)
 BASE = "http://127.0.0.1:8000"  # a Host the server accepts without keys

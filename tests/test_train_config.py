@@ -371,13 +371,13 @@ def test_training_prompt_is_what_the_backend_scores(tiny_models, synth_export, f
             groups = [resolve_answer_token_ids(tok, label) for label in option_labels(len(options))]
             probs, _ = grouped_probs(lp, groups)
             expected = backend.choose([image], attr.question, options)[0].probs
-            assert max(abs(float(p) - e) for p, e in zip(probs[0], expected)) < 1e-4
+            assert max(abs(float(p) - e) for p, e in zip(probs[0], expected, strict=True)) < 1e-4
 
 
 def test_conversations_label_only_the_replies(tiny_models, synth_export):
+    from icm.moderation.backends.hf import load_processor
     from icm.training.collator import ChatCollator, render_segments
     from icm.training.datasets import load_examples
-    from icm.moderation.backends.hf import load_processor
 
     processor, _ = load_processor(str(tiny_models["llava"]))
     collator = ChatCollator(processor)
@@ -388,11 +388,11 @@ def test_conversations_label_only_the_replies(tiny_models, synth_export):
     assert "".join(s.text for s in segments) == collator.templater.apply_chat_template(ex.messages, tokenize=False)
     enc = collator.encode({"messages": ex.messages, "images": ex.images})
     tok = processor.tokenizer
-    labelled_ids = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100]
+    labelled_ids = [t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True) if lab != -100]
     assert labelled_ids == [t for s in segments if s.assistant for t in tok(s.text, add_special_tokens=False)["input_ids"]]
     labelled = tok.decode(labelled_ids)
     assert all(r in labelled for r in replies) and labelled.count("</s>") == len(replies)
-    unlabelled = tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab == -100])
+    unlabelled = tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True) if lab == -100])
     for m in ex.messages:
         if m["role"] == "user":
             assert m["content"][-1]["text"] in unlabelled

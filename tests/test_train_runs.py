@@ -25,8 +25,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("datasets")
 
-from icm.cli.main import app  # noqa: E402
-from icm.policy import load_policy  # noqa: E402
+from icm.cli.main import app
+from icm.policy import load_policy
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def test_merge_writes_a_model_that_scores_like_base_plus_adapter(work, lora_msft
     imgs = _images(work)
     a = _scores(str(merged), None, imgs)
     b = _scores(str(work["model"]), res["artefact"], imgs)
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
 
 
 # --------------------------------------------------------------------------- CSFT

@@ -14,13 +14,14 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-import httpx  # noqa: E402
+import httpx
 
-from icm.moderation.engine import Moderator  # noqa: E402
-from icm.serve import ServeConfig, create_app  # noqa: E402
-from icm.serve.store import DecisionStore  # noqa: E402
-from icm.serve.webhooks import sign, verify  # noqa: E402
-from serve_helpers import ColourBackend, live_server, png  # noqa: E402
+from icm.moderation.engine import Moderator
+from icm.serve import ServeConfig, create_app
+from icm.serve.store import DecisionStore
+from icm.serve.webhooks import sign, verify
+
+from serve_helpers import ColourBackend, live_server, png
 
 SECRET = "whsec-0123456789abcdef"
 
@@ -35,7 +36,7 @@ class Receiver:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.requests += 1
                 if outer.requests <= outer.failures:
@@ -55,7 +56,7 @@ class Receiver:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "Receiver":
+    def __enter__(self) -> Receiver:
         self.thread.start()
         return self
 
@@ -148,9 +149,9 @@ def test_webhooks_need_a_secret_and_an_http_url(tmp_path):
 def test_the_serve_flags_of_the_platform_features(tmp_path, monkeypatch):
     """--webhook-secret reads a file or the environment, never argv; --model-alias, --image-url-host,
     --audit-rate and --claim-seconds reach the config."""
-    import icm.serve.app as serve_app
     from typer.testing import CliRunner
 
+    import icm.serve.app as serve_app
     from icm.cli.main import app as cli
 
     monkeypatch.delenv("ICM_API_KEYS", raising=False)

@@ -33,7 +33,6 @@ from icm.training.tiny import (  # noqa: F401 - re-exported for the tests and be
     training_corpus,
 )
 
-
 # --------------------------------------------------------------------------- images
 
 
