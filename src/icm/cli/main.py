@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from icm import __version__
@@ -40,7 +42,9 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    pass
+    # The entry point, not the library, decides process-wide settings: the commands print their
+    # own progress, so datasets' per-table bars are noise (a user's own setting wins).
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 if __name__ == "__main__":

