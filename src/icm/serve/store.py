@@ -7,7 +7,8 @@ Durability: a decision is committed before the request that made it is answered,
 server killed at any moment has lost no acknowledged decision. SQLite runs in WAL mode with
 ``synchronous=FULL``. The schema is created and upgraded by Alembic revisions shipped in
 ``icm/serve/migrations`` (their state in the ``alembic_version`` table); opening a store
-applies the missing ones. A database made by the numbered migrations of earlier releases
+applies the missing ones, then reads the tables back (:func:`reflect_tables`): the revisions
+are the schema's only definition. A database made by the numbered migrations of earlier releases
 (``icm_schema_migrations``) is taken over at the revision it matches and upgraded from there.
 
 Kept images live outside the database, content-addressed by SHA-256 (:class:`ImageStore`).
@@ -44,75 +45,22 @@ def utcnow() -> str:
 # --------------------------------------------------------------------------- schema
 
 
-def _tables(md: sa.MetaData) -> tuple[sa.Table, sa.Table, sa.Table, sa.Table]:
-    """The current schema, for queries; Alembic revisions (``icm/serve/migrations``) make it."""
-    decisions = sa.Table(
-        "icm_decisions",
-        md,
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("created_at", sa.String(40), nullable=False),
-        sa.Column("image_sha256", sa.String(64), nullable=True),
-        sa.Column("image_name", sa.Text, nullable=True),
-        sa.Column("image_format", sa.String(16), nullable=True),
-        sa.Column("image_kept", sa.Boolean, nullable=False, default=False),
-        sa.Column("source", sa.String(16), nullable=True),
-        sa.Column("client", sa.String(200), nullable=True),
-        sa.Column("policy", sa.String(200), nullable=False),
-        sa.Column("rules", sa.String(200), nullable=False),
-        sa.Column("backend", sa.String(100), nullable=False),
-        sa.Column("model", sa.Text, nullable=True),
-        sa.Column("verdict", sa.String(16), nullable=True),
-        sa.Column("p_violation", sa.Float, nullable=True),
-        sa.Column("p_term", sa.Float, nullable=True),
-        sa.Column("product", sa.String(200), nullable=True),
-        sa.Column("product_probability", sa.Float, nullable=True),
-        sa.Column("rule", sa.Text, nullable=True),
-        sa.Column("label", sa.String(16), nullable=True),
-        sa.Column("reason", sa.Text, nullable=True),
-        sa.Column("explanation", sa.Text, nullable=True),
-        sa.Column("record", sa.Text, nullable=False),
-        sa.Column("queue", sa.String(16), nullable=True),
-    )
-    reviews = sa.Table(
-        "icm_reviews",
-        md,
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("decision_id", sa.Integer, sa.ForeignKey("icm_decisions.id"), nullable=False),
-        sa.Column("created_at", sa.String(40), nullable=False),
-        sa.Column("reviewer", sa.String(200), nullable=False),
-        sa.Column("api_key_name", sa.String(200), nullable=True),
-        sa.Column("action", sa.String(16), nullable=False),
-        sa.Column("verdict", sa.String(16), nullable=False),
-        sa.Column("product", sa.String(200), nullable=True),
-        sa.Column("note", sa.Text, nullable=True),
-    )
-    claims = sa.Table(
-        "icm_claims",
-        md,
-        sa.Column("decision_id", sa.Integer, sa.ForeignKey("icm_decisions.id"), primary_key=True, autoincrement=False),
-        sa.Column("reviewer", sa.String(200), nullable=False),
-        sa.Column("claimed_at", sa.String(40), nullable=False),
-        sa.Column("expires_at", sa.Float, nullable=False),
-    )
-    outbox = sa.Table(
-        "icm_webhook_outbox",
-        md,
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("event_id", sa.String(64), nullable=False, unique=True),
-        sa.Column("event", sa.String(40), nullable=False),
-        sa.Column("decision_id", sa.Integer, sa.ForeignKey("icm_decisions.id"), nullable=False),
-        sa.Column("created_at", sa.String(40), nullable=False),
-        sa.Column("payload", sa.Text, nullable=False),
-        sa.Column("attempts", sa.Integer, nullable=False, default=0),
-        sa.Column("next_attempt_at", sa.Float, nullable=False),
-        sa.Column("delivered_at", sa.String(40), nullable=True),
-        sa.Column("last_error", sa.Text, nullable=True),
-    )
+TABLE_NAMES = ("icm_decisions", "icm_reviews", "icm_claims", "icm_webhook_outbox")
+
+
+def reflect_tables(conn: sa.Connection) -> tuple[sa.Table, sa.Table, sa.Table, sa.Table]:
+    """The decisions, reviews, claims and webhook outbox tables, read back from a migrated database.
+
+    The Alembic revisions in ``icm/serve/migrations`` are the schema's one definition (each a
+    frozen snapshot that must not import live table code); the store reflects what they made
+    instead of declaring the columns a second time, so queries and schema cannot drift apart.
+    """
+    md = sa.MetaData()
+    md.reflect(conn, only=TABLE_NAMES)
+    decisions, reviews, claims, outbox = (md.tables[name] for name in TABLE_NAMES)
     return decisions, reviews, claims, outbox
 
 
-_META = sa.MetaData()
-DECISIONS, REVIEWS, CLAIMS, OUTBOX = _tables(_META)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 LEGACY_MIGRATIONS_TABLE = "icm_schema_migrations"
 LEGACY_REVISIONS = {1: "0001"}
@@ -178,6 +126,8 @@ class DecisionStore:
         self._write_lock = threading.Lock() if self.is_sqlite else None
         self.webhooks = False  # write webhook events to the outbox (the server sets it when a URL is configured)
         self.applied = self.migrate()
+        with self.engine.connect() as conn:
+            self._decisions, self._reviews, self._claims, self._outbox = reflect_tables(conn)
 
     # -- schema --------------------------------------------------------------------------
 
@@ -267,7 +217,7 @@ class DecisionStore:
         ids: list[int] = []
         now = utcnow()
         with self._writing(), self.engine.begin() as conn:
-            for r, m in zip(records, metas):
+            for r, m in zip(records, metas, strict=True):
                 row = {
                     "created_at": now,
                     "image_sha256": r.sha256,
@@ -292,7 +242,7 @@ class DecisionStore:
                     "record": r.model_dump_json(),
                     "queue": m.queue,
                 }
-                result = conn.execute(sa.insert(DECISIONS).values(**row).returning(DECISIONS.c.id))
+                result = conn.execute(sa.insert(self._decisions).values(**row).returning(self._decisions.c.id))
                 ids.append(int(result.scalar_one()))
                 if self.webhooks and r.verdict == "block":
                     self._add_event(conn, "decision.block", ids[-1], {"decision": _summary(row, ids[-1])})
@@ -300,14 +250,14 @@ class DecisionStore:
 
     def get_decision(self, decision_id: int) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(DECISIONS).where(DECISIONS.c.id == decision_id)).mappings().first()
+            row = conn.execute(sa.select(self._decisions).where(self._decisions.c.id == decision_id)).mappings().first()
             if row is None:
                 return None
             out = _decision_dict(row, full=True)
             out["reviews"] = [
                 _review_dict(r)
                 for r in conn.execute(
-                    sa.select(REVIEWS).where(REVIEWS.c.decision_id == decision_id).order_by(REVIEWS.c.id)
+                    sa.select(self._reviews).where(self._reviews.c.decision_id == decision_id).order_by(self._reviews.c.id)
                 ).mappings()
             ]
             return out
@@ -323,28 +273,28 @@ class DecisionStore:
     ) -> list[dict[str, Any]]:
         """Newest first, with each decision's latest review (None when not reviewed)."""
         latest = (
-            sa.select(REVIEWS.c.decision_id, sa.func.max(REVIEWS.c.id).label("review_id"))
-            .group_by(REVIEWS.c.decision_id)
+            sa.select(self._reviews.c.decision_id, sa.func.max(self._reviews.c.id).label("review_id"))
+            .group_by(self._reviews.c.decision_id)
             .subquery()
         )
-        q = sa.select(DECISIONS, latest.c.review_id).outerjoin(latest, latest.c.decision_id == DECISIONS.c.id)
+        q = sa.select(self._decisions, latest.c.review_id).outerjoin(latest, latest.c.decision_id == self._decisions.c.id)
         if before_id is not None:
-            q = q.where(DECISIONS.c.id < before_id)
+            q = q.where(self._decisions.c.id < before_id)
         if verdict:
-            q = q.where(DECISIONS.c.verdict == verdict)
+            q = q.where(self._decisions.c.verdict == verdict)
         if policy:
-            q = q.where(DECISIONS.c.policy == policy)
+            q = q.where(self._decisions.c.policy == policy)
         if reviewed is True:
             q = q.where(latest.c.review_id.is_not(None))
         elif reviewed is False:
             q = q.where(latest.c.review_id.is_(None))
-        q = q.order_by(DECISIONS.c.id.desc()).limit(max(1, min(int(limit), 1000)))
+        q = q.order_by(self._decisions.c.id.desc()).limit(max(1, min(int(limit), 1000)))
         with self.engine.connect() as conn:
             rows = list(conn.execute(q).mappings())
             review_ids = [r["review_id"] for r in rows if r["review_id"] is not None]
             reviews: dict[int, dict[str, Any]] = {}
             if review_ids:
-                for r in conn.execute(sa.select(REVIEWS).where(REVIEWS.c.id.in_(review_ids))).mappings():
+                for r in conn.execute(sa.select(self._reviews).where(self._reviews.c.id.in_(review_ids))).mappings():
                     reviews[r["id"]] = _review_dict(r)
         out = []
         for row in rows:
@@ -355,7 +305,7 @@ class DecisionStore:
 
     def count_decisions(self) -> int:
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(DECISIONS)).scalar() or 0)
+            return int(conn.execute(sa.select(sa.func.count()).select_from(self._decisions)).scalar() or 0)
 
     def mark_images_gone(self, sha256s: Sequence[str]) -> int:
         """Record that these images are no longer kept; returns the decisions changed."""
@@ -364,8 +314,8 @@ class DecisionStore:
             for i in range(0, len(sha256s), 500):
                 chunk = list(sha256s[i : i + 500])
                 result = conn.execute(
-                    sa.update(DECISIONS)
-                    .where(DECISIONS.c.image_sha256.in_(chunk), DECISIONS.c.image_kept.is_(True))
+                    sa.update(self._decisions)
+                    .where(self._decisions.c.image_sha256.in_(chunk), self._decisions.c.image_kept.is_(True))
                     .values(image_kept=False)
                 )
                 n += int(result.rowcount or 0)
@@ -373,7 +323,7 @@ class DecisionStore:
 
     def decision_ids(self) -> list[int]:
         with self.engine.connect() as conn:
-            return [int(r[0]) for r in conn.execute(sa.select(DECISIONS.c.id).order_by(DECISIONS.c.id))]
+            return [int(r[0]) for r in conn.execute(sa.select(self._decisions.c.id).order_by(self._decisions.c.id))]
 
     # -- reviews -------------------------------------------------------------------------
 
@@ -392,11 +342,11 @@ class DecisionStore:
             raise ValueError("a reviewer's verdict is allow or block")
         with self._writing(), self.engine.begin() as conn:
             d = conn.execute(
-                sa.select(DECISIONS.c.verdict, DECISIONS.c.product).where(DECISIONS.c.id == decision_id)
+                sa.select(self._decisions.c.verdict, self._decisions.c.product).where(self._decisions.c.id == decision_id)
             ).first()
             if d is None:
                 raise KeyError(f"no decision {decision_id}")
-            claim = conn.execute(sa.select(CLAIMS).where(CLAIMS.c.decision_id == decision_id)).mappings().first()
+            claim = conn.execute(sa.select(self._claims).where(self._claims.c.decision_id == decision_id)).mappings().first()
             if claim is not None and claim["reviewer"] != reviewer and claim["expires_at"] > time.time():
                 raise ClaimConflict(decision_id, claim["reviewer"], claim["expires_at"])
             same_product = product is None or product == d.product
@@ -411,11 +361,11 @@ class DecisionStore:
                 "product": product,
                 "note": note or None,
             }
-            rid = conn.execute(sa.insert(REVIEWS).values(**values).returning(REVIEWS.c.id)).scalar_one()
-            conn.execute(sa.delete(CLAIMS).where(CLAIMS.c.decision_id == decision_id))
+            rid = conn.execute(sa.insert(self._reviews).values(**values).returning(self._reviews.c.id)).scalar_one()
+            conn.execute(sa.delete(self._claims).where(self._claims.c.decision_id == decision_id))
             out = {"id": int(rid), **values}
             if self.webhooks and action == "override":
-                row = conn.execute(sa.select(DECISIONS).where(DECISIONS.c.id == decision_id)).mappings().one()
+                row = conn.execute(sa.select(self._decisions).where(self._decisions.c.id == decision_id)).mappings().one()
                 self._add_event(conn, "review.override", decision_id, {"decision": _summary(row, decision_id), "review": out})
         return out
 
@@ -431,16 +381,16 @@ class DecisionStore:
         since: str | None = None,
         until: str | None = None,
     ) -> Any:
-        reviewed = sa.select(REVIEWS.c.id).where(REVIEWS.c.decision_id == DECISIONS.c.id).exists()
-        q = sa.select(DECISIONS).where(DECISIONS.c.queue.is_not(None), ~reviewed)
-        for col, value in ((DECISIONS.c.policy, policy), (DECISIONS.c.rules, rules), (DECISIONS.c.verdict, verdict),
-                           (DECISIONS.c.product, product)):
+        reviewed = sa.select(self._reviews.c.id).where(self._reviews.c.decision_id == self._decisions.c.id).exists()
+        q = sa.select(self._decisions).where(self._decisions.c.queue.is_not(None), ~reviewed)
+        for col, value in ((self._decisions.c.policy, policy), (self._decisions.c.rules, rules), (self._decisions.c.verdict, verdict),
+                           (self._decisions.c.product, product)):
             if value:
                 q = q.where(col == value)
         if since:
-            q = q.where(DECISIONS.c.created_at >= since)
+            q = q.where(self._decisions.c.created_at >= since)
         if until:
-            q = q.where(DECISIONS.c.created_at < until)
+            q = q.where(self._decisions.c.created_at < until)
         return q
 
     def queue(self, *, limit: int = 50, now: float | None = None, **filters: str | None) -> list[dict[str, Any]]:
@@ -450,13 +400,13 @@ class DecisionStore:
         (ISO times, compared with ``created_at``).
         """
         now = time.time() if now is None else now
-        q = self._queue_query(**filters).order_by(DECISIONS.c.id).limit(max(1, min(int(limit), 1000)))
+        q = self._queue_query(**filters).order_by(self._decisions.c.id).limit(max(1, min(int(limit), 1000)))
         with self.engine.connect() as conn:
             rows = list(conn.execute(q).mappings())
             claims = {
                 c["decision_id"]: c
                 for c in conn.execute(
-                    sa.select(CLAIMS).where(CLAIMS.c.decision_id.in_([r["id"] for r in rows]), CLAIMS.c.expires_at > now)
+                    sa.select(self._claims).where(self._claims.c.decision_id.in_([r["id"] for r in rows]), self._claims.c.expires_at > now)
                 ).mappings()
             } if rows else {}
         out = []
@@ -478,7 +428,7 @@ class DecisionStore:
         :class:`ClaimConflict` while another reviewer's claim lives, KeyError for no such decision."""
         now = time.time() if now is None else now
         with self._writing(), self.engine.begin() as conn:
-            if conn.execute(sa.select(DECISIONS.c.id).where(DECISIONS.c.id == decision_id)).first() is None:
+            if conn.execute(sa.select(self._decisions.c.id).where(self._decisions.c.id == decision_id)).first() is None:
                 raise KeyError(f"no decision {decision_id}")
             self._claim(conn, decision_id, reviewer, ttl_s, now)
         return {"decision_id": decision_id, "reviewer": reviewer, "expires_at": now + ttl_s}
@@ -486,20 +436,20 @@ class DecisionStore:
     def _claim(self, conn: sa.Connection, decision_id: int, reviewer: str, ttl_s: float, now: float) -> None:
         values = {"reviewer": reviewer, "claimed_at": utcnow(), "expires_at": now + ttl_s}
         taken = conn.execute(
-            sa.update(CLAIMS)
-            .where(CLAIMS.c.decision_id == decision_id, sa.or_(CLAIMS.c.expires_at <= now, CLAIMS.c.reviewer == reviewer))
+            sa.update(self._claims)
+            .where(self._claims.c.decision_id == decision_id, sa.or_(self._claims.c.expires_at <= now, self._claims.c.reviewer == reviewer))
             .values(**values)
         ).rowcount
         if taken:
             return
-        holder = conn.execute(sa.select(CLAIMS).where(CLAIMS.c.decision_id == decision_id)).mappings().first()
+        holder = conn.execute(sa.select(self._claims).where(self._claims.c.decision_id == decision_id)).mappings().first()
         if holder is not None:
             raise ClaimConflict(decision_id, holder["reviewer"], holder["expires_at"])
         try:
             with conn.begin_nested():
-                conn.execute(sa.insert(CLAIMS).values(decision_id=decision_id, **values))
+                conn.execute(sa.insert(self._claims).values(decision_id=decision_id, **values))
         except sa.exc.IntegrityError:  # another server claimed it between the two statements
-            holder = conn.execute(sa.select(CLAIMS).where(CLAIMS.c.decision_id == decision_id)).mappings().first()
+            holder = conn.execute(sa.select(self._claims).where(self._claims.c.decision_id == decision_id)).mappings().first()
             raise ClaimConflict(decision_id, holder["reviewer"] if holder else "someone", holder["expires_at"] if holder else now) from None
 
     def claim_next(
@@ -511,15 +461,19 @@ class DecisionStore:
         """
         now = time.time() if now is None else now
         held = (
-            sa.select(CLAIMS.c.decision_id)
-            .where(CLAIMS.c.decision_id == DECISIONS.c.id, CLAIMS.c.expires_at > now, CLAIMS.c.reviewer != reviewer)
+            sa.select(self._claims.c.decision_id)
+            .where(self._claims.c.decision_id == self._decisions.c.id, self._claims.c.expires_at > now, self._claims.c.reviewer != reviewer)
             .exists()
         )
-        mine = sa.select(CLAIMS.c.decision_id).where(CLAIMS.c.decision_id == DECISIONS.c.id, CLAIMS.c.reviewer == reviewer).exists()
+        mine = (
+            sa.select(self._claims.c.decision_id)
+            .where(self._claims.c.decision_id == self._decisions.c.id, self._claims.c.reviewer == reviewer)
+            .exists()
+        )
         q = self._queue_query(**filters).where(~held)
         if skip:
-            q = q.where(DECISIONS.c.id.not_in(list(skip)))
-        q = q.order_by(sa.desc(mine), DECISIONS.c.id).limit(20)
+            q = q.where(self._decisions.c.id.not_in(list(skip)))
+        q = q.order_by(sa.desc(mine), self._decisions.c.id).limit(20)
         while True:
             with self.engine.connect() as conn:
                 rows = list(conn.execute(q).mappings())
@@ -537,7 +491,7 @@ class DecisionStore:
     def release(self, decision_id: int, reviewer: str) -> bool:
         """Give a claim back (a skip); only its holder can."""
         with self._writing(), self.engine.begin() as conn:
-            n = conn.execute(sa.delete(CLAIMS).where(CLAIMS.c.decision_id == decision_id, CLAIMS.c.reviewer == reviewer)).rowcount
+            n = conn.execute(sa.delete(self._claims).where(self._claims.c.decision_id == decision_id, self._claims.c.reviewer == reviewer)).rowcount
         return bool(n)
 
     def agreement(self) -> dict[str, Any]:
@@ -549,11 +503,13 @@ class DecisionStore:
         or more people, each person's latest verdict, every pair of people once.
         """
         with self.engine.connect() as conn:
-            reviews = list(conn.execute(sa.select(REVIEWS).order_by(REVIEWS.c.id)).mappings())
+            reviews = list(conn.execute(sa.select(self._reviews).order_by(self._reviews.c.id)).mappings())
             ids = sorted({r["decision_id"] for r in reviews})
             model = {
                 r["id"]: (r["verdict"], r["product"])
-                for r in conn.execute(sa.select(DECISIONS.c.id, DECISIONS.c.verdict, DECISIONS.c.product).where(DECISIONS.c.id.in_(ids))).mappings()
+                for r in conn.execute(
+                    sa.select(self._decisions.c.id, self._decisions.c.verdict, self._decisions.c.product).where(self._decisions.c.id.in_(ids))
+                ).mappings()
             } if ids else {}
         latest: dict[int, Any] = {}
         per_person: dict[int, dict[str, str]] = {}
@@ -594,7 +550,7 @@ class DecisionStore:
 
         event_id = uuid.uuid4().hex
         payload = {"id": event_id, "type": event, "created_at": utcnow(), **body}
-        conn.execute(sa.insert(OUTBOX).values(
+        conn.execute(sa.insert(self._outbox).values(
             event_id=event_id, event=event, decision_id=decision_id, created_at=payload["created_at"],
             payload=json.dumps(payload, sort_keys=True, default=str), attempts=0, next_attempt_at=time.time(),
         ))
@@ -603,8 +559,8 @@ class DecisionStore:
         """Undelivered webhook events whose next attempt is due, oldest first."""
         now = time.time() if now is None else now
         q = (
-            sa.select(OUTBOX).where(OUTBOX.c.delivered_at.is_(None), OUTBOX.c.next_attempt_at <= now)
-            .order_by(OUTBOX.c.id).limit(limit)
+            sa.select(self._outbox).where(self._outbox.c.delivered_at.is_(None), self._outbox.c.next_attempt_at <= now)
+            .order_by(self._outbox.c.id).limit(limit)
         )
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
@@ -613,40 +569,40 @@ class DecisionStore:
         """Take an event for one delivery attempt (False: another server took it first)."""
         with self._writing(), self.engine.begin() as conn:
             n = conn.execute(
-                sa.update(OUTBOX)
-                .where(OUTBOX.c.id == outbox_id, OUTBOX.c.delivered_at.is_(None), OUTBOX.c.next_attempt_at == seen_next_attempt_at)
+                sa.update(self._outbox)
+                .where(self._outbox.c.id == outbox_id, self._outbox.c.delivered_at.is_(None), self._outbox.c.next_attempt_at == seen_next_attempt_at)
                 .values(next_attempt_at=until)
             ).rowcount
         return bool(n)
 
     def event_delivered(self, outbox_id: int) -> None:
         with self._writing(), self.engine.begin() as conn:
-            conn.execute(sa.update(OUTBOX).where(OUTBOX.c.id == outbox_id).values(
-                delivered_at=utcnow(), attempts=OUTBOX.c.attempts + 1, last_error=None))
+            conn.execute(sa.update(self._outbox).where(self._outbox.c.id == outbox_id).values(
+                delivered_at=utcnow(), attempts=self._outbox.c.attempts + 1, last_error=None))
 
     def event_failed(self, outbox_id: int, error: str, retry_at: float) -> None:
         with self._writing(), self.engine.begin() as conn:
-            conn.execute(sa.update(OUTBOX).where(OUTBOX.c.id == outbox_id).values(
-                attempts=OUTBOX.c.attempts + 1, last_error=error[:2000], next_attempt_at=retry_at))
+            conn.execute(sa.update(self._outbox).where(self._outbox.c.id == outbox_id).values(
+                attempts=self._outbox.c.attempts + 1, last_error=error[:2000], next_attempt_at=retry_at))
 
     def events(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(sa.select(OUTBOX).order_by(OUTBOX.c.id)).mappings()]
+            return [dict(r) for r in conn.execute(sa.select(self._outbox).order_by(self._outbox.c.id)).mappings()]
 
     def pending_events(self) -> int:
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(OUTBOX).where(OUTBOX.c.delivered_at.is_(None))).scalar() or 0)
+            return int(conn.execute(sa.select(sa.func.count()).select_from(self._outbox).where(self._outbox.c.delivered_at.is_(None))).scalar() or 0)
 
     def reviews(self, decision_id: int | None = None) -> list[dict[str, Any]]:
-        q = sa.select(REVIEWS).order_by(REVIEWS.c.id)
+        q = sa.select(self._reviews).order_by(self._reviews.c.id)
         if decision_id is not None:
-            q = q.where(REVIEWS.c.decision_id == decision_id)
+            q = q.where(self._reviews.c.decision_id == decision_id)
         with self.engine.connect() as conn:
             return [_review_dict(r) for r in conn.execute(q).mappings()]
 
     def iter_reviewed(self, *, latest_only: bool = True) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(decision, review) pairs in review order; with ``latest_only`` a decision's last review."""
-        q = sa.select(REVIEWS).order_by(REVIEWS.c.id)
+        q = sa.select(self._reviews).order_by(self._reviews.c.id)
         with self.engine.connect() as conn:
             reviews = [_review_dict(r) for r in conn.execute(q).mappings()]
             if latest_only:
@@ -655,7 +611,7 @@ class DecisionStore:
                     last[r["decision_id"]] = r
                 reviews = sorted(last.values(), key=lambda r: r["id"])
             for r in reviews:
-                row = conn.execute(sa.select(DECISIONS).where(DECISIONS.c.id == r["decision_id"])).mappings().first()
+                row = conn.execute(sa.select(self._decisions).where(self._decisions.c.id == r["decision_id"])).mappings().first()
                 if row is not None:
                     yield _decision_dict(row, full=True), r
 
