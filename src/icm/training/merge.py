@@ -50,12 +50,13 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     table = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in table:
         raise ValueError(f"dtype must be one of {', '.join(table)}")
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=table[dtype])
+    local = {"local_files_only": True} if Path(base).is_dir() else {}  # a local folder never asks the hub
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=table[dtype], **local)
     with warnings.catch_warnings():  # peft calls a deprecated transformers alias
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        merged = PeftModel.from_pretrained(model, str(adapter), local_files_only=True).merge_and_unload()
     out = Path(out)
     merged.save_pretrained(str(out))
-    processor, _ = load_processor(base)
+    processor, _ = load_processor(base, **local)
     processor.save_pretrained(str(out))
     return MergeResult(adapter=str(adapter), base=str(base), out=str(out), parameters=sum(p.numel() for p in merged.parameters()))

@@ -74,6 +74,11 @@ class TrainResult:
         return asdict(self)
 
 
+def _local(name: str | Path) -> dict[str, bool]:
+    """``local_files_only`` for a checkpoint that is a local folder: a path never asks the hub."""
+    return {"local_files_only": True} if Path(name).is_dir() else {}
+
+
 def _require() -> tuple[Any, Any]:
     try:
         import torch
@@ -160,7 +165,7 @@ def prepare_model(model: Any, config: TrainConfig) -> Any:
     with warnings.catch_warnings():  # peft calls a deprecated transformers alias
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if config.init_adapter:
-            return PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
+            return PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True, **_local(config.init_adapter))
         save = list(config.modules_to_save)
         if config.train_projector:
             save += [r for r in parts["projector"] if r not in save]
@@ -299,7 +304,7 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
     policy = load_policy(config.policy) if config.policy else None
     out = Path(config.output_dir)
 
-    processor, _ = load_processor(config.processor or config.model)
+    processor, _ = load_processor(config.processor or config.model, **_local(config.processor or config.model))
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -310,7 +315,7 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
         eval_ds.prepare(templater)
 
     load_dtype, bf16, fp16 = _dtype(torch, config.dtype)
-    model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=load_dtype)
+    model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=load_dtype, **_local(config.model))
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
     model = prepare_model(model, config)
