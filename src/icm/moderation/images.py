@@ -33,6 +33,7 @@ import stat
 import sys
 import warnings
 from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -206,7 +207,7 @@ def load_image(
     except Exception as exc:
         raise ImageLoadError(source, f"the file header is corrupt ({_cause(exc)})") from exc
 
-    try:
+    with decode_errors(source, "the file could not be decoded"):
         with im:
             fmt = im.format
             mode = im.mode
@@ -227,12 +228,6 @@ def load_image(
                 frames = _count_frames(im, notes)
                 wanted = sample_frames(frames, max_frames)
                 views = _frame_views(im, source, notes, wanted, frames, transpose, max_pixels, total_limit)
-    except ImageLoadError:
-        raise
-    except MemoryError as exc:
-        raise ImageLoadError(source, "not enough memory to decode it") from exc
-    except Exception as exc:
-        raise ImageLoadError(source, f"the file could not be decoded ({_cause(exc)})") from exc
 
     rgb = views[0].image
     seen = len({v.frame for v in views})
@@ -448,6 +443,20 @@ def _read_file(path: Path, source: str, max_bytes: int) -> bytes:
 def _cause(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextmanager
+def decode_errors(source: str, failure: str) -> Iterator[None]:
+    """Errors while decoding ``source`` (image or video frames) as :class:`ImageLoadError`: ours
+    pass through, running out of memory says so, anything else is ``failure`` with its cause."""
+    try:
+        yield
+    except ImageLoadError:
+        raise
+    except MemoryError as exc:
+        raise ImageLoadError(source, "not enough memory to decode it") from exc
+    except Exception as exc:
+        raise ImageLoadError(source, f"{failure} ({_cause(exc)})") from exc
 
 
 def _describe_non_image(data: bytes) -> str:

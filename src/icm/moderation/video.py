@@ -40,6 +40,7 @@ from icm.moderation.images import (
     LoadedImage,
     _cause,
     _check_frame_size,
+    decode_errors,
     load_image,
     open_regular_file,
     sample_frames,
@@ -164,13 +165,8 @@ def load_video(
         except Exception as exc:
             raise ImageLoadError(source, f"not a readable video ({_cause(exc)})") from exc
         try:
-            return _sample(container, source, digest, n_bytes, fps, max_frames, max_pixels, total_limit)
-        except ImageLoadError:
-            raise
-        except MemoryError as exc:
-            raise ImageLoadError(source, "not enough memory to decode it") from exc
-        except Exception as exc:
-            raise ImageLoadError(source, f"the video is corrupt or truncated ({_cause(exc)})") from exc
+            with decode_errors(source, "the video is corrupt or truncated"):
+                return _sample(container, source, digest, n_bytes, fps, max_frames, max_pixels, total_limit)
         finally:
             container.close()
     finally:
