@@ -335,3 +335,36 @@ def test_openai_backend_in_the_actors_gets_the_drivers_key_and_url(cluster, imag
     assert on_ray.errors == 0 and sorted(r.path for r in on_ray.records) == sorted(chosen)
     for r in on_ray.records:
         assert r.model == f"{MODEL}@{url}" and stable(r) == stable(here[r.path]), r.path
+
+
+def test_an_actor_killed_mid_run_is_restarted_and_no_image_is_lost_or_doubled(cluster, images, tmp_path):
+    psutil = pytest.importorskip("psutil")
+
+    from icm.moderation.ray_engine import run_ray_job
+
+    folder, local = images
+    out = tmp_path / "actor.parquet"
+    killed: list[int] = []
+
+    def kill_an_actor(_r: ModerationRecord) -> None:
+        if killed:
+            return
+        # the actor's worker process, among this test's own descendants (the module's cluster)
+        for p in psutil.Process().children(recursive=True):
+            try:
+                title = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if "MapWorker" in title and "ModerateActor" in title:
+                os.kill(p.pid, signal.SIGKILL)  # mid-run: the actor holds a batch or will get one
+                killed.append(p.pid)
+                return
+
+    s = run_ray_job(ModerateConfig(inputs=[str(folder)], batch_size=2, out=str(out)), RayOptions(num_actors=1),
+                    on_record=kill_an_actor)
+    assert killed, "no actor was found to kill"
+    records, bad = read_parquet_records(out)
+    paths = [r.path for r in records]
+    assert bad == 0 and s.total == len(local) and len(paths) == len(set(paths)) == len(local)
+    for r in records:
+        assert stable(r) == stable(local[r.path]), r.path
