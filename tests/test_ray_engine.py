@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from icm.cli.main import app
+from icm.moderation.backends.base import Choice, Failed, NotJudged, YesNoScore
 from icm.moderation.job import ModerateConfig, run_job
 from icm.moderation.parquet import (
     COLUMNS,
@@ -30,7 +31,6 @@ from icm.moderation.parquet import (
     records_table,
 )
 from icm.moderation.ray_engine import RayEngineError, RayOptions, plan_resources, resolve_inputs
-from icm.moderation.backends.base import Choice, Failed, NotJudged, YesNoScore
 from icm.moderation.record import ModerationRecord
 
 pa = pytest.importorskip("pyarrow")
@@ -242,7 +242,7 @@ def test_ray_gives_the_local_records_parquet_and_jsonl(cluster, images, tmp_path
 def test_ray_reads_tables_of_bytes_and_of_paths(cluster, images, tmp_path):
     from icm.moderation.ray_engine import run_ray_job
 
-    folder, local = images
+    _, local = images
     chosen = sorted(p for p in local if p.endswith((".png", ".jpg")))[:12]
     table = pa.table({"path": chosen, "bytes": [Path(p).read_bytes() for p in chosen]})
     pq.write_table(table, tmp_path / "in.parquet")
@@ -318,11 +318,11 @@ def test_openai_backend_in_the_actors_gets_the_drivers_key_and_url(cluster, imag
     cluster started before these variables were set, so the actors see them only because
     the driver forwards them in the runtime environment."""
     pytest.importorskip("fastapi")
-    from fake_openai import MODEL, fake_openai_server
-
     from icm.moderation.ray_engine import run_ray_job
 
-    folder, local = images
+    from fake_openai import MODEL, fake_openai_server
+
+    _, local = images
     chosen = sorted(p for p in local if local[p].ok)[:6]
     with fake_openai_server() as (fake, url):
         monkeypatch.setenv("ICM_OPENAI_BASE_URL", url)

@@ -25,7 +25,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 sa = pytest.importorskip("sqlalchemy")
 pytest.importorskip("psycopg")
-import httpx  # noqa: E402
+import httpx
 
 
 def _free_port() -> int:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from icm.moderation.record import ModerationRecord
 
@@ -48,7 +49,7 @@ COLUMNS: tuple[str, ...] = tuple(name for name, _ in _COLUMNS)
 def _pa() -> Any:
     try:
         import pyarrow as pa
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow.parquet
     except ImportError as exc:
         raise ImportError(PARQUET_HINT) from exc
     return pa

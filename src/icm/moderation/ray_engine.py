@@ -30,9 +30,10 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from icm.fileio import atomic_write
 from icm.moderation.job import JobSummary, ModerateConfig, _resolved, _sha256, build_moderator
@@ -80,7 +81,7 @@ class RayEngineError(ValueError):
 def _ray() -> Any:
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError as exc:
         raise ImportError(RAY_HINT) from exc
     return ray
@@ -116,7 +117,7 @@ def fetch_uri(uri: str, *, max_bytes: int = MAX_FETCH_BYTES) -> bytes:
     if uri.startswith(("http://", "https://")):
         import urllib.request
 
-        with urllib.request.urlopen(uri, timeout=60) as resp:  # noqa: S310 - the user's own input list
+        with urllib.request.urlopen(uri, timeout=60) as resp:
             data = resp.read(max_bytes + 1)
     else:
         from pyarrow import fs as pafs
@@ -443,7 +444,7 @@ def run_ray_job(
     stdin: TextIO | None = None,
     on_start: Callable[[int], None] | None = None,
     on_record: Callable[[ModerationRecord], None] | None = None,
-    info: "RunInfo | None" = None,
+    info: RunInfo | None = None,
 ) -> JobSummary:
     """Run ``icm moderate`` on Ray Data; the same records as :func:`icm.moderation.job.run_job`.
 
@@ -496,7 +497,8 @@ def run_ray_job(
             if on_record:
                 on_record(r)
 
-        path_col, bytes_col = "path", None
+        path_col: str | None = "path"
+        bytes_col: str | None = None
         if inputs.table is not None:
             ds = _read_table(ray, inputs.table)
             cols = list(ds.columns())
