@@ -65,9 +65,9 @@ def main() -> None:
     print(f"{'stage':28s} {'1 image/call':>14s} {'batch of 8':>12s}   (ms per image, median)")
     for label, fn in rows:
         single = statistics.median(
-            per_image_ms(lambda im=im: fn([im]), 1, args.repeats) for im in images
+            per_image_ms(lambda im=im, fn=fn: fn([im]), 1, args.repeats) for im in images
         )
-        batched = per_image_ms(lambda: fn(batch), len(batch), args.repeats)
+        batched = per_image_ms(lambda fn=fn: fn(batch), len(batch), args.repeats)
         print(f"{label:28s} {single:14.1f} {batched:12.1f}")
 
 

@@ -52,7 +52,7 @@ class Result:
         if not self.latencies:
             return float("nan")
         xs = sorted(self.latencies)
-        return 1000 * xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+        return 1000 * xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def free_port() -> int:

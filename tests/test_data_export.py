@@ -85,7 +85,7 @@ def test_turns_follow_the_records(tmp_path):
     recs = make_records(tmp_path)
     samples = {s.id: s for s in build_samples(recs, val_ratio=0)}
     s = samples[recs[1].id]
-    (q0, a0), (q1, a1), (q2, a2), (q3, a3), (q4, a4), (q5, a5), (q6, a6) = s.turns
+    (q0, a0), (_q1, a1), (_q2, a2), (_q3, a3), (q4, a4), (q5, a5), (_q6, a6) = s.turns
     assert "sexy" in q0.lower() and a0 == "Yes"
     assert a1 == recs[1].explanation.text
     assert a2 == recs[1].explicit.text and a3 == recs[1].implicit.text
@@ -125,7 +125,7 @@ def test_llava_sharegpt_and_qwen_vl_files(tmp_path):
     export_records(recs, "sharegpt", tmp_path / "sg", val_ratio=0.3)
     info = json.loads((tmp_path / "sg" / "dataset_info.json").read_text())
     assert set(info) == {"icm_train", "icm_validation"}
-    for name, entry in info.items():
+    for entry in info.values():
         assert entry["formatting"] == "sharegpt" and entry["columns"] == {"messages": "messages", "images": "images"}
         assert entry["tags"] == {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
         data = json.loads((tmp_path / "sg" / entry["file_name"]).read_text())

@@ -322,7 +322,7 @@ def test_dry_run_prints_the_policy_prompts_and_sends_nothing(tmp_path, server):
     out = tmp_path / "out"
     cmd = base_cmd(url, [folder], out)
     cmd.remove("--json")
-    done = subprocess.run(cmd + ["--dry-run", "--mode", "separate", "--yes-no", "2"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*cmd, "--dry-run", "--mode", "separate", "--yes-no", "2"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     policy = load_policy("icm-sexy")
     hint = policy.resolve_category("upper_bust").description
@@ -373,7 +373,7 @@ def test_library_run_then_rerun_is_free(tmp_path, server):
 
 def test_separate_mode_asks_each_stage_in_one_conversation(tmp_path, server):
     url, script = server
-    folder, paths = make_images(tmp_path)
+    _folder, paths = make_images(tmp_path)
     one = tmp_path / "one.csv"
     one.write_text(f"image,product\n{paths[4]},upper_bust\n")
     out = tmp_path / "sep"

@@ -70,7 +70,7 @@ def test_check_explanation_applies_the_filters_it_is_given():
     _, found = check_explanation("I believe the image is sexy because of how she poses for the camera here.", "sexy", True)
     assert [f.reason for f in found] == ["first_person"]
     _, found = check_explanation("I'm sorry, I can't help with that.", "sexy", True)
-    assert [f.reason for f in found][0] == "refusal" and "no_verdict" not in [f.reason for f in found]
+    assert next(f.reason for f in found) == "refusal" and "no_verdict" not in [f.reason for f in found]
     _, found = check_explanation("The image is sexy because of the framing and the way she", "sexy", True)
     assert [f.reason for f in found] == ["truncated"]
     _, found = check_explanation(ok, "sexy", False, filters=["refusal"])

@@ -124,7 +124,7 @@ def test_store_writes_each_record_and_rejection_once_across_reopenings(tmp_path)
 
 def test_store_refuses_a_corrupt_file_in_the_middle(tmp_path):
     (tmp_path / "records.jsonl").write_text("not json\n" + record(1).model_dump_json() + "\n")
-    with pytest.raises(ValueError, match="records.jsonl:1"):
+    with pytest.raises(ValueError, match=r"records\.jsonl:1"):
         OutputStore(tmp_path)
 
 

@@ -198,7 +198,7 @@ def test_uncovered_cells_without_a_default_are_an_error_naming_a_cell(tmp_path):
     with pytest.raises(PolicyError) as info:
         load_policy_file(f)
     (issue,) = info.value.issues
-    line = next(i for i, l in enumerate(text.splitlines(), 1) if "# ERROR" in l)
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if "# ERROR" in ln)
     assert issue.line == line and "colour=blue, shape=square" in issue.message and "no default" in issue.message
     # with a default the same policy is valid, and validate reports the cells as info
     f.write_text(text + "    default: violate\n")
@@ -212,7 +212,7 @@ def test_uncovered_cells_without_a_default_are_an_error_naming_a_cell(tmp_path):
 
 def test_builtin_policies_resolve_every_tie_in_their_yaml():
     sexy = resources.files("icm.policies").joinpath("icm-sexy.yaml").read_text()
-    without = "\n".join(l for l in sexy.splitlines() if "priority: -1" not in l)
+    without = "\n".join(ln for ln in sexy.splitlines() if "priority: -1" not in ln)
     with pytest.raises(PolicyError) as info:
         parse_policy(without, "icm-sexy.yaml")
     # each of the 10 actions ties with each of the 5 cues

@@ -154,7 +154,7 @@ def test_ask_runs_each_model_once_per_batch(monkeypatch: pytest.MonkeyPatch, pho
 
 
 def test_unsupported_queries_are_not_judged(backend: DetectorBackend, photos: list[Image.Image]) -> None:
-    answers = backend.ask(photos, UNSUPPORTED + [REGION])  # region is off by default
+    answers = backend.ask(photos, [*UNSUPPORTED, REGION])  # region is off by default
     for answer in answers:
         assert set(answer) == {q.key for q in UNSUPPORTED} | {REGION.key}
         # horrifying is only *flagged* offline (weapons): with none in view it is not judged

@@ -193,7 +193,7 @@ def test_meq_means_and_failure_share_carry_intervals():
     items = [MEQItem(id=f"i{i}", scores={"accuracy": a, "preciseness": a, "comprehensiveness": a, "fluency": a}) for i, a in enumerate(acc)]
     items.append(MEQItem(id="failed", scores={}, error="judge reply unreadable"))  # counted 0 in the paper's mean
     rep = aggregate(items, name="t", source="t", mode="judgements")
-    vals = acc + [0]
+    vals = [*acc, 0]
     m, half = sum(vals) / 9, NormalDist().inv_cdf(0.975) * stdev(vals) / 9 ** 0.5
     assert rep.means["accuracy"] == pytest.approx(m)
     assert rep.means_ci["accuracy"] == pytest.approx((m - half, m + half))

@@ -181,7 +181,7 @@ def test_judge_concurrent_retries_failures_cache_and_resume(server, tmp_path, mo
 
 
 def test_cli_judge_with_two_line_files(server, tmp_path):
-    state, url = server
+    _state, url = server
     ref = tmp_path / "ref.txt"
     cand = tmp_path / "cand.txt"
     ref.write_text("".join(f"{c}_1.jpg\nThe reference for {c}.\n" for c in ("table", "json", "garbage")) + "extra_9.jpg\nNo partner.\n")

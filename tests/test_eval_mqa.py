@@ -64,7 +64,7 @@ def test_misaligned_and_short_files(tmp_path):
     rep = evaluate_two_line(mc=(t, p))
     assert rep.misaligned == 2 and any("different image" in n for n in rep.notes)
     short = _two_line(tmp_path / "s.txt", [("a.jpg", "A.")])
-    with pytest.raises(ValueError, match="has 1 answers but .* has 2 questions"):
+    with pytest.raises(ValueError, match=r"has 1 answers but .* has 2 questions"):
         evaluate_two_line(mc=(t, short))
     odd = tmp_path / "odd.txt"
     odd.write_text("a.jpg\nA.\nb.jpg\n")

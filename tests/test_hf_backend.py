@@ -48,7 +48,7 @@ def _images(backend: HFBackend, n: int = 4) -> list:
     base = 56 if model_type == "qwen2_vl" else 32
     shapes = [(base, base), (2 * base, base), (base, 2 * base), (2 * base, 2 * base)]
     images = [noise_image(w, seed=i, height=h) for i, (w, h) in enumerate(shapes * n)]
-    return images[: n - 1] + [square_image("red", size=base)]
+    return [*images[:n - 1], square_image("red", size=base)]
 
 
 # The untrained tiny models put almost no probability on Yes/No or the option labels, so
@@ -134,7 +134,8 @@ def test_qwen2vl_processor_loads_without_torchvision(qwen: HFBackend, tiny_qwen2
 
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed: the stock processor loads")
-    with pytest.raises(Exception):
+    # transformers 5.x: OSError (no video processor config); older releases said ImportError
+    with pytest.raises((OSError, ImportError)):
         AutoProcessor.from_pretrained(tiny_qwen2vl_path)
     assert qwen.processor_fallback
     assert type(qwen.processor).__name__ == "Qwen2VLProcessor"
@@ -342,7 +343,7 @@ def _squares(color: str, n: int = 6) -> list:
 def test_adapter_scores_follow_image_and_question(tuned: HFBackend, llava: HFBackend, color_adapter_path: Path) -> None:
     red, blue = _squares("red"), _squares("blue")
     n = len(red)
-    for asked, other in (("red", "blue"), ("blue", "red")):
+    for asked in ("red", "blue"):
         p = [s.p_yes for s in tuned.score_yes_no(red + blue, [COLOR_QUESTIONS[asked]] * 2 * n)]  # type: ignore[union-attr]
         matching, not_matching = (p[:n], p[n:]) if asked == "red" else (p[n:], p[:n])
         assert min(matching) > 0.9, (asked, p)

@@ -184,7 +184,7 @@ def test_real_kill_and_resume_through_the_cli(tmp_path):
         time.sleep(0.02)
     proc.wait(timeout=60)
     partial, _ = read_records(out)
-    done = subprocess.run(cmd + ["--resume", "--json"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*cmd, "--resume", "--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     records, bad = read_records(out)
     assert bad == 0

@@ -64,7 +64,7 @@ def test_moderate_with_a_tuned_adapter_through_the_cli(tmp_path, tiny_llava_path
         assert str(color_adapter_path) in r.model
     # the same model, another rule set: the evidence stays, the verdicts change
     out2 = tmp_path / "out2.jsonl"
-    result = CliRunner().invoke(app, args[:-4] + ["--out", str(out2), "--rules", "anything-goes"])
+    result = CliRunner().invoke(app, [*args[:-4], "--out", str(out2), "--rules", "anything-goes"])
     assert result.exit_code == 0, result.output
     records2, _ = read_records(out2)
     assert all(r.verdict == "allow" for r in records2)
@@ -95,6 +95,6 @@ def test_a_model_that_does_not_answer_with_the_labels_is_never_allowed(tmp_path,
         assert set(r.unanswered) == {"term:red", "attr:hue"}
         assert all(v.startswith(("off-format", "refused")) and "< 0.5" in v for v in r.unanswered.values())
     # with the check off, the same model's noise would have been read as answers
-    result = CliRunner().invoke(app, args[:-4] + ["--out", str(tmp_path / "lax.jsonl"), "--min-label-mass", "0"])
+    result = CliRunner().invoke(app, [*args[:-4], "--out", str(tmp_path / "lax.jsonl"), "--min-label-mass", "0"])
     lax, _ = read_records(tmp_path / "lax.jsonl")
     assert all(r.term.p_yes is not None and r.attributes for r in lax)

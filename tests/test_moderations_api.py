@@ -109,9 +109,9 @@ def test_bad_input_gets_a_clear_error_through_the_sdk(tmp_path, monkeypatch):
             sdk.moderations.create(model="icm-sexy:nope", input=[part(data_url(png((0, 0, 9))))])
         with pytest.raises(openai.BadRequestError, match="unknown policy"):
             sdk.moderations.create(model="text-moderation-stable", input=[part(data_url(png((0, 0, 9))))])
-        with pytest.raises(openai.BadRequestError, match="does not fetch images from 'example.com'"):
+        with pytest.raises(openai.BadRequestError, match=r"does not fetch images from 'example\.com'"):
             sdk.moderations.create(input=[part("https://example.com/cat.jpg")])
-        with pytest.raises(openai.APIStatusError, match="not an image|unsupported") as info:
+        with pytest.raises(openai.APIStatusError, match=r"not an image|unsupported") as info:
             sdk.moderations.create(input=[part(data_url(b"plain text, not a picture", "image/png"))])
         assert info.value.status_code == 415
         with pytest.raises(openai.AuthenticationError):
@@ -194,7 +194,7 @@ def test_image_urls_only_from_listed_hosts_and_public_addresses(tmp_path, monkey
         # a redirect is checked again: to a private address, to a host not listed
         with pytest.raises(openai.BadRequestError, match="private or reserved address"):
             sdk.moderations.create(input=[part(f"http://img.test:{port}/to?u=http://inside.test:{port}/img.png")])
-        with pytest.raises(openai.BadRequestError, match="does not fetch images from 'other.test'"):
+        with pytest.raises(openai.BadRequestError, match=r"does not fetch images from 'other\.test'"):
             sdk.moderations.create(input=[part(f"http://img.test:{port}/to?u=http://other.test:{port}/img.png")])
         with pytest.raises(openai.InternalServerError, match="redirected more than 2 times"):
             sdk.moderations.create(input=[part(f"http://img.test:{port}/loop")])

@@ -60,7 +60,7 @@ def test_unused_value_is_a_warning_not_an_error():
     assert policy.name == "tiny"
     assert [w.level for w in warnings] == ["warning"]
     assert "'large'" in warnings[0].message
-    assert warnings[0].line == next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "# WARNING" in l)
+    assert warnings[0].line == next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if "# WARNING" in ln)
     assert runner.invoke(app, ["policy", "validate", str(path)]).exit_code == 0
     assert runner.invoke(app, ["policy", "validate", "--strict", str(path)]).exit_code == 1
 
@@ -146,14 +146,14 @@ def test_icm_test_binary_names_are_term_labels_not_products(seed_dir):
 def test_rule_sets_relabel_products_as_documented():
     policy = load_policy("icm-sexy")
     default = policy.labels("icm-default")
-    assert {p for p, l in default.items() if not l.violates} == {"upper_normal", "middle_normal", "lower_normal", "whole_normal"}
+    assert {p for p, lab in default.items() if not lab.violates} == {"upper_normal", "middle_normal", "lower_normal", "whole_normal"}
     general = policy.labels("general-audience")
     for pid in ("whole_legs", "upper_back", "middle_belly", "male_bare_torso"):
         assert not general[pid].violates, pid
     for pid in ("upper_chest", "middle_hips", "middle_crotch", "lower_hips"):
         assert general[pid].violates and general[pid].severity == "high", pid
     children = policy.labels("children")
-    assert all(l.violates == policy.product(p).positive for p, l in children.items())
+    assert all(lab.violates == policy.product(p).positive for p, lab in children.items())
 
 
 def test_diff_lists_exactly_the_relabelled_products():

@@ -112,7 +112,7 @@ def test_a_file_over_the_size_cap_is_refused_without_parsing(tmp_path):
     big.write_text(VALID.read_text() + "#" * MAX_POLICY_BYTES)
     with pytest.raises(PolicyError) as exc:
         load_policy_file(big)
-    file, line, message = _only_issue(exc)
+    file, _line, message = _only_issue(exc)
     assert file == str(big) and message.startswith("policy file too large:")
     assert f"at most {MAX_POLICY_BYTES:,}" in message
     with pytest.raises(PolicyError, match="policy document too large"):

@@ -112,7 +112,6 @@ def test_every_consumer_shows_the_model_the_same_prompt(
     image = load_image(image_path).image
     queries = build_queries(policy)
     assert len(queries) == 1 + len(policy.attributes)
-    templater = find_templater(backend.processor)
 
     # 1. the hf backend's scoring path: what it renders and the tokens it runs
     texts = _scored_texts(backend, image, queries)

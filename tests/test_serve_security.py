@@ -454,7 +454,7 @@ def test_bad_keys_are_refused_at_start_without_showing_the_key(tmp_path, monkeyp
         assert words in str(info.value), str(info.value)
         assert secret not in str(info.value) and "x" * 20 not in str(info.value)
     monkeypatch.setenv("ICM_API_KEYS", f"bob:{'b' * 20},alice:")
-    with pytest.raises(ValueError, match="empty key.*ICM_API_KEYS"):
+    with pytest.raises(ValueError, match=r"empty key.*ICM_API_KEYS"):
         ServeConfig().all_api_keys()
     r = runner.invoke(cli, ["serve", "--db", str(tmp_path / "x.sqlite")])
     assert r.exit_code == 2 and "'alice'" in r.output and "empty key" in r.output

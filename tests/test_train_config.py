@@ -147,7 +147,7 @@ def test_teacher_answers_what_the_image_shows():
         url = encode_image(draw_figure(f, seed=pid))
         wrong_hint = stage_prompts(policy, "whole_covered_wave").combined  # the teacher reads pixels, not the hint
 
-        def ask(text: str) -> str:
+        def ask(text: str, url: str = url) -> str:
             msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
             return teacher_reply(policy, msgs).text
 
@@ -258,7 +258,7 @@ def test_exports_read_back_with_moderation_questions(synth_export):
     by_image = {}
     for ex in mq:
         by_image.setdefault(ex.image_key, []).append(ex)
-    for key, exs in by_image.items():
+    for exs in by_image.values():
         product = policy.product(exs[0].product)
         asked = {ex.messages[0]["content"][1]["text"]: ex.messages[1]["content"][0]["text"] for ex in exs}
         assert asked[yes_no_prompt(policy.term.question)] == ("Yes" if product.positive else "No")
@@ -281,7 +281,7 @@ def test_reviewed_decisions_train_as_they_are_exported(synth_export, tmp_path):
     messages = []
     for i, (q, a) in enumerate(turns):
         user = [{"type": "image"}] if i == 0 else []
-        messages += [{"role": "user", "content": user + [{"type": "text", "text": q}]},
+        messages += [{"role": "user", "content": [*user, {"type": "text", "text": q}]},
                      {"role": "assistant", "content": [{"type": "text", "text": a}]}]
     f = tmp_path / "reviews.jsonl"
     f.write_text(json.dumps({"id": "review-1", "images": [image], "messages": messages, "policy": "synth-shapes",

@@ -168,7 +168,7 @@ def test_lora_msft_mixes_general_data_trains_saves_and_evaluates(work, lora_msft
 
 
 def test_merge_writes_a_model_that_scores_like_base_plus_adapter(work, lora_msft, tmp_path):
-    out, res = lora_msft
+    _out, res = lora_msft
     merged = tmp_path / "merged"
     r = runner.invoke(app, ["train", "merge", res["artefact"], "--out", str(merged), "--json"])
     assert r.exit_code == 0, r.output
@@ -185,7 +185,7 @@ def test_merge_writes_a_model_that_scores_like_base_plus_adapter(work, lora_msft
 
 
 def test_csft_continues_the_adapter_on_icm_data_only(work, lora_msft):
-    out0, res0 = lora_msft
+    _out0, res0 = lora_msft
     out = work["root"] / "csft"
     cfg = _config(work, out, strategy="csft", init_adapter=res0["artefact"], max_steps=4, evaluate=False)
     res = _train([str(cfg)])

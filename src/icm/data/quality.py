@@ -153,9 +153,7 @@ def extract_verdict(text: str, term: str, *, aliases: Sequence[str] = ()) -> Ver
         for clause in _clauses(sentence):
             for m in pat.finditer(clause):
                 before = clause[: m.start()]
-                subj = None
-                for subj in _SUBJECT.finditer(before):
-                    pass
+                subj = next(reversed(list(_SUBJECT.finditer(before))), None)  # the last subject before the term
                 gap = before[subj.end():] if subj is not None else None
                 if gap is not None and len(gap.split()) <= 8 and not _NOT_ABOUT_IMAGE.search(gap):
                     # "not" between the subject and the term, or before the subject in the

@@ -125,7 +125,7 @@ def sample_times(duration: float, fps: float, max_frames: int) -> list[float]:
     """Seconds at which frames are taken: every ``1/fps``, thinned evenly to ``max_frames``."""
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a positive number, got {fps}")
-    count = int(math.floor(max(0.0, duration) * fps + 1e-9)) + 1
+    count = math.floor(max(0.0, duration) * fps + 1e-9) + 1
     return [i / fps for i in sample_frames(count, max_frames)]
 
 
@@ -199,7 +199,7 @@ _ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 27
 def _upright(frame: Any, notes: list[str]) -> Image.Image:
     """The frame as RGB, turned as the video's display matrix says (phones store portrait video sideways)."""
     image = frame.to_image()
-    rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360  # counter-clockwise, as PIL's
+    rotation = round(getattr(frame, "rotation", 0) or 0) % 360  # counter-clockwise, as PIL's
     method = _ROTATIONS.get(rotation)
     if method is not None:
         image = image.transpose(method)
@@ -227,7 +227,7 @@ def _sample(
         duration = max(0.0, end - start) if end is not None else 0.0
         notes.append("the video states no duration: measured from its packets")
     rate: Fraction | None = stream.average_rate or stream.guessed_rate
-    count = int(stream.frames or 0) or (int(round(duration * float(rate))) if rate else 0)
+    count = int(stream.frames or 0) or (round(duration * float(rate)) if rate else 0)
     # Never sample past the last frame: the last sample time is at most the last frame's start.
     last_frame_start = max(0.0, duration - (1.0 / float(rate) if rate else 0.0))
     targets = sample_times(last_frame_start, fps, max_frames)
@@ -245,7 +245,7 @@ def _sample(
     position: float | None = None  # time of the last decoded frame
 
     def index_of(t: float, seq: int | None) -> int:
-        return int(round((t - start) * float(rate))) if rate else (seq if seq is not None else len(views))
+        return round((t - start) * float(rate)) if rate else (seq if seq is not None else len(views))
 
     seq: int | None = 0  # exact frame counter while decoding from the start without seeking
     tolerance = 0.5 / float(rate) if rate else 1e-3  # a sample at t takes the frame shown at t
@@ -280,7 +280,7 @@ def _sample(
         raise ImageLoadError(source, "the video has no decodable frame")
     if pending:
         notes.append(f"the stream ended at {position or 0.0:.2f}s, before the last {len(pending)} sample time(s)")
-    thinned = len(targets) < int(math.floor(last_frame_start * fps + 1e-9)) + 1
+    thinned = len(targets) < math.floor(last_frame_start * fps + 1e-9) + 1
     notes.append(
         f"video ({duration:.2f}s" + (f", {float(rate):.3g} fps, about {count} frames" if rate else "") + f"): "
         f"{len(views)} frames judged, sampled at {fps:g} per second"

@@ -28,6 +28,7 @@ replacement) to the asked ratio of general examples per example of ours.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -270,6 +271,16 @@ def _policy_for(name: str | None, cache: dict[str, Policy | None]) -> Policy | N
     return cache[name]
 
 
+def _scored_example(
+    prompt: str, answer: str, kind: str, *, images: list[Any], product: str, policy: str, image_key: str | None
+) -> Example:
+    """One moderation question and its answer, worded as the hf backend scores it."""
+    return Example(
+        messages=training_conversation(prompt, answer), images=list(images), kind=kind,
+        product=product, policy=policy, image_key=image_key,
+    )
+
+
 def moderation_examples(examples: Sequence[Example], policy: Policy | None = None) -> tuple[list[Example], int]:
     """The term and attribute questions for each image of ours with a known product.
 
@@ -292,14 +303,9 @@ def moderation_examples(examples: Sequence[Example], policy: Policy | None = Non
             skipped += 1
             continue
         product = pol.product(ex.product)
-        image = ex.images[:1]
-
-        def single(prompt: str, answer: str, kind: str) -> Example:
-            return Example(
-                messages=training_conversation(prompt, answer),  # as the hf backend scores it
-                images=list(image), kind=kind, product=product.id, policy=pol.name, image_key=ex.image_key,
-            )
-
+        single = functools.partial(
+            _scored_example, images=ex.images[:1], product=product.id, policy=pol.name, image_key=ex.image_key
+        )
         out.append(single(yes_no_prompt(pol.term.question), yes_no_answer(product.positive), "term"))
         for attr in pol.attributes:
             value = product.assignment.get(attr.id)

@@ -43,7 +43,7 @@ def launch_command(name: str, config: str, *, num_processes: int | None = None, 
     cmd = ["accelerate", "launch", "--config_file", str(accelerate_config_path(name))]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]
-    return cmd + ["-m", "icm.cli.main", "train", str(config), *(extra or [])]
+    return [*cmd, "-m", "icm.cli.main", "train", str(config), *(extra or [])]
 
 
 def format_command(cmd: list[str]) -> str:
