@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -217,7 +217,7 @@ def decide(
     labels, uncovered_label, violating = _labels(policy, rs)
     if p_term is not None and not (0.0 <= p_term <= 1.0):
         raise ValueError(f"p_term must be a probability, got {p_term!r}")
-    base = dict(policy=policy.name, rules=rs.name, p_term=p_term)
+    base: dict[str, Any] = dict(policy=policy.name, rules=rs.name, p_term=p_term)
 
     def term_only(basis: Basis, conflict: str | None = None) -> Decision:
         if p_term is None:
@@ -271,7 +271,7 @@ def decide(
     dist = {pid: float(masses[i + 1]) for i, pid in enumerate(ids)}
     p_v = _clamp(float(masses[violating].sum()))
     cell = cell_of(int(np.argmax(post))) if cell_of is not None else None
-    extra = dict(products=dist, p_uncovered=p_uncovered if basis == "attributes" else None, cell=cell)
+    extra: dict[str, Any] = dict(products=dist, p_uncovered=p_uncovered if basis == "attributes" else None, cell=cell)
 
     if p_term is not None and z < CONFLICT_Z:
         prior_masses = np.bincount(owner + 1, weights=prior / prior.sum(), minlength=n)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import combinations
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -104,7 +104,7 @@ class CellGrid:
 
     def cell(self, index: int | tuple[int, ...]) -> dict[str, str]:
         """The cell at a flat index or an index tuple, as ``{attribute: value}``."""
-        idx = np.unravel_index(index, self.shape) if isinstance(index, (int, np.integer)) else index
+        idx: tuple[Any, ...] = np.unravel_index(index, self.shape) if isinstance(index, (int, np.integer)) else index
         return {a: self.values[k][int(i)] for k, (a, i) in enumerate(zip(self.attributes, idx, strict=True))}
 
     def uncovered_example(self) -> dict[str, str] | None:

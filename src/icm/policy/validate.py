@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from icm.policy.model import Policy
 
 Loc = tuple[str | int, ...]
@@ -213,11 +215,14 @@ def _check_evidence(policy: Policy) -> list[Issue]:
             at = (*loc, "from", k)
             spec = ev.sources.get(item.source)
             info = BUILTIN_SOURCES.get(item.source)
-            if spec is None and info is None:
+            labels: Sequence[str] | None
+            if spec is not None:
+                kind, labels = "classifier", spec.labels
+            elif info is not None:
+                kind, labels = info.kind, info.labels
+            else:
                 err((*at, "source"), f"unknown evidence source {item.source!r} (known: {', '.join(known)})")
                 continue
-            kind = "classifier" if spec is not None else info.kind
-            labels = spec.labels if spec is not None else info.labels
             if kind == "ocr" and item.labels:
                 err((*at, "labels"), f"source {item.source!r} reads text: give 'keywords', not 'labels'")
             if kind != "ocr" and item.keywords:

@@ -29,7 +29,6 @@ missing package) raises :class:`BackendConfigError`, which stops a job at once.
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -154,7 +153,7 @@ messages themselves carry text only.
 """
 
 
-class Backend(abc.ABC):
+class Backend:
     """Base class of model backends. Subclasses set ``name`` and ``capabilities``."""
 
     name: str = "backend"
@@ -170,13 +169,16 @@ class Backend(abc.ABC):
 
     def score_yes_no(
         self, images: Sequence[Image.Image], questions: Sequence[str]
-    ) -> list[YesNoScore | NotJudged | Failed | None]:
-        """P(Yes) for ``questions[i]`` about ``images[i]``; :class:`NotJudged` / :class:`Failed` otherwise."""
+    ) -> Sequence[YesNoScore | NotJudged | Failed | None]:
+        """P(Yes) for ``questions[i]`` about ``images[i]``; :class:`NotJudged` / :class:`Failed` otherwise.
+
+        A Sequence (covariant), so a backend that never fails or never refuses says so in its own return type.
+        """
         raise NotImplementedError(f"backend {self.name!r} cannot score yes/no questions")
 
     def choose(
         self, images: Sequence[Image.Image], question: str, options: Sequence[str]
-    ) -> list[Choice | NotJudged | Failed | None]:
+    ) -> Sequence[Choice | NotJudged | Failed | None]:
         """A distribution over ``options`` (labelled as :func:`~icm.policy.prompts_format.option_labels`) per image."""
         raise NotImplementedError(f"backend {self.name!r} cannot answer multiple-choice questions")
 
@@ -211,7 +213,7 @@ class Backend(abc.ABC):
         """Free text for each (image, conversation) pair."""
         raise NotImplementedError(f"backend {self.name!r} cannot generate text")
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:  # an optional hook: does nothing unless a backend holds resources
         """Release resources (HTTP clients, sessions)."""
 
     def __enter__(self) -> Backend:

@@ -537,7 +537,7 @@ class DetectorBackend(Backend):
         width: int,
         height: int,
     ) -> Answer:
-        failed = {n: o[i].error for n, o in outputs.items() if o[i].error}  # could not read this image
+        failed = {n: err for n, o in outputs.items() if (err := o[i].error)}  # could not read this image
         missing = {**missing, **failed}
         ran = [n for n in dict.fromkeys(item.source for item in spec.from_) if n in outputs and n not in failed]
         if not ran:

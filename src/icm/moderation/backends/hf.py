@@ -155,9 +155,10 @@ class HFBackend(Backend):
             load_kwargs["local_files_only"] = True
 
         self.processor, self.processor_fallback = load_processor(self._model_path, processor_class, **load_kwargs)
-        self.tokenizer = getattr(self.processor, "tokenizer", None)
-        if self.tokenizer is None:
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is None:
             raise ValueError(f"the processor of {model!r} has no tokenizer")
+        self.tokenizer: Any = tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -176,7 +177,7 @@ class HFBackend(Backend):
                 ) from err
             with warnings.catch_warnings():  # peft calls a deprecated transformers alias
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                adapter_kwargs = {"local_files_only": True} if Path(self._adapter).is_dir() else {}
+                adapter_kwargs: dict[str, Any] = {"local_files_only": True} if Path(self._adapter).is_dir() else {}
                 net = PeftModel.from_pretrained(net, self._adapter, **adapter_kwargs)
             if merge_adapter:
                 net = net.merge_and_unload()

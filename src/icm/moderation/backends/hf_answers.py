@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from icm.moderation.backends.base import REFUSAL_FIRST_WORDS, Choice, NotJudged, YesNoScore
+from icm.moderation.backends.base import REFUSAL_FIRST_WORDS, Choice, NotJudged, NotJudgedReason, YesNoScore
 from icm.prompting import NO, YES, option_labels
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -148,7 +148,7 @@ def read_choice(
 ) -> Choice | NotJudged:
     """A distribution over the options (token id ``groups``), or not judged (too little label mass)."""
     probs, scores = grouped_probs(logprobs[None], groups)
-    raw = {"logprobs": [float(s) for s in scores[0]], "letter_mass": float(scores[0].exp().sum())}
+    raw: dict[str, Any] = {"logprobs": [float(s) for s in scores[0]], "letter_mass": float(scores[0].exp().sum())}
     if raw["letter_mass"] < min_label_mass:
         return not_judged(logprobs, tokenizer, raw["letter_mass"], "the option labels", raw, min_label_mass)
     return Choice(probs=[float(p) for p in probs[0]], source="logits", raw=raw)
@@ -161,6 +161,6 @@ def not_judged(
     top = int(logprobs.argmax())
     token = tokenizer.decode([top])
     word = token.strip().strip(".,!:;\"'").lower()
-    reason = "refused" if word in REFUSAL_FIRST_WORDS else "off-format"
+    reason: NotJudgedReason = "refused" if word in REFUSAL_FIRST_WORDS else "off-format"
     detail = f"most likely next token {token!r} (p={float(logprobs[top].exp()):.3g}); P({what})={mass:.3g} < {min_label_mass:g}"
     return NotJudged(reason, detail, {**raw, "top_token": token})

@@ -22,7 +22,7 @@ logger = logging.getLogger("icm.moderation.backends.hf")
 
 
 @functools.cache
-def image_only_processor_class(base: type) -> type:
+def image_only_processor_class(base: type[Any]) -> type[Any]:
     """``base`` restricted to its image processor and tokenizer.
 
     Qwen2-VL, Qwen2.5-VL, SmolVLM... processors also hold a video processor, which needs
@@ -69,7 +69,7 @@ def _processor_class_name(model: str, **kwargs: Any) -> str | None:
         return None
 
 
-def _import_class(spec: str | type) -> type:
+def _import_class(spec: str | type[Any]) -> type[Any]:
     if isinstance(spec, type):
         return spec
     import transformers
@@ -91,7 +91,7 @@ def load_processor(model: str, processor_class: str | type | None = None, **kwar
     """
     from transformers import AutoProcessor
 
-    base: type | None = _import_class(processor_class) if processor_class is not None else None
+    base: type[Any] | None = _import_class(processor_class) if processor_class is not None else None
     try:
         loader = base if base is not None else AutoProcessor
         return loader.from_pretrained(model, **kwargs), False
@@ -105,7 +105,8 @@ def load_processor(model: str, processor_class: str | type | None = None, **kwar
         if base is None or "video_processor" not in base.get_attributes():
             raise
         try:
-            processor = image_only_processor_class(base).from_pretrained(model, **kwargs)
+            # classes are hashable; mypy does not see type[Any] as typeshed's Hashable (lru_cache's key)
+            processor = image_only_processor_class(base).from_pretrained(model, **kwargs)  # type: ignore[arg-type]
         except Exception as second:
             raise err from second
         logger.info("loaded %s without its video processor (%s: %s)", name, type(err).__name__, err)

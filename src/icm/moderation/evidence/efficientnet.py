@@ -68,7 +68,7 @@ def export_onnx(path: Path | None = None) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with torch.no_grad():
         torch.onnx.export(
-            model, torch.zeros(1, 3, SIZE, SIZE), str(tmp), input_names=["input"], output_names=["logits"],
+            model, (torch.zeros(1, 3, SIZE, SIZE),), str(tmp), input_names=["input"], output_names=["logits"],
             dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, opset_version=17, dynamo=False,
         )
     os.replace(tmp, path)

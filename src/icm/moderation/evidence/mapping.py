@@ -127,7 +127,7 @@ def attribute_distribution(
         return None
     per_value: dict[str, list[float]] = {}
     for f in fired:
-        if f.item.value in value_ids:
+        if f.item.value is not None and f.item.value in value_ids:
             per_value.setdefault(f.item.value, []).append(f.evidence)
     e = {v: noisy_or(ev) for v, ev in per_value.items()}
     silent = spec.silent if spec.silent in value_ids and all_sources_ran else None

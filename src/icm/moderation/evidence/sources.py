@@ -288,7 +288,7 @@ class OnnxClassifierSource(EvidenceSource):
             side = min(w, h) * self.crop
             left, top = (w - side) / 2, (h - side) / 2
             im = im.crop((round(left), round(top), round(left + side), round(top + side)))
-        im = im.resize(self.input_size, Image.BILINEAR)
+        im = im.resize(self.input_size, Image.Resampling.BILINEAR)
         a = np.asarray(im, dtype=np.float32) * self.scale
         if self.channels == "bgr":
             a = a[:, :, ::-1]
