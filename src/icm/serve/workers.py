@@ -56,6 +56,11 @@ def serve_workers(config: ServeConfig) -> None:
     """Run ``config.workers`` worker processes behind one socket (blocking)."""
     import uvicorn
 
+    from icm.serve.store import DecisionStore
+
+    # Migrate once here, before the workers start: N processes opening a new database at the
+    # same moment would each try to create its tables (SQLite has no lock to order them).
+    DecisionStore(config.db_url()).close()
     fd, path = tempfile.mkstemp(prefix="icm-serve-", suffix=".json")
     try:
         os.fchmod(fd, 0o600)
