@@ -68,7 +68,11 @@ def main() -> int:
     print(f"{'measure':<11}" + "".join(f"{c:>22}" for c in CRITERIA))
     for m in ("offline", "embedding", "lexical"):
         row = {c.criterion: c for c in corr if c.measure == m}
-        print(f"{m:<11}" + "".join(f"{row[c].spearman:>12.4f} ({row[c].p_value:.1e})" if c in row and row[c].spearman is not None else f"{'-':>22}" for c in CRITERIA))
+        cells = (
+            f"{row[c].spearman:>12.4f} ({row[c].p_value:.1e})" if c in row and row[c].spearman is not None else f"{'-':>22}"
+            for c in CRITERIA
+        )
+        print(f"{m:<11}" + "".join(cells))
     print("offline = 0.5 * embedding cosine (all-MiniLM-L6-v2) + 0.5 * ROUGE-L F1, on a 0-100 scale")
     print(f"offline vs GPT-4o Accuracy: Spearman {next(c.spearman for c in corr if c.measure == 'offline' and c.criterion == 'accuracy'):.4f}, "
           f"95% bootstrap interval [{lo:.3f}, {hi:.3f}]")

@@ -193,7 +193,8 @@ def test_uncovered_cells_without_a_default_are_an_error_naming_a_cell(tmp_path):
     f = tmp_path / "uncovered.yaml"
     text = (TINY % ("", "")).replace("{id: square, assignment: {shape: square}", "{id: red_square, assignment: {colour: red, shape: square}")
     text = text.replace("  - name: strict\n", "  - name: strict  # ERROR no default\n")
-    text = text.replace("      - {products: [blue_circle], label: allow}", "      - {products: [blue_circle], label: allow}\n      - {products: [red, red_square], label: violate}")
+    allow_blue = "      - {products: [blue_circle], label: allow}"
+    text = text.replace(allow_blue, allow_blue + "\n      - {products: [red, red_square], label: violate}")
     f.write_text(text)
     with pytest.raises(PolicyError) as info:
         load_policy_file(f)

@@ -43,7 +43,10 @@ def generate(
     policy: str = typer.Option("icm-sexy", "--policy", "-p", help="Built-in policy name or policy YAML file."),
     mllm_model: str | None = typer.Option(None, help="The MLLM's served model name (image stages)."),
     mllm_base_url: str | None = typer.Option(None, help="The MLLM server, e.g. http://127.0.0.1:8000/v1 (default $ICM_OPENAI_BASE_URL or $OPENAI_BASE_URL)."),
-    mllm_api_key: str | None = typer.Option(None, envvar="ICM_MLLM_API_KEY", show_default=False, help="Default $ICM_MLLM_API_KEY, $ICM_OPENAI_API_KEY or $OPENAI_API_KEY."),
+    mllm_api_key: str | None = typer.Option(
+        None, envvar="ICM_MLLM_API_KEY", show_default=False,
+        help="Default $ICM_MLLM_API_KEY, $ICM_OPENAI_API_KEY or $OPENAI_API_KEY.",
+    ),
     llm_model: str | None = typer.Option(None, help="The text LLM for Q-A generation (default: the MLLM)."),
     llm_base_url: str | None = typer.Option(None, help="The LLM server (default: the MLLM's)."),
     llm_api_key: str | None = typer.Option(None, envvar="ICM_LLM_API_KEY", show_default=False, help="Default $ICM_LLM_API_KEY, else the MLLM's key."),
@@ -63,7 +66,13 @@ def generate(
     seed: int | None = typer.Option(None, help="Sampling seed sent to the servers (part of the cache key)."),
     max_image_side: int = typer.Option(1024, help="Downscale images so the longer side is at most this (0: never)."),
     cache: str | None = typer.Option(None, help="SQLite response cache (default OUT/cache.sqlite)."),
-    filters: list[str] | None = typer.Option(None, "--filters", help="Quality filters, comma-separated (default: all): empty, refusal, first_person, no_verdict, contradiction, mixed_verdict, truncated, too_short. 'none' disables."),
+    filters: list[str] | None = typer.Option(
+        None, "--filters",
+        help=(
+            "Quality filters, comma-separated (default: all): empty, refusal, first_person, no_verdict, contradiction, "
+            "mixed_verdict, truncated, too_short. 'none' disables."
+        ),
+    ),
     min_qa: int = typer.Option(1, help="Fewest usable Q-A pairs for an image to be kept."),
     limit: int | None = typer.Option(None, help="Only the first N images."),
     retry_rejected: bool = typer.Option(False, "--retry-rejected", help="Try images rejected by an earlier run again (with a new --seed or --temperature)."),
@@ -221,7 +230,10 @@ def import_icm_cmd(
     folder: Path = typer.Argument(..., help="The released ICM-Instruct folder (mc/, qa/, reason/N/)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write records.jsonl, rejected.jsonl (every failure with its reason) and report.json here."),
     policy: str = typer.Option("icm-sexy", "--policy", "-p", help="The policy whose products the categories resolve to."),
-    filters: list[str] | None = typer.Option(None, "--filter", help="Quarantine images whose explanation fails these quality filters (comma-separated), instead of only flagging them."),
+    filters: list[str] | None = typer.Option(
+        None, "--filter",
+        help="Quarantine images whose explanation fails these quality filters (comma-separated), instead of only flagging them.",
+    ),
     json_: bool = JsonOpt,
 ) -> None:
     """Read the released ICM-Instruct text into records; print how much of it parsed."""
@@ -344,8 +356,14 @@ def synth(
     general: int = typer.Option(0, help="Also write OUT/general.json: N text-only general instructions (for MSFT mixing)."),
     size: int = typer.Option(64, help="Image side in pixels."),
     seed: int = typer.Option(0, help="Seed of the drawings."),
-    generate: bool = typer.Option(False, "--generate", help="Then run the `icm data generate` pipeline on the train images against the scripted teacher (into OUT/instruct)."),
-    serve: bool = typer.Option(False, "--serve", help="Draw nothing: serve the scripted teacher (OpenAI chat API on 127.0.0.1) until Ctrl-C or --idle-timeout."),
+    generate: bool = typer.Option(
+        False, "--generate",
+        help="Then run the `icm data generate` pipeline on the train images against the scripted teacher (into OUT/instruct).",
+    ),
+    serve: bool = typer.Option(
+        False, "--serve",
+        help="Draw nothing: serve the scripted teacher (OpenAI chat API on 127.0.0.1) until Ctrl-C or --idle-timeout.",
+    ),
     port: int = typer.Option(0, help="--serve: port (0: any free one)."),
     idle_timeout: float | None = typer.Option(None, help="--serve: stop after this many seconds without a request."),
     json_: bool = JsonOpt,

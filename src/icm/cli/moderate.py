@@ -73,7 +73,13 @@ def moderate(
     out: str | None = typer.Option(None, "--out", "-o", help="JSONL file, one record per image, written as it goes."),
     resume: bool = typer.Option(False, "--resume", help="Skip images --out already holds for the same policy, rules, backend and model."),
     max_pixels: int | None = typer.Option(None, help="Refuse images above this many pixels (decompression bombs)."),
-    max_frames: int = typer.Option(16, "--max-frames", help="Frames judged per animated/multi-page image or video (all up to this, evenly spaced beyond; the worst frame decides)."),
+    max_frames: int = typer.Option(
+        16, "--max-frames",
+        help=(
+            "Frames judged per animated/multi-page image or video (all up to this, evenly spaced beyond; the worst frame "
+            "decides)."
+        ),
+    ),
     null: bool = typer.Option(False, "--null", "-0", help="With -: paths on stdin are separated by NUL bytes (find -print0), not lines."),
     fps: float = typer.Option(1.0, "--fps", help="Video: frames sampled per second, thinned evenly to --max-frames (needs the [video] extra)."),
     json_: bool = typer.Option(False, "--json", help="Print the records as JSON lines instead of a table."),
@@ -89,9 +95,15 @@ def moderate(
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data actor pool; the [ray] extra). Same records either way."),
     address: str | None = typer.Option(None, "--address", help="ray: an existing cluster (auto, ray://host:10001); default: start a local one."),
     num_actors: int = typer.Option(1, "--num-actors", help="ray: actors in the pool, each with its own backend."),
-    cpus_per_actor: float | None = typer.Option(None, "--cpus-per-actor", help="ray: CPUs per actor (default 1, less when that would leave no CPU for reading and writing)."),
+    cpus_per_actor: float | None = typer.Option(
+        None, "--cpus-per-actor",
+        help="ray: CPUs per actor (default 1, less when that would leave no CPU for reading and writing).",
+    ),
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="ray: GPUs per actor (fractions share a GPU)."),
-    threads_per_actor: int | None = typer.Option(None, "--threads-per-actor", help="ray: model threads per actor (onnxruntime, torch); default: the actor's whole CPUs, at least 1."),
+    threads_per_actor: int | None = typer.Option(
+        None, "--threads-per-actor",
+        help="ray: model threads per actor (onnxruntime, torch); default: the actor's whole CPUs, at least 1.",
+    ),
 ) -> None:
     """Moderate images with a policy and rule set; one verdict (allow / review / block) per image."""
     if not inputs:

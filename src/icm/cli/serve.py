@@ -24,9 +24,21 @@ def serve(
     config: str | None = typer.Option(None, "--config", "-c", help="YAML file of settings (ServeConfig fields); flags win."),
     host: str | None = typer.Option(None, help="Interface to listen on (default: 127.0.0.1). Without API keys only loopback is allowed."),
     port: int | None = typer.Option(None, help="TCP port (default: 8000)."),
-    allow_unauthenticated: bool | None = typer.Option(None, "--allow-unauthenticated", help="Listen beyond loopback without API keys (only behind your own auth)."),
-    api_key: list[str] | None = typer.Option(None, "--api-key", help="Where accepted API keys are: a FILE (one KEY or NAME:KEY a line, # comments) or env:VARIABLE (comma-separated); repeatable. Never the key itself (argv is visible to every user). $ICM_API_KEYS adds more."),
-    allowed_host: list[str] | None = typer.Option(None, "--allowed-host", help="Without API keys: a Host name to accept besides localhost and the loopback addresses (repeatable)."),
+    allow_unauthenticated: bool | None = typer.Option(
+        None, "--allow-unauthenticated",
+        help="Listen beyond loopback without API keys (only behind your own auth).",
+    ),
+    api_key: list[str] | None = typer.Option(
+        None, "--api-key",
+        help=(
+            "Where accepted API keys are: a FILE (one KEY or NAME:KEY a line, # comments) or env:VARIABLE "
+            "(comma-separated); repeatable. Never the key itself (argv is visible to every user). $ICM_API_KEYS adds more."
+        ),
+    ),
+    allowed_host: list[str] | None = typer.Option(
+        None, "--allowed-host",
+        help="Without API keys: a Host name to accept besides localhost and the loopback addresses (repeatable).",
+    ),
     rate_limit: int | None = typer.Option(None, help="Requests per minute per API key (per client without keys); 0: no limit (default)."),
     policy: str | None = typer.Option(None, "--policy", "-p", help="Default policy: built-in name or YAML file (default: icm-sexy)."),
     rules: str | None = typer.Option(None, "--rules", "-r", help="Default rule set of the default policy."),
@@ -58,13 +70,31 @@ def serve(
     db: str | None = typer.Option(None, help="Decision store: SQLite file or SQLAlchemy URL (default: icm-decisions.sqlite)."),
     keep_images: bool | None = typer.Option(None, "--keep-images/--no-keep-images", help="Keep images for the review page (default: keep)."),
     image_dir: str | None = typer.Option(None, help="Where kept images go (default: '<db>-images')."),
-    keep_images_days: float | None = typer.Option(None, help="Delete kept images older than this many days, at start and hourly; 0 keeps them forever (default: 30)."),
+    keep_images_days: float | None = typer.Option(
+        None,
+        help="Delete kept images older than this many days, at start and hourly; 0 keeps them forever (default: 30).",
+    ),
     purge_only: bool = typer.Option(False, "--purge-only", help="Delete kept images past --keep-images-days, then exit without serving."),
     review_page: bool | None = typer.Option(None, "--review-page/--no-review-page", help="Serve the review page at /review (default: on)."),
     log_level: str | None = typer.Option(None, help="uvicorn log level (default: info)."),
-    workers: int | None = typer.Option(None, "--workers", help="Server processes on this port, each with its own model (default: 1); share a PostgreSQL --db between them."),
-    image_url_host: list[str] | None = typer.Option(None, "--image-url-host", help="/v1/moderations: a host whose http(s) image URLs are fetched ('cdn.example.com', '*.example.com'; repeatable). Default: none (data: URLs only)."),
-    model_alias: list[str] | None = typer.Option(None, "--model-alias", help="/v1/moderations: NAME=POLICY[:RULES][,...] maps a model name such as omni-moderation-latest to policies (repeatable)."),
+    workers: int | None = typer.Option(
+        None, "--workers",
+        help="Server processes on this port, each with its own model (default: 1); share a PostgreSQL --db between them.",
+    ),
+    image_url_host: list[str] | None = typer.Option(
+        None, "--image-url-host",
+        help=(
+            "/v1/moderations: a host whose http(s) image URLs are fetched ('cdn.example.com', '*.example.com'; "
+            "repeatable). Default: none (data: URLs only)."
+        ),
+    ),
+    model_alias: list[str] | None = typer.Option(
+        None, "--model-alias",
+        help=(
+            "/v1/moderations: NAME=POLICY[:RULES][,...] maps a model name such as omni-moderation-latest to policies "
+            "(repeatable)."
+        ),
+    ),
     audit_rate: float | None = typer.Option(None, help="Share of allow and block decisions sent to the review queue for audit (default: 0)."),
     claim_seconds: float | None = typer.Option(None, help="How long a reviewer's claim on a queued item lasts (default: 300)."),
     webhook_url: str | None = typer.Option(None, help="POST signed events (block decisions, overrides) to this URL, retried until accepted."),

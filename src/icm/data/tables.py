@@ -426,7 +426,9 @@ def _kind_of_type_cell(cell: str | None) -> QAKind | None:
     if not w:
         return None
     compact = w.replace(" ", "").replace("-", "/")
-    if compact in ("yes/no", "yesno", "y/n", "yn", "boolean", "binary", "true/false", "yes/noquestion", "closed") or w.startswith(("yes/no", "yes or no", "yes-no", "boolean", "true/false")):
+    if compact in ("yes/no", "yesno", "y/n", "yn", "boolean", "binary", "true/false", "yes/noquestion", "closed") or w.startswith(
+        ("yes/no", "yes or no", "yes-no", "boolean", "true/false")
+    ):
         return "yes_no"
     if "choice" in w or w in ("mc", "mcq", "multiple", "4-choice", "abcd", "multiplechoice") or "option" in w:
         return "choice"

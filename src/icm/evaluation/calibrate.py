@@ -117,7 +117,9 @@ class CalibrationReport(BaseModel):
     n_violations: int
     n_clean: int
     re_decided: int = Field(default=0, description="Records decided again under this rule set from their evidence")
-    verdict_mismatches: int = Field(default=0, description="Records whose recorded verdict the rule does not reproduce at the thresholds they were written with")
+    verdict_mismatches: int = Field(
+        default=0, description="Records whose recorded verdict the rule does not reproduce at the thresholds they were written with"
+    )
     current: OperatingPoint
     chosen: OperatingPoint | None = None
     targets: list[TargetResult] = Field(default_factory=list)

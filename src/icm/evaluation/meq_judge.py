@@ -74,7 +74,7 @@ Score the candidate against the reference on four criteria, each an integer from
 - fluency: the candidate is clear, coherent and well written, whatever its content.
 
 Reply with one JSON object and nothing else, for example:
-{{"accuracy": 80, "preciseness": 70, "comprehensiveness": 75, "fluency": 90, "rationale": "one sentence"}}"""
+{{"accuracy": 80, "preciseness": 70, "comprehensiveness": 75, "fluency": 90, "rationale": "one sentence"}}"""  # noqa: E501 - prompt text, one criterion a line
 
 
 def judge_messages(reference: str, candidate: str, *, term: str = "sexy") -> list[dict[str, str]]:

@@ -192,8 +192,9 @@ def calibration_tables(r: CalibrationReport) -> RenderableType:
             t.add_column(col, justify="right", overflow="fold")
         for p in rows:
             star = mark is not None and (abs(p.review - mark[0]) < 1e-9 and abs(p.block - mark[1]) < 1e-9)
-            cells = [f"{fmt_threshold(p.review)}", f"{fmt_threshold(p.block)}", _pct(p.blocked_fraction, p.blocked_ci), _pct(p.reviewed_fraction, p.reviewed_ci),
-                     _pct(p.allowed_fraction, p.allowed_ci), _rate(p.block_precision, p.block_precision_ci, p.blocked_violating, p.blocked),
+            cells = [f"{fmt_threshold(p.review)}", f"{fmt_threshold(p.block)}", _pct(p.blocked_fraction, p.blocked_ci),
+                     _pct(p.reviewed_fraction, p.reviewed_ci), _pct(p.allowed_fraction, p.allowed_ci),
+                     _rate(p.block_precision, p.block_precision_ci, p.blocked_violating, p.blocked),
                      _rate(p.allow_miss, p.allow_miss_ci, p.missed, p.violations)]
             t.add_row(*(f"[bold]{c}[/bold]" for c in cells) if star else cells)
         return t

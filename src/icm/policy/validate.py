@@ -94,7 +94,8 @@ def check_policy(policy: Policy) -> list[Issue]:
                 err(("products", i, "assignment", attr), f"product {p.id!r} uses unknown attribute {attr!r} (known: {', '.join(attrs)})")
                 ok = False
             elif value not in attrs[attr]:
-                err(("products", i, "assignment", attr), f"product {p.id!r} uses unknown value {value!r} of attribute {attr!r} (known: {', '.join(sorted(attrs[attr]))})")
+                known = ", ".join(sorted(attrs[attr]))
+                err(("products", i, "assignment", attr), f"product {p.id!r} uses unknown value {value!r} of attribute {attr!r} (known: {known})")
                 ok = False
             else:
                 used[attr].add(value)
@@ -154,9 +155,11 @@ def _check_grid(policy: Policy) -> list[Issue]:
 
     n = grid_size(policy)
     if n > MAX_CELLS:
-        return [Issue("error", ("attributes",), f"the attribute grid has {n} cells (one value per attribute), more than {MAX_CELLS}: use fewer attributes or values")]
+        return [Issue("error", ("attributes",),
+                      f"the attribute grid has {n} cells (one value per attribute), more than {MAX_CELLS}: use fewer attributes or values")]
     if grid_work(policy) > MAX_WORK:
-        return [Issue("error", ("products",), f"{len(policy.products)} products over a grid of {n} cells are too many to map (more than {MAX_WORK} cell visits)")]
+        return [Issue("error", ("products",),
+                      f"{len(policy.products)} products over a grid of {n} cells are too many to map (more than {MAX_WORK} cell visits)")]
     grid = policy.grid
     issues: list[Issue] = []
     products = policy.products
