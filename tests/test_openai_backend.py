@@ -397,9 +397,11 @@ def test_concurrency_is_bounded_by_max_concurrency(fake: FakeOpenAIServer, make_
 def test_ask_sends_everything_in_one_pass_encoding_each_image_once(
     fake: FakeOpenAIServer, make_backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake.default = Reply(json=vllm_logprobs_body([("Yes", -0.1), ("No", -2.4)]), delay=0.2)
-    fake.script("ask-c", Reply(json=vllm_logprobs_body([("C", -0.1), ("B", -2.4)]), delay=0.2))
-    backend = make_backend(max_concurrency=16)
+    # Each reply is held 1 s, so all nine requests overlap even on a loaded machine (at 0.2 s and a
+    # 2 s client timeout, a busy CI box once saw a request retried and the overlap cut to eight).
+    fake.default = Reply(json=vllm_logprobs_body([("Yes", -0.1), ("No", -2.4)]), delay=1.0)
+    fake.script("ask-c", Reply(json=vllm_logprobs_body([("C", -0.1), ("B", -2.4)]), delay=1.0))
+    backend = make_backend(max_concurrency=16, timeout=30.0)
     encoded: list[int] = []
     real_encode = backend._encode
     monkeypatch.setattr(backend, "_encode", lambda image: encoded.append(id(image)) or real_encode(image))
