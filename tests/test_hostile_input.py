@@ -363,7 +363,7 @@ def _as_another_user(fn: Callable[[], object]) -> object:
             os.setgid(65534)
             os.setuid(65534)
             os.write(w, json.dumps(fn()).encode())
-        except BaseException:  # noqa: BLE001
+        except BaseException:  # noqa: BLE001 - a forked child: nothing may unwind past os._exit
             code = 1
         finally:
             os._exit(code)

@@ -261,7 +261,7 @@ def test_base_install_alone_imports_icm_and_moderates():
                     code = returned if isinstance(returned, int) else 0
                 except SystemExit as exc:
                     code = exc.code
-                except Exception as exc:
+                except Exception as exc:  # reported to the test, which names the command that crashed
                     code = f"{type(exc).__name__}: {exc}"
                 code = getattr(code, "exit_code", code)
             result["cli"][name] = {"code": code, "out": out.getvalue(), "err": err.getvalue()}

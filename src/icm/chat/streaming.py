@@ -88,7 +88,7 @@ def _whole(backend: Backend, image: Image.Image, messages: Sequence[Message], sa
             kwargs[name] = value
     try:
         texts = backend.generate([image], [list(messages)], **kwargs)
-    except Exception as exc:
+    except Exception as exc:  # any backend failure is reported to the chat as one error
         raise ChatBackendError(f"{backend.name} backend failed: {type(exc).__name__}: {exc}") from exc
     text = (texts[0] if texts else None) or ""
     if text:
@@ -147,7 +147,7 @@ def _hf_stream(backend: Any, image: Image.Image, messages: Sequence[Message], sa
                 backend.model.generate(**enc, **kwargs)
     except KeyboardInterrupt:
         raise
-    except Exception as exc:
+    except Exception as exc:  # any failure of generate() is reported to the chat as one error
         raise ChatBackendError(f"generation failed: {type(exc).__name__}: {exc}") from exc
     return "".join(pieces).strip()
 

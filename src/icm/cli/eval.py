@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from rich.text import Text
 
 from icm.cli import backend_options as bo
@@ -32,7 +31,7 @@ def _fail(msg: object, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _emit(summaries: list, *, json_: bool, out: Optional[Path], html: Optional[Path]) -> None:
+def _emit(summaries: list, *, json_: bool, out: Path | None, html: Path | None) -> None:
     from icm.evaluation.report import write_html
     from icm.evaluation.tables import summary_tables
 
@@ -59,7 +58,7 @@ def _emit(summaries: list, *, json_: bool, out: Optional[Path], html: Optional[P
         console.print(f"report: {html}" if len(summaries) == 1 else f"reports next to {html}", highlight=False)
 
 
-def _load_policy(name: str):  # noqa: ANN202
+def _load_policy(name: str):
     from icm.policy import load_policy
 
     try:
@@ -74,11 +73,23 @@ def _load_policy(name: str):  # noqa: ANN202
 @app.command("icm")
 def icm_cmd(
     results: Path = typer.Argument(..., help="Results: JSONL from `icm moderate`, or the paper's JSON (image_name, sexy_score, ...)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Labels file (CSV/JSON/JSONL: image, path or sha256 + label, category or product) or a folder of violate/ and allow/ (or category) sub-folders. Default: categories from the file names."),
+    labels: Path | None = typer.Option(
+        None, "--labels", "-l",
+        help=(
+            "Labels file (CSV/JSON/JSONL: image, path or sha256 + label, category or product) or a folder of violate/ and "
+            "allow/ (or category) sub-folders. Default: categories from the file names."
+        ),
+    ),
     policy: str = typer.Option("icm-sexy", "--policy", "-p", help="Policy that resolves categories to products."),
-    rules: Optional[str] = typer.Option(None, "--rules", "-r", help="Rule set that labels the products (default: the policy's)."),
+    rules: str | None = typer.Option(None, "--rules", "-r", help="Rule set that labels the products (default: the policy's)."),
     target: str = typer.Option("rules", help="rules: positive when the rule set says violate; term: positive when the product is the term."),
-    score: str = typer.Option("auto", help="auto: P(violation) under the rule set (re-decided from the evidence); term: P(term); recorded: P(violation) as recorded."),
+    score: str = typer.Option(
+        "auto",
+        help=(
+            "auto: P(violation) under the rule set (re-decided from the evidence); term: P(term); recorded: P(violation) "
+            "as recorded."
+        ),
+    ),
     threshold: float = typer.Option(0.5, "--threshold", "-t", help="Flag when score >= threshold."),
     protocol: str = typer.Option("image", help="image: each image once (default); paper: the published script's figure, double counting included."),
     sweep_step: float = typer.Option(0.05, help="Step of the threshold sweep."),
@@ -86,14 +97,15 @@ def icm_cmd(
     confidence: float = ConfidenceOpt,
     bootstrap: int = BootstrapOpt,
     seed: int = SeedOpt,
-    name: Optional[str] = NameOpt,
-    out: Optional[Path] = OutOpt,
-    html: Optional[Path] = HtmlOpt,
+    name: str | None = NameOpt,
+    out: Path | None = OutOpt,
+    html: Path | None = HtmlOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """ICM accuracy, precision, recall, F1, confusion, per category, ROC/PR with AUC and a threshold sweep.
 
-    Failed and not-judged images are counted: coverage is the share judged, strict accuracy counts them wrong. Every proportion has a Wilson interval, AUC a bootstrap interval.
+    Failed and not-judged images are counted: coverage is the share judged, strict accuracy counts them wrong.
+    Every proportion has a Wilson interval, AUC a bootstrap interval.
     """
     from icm.evaluation.icm_metrics import evaluate_icm
     from icm.evaluation.labels import LabelResolver, read_labels
@@ -128,13 +140,13 @@ def icm_cmd(
 @app.command("mqa")
 def mqa_cmd(
     sources: list[Path] = typer.Argument(None, help="The paper's MQA folder (mc_gt.txt, openqa_gt.txt, eval_mc_data/, eval_qa_data/) or JSONL Q-A records."),
-    mc: Optional[tuple[Path, Path]] = typer.Option(None, "--mc", help="Multiple-choice TRUTH and PREDICTION files in the paper's two-line format."),
-    yes_no: Optional[tuple[Path, Path]] = typer.Option(None, "--yn", help="Yes/no TRUTH and PREDICTION files in the paper's two-line format."),
-    model: Optional[str] = typer.Option(None, "--model", help="Only this model's answers in the paper's folder."),
+    mc: tuple[Path, Path] | None = typer.Option(None, "--mc", help="Multiple-choice TRUTH and PREDICTION files in the paper's two-line format."),
+    yes_no: tuple[Path, Path] | None = typer.Option(None, "--yn", help="Yes/no TRUTH and PREDICTION files in the paper's two-line format."),
+    model: str | None = typer.Option(None, "--model", help="Only this model's answers in the paper's folder."),
     confidence: float = ConfidenceOpt,
-    name: Optional[str] = NameOpt,
-    out: Optional[Path] = OutOpt,
-    html: Optional[Path] = HtmlOpt,
+    name: str | None = NameOpt,
+    out: Path | None = OutOpt,
+    html: Path | None = HtmlOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """Moderation Q-A accuracy (first letter of the answer): multiple-choice, yes/no and all."""
@@ -170,25 +182,31 @@ def mqa_cmd(
 
 @app.command("meq")
 def meq_cmd(
-    judgements: Optional[Path] = typer.Option(None, "--judgements", help="Folder of existing judgements (the paper's files): parse and average them."),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference explanations: two-line file (image, text) or JSONL (path/image + explanation)."),
-    candidate: Optional[Path] = typer.Option(None, "--candidate", help="The model's explanations: two-line file or `icm moderate --explain` records."),
-    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge with this model on an OpenAI-compatible server."),
-    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="The judge's API root (default $ICM_JUDGE_BASE_URL, $OPENAI_BASE_URL or OpenAI's)."),
+    judgements: Path | None = typer.Option(None, "--judgements", help="Folder of existing judgements (the paper's files): parse and average them."),
+    reference: Path | None = typer.Option(None, "--reference", help="Reference explanations: two-line file (image, text) or JSONL (path/image + explanation)."),
+    candidate: Path | None = typer.Option(None, "--candidate", help="The model's explanations: two-line file or `icm moderate --explain` records."),
+    judge_model: str | None = typer.Option(None, "--judge-model", help="Judge with this model on an OpenAI-compatible server."),
+    judge_base_url: str | None = typer.Option(
+        None, "--judge-base-url",
+        help="The judge's API root (default $ICM_JUDGE_BASE_URL, $OPENAI_BASE_URL or OpenAI's).",
+    ),
     concurrency: int = typer.Option(8, help="Judge requests in flight at once."),
     timeout: float = typer.Option(120.0, help="Seconds per judge request."),
     retries: int = typer.Option(4, help="Retries of a failed judge request (connection errors, timeouts, 429, 5xx)."),
-    cache: Optional[Path] = typer.Option(None, help="SQLite cache of judge replies (default ~/.cache/icm/judge.sqlite)."),
+    cache: Path | None = typer.Option(None, help="SQLite cache of judge replies (default ~/.cache/icm/judge.sqlite)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the judge cache."),
     json_mode: bool = typer.Option(False, "--json-mode", help="Ask the judge server for a JSON object (response_format)."),
     term: str = typer.Option("sexy", help="The moderation term the explanations are about (in the judge prompt)."),
-    offline: Optional[bool] = typer.Option(None, "--offline/--no-offline", help="Compute the offline metric (default: when there is no judge, and with --judgements)."),
+    offline: bool | None = typer.Option(
+        None, "--offline/--no-offline",
+        help="Compute the offline metric (default: when there is no judge, and with --judgements).",
+    ),
     offline_metric: str = typer.Option("combined", help="combined (embedding + ROUGE-L), embedding or lexical (no extra package)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N explanations."),
+    limit: int | None = typer.Option(None, help="Only the first N explanations."),
     confidence: float = ConfidenceOpt,
-    name: Optional[str] = NameOpt,
-    out: Optional[Path] = OutOpt,
-    html: Optional[Path] = HtmlOpt,
+    name: str | None = NameOpt,
+    out: Path | None = OutOpt,
+    html: Path | None = HtmlOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """Explanation quality: parse existing judgements, ask a judge, or score offline (no network)."""
@@ -247,7 +265,7 @@ def meq_cmd(
                     _fail(exc)
                 rep.notes.append(f"offline metric skipped: {exc}")
             else:
-                by_id = dict(zip((p.id for p in pairs), scores))
+                by_id = dict(zip((p.id for p in pairs), scores, strict=True))
                 for it in rep.items:
                     it.offline = by_id.get(it.id)
                 rep.offline = summarize(scores, offline_metric)  # type: ignore[arg-type]
@@ -273,9 +291,9 @@ def meq_cmd(
 def run_cmd(
     dataset: Path = typer.Argument(..., help="Evaluation set: a folder of images (truth from names or --labels) or a manifest (JSONL)."),
     out_dir: Path = typer.Option(Path("eval-run"), "--out-dir", "-o", help="Folder for records.jsonl, qa.jsonl, summary.json, report.html."),
-    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Labels file (image + label, category or product)."),
+    labels: Path | None = typer.Option(None, "--labels", "-l", help="Labels file (image + label, category or product)."),
     policy: str = typer.Option("icm-sexy", "--policy", "-p"),
-    rules: Optional[str] = typer.Option(None, "--rules", "-r"),
+    rules: str | None = typer.Option(None, "--rules", "-r"),
     target: str = typer.Option("rules", help="rules or term (see `icm eval icm --help`)."),
     backend: bo.BackendOpt = "detector",
     model: bo.ModelOpt = None,
@@ -297,9 +315,9 @@ def run_cmd(
     explain: bool = typer.Option(True, "--explain/--no-explain", help="Ask for explanations where the set has reference explanations."),
     qa: bool = typer.Option(True, "--qa/--no-qa", help="Ask the set's moderation questions."),
     offline_metric: str = typer.Option("combined", help="Offline explanation metric: combined, embedding, lexical or none."),
-    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Also judge explanations with this model."),
-    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url"),
-    name: Optional[str] = NameOpt,
+    judge_model: str | None = typer.Option(None, "--judge-model", help="Also judge explanations with this model."),
+    judge_base_url: str | None = typer.Option(None, "--judge-base-url"),
+    name: str | None = NameOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """Moderate an evaluation set (and answer its questions, and explain), then score it all in one go."""
@@ -319,7 +337,8 @@ def run_cmd(
         )
         cfg = EvalRunConfig(
             dataset=str(dataset), name=name, out_dir=str(out_dir), labels=str(labels) if labels else None, policy=policy, rules=rules,
-            target=target, backend_spec=spec, threshold=threshold, protocol=protocol, confidence=confidence, bootstrap=bootstrap, explain=explain, qa=qa, offline_metric=offline_metric,
+            target=target, backend_spec=spec, threshold=threshold, protocol=protocol, confidence=confidence, bootstrap=bootstrap,
+            explain=explain, qa=qa, offline_metric=offline_metric,
             judge=JudgeConfig(model=judge_model, **({"base_url": judge_base_url} if judge_base_url else {})) if judge_model else None,
         )
     except ValueError as exc:
@@ -345,22 +364,34 @@ def run_cmd(
 @app.command("calibrate")
 def calibrate_cmd(
     results: Path = typer.Argument(..., help="Results: the JSONL that `icm moderate --out` writes."),
-    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Truth per image: CSV/JSON/JSONL (image, path, file name or sha256 + label violate/allow, category or product), or a folder of violate/ and allow/ (or category) sub-folders. Default: categories from the file names."),
-    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Built-in policy or policy YAML file (default: the one the records name)."),
-    rules: Optional[str] = typer.Option(None, "--rules", "-r", help="Rule set to calibrate (default: the one the records were decided under)."),
-    block_precision: Optional[float] = typer.Option(None, "--block-precision", help="Target: of the images blocked, at least this share truly violates (e.g. 0.95)."),
-    allow_miss: Optional[float] = typer.Option(None, "--allow-miss", help="Target: of the true violations, at most this share is allowed (e.g. 0.01)."),
+    labels: Path | None = typer.Option(
+        None, "--labels", "-l",
+        help=(
+            "Truth per image: CSV/JSON/JSONL (image, path, file name or sha256 + label violate/allow, category or "
+            "product), or a folder of violate/ and allow/ (or category) sub-folders. Default: categories from the file "
+            "names."
+        ),
+    ),
+    policy: str | None = typer.Option(None, "--policy", "-p", help="Built-in policy or policy YAML file (default: the one the records name)."),
+    rules: str | None = typer.Option(None, "--rules", "-r", help="Rule set to calibrate (default: the one the records were decided under)."),
+    block_precision: float | None = typer.Option(
+        None, "--block-precision",
+        help="Target: of the images blocked, at least this share truly violates (e.g. 0.95).",
+    ),
+    allow_miss: float | None = typer.Option(None, "--allow-miss", help="Target: of the true violations, at most this share is allowed (e.g. 0.01)."),
     by: str = typer.Option("point", "--by", help="point: targets on the point estimates; bound: on the whole Wilson interval (safer with little data)."),
     min_blocked: int = typer.Option(1, "--min-blocked", help="A block threshold must block at least this many images to count for the precision target."),
     confidence: float = ConfidenceOpt,
     step: float = typer.Option(0.05, "--step", help="Step of the threshold tables."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Policy file to write (default: <policy>-<rules>-calibrated.yaml)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Policy file to write (default: <policy>-<rules>-calibrated.yaml)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the tables; write no policy file."),
     json_: bool = JsonOpt,
 ) -> None:
     """Choose a rule set's review/block thresholds for the targets you name, from labelled results.
 
-    Prints the trade-off tables (blocked / reviewed / allowed fractions, block precision and allow miss rate with Wilson intervals) and writes the policy with the new thresholds, for `icm moderate --policy FILE`. Exit 1 when a target cannot be met (nothing written).
+    Prints the trade-off tables (blocked / reviewed / allowed fractions, block precision and allow miss rate with Wilson
+    intervals) and writes the policy with the new thresholds, for `icm moderate --policy FILE`. Exit 1 when a target cannot
+    be met (nothing written).
     """
     from icm.evaluation.calibrate import CalibrationError, calibrate, write_override
     from icm.evaluation.labels import LabelResolver, read_labels
@@ -391,7 +422,7 @@ def calibrate_cmd(
         _fail(exc.args[0] if exc.args else exc)
     except (CalibrationError, ValueError) as exc:
         _fail(exc)
-    written: Optional[Path] = None
+    written: Path | None = None
     if report.ok and not dry_run:
         target = out or Path(f"{pol.name}-{report.rules}-calibrated.yaml")
         try:
@@ -418,7 +449,7 @@ def calibrate_cmd(
 @app.command("compare")
 def compare_cmd(
     summaries: list[Path] = typer.Argument(..., help="JSON summaries written with --out (or summary.json of `icm eval run`)."),
-    html: Optional[Path] = HtmlOpt,
+    html: Path | None = HtmlOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """Runs side by side: every metric any of them has, the best of each in bold."""

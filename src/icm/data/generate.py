@@ -340,7 +340,7 @@ class Generator:
                     return
                 try:
                     await handle(sample)
-                except Exception as exc:
+                except Exception as exc:  # one image's bug is its failure record; the other workers go on
                     log.exception("unexpected error on %s", sample.path)
                     summary.failed += 1
                     summary.failures.append(Failure(image=str(sample.path), stage="internal", error=f"{type(exc).__name__}: {exc}"))

@@ -113,7 +113,7 @@ def load_embedder(model_path: str | None = None):
         raise OfflineMetricUnavailable(f"no sentence-transformers model folder at {model_path}")
     try:
         return SentenceTransformer(model_path, device="cpu", local_files_only=True)
-    except Exception as exc:
+    except Exception as exc:  # whatever the loader raises, the metric is unavailable: said so, with the cause
         raise OfflineMetricUnavailable(f"cannot load the embedding model at {model_path}: {exc}") from exc
 
 

@@ -19,8 +19,9 @@ question and writes no explanation) are skipped with a note, never scored as zer
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -180,7 +181,7 @@ def answer_questions(backend: Any, ds: EvalDataset, *, max_new_tokens: int = 16,
                             answers[i], sources[i] = ("Yes" if ys.p_yes >= 0.5 else "No"), "score_yes_no"
         except Exception as exc:  # noqa: BLE001 - one image's failure is recorded, the run goes on
             errors = [f"{type(exc).__name__}: {exc}"] * len(it.qa)
-        for q, a, s, e in zip(it.qa, answers, sources, errors):
+        for q, a, s, e in zip(it.qa, answers, sources, errors, strict=True):
             out.append(QARecord(**base, kind=q.resolved_kind, question=q.question, options=q.options, truth=q.answer,
                                 answer=a, answer_source=s, error=e))
         if on_image:
@@ -293,7 +294,7 @@ def _run_records(path: Path, inputs: set[str], mod: Any) -> dict[str, Any]:
     return {r.path: r for r in recs if r.path in inputs and (r.policy, r.rules, r.backend, r.model) == key}
 
 
-def _score_explanations(pairs: list[ExplanationPair], config: EvalRunConfig, name: str, stage: Callable[[str], None]):  # noqa: ANN202
+def _score_explanations(pairs: list[ExplanationPair], config: EvalRunConfig, name: str, stage: Callable[[str], None]):
     offline = None
     if config.offline_metric != "none":
         stage(f"offline explanation metric on {len(pairs)} explanations")
@@ -309,7 +310,7 @@ def _score_explanations(pairs: list[ExplanationPair], config: EvalRunConfig, nam
     else:
         rep = aggregate([MEQItem(id=p.id) for p in pairs], name=name, source="records.jsonl", mode="offline", judged=False)
     if offline is not None:
-        for it, s in zip(rep.items, offline):
+        for it, s in zip(rep.items, offline, strict=True):
             it.offline = s
         rep.offline = summarize(offline, config.offline_metric)  # type: ignore[arg-type]
         if config.judge is not None:

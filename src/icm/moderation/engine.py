@@ -229,7 +229,7 @@ class Moderator:
         for im, ans in zip(images, answers, strict=True):
             try:
                 records.append(self._record(backend, im, ans, model_ms))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - one image's odd answers are its error record; the batch goes on
                 records.append(self.error_record(im.source, f"could not interpret the {backend.name} backend's answers: {exc}", im))
         if self.explain and backend.supports("generate"):
             self._add_explanations(backend, images, records)

@@ -204,7 +204,7 @@ def load_image(
         raise ImageLoadError(source, _describe_non_image(data)) from exc
     except MemoryError as exc:
         raise ImageLoadError(source, "not enough memory to open it") from exc
-    except Exception as exc:
+    except Exception as exc:  # Pillow's plugins raise anything (SyntaxError, struct.error, ...): one image's error
         raise ImageLoadError(source, f"the file header is corrupt ({_cause(exc)})") from exc
 
     with decode_errors(source, "the file could not be decoded"):
@@ -304,7 +304,7 @@ def _decode(im: Image.Image, source: str, what: str) -> None:
         raise ImageLoadError(source, f"refused to decode a possible decompression bomb ({exc})") from exc
     except MemoryError as exc:
         raise ImageLoadError(source, "not enough memory to decode it") from exc
-    except Exception as exc:
+    except Exception as exc:  # any decoder failure is this image's error, never the batch's
         raise ImageLoadError(source, f"{what} ({_cause(exc)})") from exc
 
 
@@ -348,7 +348,7 @@ def _frame_views(
                 ) from exc
             except MemoryError as exc:
                 raise ImageLoadError(source, "not enough memory to decode it") from exc
-            except Exception as exc:
+            except Exception as exc:  # any decoder failure is this image's error, never the batch's
                 raise ImageLoadError(source, f"frame {k} of {frames} is corrupt ({_cause(exc)})") from exc
             at = k
             w, h = im.size
@@ -455,7 +455,7 @@ def decode_errors(source: str, failure: str) -> Iterator[None]:
         raise
     except MemoryError as exc:
         raise ImageLoadError(source, "not enough memory to decode it") from exc
-    except Exception as exc:
+    except Exception as exc:  # the point of decode_errors: any decoder failure becomes ImageLoadError
         raise ImageLoadError(source, f"{failure} ({_cause(exc)})") from exc
 
 
@@ -519,7 +519,7 @@ def _to_rgb_views(im: Image.Image, source: str, notes: list[str]) -> list[tuple[
     if im.mode in _ALPHA_MODES or "transparency" in im.info:
         try:
             rgba = im.convert("RGBA")
-        except Exception as exc:
+        except Exception as exc:  # a mode Pillow cannot convert: this image's error
             raise ImageLoadError(source, f"unsupported colour mode {im.mode!r} ({_cause(exc)})") from exc
         alpha = np.asarray(rgba.getchannel("A"))
         clear = float((alpha < 255).mean()) if alpha.size else 0.0
@@ -552,7 +552,7 @@ def _to_rgb(im: Image.Image, source: str, notes: list[str]) -> Image.Image:
         return _cmyk_to_rgb(im, notes)
     try:
         return im.convert("RGB")
-    except Exception as exc:
+    except Exception as exc:  # a mode Pillow cannot convert: this image's error
         raise ImageLoadError(source, f"unsupported colour mode {mode!r} ({_cause(exc)})") from exc
 
 

@@ -162,7 +162,7 @@ def load_video(
     try:
         try:
             container = av.open(stream, mode="r")
-        except Exception as exc:
+        except Exception as exc:  # PyAV's errors and FFmpeg's: this file's error, never the batch's
             raise ImageLoadError(source, f"not a readable video ({_cause(exc)})") from exc
         try:
             with decode_errors(source, "the video is corrupt or truncated"):

@@ -187,7 +187,7 @@ class DynamicBatcher(Generic[T, R]):
                 if not p.future.done():
                     p.future.set_exception(BatcherClosed("the server is shutting down"))
             raise
-        except Exception as exc:
+        except Exception as exc:  # the failure goes to every waiting request, the batcher keeps running
             log.exception("batch of %d failed", len(live))
             for p in live:
                 if not p.future.done():
@@ -199,7 +199,7 @@ class DynamicBatcher(Generic[T, R]):
             if self.on_batch is not None:
                 try:
                     self.on_batch(len(live), time.perf_counter() - t0)
-                except Exception:
+                except Exception:  # a metrics hook must not fail the batch's requests
                     log.debug("on_batch hook failed", exc_info=True)
         for p, r in zip(live, results, strict=True):
             if not p.future.done():

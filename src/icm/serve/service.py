@@ -167,7 +167,7 @@ class Service:
         for thing in self.owned:
             try:
                 thing.close()
-            except Exception:
+            except Exception:  # best-effort shutdown: one resource failing to close must not keep the others open
                 log.debug("closing %r failed", thing, exc_info=True)
 
 

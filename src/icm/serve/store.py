@@ -23,10 +23,11 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from icm.moderation.record import ModerationRecord
 
@@ -191,7 +192,7 @@ class DecisionStore:
         """The URL without its password."""
         try:
             return sa.engine.make_url(self.url).render_as_string(hide_password=True)
-        except Exception:  # noqa: BLE001
+        except (sa.exc.ArgumentError, ValueError):  # a URL SQLAlchemy cannot parse: hide what looks like a password
             return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", self.url)
 
     def ping(self) -> bool:
@@ -199,7 +200,7 @@ class DecisionStore:
             with self.engine.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
             return True
-        except Exception:  # noqa: BLE001
+        except (sa.exc.SQLAlchemyError, OSError):  # the driver's errors arrive wrapped as DBAPIError
             return False
 
     def close(self) -> None:

@@ -65,7 +65,7 @@ def _processor_class_name(model: str, **kwargs: Any) -> str | None:
         config = AutoConfig.from_pretrained(model, **kwargs)
         name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
         return name if isinstance(name, str) else None
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - the class name is a hint only: without it the stock loader decides
         return None
 
 
@@ -95,7 +95,7 @@ def load_processor(model: str, processor_class: str | type | None = None, **kwar
     try:
         loader = base if base is not None else AutoProcessor
         return loader.from_pretrained(model, **kwargs), False
-    except Exception as err:
+    except Exception as err:  # re-raised below unless the image-only processor loads
         name = base.__name__ if base is not None else _processor_class_name(model, **kwargs)
         if base is None and name:
             try:
@@ -107,7 +107,7 @@ def load_processor(model: str, processor_class: str | type | None = None, **kwar
         try:
             # classes are hashable; mypy does not see type[Any] as typeshed's Hashable (lru_cache's key)
             processor = image_only_processor_class(base).from_pretrained(model, **kwargs)  # type: ignore[arg-type]
-        except Exception as second:
+        except Exception as second:  # the first error is the one to report
             raise err from second
         logger.info("loaded %s without its video processor (%s: %s)", name, type(err).__name__, err)
         return processor, True

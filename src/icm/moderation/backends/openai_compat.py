@@ -299,7 +299,7 @@ class OpenAIBackend(Backend):
             return  # nothing opened on the backend's loop yet (or we are on it: the old client is left to the GC)
         try:
             self._runner.run(old.aclose())
-        except Exception:
+        except Exception:  # best effort: the old client is being replaced either way
             log.debug("closing the old client failed", exc_info=True)
 
     @property

@@ -51,7 +51,7 @@ async def json_body(request: Request) -> object:
         return await request.json()
     except (APIError, ClientDisconnect):
         raise
-    except Exception as exc:  # noqa: BLE001
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
         raise APIError(400, "bad_json", f"the body is not valid JSON ({type(exc).__name__}: {exc})") from None
 
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
@@ -145,7 +145,7 @@ async def submit(svc: Service, job: Job) -> Outcome:
             503, "backend_unavailable", "the model backend is misconfigured or unreachable (see the server log)",
             headers={"Retry-After": "30"},
         ) from None
-    except Exception as exc:
+    except Exception as exc:  # any other failure is this request's 503, logged in full
         log.exception("batch failed: %s: %s", type(exc).__name__, exc)
         raise APIError(
             503, "store_failed", "the decision could not be made or stored (see the server log)",
@@ -254,7 +254,7 @@ async def _from_json(svc: Service, request: Request) -> tuple[bytes, str, str | 
     raw = await json_body(request)
     try:
         body = ModerateJSON.model_validate(raw)
-    except Exception as exc:  # noqa: BLE001
+    except ValidationError as exc:
         raise APIError(422, "bad_request", f"invalid request: {exc}") from None
     if (body.image_base64 is None) == (body.path is None):
         raise APIError(422, "missing_image", "give exactly one of 'image_base64' and 'path'")

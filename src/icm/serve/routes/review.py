@@ -228,7 +228,7 @@ def media_type(data: bytes) -> str:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return FORMAT_MEDIA_TYPES.get(im.format or "", "application/octet-stream")
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - Pillow raises anything on a corrupt header; the bytes are still served
         return "application/octet-stream"
 
 
