@@ -80,7 +80,10 @@ def test_icm_sexy_contains_the_papers_33_combinations(seed_dir):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 33
     sources = {p.source.split('"')[1]: p for p in policy.products if p.source and p.source.startswith("rule_definition.csv")}
-    norm = lambda s: s.replace("\u2019", "'").strip()  # noqa: E731
+
+    def norm(s: str) -> str:
+        return s.replace("\u2019", "'").strip()
+
     for row in rows:
         product = sources[row["Attribute combination"]]
         assert norm(product.description).rstrip(".") == norm(row["Explicit description"]).rstrip(".")

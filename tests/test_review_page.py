@@ -40,7 +40,7 @@ CHROME_FLAGS = (
 
 def _browser() -> tuple[str, str]:
     try:
-        import selenium  # noqa: F401
+        import selenium  # noqa: F401 - only whether it imports
     except ImportError:
         pytest.skip("browser tests need the selenium package (pip install selenium)")
     binary = next(

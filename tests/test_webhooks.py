@@ -97,7 +97,10 @@ def test_a_receiver_that_is_down_then_failing_gets_each_event_exactly_once(tmp_p
         red1, red2 = moderate((255, 0, 0), "r1.png"), moderate((250, 10, 0), "r2.png")
         blue = moderate((0, 0, 255), "b.png")
         assert (red1["record"]["verdict"], red2["record"]["verdict"], blue["record"]["verdict"]) == ("block", "block", "allow")
-        review = lambda did, verdict: httpx.post(f"{base}/v1/decisions/{did}/reviews", json={"verdict": verdict, "reviewer": "ann", "note": "checked"})  # noqa: E731
+
+        def review(did: int, verdict: str) -> httpx.Response:
+            return httpx.post(f"{base}/v1/decisions/{did}/reviews", json={"verdict": verdict, "reviewer": "ann", "note": "checked"})
+
         assert review(blue["decision_id"], "block").json()["action"] == "override"  # an event
         assert review(red1["decision_id"], "block").json()["action"] == "confirm"  # no event
         _wait(lambda: len(store.events()) == 3 and all(e["attempts"] >= 2 for e in store.events()))

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from icm.cli.common import console, err_console, print_json
+from icm.cli.serve import export_reviews as _export_reviews
 from icm.policy import PolicyError
 
 app = typer.Typer(help="ICM-Instruct data: generate with your models, import the released data, export for trainers.",
@@ -450,8 +451,6 @@ def mix(
 
 
 # Reviewers' decisions from `icm serve` become training records for continued tuning (CSFT).
-from icm.cli.serve import export_reviews as _export_reviews  # noqa: E402
-
 app.command("export-reviews")(_export_reviews)
 
 

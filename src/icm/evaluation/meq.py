@@ -157,7 +157,10 @@ def split_judgement(text: str) -> tuple[str | None, str | None, str | None, str]
             sections[current].append(line)
     if "reply" not in sections:  # no headers: the whole file is the reply
         return image, None, None, text
-    get = lambda k: "\n".join(sections[k]).strip() if k in sections else None  # noqa: E731
+
+    def get(k: str) -> str | None:
+        return "\n".join(sections[k]).strip() if k in sections else None
+
     return image, get("human"), get("algorithm"), get("reply") or ""
 
 

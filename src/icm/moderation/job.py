@@ -136,7 +136,10 @@ def _prepare_output(c: ModerateConfig, mod: Moderator) -> tuple[TextIO | None, d
     out.parent.mkdir(parents=True, exist_ok=True)
     done: dict[str, ModerationRecord] = {}
     mine = (mod.policy.name, mod.policy_digest, mod.rule_set.name, mod.backend_name, mod.model_id)
-    same = lambda r: (r.policy, r.policy_digest, r.rules, r.backend, r.model) == mine  # noqa: E731
+
+    def same(r: ModerationRecord) -> bool:
+        return (r.policy, r.policy_digest, r.rules, r.backend, r.model) == mine
+
     from icm.moderation.parquet import is_parquet_path, open_parquet_output
 
     if is_parquet_path(out):  # *.parquet: a folder of part files (icm.moderation.parquet)

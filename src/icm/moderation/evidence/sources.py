@@ -261,7 +261,7 @@ class OnnxClassifierSource(EvidenceSource):
 
     def unavailable_reason(self) -> str | None:
         try:
-            import onnxruntime  # noqa: F401
+            import onnxruntime  # noqa: F401 - only whether it imports
         except ImportError:
             return "onnxruntime is not installed"
         path = self.resolved_path()
