@@ -139,6 +139,7 @@ async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
             (fut.set_result if ok else fut.set_exception)(value)
 
     def main() -> None:
+        value: Any  # the result, or the exception for the awaiting coroutine
         try:
             res = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine

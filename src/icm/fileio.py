@@ -42,7 +42,7 @@ class JSONLError(ValueError):
         self.reason = reason
 
 
-class JSONLRows(list, Generic[T]):  # type: ignore[type-arg]
+class JSONLRows(list, Generic[T]):
     """The values read, in file order, with ``lines`` (the line number of each) and
     ``errors`` (the lines skipped, only with ``skip_bad=True``)."""
 

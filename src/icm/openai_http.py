@@ -278,7 +278,7 @@ def _sdk_client_class() -> type:
     if _SDK_CLASS is None:
         from openai import AsyncOpenAI
 
-        class _IcmAsyncOpenAI(AsyncOpenAI):  # type: ignore[misc]
+        class _IcmAsyncOpenAI(AsyncOpenAI):
             # Ours, not the SDK's: its backoff is fixed (0.5 s doubling to 8 s, Retry-After
             # up to 2 min); ours is the user's --backoff and caps Retry-After at max_backoff.
             icm_settings: ServerSettings
@@ -510,8 +510,8 @@ class ChatClient:
             msg = f"request timed out after {self.settings.timeout:g}s ({cause})"
             return ChatError(msg + gave_up, retryable=True, attempts=attempts)
         if isinstance(exc, openai.APIConnectionError):
-            cause = exc.__cause__ or exc
-            return ChatError(f"connection error: {type(cause).__name__}: {cause}{gave_up}", retryable=True, attempts=attempts)
+            err = exc.__cause__ or exc
+            return ChatError(f"connection error: {type(err).__name__}: {err}{gave_up}", retryable=True, attempts=attempts)
         if isinstance(exc, json.JSONDecodeError):
             return ChatError(f"malformed JSON in the response from {url}{gave_up}", 200, attempts=attempts)
         if isinstance(exc, openai.OpenAIError):
