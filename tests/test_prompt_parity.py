@@ -36,7 +36,7 @@ from icm.moderation.engine import build_queries
 from icm.moderation.images import load_image
 from icm.policy import load_policy
 from icm.policy.loader import builtin_policy_names
-from icm.prompting import OPTION_LABELS, find_templater, render
+from icm.prompting import OPTION_LABELS, find_templater, render, reply_lead
 from icm.training.collator import ChatCollator
 from icm.training.datasets import Example, TrainDataset, moderation_examples
 
@@ -144,13 +144,9 @@ def test_every_consumer_shows_the_model_the_same_prompt(
         enc = collator.encode(item)
         first = next(k for k, label in enumerate(enc["labels"]) if label != -100)
         assert enc["input_ids"][:first] == ids[text], "training tokenizes the prompt differently"
-        # the answer trained is one the backend reads (after any whitespace token the
-        # template puts before replies: see test_the_first_trained_token_is_the_answer_read)
+        # the first token trained, right after the prompt scored, is one the backend reads
         answer = item["messages"][1]["content"][0]["text"]
-        reply = [t for t in enc["labels"][first:] if t != -100]
-        while reply and not backend.tokenizer.decode(reply[:1]).strip():
-            reply = reply[1:]
-        assert reply and reply[0] in _answer_ids(answers, text, answer), "the trained answer is not read back"
+        assert enc["labels"][first] in _answer_ids(answers, text, answer), "the trained answer is not read back"
         trained.add(text)
     assert trained == set(rendered), "every question is trained"
 
@@ -180,7 +176,9 @@ def test_the_openai_backend_requests_the_prompt_the_model_is_scored_and_trained_
     model: tuple[HFBackend, Path], policy_name: str, server: Recorded
 ) -> None:
     """The request's messages, rendered with the checkpoint's template after swapping the
-    ``image_url`` part for the image, are the hf backend's prompt, byte for byte."""
+    ``image_url`` part for the image, are the hf backend's prompt, byte for byte, up to the
+    template's reply lead (:func:`icm.prompting.reply_lead`, the tiny LLaVA's space before
+    replies): a server renders its own generation prompt and its model writes that first."""
     from icm.moderation.backends import create_backend
 
     backend, image_path = model
@@ -210,28 +208,19 @@ def test_the_openai_backend_requests_the_prompt_the_model_is_scored_and_trained_
             {"role": m["role"], "content": [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]]}
             for m in messages
         ]
-        assert render(templater, as_hf, generation_prompt=True) == rendered[text], "the openai request differs"
+        served = render(templater, as_hf, generation_prompt=True)
+        assert served + reply_lead(templater) == rendered[text], "the openai request differs"
 
 
-@pytest.mark.parametrize(
-    "model_name",
-    [
-        pytest.param(
-            "llava",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known divergence: the LLaVA template renders replies as 'ASSISTANT: C' after a 'ASSISTANT:' "
-                "generation prompt, and the tiny tokenizer has no ' C' token, so training teaches a space token "
-                "first while scoring reads the first token after the prompt",
-            ),
-        ),
-        "qwen2vl",
-        "idefics3",
-    ],
-)
+@pytest.mark.parametrize("model_name", list(MODELS))
 def test_the_first_trained_token_is_the_answer_read(model_name: str, request: pytest.FixtureRequest) -> None:
     """The first labelled token of every synth-shapes training example (Yes/No and option
-    labels) is one the hf backend reads its answer from at the same position."""
+    labels) is one the hf backend reads its answer from at the same position.
+
+    The tiny LLaVA's template renders a reply as ``ASSISTANT: C</s>`` after the generation
+    prompt ``ASSISTANT:``, and its tokenizer has no `` C`` token: the space is prompt
+    (:func:`icm.prompting.reply_lead`), in training and in scoring alike.
+    """
     fixture, _ = MODELS[model_name]
     path = request.getfixturevalue(fixture)
     from icm.moderation.backends.hf_processor import load_processor
@@ -251,3 +240,57 @@ def test_the_first_trained_token_is_the_answer_read(model_name: str, request: py
         if enc["labels"][first] not in _answer_ids(answers, text, answer):
             wrong.append((answer, processor.tokenizer.decode(enc["labels"][first : first + 2])))
     assert not wrong, f"{len(wrong)} of {len(train)} examples train another first token, e.g. {wrong[:3]}"
+
+
+def test_a_reply_whose_first_token_is_the_answer_keeps_the_templates_prompt() -> None:
+    """Where the tokenizer spells the reply `` C</s>`` with ``\u2581C`` first (real LLaVA-1.5's
+    SentencePiece vocabulary does), nothing moves: the scoring prompt is the template's own
+    generation prompt and the collator trains the whole reply, its first token the answer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from icm.prompting import question_conversation, render_prompt
+    from icm.training.collator import render_segments
+    from icm.training.tiny import LLAVA_CHAT_TEMPLATE
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    words = " ".join(["Yes", "No", *OPTION_LABELS, "USER", "ASSISTANT", "Is", "it", "red?"])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<image>"], show_progress=False)
+    sp.train_from_iterator([words] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=LLAVA_CHAT_TEMPLATE
+    )
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" C</s>", add_special_tokens=False)["input_ids"]) == ["\u2581C", "</s>"]
+    assert reply_lead(tokenizer) == ""
+    assert render_prompt(tokenizer, question_conversation("Is it red?")).endswith("ASSISTANT:")
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it red?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "C"}]},
+    ]
+    prompt, reply = render_segments(tokenizer, messages)
+    assert prompt.text.endswith("ASSISTANT:") and reply.text.startswith(" C</s>")
+
+
+def test_the_tiny_llavas_space_before_replies_is_prompt(tiny_llava_path: Path) -> None:
+    """The byte-level tiny LLaVA spells `` C`` as a space token and ``C``: the space is
+    prompt, in the scoring prompt and in the collator's prompt segment, and the reply
+    trained starts with the answer."""
+    from icm.moderation.backends.hf_processor import load_processor
+    from icm.prompting import question_conversation, render_prompt
+    from icm.training.collator import render_segments
+
+    processor, _ = load_processor(str(tiny_llava_path), local_files_only=True)
+    templater = find_templater(processor)
+    tokens = processor.tokenizer.convert_ids_to_tokens(processor.tokenizer(" C", add_special_tokens=False)["input_ids"])
+    assert tokens == ["\u0120", "C"]
+    assert reply_lead(templater) == " "
+    assert render_prompt(templater, question_conversation("Is it red?")).endswith("ASSISTANT: ")
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it red?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "C"}]},
+    ]
+    prompt, reply = render_segments(templater, messages)
+    assert prompt.text.endswith("ASSISTANT: ") and reply.text.startswith("C</s>")
+    assert prompt.text + reply.text == render(templater, messages, generation_prompt=False)

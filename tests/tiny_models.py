@@ -70,7 +70,7 @@ def train_color_adapter(
     model_path: str | Path,
     adapter_path: str | Path,
     *,
-    steps: int = 150,
+    steps: int = 250,
     batch_size: int = 8,
     pool: int = 48,
     lr: float = 5e-3,
@@ -78,24 +78,36 @@ def train_color_adapter(
 ) -> Path:
     """LoRA-train a tiny LLaVA to answer "Is the image red/blue?" and :data:`HUE_QUESTION`.
 
-    Plain torch + peft. Each example is a red or blue square and one of the three
-    questions; the target is the "Yes"/"No" token, or the option label ("B" red, "C"
-    blue) of the hue question, after the generation prompt, so the answer depends on both
-    the image and the wording. Prompts are built with the
-    processor's chat template, the way the backend builds them. ``lm_head`` is in
-    ``modules_to_save`` (on a random model LoRA alone barely moves the loss).
+    Plain torch + peft on the tokens of the training collator (:class:`ChatCollator`, as
+    ``icm train`` encodes examples). Each example is a red or blue square and one of the
+    three questions, answered "Yes"/"No" or with the option label ("B" red, "C" blue) of
+    the hue question, so the answer depends on both the image and the wording. The
+    examples are the conversations training builds
+    (:func:`icm.prompting.training_conversation`); the loss is on the collator's first
+    trained token after its prompt tokens, so what is trained is what the backend scores
+    (the tiny LLaVA's space before replies included: :func:`icm.prompting.reply_lead`).
+    Only that token is trained (left-padded prompts, last position): trained on the whole
+    reply (end-of-turn tokens too, right-padded) the same run barely learned the yes/no
+    questions. ``lm_head`` is in ``modules_to_save`` (on a random model LoRA alone barely
+    moves the loss).
     """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
+    from icm.prompting import (
+        moderation_choice_prompt,
+        option_answer,
+        training_conversation,
+        yes_no_answer,
+        yes_no_prompt,
+    )
+    from icm.training.collator import IGNORE_INDEX, ChatCollator
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     processor = AutoProcessor.from_pretrained(model_path)
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
+    collator = ChatCollator(processor)
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
     lora = LoraConfig(
         r=8,
@@ -108,32 +120,37 @@ def train_color_adapter(
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(model, lora)
     model.train()
-    yes_id = tokenizer.convert_tokens_to_ids("Yes")
-    no_id = tokenizer.convert_tokens_to_ids("No")
 
-    labels = option_labels(len(HUE_OPTIONS))
-    label_ids = [tokenizer.convert_tokens_to_ids(label) for label in labels]
-
-    def prompt(question: str, options: tuple[str, ...] = ()) -> str:
-        text = moderation_choice_prompt(question, options) if options else yes_no_prompt(question)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    # Encode a fixed pool of examples once (the processor dominates otherwise), then
+    # Collate a fixed pool of examples once (the processor dominates otherwise), then
     # train on random minibatches of it.
     size = processor.image_processor.crop_size["height"]
-    images, texts, targets = [], [], []
+    examples = []
     for i in range(pool):
         color = ("red", "blue")[i % 2]
         image = square_image(color, size=size, seed=rng.randrange(10**9))
         for asked in ("red", "blue"):
-            images.append(image)
-            texts.append(prompt(COLOR_QUESTIONS[asked]))
-            targets.append(yes_id if color == asked else no_id)
-        images.append(image)
-        texts.append(prompt(HUE_QUESTION, HUE_OPTIONS))
-        targets.append(label_ids[0 if color == "red" else 1])
-    data = dict(processor(images=images, text=texts, padding=True, return_tensors="pt", add_special_tokens=False))
+            messages = training_conversation(yes_no_prompt(COLOR_QUESTIONS[asked]), yes_no_answer(color == asked))
+            examples.append({"messages": messages, "images": [image]})
+        hue = option_answer(len(HUE_OPTIONS), 0 if color == "red" else 1)
+        examples.append({"messages": training_conversation(moderation_choice_prompt(HUE_QUESTION, HUE_OPTIONS), hue),
+                         "images": [image]})
+    # Each example's tokens come from the training collator: the prompt up to its first
+    # trained token, and that token (the answer the backend reads there). Prompts are
+    # left-padded so the answer is predicted at the last position, as the backend reads it.
+    prompts, targets, pixels = [], [], []
+    for example in examples:
+        enc = collator.encode(example)
+        first = next(k for k, label in enumerate(enc["labels"]) if label != IGNORE_INDEX)
+        prompts.append(enc["input_ids"][:first])
+        targets.append(enc["labels"][first])
+        pixels.append(enc["visual"]["pixel_values"])
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), collator.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        mask[row, width - len(ids) :] = 1
+    data = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.cat(pixels)}
     labels = torch.tensor(targets)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)

@@ -17,7 +17,10 @@ Every decision that guarantees it is made here, once:
   (:func:`render_prompt`, with a fallback for templates without a system role) and the
   BOS rule (:func:`add_special_tokens`: the tokenizer adds BOS only when the rendered
   text does not already start with it), and encoding a rendered prompt with its images
-  (:func:`encode_prompt`).
+  (:func:`encode_prompt`);
+* **where the reply starts**: whitespace the template puts before every reply that the
+  tokenizer spells as tokens of its own belongs to the prompt (:func:`reply_lead`), so
+  the first trained token is the token the answer is read from.
 
 The hf backend (scoring and generation), the training collator, chat and the openai
 backend all call these; ``tests/test_prompt_parity.py`` checks that every built-in
@@ -29,8 +32,12 @@ Nothing here imports torch or transformers.
 from __future__ import annotations
 
 import copy
+import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 """An OpenAI-style chat message: ``role`` and ``content`` (a string or content parts)."""
@@ -224,14 +231,112 @@ def render_prompt(templater: Any, conversation: Sequence[Message]) -> str:
     """The generation prompt of a text conversation about one image (image in the first user turn).
 
     A template that rejects the system role ("System role not supported") gets the
-    system text at the start of the first user turn instead.
+    system text at the start of the first user turn instead. The prompt ends with the
+    template's :func:`reply_lead` (usually nothing), as the collator's prompt segments do.
     """
     try:
-        return render(templater, hf_conversation(conversation), generation_prompt=True)
+        text = render(templater, hf_conversation(conversation), generation_prompt=True)
     except Exception:
         if not any(m.get("role") == "system" for m in conversation):
             raise
-        return render(templater, hf_conversation(merge_system(conversation)), generation_prompt=True)
+        text = render(templater, hf_conversation(merge_system(conversation)), generation_prompt=True)
+    return text + reply_lead(templater)
+
+
+_LEADS: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
+"""templater -> (the chat template the lead was computed for, the lead)."""
+
+
+def reply_lead(templater: Any) -> str:
+    """The whitespace before a reply that belongs to the prompt: ``""`` for most checkpoints.
+
+    The scoring protocol reads the answer from the first token after the prompt, and the
+    collator trains the reply's tokens after the prompt; they agree only if the reply's
+    first token carries the answer. A template may put a separator before replies that
+    the generation prompt lacks (LLaVA's ``ASSISTANT:`` prompt, ``ASSISTANT: C</s>``
+    reply), and a tokenizer may spell it as a token of its own: real LLaVA-1.5's has
+    ``▁C``, so its reply starts with the answer, but a byte-level BPE without a
+    `` C`` token splits the reply into `` `` and ``C``, and the model would be trained
+    on a space token at the very position the backend reads "C" from.
+
+    The rule, decided once per templater and chat template (cached) from the answer labels
+    themselves (Yes, No and every option label): render a question with each answer, tokenise the
+    reply as the collator does (on its own, no special tokens). If every reply's first
+    token decodes to its answer, the lead is ``""`` and nothing changes. Otherwise the
+    replies' leading whitespace (the same text for every answer) is the lead, provided
+    every reply without it starts with its answer's token; it then belongs to the prompt:
+    :func:`render_prompt` appends it to generation prompts (scoring, generation, chat),
+    and :func:`split_reply` moves it from replies into the preceding prompt segment
+    (training), so both tokenise the same text and the first trained token is the
+    answer read. When neither choice makes every answer the first token, the lead stays
+    ``""`` and a warning names the answers that are not read where they are trained.
+
+    A server (the openai backend) renders its own generation prompt, without the lead:
+    for such a checkpoint its model's first token is the whitespace, and the openai
+    backend reads the answer from the reply's text instead of the first token's logprobs.
+    """
+    template = str(getattr(templater, "chat_template", None))
+    try:
+        cached = _LEADS.get(templater)
+    except TypeError:  # not weak-referenceable: computed every time
+        cached = None
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    lead = _compute_reply_lead(templater)
+    try:
+        _LEADS[templater] = (template, lead)
+    except TypeError:
+        pass
+    return lead
+
+
+def _compute_reply_lead(templater: Any) -> str:
+    tokenizer = getattr(templater, "tokenizer", templater)
+    if not callable(getattr(tokenizer, "decode", None)):
+        return ""
+    conversation = hf_conversation(question_conversation("?"))
+    try:
+        prompt = render(templater, conversation, generation_prompt=True)
+        replies: dict[str, str] = {}
+        for answer in (*ANSWER_LABELS, *OPTION_LABELS):
+            turn = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+            full = render(templater, [*conversation, turn], generation_prompt=False)
+            if not full.startswith(prompt):
+                return ""  # the collator refuses such a template (render_segments)
+            replies[answer] = full[len(prompt) :]
+    except Exception:  # noqa: BLE001 - a template that cannot render the probe: nothing to decide
+        return ""
+
+    def misread(lead: str) -> list[str]:
+        """Answers whose reply (less ``lead``) does not start with the answer's token."""
+        wrong = []
+        for answer, reply in replies.items():
+            ids = tokenizer(reply[len(lead) :], add_special_tokens=False)["input_ids"]
+            if not ids or tokenizer.decode(ids[:1]).strip() != answer:
+                wrong.append(answer)
+        return wrong
+
+    wrong = misread("")
+    if not wrong:
+        return ""
+    leads = {reply[: len(reply) - len(reply.lstrip())] for reply in replies.values()}
+    lead = leads.pop() if len(leads) == 1 else ""
+    if lead and not misread(lead):
+        return lead
+    logger.warning(
+        "the chat template and tokenizer spell the replies %s with another first token: the model is "
+        "trained on that token where the answer is read",
+        ", ".join(wrong),
+    )
+    return ""
+
+
+def split_reply(templater: Any, reply: str) -> tuple[str, str]:
+    """``(lead, rest)`` of a rendered reply: the :func:`reply_lead` it starts with, if any."""
+    lead = reply_lead(templater)
+    if lead and reply.startswith(lead) and len(reply) > len(lead):
+        return lead, reply[len(lead) :]
+    return "", reply
 
 
 def add_special_tokens(tokenizer: Any, text: str) -> bool:

@@ -10,7 +10,9 @@ reply is what the rendering of the conversation including the reply adds after t
   :class:`~icm.moderation.backends.hf.HFBackend` tokenises it when it scores the term's
   yes/no question or an attribute's lettered question (same messages, same template,
   same BOS rule, the processor expands the image the same way), and the first target
-  token is the one the backend reads the answer from;
+  token is the one the backend reads the answer from (whitespace the template puts before
+  the reply, when the tokenizer spells it as a token of its own, is part of the prompt:
+  :func:`icm.prompting.reply_lead`);
 * each segment is tokenised on its own (the prompt through the processor with its image,
   replies and later user turns through the tokenizer without special tokens), exactly
   as at inference time, where the prompt is encoded and the answer generated after it;
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from icm.prompting import add_special_tokens, encode_prompt, find_templater, render
+from icm.prompting import add_special_tokens, encode_prompt, find_templater, render, split_reply
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -78,9 +80,11 @@ def render_segments(templater: Any, messages: Sequence[dict[str, Any]]) -> list[
                 f"(turn {i}); loss masking needs that property"
             )
         n_images = _count_images(messages[:i]) - images_done
+        lead, reply = split_reply(templater, full[len(prompt):])
+        prompt += lead  # whitespace tokens before the answer are prompt, as when scoring
         if len(prompt) > len(done) or n_images:
             segments.append(Segment(prompt[len(done):], False, n_images))
-        segments.append(Segment(full[len(prompt):], True))
+        segments.append(Segment(reply, True))
         done, images_done = full, images_done + n_images
     if not segments or not segments[-1].assistant:
         raise ValueError("a training conversation must end with an assistant reply")
