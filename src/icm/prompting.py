@@ -236,7 +236,7 @@ def render_prompt(templater: Any, conversation: Sequence[Message]) -> str:
     """
     try:
         text = render(templater, hf_conversation(conversation), generation_prompt=True)
-    except Exception:
+    except Exception:  # templates refuse a system role in their own ways (TemplateError, ValueError): retried, else re-raised
         if not any(m.get("role") == "system" for m in conversation):
             raise
         text = render(templater, hf_conversation(merge_system(conversation)), generation_prompt=True)
