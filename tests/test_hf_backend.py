@@ -24,6 +24,7 @@ from icm.moderation.backends.hf import (
     resolve_answer_token_ids,
 )
 from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
+from icm.prompting import reply_lead
 
 from tiny_models import COLOR_QUESTIONS, noise_image, square_image
 
@@ -173,12 +174,14 @@ def test_bad_arguments(tiny_llava_path: Path) -> None:
 def _reference_p_yes(backend: HFBackend, image, question: str) -> float:
     """P(Yes) from a plain forward of the processor's encoding, computed without the backend.
 
-    Yes/No ids: every spelling in {Yes, " Yes", yes, " yes"} that is one token.
+    Yes/No ids: every spelling in {Yes, " Yes", yes, " yes"} that is one token. The prompt
+    is the template's generation prompt and the whitespace the template puts before replies
+    where the tokenizer spells it as a token of its own (the tiny LLaVA's space: reply_lead).
     """
     processor, model = backend.processor, backend.model
     tok = processor.tokenizer
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": yes_no_prompt(question)}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + reply_lead(processor)
     template_wrote_bos = tok.bos_token is not None and text.startswith(tok.bos_token)
     inputs = processor(images=[image], text=[text], return_tensors="pt", add_special_tokens=not template_wrote_bos)
     if tok.bos_token_id is not None:  # exactly one BOS, from the template or the tokenizer
@@ -503,6 +506,7 @@ def test_backend_uses_every_single_token_spelling(llava: HFBackend) -> None:
     # the choice protocol over the option labels agrees with a plain forward too
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = llava.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text += reply_lead(llava.processor)  # the space before replies is prompt (icm.prompting)
     inputs = llava.processor(images=[image], text=[text], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         logits = llava.model(**inputs).logits[0, -1]
