@@ -235,7 +235,10 @@ def test_ray_gives_the_local_records_parquet_and_jsonl(cluster, images, tmp_path
     s2 = run_ray_job(ModerateConfig(inputs=[str(folder)], batch_size=8, out=str(jsonl)), RayOptions(num_actors=1))
     assert s2.total == 63
     from_pq, from_jsonl = read_results(out), read_results(jsonl)
-    key = lambda rs: sorted((i.id, i.verdict, i.p_violation, i.error) for i in rs.items)  # noqa: E731
+
+    def key(rs):
+        return sorted((i.id, i.verdict, i.p_violation, i.error) for i in rs.items)
+
     assert key(from_pq) == key(from_jsonl) and len(from_pq.items) == 63
 
 

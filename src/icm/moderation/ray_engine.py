@@ -298,7 +298,7 @@ class ModerateActor:
                     done.extend(self.mod.moderate_loaded([im], [ms]))
                 except BackendConfigError:
                     raise
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - this image's internal error is its record; the others go on
                     done.append(self.mod.error_record(im.source, f"internal error: {type(exc).__name__}: {exc}", im))
         records = [done[s] if isinstance(s, int) else s for s in slots]
         return records, keys
@@ -547,7 +547,7 @@ def run_ray_job(
                             on_record(prev)
                         continue
                     emit(ModerationRecord.model_validate_json(text))
-    except Exception as exc:
+    except Exception as exc:  # re-raised: Ray's wrapper exception gives way to the error it carries
         cause = _unwrap(exc)
         if cause is not exc:
             raise cause from None
