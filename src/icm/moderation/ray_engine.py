@@ -569,8 +569,8 @@ def forwarded_environment(c: ModerateConfig) -> dict[str, str]:
     their ``runtime_env``: workers on other machines do not see the driver's environment.
     (Ray shows a job's runtime environment on its dashboard: keep the dashboard private.)"""
     names = list(FORWARDED_ENV)
-    if getattr(c, "api_key_env", None):
-        names.append(c.api_key_env)  # type: ignore[arg-type]
+    if env := getattr(c, "api_key_env", None):
+        names.append(env)
     return {n: os.environ[n] for n in names if n in os.environ}
 
 

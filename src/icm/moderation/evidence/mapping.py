@@ -89,9 +89,9 @@ def item_score(item: EvidenceFrom, output: SourceOutput, *, width: float, height
                     if line.score > score:
                         score, what = line.score, f"{item.source} read {line.label!r} ({kw})"
                     break
-    elif output.probs is not None:
-        score = float(sum(output.probs.get(label, 0.0) for label in item.labels))
-        best = max(item.labels, key=lambda label: output.probs.get(label, 0.0))  # type: ignore[union-attr]
+    elif (probs := output.probs) is not None:
+        score = float(sum(probs.get(label, 0.0) for label in item.labels))
+        best = max(item.labels, key=lambda label: probs.get(label, 0.0))
         what = f"{item.source}: P({'+'.join(item.labels) if len(item.labels) <= 3 else best + '+...'})={score:.2f}"
         if score > 0 and item.min_score > 0:  # a class found, not a standing probability: show it
             boxes.append(Box(label=f"{item.source}:{best}", score=score, x=0.0, y=0.0, w=float(width), h=float(height)))
