@@ -70,6 +70,16 @@ def app_for(tmp_path: Path, backend: Backend | None = None, **kw: Any):
     return create_app(ServeConfig(**kw), moderator=Moderator(backend or SizeBackend(), policy="icm-sexy"))
 
 
+async def _post_all_at_once(app: Any, bodies: list[bytes]) -> list[httpx.Response]:
+    """POST every body to /v1/moderate concurrently, inside the app's lifespan (in process)."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, client=LOCAL)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE, timeout=60) as client:
+            return await asyncio.gather(*[
+                client.post("/v1/moderate", files={"image": (f"{i}.png", b, "image/png")}) for i, b in enumerate(bodies)
+            ])
+
+
 @pytest.fixture(autouse=True)
 def _no_env_keys(monkeypatch):
     monkeypatch.delenv("ICM_API_KEYS", raising=False)
@@ -291,15 +301,7 @@ def test_the_pixel_budget_bounds_concurrent_decoding_and_images_are_reduced(tmp_
     )
     bodies = [png((i * 20, 0, 0), (side, side)) for i in range(8)]
 
-    async def burst() -> list[httpx.Response]:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app, client=LOCAL)
-            async with httpx.AsyncClient(transport=transport, base_url=BASE, timeout=60) as client:
-                return await asyncio.gather(*[
-                    client.post("/v1/moderate", files={"image": (f"{i}.png", b, "image/png")}) for i, b in enumerate(bodies)
-                ])
-
-    responses = asyncio.run(burst())
+    responses = asyncio.run(_post_all_at_once(app, bodies))
     assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses]
     assert peak == budget, f"{peak} pixels decoded at once with a budget of {budget}"
     assert app.state.service.pixels.peak <= budget
@@ -338,15 +340,7 @@ def test_queued_memory_is_bounded_with_503_and_retry_after(tmp_path):
     app = app_for(tmp_path, Slow(), batching=False, max_queue_bytes=10_000, keep_images=False)
     bodies = [png((0, 0, 200 + i), (100, 100)) for i in range(6)]  # 40 kB decoded each
 
-    async def burst() -> list[httpx.Response]:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app, client=LOCAL)
-            async with httpx.AsyncClient(transport=transport, base_url=BASE, timeout=60) as client:
-                return await asyncio.gather(*[
-                    client.post("/v1/moderate", files={"image": (f"{i}.png", b, "image/png")}) for i, b in enumerate(bodies)
-                ])
-
-    responses = asyncio.run(burst())
+    responses = asyncio.run(_post_all_at_once(app, bodies))
     codes = [r.status_code for r in responses]
     assert codes.count(200) >= 1 and codes.count(503) >= 3 and set(codes) <= {200, 503}, codes
     busy = next(r for r in responses if r.status_code == 503)
