@@ -182,6 +182,29 @@ class Rule(_Strict):
         return f"{self.label}: " + " or ".join(parts)
 
 
+class CategoryMap(_Strict):
+    """Products of this policy that fall under one category of a standard scheme.
+
+    The products are those listed in ``products`` and/or whose assignment matches every
+    attribute in ``when``, as a rule selects them (:mod:`icm.policy.taxonomy` names the
+    schemes and their categories).
+    """
+
+    scheme: str = Field(description="openai, llavaguard or mlcommons (icm.policy.taxonomy.SCHEMES)")
+    category: str = Field(description="A category of that scheme, as the scheme spells it: 'violence/graphic', 'O3', 'S12'")
+    products: list[str] = Field(default_factory=list)
+    when: dict[str, str | list[str]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> CategoryMap:
+        if not self.products and not self.when:
+            raise ValueError("a category mapping needs 'products' or 'when' to say which products it covers")
+        return self
+
+    def matches(self, product: Product) -> bool:
+        return Rule(products=self.products, when=self.when, label="violate").matches(product)
+
+
 class Thresholds(_Strict):
     """Thresholds on P(violation) for the three-way verdict (allow / review / block).
 
@@ -337,7 +360,7 @@ class Evidence(_Strict):
     attributes: dict[str, AttributeEvidence] = Field(default_factory=dict)
 
 
-_POLICY_CACHES = ("attribute_map", "product_map", "rule_set_map", "category_map", "grid", "decision_labels")
+_POLICY_CACHES = ("attribute_map", "product_map", "rule_set_map", "category_map", "grid", "decision_labels", "standard_categories")
 
 
 class Policy(_Strict):
@@ -355,6 +378,10 @@ class Policy(_Strict):
     )
     evidence: Evidence | None = Field(
         default=None, description="Offline evidence sources mapped onto the term and attribute values (the detector backend)"
+    )
+    taxonomy: list[CategoryMap] = Field(
+        default_factory=list,
+        description="Which products fall under which categories of the standard schemes (openai, llavaguard, mlcommons)",
     )
     uncovered_positive: bool | None = Field(
         default=None,
@@ -438,6 +465,18 @@ class Policy(_Strict):
         from icm.policy.grid import build_grid
 
         return build_grid(self)
+
+    @cached_property
+    def standard_categories(self) -> dict[str, dict[str, list[str]]]:
+        """Scheme -> category -> the ids of the products mapped to it (policy order)."""
+        out: dict[str, dict[str, list[str]]] = {}
+        for m in self.taxonomy:
+            ids = out.setdefault(m.scheme, {}).setdefault(m.category, [])
+            ids.extend(p.id for p in self.products if m.matches(p) and p.id not in ids)
+        for cats in out.values():
+            for cat, ids in cats.items():
+                cats[cat] = [p.id for p in self.products if p.id in ids]
+        return out
 
     def resolve_category(self, category: str) -> Product:
         """The product a dataset category name (e.g. ``upper_bust``) stands for."""

@@ -144,6 +144,7 @@ def check_policy(policy: Policy) -> list[Issue]:
     if policy.default_rules is not None and policy.default_rules not in names:
         err(("default_rules",), f"default_rules names unknown rule set {policy.default_rules!r}")
     issues.extend(_check_evidence(policy))
+    issues.extend(_check_taxonomy(policy, attrs, product_ids))
     if not any(i.level == "error" for i in issues):
         issues.extend(_check_grid(policy))
     return issues
@@ -257,4 +258,34 @@ def _check_evidence(policy: Policy) -> list[Issue]:
         if spec.silent is not None and spec.silent not in values:
             err(("attributes", attr_id, "silent"), f"attribute {attr_id!r} has no value {spec.silent!r} (known: {', '.join(values)})")
         check_items(spec.from_, ("attributes", attr_id), values, attr_id)
+    return issues
+
+
+def _check_taxonomy(policy: Policy, attrs: dict[str, set[str]], product_ids: dict[str, int]) -> list[Issue]:
+    """The ``taxonomy`` section: known schemes and categories, products and values that exist."""
+    from icm.policy.taxonomy import SCHEMES
+
+    issues: list[Issue] = []
+
+    def err(loc: Loc, msg: str) -> None:
+        issues.append(Issue("error", ("taxonomy", *loc), msg))
+
+    for i, m in enumerate(policy.taxonomy):
+        cats = SCHEMES.get(m.scheme)
+        if cats is None:
+            err((i, "scheme"), f"unknown category scheme {m.scheme!r} (known: {', '.join(SCHEMES)})")
+        elif m.category not in cats:
+            err((i, "category"), f"scheme {m.scheme!r} has no category {m.category!r} (known: {', '.join(cats)})")
+        for j, pid in enumerate(m.products):
+            if pid not in product_ids:
+                err((i, "products", j), f"category {m.category!r} maps unknown product {pid!r}")
+        for attr, wanted in m.when.items():
+            if attr not in attrs:
+                err((i, "when", attr), f"category {m.category!r} selects on unknown attribute {attr!r}")
+                continue
+            for value in [wanted] if isinstance(wanted, str) else wanted:
+                if value not in attrs[attr]:
+                    err((i, "when", attr), f"category {m.category!r} selects unknown value {value!r} of attribute {attr!r}")
+        if not issues and not any(m.matches(p) for p in policy.products):
+            issues.append(Issue("warning", ("taxonomy", i), f"the mapping to {m.scheme} {m.category!r} matches no product"))
     return issues
