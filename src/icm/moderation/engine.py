@@ -26,6 +26,7 @@ from icm.moderation.video import DEFAULT_FPS, load_media
 from icm.policy import Decision, Policy, decide, load_policy
 from icm.policy.model import RuleSet
 from icm.policy.prompts import attribute_prompts, explanation_prompt, term_prompt
+from icm.policy.taxonomy import SCHEMES, category_scores, flagged_categories
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,9 @@ def _reason(policy: Policy, d: Decision) -> str:
     )
 
 
-def _apply_unanswered(rec: ModerationRecord, unanswered: dict[str, NotJudged]) -> ModerationRecord:
+def _apply_unanswered(
+    rec: ModerationRecord, unanswered: dict[str, NotJudged], mapped: dict[str, dict[str, list[str]]] | None = None,
+) -> ModerationRecord:
     """Record why queries went unanswered; a refusal or an off-format answer is never allowed.
 
     A refusal ("I'm sorry, but I can't help with that.") says nothing about which product
@@ -152,6 +155,9 @@ def _apply_unanswered(rec: ModerationRecord, unanswered: dict[str, NotJudged]) -
         rec.p_violation = rec.p_violation_range = None  # what was answered is not the whole picture
         rec.basis = "refused"
         rec.verdict = "review"
+        rec.category_scores = {}
+        if mapped is not None:  # a refusal is never passed as clean in any category
+            rec.flagged_categories = {name: list(cats) for name, cats in mapped.items()}
         rec.reason = (
             f"The model refused to answer {', '.join(refused)}"
             + (f" ({said[:80]!r})" if said else "")
@@ -255,6 +261,7 @@ class Moderator:
             return rec
         p_term = ev.term.p_yes if ev.term is not None else None
         d = decide(self.policy, self.rule_set, attributes=ev.attributes or None, p_term=p_term)
+        scores = category_scores(self.policy, self.rule_set, d)
         not_judged = [a.id for a in self.policy.attributes if a.id not in ev.attributes]
         notes = list(im.notes)
         from_text = [f"term:{self.policy.term.id}"] if ev.term is not None and ev.term.source in ("parsed", "guided") else []
@@ -295,12 +302,14 @@ class Moderator:
             cell=d.cell,
             conflict=d.conflict,
             verdict=d.verdict,
+            category_scores=scores,
+            flagged_categories=flagged_categories(scores, self.rule_set.thresholds.review),
             reason=_reason(self.policy, d),
             boxes=[BoxRecord(**b.as_dict()) for b in ev.boxes],
             notes=notes,
             timings=Timings(model_ms=round(model_ms, 3)),
         )
-        return _apply_unanswered(rec, ev.unanswered)
+        return _apply_unanswered(rec, ev.unanswered, self.policy.standard_categories)
 
     def _add_explanations(self, backend: Backend, images: Sequence[LoadedImage], records: list[ModerationRecord]) -> None:
         todo = [(im, r) for im, r in zip(images, records, strict=True) if r.ok]
@@ -460,6 +469,13 @@ def _aggregate(
             r.error = f"{where(m)} (of {im.frames} frames): {r.error}"
         else:
             r.notes.insert(0, f"worst of {len(records)} views judged: {where(m)}")
+            # a category is as likely as in the view where it is most likely, whichever view decided
+            for x in records:
+                for name, cats in x.category_scores.items():
+                    for cat, p in cats.items():
+                        r.category_scores.setdefault(name, {})[cat] = max(p, r.category_scores.get(name, {}).get(cat, 0.0))
+                for name, flagged in x.flagged_categories.items():
+                    r.flagged_categories[name] = [c for c in SCHEMES[name] if c in flagged or c in r.flagged_categories.get(name, [])]
             r.frame_scores = [
                 FrameScore(frame=x.frame, timestamp=x.timestamp, background=x.background,
                            p_violation=y.p_violation, verdict=y.verdict)

@@ -130,6 +130,16 @@ class ModerationRecord(BaseModel):
     cell: dict[str, str] | None = Field(default=None, description="The most likely cell of the attribute grid")
     conflict: str | None = Field(default=None, description="What conflicted, when basis is 'conflict'")
     verdict: VerdictName | None = None
+    category_scores: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Per standard scheme (openai, llavaguard, mlcommons), each category the policy maps: the "
+        "probability of its mapped products that the rule set labels violate (icm.policy.taxonomy)",
+    )
+    flagged_categories: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per scheme, the categories whose score reaches the rule set's review threshold (all the policy's "
+        "categories when the model refused: never passed as clean)",
+    )
     reason: str | None = Field(default=None, description="Why, in one sentence built from the evidence")
     explanation: str | None = Field(default=None, description="The model's own explanation (--explain)")
     boxes: list[BoxRecord] = Field(default_factory=list)

@@ -18,6 +18,7 @@ from icm.moderation.backends.base import NotJudged
 from icm.moderation.engine import _apply_unanswered, _reason
 from icm.moderation.record import ModerationRecord
 from icm.policy import Policy, decide
+from icm.policy.taxonomy import category_scores, flagged_categories
 
 _OFF_FORMAT_NOTE = "not judged (off-format answer)"
 
@@ -70,6 +71,8 @@ def redecide(record: ModerationRecord, policy: Policy, rules: str | None) -> Mod
         if name in ModerationRecord.model_fields:
             setattr(out, name, getattr(d, name, None))
     out.verdict = d.verdict
+    out.category_scores = category_scores(policy, rs, d)
+    out.flagged_categories = flagged_categories(out.category_scores, rs.thresholds.review)
     out.reason = _reason(policy, d)
     out.notes = [n for n in out.notes if not n.startswith(_OFF_FORMAT_NOTE)]
-    return _apply_unanswered(out, {k: _not_judged(v) for k, v in record.unanswered.items()})
+    return _apply_unanswered(out, {k: _not_judged(v) for k, v in record.unanswered.items()}, policy.standard_categories)
