@@ -20,6 +20,8 @@ from icm.policy import (
 )
 from icm.policy.diff import diff_rule_sets
 from icm.policy.grid import describe_cell
+from icm.policy.model import Policy
+from icm.policy.taxonomy import SCHEMES
 
 app = typer.Typer(help="Policies: terms, attributes, attribute products and rule sets.", no_args_is_help=True)
 
@@ -72,6 +74,7 @@ def show(name: str = typer.Argument(..., help="Built-in policy name or YAML path
         from icm.moderation.evidence.plan import offline_summary
 
         data["offline_evidence"] = offline_summary(p)
+        data["standard_categories"] = p.standard_categories
         data["grid"] = {
             "cells": grid.n_cells,
             "cells_per_product": cells,
@@ -137,6 +140,54 @@ def show(name: str = typer.Argument(..., help="Built-in policy name or YAML path
     for row in offline_summary(p):
         et.add_row(str(row["target"]), escape("\n".join(row["from"])) or "-", str(row["silent"] or "-"), escape(str(row["here"])))  # type: ignore[arg-type]
     console.print(et)
+    if p.standard_categories:
+        ct = Table(title="Standard categories (icm policy categories): products mapped, scored when the rule set labels them violate")
+        ct.add_column("scheme")
+        ct.add_column("category")
+        ct.add_column("products", overflow="fold")
+        for scheme_name, cats in p.standard_categories.items():
+            for cat, ids in cats.items():
+                ct.add_row(scheme_name, f"{cat} ({SCHEMES[scheme_name][cat]})", ", ".join(ids))
+        console.print(ct)
+
+
+def category_rows(scheme_name: str, policies: list[Policy]) -> list[dict[str, object]]:
+    """Every category of the scheme with the (policy, product) pairs mapped to it (maybe none)."""
+    rows: list[dict[str, object]] = []
+    for cat, title in SCHEMES[scheme_name].items():
+        products = [{"policy": p.name, "product": pid} for p in policies for pid in p.standard_categories.get(scheme_name, {}).get(cat, [])]
+        rows.append({"category": cat, "title": title, "products": products})
+    return rows
+
+
+@app.command()
+def categories(
+    scheme_name: str = typer.Option("openai", "--scheme", help=f"The category scheme: {', '.join(SCHEMES)}"),
+    policy: list[str] = typer.Option(  # noqa: B008 - typer reads the default at definition time
+        [], "--policy", help="Only these policies (built-in names or YAML paths; repeatable). Default: every built-in policy"
+    ),
+    json_: bool = JsonOpt,
+) -> None:
+    """Every category of a standard scheme with the policies' products mapped to it."""
+    if scheme_name not in SCHEMES:
+        print_error(f"unknown scheme {scheme_name!r} (known: {', '.join(SCHEMES)})")
+        raise typer.Exit(2)
+    policies = [_load(n) for n in (policy or builtin_policy_names())]
+    rows = category_rows(scheme_name, policies)
+    if json_:
+        print_json(rows)
+        return
+    t = Table(title=f"Scheme {scheme_name}: products mapped to each category ({len(policies)} policies)")
+    t.add_column("category", no_wrap=True)
+    t.add_column("title")
+    t.add_column("products (policy: product, ...)", overflow="fold")
+    for r in rows:
+        by_policy: dict[str, list[str]] = {}
+        for item in r["products"]:  # type: ignore[attr-defined]
+            by_policy.setdefault(item["policy"], []).append(item["product"])
+        cell = "\n".join(f"{pol}: {', '.join(ids)}" for pol, ids in by_policy.items()) or "[dim](none)[/dim]"
+        t.add_row(str(r["category"]), str(r["title"]), cell)
+    console.print(t)
 
 
 @app.command()
