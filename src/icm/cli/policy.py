@@ -163,7 +163,7 @@ def category_rows(scheme_name: str, policies: list[Policy]) -> list[dict[str, ob
 @app.command()
 def categories(
     scheme_name: str = typer.Option("openai", "--scheme", help=f"The category scheme: {', '.join(SCHEMES)}"),
-    policy: list[str] = typer.Option(  # noqa: B008 - typer reads the default at definition time
+    policy: list[str] = typer.Option(
         [], "--policy", help="Only these policies (built-in names or YAML paths; repeatable). Default: every built-in policy"
     ),
     json_: bool = JsonOpt,
