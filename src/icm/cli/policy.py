@@ -190,6 +190,48 @@ def categories(
     console.print(t)
 
 
+def taxonomy_rows(policies: list[Policy]) -> list[dict[str, object]]:
+    """One row per policy: term, attributes, products, categories per scheme, and what the
+    offline stack can do with its term when every built-in source is installed."""
+    from icm.moderation.evidence.plan import coverage
+
+    reach = {"clear": "clears", "flag": "flags only", "none": "cannot judge"}
+    rows: list[dict[str, object]] = []
+    for p in policies:
+        cats = p.standard_categories
+        rows.append({
+            "policy": p.name, "term": p.term.id, "attributes": [a.id for a in p.attributes], "products": len(p.products),
+            **{name: [c for c in SCHEMES[name] if c in cats.get(name, {})] for name in SCHEMES},
+            "offline": reach[coverage(p, lambda _name: None)["term"].reach],
+        })
+    return rows
+
+
+@app.command()
+def taxonomy(
+    bundle: str = typer.Argument("icm-standard", help="A bundle (built-in name or YAML path)"),
+    json_: bool = JsonOpt,
+) -> None:
+    """The bundle's policies as a Markdown table: categories per scheme and what the offline stack can do."""
+    from icm.policy.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    if b is None:
+        print_error(f"no bundle {bundle!r}")
+        raise typer.Exit(2)
+    rows = taxonomy_rows([_load(n) for n in b.policies])
+    if json_:
+        print_json(rows)
+        return
+    head = ["policy", "term", "attributes", "products", *SCHEMES, "offline (term)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r['policy']}`", str(r["term"]), ", ".join(r["attributes"]), str(r["products"])]  # type: ignore[arg-type]
+        cells += [", ".join(r[name]) or "-" for name in SCHEMES]  # type: ignore[arg-type]
+        lines.append("| " + " | ".join([*cells, str(r["offline"])]) + " |")
+    typer.echo("\n".join(lines))
+
+
 @app.command()
 def validate(
     files: list[Path] = typer.Argument(..., help="Policy YAML files"),
