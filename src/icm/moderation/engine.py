@@ -19,7 +19,17 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from icm.moderation.backends.base import Backend, BackendConfigError, Box, Choice, Failed, NotJudged, Query, YesNoScore
+from icm.moderation.backends.base import (
+    Answer,
+    Backend,
+    BackendConfigError,
+    Box,
+    Choice,
+    Failed,
+    NotJudged,
+    Query,
+    YesNoScore,
+)
 from icm.moderation.images import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, FrameView, ImageLoadError, LoadedImage
 from icm.moderation.record import BoxRecord, FrameScore, ModerationRecord, TermScore, Timings
 from icm.moderation.video import DEFAULT_FPS, load_media
@@ -89,6 +99,19 @@ def _collect(policy: Policy, queries: Sequence[Query], answers: dict[str, object
             attributes[q.attribute] = dict(zip(q.option_ids, (float(p) for p in ans.probs), strict=True))
             sources[q.attribute] = ans.source
     return _Evidence(term, attributes, sources, boxes, failed, unanswered)
+
+
+@dataclass
+class Prefetched:
+    """Answers a caller already has for a batch's first stage (a bundle asks once for all its policies).
+
+    ``answers`` maps ``id(view image)`` (the PIL object :meth:`LoadedImage.judged_views` holds)
+    to that view's ``{query key: answer}``; ``model_ms`` is this policy's share of the model
+    time per view.
+    """
+
+    answers: dict[int, dict[str, Answer]]
+    model_ms: float
 
 
 ESCALATED_NOTE = "escalated by "
@@ -215,9 +238,17 @@ class Moderator:
 
     # -- one stage -----------------------------------------------------------------------
 
-    def _run_stage(self, backend: Backend, images: Sequence[LoadedImage]) -> list[ModerationRecord]:
-        """Ask, decide and (optionally) explain for a batch; a failing batch is retried per image."""
+    def _run_stage(
+        self, backend: Backend, images: Sequence[LoadedImage], prefetched: Prefetched | None = None
+    ) -> list[ModerationRecord]:
+        """Ask, decide and (optionally) explain for a batch; a failing batch is retried per image.
+
+        With ``prefetched`` holding every image's answers the backend is not asked again.
+        """
         t0 = time.perf_counter()
+        if prefetched is not None and all(id(im.image) in prefetched.answers for im in images):
+            answers = [prefetched.answers[id(im.image)] for im in images]
+            return self._decide_stage(backend, images, answers, prefetched.model_ms)
         try:
             answers = backend.ask([im.image for im in images], self.queries)
             if len(answers) != len(images):
@@ -230,7 +261,11 @@ class Moderator:
             log.warning("batch of %d failed (%s); retrying image by image", len(images), exc)
             return [r for im in images for r in self._run_stage(backend, [im])]
         model_ms = (time.perf_counter() - t0) * 1000 / max(1, len(images))
+        return self._decide_stage(backend, images, answers, model_ms)
 
+    def _decide_stage(
+        self, backend: Backend, images: Sequence[LoadedImage], answers: Sequence[dict[str, Answer]], model_ms: float
+    ) -> list[ModerationRecord]:
         records = []
         for im, ans in zip(images, answers, strict=True):
             try:
@@ -346,14 +381,15 @@ class Moderator:
     # -- public --------------------------------------------------------------------------
 
     def moderate_loaded(
-        self, images: Sequence[LoadedImage], load_ms: Sequence[float] | None = None
+        self, images: Sequence[LoadedImage], load_ms: Sequence[float] | None = None, *, prefetched: Prefetched | None = None
     ) -> list[ModerationRecord]:
         """Moderate decoded images (one batch), cascade included.
 
         Every view of every image (each sampled frame, over each background that matters)
         is judged, all views of the batch together; each image then takes its worst view
         (:func:`_worst_view`), after escalation with the cascade. A view that fails makes
-        the whole image an error: no verdict is made on part of its frames.
+        the whole image an error: no verdict is made on part of its frames. ``prefetched``
+        answers the first stage (see :class:`Prefetched`); the second stage always asks.
         """
         if not images:
             return []
@@ -373,7 +409,7 @@ class Moderator:
         if self.explain and multi:
             runner = copy.copy(self)
             runner.explain = False
-        records = runner._run_stage(self.backend, views)
+        records = runner._run_stage(self.backend, views, prefetched)
         deciders: list[Backend] = [self.backend] * len(records)
         if self.escalate_to is not None:
             idx = [i for i, r in enumerate(records) if r.ok and r.verdict != "allow"]
@@ -502,12 +538,20 @@ def moderate(
     """Moderate image and video files with a policy; the library form of ``icm moderate``.
 
     Multi-frame images and videos are judged on up to ``max_frames`` frames (videos
-    sampled at ``fps``); each record carries the worst frame.
+    sampled at ``fps``); each record carries the worst frame. ``policy`` may name a bundle
+    (``icm-standard``, ``icm-standard:teen`` or a bundle YAML file): then each image has one
+    record per member policy (:func:`icm.moderation.bundle.moderate_bundle`).
 
     >>> records = moderate(["photo.jpg"], policy="icm-sexy", rules="children")  # doctest: +SKIP
     """
     from icm.moderation.backends import create_backend
 
+    if isinstance(policy, str):  # a bundle (icm-standard[:RULES]): one record per image and member policy
+        from icm.moderation.bundle import moderate_bundle, parse_bundle_ref
+
+        if parse_bundle_ref(policy, rules) is not None:
+            return moderate_bundle(images, bundle=policy, rules=rules, backend=backend, explain=explain,
+                                   batch_size=batch_size, max_frames=max_frames, fps=fps, **backend_options)
     paths = [images] if isinstance(images, str) else list(images)
     owned = isinstance(backend, str)
     be = create_backend(backend, **backend_options) if isinstance(backend, str) else backend

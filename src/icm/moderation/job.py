@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import TextIO
 
 from icm.fileio import atomic_write, read_jsonl
-from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, Backend
+from icm.moderation.bundle import BundleModerator, parse_bundle_ref
 from icm.moderation.engine import Moderator
 from icm.moderation.images import ImageLoadError, iter_image_paths, open_regular_file
 from icm.moderation.record import ModerationRecord
 from icm.moderation.spec import BACKEND_NAMES, BackendSpec, create_backends
+from icm.policy.bundle import bundle_members
 
 
 @dataclass
@@ -74,6 +76,22 @@ def build_moderator(c: ModerateConfig) -> Moderator:
 
     policy = load_policy(c.policy)
     policy.rule_set(c.rules)  # fail early on an unknown rule set, before loading a model
+    first, escalate = _backends(c)
+    return Moderator(first, policy=policy, rules=c.rules, explain=c.explain, escalate_to=escalate)
+
+
+def build_runner(c: ModerateConfig) -> Moderator | BundleModerator:
+    """A :class:`BundleModerator` when ``c.policy`` names a bundle (``icm-standard[:RULES]``), else :func:`build_moderator`."""
+    parsed = parse_bundle_ref(c.policy, c.rules)
+    if parsed is None:
+        return build_moderator(c)
+    bundle, rules = parsed
+    bundle_members(bundle, rules)  # fail early on a missing member or rule set, before loading a model
+    first, escalate = _backends(c)
+    return BundleModerator(first, bundle=bundle, rules=rules, explain=c.explain, escalate_to=escalate)
+
+
+def _backends(c: ModerateConfig) -> tuple[Backend, Backend | None]:
     if c.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     if not 0.0 <= c.min_label_mass <= 1.0:
@@ -86,8 +104,19 @@ def build_moderator(c: ModerateConfig) -> Moderator:
         raise ValueError("the cascade escalates to an MLLM backend: --escalate-backend hf or openai")
     if c.backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {c.backend!r} (choose from {', '.join(BACKEND_NAMES)})")
-    first, escalate = create_backends(c.backend_spec())
-    return Moderator(first, policy=policy, rules=c.rules, explain=c.explain, escalate_to=escalate)
+    return create_backends(c.backend_spec())
+
+
+def members(mod: Moderator | BundleModerator) -> list[Moderator]:
+    """The moderators a run's records come from: the bundle's members, or the one moderator."""
+    return mod.members if isinstance(mod, BundleModerator) else [mod]
+
+
+def _record_key(path: str, r: ModerationRecord | Moderator) -> str:
+    """What resume matches a finished record by: the file, and the policy and rule set that judged it."""
+    if isinstance(r, Moderator):
+        return f"{path}\0{r.policy.name}\0{r.rule_set.name}"
+    return f"{path}\0{r.policy}\0{r.rules}"
 
 
 def _sha256(path: Path) -> str | None:
@@ -128,26 +157,29 @@ class JobSummary:
         return self.errors == 0
 
 
-def _prepare_output(c: ModerateConfig, mod: Moderator) -> tuple[TextIO | None, dict[str, ModerationRecord]]:
-    """Open the output; with resume, keep finished records and return them by resolved path."""
+def _prepare_output(c: ModerateConfig, mods: list[Moderator]) -> tuple[TextIO | None, dict[str, ModerationRecord]]:
+    """Open the output; with resume, keep finished records and return them by :func:`_record_key`."""
     if not c.out:
         return None, {}
     out = Path(c.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done: dict[str, ModerationRecord] = {}
-    mine = (mod.policy.name, mod.policy_digest, mod.rule_set.name, mod.backend_name, mod.model_id)
+    mine = {(m.policy.name, m.policy_digest, m.rule_set.name, m.backend_name, m.model_id) for m in mods}
 
     def same(r: ModerationRecord) -> bool:
-        return (r.policy, r.policy_digest, r.rules, r.backend, r.model) == mine
+        return (r.policy, r.policy_digest, r.rules, r.backend, r.model) in mine
+
+    def key(r: ModerationRecord) -> str:
+        return _record_key(_resolved(r.local_path()), r)
 
     from icm.moderation.parquet import is_parquet_path, open_parquet_output
 
     if is_parquet_path(out):  # *.parquet: a folder of part files (icm.moderation.parquet)
-        return open_parquet_output(out, resume=c.resume, same=same, key=lambda r: _resolved(r.local_path()))  # type: ignore[return-value]
+        return open_parquet_output(out, resume=c.resume, same=same, key=key)  # type: ignore[return-value]
     if c.resume and out.exists():
         records, _ = read_records(out)
         keep = [r for r in records if r.ok or not same(r)]
-        done = {_resolved(r.local_path()): r for r in keep if r.ok and same(r)}
+        done = {key(r): r for r in keep if r.ok and same(r)}
         with atomic_write(out) as fh:  # drops retried failures and a half-written last line
             for r in keep:
                 fh.write(r.model_dump_json() + "\n")
@@ -158,19 +190,25 @@ def _prepare_output(c: ModerateConfig, mod: Moderator) -> tuple[TextIO | None, d
 def run_job(
     c: ModerateConfig,
     *,
-    moderator: Moderator | None = None,
+    moderator: Moderator | BundleModerator | None = None,
     stdin: TextIO | None = None,
     on_start: Callable[[int], None] | None = None,
     on_record: Callable[[ModerationRecord], None] | None = None,
 ) -> JobSummary:
-    """Run a moderation batch; records go to ``c.out`` (JSONL) and to ``on_record``."""
+    """Run a moderation batch; records go to ``c.out`` (JSONL) and to ``on_record``.
+
+    With a bundle (``c.policy`` names one, or ``moderator`` is a :class:`BundleModerator`)
+    each image gives one record per member policy; ``total`` and ``skipped`` count images,
+    ``verdicts`` and ``errors`` records.
+    """
     t0 = time.perf_counter()
-    mod = moderator or build_moderator(c)
+    mod = moderator or build_runner(c)
+    mods = members(mod)
     summary = JobSummary()
     entries = list(iter_image_paths(c.inputs, stdin=stdin, null=c.null))
     if on_start:
         on_start(len(entries))
-    fh, done = _prepare_output(c, mod)
+    fh, done = _prepare_output(c, mods)
 
     def emit(r: ModerationRecord) -> None:
         summary.records.append(r)
@@ -188,23 +226,28 @@ def run_job(
         pending: list[str] = []
 
         def flush_batch() -> None:
-            for r in mod.moderate_paths(pending, max_pixels=c.max_pixels, max_frames=c.max_frames, fps=c.fps):
+            for r in _moderate_paths(mod, pending, c):
                 emit(r)
             pending.clear()
 
         for e in entries:
             summary.total += 1
             if not e.ok or e.path is None:
-                emit(mod.error_record(e.source, e.error or "no image"))
+                for m in mods:
+                    emit(m.error_record(e.source, e.error or "no image"))
                 continue
             path = str(e.path)
-            prev = done.get(_resolved(e.path))
-            if prev is not None and prev.sha256 == _sha256(e.path):
-                summary.skipped += 1
-                summary.verdicts[prev.verdict or "none"] += 1
-                if on_record:
-                    on_record(prev)
-                continue
+            prevs = [done.get(_record_key(_resolved(e.path), m)) for m in mods]
+            if all(p is not None for p in prevs):
+                sha = _sha256(e.path)
+                finished = [p for p in prevs if p is not None and p.sha256 == sha]
+                if len(finished) == len(mods):
+                    summary.skipped += 1
+                    for prev in finished:
+                        summary.verdicts[prev.verdict or "none"] += 1
+                        if on_record:
+                            on_record(prev)
+                    continue
             pending.append(path)
             if len(pending) >= c.batch_size:
                 flush_batch()
@@ -219,3 +262,11 @@ def run_job(
                 mod.escalate_to.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _moderate_paths(mod: Moderator | BundleModerator, paths: list[str], c: ModerateConfig) -> list[ModerationRecord]:
+    """One batch's records: per image, one per member policy."""
+    if isinstance(mod, BundleModerator):
+        per_image = mod.moderate_paths(paths, max_pixels=c.max_pixels, max_frames=c.max_frames, fps=c.fps)
+        return [r for records in per_image for r in records]
+    return mod.moderate_paths(paths, max_pixels=c.max_pixels, max_frames=c.max_frames, fps=c.fps)

@@ -158,6 +158,12 @@ class Backend:
 
     name: str = "backend"
     capabilities: frozenset[Capability] = frozenset()
+    merges_policies: bool = False
+    """Whether one :meth:`ask` may carry several policies' queries (keys made unique by the caller).
+
+    A bundle (:class:`icm.moderation.bundle.BundleModerator`) then asks once for all its
+    policies. False for a backend that reads the policy from the queries (the detector
+    takes it from the term of the first yes/no query)."""
 
     @property
     def model_id(self) -> str:

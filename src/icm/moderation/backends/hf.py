@@ -122,6 +122,7 @@ class HFBackend(Backend):
     """
 
     name = "hf"
+    merges_policies = True  # ask() takes any queries: a bundle asks once for all its policies
     capabilities = frozenset({"score_yes_no", "choose", "generate"})
 
     def __init__(

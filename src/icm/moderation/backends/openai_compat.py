@@ -210,6 +210,7 @@ class OpenAIBackend(Backend):
     """
 
     name = "openai"
+    merges_policies = True  # ask() takes any queries: a bundle asks once for all its policies
     capabilities: frozenset[Capability] = frozenset({"score_yes_no", "choose", "generate"})
 
     def __init__(
