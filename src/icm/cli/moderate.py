@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 
 import typer
 from rich.markup import escape
@@ -12,8 +13,9 @@ from rich.table import Table
 from icm.cli import backend_options as bo
 from icm.cli.common import console, err_console, print_error
 from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, BackendConfigError
+from icm.moderation.bundle import BundleModerator, overviews, parse_bundle_ref
 from icm.moderation.engine import escalation_counts
-from icm.moderation.job import JobSummary, ModerateConfig, build_moderator, run_job
+from icm.moderation.job import JobSummary, ModerateConfig, build_runner, members, run_job
 from icm.moderation.record import ModerationRecord
 from icm.policy import PolicyError
 
@@ -57,9 +59,35 @@ def summary_table(summary: JobSummary) -> Table:
     return t
 
 
+def bundle_table(summary: JobSummary, records: list[ModerationRecord]) -> Table:
+    """A bundle's run: per image the worst verdict of its policies and the flagged openai categories."""
+    rows = overviews(records)
+    title = f"{summary.total} images in {summary.seconds:.1f}s"
+    if len(rows) > MAX_ROWS:
+        title += f" (first {MAX_ROWS} shown)"
+    t = Table(title=title)
+    t.add_column("image", overflow="fold")
+    t.add_column("verdict")
+    t.add_column("flagged (openai)", overflow="fold")
+    t.add_column("policies not allowing", overflow="fold")
+    for o in rows[:MAX_ROWS]:
+        if not o.ok:
+            errs = "; ".join(f"{k}: {v}" for k, v in o.errors.items())
+            t.add_row(escape(o.path), "[red]error[/red]", "-", escape(errs))
+            continue
+        style = VERDICT_STYLE.get(o.verdict or "", "white")
+        flagged = ", ".join(o.flagged_categories.get("openai", [])) or "-"
+        worse = ", ".join(f"{k} ({v})" for k, v in o.verdicts.items() if v != "allow") or "-"
+        t.add_row(escape(o.path), f"[{style}]{o.verdict}[/{style}]", escape(flagged), escape(worse))
+    return t
+
+
 def moderate(
     inputs: list[str] = typer.Argument(None, help="Image files, folders (recursive), glob patterns, or - for a list of paths on stdin."),
-    policy: str = typer.Option("icm-sexy", "--policy", "-p", help="Built-in policy name or policy YAML file."),
+    policy: str = typer.Option(
+        "icm-sexy", "--policy", "-p",
+        help="Built-in policy name or policy YAML file; or a bundle (icm-standard[:RULES], or a bundle YAML file): every member policy.",
+    ),
     rules: str | None = typer.Option(None, "--rules", "-r", help="Rule set of the policy (default: the policy's default)."),
     backend: bo.BackendOpt = "detector",
     model: bo.ModelOpt = None,
@@ -70,7 +98,9 @@ def moderate(
     escalate_backend: bo.EscalateBackendOpt = "hf",
     explain: bool = typer.Option(False, "--explain", help="Ask the model for an explanation (backends that generate text)."),
     batch_size: bo.BatchSizeOpt = 8,
-    out: str | None = typer.Option(None, "--out", "-o", help="JSONL file, one record per image, written as it goes."),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="JSONL file, one record per image (per image and policy with a bundle), written as it goes.",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Skip images --out already holds for the same policy, rules, backend and model."),
     max_pixels: int | None = typer.Option(None, help="Refuse images above this many pixels (decompression bombs)."),
     max_frames: int = typer.Option(
@@ -121,6 +151,9 @@ def moderate(
         raise typer.Exit(2)
     ray_options = None
     ray_errors: tuple[type[Exception], ...] = ()
+    if engine == "ray" and parse_bundle_ref(policy, rules) is not None:
+        err_console.print("[red]a bundle runs on the local engine (--engine local)[/red]")
+        raise typer.Exit(2)
     if engine == "ray":
         from icm.moderation.ray_engine import RayEngineError, RayOptions, RunInfo
         ray_errors = (RayEngineError, ImportError)
@@ -130,15 +163,18 @@ def moderate(
         err_console.print(f"[red]unknown --engine {escape(engine)} (local or ray)[/red]")
         raise typer.Exit(2)
     try:
-        moderator = build_moderator(config) if ray_options is None else RunInfo(config)
+        moderator = build_runner(config) if ray_options is None else RunInfo(config)
     except (PolicyError, KeyError, ValueError, ImportError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print_error(msg)
         raise typer.Exit(2) from None
-    if getattr(moderator, "policy", None) is not None:  # said once, up front: what the backend cannot judge
+    checked = members(moderator) if isinstance(moderator, BundleModerator) else [moderator]
+    for m in checked:  # said once, up front: what the backend cannot judge
+        if getattr(m, "policy", None) is None:
+            continue
         from icm.moderation.evidence.plan import judgeability
 
-        unjudged, warnings = judgeability(moderator.policy, moderator.backend, cascade=moderator.escalate_to is not None)
+        unjudged, warnings = judgeability(m.policy, moderator.backend, cascade=moderator.escalate_to is not None)
         if unjudged and not allow_unjudged:
             print_error(unjudged)
             moderator.backend.close()
@@ -152,17 +188,23 @@ def moderate(
     )
     task = None
 
+    per_image = len(moderator.members) if isinstance(moderator, BundleModerator) else 1  # records per image
+
     def on_start(n: int) -> None:
         nonlocal task
-        task = progress.add_task("moderate", total=n, rate="")
+        task = progress.add_task("moderate", total=n * per_image, rate="")
+
+    seen: list[ModerationRecord] = []  # a bundle's table and counts: every record, the ones --resume skipped too
 
     def on_record(r: ModerationRecord) -> None:
+        if isinstance(moderator, BundleModerator):
+            seen.append(r)
         if json_:
             sys.stdout.write(r.model_dump_json() + "\n")
             sys.stdout.flush()
         if task is not None:
             t = progress.tasks[0]
-            rate = f"{(t.completed + 1) / t.elapsed:.1f} img/s" if t.elapsed else ""
+            rate = f"{(t.completed + 1) / per_image / t.elapsed:.1f} img/s" if t.elapsed else ""
             progress.update(task, advance=1, rate=rate)
 
     try:
@@ -182,7 +224,19 @@ def moderate(
         moderator.backend.close()
         if moderator.escalate_to is not None:
             moderator.escalate_to.close()
-    if not json_:
+    if not json_ and isinstance(moderator, BundleModerator):
+        console.print(bundle_table(summary, seen))
+        worst = Counter((o.verdict or "error") for o in overviews(seen))
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(worst.items()))
+        console.print(
+            f"bundle [bold]{moderator.bundle.name}[/bold] ({len(moderator.members)} policies), rules "
+            f"[bold]{moderator.rules or 'each default'}[/bold], backend [bold]{moderator.backend_name}[/bold] "
+            f"({moderator.model_id}) | images by worst verdict: {counts or 'none'}, failed records: {summary.errors}"
+            + (f", skipped (already in {out}): {summary.skipped}" if summary.skipped else "")
+            + (f" | records: {out}" if out else ""),
+            highlight=False,
+        )
+    elif not json_:
         console.print(summary_table(summary))
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(summary.verdicts.items()))
         extra = f", skipped (already in {out}): {summary.skipped}" if summary.skipped else ""
