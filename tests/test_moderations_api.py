@@ -22,6 +22,7 @@ import httpx
 from icm.moderation.engine import Moderator
 from icm.serve import ServeConfig, create_app
 from icm.serve.fetch import FetchPolicy, ImageFetcher, host_listed, public_address
+from icm.serve.openai_results import OPENAI_CATEGORIES
 
 from serve_helpers import ColourBackend, live_server, png
 
@@ -48,27 +49,37 @@ def client(base: str, **kw) -> openai.OpenAI:
 
 
 def test_the_openai_sdk_moderates_the_sample_photos_as_not_flagged(tmp_path, monkeypatch):
-    """The detector backend (real models), the official SDK, OpenAI's model name: the three
-    sample photos are not flagged, and each result carries the stored decision."""
+    """The detector backend (real models), the official SDK reading its typed fields: one
+    result per input (an array of parts is one input), all 13 categories typed, the sample
+    photos not flagged, icm-sexy judged as OpenAI's `sexual`, each stored decision listed."""
     monkeypatch.delenv("ICM_API_KEYS", raising=False)
     photos = sorted(EXAMPLES.glob("*.jpg"))
     app = make_app(tmp_path)
     with live_server(app) as base:
         sdk = client(base)
-        resp = sdk.moderations.create(
-            model="omni-moderation-latest", input=[part(data_url(p.read_bytes(), "image/jpeg")) for p in photos]
-        )
+        resp = sdk.moderations.create(input=[part(data_url(p.read_bytes(), "image/jpeg")) for p in photos])
         assert resp.id.startswith("modr-") and resp.model == "icm-sexy:icm-default"
-        assert len(resp.results) == len(photos)
-        for result in resp.results:
-            assert result.flagged is False
-            assert result.categories.model_dump(exclude_none=True) == {"sexy": False}
-            assert result.category_applied_input_types.model_dump(exclude_none=True) == {"sexy": ["image"]}
-            (d,) = result.model_extra["icm"]["decisions"]
+        (result,) = resp.results  # one input, however many images
+        assert result.flagged is False
+        assert result.categories.sexual is False and result.categories.violence_graphic is False
+        assert result.categories.self_harm_intent is False and result.categories.illicit_violent is False
+        assert set(result.categories.model_dump(by_alias=True)) >= set(OPENAI_CATEGORIES)
+        assert all(isinstance(v, bool) for v in result.categories.model_dump(by_alias=True).values())
+        assert all(isinstance(v, float) for v in result.category_scores.model_dump(by_alias=True).values())
+        assert result.category_applied_input_types.sexual == ["image"]
+        assert result.category_applied_input_types.violence == [] and result.category_applied_input_types.self_harm == []
+        icm = result.model_extra["icm"]
+        assert icm["images"] == len(photos) and icm["verdicts"] == {"icm-sexy:icm-default": "allow"}
+        decisions = icm["decisions"]
+        assert [d["image"] for d in decisions] == list(range(len(photos)))
+        assert result.category_scores.sexual == pytest.approx(max(d["record"]["category_scores"]["openai"]["sexual"] for d in decisions))
+        for d in decisions:
             assert d["record"]["verdict"] == "allow" and d["record"]["backend"] == "detector"
-            assert result.category_scores.model_dump(exclude_none=True)["sexy"] == pytest.approx(d["record"]["p_violation"])
             stored = httpx.get(f"{base}/v1/decisions/{d['decision_id']}", headers={"Authorization": f"Bearer {TOKEN}"}).json()
             assert stored["verdict"] == "allow" and stored["source"] == "data-url"
+        # a list of strings: one input (one result) per string
+        many = sdk.moderations.create(input=[data_url(p.read_bytes(), "image/jpeg") for p in photos[:2]])
+        assert len(many.results) == 2 and not any(r.flagged for r in many.results)
         # a rule set named in the model, one image as a plain data: URL string
         one = sdk.moderations.create(model="icm-sexy:children", input=data_url(photos[0].read_bytes(), "image/jpeg"))
         assert one.model == "icm-sexy:children" and not one.results[0].flagged
@@ -82,17 +93,21 @@ def test_several_policies_at_once_and_a_flagged_image(tmp_path, monkeypatch):
     with live_server(app) as base:
         sdk = client(base)
         red, blue = data_url(png((255, 0, 0))), data_url(png((0, 0, 255)))
-        resp = sdk.moderations.create(model="icm-sexy:children,gambling", input=[part(red), part(blue)])
+        resp = sdk.moderations.create(model="icm-sexy:children,gambling", input=[red, blue])
         assert resp.model == "icm-sexy:children,gambling:gambling-default"
         flagged, clean = resp.results
-        assert set(flagged.categories.model_dump(exclude_none=True)) == {"sexy", "gambling"}
-        assert flagged.flagged and flagged.categories.model_dump(exclude_none=True)["sexy"] is True
-        verdicts = {d["record"]["policy"]: d["record"]["verdict"] for d in flagged.model_extra["icm"]["decisions"]}
-        assert verdicts["icm-sexy"] == "block"
-        assert not clean.flagged and set(clean.categories.model_dump(exclude_none=True).values()) == {False}
-        # 2 images x 2 policies = 4 stored decisions; each image was asked about once per policy
+        assert flagged.flagged and flagged.categories.sexual is True and flagged.category_scores.sexual > 0.3
+        verdicts = flagged.model_extra["icm"]["verdicts"]
+        assert verdicts["icm-sexy:children"] == "block" and set(verdicts) == {"icm-sexy:children", "gambling:gambling-default"}
+        assert not clean.flagged and not any(clean.categories.model_dump(by_alias=True).values())
+        assert clean.category_applied_input_types.sexual == ["image"]
+        # one input of two images: the worst decides, every image's decisions are listed
+        (both,) = sdk.moderations.create(model="icm-sexy:children", input=[part(blue), part(red)]).results
+        assert both.flagged and both.categories.sexual is True
+        assert [d["image"] for d in both.model_extra["icm"]["decisions"]] == [0, 1]
+        # 2 images x 2 policies + 2 images x 1 policy = 6 stored decisions
         total = httpx.get(f"{base}/v1/decisions", headers={"Authorization": f"Bearer {TOKEN}"}).json()["total"]
-        assert total == 4
+        assert total == 6
 
 
 def test_bad_input_gets_a_clear_error_through_the_sdk(tmp_path, monkeypatch):
@@ -101,19 +116,33 @@ def test_bad_input_gets_a_clear_error_through_the_sdk(tmp_path, monkeypatch):
     app = make_app(tmp_path, Moderator(backend, policy="icm-sexy"))
     with live_server(app) as base:
         sdk = client(base)
+        with pytest.raises(openai.BadRequestError, match="judges images only") as text:
+            sdk.moderations.create(input="I want to hurt them.")
+        assert text.value.type == "invalid_request_error" and text.value.code == "text_not_supported"
         with pytest.raises(openai.BadRequestError, match="judges images only"):
-            sdk.moderations.create(model="omni-moderation-latest", input="I want to hurt them.")
-        with pytest.raises(openai.BadRequestError, match="text part"):
-            sdk.moderations.create(input=[{"type": "text", "text": "hello"}, part(data_url(png((0, 0, 9))))])
-        with pytest.raises(openai.BadRequestError, match="no rule set 'nope'"):
+            sdk.moderations.create(input=[{"type": "text", "text": "hello"}])
+        with pytest.raises(openai.BadRequestError, match=r"input\[1\] is text"):
+            sdk.moderations.create(input=[data_url(png((0, 0, 9))), "hello"])
+        # text beside an image is accepted and not judged
+        ok = sdk.moderations.create(input=[{"type": "text", "text": "hello"}, part(data_url(png((0, 0, 9))))])
+        assert ok.results[0].category_applied_input_types.sexual == ["image"]
+        assert ok.results[0].model_extra["icm"]["text_parts_ignored"] == 1
+        with pytest.raises(openai.BadRequestError, match="no rule set 'nope'") as rules:
             sdk.moderations.create(model="icm-sexy:nope", input=[part(data_url(png((0, 0, 9))))])
+        assert rules.value.param == "model"
         with pytest.raises(openai.BadRequestError, match="unknown policy"):
-            sdk.moderations.create(model="text-moderation-stable", input=[part(data_url(png((0, 0, 9))))])
+            sdk.moderations.create(model="no-such-policy", input=[part(data_url(png((0, 0, 9))))])
         with pytest.raises(openai.BadRequestError, match=r"does not fetch images from 'example\.com'"):
             sdk.moderations.create(input=[part("https://example.com/cat.jpg")])
-        with pytest.raises(openai.APIStatusError, match=r"not an image|unsupported") as info:
+        # image data that does not decode: a 400 invalid_request_error naming the input
+        with pytest.raises(openai.BadRequestError, match=r"not an image|unsupported") as info:
             sdk.moderations.create(input=[part(data_url(b"plain text, not a picture", "image/png"))])
-        assert info.value.status_code == 415
+        assert info.value.type == "invalid_request_error" and info.value.param == "input[0]"
+        with pytest.raises(openai.BadRequestError, match="not valid base64") as b64:
+            sdk.moderations.create(input=[part(data_url(png((0, 0, 9)))), part("data:image/png;base64,@@not base64@@")])
+        assert b64.value.type == "invalid_request_error" and b64.value.param == "input[1]"
+        with pytest.raises(openai.BadRequestError, match=r"corrupt|truncated|unreadable"):
+            sdk.moderations.create(input=[part(data_url(png((0, 0, 9))[:60]))])
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong-key-wrong-key-1", max_retries=0).moderations.create(
                 input=[part(data_url(png((0, 0, 9))))]
@@ -123,7 +152,7 @@ def test_bad_input_gets_a_clear_error_through_the_sdk(tmp_path, monkeypatch):
             sdk.moderations.create(input=[part(data_url(png((0, 255, 0))))])
         assert failed.value.status_code == 502 and "green is not allowed" in str(failed.value)
         total = httpx.get(f"{base}/v1/decisions", headers={"Authorization": f"Bearer {TOKEN}"}).json()["total"]
-        assert total == 0, "no request above made a decision"
+        assert total == 1, "only the request with text beside its image made a decision"
 
 
 # --------------------------------------------------------------------------- image URLs

@@ -91,8 +91,15 @@ def serve(
     model_alias: list[str] | None = typer.Option(
         None, "--model-alias",
         help=(
-            "/v1/moderations: NAME=POLICY[:RULES][,...] maps a model name such as omni-moderation-latest to policies "
-            "(repeatable)."
+            "/v1/moderations: NAME=POLICY[:RULES][,...] or NAME=BUNDLE[:RULES] maps a model name to policies "
+            "(repeatable; OpenAI's names such as omni-moderation-latest are the icm-standard bundle by default)."
+        ),
+    ),
+    unjudged: str | None = typer.Option(
+        None, "--unjudged",
+        help=(
+            "/v1/moderations: a category the backend cannot judge here (the offline detector without evidence for a "
+            "policy) is 'pass' (not flagged, category_applied_input_types empty; the default) or 'flag' (fail closed)."
         ),
     ),
     audit_rate: float | None = typer.Option(None, help="Share of allow and block decisions sent to the review queue for audit (default: 0)."),
@@ -121,6 +128,7 @@ def serve(
         "keep_images_days": keep_images_days,
         "review_page": review_page, "log_level": log_level, "workers": workers,
         "image_url_hosts": list(image_url_host) if image_url_host else None, "model_aliases": None,
+        "unjudged": unjudged,
         "audit_rate": audit_rate, "claim_seconds": claim_seconds, "webhook_url": webhook_url, "webhook_secret": None,
     }
     try:

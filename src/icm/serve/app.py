@@ -138,7 +138,7 @@ def create_app(
             kind = "invalid_request_error" if exc.status < 500 else "server_error"
             if exc.status in (401, 403):
                 kind = "authentication_error" if exc.status == 401 else "permission_error"
-            body = {"error": {"message": exc.detail, "type": kind, "param": None, "code": exc.code}}
+            body = {"error": {"message": exc.detail, "type": kind, "param": exc.param, "code": exc.code}}
             return JSONResponse(body, status_code=exc.status, headers=exc.headers)
         return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 

@@ -12,7 +12,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -24,6 +24,9 @@ DEFAULT_DB = "icm-decisions.sqlite"
 MIN_KEY_LENGTH = 16
 """Shortest API key accepted: 16 random characters are beyond guessing over the network."""
 KEYGEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+STANDARD_BUNDLE = "icm-standard"
+OPENAI_MODEL_NAMES = ("omni-moderation-latest", "omni-moderation-2024-09-26", "text-moderation-latest", "text-moderation-stable")
+"""OpenAI's moderation model names: each judges the images of the input under the icm-standard bundle."""
 
 
 class ServeConfig(BaseModel):
@@ -123,9 +126,16 @@ class ServeConfig(BaseModel):
     review_page: bool = Field(True, description="Serve the review page at /review.")
     # -- the OpenAI-compatible endpoint (POST /v1/moderations)
     model_aliases: dict[str, str] = Field(
-        default_factory=lambda: {"omni-moderation-latest": "", "omni-moderation-2024-09-26": "", "text-moderation-latest": ""},
-        description="OpenAI model names and what they mean here: 'POLICY[:RULES][,POLICY[:RULES]...]'; '' is the "
-        "server's default policy and rule set.",
+        default_factory=lambda: dict.fromkeys(OPENAI_MODEL_NAMES, STANDARD_BUNDLE),
+        description="OpenAI model names and what they mean here: 'POLICY[:RULES][,POLICY[:RULES]...]', a bundle "
+        "'BUNDLE[:RULES]' (OpenAI's names: the icm-standard taxonomy), or '' for the server's default policy and "
+        "rule set.",
+    )
+    unjudged: Literal["pass", "flag"] = Field(
+        "pass",
+        description="/v1/moderations: a category the backend cannot judge here (the offline detector without "
+        "evidence for a policy) is 'pass': not flagged, its category_applied_input_types empty; or 'flag': "
+        "flagged on every image (fail closed).",
     )
     image_url_hosts: list[str] = Field(
         default_factory=list,

@@ -6,14 +6,19 @@ from icm.moderation.images import ImageLoadError
 
 
 class APIError(Exception):
-    """Rendered as ``{"error": code, "detail": message}`` with ``status``."""
+    """Rendered as ``{"error": code, "detail": message}`` with ``status`` (on ``/v1/moderations``
+    as OpenAI's ``{"error": {"message", "type", "param", "code"}}``; ``param`` names the
+    request field at fault there)."""
 
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, detail: str, headers: dict[str, str] | None = None, *, param: str | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
         self.headers = headers or {}
+        self.param = param
 
 
 class BodyTooLarge(APIError):

@@ -24,6 +24,7 @@ from icm.serve.config import ServeConfig
 from icm.serve.errors import APIError
 from icm.serve.limits import PixelBudget, RateLimiter
 from icm.serve.metrics import ServerMetrics
+from icm.serve.openai_models import ServedBundle, load_served_bundles, unjudged_policies
 from icm.serve.store import DecisionMeta, DecisionStore, ImageStore
 
 log = logging.getLogger("icm.serve")
@@ -65,6 +66,8 @@ class Service:
     pixels: PixelBudget | None = None  # made in the server's event loop (lifespan)
     limiter: RateLimiter | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # webhooks, fetchers: set by create_app
+    bundles: dict[str, ServedBundle] = field(default_factory=dict)  # /v1/moderations' bundles (icm.serve.openai_models)
+    unjudged: dict[str, str] = field(default_factory=dict)  # policy -> why the backend cannot judge it here
 
     @property
     def default_moderator(self) -> Moderator:
@@ -205,6 +208,10 @@ def build_service(config: ServeConfig, *, moderator: Moderator | None = None, st
     for ref in config.policies:
         p = load_policy(ref)
         policies.setdefault(p.name, p)
+    bundles = load_served_bundles(config)
+    for served in bundles.values():
+        for p in served.members:
+            policies.setdefault(p.name, p)
     moderators: dict[tuple[str, str], Moderator] = {(moderator.policy.name, moderator.rule_set.name): moderator}
     for p in policies.values():
         for rs in p.rule_sets:
@@ -219,7 +226,7 @@ def build_service(config: ServeConfig, *, moderator: Moderator | None = None, st
         store = DecisionStore(config.db_url())
         owned.append(store)
     image_dir = config.resolved_image_dir()
-    return Service(
+    svc = Service(
         config=config,
         policies=policies,
         moderators=moderators,
@@ -228,4 +235,7 @@ def build_service(config: ServeConfig, *, moderator: Moderator | None = None, st
         auth=Authenticator(config.all_api_keys(), allow_unauthenticated=config.allow_unauthenticated),
         metrics=ServerMetrics(),
         owned=owned,
+        bundles=bundles,
     )
+    svc.unjudged = unjudged_policies(svc)
+    return svc

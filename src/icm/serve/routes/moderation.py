@@ -159,6 +159,15 @@ async def judge(
     """Decode an image once and judge it under each (policy, rule set); each judgement is a
     stored decision. A judgement the backend failed on is a 502: never a silent pass."""
     im, load_ms = await load(svc, data, name, source)
+    return await judge_loaded(svc, im, load_ms, data, name, targets, source=source, who=who)
+
+
+async def judge_loaded(
+    svc: Service, im: LoadedImage, load_ms: float, data: bytes, name: str, targets: Sequence[tuple[str, str]], *,
+    source: str, who: str | None,
+) -> list[Outcome]:
+    """:func:`judge` of an image :func:`load` decoded (a request of several images decodes
+    them all before any is judged: an undecodable one makes no decision)."""
     jobs = [
         Job(
             image=im, data=data, policy=p, rules=r, load_ms=load_ms,

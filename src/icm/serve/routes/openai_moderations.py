@@ -1,51 +1,55 @@
-"""``POST /v1/moderations``: OpenAI's moderation API over this server's policies.
+"""``POST /v1/moderations``: OpenAI's moderation API over this server's policies, for images.
 
-A client of OpenAI's API (the official ``openai`` SDK included) works by changing only its
-base URL: ``model`` names the policies (``icm-sexy:children``, several with commas, an
-alias such as ``omni-moderation-latest`` for the server's default), ``input`` carries the
-images as content parts ``{"type": "image_url", "image_url": {"url": ...}}`` (``data:``
-URLs, or ``http(s)`` URLs of allow-listed hosts; a bare string that is such a URL counts
-too). Text is refused with a 400: this service judges images.
+A client of OpenAI's API (the official ``openai`` SDKs included) works by changing only its
+base URL. ``model`` names the policies (``icm-sexy:children``, several with commas), a
+bundle (``icm-standard:teen``), or one of OpenAI's names (``omni-moderation-latest``,
+``text-moderation-stable`` ...: the ``icm-standard`` taxonomy, see
+:mod:`icm.serve.openai_models`); none is the server's default policy.
 
-Each image is one result; its categories are the named policies' terms. A category is
-flagged when the policy's verdict is ``block`` or ``review`` (an uncertain image is never
-passed as clean; ``icm.decisions[].record.verdict`` tells which), its score is
-P(violation) under the rule set. Every judgement is a stored decision, as with
-``/v1/moderate``; an image the backend failed on is a 502, never ``flagged: false``.
+``input`` is OpenAI's: an array of content parts is **one** input (its images are judged,
+the worst decides; ``{"type": "text"}`` parts beside them are accepted and not judged), a
+string or a list of strings is one input per string (an image URL: ``data:`` or an
+``http(s)`` URL of an allow-listed host). An input with no image is a 400: this server
+judges images, never text.
+
+Each result carries OpenAI's 13 categories (:mod:`icm.serve.openai_results`): the score
+of a category is the largest over the judged policies that map it, flagged at the rule
+set's review threshold; ``flagged`` is also true when any verdict is review or block (an
+uncertain image is never passed as clean). Every judgement is a stored decision, as with
+``/v1/moderate`` (the ``icm`` field lists them); an image the backend failed on is a 502,
+never ``flagged: false``; image data that does not decode is a 400 ``invalid_request_error``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from icm.moderation.record import ModerationRecord
+from icm.moderation.images import LoadedImage
 from icm.serve.errors import APIError
+from icm.serve.openai_models import resolve_model
+from icm.serve.openai_results import ModerationResult, input_result
 from icm.serve.routes.common import ERRORS, content_type, json_body, principal, service
-from icm.serve.routes.moderation import decode_base64, judge
+from icm.serve.routes.moderation import decode_base64, judge_loaded, load
 from icm.serve.service import Outcome, Service
 
 router = APIRouter(tags=["moderation"])
 
 MAX_INPUTS = 32
+"""Most images per request (over all its inputs)."""
 
+UNDECODABLE = frozenset({"bad_base64", "bad_data_url", "not_an_image", "corrupt_image", "unreadable_image", "empty_image"})
+"""Image errors that are the request's fault: OpenAI's clients get them as a 400 invalid_request_error."""
 
-class ICMDecision(BaseModel):
-    decision_id: int
-    review_url: str
-    record: ModerationRecord
-
-
-class ModerationResult(BaseModel):
-    flagged: bool
-    categories: dict[str, bool]
-    category_scores: dict[str, float]
-    category_applied_input_types: dict[str, list[str]]
-    icm: dict[str, Any] = Field(description="This server's decisions for the image (OpenAI's clients ignore it)")
+TEXT_REFUSED = (
+    "this server judges images only, not text. Send images as {\"type\": \"image_url\", \"image_url\": "
+    "{\"url\": \"data:image/jpeg;base64,...\"}} content parts (text parts beside them are accepted and not judged)"
+)
 
 
 class ModerationsResponse(BaseModel):
@@ -63,9 +67,14 @@ MODERATIONS_BODY = {
                     "type": "object",
                     "required": ["input"],
                     "properties": {
-                        "model": {"type": "string", "description": "POLICY[:RULES][,POLICY[:RULES]...] or an alias"},
+                        "model": {
+                            "type": "string",
+                            "description": "POLICY[:RULES][,POLICY[:RULES]...], BUNDLE[:RULES] or an alias "
+                            "(omni-moderation-latest: the icm-standard bundle)",
+                        },
                         "input": {
-                            "description": "Image content parts (or URL strings)",
+                            "description": "Content parts (one input: its images; text parts are not judged), or "
+                            "image URL strings (one input each)",
                             "oneOf": [
                                 {"type": "string"},
                                 {"type": "array", "items": {"type": "string"}},
@@ -80,63 +89,67 @@ MODERATIONS_BODY = {
 }
 
 
-def resolve_model(svc: Service, model: str | None) -> tuple[str, list[tuple[str, str]]]:
-    """The model name to echo and the (policy, rule set) pairs it names."""
-    spec = (model or "").strip()
-    aliases = svc.config.model_aliases
-    if spec in aliases:
-        spec = aliases[spec].strip()
-    if not spec:
-        return f"{svc.config_policy_name}:{svc.default_rules}", [(svc.config_policy_name, svc.default_rules)]
-    targets: list[tuple[str, str]] = []
-    for part in spec.split(","):
-        pname, _, rname = part.strip().partition(":")
-        if not pname:
-            raise APIError(400, "bad_model", f"model {model!r}: write POLICY[:RULES][,POLICY[:RULES]...]")
-        try:
-            target = svc.resolve(pname, rname or None)
-        except APIError as exc:
-            raise APIError(400, exc.code, f"model {model!r}: {exc.detail}") from None
-        if target not in targets:
-            targets.append(target)
-    return ",".join(f"{p}:{r}" for p, r in targets), targets
+@dataclass
+class Input:
+    """One of OpenAI's inputs: its image URLs (with where each is in the request) and its text parts."""
+
+    images: list[tuple[str, str]] = field(default_factory=list)
+    texts: int = 0
 
 
-def image_urls(raw: Any) -> list[str]:
-    """The image URLs of OpenAI's ``input`` (a string, a list of strings, or content parts)."""
-    items = raw if isinstance(raw, list) else [raw]
-    if not items:
-        raise APIError(400, "missing_input", "'input' is empty: send image content parts")
-    if len(items) > MAX_INPUTS:
-        raise APIError(400, "too_many_inputs", f"'input' has {len(items)} items; at most {MAX_INPUTS} per request")
-    urls: list[str] = []
-    for i, item in enumerate(items):
-        where = f"input[{i}]" if isinstance(raw, list) else "input"
-        if isinstance(item, str):
-            if item.strip().startswith(("data:", "http://", "https://")):
-                urls.append(item.strip())
+def _is_image_url(text: str) -> bool:
+    return text.strip().startswith(("data:", "http://", "https://"))
+
+
+def parse_inputs(raw: Any) -> list[Input]:
+    """OpenAI's ``input``: a string (one input), a list of strings (one input each), or a
+    list of content parts (one input). Every input needs an image."""
+    if isinstance(raw, str):
+        inputs = [Input(images=[(raw.strip(), "input")]) if _is_image_url(raw) else Input(texts=1)]
+    elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
+        inputs = [
+            Input(images=[(x.strip(), f"input[{i}]")]) if _is_image_url(x) else Input(texts=1) for i, x in enumerate(raw)
+        ]
+    elif isinstance(raw, list) and raw:
+        one = Input()
+        for i, item in enumerate(raw):
+            where = f"input[{i}]"
+            if isinstance(item, str):  # a bare string among content parts: an image URL or text
+                if _is_image_url(item):
+                    one.images.append((item.strip(), where))
+                else:
+                    one.texts += 1
                 continue
-            raise APIError(
-                400, "text_not_supported",
-                f"{where} is text: this service judges images only. Send {{\"type\": \"image_url\", "
-                "\"image_url\": {\"url\": \"data:image/jpeg;base64,...\"}} content parts",
-            )
-        if not isinstance(item, dict):
-            raise APIError(400, "bad_input", f"{where} is neither a string nor a content part object")
-        kind = item.get("type")
-        if kind == "text":
-            raise APIError(
-                400, "text_not_supported",
-                f"{where} is a text part: this service judges images only (send image_url parts)",
-            )
-        if kind != "image_url":
-            raise APIError(400, "bad_input", f"{where} has type {str(kind)[:40]!r}; content parts are 'image_url' (or 'text', refused)")
-        image_url = item.get("image_url")
-        url = image_url.get("url") if isinstance(image_url, dict) else image_url if isinstance(image_url, str) else None
-        if not isinstance(url, str) or not url.strip():
-            raise APIError(400, "bad_input", f"{where}.image_url.url is missing")
-        urls.append(url.strip())
-    return urls
+            if not isinstance(item, dict):
+                raise APIError(400, "bad_input", f"{where} is neither a string nor a content part object", param=where)
+            kind = item.get("type")
+            if kind == "text":
+                if not isinstance(item.get("text"), str):
+                    raise APIError(400, "bad_input", f"{where}.text is missing (a text part is {{\"type\": \"text\", "
+                                   "\"text\": ...}})", param=where)
+                one.texts += 1
+                continue
+            if kind != "image_url":
+                raise APIError(400, "bad_input", f"{where} has type {str(kind)[:40]!r}; content parts are 'image_url' or "
+                               "'text'", param=where)
+            image_url = item.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url if isinstance(image_url, str) else None
+            if not isinstance(url, str) or not url.strip():
+                raise APIError(400, "bad_input", f"{where}.image_url.url is missing", param=where)
+            one.images.append((url.strip(), where))
+        inputs = [one]
+    elif isinstance(raw, list):
+        raise APIError(400, "missing_input", "'input' is empty: send image content parts", param="input")
+    else:
+        raise APIError(400, "bad_input", "'input' is a string, a list of strings or a list of content parts", param="input")
+    for i, inp in enumerate(inputs):
+        if not inp.images:
+            where = f"input[{i}]" if isinstance(raw, list) and len(inputs) > 1 else "input"
+            raise APIError(400, "text_not_supported", f"{where} is text: {TEXT_REFUSED}", param="input")
+    n = sum(len(inp.images) for inp in inputs)
+    if n > MAX_INPUTS:
+        raise APIError(400, "too_many_inputs", f"'input' has {n} images; at most {MAX_INPUTS} per request", param="input")
+    return inputs
 
 
 async def image_bytes(svc: Service, url: str, where: str) -> tuple[bytes, str, str]:
@@ -144,7 +157,7 @@ async def image_bytes(svc: Service, url: str, where: str) -> tuple[bytes, str, s
     if url.startswith("data:"):
         head = url[5:].split(",", 1)[0]
         if ";base64" not in head:
-            raise APIError(400, "bad_data_url", f"{where}: the data: URL is not base64 (data:image/...;base64,...)")
+            raise APIError(400, "bad_data_url", f"{where}: the data: URL is not base64 (data:image/...;base64,...)", param=where)
         return decode_base64(svc, url, f"{where}'s data: URL"), "data-url", "data-url"
     fetcher = svc.extras.get("fetcher")
     assert fetcher is not None
@@ -152,25 +165,18 @@ async def image_bytes(svc: Service, url: str, where: str) -> tuple[bytes, str, s
     return data, url.rsplit("/", 1)[-1][:200] or "url", "url"
 
 
-def result_of(svc: Service, outs: list[Outcome]) -> ModerationResult:
-    categories: dict[str, bool] = {}
-    scores: dict[str, float] = {}
-    types: dict[str, list[str]] = {}
-    decisions = []
-    for out in outs:
-        r = out.record
-        term = svc.policies[r.policy].term.id
-        flagged = r.verdict in ("block", "review")
-        score = r.p_violation if r.p_violation is not None else (1.0 if flagged else 0.0)
-        categories[term] = categories.get(term, False) or flagged
-        scores[term] = max(scores.get(term, 0.0), float(score))
-        types[term] = ["image"]
-        assert out.decision_id is not None
-        decisions.append(ICMDecision(decision_id=out.decision_id, review_url=f"/review#decision={out.decision_id}", record=r).model_dump(mode="json"))
-    return ModerationResult(
-        flagged=any(categories.values()), categories=categories, category_scores=scores,
-        category_applied_input_types=types, icm={"decisions": decisions},
-    )
+async def load_url(svc: Service, url: str, where: str) -> tuple[LoadedImage, float, bytes, str, str]:
+    """Fetch or decode one image URL: (image, load ms, bytes, name, source); data that does
+    not decode is a 400."""
+    try:
+        data, name, src = await image_bytes(svc, url, where)
+        im, load_ms = await load(svc, data, name, src)
+    except APIError as exc:
+        if exc.code in UNDECODABLE:
+            detail = exc.detail if exc.detail.startswith(where) else f"{where}: {exc.detail}"
+            raise APIError(400, exc.code, detail, exc.headers, param=where) from None
+        raise
+    return im, load_ms, data, name, src
 
 
 @router.post(
@@ -181,19 +187,34 @@ def result_of(svc: Service, outs: list[Outcome]) -> ModerationResult:
     summary="OpenAI-compatible moderation of images",
 )
 async def moderations(request: Request, who: str | None = Depends(principal)) -> ModerationsResponse:
-    """OpenAI's `POST /v1/moderations`, for images: point an OpenAI client's base URL here."""
+    """OpenAI's `POST /v1/moderations`, for images: point an OpenAI client's base URL here.
+
+    One result per input (an array of content parts is one input), with all 13 of OpenAI's
+    categories; `flagged` is also true when any verdict is review or block.
+    """
     svc = service(request)
     ctype = content_type(request)
     if ctype != "application/json":
         raise APIError(415, "unsupported_content_type", f"send JSON (got content type {ctype or 'none'!r})")
     body = await json_body(request)
     if not isinstance(body, dict) or "input" not in body:
-        raise APIError(400, "missing_input", "the body needs 'input' (image content parts) and optionally 'model'")
+        raise APIError(400, "missing_input", "the body needs 'input' (image content parts) and optionally 'model'",
+                       param="input")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise APIError(400, "bad_model", "'model' is a string")
+        raise APIError(400, "bad_model", "'model' is a string", param="model")
     echo, targets = resolve_model(svc, model)
-    urls = image_urls(body["input"])
-    fetched = await asyncio.gather(*(image_bytes(svc, u, f"input[{i}]") for i, u in enumerate(urls)))
-    outs = await asyncio.gather(*(judge(svc, data, name, targets, source=src, who=who) for data, name, src in fetched))
-    return ModerationsResponse(id=f"modr-{uuid.uuid4().hex}", model=echo, results=[result_of(svc, o) for o in outs])
+    inputs = parse_inputs(body["input"])
+    flat = [(i, url, where) for i, inp in enumerate(inputs) for url, where in inp.images]
+    # every image is fetched and decoded before any is judged: a request with a bad image makes no decision
+    loaded = await asyncio.gather(*(load_url(svc, url, where) for _, url, where in flat))
+    outs = await asyncio.gather(*(
+        judge_loaded(svc, im, ms, data, name, targets, source=src, who=who) for im, ms, data, name, src in loaded
+    ))
+    per_input: list[list[list[Outcome]]] = [[] for _ in inputs]
+    for (i, _, _), o in zip(flat, outs, strict=True):
+        per_input[i].append(o)
+    return ModerationsResponse(
+        id=f"modr-{uuid.uuid4().hex}", model=echo,
+        results=[input_result(svc, targets, imgs, text_parts=inp.texts) for inp, imgs in zip(inputs, per_input, strict=True)],
+    )
