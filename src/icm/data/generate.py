@@ -214,8 +214,10 @@ class Generator:
         if c.mode == "combined":
             for stage, text in (("explicit", explicit), ("implicit", implicit)):
                 self._check_description(stage, text)
-        term = self.policy.term.id
-        verdict, findings = check_explanation(explanation, term, product.positive, filters=c.filters)
+        t = self.policy.term
+        term = t.id
+        verdict, findings = check_explanation(explanation, term, product.positive, filters=c.filters,
+                                              statements=(t.positive_statement, t.negative_statement))
         if findings:
             raise _Reject("explanation", findings[0].reason, "; ".join(f.detail for f in findings), explanation)
         record = InstructRecord(

@@ -29,6 +29,7 @@ __all__ = [
     "extract_verdict",
     "first_person",
     "is_refusal",
+    "statement_verdict",
 ]
 
 ALL_FILTERS: tuple[str, ...] = (
@@ -80,6 +81,8 @@ _QUOTED = re.compile(r"\"[^\"]*\"|“[^”]*”|‘[^’]*’|«[^»]*»|「[^�
 # Singular only: the model speaking as itself ("I think", "my analysis"). The generic
 # "giving us a view of her back" is common in good descriptions and is not filtered.
 _FIRST_PERSON = re.compile(r"\b(?:I|I'm|I've|I'd|I'll|me|my|mine|myself)\b", re.IGNORECASE)
+# "mine" is the pronoun after these words only ("a view of mine", "the choice is mine")
+_MINE_POSSESSIVE = frozenset({"of", "is", "was", "are", "were", "be"})
 
 
 def first_person(text: str) -> str | None:
@@ -90,6 +93,8 @@ def first_person(text: str) -> str | None:
         word = m.group(0)
         if word.lower() in ("i", "i'm", "i've", "i'd", "i'll") and not word.startswith("I"):
             continue
+        if word.lower() == "mine" and (bare[: m.start()].split()[-1:] or [""])[0].lower() not in _MINE_POSSESSIVE:
+            continue  # the noun: "a land mine", "a bomb or mine", "the coal mine"
         if word == "I" and bare[m.end(): m.end() + 1] == "." and bare[max(0, m.start() - 1): m.start()] in (" ", ""):
             # "World War I." / "Part I." read as numerals only when capitalised words precede
             prev = bare[: m.start()].split()[-1:] or [""]
@@ -176,6 +181,21 @@ def extract_verdict(text: str, term: str, *, aliases: Sequence[str] = ()) -> Ver
     return Verdict(None)
 
 
+def statement_verdict(text: str, positive: str, negative: str) -> Verdict:
+    """The verdict of a text that opens with one of the term's verdict statements
+    (:attr:`icm.policy.model.Term.positive_statement` / ``negative_statement``), as the
+    generation prompts ask: "The image shows a weapon, because ..." says yes although the
+    term's id ("weapons") is never written. Case and spacing are ignored; the statement
+    must end at a word boundary ("... a weapon" does not open "... a weaponless room")."""
+    t = " ".join((text or "").split()).lstrip("*_ ").lower()
+    for label, statement in ((False, negative), (True, positive)):
+        s = " ".join(statement.split()).rstrip(". ").lower()
+        if s and t.startswith(s) and (len(t) == len(s) or not (t[len(s)].isalnum() or t[len(s)] in "-_")):
+            first = next(iter(_SENTENCE.findall(text.strip())), text.strip())
+            return Verdict(label, first.strip(), strong=True)
+    return Verdict(None)
+
+
 # --------------------------------------------------------------------------- filters
 
 _TERMINAL = re.compile(r"[.!?…)\]\"'”’*]\s*$")
@@ -212,14 +232,21 @@ def check_explanation(
     expected: bool | None,
     *,
     aliases: Sequence[str] = (),
+    statements: tuple[str, str] | None = None,
     min_words: int = 12,
     filters: Iterable[str] = DEFAULT_FILTERS,
 ) -> tuple[Verdict, list[Finding]]:
     """The explanation's verdict and its findings: the basic ones, a missing verdict, a
-    verdict contradicting ``expected`` (the product's truth) and a mixed one."""
+    verdict contradicting ``expected`` (the product's truth) and a mixed one.
+
+    ``statements`` (the term's positive and negative statements): when the term's word
+    gives no verdict, an explanation that opens with one of them has that verdict
+    (:func:`statement_verdict`)."""
     wanted = set(filters)
     findings = _basic(text, min_words=min_words)
     verdict = extract_verdict(text, term, aliases=aliases)
+    if verdict.label is None and not verdict.mixed and statements is not None:
+        verdict = statement_verdict(text, *statements)
     refused = any(f.reason in ("refusal", "empty") for f in findings)
     if not refused:
         if verdict.label is None:
