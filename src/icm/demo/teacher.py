@@ -1,5 +1,8 @@
 """The scripted teacher of the demo: an MLLM/LLM stand-in that reads the synthetic figures.
 
+For a policy the figures do not show (any policy but synth-shapes and its variants) it
+answers from the product description in the prompt instead (:mod:`icm.demo.policy_teacher`).
+
 :class:`TeacherServer` serves it on loopback with the OpenAI chat protocol: it answers
 the data-generation prompts of :mod:`icm.policy.prompts` (the multi-question
 description/explanation, the separate stages, the Q-A table) from what it reads in the
@@ -27,6 +30,7 @@ from typing import Any
 
 from PIL import Image
 
+from icm.demo.policy_teacher import policy_reply
 from icm.demo.synth import (
     ACTIONS,
     COLOUR_WORD,
@@ -238,6 +242,15 @@ def _stage_table(policy: Policy) -> dict[str, str]:
 _STAGES: dict[tuple[str, str], dict[str, str]] = {}
 
 
+def _is_synth(policy: Policy) -> bool:
+    """Whether the drawings of :mod:`icm.demo.synth` show ``policy``'s products."""
+    try:
+        check_synth_policy(policy)
+    except ValueError:
+        return False
+    return True
+
+
 def teacher_reply(policy: Policy, messages: list[dict[str, Any]]) -> Reply:
     """What the scripted teacher answers to a chat request (see the module docstring).
 
@@ -249,6 +262,9 @@ def teacher_reply(policy: Policy, messages: list[dict[str, Any]]) -> Reply:
     last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
     prompt = _text_of(last_user.get("content")) if last_user else ""
     image = _image_of(messages)
+    if not _is_synth(policy):  # any other policy: written from the product description in the prompt
+        text, lps = policy_reply(policy, prompt, None if image is None else image.tobytes())
+        return Reply(text, lps)
     term = policy.term
     if image is None:
         if prompt.startswith(QA_GENERATION.split("{", 1)[0]):
@@ -295,7 +311,9 @@ def _words(text: str) -> int:
 
 
 class TeacherServer:
-    """The scripted teacher on ``http://127.0.0.1:PORT/v1`` (OpenAI chat completions).
+    """The scripted teacher on ``http://127.0.0.1:PORT/v1`` (OpenAI chat completions), for
+    ``policy``: the figure reader for synth-shapes, the product-description writer of
+    :mod:`icm.demo.policy_teacher` for any other policy.
 
     Loopback only and bounded: request bodies over ``max_body`` bytes are refused (413),
     at most ``max_concurrency`` requests are answered at once (others wait), and
@@ -314,7 +332,6 @@ class TeacherServer:
         max_concurrency: int = 16,
     ) -> None:
         self.policy = load_policy(policy) if isinstance(policy, str) else policy
-        check_synth_policy(self.policy)
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the teacher serves on loopback only")
         self.model = model
