@@ -42,11 +42,12 @@ def test_the_schemes_have_their_published_categories():
 @pytest.mark.parametrize("name", TAXONOMY.policies)
 def test_every_taxonomy_policy_validates_without_ties_or_unexplained_cells(name):
     policy = load_policy(name)
-    assert policy.grid.ties == [], name
+    assert not policy.grid.ties, name
     assert policy.grid.n_uncovered == 0 or policy.uncovered_positive is not None, (
         f"{name}: {policy.grid.n_uncovered} cells no product covers, and uncovered_positive does not say what they are")
     assert STANDARD_RULE_SETS <= set(policy.rule_set_map), (name, sorted(policy.rule_set_map))
-    assert policy.standard_categories, f"{name} maps no product onto a standard category"
+    # a policy maps products onto categories, or says in its file that none fits (an explicit `taxonomy: []`)
+    assert policy.standard_categories or "taxonomy" in policy.model_fields_set, f"{name} maps no product and says nothing"
     # no product outside the term is mapped: a category is an instance of the harm
     for scheme_name, cats in policy.standard_categories.items():
         for cat, ids in cats.items():
@@ -117,12 +118,10 @@ def test_sexual_minors_is_its_own_product_blocked_everywhere_and_below_sexual():
         for rs in policy.rule_sets:
             s = category_scores(policy, rs, decide(policy, rs, attributes=attrs))["openai"]
             assert s["sexual/minors"] <= s["sexual"] + 1e-12
-    one_hot = {a.id: {v: float(v == choice) for v in a.value_ids}
-               for a, choice in zip(policy.attributes, [policy.product(adult[0]).assignment.get(a.id) for a in policy.attributes],
-                                    strict=True)}
-    for a in policy.attributes:  # attributes the product leaves open: spread evenly
-        if sum(one_hot[a.id].values()) == 0:
-            one_hot[a.id] = {v: 1.0 for v in a.value_ids}
+    # one cell of the grid that the adult product owns, as certain evidence
+    index = [p.id for p in policy.products].index(adult[0])
+    cell = policy.grid.cell(int(list(policy.grid.owner_flat).index(index)))
+    one_hot = {a.id: {v: float(v == cell[a.id]) for v in a.value_ids} for a in policy.attributes}
     ga = category_scores(policy, "general-audience", decide(policy, "general-audience", attributes=one_hot))["openai"]["sexual"]
     ap = category_scores(policy, "adult-platform", decide(policy, "adult-platform", attributes=one_hot))["openai"]["sexual"]
     assert ap < 0.01 < ga or policy.labels("general-audience")[adult[0]].verdict == "allow"
