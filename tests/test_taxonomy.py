@@ -180,3 +180,14 @@ def test_cli_categories_lists_every_category_of_the_scheme_with_its_products():
     assert all(r["products"] for r in llava), [r["category"] for r in llava if not r["products"]]
     bad = runner.invoke(app, ["policy", "categories", "--scheme", "nope"])
     assert bad.exit_code == 2 and "unknown scheme 'nope'" in bad.output
+
+
+def test_the_manuals_taxonomy_table_is_the_commands_output():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "taxonomy.md").read_text(encoding="utf-8")
+    table = doc.split("<!-- taxonomy-table:start -->\n", 1)[1].split("\n<!-- taxonomy-table:end -->", 1)[0]
+    result = runner.invoke(app, ["policy", "taxonomy"])
+    assert result.exit_code == 0, result.output
+    assert table.strip() == result.output.strip(), "docs/taxonomy.md is stale: paste the output of `icm policy taxonomy`"
+    assert "docs/taxonomy.md" in (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
