@@ -138,7 +138,10 @@ def test_policies_endpoint_and_extra_policies(tmp_path, monkeypatch):
         data = c.get("/v1/policies").json()
         assert data["default_policy"] == "icm-sexy" and data["default_rules"] == "icm-default"
         names = [p["name"] for p in data["policies"]]
-        assert names == ["icm-sexy", "gambling"]
+        # the default and --extra-policy first, then the members of the bundles /v1/moderations serves
+        # (icm-standard: OpenAI's model names), each a policy clients may name
+        assert names[:2] == ["icm-sexy", "gambling"] and len(names) == len(set(names))
+        assert set(names) == set(app.state.service.policies)
         sexy = data["policies"][0]
         assert {r["name"] for r in sexy["rule_sets"]} >= {"icm-default", "children", "adult-platform"}
         prods = {p["id"]: p for p in sexy["products"]}
