@@ -351,3 +351,29 @@ def test_openai_bundle_sends_every_policy_in_one_concurrent_pass(tmp_path: Path,
     assert fake.max_inflight > 2 * max(per_policy)  # more than one policy's worth: not policy by policy
     assert [[r.policy for r in per] for per in got] == [MEMBERS, MEMBERS]
     assert all(r.ok for per in got for r in per)
+
+
+# --------------------------------------------------------------------------- icm-standard
+
+
+def test_icm_standard_runs_every_taxonomy_policy_in_one_ask(tmp_path: Path) -> None:
+    std = load_bundle("icm-standard")
+    assert std is not None
+    from icm.policy import builtin_policy_names
+
+    missing = [p for p in std.policies if p not in builtin_policy_names()]
+    if missing:
+        pytest.skip(f"taxonomy policies not written yet: {', '.join(missing)}")
+    be = _Scripted()
+    mod = BundleModerator(be, bundle="icm-standard:teen")
+    assert [m.policy.name for m in mod.members] == std.policies and {m.rule_set.name for m in mod.members} == {"teen"}
+    paths = [str(drawing(tmp_path / f"d{i}.png", i)) for i in range(2)]
+    got = mod.moderate_paths(paths)
+    assert len(be.calls) == 1 and len(be.calls[0]) == sum(len(m.queries) for m in mod.members)
+    for per_image in got:
+        assert [r.policy for r in per_image] == std.policies and all(r.ok for r in per_image)
+        o = overview(per_image)
+        assert o.verdict is not None and "openai" in o.category_scores
+        # a merged category is the largest member score
+        for cat, p in o.category_scores["openai"].items():
+            assert p == max(r.category_scores.get("openai", {}).get(cat, 0.0) for r in per_image)
