@@ -245,3 +245,22 @@ def test_the_address_checks_themselves():
     fetcher = ImageFetcher(FetchPolicy(hosts=["cdn.test"], max_bytes=10), resolver=lambda h, p: ["93.184.216.34", "10.0.0.1"])
     with pytest.raises(Exception, match="private or reserved address"):
         fetcher._check("https://cdn.test/x.png")
+
+
+@pytest.mark.parametrize("unjudged", ["pass", "flag"])
+def test_omni_moderation_on_the_offline_detector_reports_what_it_cannot_judge(tmp_path, monkeypatch, unjudged):
+    """`omni-moderation-latest` is the icm-standard bundle. On the offline detector the terms
+    it can only flag (violence, hate, ...) leave clean photos at review; those verdicts are
+    reported as not judged, not as a flag on every photo, unless --unjudged flag asks so."""
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    photo = sorted(EXAMPLES.glob("*.jpg"))[0]
+    app = make_app(tmp_path, unjudged=unjudged)
+    with live_server(app) as base:
+        (r,) = client(base).moderations.create(model="omni-moderation-latest", input=data_url(photo.read_bytes(), "image/jpeg")).results
+    icm = r.model_extra["icm"]
+    assert r.category_applied_input_types.sexual == ["image"] and r.categories.sexual is False
+    assert r.category_applied_input_types.hate == [] and "hate" in icm["not_judged"]
+    assert r.category_applied_input_types.self_harm == [] and "self-harm" in icm["not_judged"]
+    assert "review" in icm["verdicts"].values()  # e.g. violence: the detector cannot clear it
+    assert r.flagged is (unjudged == "flag")
+    assert r.categories.hate is (unjudged == "flag")

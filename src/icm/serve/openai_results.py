@@ -15,9 +15,12 @@ as bool, float and a list of input types, so every client reads every field it k
   of the model maps, and for one the backend cannot judge here (the offline detector
   without evidence that can clear an image, a record with no basis, a refusal): the
   ``icm`` field's ``not_judged`` says why. Text is never judged, so ``"text"`` never appears.
-* ``flagged`` is true when any category is flagged **or any record's verdict is review or
-  block**: an uncertain image is never passed as clean, even when its categories are not
-  flagged (a policy that maps none, a review verdict below the thresholds).
+* ``flagged`` is true when any category is flagged **or any judged record's verdict is review
+  or block**: an uncertain image is never passed as clean, even when its categories are not
+  flagged (a policy that maps none, a review verdict below the thresholds). The review
+  verdicts of policies the backend cannot judge here (the offline detector's "flag only"
+  terms on a clean photo) count only with ``--unjudged flag``: by default what cannot be
+  judged is reported as such (``not_judged``), not as a flag on every image.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ VERDICT_RANK = {"allow": 0, "review": 1, "block": 2}
 
 
 class ModerationResult(BaseModel):
-    flagged: bool = Field(description="Any category flagged, or any record's verdict review or block")
+    flagged: bool = Field(description="Any category flagged, or any judged record's verdict review or block")
     categories: dict[str, bool] = Field(description="All 13 categories of OpenAI's moderation API")
     category_scores: dict[str, float]
     category_applied_input_types: dict[str, list[str]] = Field(
@@ -62,6 +65,7 @@ def input_result(
     judged: set[str] = set()
     gaps: dict[str, list[str]] = {}
     verdicts: dict[str, str] = {}
+    counted: list[str] = []  # the verdicts that decide `flagged` (see the module docstring)
     decisions: list[dict[str, Any]] = []
     for k, (pname, rname) in enumerate(targets):
         mapped = list(svc.policies[pname].standard_categories.get("openai", {}))
@@ -84,6 +88,8 @@ def input_result(
                 "record": r.model_dump(mode="json"),
             })
         verdicts[f"{pname}:{rname}"] = worst
+        if why is None or svc.config.unjudged == "flag":
+            counted.append(worst)
         for cat in mapped:
             if why is None:
                 judged.add(cat)
@@ -93,7 +99,7 @@ def input_result(
     if svc.config.unjudged == "flag":
         for cat in not_judged:
             flagged[cat] = True
-    uncertain = any(v in ("review", "block") for v in verdicts.values())
+    uncertain = any(v in ("review", "block") for v in counted)
     icm: dict[str, Any] = {
         "images": len(images),
         "verdicts": verdicts,
