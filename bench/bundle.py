@@ -16,10 +16,10 @@ and ``detector`` (the offline sources; it asks member by member, so it gains not
     .venv/bin/python bench/bundle.py [--bundle icm-standard] [--rules R] [--images 8] [--threads 2]
                                      [--backends hf,detector] [--batch-size 8] [--image-size 224]
 
-On a loaded 2-core CPU (2 threads, icm-standard: 12 policies, 47 questions per image,
-4 images, batch 4) it printed: hf one by one 131.7 s, bundle 34.8 s, ratio 3.79x, same
-verdicts 48/48, max |dP(violation)| 1.8e-07; detector 6.14 s vs 5.71 s, ratio 1.08x (no
-merged ask: the same work either way).
+On a shared, loaded 2-core CPU (2 threads, icm-standard: 12 policies, 47 questions per
+image, 8 images, batch 8) it printed: hf one by one 159.1 s, bundle 41.0 s, ratio 3.88x,
+same verdicts 96/96, max |dP(violation)| 1.8e-07; detector 7.20 s vs 7.38 s, ratio 0.97x
+(no merged ask: the same work either way).
 """
 
 from __future__ import annotations
