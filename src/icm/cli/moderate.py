@@ -14,7 +14,7 @@ from icm.cli import backend_options as bo
 from icm.cli.common import console, err_console, print_error
 from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, BackendConfigError
 from icm.moderation.bundle import BundleModerator, overviews, parse_bundle_ref
-from icm.moderation.engine import escalation_counts
+from icm.moderation.engine import Moderator, escalation_counts
 from icm.moderation.job import JobSummary, ModerateConfig, build_runner, members, run_job
 from icm.moderation.record import ModerationRecord
 from icm.policy import PolicyError
@@ -169,18 +169,32 @@ def moderate(
         print_error(msg)
         raise typer.Exit(2) from None
     checked = members(moderator) if isinstance(moderator, BundleModerator) else [moderator]
+    left_out: list[Moderator] = []
     for m in checked:  # said once, up front: what the backend cannot judge
         if getattr(m, "policy", None) is None:
             continue
         from icm.moderation.evidence.plan import judgeability
 
         unjudged, warnings = judgeability(m.policy, moderator.backend, cascade=moderator.escalate_to is not None)
+        if unjudged and not allow_unjudged and isinstance(moderator, BundleModerator):
+            # a bundle runs the members the backend can judge; the others are named, not silently passed
+            cats = ", ".join(m.policy.standard_categories.get("openai", {})) or "no openai category"
+            err_console.print(f"[yellow]note:[/yellow] left out of the bundle: {escape(unjudged)} "
+                              f"Its categories ({escape(cats)}) are not judged in this run.", highlight=False)
+            left_out.append(m)
+            continue
         if unjudged and not allow_unjudged:
             print_error(unjudged)
             moderator.backend.close()
             raise typer.Exit(2)
         for w in warnings + ([unjudged] if unjudged else []):
             err_console.print(f"[yellow]note:[/yellow] {escape(w)}", highlight=False)
+    if isinstance(moderator, BundleModerator) and left_out:
+        moderator.members = [m for m in moderator.members if m not in left_out]
+        if not moderator.members:
+            print_error(f"the {moderator.backend_name} backend can judge no policy of the bundle here")
+            moderator.backend.close()
+            raise typer.Exit(2)
 
     progress = Progress(
         TextColumn("[bold]moderating[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
