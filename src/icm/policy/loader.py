@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from importlib import resources
@@ -243,13 +244,20 @@ def builtin_policy_names() -> list[str]:
     return sorted(f.name[: -len(".yaml")] for f in files.iterdir() if f.name.endswith(".yaml"))
 
 
+@functools.cache
+def _builtin_policy(name: str) -> Policy:
+    """A built-in policy, parsed once per process: the files do not change while it runs, a
+    Policy is frozen, and a server with the taxonomy bundle loads each of them many times."""
+    res = resources.files(BUILTIN_PACKAGE).joinpath(f"{name}.yaml")
+    policy, _ = parse_policy(res.read_text(encoding="utf-8"), f"<builtin>/{name}.yaml")
+    return policy
+
+
 def load_policy(name_or_path: str | Path) -> Policy:
     """A built-in policy by name (``icm-sexy``) or a policy file by path."""
     name = str(name_or_path)
     if name in builtin_policy_names():
-        res = resources.files(BUILTIN_PACKAGE).joinpath(f"{name}.yaml")
-        policy, _ = parse_policy(res.read_text(encoding="utf-8"), f"<builtin>/{name}.yaml")
-        return policy
+        return _builtin_policy(name)
     path = Path(name)
     if path.suffix.lower() in {".yaml", ".yml"} or path.exists():
         return load_policy_file(path)[0]
