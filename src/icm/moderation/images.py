@@ -25,21 +25,33 @@ per-frame pixel limit applies to every frame, and the pixels decoded over all fr
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import os
 import stat
-import sys
 import warnings
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
 
-import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+from icm.moderation import image_frames
+from icm.moderation.image_base import (
+    ALPHA_MIN_FRACTION,
+    BACKGROUNDS,
+    IMAGE_EXTENSIONS,
+    MEDIA_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    FrameView,
+    ImageLoadError,
+    _cause,
+    _decode,
+)
+from icm.moderation.image_frames import check_frame_size as _check_frame_size
+from icm.moderation.image_frames import sample_frames
+from icm.moderation.image_paths import PathEntry, iter_image_paths, read_path_list
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest image decoded by default: 100 megapixels, about 300 MB as 8-bit RGB.
@@ -62,34 +74,6 @@ and WebP frames are composited in order), so a file with many large frames is re
 rather than decoded for minutes.
 """
 
-ALPHA_MIN_FRACTION = 0.001
-"""Transparency is *meaningful* when more than this fraction of pixels is not fully opaque.
-
-Such images are judged over a white and over a black background (the worse kept), since
-content drawn in white on a transparent canvas is invisible over white.
-"""
-
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0)}
-
-_RANDOM_ACCESS_FORMATS = frozenset({"TIFF", "MPO"})
-"""Formats whose frames decode independently; others are decoded in order to reach a frame."""
-
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".dib",
-     ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif",
-     ".heic", ".heif"}
-)
-"""File extensions (lower case) picked up when a folder or glob is expanded.
-
-HEIC/HEIF/AVIF are included so that such files are *reported* (Pillow may lack the
-codec) instead of being skipped silently.
-"""
-
-VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".m4v", ".webm", ".mov", ".mkv"})
-"""Video file extensions (lower case): read by :mod:`icm.moderation.video` and picked up in folders."""
-
-MEDIA_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
-
 # Signatures of common non-image files, for a plainer error than "cannot identify".
 _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"%PDF", 0, "a PDF document, not an image"),
@@ -101,28 +85,6 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"ftypavif", 4, "an AVIF image, which this Pillow installation cannot decode"),
     (b"ftyp", 4, "an MP4/QuickTime video container, not a still image"),
 )
-
-
-class ImageLoadError(Exception):
-    """An image could not be loaded; ``str(err)`` names the file and the cause."""
-
-    def __init__(self, source: str, cause: str) -> None:
-        self.source = source
-        self.cause = cause
-        super().__init__(f"cannot load image {source}: {cause}")
-
-
-@dataclass
-class FrameView:
-    """One picture a backend judges: a frame of the file over one background."""
-
-    image: Image.Image
-    frame: int = 0
-    """Index of the frame in the file (0 for a still image)."""
-    timestamp: float | None = None
-    """Seconds from the start (videos, and animations that state frame durations)."""
-    background: str | None = None
-    """``white`` or ``black`` when the frame has meaningful transparency, else None."""
 
 
 @dataclass
@@ -166,6 +128,7 @@ def load_image(
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_total_pixels: int | None = None,
     draft_pixels: int | None = None,
+    max_view_pixels: int | None = None,
 ) -> LoadedImage:
     """Load one image as 8-bit RGB, or raise :class:`ImageLoadError`.
 
@@ -176,6 +139,13 @@ def load_image(
     all frames (default :data:`DEFAULT_MAX_TOTAL_PIXELS`, at least ``max_pixels``).
     ``draft_pixels`` (the server's memory bound) lets a larger JPEG decode at 1/2, 1/4 or 1/8
     scale, keeping at least that many pixels.
+
+    Memory is bounded by one pixel budget (see :mod:`icm.moderation.image_frames`): every
+    frame decoded, including those decoded only to reach a later one, is counted by its own
+    header *before* it is decoded, and the file is refused once they pass ``max_total_pixels``;
+    the views kept hold at most ``max_pixels`` together (frames of a multi-frame file and the
+    two backgrounds of a transparent image are reduced to their share) and at most
+    ``max_view_pixels`` each (the server passes the size its model needs).
     """
     if max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
@@ -212,7 +182,7 @@ def load_image(
             fmt = im.format
             mode = im.mode
             width, height = im.size
-            _check_frame_size(source, width, height, max_pixels)
+            image_frames.check_frame_size(source, width, height, max_pixels)
             notes: list[str] = []
             if ImageFile.LOAD_TRUNCATED_IMAGES:
                 notes.append(
@@ -223,11 +193,14 @@ def load_image(
                 _draft_jpeg(im, draft_pixels, notes)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                frames = _count_frames(im, notes)
+                plan = image_frames.plan_frames(im, data, frames, max_frames)  # headers only
+                plan.check(source, max_pixels, total_limit)
                 _decode(im, source, "the file is truncated or corrupt")  # first frame
                 transpose = _orientation(im, notes)
-                frames = _count_frames(im, notes)
-                wanted = sample_frames(frames, max_frames)
-                views = _frame_views(im, source, notes, wanted, frames, transpose, max_pixels, total_limit)
+                views = image_frames.frame_views(
+                    im, source, notes, plan, transpose, max_pixels, total_limit, max_view_pixels
+                )
 
     rgb = views[0].image
     seen = len({v.frame for v in views})
@@ -251,30 +224,6 @@ def load_image(
     )
 
 
-def sample_frames(count: int, max_frames: int) -> list[int]:
-    """Frame indices to judge: all of ``count`` up to ``max_frames``, evenly spaced beyond.
-
-    The first and the last frame are always included (when ``max_frames`` >= 2).
-    """
-    if max_frames < 1:
-        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
-    if count <= max_frames:
-        return list(range(count))
-    if max_frames == 1:
-        return [0]
-    step = max_frames - 1
-    return [(i * (count - 1) + step // 2) // step for i in range(max_frames)]
-
-
-def _check_frame_size(source: str, width: int, height: int, max_pixels: int, what: str = "") -> None:
-    if width * height > max_pixels:
-        raise ImageLoadError(
-            source,
-            f"refused to decode a possible decompression bomb{what}: {width}x{height} = "
-            f"{width * height / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:.1f}",
-        )
-
-
 def jpeg_draft_scale(width: int, height: int, draft_pixels: int) -> int:
     """The scale (1, 2, 4 or 8) at which :func:`load_image` with ``draft_pixels`` decodes a
     JPEG of this size: the largest whose result still has at least ``draft_pixels`` pixels."""
@@ -294,87 +243,6 @@ def _draft_jpeg(im: Image.Image, draft_pixels: int, notes: list[str]) -> None:
         im.draft(None, (im.width // scale, im.height // scale))
         if im.size != before:
             notes.append(f"decoded at reduced scale {im.width}x{im.height} (from {before[0]}x{before[1]})")
-
-
-def _decode(im: Image.Image, source: str, what: str) -> None:
-    """``im.load()`` with every failure turned into an :class:`ImageLoadError`."""
-    try:
-        im.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES is False)
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(source, f"refused to decode a possible decompression bomb ({exc})") from exc
-    except MemoryError as exc:
-        raise ImageLoadError(source, "not enough memory to decode it") from exc
-    except Exception as exc:  # any decoder failure is this image's error, never the batch's
-        raise ImageLoadError(source, f"{what} ({_cause(exc)})") from exc
-
-
-def _frame_views(
-    im: Image.Image,
-    source: str,
-    notes: list[str],
-    wanted: list[int],
-    frames: int,
-    transpose: Image.Transpose | None,
-    max_pixels: int,
-    total_limit: int,
-) -> list[FrameView]:
-    """Decode the ``wanted`` frames (ascending) within the pixel budget, as views.
-
-    Animations that state frame durations get timestamps: GIF and APNG are stepped
-    through frame by frame (what Pillow does inside ``seek`` anyway) adding up the
-    durations; WebP states each frame's start time itself.
-    """
-    views: list[FrameView] = []
-    canvas = im.width * im.height
-    sequential = im.format not in _RANDOM_ACCESS_FORMATS
-    stepped = frames > 1 and im.format in ("GIF", "PNG") and isinstance(im.info.get("duration"), (int, float))
-    clock = 0.0  # milliseconds at the start of frame ``at`` (stepped formats)
-    spent, at = canvas, 0
-    for k in wanted:
-        if k != at:
-            if sequential:  # frames at+1 .. k are all decoded on the way
-                spent += (k - at) * canvas
-                _check_budget(source, spent, total_limit, frames, len(wanted))
-            try:
-                if stepped:
-                    for f in range(at + 1, k + 1):
-                        clock += max(0.0, float(im.info.get("duration") or 0))  # frame f-1's duration
-                        im.seek(f)
-                else:
-                    im.seek(k)
-            except EOFError as exc:
-                raise ImageLoadError(
-                    source, f"frame {k} of the {frames} the file declares is missing (truncated or corrupt file)"
-                ) from exc
-            except MemoryError as exc:
-                raise ImageLoadError(source, "not enough memory to decode it") from exc
-            except Exception as exc:  # any decoder failure is this image's error, never the batch's
-                raise ImageLoadError(source, f"frame {k} of {frames} is corrupt ({_cause(exc)})") from exc
-            at = k
-            w, h = im.size
-            _check_frame_size(source, w, h, max_pixels, f" (frame {k})")
-            if not sequential:
-                spent += w * h
-                _check_budget(source, spent, total_limit, frames, len(wanted))
-            _decode(im, source, f"frame {k} of {frames} is truncated or corrupt")
-        timestamp: float | None = None
-        if stepped:
-            timestamp = round(clock / 1000, 3)
-        elif im.format == "WEBP" and frames > 1 and isinstance(im.info.get("timestamp"), (int, float)):
-            timestamp = round(float(im.info["timestamp"]) / 1000, 3)
-        frame: Image.Image = im.transpose(transpose) if transpose is not None else im
-        for background, rgb in _to_rgb_views(frame, source, notes):
-            views.append(FrameView(rgb, frame=k, timestamp=timestamp, background=background))
-    return views
-
-
-def _check_budget(source: str, spent: int, limit: int, frames: int, sampled: int) -> None:
-    if spent > limit:
-        raise ImageLoadError(
-            source,
-            f"refused to decode {frames} frames: judging {sampled} of them needs over {spent / 1e6:.0f} "
-            f"megapixels decoded, over the limit of {limit / 1e6:.0f} (a possible decompression bomb)",
-        )
 
 
 def _file_kind(mode: int) -> str:
@@ -438,11 +306,6 @@ def _read_file(path: Path, source: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise ImageLoadError(source, f"the file is over the {max_bytes:,}-byte limit (it grew while being read)")
     return data
-
-
-def _cause(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @contextmanager
@@ -511,90 +374,6 @@ def _orientation(im: Image.Image, notes: list[str]) -> Image.Transpose | None:
     return method
 
 
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
-
-
-def _to_rgb_views(im: Image.Image, source: str, notes: list[str]) -> list[tuple[str | None, Image.Image]]:
-    """The frame as 8-bit RGB: over white, and also over black when its alpha is meaningful."""
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:
-        try:
-            rgba = im.convert("RGBA")
-        except Exception as exc:  # a mode Pillow cannot convert: this image's error
-            raise ImageLoadError(source, f"unsupported colour mode {im.mode!r} ({_cause(exc)})") from exc
-        alpha = np.asarray(rgba.getchannel("A"))
-        clear = float((alpha < 255).mean()) if alpha.size else 0.0
-        if clear > ALPHA_MIN_FRACTION:
-            notes.append(
-                f"transparency ({im.mode}, {clear:.1%} of pixels not opaque): judged over white and over black, "
-                "the worse kept"
-            )
-            return [(name, _composite(rgba, colour)) for name, colour in BACKGROUNDS.items()]
-        if clear > 0:
-            notes.append(f"transparency ({im.mode}) composited over white ({clear:.2%} of pixels, too few to matter)")
-        return [(None, _composite(rgba, BACKGROUNDS["white"]))]
-    return [(None, _to_rgb(im, source, notes))]
-
-
-def _composite(rgba: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
-    background = Image.new("RGBA", rgba.size, (*colour, 255))
-    background.alpha_composite(rgba)
-    return background.convert("RGB")
-
-
-def _to_rgb(im: Image.Image, source: str, notes: list[str]) -> Image.Image:
-    """Any Pillow mode without transparency to 8-bit RGB."""
-    mode = im.mode
-    if mode == "RGB":
-        return im.copy()
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return Image.fromarray(_high_depth_to_8bit(np.asarray(im), mode, notes), "L").convert("RGB")
-    if mode == "CMYK":
-        return _cmyk_to_rgb(im, notes)
-    try:
-        return im.convert("RGB")
-    except Exception as exc:  # a mode Pillow cannot convert: this image's error
-        raise ImageLoadError(source, f"unsupported colour mode {mode!r} ({_cause(exc)})") from exc
-
-
-def _high_depth_to_8bit(arr: np.ndarray, mode: str, notes: list[str]) -> np.ndarray:
-    """16-bit, 32-bit integer or float pixels to uint8, keeping the visible range.
-
-    Pillow's own ``convert`` clips these to 255, which turns most 16-bit images white.
-    """
-    values = arr.astype(np.float64)
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if mode.startswith("I;16"):
-        scaled, how = values / 257.0, "16-bit values scaled to 8 bits"
-    elif mode == "F" and lo >= 0.0 and hi <= 1.0:
-        scaled, how = values * 255.0, "floating-point values in [0, 1] scaled to 8 bits"
-    elif lo >= 0 and hi <= 255:
-        scaled, how = values, f"{mode}-mode values already in 0-255, kept"
-    elif lo >= 0 and hi <= 65535:
-        scaled, how = values / 257.0, f"{mode}-mode values treated as 16-bit and scaled to 8 bits"
-    else:
-        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-        how = f"{mode}-mode values in [{lo:g}, {hi:g}] stretched to 0-255"
-    notes.append(how)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def _cmyk_to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
-    icc = im.info.get("icc_profile")
-    if icc:
-        try:
-            from PIL import ImageCms
-
-            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            out = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-            if out is not None:
-                notes.append("CMYK converted to sRGB with the embedded ICC profile")
-                return out
-        except Exception as exc:  # noqa: BLE001 - fall back to the plain conversion
-            notes.append(f"embedded ICC profile unusable ({_cause(exc)})")
-    notes.append("CMYK converted to RGB without colour management")
-    return im.convert("RGB")
-
-
 def _count_frames(im: Image.Image, notes: list[str]) -> int:
     try:
         return max(1, int(getattr(im, "n_frames", 1)))
@@ -603,146 +382,27 @@ def _count_frames(im: Image.Image, notes: list[str]) -> int:
         return 1
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class PathEntry:
-    """One item of a batch: an image path to load, or an input that produced none."""
-
-    source: str
-    """The command-line input this entry came from (a path, folder, pattern or ``-``)."""
-    path: Path | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-_GLOB_CHARS = frozenset("*?[")
-
-
-def iter_image_paths(
-    inputs: Iterable[str | os.PathLike[str]],
-    *,
-    stdin: TextIO | BinaryIO | None = None,
-    extensions: Collection[str] = MEDIA_EXTENSIONS,
-    null: bool = False,
-) -> Iterator[PathEntry]:
-    """Expand files, folders, glob patterns and ``-`` into a deterministic list of images.
-
-    * a file is taken as given, whatever its extension (the loader reports non-images,
-      and refuses FIFOs, devices and sockets without opening them);
-    * a folder is walked recursively in sorted order; files whose extension is in
-      ``extensions`` are kept, hidden files and folders (``.name``) are skipped and
-      symlinked folders are not followed (no cycles); a folder that cannot be read is
-      an error entry, never a silent gap;
-    * a pattern (``*``, ``?``, ``[``) that is not itself an existing path is expanded
-      with :func:`glob.glob` (``**`` recurses), matches sorted; matched folders are walked;
-    * ``-`` reads paths from ``stdin`` (default ``sys.stdin``), one per line, or separated
-      by NUL bytes with ``null=True`` (``find -print0``), each treated like a
-      command-line input. Names are read as bytes and decoded like ``sys.argv``
-      (:func:`os.fsdecode`, so names that are not UTF-8 survive); only the line end is
-      removed, so leading and trailing spaces are kept (a name containing a newline
-      needs ``null``).
-
-    Inputs that yield nothing (missing paths, patterns with no match, folders without
-    images) come out as entries with ``error`` set, so the batch goes on. A file reached
-    twice (by path and through its folder) is yielded once.
-    """
-    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-    seen: set[str] = set()
-
-    def emit(source: str, path: Path) -> Iterator[PathEntry]:
-        key = os.path.normcase(os.path.realpath(path))
-        if key not in seen:
-            seen.add(key)
-            yield PathEntry(source=source, path=path)
-
-    def walk(raw: str, root: Path) -> Iterator[PathEntry]:
-        for item in _walk(root, exts):
-            if isinstance(item, OSError):
-                where = os.fsdecode(item.filename) if item.filename is not None else raw
-                why = "permission denied" if isinstance(item, PermissionError) else _cause(item)
-                yield PathEntry(raw, error=f"cannot read folder {where}: {why}")
-            else:
-                yield from emit(raw, item)
-
-    def expand(raw: str) -> Iterator[PathEntry]:
-        path = Path(raw)
-        try:
-            st: os.stat_result | None = os.stat(path)
-        except PermissionError:
-            yield PathEntry(raw, error=f"cannot access {raw}: permission denied")
-            return
-        except (OSError, ValueError):  # missing, a dangling link, a name with NUL
-            st = None
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            entries = list(walk(raw, path))
-            yield from entries
-            if not entries:
-                yield PathEntry(raw, error=f"no image files in folder {raw} (looked for {', '.join(sorted(exts))})")
-        elif st is not None:
-            yield from emit(raw, path)  # a FIFO or device too: the loader refuses it by name
-        elif _GLOB_CHARS & set(raw):
-            matches = sorted(glob.glob(raw, recursive=True))
-            found: list[PathEntry] = []
-            for match in map(Path, matches):
-                if match.is_dir():
-                    found.extend(walk(raw, match))
-                elif match.suffix.lower() in exts:
-                    found.extend(emit(raw, match))
-            if not matches:
-                yield PathEntry(raw, error=f"no files match the pattern {raw}")
-            elif not found:
-                yield PathEntry(raw, error=f"the pattern {raw} matches no image files")
-            yield from found
-        elif path.is_symlink():
-            yield PathEntry(raw, error=f"{raw} is a broken symbolic link")
-        else:
-            yield PathEntry(raw, error=f"no such file or folder: {raw}")
-
-    for item in inputs:
-        raw = os.fspath(item)
-        if raw == "-":
-            stream = stdin if stdin is not None else sys.stdin
-            for name in read_path_list(stream, null=null):
-                yield from expand(name)
-        else:
-            yield from expand(raw)
-
-
-def read_path_list(stream: TextIO | BinaryIO, *, null: bool = False) -> Iterator[str]:
-    """Paths from a list: one per line (only the line end is removed) or NUL-separated.
-
-    A text stream's underlying bytes are read when it has them (``sys.stdin.buffer``) and
-    decoded with :func:`os.fsdecode`, so a name that is not valid UTF-8 comes out as the
-    same ``str`` the OS gives for it. Empty entries are skipped.
-    """
-    source: Any = getattr(stream, "buffer", stream)
-    if null:
-        data = source.read()
-        parts: Iterable[str | bytes] = data.split(b"\0" if isinstance(data, bytes) else "\0")
-    else:
-        parts = source
-    for part in parts:
-        name = os.fsdecode(part) if isinstance(part, bytes) else part
-        if not null:
-            name = name[:-1] if name.endswith("\n") else name
-            name = name[:-1] if name.endswith("\r") else name
-        if name:
-            yield name
-
-
-def _walk(root: Path, exts: set[str]) -> Iterator[Path | OSError]:
-    """Image files under ``root``, sorted; an :class:`OSError` for each folder that cannot be read."""
-    errors: list[OSError] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append):
-        yield from errors
-        errors.clear()
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name.rstrip())[1].lower() in exts:
-                yield Path(dirpath) / name  # "photo.png " (trailing space) counts as a .png
-    yield from errors
+__all__ = [
+    "ALPHA_MIN_FRACTION",
+    "BACKGROUNDS",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_FRAMES",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_TOTAL_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "MEDIA_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "FrameView",
+    "ImageLoadError",
+    "LoadedImage",
+    "PathEntry",
+    "_cause",
+    "_check_frame_size",
+    "decode_errors",
+    "iter_image_paths",
+    "jpeg_draft_scale",
+    "load_image",
+    "open_regular_file",
+    "read_path_list",
+    "sample_frames",
+]

@@ -29,6 +29,7 @@ from typing import Any
 
 from PIL import Image
 
+from icm.moderation.image_frames import shrink
 from icm.moderation.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_FRAMES,
@@ -239,6 +240,7 @@ def _sample(
         )
 
     views: list[FrameView] = []
+    share = max(1, max_pixels // max(1, len(targets)))
     decoded = 0
     frame_px = width * height
     pending = list(targets)
@@ -270,7 +272,13 @@ def _sample(
             if t + tolerance < target:
                 continue
             _check_frame_size(source, frame.width, frame.height, max_pixels, " (video frame)")
-            views.append(FrameView(_upright(frame, notes), frame=index_of(t, this_seq), timestamp=round(t, 3)))
+            image = _upright(frame, notes)
+            small = shrink(image, share)  # the kept frames hold at most max_pixels together
+            note = (f"frames reduced from {image.width}x{image.height} to {small.width}x{small.height} "
+                    f"(the {len(targets)} kept hold at most {max_pixels / 1e6:g} megapixels together)")
+            if small is not image and note not in notes:
+                notes.append(note)
+            views.append(FrameView(small, frame=index_of(t, this_seq), timestamp=round(t, 3)))
             while pending and pending[0] <= t + tolerance:
                 pending.pop(0)
             break

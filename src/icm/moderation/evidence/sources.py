@@ -144,17 +144,36 @@ class NudeNetSource(EvidenceSource):
         if not images:
             return []
         model = self.model()
+        # NudeNet pads each image to a square of its longest side before resizing it to 320:
+        # a 60000x1 strip would be a 10.8 GB square. Larger images are resized first (boxes
+        # scaled back), so the padded square is at most NUDENET_MAX_SIDE a side.
+        fitted = [fit_side(_rgb(im), NUDENET_MAX_SIDE) for im in images]
         # NudeNet expects what cv2.imread returns: contiguous uint8 BGR.
-        arrays = [np.ascontiguousarray(np.asarray(_rgb(im))[:, :, ::-1]) for im in images]
+        arrays = [np.ascontiguousarray(np.asarray(small)[:, :, ::-1]) for small, _, _ in fitted]
         raw = model.detect_batch(arrays, batch_size=self.batch_size)
         return [
             SourceOutput(boxes=[
-                Box(label=d["class"], score=float(d["score"]), x=float(d["box"][0]), y=float(d["box"][1]),
-                    w=float(d["box"][2]), h=float(d["box"][3]))
+                Box(label=d["class"], score=float(d["score"]), x=float(d["box"][0]) * sx, y=float(d["box"][1]) * sy,
+                    w=float(d["box"][2]) * sx, h=float(d["box"][3]) * sy)
                 for d in dets
             ])
-            for dets in raw
+            for dets, (_, sx, sy) in zip(raw, fitted, strict=True)
         ]
+
+
+NUDENET_MAX_SIDE = 1280
+"""Longest side of the image NudeNet is given (it pads to a square, then resizes to 320)."""
+
+
+def fit_side(im: Image.Image, max_side: int) -> tuple[Image.Image, float, float]:
+    """``im`` resized so its longest side is at most ``max_side`` (aspect kept, each side at
+    least 1), and the factors that map its coordinates back to ``im``'s."""
+    w, h = im.size
+    if max(w, h) <= max_side:
+        return im, 1.0, 1.0
+    scale = max_side / max(w, h)
+    size = (max(1, min(max_side, round(w * scale))), max(1, min(max_side, round(h * scale))))
+    return im.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0), w / size[0], h / size[1]
 
 
 OCR_MAX_SIDE = 1280
