@@ -116,16 +116,21 @@ class PixelBudget:
 
 
 def decode_weight(data: bytes, max_pixels: int, draft_pixels: int = 0, max_frames: int = 16) -> int:
-    """Pixels decoding ``data`` will hold, from its header (no pixel is decoded).
+    """Pixels decoding ``data`` will hold at once, from its headers (no pixel is decoded).
 
-    Width x height, times the frames the loader samples (at most ``max_frames``) for an
-    animation, and for a JPEG the reduced scale it decodes at (``draft_pixels``); 0 for an
-    image the loader refuses from its header alone (over ``max_pixels``, or a header Pillow
-    cannot parse).
+    For a still image its width x height (for a JPEG at the reduced scale it decodes at with
+    ``draft_pixels``). For a multi-frame file each frame is counted by its *own* header (see
+    :func:`icm.moderation.image_frames.plan_frames`): the largest frame decoded (an animation's
+    canvas, a page's own size) plus the views kept of the other judged frames, each at most
+    its share (``draft_pixels``, the size the server reduces to). 0 for an image the loader
+    refuses from its headers alone (a frame over ``max_pixels``, frames over the per-file
+    total, or a header Pillow cannot parse).
     """
     from PIL import Image
 
-    from icm.moderation.images import jpeg_draft_scale
+    from icm.moderation.image_base import ImageLoadError
+    from icm.moderation.image_frames import plan_frames
+    from icm.moderation.images import DEFAULT_MAX_TOTAL_PIXELS, jpeg_draft_scale
 
     try:
         with warnings.catch_warnings():
@@ -134,11 +139,20 @@ def decode_weight(data: bytes, max_pixels: int, draft_pixels: int = 0, max_frame
                 w, h = im.size
                 if w * h > max_pixels:
                     return 0
-                if draft_pixels and im.format == "JPEG":
-                    scale = jpeg_draft_scale(w, h, draft_pixels)
-                    w, h = -(-w // scale), -(-h // scale)
                 frames = int(getattr(im, "n_frames", 1) or 1)
-                return int(w) * int(h) * max(1, min(frames, max_frames))
+                if frames == 1:
+                    if draft_pixels and im.format == "JPEG":
+                        scale = jpeg_draft_scale(w, h, draft_pixels)
+                        w, h = -(-w // scale), -(-h // scale)
+                    return int(w) * int(h)
+                plan = plan_frames(im, data, frames, max_frames)
+                plan.check("<upload>", max_pixels, max(DEFAULT_MAX_TOTAL_PIXELS, max_pixels))
+                share = plan.view_share(max_pixels, draft_pixels or None)
+                lw, lh = plan.largest
+                kept = sum(min(plan.decoded[k][0] * plan.decoded[k][1], share) for k in plan.wanted[1:])
+                return lw * lh + kept
+    except ImageLoadError:
+        return 0
     except Exception:  # noqa: BLE001 - any header Pillow cannot parse
         return 0
 
@@ -170,13 +184,9 @@ def reduce_loaded(loaded: Any, max_pixels: int) -> Any:
 
 
 def _shrink(im: Any, max_pixels: int) -> Any:
-    from PIL import Image
+    from icm.moderation.image_frames import shrink
 
-    if im.width * im.height <= max_pixels:
-        return im
-    scale = math.sqrt(max_pixels / (im.width * im.height))
-    size = (max(1, math.floor(im.width * scale)), max(1, math.floor(im.height * scale)))
-    return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return shrink(im, max_pixels)
 
 
 def loaded_bytes(loaded: Any) -> int:

@@ -111,7 +111,7 @@ async def load(svc: Service, data: bytes, name: str, source: str) -> tuple[Loade
     def decode() -> LoadedImage:
         im = load_image(
             data, name=name, max_pixels=config.max_pixels, max_bytes=config.max_upload_bytes,
-            draft_pixels=config.reduce_to_pixels or None,
+            draft_pixels=config.reduce_to_pixels or None, max_view_pixels=config.reduce_to_pixels or None,
         )
         return reduce_loaded(im, config.reduce_to_pixels)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 from typing import Any, Literal
@@ -10,10 +11,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
-from icm.serve.errors import APIError
+from icm.moderation.image_base import ImageLoadError
+from icm.serve.errors import APIError, image_error
+from icm.serve.limits import Overloaded
 from icm.serve.routes.common import ERRORS, MAX_ID, principal, service
 from icm.serve.store import FORMAT_MEDIA_TYPES, ClaimConflict
+from icm.serve.thumbs import ThumbnailCache, make_thumbnail, thumbnail_weight
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
@@ -179,27 +184,40 @@ def agreement(request: Request, _who: str | None = Depends(principal)) -> dict[s
     "/v1/images/{sha256}/thumbnail", responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
     summary="A kept image, at most 160 pixels a side", response_class=Response,
 )
-def thumbnail(request: Request, sha256: str, _who: str | None = Depends(principal)) -> Response:
+async def thumbnail(request: Request, sha256: str, _who: str | None = Depends(principal)) -> Response:
     svc = service(request)
-    data = svc.images.get(sha256.lower()) if svc.images is not None else None
-    if data is None:
+    key = sha256.lower()
+    cache: ThumbnailCache = svc.extras.setdefault("thumbnails", ThumbnailCache())
+    try:  # a cached thumbnail is served only while its image is kept (retention deletes both)
+        kept = svc.images is not None and await run_in_threadpool(svc.images.path(key).is_file)
+    except ValueError:
+        kept = False
+    if not kept:
         raise APIError(404, "no_such_image", f"no kept image {sha256}")
+    assert svc.images is not None
+    jpeg = cache.get(key)
+    if jpeg is None:
+        data = await run_in_threadpool(svc.images.get, key)
+        if data is None:
+            raise APIError(404, "no_such_image", f"no kept image {sha256}")
+        # Decoding holds its pixels of the server's budget, as an upload does: sixteen
+        # thumbnails of a 40-megapixel PNG decode one at a time, then come from the cache.
+        weight = await run_in_threadpool(thumbnail_weight, data, svc.config.max_pixels)
+        held = svc.pixels.hold(weight, len(data)) if svc.pixels is not None else contextlib.nullcontext()
+        try:
+            async with held:
+                jpeg = cache.get(key)
+                if jpeg is None:
+                    jpeg = await run_in_threadpool(make_thumbnail, data, svc.config.max_pixels, f"image {key}")
+                    cache.put(key, jpeg)
+        except Overloaded as exc:
+            raise APIError(503, "overloaded", f"the server is busy: {exc}; retry later", headers={"Retry-After": "1"}) from None
+        except ImageLoadError as exc:
+            raise image_error(exc) from None
     return Response(
-        _thumbnail(data), media_type="image/jpeg",
+        jpeg, media_type="image/jpeg",
         headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"},
     )
-
-
-def _thumbnail(data: bytes, side: int = 160) -> bytes:
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.draft("RGB", (side * 2, side * 2))
-        small = ImageOps.exif_transpose(im).convert("RGB")
-        small.thumbnail((side, side))
-    buf = io.BytesIO()
-    small.save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
 
 
 @router.get(
