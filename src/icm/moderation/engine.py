@@ -509,6 +509,8 @@ def _aggregate(
     decided = aggregate_video(records, *video) if video and im.mode == "video" and not failed else None
     chosen = failed[0] if failed else decided.chosen if decided else _worst_view(records)
     r, m = records[chosen], metas[chosen]
+    thresholds = video[0].thresholds if decided is not None and video else None
+    frame_verdicts = [frame_verdict(y, thresholds) for y in records]  # before the kept record changes
     if decided is not None:
         if r.verdict != decided.verdict:
             r.notes.insert(0, f"{where(m)} alone: {r.verdict}")
@@ -532,9 +534,8 @@ def _aggregate(
                     r.flagged_categories[name] = [c for c in SCHEMES[name] if c in flagged or c in r.flagged_categories.get(name, [])]
             r.frame_scores = [
                 FrameScore(frame=x.frame, timestamp=x.timestamp, background=x.background,
-                           p_violation=y.p_violation, verdict=frame_verdict(y, video[0].thresholds) if decided and video
-                           else y.verdict, scene_change=x.scene)
-                for x, y in zip(metas, records, strict=True)
+                           p_violation=y.p_violation, verdict=v, scene_change=x.scene)
+                for x, y, v in zip(metas, records, frame_verdicts, strict=True)
             ]
         r.timings.model_ms = round(sum(x.timings.model_ms for x in records), 3)
     r.frame, r.timestamp, r.background = m.frame, m.timestamp, m.background
