@@ -25,21 +25,19 @@ per-frame pixel limit applies to every frame, and the pixels decoded over all fr
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import os
 import stat
-import sys
 import warnings
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
 
-import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+from icm.moderation.scenes import SCENE_CHANGE, SceneKeeper, change, largest_gap, thumbnail
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest image decoded by default: 100 megapixels, about 300 MB as 8-bit RGB.
@@ -123,6 +121,8 @@ class FrameView:
     """Seconds from the start (videos, and animations that state frame durations)."""
     background: str | None = None
     """``white`` or ``black`` when the frame has meaningful transparency, else None."""
+    scene: bool = False
+    """Judged because it starts a new scene between regular samples (:mod:`icm.moderation.scenes`)."""
 
 
 @dataclass
@@ -152,6 +152,10 @@ class LoadedImage:
     """
     frames_seen: int = 1
     """How many distinct frames of the file are in ``views``."""
+    gap_frames: int = 0
+    """The longest run of consecutive frames none of which was judged (0: every frame judged)."""
+    gap_s: float | None = None
+    """That run in seconds, when frame times are known (videos, timed animations)."""
 
     def judged_views(self) -> list[FrameView]:
         return self.views or [FrameView(self.image)]
@@ -227,13 +231,18 @@ def load_image(
                 transpose = _orientation(im, notes)
                 frames = _count_frames(im, notes)
                 wanted = sample_frames(frames, max_frames)
-                views = _frame_views(im, source, notes, wanted, frames, transpose, max_pixels, total_limit)
+                starts: list[float] | None = [] if frames > 1 else None
+                views = _frame_views(im, source, notes, wanted, frames, transpose, max_pixels, total_limit, starts)
 
     rgb = views[0].image
     seen = len({v.frame for v in views})
+    gap_frames, gap_s = _gap(views, frames, starts)
     if frames > 1:
         kind = "multi-picture JPEG" if fmt == "MPO" else "multi-page" if fmt == "TIFF" else "animated"
-        which = f"all {seen} judged" if seen == frames else f"{seen} evenly spaced judged (first and last included)"
+        scenes = len({v.frame for v in views if v.scene})
+        which = (f"all {seen} judged" if seen == frames else f"{seen - scenes} evenly spaced judged (first and last "
+                 f"included)" + (f" and {scenes} at scene changes" if scenes else "") + f"; the longest run not judged "
+                 f"is {gap_frames} frames" + (f" ({gap_s:g}s)" if gap_s is not None else ""))
         notes.append(f"{kind} ({frames} frames): {which}")
     return LoadedImage(
         image=rgb,
@@ -248,7 +257,17 @@ def load_image(
         notes=list(dict.fromkeys(notes)),
         views=views,
         frames_seen=seen,
+        gap_frames=gap_frames,
+        gap_s=gap_s,
     )
+
+
+def _gap(views: list[FrameView], frames: int, starts: list[float] | None) -> tuple[int, float | None]:
+    """The longest run of frames not judged, in frames and (with frame start times) seconds."""
+    length, first = largest_gap((v.frame for v in views), frames)
+    if length == 0 or starts is None or len(starts) <= first + length:
+        return length, (0.0 if length == 0 and starts is not None else None)
+    return length, round(starts[first + length] - starts[first], 3)
 
 
 def sample_frames(count: int, max_frames: int) -> list[int]:
@@ -317,28 +336,34 @@ def _frame_views(
     transpose: Image.Transpose | None,
     max_pixels: int,
     total_limit: int,
+    starts: list[float] | None = None,
 ) -> list[FrameView]:
     """Decode the ``wanted`` frames (ascending) within the pixel budget, as views.
 
-    Animations that state frame durations get timestamps: GIF and APNG are stepped
-    through frame by frame (what Pillow does inside ``seek`` anyway) adding up the
-    durations; WebP states each frame's start time itself.
+    Animations (GIF, APNG, WebP) are decoded in order anyway, so every frame is visited:
+    one that changes the picture (:mod:`icm.moderation.scenes`) is judged too, at most
+    ``len(wanted)`` such. GIF and APNG that state frame durations get timestamps, and
+    ``starts`` the start time of every frame and the end; WebP states each frame's time itself.
     """
     views: list[FrameView] = []
     canvas = im.width * im.height
     sequential = im.format not in _RANDOM_ACCESS_FORMATS
     stepped = frames > 1 and im.format in ("GIF", "PNG") and isinstance(im.info.get("duration"), (int, float))
+    keeper: SceneKeeper[list[FrameView]] = SceneKeeper(len(wanted) if sequential and frames > len(wanted) else 0)
+    todo = set(wanted)
     clock = 0.0  # milliseconds at the start of frame ``at`` (stepped formats)
     spent, at = canvas, 0
-    for k in wanted:
+    previous = thumbnail(im) if keeper.budget else None
+    for k in (range(wanted[-1] + 1) if sequential and frames > 1 else wanted):
         if k != at:
             if sequential:  # frames at+1 .. k are all decoded on the way
                 spent += (k - at) * canvas
                 _check_budget(source, spent, total_limit, frames, len(wanted))
             try:
-                if stepped:
+                if stepped or sequential:
                     for f in range(at + 1, k + 1):
-                        clock += max(0.0, float(im.info.get("duration") or 0))  # frame f-1's duration
+                        if stepped:
+                            clock += max(0.0, float(im.info.get("duration") or 0))  # frame f-1's duration
                         im.seek(f)
                 else:
                     im.seek(k)
@@ -357,15 +382,36 @@ def _frame_views(
                 spent += w * h
                 _check_budget(source, spent, total_limit, frames, len(wanted))
             _decode(im, source, f"frame {k} of {frames} is truncated or corrupt")
+        if starts is not None and stepped:
+            starts.append(clock / 1000)
         timestamp: float | None = None
         if stepped:
             timestamp = round(clock / 1000, 3)
         elif im.format == "WEBP" and frames > 1 and isinstance(im.info.get("timestamp"), (int, float)):
             timestamp = round(float(im.info["timestamp"]) / 1000, 3)
-        frame: Image.Image = im.transpose(transpose) if transpose is not None else im
-        for background, rgb in _to_rgb_views(frame, source, notes):
-            views.append(FrameView(rgb, frame=k, timestamp=timestamp, background=background))
-    return views
+        score = 0.0
+        if keeper.budget:
+            current = thumbnail(im)
+            score, previous = change(previous, current), current
+        if k not in todo and score < SCENE_CHANGE:
+            continue
+
+        def judged(k: int = k, timestamp: float | None = timestamp) -> list[FrameView]:
+            frame: Image.Image = im.transpose(transpose) if transpose is not None else im
+            return [FrameView(rgb, frame=k, timestamp=timestamp, background=bg, scene=k not in todo)
+                    for bg, rgb in to_rgb_views(frame, source, notes)]
+
+        if k in todo:
+            views.extend(judged())
+        else:
+            keeper.offer(score, k, judged)
+    if starts is not None:
+        if stepped and len(starts) == frames:
+            starts.append((clock + max(0.0, float(im.info.get("duration") or 0))) / 1000)
+        else:
+            starts.clear()  # no frame times: the gap is stated in frames only
+    extra = [v for _, vs in keeper.kept() for v in vs]
+    return sorted(views + extra, key=lambda v: v.frame) if extra else views
 
 
 def _check_budget(source: str, spent: int, limit: int, frames: int, sampled: int) -> None:
@@ -511,90 +557,6 @@ def _orientation(im: Image.Image, notes: list[str]) -> Image.Transpose | None:
     return method
 
 
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
-
-
-def _to_rgb_views(im: Image.Image, source: str, notes: list[str]) -> list[tuple[str | None, Image.Image]]:
-    """The frame as 8-bit RGB: over white, and also over black when its alpha is meaningful."""
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:
-        try:
-            rgba = im.convert("RGBA")
-        except Exception as exc:  # a mode Pillow cannot convert: this image's error
-            raise ImageLoadError(source, f"unsupported colour mode {im.mode!r} ({_cause(exc)})") from exc
-        alpha = np.asarray(rgba.getchannel("A"))
-        clear = float((alpha < 255).mean()) if alpha.size else 0.0
-        if clear > ALPHA_MIN_FRACTION:
-            notes.append(
-                f"transparency ({im.mode}, {clear:.1%} of pixels not opaque): judged over white and over black, "
-                "the worse kept"
-            )
-            return [(name, _composite(rgba, colour)) for name, colour in BACKGROUNDS.items()]
-        if clear > 0:
-            notes.append(f"transparency ({im.mode}) composited over white ({clear:.2%} of pixels, too few to matter)")
-        return [(None, _composite(rgba, BACKGROUNDS["white"]))]
-    return [(None, _to_rgb(im, source, notes))]
-
-
-def _composite(rgba: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
-    background = Image.new("RGBA", rgba.size, (*colour, 255))
-    background.alpha_composite(rgba)
-    return background.convert("RGB")
-
-
-def _to_rgb(im: Image.Image, source: str, notes: list[str]) -> Image.Image:
-    """Any Pillow mode without transparency to 8-bit RGB."""
-    mode = im.mode
-    if mode == "RGB":
-        return im.copy()
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return Image.fromarray(_high_depth_to_8bit(np.asarray(im), mode, notes), "L").convert("RGB")
-    if mode == "CMYK":
-        return _cmyk_to_rgb(im, notes)
-    try:
-        return im.convert("RGB")
-    except Exception as exc:  # a mode Pillow cannot convert: this image's error
-        raise ImageLoadError(source, f"unsupported colour mode {mode!r} ({_cause(exc)})") from exc
-
-
-def _high_depth_to_8bit(arr: np.ndarray, mode: str, notes: list[str]) -> np.ndarray:
-    """16-bit, 32-bit integer or float pixels to uint8, keeping the visible range.
-
-    Pillow's own ``convert`` clips these to 255, which turns most 16-bit images white.
-    """
-    values = arr.astype(np.float64)
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if mode.startswith("I;16"):
-        scaled, how = values / 257.0, "16-bit values scaled to 8 bits"
-    elif mode == "F" and lo >= 0.0 and hi <= 1.0:
-        scaled, how = values * 255.0, "floating-point values in [0, 1] scaled to 8 bits"
-    elif lo >= 0 and hi <= 255:
-        scaled, how = values, f"{mode}-mode values already in 0-255, kept"
-    elif lo >= 0 and hi <= 65535:
-        scaled, how = values / 257.0, f"{mode}-mode values treated as 16-bit and scaled to 8 bits"
-    else:
-        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-        how = f"{mode}-mode values in [{lo:g}, {hi:g}] stretched to 0-255"
-    notes.append(how)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def _cmyk_to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
-    icc = im.info.get("icc_profile")
-    if icc:
-        try:
-            from PIL import ImageCms
-
-            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            out = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-            if out is not None:
-                notes.append("CMYK converted to sRGB with the embedded ICC profile")
-                return out
-        except Exception as exc:  # noqa: BLE001 - fall back to the plain conversion
-            notes.append(f"embedded ICC profile unusable ({_cause(exc)})")
-    notes.append("CMYK converted to RGB without colour management")
-    return im.convert("RGB")
-
-
 def _count_frames(im: Image.Image, notes: list[str]) -> int:
     try:
         return max(1, int(getattr(im, "n_frames", 1)))
@@ -603,146 +565,7 @@ def _count_frames(im: Image.Image, notes: list[str]) -> int:
         return 1
 
 
-# --------------------------------------------------------------------------- inputs
+# Colour conversion and input expansion live in their own modules (imported last: they use the names above).
+from icm.moderation.colour import to_rgb_views  # noqa: E402
+from icm.moderation.inputs import PathEntry, iter_image_paths, read_path_list  # noqa: E402, F401
 
-
-@dataclass(frozen=True)
-class PathEntry:
-    """One item of a batch: an image path to load, or an input that produced none."""
-
-    source: str
-    """The command-line input this entry came from (a path, folder, pattern or ``-``)."""
-    path: Path | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-_GLOB_CHARS = frozenset("*?[")
-
-
-def iter_image_paths(
-    inputs: Iterable[str | os.PathLike[str]],
-    *,
-    stdin: TextIO | BinaryIO | None = None,
-    extensions: Collection[str] = MEDIA_EXTENSIONS,
-    null: bool = False,
-) -> Iterator[PathEntry]:
-    """Expand files, folders, glob patterns and ``-`` into a deterministic list of images.
-
-    * a file is taken as given, whatever its extension (the loader reports non-images,
-      and refuses FIFOs, devices and sockets without opening them);
-    * a folder is walked recursively in sorted order; files whose extension is in
-      ``extensions`` are kept, hidden files and folders (``.name``) are skipped and
-      symlinked folders are not followed (no cycles); a folder that cannot be read is
-      an error entry, never a silent gap;
-    * a pattern (``*``, ``?``, ``[``) that is not itself an existing path is expanded
-      with :func:`glob.glob` (``**`` recurses), matches sorted; matched folders are walked;
-    * ``-`` reads paths from ``stdin`` (default ``sys.stdin``), one per line, or separated
-      by NUL bytes with ``null=True`` (``find -print0``), each treated like a
-      command-line input. Names are read as bytes and decoded like ``sys.argv``
-      (:func:`os.fsdecode`, so names that are not UTF-8 survive); only the line end is
-      removed, so leading and trailing spaces are kept (a name containing a newline
-      needs ``null``).
-
-    Inputs that yield nothing (missing paths, patterns with no match, folders without
-    images) come out as entries with ``error`` set, so the batch goes on. A file reached
-    twice (by path and through its folder) is yielded once.
-    """
-    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-    seen: set[str] = set()
-
-    def emit(source: str, path: Path) -> Iterator[PathEntry]:
-        key = os.path.normcase(os.path.realpath(path))
-        if key not in seen:
-            seen.add(key)
-            yield PathEntry(source=source, path=path)
-
-    def walk(raw: str, root: Path) -> Iterator[PathEntry]:
-        for item in _walk(root, exts):
-            if isinstance(item, OSError):
-                where = os.fsdecode(item.filename) if item.filename is not None else raw
-                why = "permission denied" if isinstance(item, PermissionError) else _cause(item)
-                yield PathEntry(raw, error=f"cannot read folder {where}: {why}")
-            else:
-                yield from emit(raw, item)
-
-    def expand(raw: str) -> Iterator[PathEntry]:
-        path = Path(raw)
-        try:
-            st: os.stat_result | None = os.stat(path)
-        except PermissionError:
-            yield PathEntry(raw, error=f"cannot access {raw}: permission denied")
-            return
-        except (OSError, ValueError):  # missing, a dangling link, a name with NUL
-            st = None
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            entries = list(walk(raw, path))
-            yield from entries
-            if not entries:
-                yield PathEntry(raw, error=f"no image files in folder {raw} (looked for {', '.join(sorted(exts))})")
-        elif st is not None:
-            yield from emit(raw, path)  # a FIFO or device too: the loader refuses it by name
-        elif _GLOB_CHARS & set(raw):
-            matches = sorted(glob.glob(raw, recursive=True))
-            found: list[PathEntry] = []
-            for match in map(Path, matches):
-                if match.is_dir():
-                    found.extend(walk(raw, match))
-                elif match.suffix.lower() in exts:
-                    found.extend(emit(raw, match))
-            if not matches:
-                yield PathEntry(raw, error=f"no files match the pattern {raw}")
-            elif not found:
-                yield PathEntry(raw, error=f"the pattern {raw} matches no image files")
-            yield from found
-        elif path.is_symlink():
-            yield PathEntry(raw, error=f"{raw} is a broken symbolic link")
-        else:
-            yield PathEntry(raw, error=f"no such file or folder: {raw}")
-
-    for item in inputs:
-        raw = os.fspath(item)
-        if raw == "-":
-            stream = stdin if stdin is not None else sys.stdin
-            for name in read_path_list(stream, null=null):
-                yield from expand(name)
-        else:
-            yield from expand(raw)
-
-
-def read_path_list(stream: TextIO | BinaryIO, *, null: bool = False) -> Iterator[str]:
-    """Paths from a list: one per line (only the line end is removed) or NUL-separated.
-
-    A text stream's underlying bytes are read when it has them (``sys.stdin.buffer``) and
-    decoded with :func:`os.fsdecode`, so a name that is not valid UTF-8 comes out as the
-    same ``str`` the OS gives for it. Empty entries are skipped.
-    """
-    source: Any = getattr(stream, "buffer", stream)
-    if null:
-        data = source.read()
-        parts: Iterable[str | bytes] = data.split(b"\0" if isinstance(data, bytes) else "\0")
-    else:
-        parts = source
-    for part in parts:
-        name = os.fsdecode(part) if isinstance(part, bytes) else part
-        if not null:
-            name = name[:-1] if name.endswith("\n") else name
-            name = name[:-1] if name.endswith("\r") else name
-        if name:
-            yield name
-
-
-def _walk(root: Path, exts: set[str]) -> Iterator[Path | OSError]:
-    """Image files under ``root``, sorted; an :class:`OSError` for each folder that cannot be read."""
-    errors: list[OSError] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append):
-        yield from errors
-        errors.clear()
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name.rstrip())[1].lower() in exts:
-                yield Path(dirpath) / name  # "photo.png " (trailing space) counts as a .png
-    yield from errors

@@ -71,6 +71,7 @@ class FrameScore(BaseModel):
     background: str | None = None
     p_violation: float | None = None
     verdict: VerdictName | None = None
+    scene_change: bool = Field(default=False, description="Judged because it starts a new scene between regular samples")
 
 
 class ModerationRecord(BaseModel):
@@ -152,6 +153,16 @@ class ModerationRecord(BaseModel):
     )
     frames_seen: int | None = Field(default=None, description="How many frames of the file were judged")
     frame_count: int | None = Field(default=None, description="How many frames the file has (video: as stated or estimated)")
+    unsampled_gap_frames: int | None = Field(
+        default=None, description="Multi-frame and video: the longest run of consecutive frames none of which was judged"
+    )
+    unsampled_gap_s: float | None = Field(default=None, description="That run in seconds, when frame times are known")
+    aggregate: Literal["worst", "corroborated", "uncorroborated", "zero-tolerance"] | None = Field(
+        default=None,
+        description="Video: how the frames made the verdict: worst (the worst frame), corroborated (enough blocking "
+        "frames in a window: block), uncorroborated (blocking frames without that: review), zero-tolerance (one frame "
+        "of a zero-tolerance category blocks); see the rule set's video setting",
+    )
     frame_scores: list[FrameScore] = Field(
         default_factory=list, description="Multi-frame, video or alpha images: P(violation) and verdict of every view judged"
     )
