@@ -189,7 +189,7 @@ class ICMReport(BaseModel):
     n_unscored: int
     n_judged: int = Field(default=0, description="Images judged (all, labelled or not)")
     n_failed: int = Field(default=0, description="Images whose moderation failed (error records)")
-    n_not_judged: int = Field(default=0, description="Images without a verdict of their own (refused, no evidence, conflict); off-format answers with a verdict are judged")
+    n_not_judged: int = Field(default=0, description="Images without a verdict of their own (refused, no evidence, conflict)")
     not_judged_reasons: dict[str, int] = Field(default_factory=dict)
     n_strict: int = Field(default=0, description="Labelled images judged, failed or not judged: the denominator of strict accuracy and coverage")
     failed_examples: list[str] = Field(default_factory=list)
