@@ -252,3 +252,43 @@ def test_scores_that_differ_by_float_noise_are_never_split(tmp_path):
     verdicts = {verdict_at(None, p, p, th.review, th.block) for p in noise}
     assert verdicts == {"review"}  # the same evidence, the same verdict
     assert (th.allowed, th.blocked, th.missed, th.block_precision) == (4, 5, 0, 1.0)
+
+
+def test_reasons_show_the_comparison_that_decided(tmp_path):
+    import re
+
+    from icm.moderation.backends.base import Backend, YesNoScore
+    from icm.moderation.engine import Moderator, _reason
+
+    def shown(reason: str) -> float:
+        return float(re.search(r"P\(violation\)=([0-9.]+)", reason).group(1))
+
+    # a violating product at P(violation) 0.6999 against block 0.7: was "P(violation)=0.70 -> review"
+    attrs = {"region": {"upper": 1.0}, "exposure": {"chest": 0.6999, "normal": 0.3001}, "action": {"none": 1.0}, "cue": {"none": 1.0}}
+    d = decide(POLICY, "icm-default", attributes=attrs, p_term=0.5)
+    assert d.product == "upper_chest" and d.verdict == "review" and 0.6999 < d.p_violation < 0.7
+    assert "P(violation)=0.6999 < block 0.7 -> review." in _reason(POLICY, d)
+    # just above the threshold two digits are enough, and the printed number is still on its side
+    d = decide(POLICY, "icm-default", attributes={**attrs, "exposure": {"chest": 0.70001, "normal": 0.29999}}, p_term=0.5)
+    assert d.verdict == "block" and "P(violation)=0.70 >= block 0.7 -> block." in _reason(POLICY, d)
+    d = decide(POLICY, "icm-default", attributes={**attrs, "exposure": {"chest": 0.29999, "normal": 0.70001}}, p_term=0.5)
+    assert d.product == "upper_normal" and d.verdict == "review" and "P(violation)=0.30 >= review 0.3 -> review." in _reason(POLICY, d)
+
+    class Says(Backend):  # P(Yes) = 0.699999 for the term, nothing else: the term alone decides
+        name = "says"
+        capabilities = frozenset({"score_yes_no"})
+
+        def score_yes_no(self, images, questions):
+            return [YesNoScore(p_yes=0.699999, source="logits") for _ in images]
+
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(tmp_path / "red.png")
+    (rec,) = Moderator(Says(), policy="icm-sexy").moderate_paths([str(tmp_path / "red.png")])
+    assert rec.verdict == "review" and "P(violation)=0.699999 < block 0.7 -> review." in rec.reason
+    assert shown(rec.reason) < 0.7 <= POLICY.rule_set("icm-default").thresholds.block
+    # every verdict's reason shows a number on the side of each threshold that its verdict says
+    for p in (0.0, 0.2999999, 0.3, 0.5, 0.6999, 0.7, 1.0):
+        d = decide(POLICY, "icm-default", p_term=p)
+        x = shown(_reason(POLICY, d))
+        assert verdict_at(None, x, x, 0.3, 0.7) == d.verdict, (p, _reason(POLICY, d))
