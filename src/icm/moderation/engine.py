@@ -30,6 +30,7 @@ from icm.moderation.backends.base import (
     Query,
     YesNoScore,
 )
+from icm.moderation.comparison import fmt_against, verdict_comparison
 from icm.moderation.corroborate import aggregate_video, frame_verdict
 from icm.moderation.images import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, FrameView, ImageLoadError, LoadedImage
 from icm.moderation.record import BoxRecord, FrameScore, ModerationRecord, TermScore, Timings
@@ -137,24 +138,25 @@ def _reason(policy: Policy, d: Decision) -> str:
         return "Not judged: the backend gave no usable evidence for this policy."
     if d.basis == "conflict":
         return f"Conflicting evidence: {d.conflict}; sent to review under rule set '{d.rules}'."
+    # the comparison that decided, with the digits it takes to show it (0.6999 < block 0.7)
+    th = policy.rule_set(d.rules).thresholds
+    cmp = verdict_comparison(th, d.violates, *d.p_violation_range, d.p_violation)
     if d.product is None and d.label is not None:  # the most likely cells are ones no product covers
         cell = ", ".join(f"{a}={v}" for a, v in (d.cell or {}).items())
         verb = "violate" if d.label.violates else "are allowed"
         return (
             f"Most likely: cells no product covers (p={d.p_uncovered:.2f}; most likely cell {cell}); they {verb} "
-            f"by the default of rule set '{d.rules}'; P(violation)={d.p_violation:.2f} -> {d.verdict}."
+            f"by the default of rule set '{d.rules}'; {cmp} -> {d.verdict}."
         )
     if d.product is not None and d.label is not None:
         verb = "violates" if d.label.violates else "is allowed"
         return (
             f"Most likely product '{d.product}' (p={d.product_probability:.2f}) {verb} under "
-            f"rule set '{d.rules}' ({d.label.rule}); P(violation)={d.p_violation:.2f} -> {d.verdict}."
+            f"rule set '{d.rules}' ({d.label.rule}); {cmp} -> {d.verdict}."
         )
-    lo, hi = d.p_violation_range
-    rng = f"{lo:.2f}" if abs(hi - lo) < 1e-9 else f"between {lo:.2f} and {hi:.2f}"
     return (
-        f"P({policy.term.id})={d.p_term:.2f} from the term question alone, no attribute product "
-        f"identified; under rule set '{d.rules}' P(violation) is {rng} -> {d.verdict}."
+        f"P({policy.term.id})={fmt_against(d.p_term or 0.0, th.review, th.block)} from the term question alone, no attribute product "
+        f"identified; under rule set '{d.rules}' {cmp} -> {d.verdict}."
     )
 
 
