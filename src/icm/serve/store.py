@@ -259,8 +259,10 @@ class DecisionStore(ReviewStore):
         verdict: str | None = None,
         reviewed: bool | None = None,
         policy: str | None = None,
+        client: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Newest first, with each decision's latest review (None when not reviewed)."""
+        """Newest first, with each decision's latest review (None when not reviewed); ``client``:
+        only the decisions of that API key."""
         latest = (
             sa.select(self._reviews.c.decision_id, sa.func.max(self._reviews.c.id).label("review_id"))
             .group_by(self._reviews.c.decision_id)
@@ -273,6 +275,8 @@ class DecisionStore(ReviewStore):
             q = q.where(self._decisions.c.verdict == verdict)
         if policy:
             q = q.where(self._decisions.c.policy == policy)
+        if client is not None:
+            q = q.where(self._decisions.c.client == client)
         if reviewed is True:
             q = q.where(latest.c.review_id.is_not(None))
         elif reviewed is False:
@@ -292,9 +296,20 @@ class DecisionStore(ReviewStore):
             out.append(d)
         return out
 
-    def count_decisions(self) -> int:
+    def count_decisions(self, *, client: str | None = None) -> int:
+        q = sa.select(sa.func.count()).select_from(self._decisions)
+        if client is not None:
+            q = q.where(self._decisions.c.client == client)
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(self._decisions)).scalar() or 0)
+            return int(conn.execute(q).scalar() or 0)
+
+    def client_has_image(self, client: str, sha256: str) -> bool:
+        """Whether one of ``client``'s decisions kept the image ``sha256``."""
+        q = sa.select(self._decisions.c.id).where(
+            self._decisions.c.client == client, self._decisions.c.image_sha256 == sha256, self._decisions.c.image_kept.is_(True)
+        ).limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(q).first() is not None
 
     def mark_images_gone(self, sha256s: Sequence[str]) -> int:
         """Record that these images are no longer kept; returns the decisions changed."""

@@ -194,10 +194,16 @@ class ReviewStore:
                 d["claimed_by"], d["claim_expires_at"] = reviewer, now + ttl_s
                 return d
 
-    def release(self, decision_id: int, reviewer: str) -> bool:
-        """Give a claim back (a skip); only its holder can."""
+    def release(self, decision_id: int, reviewer: str, *, now: float | None = None) -> bool:
+        """Give a claim back (a skip); only its holder can: another reviewer's live claim raises
+        :class:`ClaimConflict`. False when there was no claim of this reviewer to give back."""
+        now = time.time() if now is None else now
         with self._writing(), self.engine.begin() as conn:
             n = conn.execute(sa.delete(self._claims).where(self._claims.c.decision_id == decision_id, self._claims.c.reviewer == reviewer)).rowcount
+            if not n:
+                holder = conn.execute(sa.select(self._claims).where(self._claims.c.decision_id == decision_id)).mappings().first()
+                if holder is not None and holder["expires_at"] > now:
+                    raise ClaimConflict(decision_id, holder["reviewer"], holder["expires_at"])
         return bool(n)
 
     def agreement(self) -> dict[str, Any]:
