@@ -355,11 +355,13 @@ def test_api_keys_from_config_and_environment(tmp_path, monkeypatch):
         h = {"Authorization": "Bearer alices-key-0123456789"}
         clients = [d["client"] for d in c.get("/v1/decisions", headers=h).json()["decisions"]]
         assert clients[0] == "bob" and clients[2] == "alice" and clients[1].startswith("key-")
-        # the key's name is who reviewed, unless a reviewer name is given
+        # the key's name is who reviewed; another name in the body is refused (issue 20)
         r = c.post(f"/v1/decisions/{ids[0]}/reviews", json={"verdict": "block"}, headers=h)
         assert r.status_code == 201 and r.json()["reviewer"] == "alice" and r.json()["api_key_name"] == "alice"
         r = c.post(f"/v1/decisions/{ids[0]}/reviews", json={"verdict": "allow", "reviewer": "Carol"}, headers=h)
-        assert r.json()["reviewer"] == "Carol" and r.json()["api_key_name"] == "alice"
+        assert r.status_code == 403 and r.json()["error"] == "reviewer_mismatch"
+        r = c.post(f"/v1/decisions/{ids[0]}/reviews", json={"verdict": "allow", "reviewer": "alice"}, headers=h)
+        assert r.status_code == 201 and r.json()["reviewer"] == "alice"
 
 
 def test_without_keys_only_loopback_clients(tmp_path, monkeypatch):

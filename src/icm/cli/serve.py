@@ -31,7 +31,7 @@ def serve(
     api_key: list[str] | None = typer.Option(
         None, "--api-key",
         help=(
-            "Where accepted API keys are: a FILE (one KEY or NAME:KEY a line, # comments) or env:VARIABLE "
+            "Where accepted API keys are: a FILE (one NAME:KEY:ROLE a line, ROLE client, reviewer or admin; # comments) or env:VARIABLE "
             "(comma-separated); repeatable. Never the key itself (argv is visible to every user). $ICM_API_KEYS adds more."
         ),
     ),

@@ -62,6 +62,12 @@ def create_app(
     """The FastAPI app for ``config``; ``moderator`` / ``store`` replace the configured ones."""
     config = config or ServeConfig()
     svc = build_service(config, moderator=moderator, store=store)
+    if svc.auth.keys_without_role:
+        log.warning(
+            "roles are not set for the API keys %s: each has full access, as admin (moderate, review, read every "
+            "decision and image, metrics). Give each key a role: NAME:KEY:ROLE, ROLE one of client, reviewer, admin "
+            "(docs/security.md)", ", ".join(svc.auth.keys_without_role),
+        )
     batch_size = config.max_batch_size if config.batching else 1
     wait_ms = config.max_wait_ms if config.batching else 0.0
 

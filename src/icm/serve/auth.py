@@ -1,11 +1,59 @@
-"""API keys: ``Authorization: Bearer KEY``; without keys, loopback clients only."""
+"""API keys: ``Authorization: Bearer KEY``; without keys, loopback clients only.
+
+Each key has a role (:data:`icm.serve.config.ROLES`), and each role a set of permissions
+(:data:`PERMISSIONS`): the routes ask for one with :meth:`Caller.require`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
-from icm.serve.config import APIKey, is_loopback
+from icm.serve.config import APIKey, Role, is_loopback
 from icm.serve.errors import APIError
+
+Permission = Literal["moderate", "review", "read_all", "metrics"]
+
+PERMISSIONS: dict[Role, frozenset[Permission]] = {
+    "client": frozenset({"moderate"}),  # and its own decisions and images (scoped, not a permission)
+    "reviewer": frozenset({"review", "read_all"}),
+    "admin": frozenset({"moderate", "review", "read_all", "metrics"}),
+}
+"""What each role may do: ``moderate`` (POST /v1/moderate, /v1/moderations), ``review`` (the
+queue, claims, reviews, agreement figures), ``read_all`` (every decision and kept image, not only
+the key's own), ``metrics`` (GET /metrics)."""
+
+WHAT = {
+    "moderate": "moderate images", "review": "work the review queue (claims and reviews)",
+    "read_all": "read other keys' decisions", "metrics": "read the metrics",
+}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sends a request: the key's name and role; without keys, an unnamed admin (the
+    server trusts its callers then, see :class:`Authenticator`)."""
+
+    name: str | None
+    role: Role = "admin"
+
+    def can(self, permission: Permission) -> bool:
+        return permission in PERMISSIONS[self.role]
+
+    def require(self, permission: Permission) -> None:
+        """A 403 ``forbidden`` naming the key and its role when the role lacks ``permission``."""
+        if not self.can(permission):
+            raise APIError(
+                403, "forbidden",
+                f"the API key {self.name!r} has the role {self.role!r}, which may not {WHAT[permission]} "
+                "(roles: docs/security.md)",
+            )
+
+    @property
+    def scope(self) -> str | None:
+        """The client name whose decisions and images this caller may read; None: all of them."""
+        return None if self.can("read_all") else (self.name or "")
 
 
 class Authenticator:
@@ -24,11 +72,16 @@ class Authenticator:
     def enabled(self) -> bool:
         return bool(self.keys)
 
-    def principal(self, authorization: str | None, client_host: str | None) -> str | None:
-        """The key's name for a valid key, None when keys are off; raises APIError otherwise."""
+    @property
+    def keys_without_role(self) -> list[str]:
+        """The names of keys configured without a role (full access, as admin)."""
+        return sorted({k.name for k in self.keys if k.role is None})
+
+    def principal(self, authorization: str | None, client_host: str | None) -> Caller:
+        """The caller of a valid key; without keys an unnamed admin; raises APIError otherwise."""
         if not self.keys:
             if self.allow_unauthenticated or (client_host is not None and is_loopback(client_host)):
-                return None
+                return Caller(name=None)
             raise APIError(
                 403,
                 "loopback_only",
@@ -42,13 +95,13 @@ class Authenticator:
                 401, "missing_api_key", "this server needs an API key: send the header 'Authorization: Bearer KEY'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        found: str | None = None
+        found: APIKey | None = None
         for key in self.keys:  # compare with every key (constant time each), no early exit
             if key.matches(token) and found is None:
-                found = key.name
+                found = key
         if found is None:
             raise APIError(401, "invalid_api_key", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-        return found
+        return Caller(name=found.name, role=found.effective_role)
 
 
 LOCAL_HOSTNAMES = ("localhost", "127.0.0.1", "::1", "localhost.localdomain")

@@ -1,4 +1,4 @@
-"""Policies, health and metrics."""
+"""Policies, the caller's identity, health and metrics."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from icm import __version__
+from icm.serve.auth import PERMISSIONS, Caller
 from icm.serve.metrics import CONTENT_TYPE
-from icm.serve.routes.common import ERRORS, principal, service
+from icm.serve.routes.common import ERRORS, can_read_metrics, principal, service
 
 router = APIRouter()
 
 
 @router.get("/v1/policies", responses=ERRORS, tags=["policies"], summary="Policies and rule sets this server applies")
-def policies(request: Request, _who: str | None = Depends(principal)) -> dict[str, Any]:
+def policies(request: Request, _who: Caller = Depends(principal)) -> dict[str, Any]:
     svc = service(request)
     out = []
     for p in svc.policies.values():
@@ -43,6 +44,18 @@ def policies(request: Request, _who: str | None = Depends(principal)) -> dict[st
     return {"default_policy": svc.config_policy_name, "default_rules": svc.default_rules, "policies": out}
 
 
+@router.get("/v1/whoami", responses=ERRORS, tags=["operations"], summary="The caller's key name, role and permissions")
+def whoami(request: Request, who: Caller = Depends(principal)) -> dict[str, Any]:
+    """What this key is: its `name` (the identity recorded with its decisions and reviews; null
+    without keys, when a reviewer says who they are), its `role` and what the role may do."""
+    return {
+        "name": who.name,
+        "role": who.role,
+        "permissions": sorted(PERMISSIONS[who.role]),
+        "keys": service(request).auth.enabled,
+    }
+
+
 @router.get("/healthz", tags=["operations"], summary="Liveness and readiness")
 def healthz(request: Request) -> JSONResponse:
     svc = service(request)
@@ -68,5 +81,5 @@ def healthz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["operations"], summary="Prometheus metrics")
-def metrics(request: Request, _who: str | None = Depends(principal)) -> PlainTextResponse:
+def metrics(request: Request, _who: Caller = Depends(can_read_metrics)) -> PlainTextResponse:
     return PlainTextResponse(service(request).metrics.render(), media_type=CONTENT_TYPE)

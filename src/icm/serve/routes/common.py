@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import Request
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from icm.serve.auth import cross_site, host_allowed
+from icm.serve.auth import Caller, Permission, cross_site, host_allowed
 from icm.serve.errors import APIError
 from icm.serve.limits import RateLimited
 from icm.serve.service import Service
@@ -22,8 +24,9 @@ class ErrorBody(BaseModel):
 ERRORS = {
     400: {"model": ErrorBody, "description": "Malformed request (bad JSON or base64)"},
     401: {"model": ErrorBody, "description": "Missing or invalid API key"},
-    403: {"model": ErrorBody, "description": "Path outside the image folder, paths disabled, or without keys: a non-loopback client, "
-          "a Host that is not this machine's, or a request from another site's page"},
+    403: {"model": ErrorBody, "description": "The key's role may not do this, a reviewer name other than the key's, a path "
+          "outside the image folder, paths disabled, or without keys: a non-loopback client, a Host that is not this "
+          "machine's, or a request from another site's page"},
     404: {"model": ErrorBody, "description": "No such file, decision or image"},
     409: {"model": ErrorBody, "description": "The decision is claimed by another reviewer"},
     413: {"model": ErrorBody, "description": "Image over the byte or pixel limit"},
@@ -55,8 +58,9 @@ async def json_body(request: Request) -> object:
         raise APIError(400, "bad_json", f"the body is not valid JSON ({type(exc).__name__}: {exc})") from None
 
 
-def principal(request: Request) -> str | None:
-    """The caller's API key name (None without keys); enforces auth, Host, same-site and the rate limit."""
+def principal(request: Request) -> Caller:
+    """The caller (its key's name and role; an unnamed admin without keys); enforces auth, Host,
+    same-site and the rate limit."""
     svc = service(request)
     config = svc.config
     client = request.client.host if request.client else None
@@ -81,7 +85,7 @@ def principal(request: Request) -> str | None:
     who = svc.auth.principal(request.headers.get("authorization"), client)
     if svc.limiter is not None and request.url.path != "/metrics":
         try:
-            state = svc.limiter.hit(f"key:{who}" if who else f"client:{client or 'unknown'}")
+            state = svc.limiter.hit(f"key:{who.name}" if who.name else f"client:{client or 'unknown'}")
         except RateLimited as exc:
             svc.metrics.rejected.labels("rate_limited").inc()
             raise APIError(
@@ -91,3 +95,19 @@ def principal(request: Request) -> str | None:
             ) from None
         request.state.ratelimit = state
     return who
+
+
+def allowed(permission: Permission) -> Callable[[Request], Caller]:
+    """A dependency: the caller, when its role has ``permission`` (a 403 ``forbidden`` otherwise)."""
+
+    def check(request: Request) -> Caller:
+        who = principal(request)
+        who.require(permission)
+        return who
+
+    return check
+
+
+can_moderate = allowed("moderate")
+can_review = allowed("review")
+can_read_metrics = allowed("metrics")
