@@ -161,6 +161,7 @@ class Service:
             if r.ok:
                 self.metrics.decisions.labels(r.verdict or "none").inc()
                 self.metrics.observe_stage(r)
+                self.metrics.observe_text(r)
             else:
                 self.metrics.backend_errors.inc()
             out.append(Outcome(record=r, decision_id=id_of.get(i)))
