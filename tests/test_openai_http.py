@@ -122,15 +122,15 @@ def test_a_failure_names_the_status_and_the_server_message() -> None:
     assert "HTTP 401" in str(info.value) and "Invalid API key" in str(info.value) and "gave up" not in str(info.value)
 
 
-def test_malformed_json_is_retried_like_a_5xx_unless_told_not_to() -> None:
+def test_malformed_json_fails_at_once_unless_asked_to_retry() -> None:
     broken = httpx.Response(200, content=b'{"choices": [{"mess', headers={"content-type": "application/json"})
     server = Server(broken, httpx.Response(200, json=completion("fine")))
-    answer, attempts = ask(client(server))
-    assert answer.choices[0].message.content == "fine" and attempts == 2
-    server = Server(broken, httpx.Response(200, json=completion("fine")))
     with pytest.raises(ChatError, match="truncated answer"):  # the JSON stops mid-string: named as cut off
-        ask(ChatClient(client(server).settings, transport=httpx.MockTransport(server), retry_malformed_json=False))
+        ask(client(server))
     assert len(server.requests) == 1
+    server = Server(broken, httpx.Response(200, json=completion("fine")))
+    answer, attempts = ask(ChatClient(client(server).settings, transport=httpx.MockTransport(server), retry_malformed_json=True))
+    assert answer.choices[0].message.content == "fine" and attempts == 2
 
 
 def test_concurrency_is_bounded_per_loop() -> None:

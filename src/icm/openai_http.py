@@ -280,7 +280,7 @@ class ChatClient:
         stats: the :class:`ChatUsage` to count into (shared with the caller).
         transport: an ``httpx`` transport (tests use ``httpx.MockTransport``).
         retry_malformed_json: retry a success whose body is not JSON, within the same
-            retry budget, as a 5xx is (the default; False: it fails at once).
+            retry budget, as a 5xx is (the moderation backend and the judge do; else it fails at once).
         extra_retry_statuses: 4xx statuses retried besides the SDK's 408, 409 and 429.
         message_limit: the most characters of the server's error message kept.
     """
@@ -291,7 +291,7 @@ class ChatClient:
         *,
         stats: ChatUsage | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        retry_malformed_json: bool = True,
+        retry_malformed_json: bool = False,
         extra_retry_statuses: Collection[int] = (),
         message_limit: int = 500,
     ) -> None:

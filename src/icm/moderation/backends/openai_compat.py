@@ -288,7 +288,7 @@ class OpenAIBackend(Backend):
         self._lock = threading.Lock()
         self._local = threading.local()
         self._runner = LoopThread("icm-openai-backend")
-        self._client = ChatClient(settings, stats=self.stats)
+        self._client = ChatClient(settings, stats=self.stats, retry_malformed_json=True)  # a 200 that is not JSON: as a 5xx
 
     def __repr__(self) -> str:
         return (
@@ -306,7 +306,7 @@ class OpenAIBackend(Backend):
     def settings(self, value: ServerSettings) -> None:
         """New settings take effect with a fresh client (the old one is closed on the backend's loop)."""
         old = self._client
-        self._client = ChatClient(value, stats=self.stats)
+        self._client = ChatClient(value, stats=self.stats, retry_malformed_json=True)
         if self._runner.in_loop_thread() or not self._runner.started:
             return  # nothing opened on the backend's loop yet (or we are on it: the old client is left to the GC)
         try:
