@@ -238,6 +238,15 @@ def run_evaluation(
             "backend": mod.backend_name, "model": mod.model_id, "out_dir": str(out_dir), "moderation_errors": job.errors,
             "seconds": round(job.seconds, 2),
         })
+        text = {r.path: r.text_answers() for r in records.values() if r.ok and r.text_answers()}
+        summary.meta["records_read_from_text"] = len(text)
+        summary.meta["answers_read_from_text"] = sum(len(k) for k in text.values())
+        if text:
+            notes.append(
+                f"{len(text)} of {len(records)} records have answers read from the answer text "
+                f"({summary.meta['answers_read_from_text']} answers: the server gave no usable logprobs; one sampled "
+                f"answer each, counted at --text-confidence {mc.text_confidence:g}, not a measured probability)"
+            )
         stage("scoring moderation")
         rs = ResultSet(source=str(out_dir / "records.jsonl"), format="icm-jsonl", items=items)
         try:

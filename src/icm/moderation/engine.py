@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from icm.moderation.backends.base import (
+    TEXT_SOURCES,
     Answer,
     Backend,
     BackendConfigError,
@@ -304,10 +305,10 @@ class Moderator:
         scores = category_scores(self.policy, self.rule_set, d)
         not_judged = [a.id for a in self.policy.attributes if a.id not in ev.attributes]
         notes = list(im.notes)
-        from_text = [f"term:{self.policy.term.id}"] if ev.term is not None and ev.term.source in ("parsed", "guided") else []
-        from_text += [f"attr:{a}" for a, src in ev.sources.items() if src in ("parsed", "guided")]
+        from_text = [f"term:{self.policy.term.id}"] if ev.term is not None and ev.term.source in TEXT_SOURCES else []
+        from_text += [f"attr:{a}" for a, src in ev.sources.items() if src in TEXT_SOURCES]
         if from_text:
-            notes.append(f"read from the answer text (0 or 1, no usable logprobs): {', '.join(from_text)}")
+            notes.append(f"read from the answer text (one sampled answer, no usable logprobs): {', '.join(from_text)}")
         rec = ModerationRecord(
             path=im.source,
             sha256=im.sha256,

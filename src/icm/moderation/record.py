@@ -25,7 +25,9 @@ class TermScore(BaseModel):
     question: str
     p_yes: float | None = Field(description="P(Yes) for the term question; None when not judged")
     source: str | None = Field(
-        default=None, description="logits, logprobs, parsed (read from the answer text: 0/1), guided (constrained answer text) or a detector"
+        default=None,
+        description="logits, logprobs, text (read from the answer text: one sampled answer, counted at the backend's "
+        "text confidence; 'parsed' in records of earlier versions, 0/1), guided (constrained answer text) or a detector",
     )
 
 
@@ -195,6 +197,14 @@ class ModerationRecord(BaseModel):
                 raw = path.encode("utf-8", "surrogatepass")
             data["path_bytes"] = base64.b64encode(raw).decode("ascii")
         return _json_safe(data) if any(isinstance(v, (str, list, dict)) for v in data.values()) else data
+
+    def text_answers(self) -> list[str]:
+        """The queries (``term:ID``, ``attr:ID``) whose answers were read from the answer text
+        (source ``text``, ``guided``, or ``parsed`` in older records), not measured."""
+        from icm.moderation.backends.base import TEXT_SOURCES
+
+        keys = [f"term:{self.term.term}"] if self.term is not None and self.term.source in TEXT_SOURCES else []
+        return keys + [f"attr:{a}" for a, src in self.attribute_sources.items() if src in TEXT_SOURCES]
 
     def local_path(self) -> str:
         """The file name as the OS spells it (undoing the JSON-safe form of ``path``)."""

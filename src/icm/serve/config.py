@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, DEFAULT_TEXT_CONFIDENCE
 from icm.moderation.spec import BackendSpec
 
 API_KEYS_ENV = "ICM_API_KEYS"
@@ -74,6 +74,10 @@ class ServeConfig(BaseModel):
     min_label_mass: float = Field(
         DEFAULT_MIN_LABEL_MASS, ge=0.0, le=1.0,
         description="hf/openai: the least probability the valid labels must hold for an answer to count.",
+    )
+    text_confidence: float = Field(
+        DEFAULT_TEXT_CONFIDENCE, ge=0.5, le=1.0,
+        description="openai: the probability an answer read from text (no usable logprobs) gives the label it names.",
     )
     guided_choice: str = Field("off", description="openai: constrain answers to the labels (off, structured_outputs, guided_choice, regex).")
     api_key_env: str | None = Field(None, description="openai: the environment variable holding the upstream server's API key.")

@@ -205,6 +205,7 @@ class Service:
             g.ids, at = ids[at : at + g.size], at + g.size
         for _, r in pairs:
             self.metrics.decisions.labels(r.verdict or "none").inc()
+            self.metrics.observe_text(r)
         if any(r.verdict == "block" for _, r in pairs):
             self.extras.get("wake_webhooks", lambda: None)()  # their events are in the outbox now
 
