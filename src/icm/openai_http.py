@@ -36,6 +36,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from icm.redact import redact_text, redact_url
+
 __all__ = [
     "API_KEY_ENV",
     "BASE_URL_ENV",
@@ -195,7 +197,7 @@ class ChatError(Exception):
         retryable: bool = False,
         attempts: int = 0,
     ) -> None:
-        super().__init__(message)
+        super().__init__(redact_text(message))  # a base URL's user:password@ never reaches a message
         self.status = status
         self.raw = raw or {}
         self.retryable = retryable
@@ -345,7 +347,7 @@ class ChatClient:
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
-        return f"ChatClient(url={self.settings.url!r}, api_key={'set' if self.settings.api_key else 'unset'})"
+        return f"ChatClient(url={redact_url(self.settings.url)!r}, api_key={'set' if self.settings.api_key else 'unset'})"
 
     @property
     def url(self) -> str:

@@ -91,3 +91,17 @@ def principal(request: Request) -> str | None:
             ) from None
         request.state.ratelimit = state
     return who
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the caller may see the server's operational details (``/healthz``'s model, backend,
+    policy, version): today any caller :func:`principal` accepts (a valid key; without keys, a
+    local caller on an allowed Host). Never raises: a refused caller is simply not an admin.
+
+    Hook for key roles: when API keys get roles, require the admin role here (one place).
+    """
+    try:
+        principal(request)
+    except APIError:
+        return False
+    return True

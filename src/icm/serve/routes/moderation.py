@@ -7,6 +7,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 
@@ -177,8 +178,10 @@ async def judge_loaded(
     ]
     outs = await asyncio.gather(*(submit(svc, j) for j in jobs))
     for out in outs:
-        if out.decision_id is None:
-            raise APIError(502, "backend_failed", out.record.error or "the backend gave no decision")
+        if out.decision_id is None:  # the upstream's own error text stays in the server log
+            ref = secrets.token_hex(4)
+            log.warning("backend failed on %s [error %s]: %s", name, ref, out.record.error or "no decision")
+            raise APIError(502, "backend_failed", f"the model backend failed on this image (error {ref}; details in the server log)")
     return list(outs)
 
 
