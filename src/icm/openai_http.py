@@ -43,6 +43,7 @@ from icm.openai_retry import (
     server_message,
     transport_failure,
 )
+from icm.redact import redact_text, redact_url
 
 __all__ = [
     "API_KEY_ENV",
@@ -210,7 +211,7 @@ class ChatError(Exception):
         attempts: int = 0,
         kind: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(redact_text(message))  # a base URL's user:password@ never reaches a message
         self.status = status
         self.raw = raw or {}
         self.retryable = retryable
@@ -304,7 +305,7 @@ class ChatClient:
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
-        return f"ChatClient(url={self.settings.url!r}, api_key={'set' if self.settings.api_key else 'unset'})"
+        return f"ChatClient(url={redact_url(self.settings.url)!r}, api_key={'set' if self.settings.api_key else 'unset'})"
 
     @property
     def url(self) -> str:

@@ -40,6 +40,11 @@ def serve(
         help="Without API keys: a Host name to accept besides localhost and the loopback addresses (repeatable).",
     ),
     rate_limit: int | None = typer.Option(None, help="Requests per minute per API key (per client without keys); 0: no limit (default)."),
+    auth_failures_per_minute: int | None = typer.Option(
+        None, help="Wrong API keys accepted per minute from one client address, then 429 (default 10; 0: no limit)."),
+    trusted_proxy: list[str] | None = typer.Option(
+        None, "--trusted-proxy",
+        help="CIDR of a reverse proxy whose X-Forwarded-For names the client (repeatable); other peers' header is ignored."),
     policy: str | None = typer.Option(None, "--policy", "-p", help="Default policy: built-in name or YAML file (default: icm-sexy)."),
     rules: str | None = typer.Option(None, "--rules", "-r", help="Default rule set of the default policy."),
     policies: list[str] | None = typer.Option(None, "--extra-policy", help="Another policy clients may name per request (repeatable)."),
@@ -117,6 +122,7 @@ def serve(
     given: dict[str, Any] = {
         "host": host, "port": port, "allow_unauthenticated": allow_unauthenticated,
         "api_keys": None, "allowed_hosts": list(allowed_host) if allowed_host else None, "rate_limit": rate_limit,
+        "auth_failures_per_minute": auth_failures_per_minute, "trusted_proxies": list(trusted_proxy) if trusted_proxy else None,
         "policy": policy, "rules": rules,
         "policies": list(policies) if policies else None, "backend": backend, "model": model, "adapter": adapter,
         "base_url": base_url, "dtype": dtype, "device": device, "escalate_backend": escalate_backend,

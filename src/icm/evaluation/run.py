@@ -96,7 +96,7 @@ def load_dataset(path: str | Path) -> EvalDataset:
         for name in MANIFEST_NAMES:
             if (p / name).is_file():
                 return _read_manifest(p / name)
-        from icm.moderation.images import iter_image_paths
+        from icm.moderation.inputs import iter_image_paths
 
         entries = [e for e in iter_image_paths([str(p)]) if e.path is not None]
         if not entries:

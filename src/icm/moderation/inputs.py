@@ -1,10 +1,15 @@
-"""Input expansion for a moderation batch: files, folders, glob patterns and ``-`` (a list on stdin).
+"""What ``icm moderate`` reads: files, folders, glob patterns and ``-`` expanded into paths.
 
-Split from :mod:`icm.moderation.images`, which re-exports these names.
+Folders and ``**`` patterns are walked **iteratively** (a folder 1,000 levels deep is no
+RecursionError) and every folder is entered once per walk, recognised by its (device,
+inode): a pattern over symbolic links that point back up (``a -> .``) ends. A folder that
+cannot be read is an error entry naming it, never a silent gap and never the end of the
+run.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import stat
@@ -14,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from icm.moderation.images import MEDIA_EXTENSIONS, _cause
+from icm.moderation.images import MEDIA_EXTENSIONS
+
+__all__ = ["PathEntry", "iter_image_paths", "read_path_list", "recursive_glob", "walk_files"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,11 @@ class PathEntry:
 _GLOB_CHARS = frozenset("*?[")
 
 
+def _cause(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def iter_image_paths(
     inputs: Iterable[str | os.PathLike[str]],
     *,
@@ -45,12 +57,13 @@ def iter_image_paths(
 
     * a file is taken as given, whatever its extension (the loader reports non-images,
       and refuses FIFOs, devices and sockets without opening them);
-    * a folder is walked recursively in sorted order; files whose extension is in
-      ``extensions`` are kept, hidden files and folders (``.name``) are skipped and
-      symlinked folders are not followed (no cycles); a folder that cannot be read is
-      an error entry, never a silent gap;
+    * a folder is walked (iteratively, each folder once by device and inode) in sorted
+      order; files whose extension is in ``extensions`` are kept, hidden files and folders
+      (``.name``) are skipped and symlinked folders are not followed (no cycles); a folder
+      that cannot be read is an error entry, never a silent gap;
     * a pattern (``*``, ``?``, ``[``) that is not itself an existing path is expanded
-      with :func:`glob.glob` (``**`` recurses), matches sorted; matched folders are walked;
+      like :func:`glob.glob` (``**`` recurses, following symlinked folders but entering
+      each folder once), matches sorted; matched folders are walked;
     * ``-`` reads paths from ``stdin`` (default ``sys.stdin``), one per line, or separated
       by NUL bytes with ``null=True`` (``find -print0``), each treated like a
       command-line input. Names are read as bytes and decoded like ``sys.argv``
@@ -71,12 +84,15 @@ def iter_image_paths(
             seen.add(key)
             yield PathEntry(source=source, path=path)
 
+    def unreadable(raw: str, item: OSError) -> PathEntry:
+        where = os.fsdecode(item.filename) if item.filename is not None else raw
+        why = "permission denied" if isinstance(item, PermissionError) else _cause(item)
+        return PathEntry(raw, error=f"cannot read folder {where}: {why}")
+
     def walk(raw: str, root: Path) -> Iterator[PathEntry]:
-        for item in _walk(root, exts):
+        for item in walk_files(root, exts):
             if isinstance(item, OSError):
-                where = os.fsdecode(item.filename) if item.filename is not None else raw
-                why = "permission denied" if isinstance(item, PermissionError) else _cause(item)
-                yield PathEntry(raw, error=f"cannot read folder {where}: {why}")
+                yield unreadable(raw, item)
             else:
                 yield from emit(raw, item)
 
@@ -97,16 +113,21 @@ def iter_image_paths(
         elif st is not None:
             yield from emit(raw, path)  # a FIFO or device too: the loader refuses it by name
         elif _GLOB_CHARS & set(raw):
-            matches = sorted(glob.glob(raw, recursive=True))
+            matches: list[str] = []
             found: list[PathEntry] = []
+            for item in recursive_glob(raw) if "**" in raw else sorted(glob.glob(raw)):
+                if isinstance(item, OSError):
+                    found.append(unreadable(raw, item))
+                else:
+                    matches.append(item)
             for match in map(Path, matches):
                 if match.is_dir():
                     found.extend(walk(raw, match))
                 elif match.suffix.lower() in exts:
                     found.extend(emit(raw, match))
-            if not matches:
+            if not matches and not found:
                 yield PathEntry(raw, error=f"no files match the pattern {raw}")
-            elif not found:
+            elif not any(e.ok for e in found):
                 yield PathEntry(raw, error=f"the pattern {raw} matches no image files")
             yield from found
         elif path.is_symlink():
@@ -146,14 +167,130 @@ def read_path_list(stream: TextIO | BinaryIO, *, null: bool = False) -> Iterator
             yield name
 
 
-def _walk(root: Path, exts: set[str]) -> Iterator[Path | OSError]:
-    """Image files under ``root``, sorted; an :class:`OSError` for each folder that cannot be read."""
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def walk_files(root: str | os.PathLike[str], exts: Collection[str]) -> Iterator[Path | OSError]:
+    """Image files under ``root`` in ``os.walk`` order (a folder's files sorted, then its
+    subfolders sorted, depth first), without recursion; an :class:`OSError` for each folder
+    that cannot be read. Hidden names are skipped, symlinked folders are not entered, and a
+    folder already walked (same device and inode: a bind mount of its parent) is not
+    walked again."""
+    done: set[tuple[int, int]] = set()
+    stack = [os.fspath(root)]
+    while stack:
+        top = stack.pop()
+        try:
+            st = os.stat(top)
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = top
+            yield exc
+            continue
+        if (st.st_dev, st.st_ino) in done:
+            continue
+        done.add((st.st_dev, st.st_ino))
+        files: list[str] = []
+        dirs: list[str] = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if _is_dir(e):
+                if not e.is_symlink():
+                    dirs.append(e.name)
+            elif os.path.splitext(e.name.rstrip())[1].lower() in exts:  # "photo.png " counts as a .png
+                files.append(e.name)
+        for name in sorted(files):
+            yield Path(top) / name
+        stack.extend(os.path.join(top, d) for d in sorted(dirs, reverse=True))
+
+
+def _parts(pattern: str) -> tuple[str, list[str]]:
+    """(the literal folder a pattern starts from, its remaining components)."""
+    anchor = os.sep if pattern.startswith(os.sep) else ""
+    comps = [c for c in pattern.split(os.sep) if c]
+    base: list[str] = []
+    while comps and not (_GLOB_CHARS & set(comps[0])) and len(comps) > 1:
+        base.append(comps.pop(0))
+    return anchor + os.path.join(*base) if base else (anchor or os.curdir), [c for c in comps if c != "."]
+
+
+def recursive_glob(pattern: str) -> Iterator[str | OSError]:
+    """The matches of a ``**`` pattern, sorted, as :func:`glob.glob` with ``recursive=True``
+    gives them (``**`` matches zero or more folders, hidden names only by a pattern that
+    starts with a dot), but iterative and entering each folder once per pattern position
+    (device, inode): symlinks that point back up end instead of branching forever. An
+    :class:`OSError` for each folder that cannot be read comes first."""
+    base, comps = _parts(pattern)
+    n = len(comps)
+
+    def closure(states: frozenset[int]) -> frozenset[int]:
+        out = set(states)
+        todo = list(states)
+        while todo:
+            i = todo.pop()
+            if i < n and comps[i] == "**" and i + 1 not in out:
+                out.add(i + 1)
+                todo.append(i + 1)
+        return frozenset(out)
+
+    def spell(path: str) -> str:
+        return path[len(os.curdir + os.sep):] if base == os.curdir and path.startswith(os.curdir + os.sep) else path
+
+    if not os.path.isdir(base):
+        return
+    matches: list[str] = []
     errors: list[OSError] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append):
-        yield from errors
-        errors.clear()
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name.rstrip())[1].lower() in exts:
-                yield Path(dirpath) / name  # "photo.png " (trailing space) counts as a .png
+    start = closure(frozenset({0}))
+    if n in start and comps and comps[-1] == "**":
+        matches.append(os.path.join(base, ""))  # 'dir/**' matches 'dir/' itself, as glob does
+    visited: set[tuple[int, int, frozenset[int]]] = set()
+    stack: list[tuple[str, frozenset[int]]] = [(base, start)]
+    while stack:
+        folder, states = stack.pop()
+        try:
+            st = os.stat(folder)
+            key = (st.st_dev, st.st_ino, states)
+            if key in visited:
+                continue
+            visited.add(key)
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = folder
+            errors.append(exc)
+            continue
+        for e in entries:
+            hidden = e.name.startswith(".")
+            is_dir = _is_dir(e)
+            nxt: set[int] = set()
+            for i in states:
+                if i >= n:
+                    continue
+                comp = comps[i]
+                if comp == "**":
+                    if hidden:
+                        continue
+                    if i == n - 1:
+                        nxt.add(n)  # a trailing ** matches files and folders
+                    if is_dir:
+                        nxt.add(i)
+                elif (not hidden or comp.startswith(".")) and fnmatch.fnmatch(e.name, comp):
+                    nxt.add(i + 1)
+            if not nxt:
+                continue
+            reached = closure(frozenset(nxt))
+            path = spell(os.path.join(folder, e.name))
+            if n in reached:
+                matches.append(path)
+            if is_dir and any(i < n for i in reached):
+                stack.append((os.path.join(folder, e.name), frozenset(i for i in reached if i < n)))
     yield from errors
+    yield from sorted(set(matches))

@@ -23,7 +23,8 @@ from icm.fileio import atomic_write, read_jsonl
 from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, DEFAULT_TEXT_CONFIDENCE, Backend
 from icm.moderation.bundle import BundleModerator, parse_bundle_ref
 from icm.moderation.engine import Moderator
-from icm.moderation.images import ImageLoadError, iter_image_paths, open_regular_file
+from icm.moderation.images import ImageLoadError, open_regular_file
+from icm.moderation.inputs import iter_image_paths
 from icm.moderation.record import ModerationRecord
 from icm.moderation.spec import BACKEND_NAMES, BackendSpec, create_backends
 from icm.policy.bundle import bundle_members

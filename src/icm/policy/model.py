@@ -306,7 +306,7 @@ class EvidenceSourceSpec(_Strict):
     axis first; the first output, one row per image, is read as ``output`` (``logits``:
     softmax is applied; ``probabilities``: used as they are; ``sigmoid``: one independent
     probability per label). ``path`` is absolute or relative to the working directory
-    (``~`` and ``$VARS`` are expanded).
+    (``~`` and ``$VARS`` are expanded to open the file; messages and records show it as written).
     """
 
     type: Literal["onnx_classifier"] = "onnx_classifier"

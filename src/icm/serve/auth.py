@@ -2,11 +2,20 @@
 
 Each key has a role (:data:`icm.serve.config.ROLES`), and each role a set of permissions
 (:data:`PERMISSIONS`): the routes ask for one with :meth:`Caller.require`.
+
+Wrong keys are throttled per client address (:class:`AuthThrottle`); the address is the
+connection's peer, or the one ``X-Forwarded-For`` names when the peer is a trusted proxy
+(:func:`client_address`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import collections
+import ipaddress
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -157,3 +166,76 @@ def cross_site(headers: Mapping[str, str]) -> str | None:
     if not sep or authority.strip().lower().rstrip("/") != host.strip().lower():
         return f"Origin: {origin[:100]}"
     return None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _in(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return False
+    return any(ip.version == n.version and ip in n for n in networks)
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
+    """The client's address: the connection's ``peer``, unless the peer is a trusted proxy and
+    ``X-Forwarded-For`` is set; then the right-most address in it that is not itself a trusted
+    proxy (the left part of the header is whatever the client wrote, so it is never believed
+    beyond the first untrusted hop)."""
+    addr = peer or "unknown"
+    if not forwarded_for or not _in(addr, trusted):
+        return addr
+    for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
+        try:
+            ipaddress.ip_address(hop.strip("[]"))
+        except ValueError:
+            return addr  # a malformed hop: stop at the last address a trusted proxy vouched for
+        addr = hop.strip("[]")
+        if not _in(addr, trusted):
+            return addr
+    return addr
+
+
+class AuthThrottle:
+    """At most ``limit`` failed authentications per minute per client address; beyond that the
+    address gets 429 for every request until its minute ends, before its key is even checked
+    (so guessing keys runs at ``limit`` guesses a minute). Memory is bounded: past
+    ``max_clients`` addresses the oldest windows are dropped. Thread-safe."""
+
+    WINDOW = 60.0
+
+    def __init__(self, limit: int, *, clock: Callable[[], float] = time.monotonic, max_clients: int = 100_000) -> None:
+        self.limit = limit
+        self.clock = clock
+        self.max_clients = max_clients
+        self._failures: collections.OrderedDict[str, tuple[float, int]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _window(self, address: str, now: float) -> tuple[float, int]:
+        start, count = self._failures.get(address, (now, 0))
+        return (now, 0) if now - start >= self.WINDOW else (start, count)
+
+    def check(self, address: str) -> None:
+        """Raise a 429 :class:`APIError` when ``address`` used up its failures this minute."""
+        now = self.clock()
+        with self._lock:
+            start, count = self._window(address, now)
+        if count >= self.limit:
+            wait = max(1, math.ceil(start + self.WINDOW - now))
+            raise APIError(
+                429, "too_many_failed_authentications",
+                f"{count} requests from this address had a wrong API key within a minute; retry in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
+
+    def failed(self, address: str) -> None:
+        """Count one failed authentication of ``address``."""
+        now = self.clock()
+        with self._lock:
+            start, count = self._window(address, now)
+            self._failures[address] = (start, count + 1)
+            self._failures.move_to_end(address)
+            while len(self._failures) > self.max_clients:
+                self._failures.popitem(last=False)

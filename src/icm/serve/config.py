@@ -58,6 +58,16 @@ class ServeConfig(BaseModel):
     rate_limit: int = Field(
         0, ge=0, description="Requests per minute per API key (per client without keys) on /v1 routes; 0: no limit."
     )
+    auth_failures_per_minute: int = Field(
+        10, ge=0,
+        description="Wrong API keys accepted per minute from one client address; beyond, its requests get 429 "
+        "until the minute ends (0: no limit).",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of reverse proxies whose X-Forwarded-For names the client address (for the "
+        "failed-authentication limit); from any other peer the header is ignored.",
+    )
     # -- moderation
     policy: str = Field("icm-sexy", description="Default policy: a built-in name or a policy YAML file.")
     rules: str | None = Field(None, description="Default rule set of the default policy.")
@@ -177,6 +187,26 @@ class ServeConfig(BaseModel):
     @classmethod
     def _keys_valid(cls, v: list[SecretStr]) -> list[SecretStr]:
         return [SecretStr(APIKey.parse(k.get_secret_value()).entry) for k in v]  # raises on a bad key
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_long(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().strip()) < MIN_KEY_LENGTH:  # as --webhook-secret requires
+            raise ValueError(f"webhook_secret is shorter than {MIN_KEY_LENGTH} characters (make one with {KEYGEN_HINT})")
+        return SecretStr(v.get_secret_value().strip()) if v is not None else None
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry[:100]!r} is not an address or CIDR (10.0.0.0/8, ::1)") from None
+        return [e.strip() for e in v]
+
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(e, strict=False) for e in self.trusted_proxies]
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

@@ -79,6 +79,7 @@ from icm.openai_http import (
 )
 from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
 from icm.prompting import openai_conversation, question_conversation
+from icm.redact import redact_url
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -292,7 +293,7 @@ class OpenAIBackend(Backend):
 
     def __repr__(self) -> str:
         return (
-            f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, "
+            f"OpenAIBackend(model={self.model!r}, base_url={redact_url(self.base_url)!r}, "
             f"api_key={'set' if self.settings.api_key else 'unset'}, max_concurrency={self.max_concurrency})"
         )
 
@@ -336,7 +337,7 @@ class OpenAIBackend(Backend):
 
     @property
     def model_id(self) -> str:
-        return f"{self.model}@{self.base_url}"
+        return f"{self.model}@{redact_url(self.base_url)}"  # no user:password@ in records
 
     @property
     def last_errors(self) -> list[ItemError]:
@@ -559,7 +560,7 @@ class OpenAIBackend(Backend):
             what = {401: "the API key was rejected", 403: "access was refused", 404: "the model or the URL does not exist"}
             raise BackendConfigError(
                 f"openai backend: {what.get(config.status or 0, 'the server refused the request')} "
-                f"(model {self.model!r} at {self.base_url}): {config.error}"
+                f"(model {self.model!r} at {redact_url(self.base_url)}): {config.error}"
             )
         if (
             errors
@@ -568,7 +569,7 @@ class OpenAIBackend(Backend):
             and all(e.kind == "connect" for e in errors)
         ):
             raise BackendConfigError(
-                f"openai backend: cannot reach the server at {self.base_url} (no request has ever been answered): "
+                f"openai backend: cannot reach the server at {redact_url(self.base_url)} (no request has ever been answered): "
                 f"{errors[0].error}"
             )
         for err in errors:

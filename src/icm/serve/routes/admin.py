@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from icm import __version__
 from icm.serve.auth import PERMISSIONS, Caller
 from icm.serve.metrics import CONTENT_TYPE
-from icm.serve.routes.common import ERRORS, can_read_metrics, principal, service
+from icm.serve.routes.common import ERRORS, can_read_metrics, is_admin, principal, service
 
 router = APIRouter()
 
@@ -58,26 +58,30 @@ def whoami(request: Request, who: Caller = Depends(principal)) -> dict[str, Any]
 
 @router.get("/healthz", tags=["operations"], summary="Liveness and readiness")
 def healthz(request: Request) -> JSONResponse:
+    """``{"status": "ok"}`` (200) or ``{"status": "unavailable"}`` (503) for anyone (load balancers);
+    the details (version, policy, backend, model, database, batching, auth) only for an admin caller."""
     svc = service(request)
     config = svc.config
     db_ok = svc.store.ping()
     running = svc.batcher is not None and svc.batcher.running
-    body = {
-        "status": "ok" if db_ok and running else "unavailable",
-        "version": __version__,
-        "policy": svc.config_policy_name,
-        "rules": svc.default_rules,
-        "backend": svc.default_moderator.backend_name,
-        "model": svc.default_moderator.model_id,
-        "database": "ok" if db_ok else "unreachable",
-        "batching": {
-            "enabled": config.batching,
-            "max_batch_size": config.max_batch_size if config.batching else 1,
-            "max_wait_ms": config.max_wait_ms if config.batching else 0.0,
-        },
-        "auth": "api-keys" if svc.auth.enabled else "none (loopback only)" if not config.allow_unauthenticated else "none",
-    }
-    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+    status = "ok" if db_ok and running else "unavailable"
+    body: dict[str, Any] = {"status": status}
+    if is_admin(request):
+        body.update({
+            "version": __version__,
+            "policy": svc.config_policy_name,
+            "rules": svc.default_rules,
+            "backend": svc.default_moderator.backend_name,
+            "model": svc.default_moderator.model_id,
+            "database": "ok" if db_ok else "unreachable",
+            "batching": {
+                "enabled": config.batching,
+                "max_batch_size": config.max_batch_size if config.batching else 1,
+                "max_wait_ms": config.max_wait_ms if config.batching else 0.0,
+            },
+            "auth": "api-keys" if svc.auth.enabled else "none (loopback only)" if not config.allow_unauthenticated else "none",
+        })
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["operations"], summary="Prometheus metrics")

@@ -8,7 +8,7 @@ from fastapi import Request
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from icm.serve.auth import Caller, Permission, cross_site, host_allowed
+from icm.serve.auth import AuthThrottle, Caller, Permission, client_address, cross_site, host_allowed
 from icm.serve.errors import APIError
 from icm.serve.limits import RateLimited
 from icm.serve.service import Service
@@ -32,7 +32,8 @@ ERRORS = {
     413: {"model": ErrorBody, "description": "Image over the byte or pixel limit"},
     415: {"model": ErrorBody, "description": "Not an image, or an unsupported content type"},
     422: {"model": ErrorBody, "description": "Missing field, unknown policy or rule set, empty or corrupt image"},
-    429: {"model": ErrorBody, "description": "Over the key's requests per minute (see Retry-After and the RateLimit-* headers)"},
+    429: {"model": ErrorBody, "description": "Over the key's requests per minute (see Retry-After and the RateLimit-* headers), "
+          "or too many wrong API keys from this address within a minute"},
     502: {"model": ErrorBody, "description": "The model backend failed on this image"},
     503: {"model": ErrorBody, "description": "Too many requests or too much memory waiting (see Retry-After), or shutting down"},
 }
@@ -82,7 +83,21 @@ def principal(request: Request) -> Caller:
                 f"refused a request from another site's page ({why}): without API keys only this server's "
                 "own pages and non-browser clients may call it",
             )
-    who = svc.auth.principal(request.headers.get("authorization"), client)
+    throttle: AuthThrottle | None = svc.extras.get("auth_throttle")
+    address = client_address(request.client.host if request.client else None, request.headers.get("x-forwarded-for"),
+                             svc.extras.get("trusted_proxies", ()))
+    if throttle is not None and svc.auth.enabled:
+        try:
+            throttle.check(address)
+        except APIError:
+            svc.metrics.rejected.labels("auth_throttled").inc()
+            raise
+    try:
+        who = svc.auth.principal(request.headers.get("authorization"), client)
+    except APIError as exc:
+        if throttle is not None and exc.code == "invalid_api_key":
+            throttle.failed(address)
+        raise
     if svc.limiter is not None and request.url.path != "/metrics":
         try:
             state = svc.limiter.hit(f"key:{who.name}" if who.name else f"client:{client or 'unknown'}")
@@ -111,3 +126,16 @@ def allowed(permission: Permission) -> Callable[[Request], Caller]:
 can_moderate = allowed("moderate")
 can_review = allowed("review")
 can_read_metrics = allowed("metrics")
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the caller may see the server's operational details (``/healthz``'s model, backend,
+    policy, version): today any caller :func:`principal` accepts (a valid key; without keys, a
+    local caller on an allowed Host). Never raises: a refused caller is simply not an admin.
+
+    With key roles: a key whose role may read the metrics (admin); a key without a role is an admin.
+    """
+    try:
+        return principal(request).can("metrics")
+    except APIError:
+        return False

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -200,9 +201,11 @@ async def judge_all(
     except BaseException:
         group.failed = True  # jobs still queued are judged, but never committed
         raise
-    for out in outs:
-        if not out.record.ok:
-            raise APIError(502, "backend_failed", out.record.error or "the backend gave no decision")
+    for (im, _), out in zip(pairs, outs, strict=True):
+        if not out.record.ok:  # the upstream's own error text stays in the server log
+            ref = secrets.token_hex(4)
+            log.warning("backend failed on %s [error %s]: %s", im.name, ref, out.record.error or "no decision")
+            raise APIError(502, "backend_failed", f"the model backend failed on this image (error {ref}; details in the server log)")
     if group.ids is None:  # every job judged, yet not committed: cannot happen, never a silent pass
         raise APIError(503, "store_failed", "the decisions could not be stored (see the server log)", headers={"Retry-After": "5"})
     n, ids = len(targets), group.ids
