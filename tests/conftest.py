@@ -49,10 +49,24 @@ def _hf_stack() -> None:
 
     # One thread: the tiny models' ops are too small to gain from more, and with another
     # process busy on this 2-core machine, 2 threads made LoRA training 10x slower.
-    # ICM_TEST_THREADS and ICM_TEST_DETERMINISTIC=1 (torch.use_deterministic_algorithms) are
-    # for checking that the trained-outcome tests hold under other kernels (issue 25).
-    torch.set_num_threads(int(os.environ.get("ICM_TEST_THREADS", "1")))
+    # ICM_TEST_THREADS (and ICM_TEST_DETERMINISTIC, see pytest_configure) are for checking
+    # that the trained-outcome tests hold under other kernels (issue 25).
+    torch.set_num_threads(test_threads())
+
+
+def test_threads() -> int:
+    """torch threads of the tests that train or score (``ICM_TEST_THREADS``, default 1)."""
+    return int(os.environ.get("ICM_TEST_THREADS", "1"))
+
+
+test_threads.__test__ = False  # a helper, not a test
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``ICM_TEST_DETERMINISTIC=1``: torch's deterministic algorithms for the whole run."""
     if os.environ.get("ICM_TEST_DETERMINISTIC", "").strip().lower() in ("1", "true", "yes"):
+        import torch
+
         torch.use_deterministic_algorithms(True)
 
 
