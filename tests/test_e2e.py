@@ -38,11 +38,11 @@ runner = CliRunner()
 # Xeon went 0.62 at 500 steps, 0.41 at 575, 0.29 at 900; the cap leaves twice the steps.
 TARGET_LOSS = 0.45
 MAX_STEPS = 1200
-# Held-out ICM accuracy is not implied by a training loss: this gate rests on measurement.
-# At losses 0.29-0.62 the held-out accuracy was 0.85-0.89 (seeds 0-2, 1 and 2 threads,
-# deterministic kernels: figures in the branch's report), against 0.56 for the majority
-# class; 0.75 is 5 of 54 images below the lowest seen, and far above guessing.
-MIN_ACCURACY = 0.75
+# Held-out ICM accuracy is not implied by a training loss: this gate rests on measurement,
+# and only says the model learned from the pixels (the majority class scores 0.56). At the
+# target, seed 0 gave 0.759 (575 steps, with 1 or 2 threads and deterministic kernels alike),
+# seed 1 0.887 (600 steps), seed 2 1.000 (650 steps); 0.65 is 6 of 54 images below the lowest seen.
+MIN_ACCURACY = 0.65
 
 
 @pytest.mark.slow
@@ -92,4 +92,7 @@ def test_demo_e2e_short(tmp_path: Path) -> None:
     assert changed == predicted_relabelled, "decisions must change exactly for images of relabelled products"
     assert all(after_by_path[r.path].attributes == r.attributes for r in before)  # same model, same evidence
     assert rep["relabel_exact"] is True and rep["decisions_changed"] == len(changed)
-    assert all(r.rules == "teen" and r.label == teen[r.product].verdict for r in after)
+    assert all(r.rules == "teen" for r in after)
+    assert all(r.label == teen[r.product].verdict for r in after if r.product)
+    # no product (seed 1: the term and the attributes disagree, basis "conflict"): no decision, a person reviews
+    assert all(r.label is None and r.verdict == "review" for r in after if not r.product)
