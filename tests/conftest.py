@@ -49,7 +49,25 @@ def _hf_stack() -> None:
 
     # One thread: the tiny models' ops are too small to gain from more, and with another
     # process busy on this 2-core machine, 2 threads made LoRA training 10x slower.
-    torch.set_num_threads(1)
+    # ICM_TEST_THREADS (and ICM_TEST_DETERMINISTIC, see pytest_configure) are for checking
+    # that the trained-outcome tests hold under other kernels (issue 25).
+    torch.set_num_threads(test_threads())
+
+
+def test_threads() -> int:
+    """torch threads of the tests that train or score (``ICM_TEST_THREADS``, default 1)."""
+    return int(os.environ.get("ICM_TEST_THREADS", "1"))
+
+
+test_threads.__test__ = False  # a helper, not a test
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``ICM_TEST_DETERMINISTIC=1``: torch's deterministic algorithms for the whole run."""
+    if os.environ.get("ICM_TEST_DETERMINISTIC", "").strip().lower() in ("1", "true", "yes"):
+        import torch
+
+        torch.use_deterministic_algorithms(True)
 
 
 @pytest.fixture(scope="session")
@@ -86,12 +104,20 @@ def tiny_idefics3_path(tiny_models_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def color_adapter_path(tiny_llava_path: Path, tiny_models_dir: Path) -> Path:
-    """A LoRA adapter on the tiny LLaVA, trained here to answer "Is the image red/blue?"."""
+    """A LoRA adapter on the tiny LLaVA, trained here to answer "Is the image red/blue?".
+
+    Trained to a target loss on held-out squares, not for a fixed number of steps (see
+    ``tiny_models.COLOR_P_CORRECT``): a run that reaches the step cap first fails the tests
+    that use it, naming the loss reached. Seeded by ``ICM_TEST_SEED`` (default 0).
+    """
     _hf_stack()
     pytest.importorskip("peft")
-    from tiny_models import train_color_adapter
+    from tiny_models import AdapterNotTrained, train_color_adapter
 
-    return train_color_adapter(tiny_llava_path, tiny_models_dir / "color-adapter")
+    try:
+        return train_color_adapter(tiny_llava_path, tiny_models_dir / "color-adapter")
+    except AdapterNotTrained as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 # --------------------------------------------------------------------------- unexpected skips

@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from icm.cli.main import app
-from icm.evaluation.calibrate import calibrate, simplest_in, verdict_at
+from icm.evaluation.calibrate import calibrate, verdict_at
+from icm.evaluation.gaps import simplest_between
 from icm.evaluation.labels import LabelResolver, read_labels
 from icm.evaluation.results import read_results
 from icm.policy import decide, load_policy
@@ -60,11 +62,14 @@ def _dataset(tmp_path: Path, *, extra: list[dict] | None = None) -> tuple[Path, 
 
 
 def test_simplest_threshold_in_a_gap():
-    assert simplest_in(0.55, 0.75) == 0.7
-    assert simplest_in(0.31, 0.45) == 0.4
-    assert simplest_in(0.80, 0.81) == 0.81
-    assert simplest_in(0.8123, 0.8124) == 0.8124
-    assert simplest_in(-1.0, 0.02) == 0.0
+    # the decimal with the fewest digits strictly between the two scores, the closest to the upper one
+    assert simplest_between(0.55, 0.75) == 0.7
+    assert simplest_between(0.31, 0.45) == 0.4
+    assert simplest_between(0.80, 0.81) == 0.809  # never a score itself: 0.81 is one
+    assert simplest_between(0.8123, 0.8124) == 0.81239
+    assert simplest_between(-1.0, 0.02) == 0.0
+    assert simplest_between(0.62, 0.6261241772283035) == 0.626
+    assert simplest_between(0.5999, 0.7) == 0.6
 
 
 def test_verdict_rule_matches_decide():
@@ -169,7 +174,7 @@ def test_unreachable_target_says_so_and_exits_1(tmp_path):
     assert r.exit_code == 1 and "even allowing nothing" in " ".join(r.output.split()) and not out.exists()
     # the point estimate can: allow nothing but the images below the first violation
     j = json.loads(runner.invoke(app, ["eval", "calibrate", str(res), "-l", str(labels), "--allow-miss", "0.01", "--json", "--dry-run"]).stdout)
-    assert j["ok"] and j["chosen"]["missed"] == 0 and j["chosen"]["review"] == 0.205 and j["chosen"]["allowed"] == 19
+    assert j["ok"] and j["chosen"]["missed"] == 0 and j["chosen"]["review"] == 0.204 and j["chosen"]["allowed"] == 19
     r = runner.invoke(app, ["eval", "calibrate", str(res), "-l", str(labels)])
     assert r.exit_code == 2 and "name a target" in r.output
 
@@ -197,3 +202,93 @@ def test_failed_and_not_judged_records_and_labels_by_sha256_or_folder(tmp_path):
         (d / Path(k).name).write_bytes(k.encode())
     rep2 = calibrate(read_results(res), LabelResolver(POLICY, labels=read_labels(folder)), block_precision=0.95, allow_miss=0.05)
     assert (rep2.chosen.review, rep2.chosen.block) == (0.4, 0.7) and rep2.n_unlabelled == 1  # v91's image is not in the folder
+
+
+# -- issue 19: every verdict counts, equal scores are never split ---------------------------------------
+
+
+def test_blocks_on_the_term_alone_count_in_block_precision(tmp_path):
+    from says_yes import SAMPLE_PHOTOS, says_yes_records
+
+    yes = [json.loads(r.model_dump_json()) for r in says_yes_records(tmp_path / "photos")]
+    assert [r["verdict"] for r in yes] == ["block"] * 3  # attributes off-format: blocked on the term alone
+    res, labels, _, _ = _dataset(tmp_path, extra=yes)
+    with labels.open("a", newline="") as f:
+        csv.writer(f).writerows([n, "allow"] for n in SAMPLE_PHOTOS)  # safe photographs
+    rep = calibrate(read_results(res), LabelResolver(POLICY, labels=read_labels(labels)), block_precision=0.85)
+    # at the current block 0.7: the 20 violations and the clean 0.75 as before, and the three photos
+    assert rep.n_not_judged == 0 and rep.n == len(CLEAN) + len(VIOLATING) + 3
+    assert (rep.current.blocked, rep.current.blocked_violating) == (24, 20)  # was 21 and 20: the photos vanished
+    assert rep.current.block_precision == pytest.approx(20 / 24)
+    # blocking from 0.8 keeps them and leaves out the clean 0.75: 20/23 >= 0.85 (0.7 would give 20/24 < 0.85)
+    assert rep.ok and rep.chosen.block == 0.79 and rep.chosen.blocked == 23
+    assert rep.chosen.block_precision == pytest.approx(20 / 23)
+    # an off-format record that the rest would allow is reviewed (the engine's rule): judged, never allowed
+    off = {**_record("imgs/o01.jpg", 0.1), "verdict": "review", "unanswered": {"attr:region": "off-format: answered 'No'"}}
+    res2, labels2, _, _ = _dataset(tmp_path, extra=[off])
+    with labels2.open("a", newline="") as f:
+        csv.writer(f).writerow(["o01.jpg", "allow"])
+    low = calibrate(read_results(res2), LabelResolver(POLICY, labels=read_labels(labels2)), allow_miss=0.05)
+    assert low.n_not_judged == 0 and low.verdict_mismatches == 0  # review is what the rule gives it
+    assert low.chosen.review == 0.4 and low.chosen.allowed == 31 and low.chosen.reviewed == 2 + 1
+
+
+def test_scores_that_differ_by_float_noise_are_never_split(tmp_path):
+    # five images of the same evidence (P = 0.6261241772283034 up to the last bits), two of them violations
+    noise = [0.6261241772283033]
+    for _ in range(4):
+        noise.append(math.nextafter(noise[-1], 1.0))
+    rows = ([(p, False) for p in (0.1, 0.2, 0.3, 0.5)] + list(zip(noise, [False, True, True, False, True], strict=True))
+            + [(p, True) for p in (0.8, 0.85, 0.9, 0.95, 0.97)])
+    records = [_record(f"imgs/i{i:02d}.jpg", p) for i, (p, _) in enumerate(rows)]
+    res = tmp_path / "results.jsonl"
+    res.write_text("".join(json.dumps(r) + "\n" for r in records))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,label\n" + "".join(f"i{i:02d}.jpg,{int(v)}\n" for i, (_, v) in enumerate(rows)))
+    rep = calibrate(read_results(res), LabelResolver(POLICY, labels=read_labels(labels)), block_precision=1.0, allow_miss=0.0)
+    # was review 0.6261241772283034 (allowing one of the five) and block 0.6261241772283037 (blocking another)
+    assert rep.ok and (rep.chosen.review, rep.chosen.block) == (0.6, 0.7)
+    th = rep.chosen
+    verdicts = {verdict_at(None, p, p, th.review, th.block) for p in noise}
+    assert verdicts == {"review"}  # the same evidence, the same verdict
+    assert (th.allowed, th.blocked, th.missed, th.block_precision) == (4, 5, 0, 1.0)
+
+
+def test_reasons_show_the_comparison_that_decided(tmp_path):
+    import re
+
+    from icm.moderation.backends.base import Backend, YesNoScore
+    from icm.moderation.engine import Moderator, _reason
+
+    def shown(reason: str) -> float:
+        return float(re.search(r"P\(violation\)=([0-9.]+)", reason).group(1))
+
+    # a violating product at P(violation) 0.6999 against block 0.7: was "P(violation)=0.70 -> review"
+    attrs = {"region": {"upper": 1.0}, "exposure": {"chest": 0.6999, "normal": 0.3001}, "action": {"none": 1.0}, "cue": {"none": 1.0}}
+    d = decide(POLICY, "icm-default", attributes=attrs, p_term=0.5)
+    assert d.product == "upper_chest" and d.verdict == "review" and 0.6999 < d.p_violation < 0.7
+    assert "P(violation)=0.6999 < block 0.7 -> review." in _reason(POLICY, d)
+    # just above the threshold two digits are enough, and the printed number is still on its side
+    d = decide(POLICY, "icm-default", attributes={**attrs, "exposure": {"chest": 0.70001, "normal": 0.29999}}, p_term=0.5)
+    assert d.verdict == "block" and "P(violation)=0.70 >= block 0.7 -> block." in _reason(POLICY, d)
+    d = decide(POLICY, "icm-default", attributes={**attrs, "exposure": {"chest": 0.29999, "normal": 0.70001}}, p_term=0.5)
+    assert d.product == "upper_normal" and d.verdict == "review" and "P(violation)=0.30 >= review 0.3 -> review." in _reason(POLICY, d)
+
+    class Says(Backend):  # P(Yes) = 0.699999 for the term, nothing else: the term alone decides
+        name = "says"
+        capabilities = frozenset({"score_yes_no"})
+
+        def score_yes_no(self, images, questions):
+            return [YesNoScore(p_yes=0.699999, source="logits") for _ in images]
+
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(tmp_path / "red.png")
+    (rec,) = Moderator(Says(), policy="icm-sexy").moderate_paths([str(tmp_path / "red.png")])
+    assert rec.verdict == "review" and "P(violation)=0.699999 < block 0.7 -> review." in rec.reason
+    assert shown(rec.reason) < 0.7 <= POLICY.rule_set("icm-default").thresholds.block
+    # every verdict's reason shows a number on the side of each threshold that its verdict says
+    for p in (0.0, 0.2999999, 0.3, 0.5, 0.6999, 0.7, 1.0):
+        d = decide(POLICY, "icm-default", p_term=p)
+        x = shown(_reason(POLICY, d))
+        assert verdict_at(None, x, x, 0.3, 0.7) == d.verdict, (p, _reason(POLICY, d))

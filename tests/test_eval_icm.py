@@ -208,3 +208,26 @@ def test_paper_json_scores_fall_back_to_the_logits():
     rs = parse_paper_json([{"image_name": "a.jpg", "logit_yes": 2.0, "logit_no": 0.0}, {"image_name": "b.jpg", "sexy_score": 1.7}, "junk"])
     assert len(rs.items) == 1 and rs.bad_lines == 2
     assert rs.items[0].p_term == pytest.approx(1 / (1 + pytest.importorskip("math").exp(-2.0)))
+
+
+# -- issue 19: every verdict counts --------------------------------------------------------------
+
+
+def test_a_model_that_says_yes_to_everything_is_judged_and_its_blocks_counted(tmp_path):
+    from says_yes import SAMPLE_PHOTOS, says_yes_records
+
+    records = says_yes_records(tmp_path / "photos")
+    # the term alone decides (every attribute answer is off-format): each safe photo is blocked
+    assert [(r.verdict, r.basis) for r in records] == [("block", "term")] * 3
+    assert all(v.startswith("off-format") for r in records for v in r.unanswered.values())
+    res = tmp_path / "yes.jsonl"
+    res.write_text("".join(r.model_dump_json() + "\n" for r in records))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,label\n" + "".join(f"{n},allow\n" for n in SAMPLE_PHOTOS))
+    r = runner.invoke(app, ["eval", "icm", str(res), "--labels", str(labels), "--json", "--bootstrap", "0"])
+    assert r.exit_code == 0, r.output  # was: "no image has a usable score ...: 0 failed, 3 not judged of 3"
+    j = json.loads(r.stdout)["icm"]
+    assert (j["n_judged"], j["n_not_judged"], j["n_evaluated"]) == (3, 0, 3)
+    assert j["confusion"] == {"tp": 0, "fp": 3, "tn": 0, "fn": 0}  # three false alarms, under the keys scripts read
+    assert j["per_image"]["confusion"] == j["confusion"]
+    assert j["metrics"]["accuracy"] == 0.0 and j["metrics"]["coverage"] == 1.0 and j["metrics"]["false_positive_rate"] == 1.0

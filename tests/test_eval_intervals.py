@@ -111,8 +111,9 @@ def _mixed_results(tmp_path: Path) -> Path:
         _record(normal.format(5), "normal", 0.10),  # right
         # a failure: an error record (a 503 after the retries)
         {"path": bust.format(6), "policy": "icm-sexy", "rules": "icm-default", "backend": "openai", "error": "term query: HTTP 503"},
-        # refusals: the model answered "I'm sorry ..." (verdict review, still a P(violation) from what remained)
+        # a refusal: the model answered "I'm sorry ..." (a review that is no verdict, whatever P(violation) remained)
         _record(bust.format(7), "chest", 0.5, verdict="review", notes=["term: refused (valid-label mass 0.02 < 0.5)"]),
+        # an off-format answer: the rest decided, so the record has a verdict and is judged (issue 19)
         _record(normal.format(8), "normal", 0.5, verdict="review", not_judged=["exposure: off-format"]),
         # nothing to decide from, and contradicting answers
         {"path": normal.format(9), "policy": "icm-sexy", "rules": "icm-default", "backend": "openai", "basis": "none",
@@ -136,17 +137,17 @@ def _mixed_results(tmp_path: Path) -> Path:
 def test_strict_accuracy_and_coverage_count_failures_and_images_not_judged(tmp_path):
     rs = read_results(_mixed_results(tmp_path))
     statuses = [it.status()[0] for it in rs.items]
-    assert statuses.count("judged") == 6 and statuses.count("failed") == 2 and statuses.count("not_judged") == 5
+    assert statuses.count("judged") == 7 and statuses.count("failed") == 2 and statuses.count("not_judged") == 4
     rep = evaluate_icm(rs, LabelResolver(POLICY), bootstrap=200)
-    assert (rep.n_judged, rep.n_failed, rep.n_not_judged) == (6, 2, 5)
-    assert rep.not_judged_reasons == {"refused": 2, "off-format": 1, "basis none": 1, "basis conflict": 1}
-    assert rep.n_evaluated == 6 and rep.n_strict == 6 + 1 + 5  # holiday.jpg has no label
-    assert rep.metrics["accuracy"] == pytest.approx(5 / 6)
-    assert rep.metrics["strict_accuracy"] == pytest.approx(5 / 12)
-    assert rep.metrics["coverage"] == pytest.approx(6 / 12)
+    assert (rep.n_judged, rep.n_failed, rep.n_not_judged) == (7, 2, 4)
+    assert rep.not_judged_reasons == {"refused": 2, "basis none": 1, "basis conflict": 1}
+    assert rep.n_evaluated == 7 and rep.n_strict == 7 + 1 + 4  # holiday.jpg has no label
+    assert rep.metrics["accuracy"] == pytest.approx(6 / 7)
+    assert rep.metrics["strict_accuracy"] == pytest.approx(6 / 12)
+    assert rep.metrics["coverage"] == pytest.approx(7 / 12)
     acc, strict, cov = rep.intervals["accuracy"], rep.intervals["strict_accuracy"], rep.intervals["coverage"]
-    assert (acc.k, acc.n) == (5, 6) and (round(acc.low, 4), round(acc.high, 4)) == tuple(round(x, 4) for x in wilson(5, 6))
-    assert (strict.k, strict.n, cov.k, cov.n) == (5, 12, 6, 12)
+    assert (acc.k, acc.n) == (6, 7) and (round(acc.low, 4), round(acc.high, 4)) == tuple(round(x, 4) for x in wilson(6, 7))
+    assert (strict.k, strict.n, cov.k, cov.n) == (6, 12, 7, 12)
     assert rep.intervals["precision"].n == 2 and rep.intervals["recall"].n == 3
     assert rep.intervals["roc_auc"].low <= rep.metrics["roc_auc"] <= rep.intervals["roc_auc"].high
     assert any("count as wrong in strict accuracy" in n for n in rep.notes)
@@ -159,15 +160,15 @@ def test_cli_prints_and_saves_counts_and_intervals(tmp_path):
     r = runner.invoke(app, ["eval", "icm", str(res), "--out", str(out), "--html", str(html), "--bootstrap", "100", "--confidence", "0.9"])
     assert r.exit_code == 0, r.output
     assert "Strict accuracy" in r.output and "Coverage" in r.output and "90% interval" in r.output
-    assert "6 / 2 / 5" in r.output  # judged / failed / not judged
+    assert "7 / 2 / 4" in r.output  # judged / failed / not judged
     s = json.loads(out.read_text())["icm"]
-    assert (s["n_failed"], s["n_not_judged"], s["confidence"], s["bootstrap"]) == (2, 5, 0.9, 100)
+    assert (s["n_failed"], s["n_not_judged"], s["confidence"], s["bootstrap"]) == (2, 4, 0.9, 100)
     assert s["intervals"]["coverage"]["low"] < 0.5 < s["intervals"]["coverage"]["high"]
     assert s["intervals"]["roc_auc"]["method"] == "bootstrap"
     page = html.read_text()
-    assert "Strict accuracy" in page and "failed 2, not judged 5" in page and "90% interval" in page
+    assert "Strict accuracy" in page and "failed 2, not judged 4" in page and "90% interval" in page
     j = json.loads(runner.invoke(app, ["eval", "icm", str(res), "--json", "--bootstrap", "0"]).stdout)["icm"]
-    assert "roc_auc" not in j["intervals"] and j["metrics"]["coverage"] == 0.5
+    assert "roc_auc" not in j["intervals"] and j["metrics"]["coverage"] == pytest.approx(7 / 12)
     bad = runner.invoke(app, ["eval", "icm", str(res), "--confidence", "95"])
     assert bad.exit_code == 2 and "confidence level" in bad.output
 

@@ -86,6 +86,18 @@ def figures(n: int, late: int | Sequence[int], *, offending: Figure = OFFENDING,
     return [draw_figure(offending if i in bad else BENIGN, size=size, seed=i) for i in range(n)]
 
 
+def one_scene(n: int, late: int | Sequence[int], *, size: int = 64) -> list[Image.Image]:
+    """``n`` frames of one still scene (the same drawing, a small dot moving in a corner so that
+    no two frames are equal), the offending figure in the same scene at index(es) ``late``."""
+    bad = {late} if isinstance(late, int) else set(late)
+    out = []
+    for i in range(n):
+        im = draw_figure(OFFENDING if i in bad else BENIGN, size=size, seed=7)
+        im.paste((250, 250, 250), (size - 3 - i % 8, size - 3, size - 1 - i % 8, size - 1))
+        out.append(im)
+    return out
+
+
 def save_animation(path: Path, frames: list[Image.Image], fmt: str) -> Path:
     kwargs: dict[str, object] = {"save_all": True, "append_images": frames[1:]}
     if fmt in ("GIF", "PNG", "WEBP"):
@@ -146,7 +158,7 @@ def test_every_frame_is_decoded_as_its_own_view(tmp_path: Path, fmt: str, ext: s
 
 @pytest.mark.parametrize(("fmt", "ext"), [("GIF", "gif"), ("TIFF", "tiff")])
 def test_beyond_max_frames_sampled_evenly(tmp_path: Path, fmt: str, ext: str) -> None:
-    path = save_animation(tmp_path / f"long.{ext}", figures(20, 19), fmt)
+    path = save_animation(tmp_path / f"long.{ext}", one_scene(20, 19), fmt)
     li = load_image(path, max_frames=4)
     assert li.frames == 20 and li.frames_seen == 4
     assert [v.frame for v in li.views] == sample_frames(20, 4) == [0, 6, 13, 19]
@@ -156,7 +168,7 @@ def test_beyond_max_frames_sampled_evenly(tmp_path: Path, fmt: str, ext: str) ->
 
 
 def test_total_pixels_over_all_frames_are_bounded(tmp_path: Path) -> None:
-    path = save_animation(tmp_path / "many.gif", figures(40, 39, size=64), "GIF")
+    path = save_animation(tmp_path / "many.gif", one_scene(40, 39, size=64), "GIF")
     assert load_image(path, max_frames=4).frames_seen == 4
     # 40 frames of 64 x 64 must all be decoded to reach the last one: 164k pixels.
     with pytest.raises(ImageLoadError, match="megapixels decoded") as info:
@@ -351,8 +363,10 @@ def _save(path: Path, im: Image.Image) -> Path:
 # --------------------------------------------------------------------------- video
 
 
-def write_video(path: Path, seconds: float, rate: int, bad_from: float | None, *, size: int = 96) -> Path:
-    """An H.264/VP9 video of benign figures, the offending one from ``bad_from`` seconds on."""
+def write_video(
+    path: Path, seconds: float, rate: int, bad_from: float | None, *, size: int = 96, bad_until: float | None = None
+) -> Path:
+    """An H.264/VP9 video of benign figures, the offending one from ``bad_from`` seconds on (until ``bad_until``)."""
     av = pytest.importorskip("av")
     codec = "libvpx-vp9" if path.suffix == ".webm" else "libx264"
     with av.open(str(path), "w") as container:
@@ -362,7 +376,7 @@ def write_video(path: Path, seconds: float, rate: int, bad_from: float | None, *
         stream.options = {"crf": "4"} if codec == "libx264" else {"crf": "4", "b": "0"}
         for i in range(int(seconds * rate)):
             t = i / rate
-            fig = OFFENDING if bad_from is not None and t >= bad_from else BENIGN
+            fig = OFFENDING if bad_from is not None and t >= bad_from and (bad_until is None or t < bad_until) else BENIGN
             image = draw_figure(fig, size=size, seed=7)
             for packet in stream.encode(av.VideoFrame.from_image(image)):
                 container.mux(packet)
@@ -379,20 +393,72 @@ def test_video_late_offending_frame_decides(tmp_path: Path, ext: str) -> None:
     r, ok = synth_moderator(backend).moderate_paths([str(path), str(benign)], fps=1.0)
     assert r.ok and r.verdict == "block" and r.product == "whole_bare_still"
     assert (r.frame, r.timestamp) == (40, 4.0)
-    assert r.frames_seen == 6 and r.frame_count == 60
-    assert [s.timestamp for s in r.frame_scores] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
-    assert [s.verdict for s in r.frame_scores] == ["allow"] * 4 + ["block"] * 2
+    # every second and the last frame (5.9 s); the cut at 4 s is a regular sample already
+    assert r.frames_seen == 7 and r.frame_count == 60
+    assert [s.timestamp for s in r.frame_scores] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 5.9]
+    assert [s.verdict for s in r.frame_scores] == ["allow"] * 4 + ["block"] * 3
+    assert (r.unsampled_gap_frames, r.unsampled_gap_s, r.aggregate) == (9, 0.9, "worst")
     assert ok.ok and ok.verdict == "allow"
-    assert backend.batches == [12]
+    assert backend.batches == [14]
 
 
 def test_long_video_is_thinned_evenly_and_its_end_is_seen(tmp_path: Path) -> None:
     path = write_video(tmp_path / "long.mp4", seconds=60, rate=5, bad_from=58.0, size=64)
     (r,) = synth_moderator().moderate_paths([str(path)], fps=1.0, max_frames=5)
     assert r.ok and r.verdict == "block"
-    assert r.frames_seen == 5 and r.frame_count == 300
-    assert [s.timestamp for s in r.frame_scores] == [0.0, 15.0, 30.0, 44.0, 59.0]
-    assert (r.frame, r.timestamp) == (295, 59.0)
+    # five evenly spaced over 0 .. 59.8 s (the last frame), and the cut at 58 s, met while
+    # decoding from the key frame before the last sample
+    assert r.frames_seen == 6 and r.frame_count == 300
+    assert [s.timestamp for s in r.frame_scores] == [0.0, 15.0, 30.0, 45.0, 58.0, 59.8]
+    assert [s.scene_change for s in r.frame_scores] == [False] * 4 + [True, False]
+    assert (r.frame, r.timestamp) == (290, 58.0)
+    assert (r.unsampled_gap_frames, r.unsampled_gap_s) == (74, 14.8)
+
+
+def test_video_last_frame_is_always_judged(tmp_path: Path) -> None:
+    """A 5 s video whose last half second offends: sampling every second stopped at 4 s."""
+    path = write_video(tmp_path / "end.mp4", seconds=5, rate=10, bad_from=4.5)
+    (r,) = synth_moderator().moderate_paths([str(path)], fps=1.0)
+    assert r.ok and r.verdict == "block" and r.product == "whole_bare_still"
+    li = load_video(path, fps=1.0)
+    last = li.views[-1]
+    assert (last.frame, last.timestamp, last.scene) == (49, 4.9, False)  # a regular sample, not a scene change
+    assert [v.timestamp for v in li.views if not v.scene] == [0.0, 1.0, 2.0, 3.0, 4.0, 4.9]
+    # the last frame is kept even when a long video is thinned to two frames
+    li2 = load_video(write_video(tmp_path / "long.mp4", seconds=30, rate=5, bad_from=None, size=32), max_frames=2)
+    assert [v.timestamp for v in li2.views if not v.scene] == [0.0, 29.8]
+
+
+def test_a_short_scene_between_samples_is_judged(tmp_path: Path) -> None:
+    """Three offending frames (2.3-2.5 s) between the samples at 2 s and 3 s: the cut is judged."""
+    path = write_video(tmp_path / "flash.mp4", seconds=10, rate=10, bad_from=2.3, bad_until=2.6)
+    (r,) = synth_moderator().moderate_paths([str(path)], fps=1.0)
+    assert r.ok and r.verdict == "block" and (r.frame, r.timestamp) == (23, 2.3)
+    flagged = [(s.timestamp, s.scene_change) for s in r.frame_scores if s.verdict == "block"]
+    assert flagged == [(2.3, True)]
+    # the cut back to the benign scene (2.6 s) is a scene change too
+    assert [s.timestamp for s in r.frame_scores if s.scene_change] == [2.3, 2.6]
+    assert any("2 more at scene changes" in n for n in r.notes)
+    # the longest stretch left unjudged: 9 frames between two regular samples
+    assert (r.unsampled_gap_frames, r.unsampled_gap_s) == (9, 0.9)
+    calm = write_video(tmp_path / "calm.mp4", seconds=10, rate=10, bad_from=None)
+    assert not any(v.scene for v in load_video(calm).views)  # a still scene adds nothing
+
+
+def test_gif_frame_37_of_40_is_judged_at_16_frames(tmp_path: Path) -> None:
+    """Evenly spaced sampling of 40 frames at --max-frames 16 steps over frame 37; its scene change is judged."""
+    path = save_animation(tmp_path / "flash.gif", one_scene(40, 37), "GIF")
+    (r,) = synth_moderator().moderate_paths([str(path)], max_frames=16)
+    assert r.ok and r.verdict == "block" and r.frame == 37 and r.timestamp == 3.7
+    li = load_image(path, max_frames=16)
+    regular = [v.frame for v in li.views if not v.scene]
+    assert regular == sample_frames(40, 16) and 37 not in regular
+    assert [v.frame for v in li.views if v.scene] == [37, 38]  # the cut in and the cut back
+    assert r.frames_seen == 18 and r.unsampled_gap_frames == 2 and r.unsampled_gap_s == 0.2
+    assert [s.frame for s in r.frame_scores if s.scene_change] == [37, 38]
+    # every frame judged: nothing left out
+    (whole,) = synth_moderator().moderate_paths([str(path)], max_frames=40)
+    assert (whole.unsampled_gap_frames, whole.unsampled_gap_s) == (0, 0.0)
 
 
 def test_video_display_rotation_is_applied(tmp_path: Path) -> None:
@@ -477,15 +543,15 @@ def test_cli_with_the_scripted_teacher_names_the_late_frame(tmp_path: Path) -> N
     v = records["clip.mp4"]
     assert (v.frame, v.timestamp) == (30, 3.0)
     assert (v.verdict, v.product, v.p_violation) == (bad.verdict, bad.product, bad.p_violation)
-    # 10 sample times at 2 fps over 5 s, thinned evenly to 8 (first and last kept)
+    # 10 sample times at 2 fps over 5 s and the last frame (4.9 s), thinned evenly to 8 (first and last kept)
     assert v.frames_seen == 8 and v.frame_count == 50
-    assert [s.timestamp for s in v.frame_scores] == [0.0, 0.5, 1.5, 2.0, 2.5, 3.0, 4.0, 4.5]
+    assert [s.timestamp for s in v.frame_scores] == [0.0, 0.5, 1.5, 2.0, 3.0, 3.5, 4.5, 4.9]
     raw = json.loads(out.read_text().splitlines()[0])
     assert {"frame", "frames_seen", "frame_count", "timestamp", "background", "frame_scores"} <= set(raw)
 
 
 def test_library_moderate_takes_max_frames(tmp_path: Path) -> None:
-    path = save_animation(tmp_path / "late.gif", figures(10, 9), "GIF")
+    path = save_animation(tmp_path / "late.gif", one_scene(10, 9), "GIF")
     (r,) = moderate([str(path)], policy="synth-shapes", rules="general", backend=FigureBackend(), max_frames=3)
     assert r.frames_seen == 3 and r.frame == 9 and r.verdict == "block"
 

@@ -26,7 +26,7 @@ from icm.moderation.backends.hf import (
 from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
 from icm.prompting import reply_lead
 
-from tiny_models import COLOR_QUESTIONS, noise_image, square_image
+from tiny_models import COLOR_P_CORRECT, COLOR_QUESTIONS, held_out_squares, noise_image, square_image
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-5
@@ -339,8 +339,14 @@ def tuned(tiny_llava_path: Path, color_adapter_path: Path) -> HFBackend:
     return HFBackend(model=str(tiny_llava_path), adapter=str(color_adapter_path), device="cpu")
 
 
+# The fixture trains until every question about these squares (never trained on) is answered
+# with probability > COLOR_P_CORRECT (~0.94; tiny_models says why): the thresholds below are
+# that guarantee, on any CPU and under any ICM_TEST_SEED, not what one run happened to give.
+YES, NO = COLOR_P_CORRECT, 1 - COLOR_P_CORRECT
+
+
 def _squares(color: str, n: int = 6) -> list:
-    return [square_image(color, seed=10_000 + i) for i in range(n)]  # not the training seeds
+    return held_out_squares(color, n)
 
 
 def test_adapter_scores_follow_image_and_question(tuned: HFBackend, llava: HFBackend, color_adapter_path: Path) -> None:
@@ -349,9 +355,12 @@ def test_adapter_scores_follow_image_and_question(tuned: HFBackend, llava: HFBac
     for asked in ("red", "blue"):
         p = [s.p_yes for s in tuned.score_yes_no(red + blue, [COLOR_QUESTIONS[asked]] * 2 * n)]  # type: ignore[union-attr]
         matching, not_matching = (p[:n], p[n:]) if asked == "red" else (p[n:], p[:n])
-        assert min(matching) > 0.9, (asked, p)
-        assert max(not_matching) < 0.1, (asked, p)
-    # the base model cannot tell them apart: the scores come from the adapter
+        assert min(matching) > YES, (asked, p)
+        assert max(not_matching) < NO, (asked, p)
+        assert min(matching) - max(not_matching) > 2 * COLOR_P_CORRECT - 1, (asked, p)
+    # the base model cannot tell them apart: the scores come from the adapter (the base is
+    # built untrained with a fixed seed, so this does not vary with ICM_TEST_SEED; its P(Yes)
+    # is near-constant across images, far from a gap of 0.5)
     base = [s.p_yes for s in llava.score_yes_no(red + blue, [COLOR_QUESTIONS["red"]] * 2 * n)]  # type: ignore[union-attr]
     assert abs(sum(base[:n]) - sum(base[n:])) / n < 0.5
     assert str(color_adapter_path) in tuned.model_id
@@ -366,13 +375,14 @@ def test_adapter_ask_flips_with_the_question(tuned: HFBackend) -> None:
     answers = tuned.ask(images, queries)
     for i, a in enumerate(answers):
         is_red = i < 3
-        assert (a["red"].p_yes > 0.9) == is_red  # type: ignore[union-attr]
-        assert (a["blue"].p_yes > 0.9) == (not is_red)  # type: ignore[union-attr]
+        red, blue = a["red"].p_yes, a["blue"].p_yes  # type: ignore[union-attr]
+        assert (red > YES and blue < NO) if is_red else (red < NO and blue > YES), (i, red, blue)
 
 
 def test_adapter_generate_answers_from_the_image(tuned: HFBackend) -> None:
     images = _squares("red", 2) + _squares("blue", 2)
     ask = [[{"role": "user", "content": yes_no_prompt(COLOR_QUESTIONS["red"])}]] * 4
+    # greedy: the trained answer's probability > COLOR_P_CORRECT > 0.5 makes it the top token
     words = [t[:3] for t in tuned.generate(images, ask, max_new_tokens=1)]
     assert [w.startswith("Yes") for w in words] == [True, True, False, False], words
     assert all(w.startswith(("Yes", "No")) for w in words)
@@ -547,7 +557,9 @@ def test_tuned_adapter_answers_are_judged_and_the_base_model_is_not(tiny_llava_p
         term, hue = a["term:red"], a["attr:hue"]
         assert isinstance(term, YesNoScore) and term.raw["yes_no_mass"] >= 0.5
         assert isinstance(hue, Choice) and hue.raw["letter_mass"] >= 0.5
-        assert (term.p_yes > 0.9) == (i < 2) and (hue.probs[0] > 0.5) == (i < 2)
+        # the trained answer's probability > COLOR_P_CORRECT > 0.5: its label mass is too
+        assert (term.p_yes > YES if i < 2 else term.p_yes < NO), (i, term.p_yes)
+        assert (hue.probs[0] > YES if i < 2 else hue.probs[1] > YES), (i, hue.probs)
     base = HFBackend(model=str(tiny_llava_path), device="cpu")
     assert all(isinstance(x, NotJudged) for a in base.ask(images, queries) for x in a.values())
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from icm.cli.main import app
 from icm.moderation.job import read_records
 
-from tiny_models import square_image
+from tiny_models import COLOR_P_CORRECT, held_out_squares, square_image
 
 POLICY = """
 name: redness
@@ -44,9 +44,14 @@ def test_moderate_with_a_tuned_adapter_through_the_cli(tmp_path, tiny_llava_path
     policy.write_text(POLICY)
     imgs = tmp_path / "imgs"
     imgs.mkdir()
-    for i in range(3):
-        square_image("red", seed=i).save(imgs / f"red{i}.png")
-        square_image("blue", seed=i).save(imgs / f"blue{i}.png")
+    # The fixture trains until every question about these held-out squares is answered with
+    # probability > COLOR_P_CORRECT (~0.94, see tiny_models): P(Yes) to "red?" is above it for
+    # red and below 1 - it for blue; the hue's most likely option is the drawn colour with
+    # P > it, so P(violation) under no-red is > 0.94 for red (>= block 0.7) and < 0.06 for
+    # blue (< review 0.3): block and allow. That holds on any CPU and any ICM_TEST_SEED.
+    for color in ("red", "blue"):
+        for i, image in enumerate(held_out_squares(color, 3)):
+            image.save(imgs / f"{color}{i}.png")  # PNG: lossless, the pixels the fixture checked
     out = tmp_path / "out.jsonl"
     args = ["moderate", str(imgs), "--policy", str(policy), "--backend", "hf", "--model", str(tiny_llava_path),
             "--adapter", str(color_adapter_path), "--out", str(out), "--batch-size", "4"]
@@ -57,11 +62,14 @@ def test_moderate_with_a_tuned_adapter_through_the_cli(tmp_path, tiny_llava_path
     for r in records:
         red = Path(r.path).name.startswith("red")
         assert r.term.source == "logits"
-        assert (r.term.p_yes > 0.9) if red else (r.term.p_yes < 0.1), (r.path, r.term.p_yes)
+        assert (r.term.p_yes > COLOR_P_CORRECT) if red else (r.term.p_yes < 1 - COLOR_P_CORRECT), (r.path, r.term.p_yes)
         assert r.basis == "attributes" and set(r.attributes) == {"hue"}
         assert r.product == ("red_square" if red else "blue_square")
         assert r.verdict == ("block" if red else "allow")
         assert str(color_adapter_path) in r.model
+    reds = [r.term.p_yes for r in records if Path(r.path).name.startswith("red")]
+    blues = [r.term.p_yes for r in records if Path(r.path).name.startswith("blue")]
+    assert min(reds) - max(blues) > 2 * COLOR_P_CORRECT - 1, (reds, blues)
     # the same model, another rule set: the evidence stays, the verdicts change
     out2 = tmp_path / "out2.jsonl"
     result = CliRunner().invoke(app, [*args[:-4], "--out", str(out2), "--rules", "anything-goes"])

@@ -155,7 +155,7 @@ def test_yes_no_one_side_missing_is_imputed_below_the_list(
     assert 0.0 < out[0].p_yes < 1.0
 
 
-def test_yes_no_without_logprobs_falls_back_to_parsed_text(fake: FakeOpenAIServer, make_backend: Any) -> None:
+def test_yes_no_without_logprobs_is_read_from_text_at_the_stated_confidence(fake: FakeOpenAIServer, make_backend: Any) -> None:
     fake.script("t-yes", Reply(json=text_body("Yes.")))
     fake.script("t-no", Reply(json=text_body(" no")))
     nolp = text_body("Yes")
@@ -166,8 +166,8 @@ def test_yes_no_without_logprobs_falls_back_to_parsed_text(fake: FakeOpenAIServe
 
     out = backend.score_yes_no([img()] * 4, ["q [k=t-yes]", "q [k=t-no]", "q [k=t-null]", "q [k=t-bad]"])
 
-    assert [o.p_yes for o in out[:3]] == [1.0, 0.0, 1.0]  # type: ignore[union-attr]
-    assert all(isinstance(o, YesNoScore) and o.source == "parsed" for o in out[:3])
+    assert [o.p_yes for o in out[:3]] == [0.75, 0.25, 0.75]  # type: ignore[union-attr]  # one sample: never 0 or 1
+    assert all(isinstance(o, YesNoScore) and o.source == "text" for o in out[:3])
     assert isinstance(out[3], NotJudged) and out[3].reason == "off-format" and out[3].raw["text"] == "Maybe"
     assert backend.last_errors == []  # an unreadable answer is not a failed request
     assert backend.stats.parsed_fallbacks == 3 and backend.stats.failures == 0
@@ -193,7 +193,7 @@ def test_choose_distribution_from_logprobs_and_parsed(fake: FakeOpenAIServer, ma
 
     fake.script("c-txt", Reply(json=text_body("D. full exposure")))
     [parsed] = backend.choose([img()], "How exposed? [k=c-txt]", options)
-    assert isinstance(parsed, Choice) and parsed.source == "parsed" and parsed.probs == [0.0, 0.0, 1.0]
+    assert isinstance(parsed, Choice) and parsed.source == "text" and parsed.probs == [0.125, 0.125, 0.75]
 
     fake.script("c-bad", Reply(json=text_body("F")))
     [bad] = backend.choose([img()], "How exposed? [k=c-bad]", options)
@@ -237,7 +237,7 @@ def test_500_then_success_and_persistent_503_gives_up(fake: FakeOpenAIServer, ma
 
     out = backend.score_yes_no([img(), img()], ["q [k=flaky]", "q [k=down]"])
 
-    assert isinstance(out[0], YesNoScore) and out[0].p_yes == 0.0 and out[0].source == "parsed"
+    assert isinstance(out[0], YesNoScore) and out[0].p_yes == 0.25 and out[0].source == "text"
     assert isinstance(out[1], Failed) and out[1].status == 503 and "3 attempts" in out[1].error
     assert fake.hits["flaky"] == 2 and fake.hits["down"] == 3
     [err] = backend.last_errors
@@ -277,15 +277,15 @@ def test_configuration_errors_stop_with_one_message(
     assert len(fake.requests) == 4  # one per query, none retried
 
 
-def test_malformed_json_is_a_per_item_error(fake: FakeOpenAIServer, make_backend: Any) -> None:
+def test_malformed_json_is_retried_then_a_per_item_error(fake: FakeOpenAIServer, make_backend: Any) -> None:
     fake.script("broken", Reply(body=b'{"id": "chatcmpl-1", "choices": [{"index": 0, "mess'))
     fake.script("nochoice", Reply(json={"object": "chat.completion", "choices": []}))
     backend = make_backend()
     out = backend.score_yes_no([img()] * 3, ["q [k=broken]", "q [k=ok]", "q [k=nochoice]"])
     assert isinstance(out[0], Failed) and isinstance(out[1], YesNoScore) and isinstance(out[2], Failed)
     errors = {e.index: e.error for e in backend.last_errors}
-    assert "malformed JSON" in errors[0] and "no choices" in errors[2]
-    assert fake.hits["broken"] == 1
+    assert "truncated answer" in errors[0] and "gave up after 3 attempts" in errors[0] and "no choices" in errors[2]
+    assert fake.hits["broken"] == 3  # retried like a 5xx
 
 
 def test_timeout_fails_only_that_item(fake: FakeOpenAIServer, make_backend: Any) -> None:

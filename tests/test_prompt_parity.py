@@ -43,7 +43,7 @@ from icm.training.datasets import Example, TrainDataset, moderation_examples
 from openai_recorder import Recorded, recording_server
 from tiny_models import noise_image
 
-POLICIES = ["icm-sexy", "horrifying", "gambling", "synth-shapes"]
+POLICIES = sorted(builtin_policy_names())  # every built-in policy, the taxonomy included
 MODELS = {"llava": ("tiny_llava_path", 32), "qwen2vl": ("tiny_qwen2vl_path", 56), "idefics3": ("tiny_idefics3_path", 32)}
 
 

@@ -242,6 +242,27 @@ def test_ray_gives_the_local_records_parquet_and_jsonl(cluster, images, tmp_path
     assert key(from_pq) == key(from_jsonl) and len(from_pq.items) == 63
 
 
+def test_ray_keeps_a_name_that_is_not_utf8_as_the_local_job_does(cluster, tmp_path):
+    """A folder with one file whose name is not UTF-8 (Latin-1 bytes): the whole run used to
+    abort with UnicodeEncodeError; now its record is the local job's (path shown as \\xNN,
+    path_bytes exact), and --resume finds it done."""
+    from icm.moderation.ray_engine import run_ray_job
+
+    folder = tmp_path / "names"
+    make_images(folder, 2, broken=False)
+    odd = os.fsdecode(os.fsencode(str(folder)) + b"/caf\xe9.png")
+    Image.new("RGB", (30, 20), (200, 120, 90)).save(odd, format="PNG")
+    local = {r.local_path(): r for r in run_job(ModerateConfig(inputs=[str(folder)], batch_size=4)).records}
+    out = tmp_path / "out.jsonl"
+    s = run_ray_job(ModerateConfig(inputs=[str(folder)], batch_size=2, out=str(out)), RayOptions(num_actors=1))
+    assert s.total == 4 and s.errors == 0
+    got = {r.local_path(): r for r in s.records}
+    assert set(got) == set(local) and odd in got
+    assert got[odd].path_bytes == local[odd].path_bytes is not None and stable(got[odd]) == stable(local[odd])
+    again = run_ray_job(ModerateConfig(inputs=[str(folder)], batch_size=2, out=str(out), resume=True), RayOptions(num_actors=1))
+    assert again.skipped == 4
+
+
 def test_ray_reads_tables_of_bytes_and_of_paths(cluster, images, tmp_path):
     from icm.moderation.ray_engine import run_ray_job
 

@@ -320,7 +320,8 @@ def test_a_backend_failure_is_a_502_and_no_decision(tmp_path, monkeypatch):
     app = create_app(config(tmp_path), moderator=Moderator(ColourBackend(fail_green=True)))
     with TestClient(app, client=LOCAL) as c:
         r = c.post("/v1/moderate", files={"image": ("g.png", png((0, 255, 0)), "image/png")})
-        assert r.status_code == 502 and r.json()["error"] == "backend_failed" and "green is not allowed" in r.json()["detail"]
+        assert r.status_code == 502 and r.json()["error"] == "backend_failed" and "server log" in r.json()["detail"]
+        assert "green is not allowed" not in r.text  # the backend's own error text stays in the log
         assert c.post("/v1/moderate", files={"image": ("b.png", png((0, 0, 255)), "image/png")}).status_code == 200
         assert c.get("/v1/decisions").json()["total"] == 1
         assert metric(c.get("/metrics").text, "icm_backend_errors_total") == 1
@@ -344,7 +345,8 @@ def test_api_keys_from_config_and_environment(tmp_path, monkeypatch):
         assert c.post("/v1/moderate", files=img, headers={"Authorization": "Basic alices-key-0123456789"}).status_code == 401
         for route in ("/v1/policies", "/v1/decisions", "/metrics"):
             assert c.get(route).status_code == 401, route
-        assert c.get("/healthz").status_code == 200 and c.get("/healthz").json()["auth"] == "api-keys"
+        assert c.get("/healthz").status_code == 200 and c.get("/healthz").json() == {"status": "ok"}  # details: admin only
+        assert c.get("/healthz", headers={"Authorization": "Bearer bobs-key-0123456789"}).json()["auth"] == "api-keys"
         assert c.get("/review").status_code == 200  # the page has no data; its API calls need the key
 
         ids = []
@@ -355,11 +357,13 @@ def test_api_keys_from_config_and_environment(tmp_path, monkeypatch):
         h = {"Authorization": "Bearer alices-key-0123456789"}
         clients = [d["client"] for d in c.get("/v1/decisions", headers=h).json()["decisions"]]
         assert clients[0] == "bob" and clients[2] == "alice" and clients[1].startswith("key-")
-        # the key's name is who reviewed, unless a reviewer name is given
+        # the key's name is who reviewed; another name in the body is refused (issue 20)
         r = c.post(f"/v1/decisions/{ids[0]}/reviews", json={"verdict": "block"}, headers=h)
         assert r.status_code == 201 and r.json()["reviewer"] == "alice" and r.json()["api_key_name"] == "alice"
         r = c.post(f"/v1/decisions/{ids[0]}/reviews", json={"verdict": "allow", "reviewer": "Carol"}, headers=h)
-        assert r.json()["reviewer"] == "Carol" and r.json()["api_key_name"] == "alice"
+        assert r.status_code == 403 and r.json()["error"] == "reviewer_mismatch"
+        r = c.post(f"/v1/decisions/{ids[0]}/reviews", json={"verdict": "allow", "reviewer": "alice"}, headers=h)
+        assert r.status_code == 201 and r.json()["reviewer"] == "alice"
 
 
 def test_without_keys_only_loopback_clients(tmp_path, monkeypatch):

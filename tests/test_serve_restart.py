@@ -22,6 +22,7 @@ pytest.importorskip("sqlalchemy")
 import httpx
 
 KEY = "restart-test-key"
+NAME = "night-shift"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -32,7 +33,7 @@ def _free_port() -> int:
 
 
 def _start(db: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "ICM_API_KEYS": KEY, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "ICM_API_KEYS": f"{NAME}:{KEY}", "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable, "-m", "icm.cli.main", "serve", "--port", str(port), "--db", str(db),
         "--log-level", "warning", "--max-wait-ms", "2",
@@ -120,10 +121,10 @@ def test_sigkill_loses_no_acknowledged_decision(tmp_path):
             r = c.post("/v1/moderate", files={"image": ("new.png", _image(999_999), "image/png")})
             assert r.status_code == 200 and r.json()["decision_id"] > max(stored)
             first = min(acknowledged)
-            r = c.post(f"/v1/decisions/{first}/reviews", json={"verdict": "block", "reviewer": "night shift"})
+            r = c.post(f"/v1/decisions/{first}/reviews", json={"verdict": "block"})
             assert r.status_code == 201
             d = c.get(f"/v1/decisions/{first}").json()
-            assert d["reviews"][0]["reviewer"] == "night shift"
+            assert d["reviews"][0]["reviewer"] == r.json()["reviewer"] == NAME  # the key's name (issue 20)
             assert c.get(d["image_url"]).status_code == 200, "the kept image survived the kill"
         proc.send_signal(signal.SIGTERM)  # a graceful stop (uvicorn re-raises the signal when done)
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM), log.read_text()

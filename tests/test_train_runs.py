@@ -28,6 +28,8 @@ pytest.importorskip("datasets")
 from icm.cli.main import app
 from icm.policy import load_policy
 
+from tiny_models import test_seed
+
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +60,7 @@ def _config(work, out: Path, **over) -> Path:
     cfg = {
         "model": str(work["model"]), "data": [str(work["export"])], "output_dir": str(out), "batch_size": 4,
         "max_steps": 6, "learning_rate": 2e-3, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-        "modules_to_save": ["lm_head"], "save_steps": 3, "logging_steps": 1, "num_threads": 1, "seed": 0,
+        "modules_to_save": ["lm_head"], "save_steps": 3, "logging_steps": 1, "num_threads": 1, "seed": test_seed(),
         "warmup_ratio": 0.0,
         # a few steps leave a model that does not answer with the labels yet: these runs check the
         # evaluation's arithmetic, so read whatever label distribution the model has (the default,
@@ -152,6 +154,9 @@ def test_lora_msft_mixes_general_data_trains_saves_and_evaluates(work, lora_msft
     losses = [h["loss"] for h in res["log_history"]] if "log_history" in res else None
     summary = json.loads((out / "train_summary.json").read_text())
     losses = [h["loss"] for h in summary["log_history"] if "loss" in h]
+    # Not a quality gate: from a random head the loss starts near ln(vocab) ~ 7 and the first
+    # steps at lr 2e-3 take it down by whole units (e2e: 7.5 -> 4.2 in 25 steps), far more
+    # than any seed's or CPU's minibatch noise; the assertion says the weights are updated.
     assert len(losses) == 8 and min(losses[-3:]) < losses[0]
     ev = summary["evaluation"]
     n_val = len({Path(line.split(",")[0]).name for line in (out / "eval" / "labels.csv").read_text().splitlines()[1:]})

@@ -9,12 +9,13 @@ server, OpenAI): it retries 408/409/429/5xx, connection errors and timeouts, hon
 ``Retry-After``, types the responses (logprobs included) and parses server-sent events.
 
 What the SDK lacks is kept here, small: a bounded number of requests in flight per event
-loop, counts of requests, retries and tokens (:class:`ChatUsage`), a configurable backoff,
-a retry of a success whose body is not JSON (for the judge), requests without any
-``Authorization`` header for local servers without a key, and one error type
-(:class:`ChatError`) whose message names the HTTP status and the server's own message
-(OpenAI, vLLM and FastAPI error shapes), ``(gave up after N attempts)`` for transient
-failures that outlived their retries.
+loop, counts of requests, retries and tokens (:class:`ChatUsage`), a configurable backoff
+with full jitter (``Retry-After`` is a minimum, jittered on top, so clients told to wait
+do not come back in a burst), a retry of a success whose body is not JSON (as for a 5xx),
+requests without any ``Authorization`` header for local servers without a key, and one
+error type (:class:`ChatError`) whose message names the HTTP status and the server's own
+message (OpenAI, vLLM and FastAPI error shapes), a dropped or truncated answer as such,
+and ``(gave up after N attempts)`` for transient failures that outlived their retries.
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import email.utils
 import json
 import logging
 import os
-import random
-import time
 import weakref
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -35,6 +33,17 @@ from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from icm.openai_retry import (
+    RETRY_STATUSES,
+    backoff,
+    is_retryable_status,
+    retry_after,
+    retry_wait,
+    server_message,
+    transport_failure,
+)
+from icm.redact import redact_text, redact_url
 
 __all__ = [
     "API_KEY_ENV",
@@ -51,6 +60,7 @@ __all__ = [
     "env_first",
     "is_retryable_status",
     "retry_after",
+    "retry_wait",
     "server_message",
 ]
 
@@ -59,7 +69,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 BASE_URL_ENV = ("ICM_OPENAI_BASE_URL", "OPENAI_BASE_URL")
 API_KEY_ENV = ("ICM_OPENAI_API_KEY", "OPENAI_API_KEY")
-RETRY_STATUSES: frozenset[int] = frozenset({408, 409, 429})  # plus every 5xx: what the SDK retries
 
 # Parameters the SDK's ``chat.completions.create`` takes by name; anything else in a
 # request body (vLLM's ``guided_choice``, ``chat_template_kwargs`` ...) goes in ``extra_body``.
@@ -100,9 +109,10 @@ class ServerSettings(BaseModel):
     ``api_key`` is a :class:`~pydantic.SecretStr` (never shown in ``repr`` or dumps); no
     key means no ``Authorization`` header at all (local servers).  ``max_concurrency``
     bounds the requests in flight per event loop; ``timeout`` is per HTTP request;
-    ``max_retries`` extra attempts of transient failures, waiting ``backoff_base *
-    2**attempt`` (capped at ``max_backoff``, jittered) or the server's ``Retry-After``
-    (also capped at ``max_backoff``).  ``extra_headers`` go with every request,
+    ``max_retries`` extra attempts of transient failures, waiting a random time up to
+    ``backoff_base * 2**attempt`` (capped at ``max_backoff``: "full jitter"), or the
+    server's ``Retry-After`` (capped at ``max_backoff``) plus a random time up to as much
+    again (see :func:`retry_wait`).  ``extra_headers`` go with every request,
     ``extra_body`` is merged into every request body.
     """
 
@@ -182,8 +192,13 @@ class ChatError(Exception):
     answer that cannot be read.
 
     ``status`` is the HTTP status when the server answered with one, ``retryable`` whether
-    the last failure was a transient one, ``raw`` what could be kept of the response and
-    ``attempts`` the HTTP requests it took.
+    the last failure was a transient one, ``raw`` what could be kept of the response,
+    ``attempts`` the HTTP requests it took and ``kind`` what went wrong: ``"connect"`` (no
+    connection could be made: the server cannot be reached), ``"connection"`` (another
+    transport error), ``"dropped"`` (the request was taken and the connection closed
+    without a response), ``"truncated"`` (the answer was cut off), ``"timeout"``,
+    ``"status"`` (an HTTP error status), ``"malformed"`` (a 200 whose body is not JSON or
+    not a completion), or None.
     """
 
     def __init__(
@@ -194,78 +209,21 @@ class ChatError(Exception):
         *,
         retryable: bool = False,
         attempts: int = 0,
+        kind: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(redact_text(message))  # a base URL's user:password@ never reaches a message
         self.status = status
         self.raw = raw or {}
         self.retryable = retryable
         self.attempts = attempts
-
-
-# --------------------------------------------------------------------------- responses
-
-
-def is_retryable_status(status: int) -> bool:
-    """Whether the SDK retries a response with this status (408, 409, 429, 5xx)."""
-    return status in RETRY_STATUSES or status >= 500
-
-
-def server_message(resp: Any, limit: int = 500) -> str:
-    """The server's error message: OpenAI ``{"error": {"message"}}``, vLLM ``{"message"}``,
-    FastAPI ``{"detail"}``, else the body text; at most ``limit`` characters.
-
-    ``resp`` is an ``httpx`` (or ``httpx2``) response whose body has been read.
-    """
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
-    msg: Any = None
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict):
-            msg = err.get("message")
-        elif isinstance(err, str):
-            msg = err
-        msg = msg or body.get("message") or body.get("detail")
-    if not msg:
-        msg = resp.text
-    msg = str(msg).strip() or getattr(resp, "reason_phrase", "") or f"HTTP {resp.status_code}"
-    return msg[:limit]
-
-
-def retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds from ``Retry-After`` (delta-seconds or an HTTP date) or ``retry-after-ms``."""
-    if not headers:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
+        self.kind = kind
 
 
 # --------------------------------------------------------------------------- the client
 
-def backoff(settings: ServerSettings, attempt: int) -> float:
-    """The wait before retry ``attempt + 1``: exponential with "equal jitter" (half fixed, half random)."""
-    d = min(settings.max_backoff, settings.backoff_base * (2 ** min(attempt, 60)))
-    return d / 2 + random.uniform(0, d / 2)
+async def retry_sleep(seconds: float) -> None:
+    """Every wait before a retry goes through here (tests patch it to record the waits)."""
+    await asyncio.sleep(seconds)
 
 
 # HTTP requests sent by the current call (an httpx event hook counts into it).
@@ -286,10 +244,12 @@ def _sdk_client_class() -> type:
 
             def _calculate_retry_timeout(self, remaining_retries: int, options: Any, response_headers: Any = None) -> float:
                 s = self.icm_settings
-                wait = retry_after(response_headers)
-                if wait is not None:
-                    return min(wait, s.max_backoff)
-                return backoff(s, max(0, options.get_max_retries(self.max_retries) - remaining_retries))
+                attempt = max(0, options.get_max_retries(self.max_retries) - remaining_retries)
+                return retry_wait(s, attempt, retry_after(response_headers))
+
+            async def _sleep_for_retry(self, *, retries_taken: int, max_retries: int, options: Any, response: Any) -> None:
+                headers = response.headers if response is not None else None
+                await _sleep(self._calculate_retry_timeout(max_retries - retries_taken, options, headers))
 
             def _should_retry(self, response: Any) -> bool:
                 if response.status_code in self.icm_extra_retry:
@@ -321,7 +281,7 @@ class ChatClient:
         stats: the :class:`ChatUsage` to count into (shared with the caller).
         transport: an ``httpx`` transport (tests use ``httpx.MockTransport``).
         retry_malformed_json: retry a success whose body is not JSON, within the same
-            retry budget (else it fails at once).
+            retry budget, as a 5xx is (the moderation backend and the judge do; else it fails at once).
         extra_retry_statuses: 4xx statuses retried besides the SDK's 408, 409 and 429.
         message_limit: the most characters of the server's error message kept.
     """
@@ -345,7 +305,7 @@ class ChatClient:
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
-        return f"ChatClient(url={self.settings.url!r}, api_key={'set' if self.settings.api_key else 'unset'})"
+        return f"ChatClient(url={redact_url(self.settings.url)!r}, api_key={'set' if self.settings.api_key else 'unset'})"
 
     @property
     def url(self) -> str:
@@ -442,11 +402,11 @@ class ChatClient:
                             completion = await state.sdk.chat.completions.create(**kwargs)
                             break
                         except json.JSONDecodeError:
-                            # Ours: the SDK never retries a success it cannot parse; the judge does,
+                            # Ours: the SDK never retries a success it cannot parse; we do, as a 5xx,
                             # within the same budget of attempts.
                             if not self.retry_malformed_json or box[0] > self.settings.max_retries:
                                 raise
-                            await asyncio.sleep(backoff(self.settings, box[0] - 1))
+                            await _sleep(backoff(self.settings, box[0] - 1))
         except Exception as exc:  # noqa: BLE001 - every failure becomes one ChatError
             raise self._error(exc, box[0]) from None
         attempts = max(1, box[0])
@@ -455,7 +415,7 @@ class ChatClient:
         self.stats.completion_tokens += _int(getattr(usage, "completion_tokens", 0))
         if not hasattr(completion, "choices"):  # a server that answered a JSON string or list
             raise ChatError(f"the response from {self.url} is not a chat completion", raw={"response": completion},
-                            attempts=attempts)
+                            attempts=attempts, kind="malformed")
         return completion, attempts
 
     async def stream(self, body: Mapping[str, Any]) -> AsyncIterator[str]:
@@ -504,16 +464,31 @@ class ChatClient:
             status = exc.status_code
             msg = f"HTTP {status} from {url}: {server_message(exc.response, self.message_limit)}"
             retryable = is_retryable_status(status) or status in self.extra_retry_statuses
-            return ChatError(msg + (gave_up if retryable else ""), status, retryable=retryable, attempts=attempts)
+            return ChatError(msg + (gave_up if retryable else ""), status, retryable=retryable, attempts=attempts,
+                             kind="status")
         if isinstance(exc, openai.APITimeoutError):
             cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "timeout"
             msg = f"request timed out after {self.settings.timeout:g}s ({cause})"
-            return ChatError(msg + gave_up, retryable=True, attempts=attempts)
+            return ChatError(msg + gave_up, retryable=True, attempts=attempts, kind="timeout")
         if isinstance(exc, openai.APIConnectionError):
             err = exc.__cause__ or exc
-            return ChatError(f"connection error: {type(err).__name__}: {err}{gave_up}", retryable=True, attempts=attempts)
+            kind, what = transport_failure(err)
+            if kind == "dropped":
+                msg = f"dropped answer: {url} took the request and closed the connection without a response"
+            elif kind == "truncated":
+                msg = f"truncated answer: {url} closed the connection in the middle of its answer"
+            else:
+                msg = "connection error"
+            return ChatError(f"{msg}: {what}{gave_up}", retryable=True, attempts=attempts, kind=kind)
         if isinstance(exc, json.JSONDecodeError):
-            return ChatError(f"malformed JSON in the response from {url}{gave_up}", 200, attempts=attempts)
+            doc = exc.doc or ""
+            if not doc.strip():
+                msg = f"empty answer: HTTP 200 without a body from {url}"
+            elif exc.pos >= len(doc.rstrip()) or exc.msg.startswith("Unterminated string"):  # the input ran out
+                msg = f"truncated answer: the JSON from {url} ends after {len(doc)} characters, unfinished"
+            else:
+                msg = f"malformed JSON in the response from {url} (HTTP 200: {doc.strip()[:60]!r})"
+            return ChatError(msg + gave_up, 200, retryable=True, attempts=attempts, kind="malformed")
         if isinstance(exc, openai.OpenAIError):
             return ChatError(f"{type(exc).__name__}: {exc}", attempts=attempts)
         return ChatError(f"unexpected {type(exc).__name__}: {exc}", attempts=attempts)
@@ -531,6 +506,10 @@ class ChatClient:
     def reset(self) -> None:
         """Forget every loop's SDK client without closing them (their loops are gone)."""
         self._states.clear()
+
+
+async def _sleep(seconds: float) -> None:
+    await retry_sleep(seconds)  # looked up at each call, so a patched retry_sleep is used
 
 
 def _int(value: Any) -> int:
@@ -583,4 +562,4 @@ def dump(obj: Any) -> Any:
     return obj
 
 
-__all__ += ["completion_text", "dump"]
+__all__ += ["completion_text", "dump", "retry_sleep", "transport_failure"]

@@ -36,6 +36,15 @@ MinLabelMassOpt = Annotated[
         "is never allowed.",
     ),
 ]
+TextConfidenceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--text-confidence",
+        help="openai: the probability an answer read from the text (the server gave no usable logprobs: one sampled "
+        "answer) gives the label it names, between 0.5 and 1; the other labels share the rest (default 0.75, "
+        "never 0 or 1).",
+    ),
+]
 GuidedChoiceOpt = Annotated[
     str | None,
     typer.Option(
@@ -62,5 +71,6 @@ __all__ = [
     "MaxRetriesOpt",
     "MinLabelMassOpt",
     "ModelOpt",
+    "TextConfidenceOpt",
     "TimeoutOpt",
 ]

@@ -44,6 +44,7 @@ def chat(
     dtype: bo.DtypeOpt = "auto",
     device: bo.DeviceOpt = "auto",
     min_label_mass: bo.MinLabelMassOpt = None,
+    text_confidence: bo.TextConfidenceOpt = None,
     guided_choice: bo.GuidedChoiceOpt = None,
     api_key_env: bo.ApiKeyEnvOpt = None,
     timeout: bo.TimeoutOpt = None,
@@ -71,7 +72,7 @@ def chat(
                 raise ValueError(f"unknown backend {name!r} (choose from hf, openai, detector)")
         spec = BackendSpec.build(
             backend=backend, model=model, adapter=adapter, base_url=base_url, dtype=dtype, device=device, batch_size=1,
-            min_label_mass=min_label_mass, guided_choice=guided_choice, api_key_env=api_key_env, timeout=timeout,
+            min_label_mass=min_label_mass, text_confidence=text_confidence, guided_choice=guided_choice, api_key_env=api_key_env, timeout=timeout,
             max_retries=max_retries,
         )
         system_text = Path(system).read_text(encoding="utf-8") if system else None

@@ -17,7 +17,9 @@ def e2e(
     train_images: int = typer.Option(1080, help="Synthetic training images."),
     test_images: int = typer.Option(270, help="Held-out test images."),
     general_examples: int = typer.Option(1000, help="Text-only general instructions mixed in (MSFT)."),
-    max_steps: int = typer.Option(1500, help="Training steps."),
+    max_steps: int = typer.Option(1500, help="Training steps (the cap, with --target-loss)."),
+    target_loss: float | None = typer.Option(
+        None, help="Train until the logged training loss is below this, at most --max-steps steps (fails if the cap comes first)."),
     learning_rate: float = typer.Option(1e-3, help="Peak learning rate."),
     threads: int = typer.Option(2, help="torch CPU threads."),
     rules: str = typer.Option("general", help="Rule set A of synth-shapes."),
@@ -33,7 +35,7 @@ def e2e(
     from icm.demo.e2e import E2EConfig, report_lines, run_e2e
 
     cfg = E2EConfig(workdir=str(workdir), train_images=train_images, test_images=test_images,
-                    general_examples=general_examples, max_steps=max_steps, learning_rate=learning_rate,
+                    general_examples=general_examples, max_steps=max_steps, target_loss=target_loss, learning_rate=learning_rate,
                     threads=threads, rules=rules, relabel_to=relabel_to, seed=seed,
                     min_accuracy=min_accuracy if min_accuracy is not None and min_accuracy >= 0 else None)
 

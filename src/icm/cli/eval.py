@@ -303,6 +303,7 @@ def run_cmd(
     device: bo.DeviceOpt = "auto",
     batch_size: bo.BatchSizeOpt = 8,
     min_label_mass: bo.MinLabelMassOpt = DEFAULT_MIN_LABEL_MASS,
+    text_confidence: bo.TextConfidenceOpt = None,
     guided_choice: bo.GuidedChoiceOpt = "off",
     escalate_backend: bo.EscalateBackendOpt = "hf",
     api_key_env: bo.ApiKeyEnvOpt = None,
@@ -332,8 +333,8 @@ def run_cmd(
     try:
         spec = BackendSpec.build(
             backend=backend, model=model, adapter=adapter, base_url=base_url, dtype=dtype, device=device,
-            batch_size=batch_size, min_label_mass=min_label_mass, guided_choice=guided_choice, escalate_backend=escalate_backend,
-            api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+            batch_size=batch_size, min_label_mass=min_label_mass, text_confidence=text_confidence, guided_choice=guided_choice,
+            escalate_backend=escalate_backend, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
         )
         cfg = EvalRunConfig(
             dataset=str(dataset), name=name, out_dir=str(out_dir), labels=str(labels) if labels else None, policy=policy, rules=rules,

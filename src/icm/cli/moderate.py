@@ -12,7 +12,7 @@ from rich.table import Table
 
 from icm.cli import backend_options as bo
 from icm.cli.common import console, err_console, print_error
-from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, BackendConfigError
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, DEFAULT_TEXT_CONFIDENCE, BackendConfigError
 from icm.moderation.bundle import BundleModerator, overviews, parse_bundle_ref
 from icm.moderation.engine import Moderator, escalation_counts
 from icm.moderation.job import JobSummary, ModerateConfig, build_runner, members, run_job
@@ -118,6 +118,7 @@ def moderate(
         help="Run even when the backend can judge nothing of the policy (every image would go to review); without it that is exit 2.",
     ),
     min_label_mass: bo.MinLabelMassOpt = DEFAULT_MIN_LABEL_MASS,
+    text_confidence: bo.TextConfidenceOpt = None,
     guided_choice: bo.GuidedChoiceOpt = "off",
     api_key_env: bo.ApiKeyEnvOpt = None,
     timeout: bo.TimeoutOpt = 60.0,
@@ -144,6 +145,7 @@ def moderate(
         base_url=base_url, dtype=dtype, device=device, escalate_backend=escalate_backend, explain=explain,
         batch_size=batch_size, out=out, resume=resume, max_pixels=max_pixels,
         max_frames=max_frames, fps=fps, null=null, min_label_mass=min_label_mass, guided_choice=guided_choice,
+        text_confidence=DEFAULT_TEXT_CONFIDENCE if text_confidence is None else text_confidence,
         api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
     )
     if resume and not out:
@@ -246,6 +248,7 @@ def moderate(
             f"bundle [bold]{moderator.bundle.name}[/bold] ({len(moderator.members)} policies), rules "
             f"[bold]{moderator.rules or 'each default'}[/bold], backend [bold]{moderator.backend_name}[/bold] "
             f"({moderator.model_id}) | images by worst verdict: {counts or 'none'}, failed records: {summary.errors}"
+            + (f", {summary.text_summary()}" if summary.text_records else "")
             + (f", skipped (already in {out}): {summary.skipped}" if summary.skipped else "")
             + (f" | records: {out}" if out else ""),
             highlight=False,
@@ -257,6 +260,8 @@ def moderate(
         escalated, staged = escalation_counts(summary.records)
         if staged:  # the cascade: how many images the first stage could not clear
             extra += f", escalated: {escalated} of {staged} ({escalated / staged:.0%})"
+        if summary.text_records:  # one sampled answer each, not a measured probability
+            extra += f", {summary.text_summary()}"
         console.print(
             f"policy [bold]{moderator.policy.name}[/bold], rules [bold]{moderator.rule_set.name}[/bold], "
             f"backend [bold]{moderator.backend_name}[/bold] ({moderator.model_id}) | {counts or 'no verdicts'}, "

@@ -31,7 +31,7 @@ def serve(
     api_key: list[str] | None = typer.Option(
         None, "--api-key",
         help=(
-            "Where accepted API keys are: a FILE (one KEY or NAME:KEY a line, # comments) or env:VARIABLE "
+            "Where accepted API keys are: a FILE (one NAME:KEY:ROLE a line, ROLE client, reviewer or admin; # comments) or env:VARIABLE "
             "(comma-separated); repeatable. Never the key itself (argv is visible to every user). $ICM_API_KEYS adds more."
         ),
     ),
@@ -40,6 +40,11 @@ def serve(
         help="Without API keys: a Host name to accept besides localhost and the loopback addresses (repeatable).",
     ),
     rate_limit: int | None = typer.Option(None, help="Requests per minute per API key (per client without keys); 0: no limit (default)."),
+    auth_failures_per_minute: int | None = typer.Option(
+        None, help="Wrong API keys accepted per minute from one client address, then 429 (default 10; 0: no limit)."),
+    trusted_proxy: list[str] | None = typer.Option(
+        None, "--trusted-proxy",
+        help="CIDR of a reverse proxy whose X-Forwarded-For names the client (repeatable); other peers' header is ignored."),
     policy: str | None = typer.Option(None, "--policy", "-p", help="Default policy: built-in name or YAML file (default: icm-sexy)."),
     rules: str | None = typer.Option(None, "--rules", "-r", help="Default rule set of the default policy."),
     policies: list[str] | None = typer.Option(None, "--extra-policy", help="Another policy clients may name per request (repeatable)."),
@@ -51,6 +56,7 @@ def serve(
     device: bo.DeviceOpt = None,
     escalate_backend: bo.EscalateBackendOpt = None,
     min_label_mass: bo.MinLabelMassOpt = None,
+    text_confidence: bo.TextConfidenceOpt = None,
     guided_choice: bo.GuidedChoiceOpt = None,
     api_key_env: bo.ApiKeyEnvOpt = None,
     timeout: bo.TimeoutOpt = None,
@@ -116,10 +122,11 @@ def serve(
     given: dict[str, Any] = {
         "host": host, "port": port, "allow_unauthenticated": allow_unauthenticated,
         "api_keys": None, "allowed_hosts": list(allowed_host) if allowed_host else None, "rate_limit": rate_limit,
+        "auth_failures_per_minute": auth_failures_per_minute, "trusted_proxies": list(trusted_proxy) if trusted_proxy else None,
         "policy": policy, "rules": rules,
         "policies": list(policies) if policies else None, "backend": backend, "model": model, "adapter": adapter,
         "base_url": base_url, "dtype": dtype, "device": device, "escalate_backend": escalate_backend,
-        "min_label_mass": min_label_mass, "guided_choice": guided_choice, "api_key_env": api_key_env,
+        "min_label_mass": min_label_mass, "text_confidence": text_confidence, "guided_choice": guided_choice, "api_key_env": api_key_env,
         "timeout": timeout, "max_retries": max_retries,
         "explain": explain, "torch_threads": torch_threads, "batching": batching, "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
         "max_queue": max_queue, "max_queue_bytes": max_queue_bytes, "decode_pixel_budget": decode_pixel_budget,

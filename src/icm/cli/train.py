@@ -74,6 +74,8 @@ def run(
     train_projector: bool | None = typer.Option(None, "--train-projector/--freeze-projector", help="Train the projector (default: trained)."),
     epochs: float | None = typer.Option(None, help="Epochs over the training examples."),
     max_steps: int | None = typer.Option(None, help="Stop after N optimizer steps (-1: run the epochs)."),
+    target_loss: float | None = typer.Option(
+        None, help="Stop early once the logged training loss is below this (--max-steps is then the cap)."),
     learning_rate: float | None = typer.Option(None, "--learning-rate", "--lr", help="Peak learning rate."),
     batch_size: int | None = typer.Option(None, help="Examples per device and step."),
     grad_accum: int | None = typer.Option(None, help="Gradient accumulation steps."),

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from icm.fileio import read_jsonl
-from icm.moderation.images import iter_image_paths
+from icm.moderation.inputs import iter_image_paths
 from icm.policy import Policy, Product
 
 __all__ = ["InputError", "Sample", "file_sha256", "load_samples"]

@@ -66,6 +66,10 @@ class E2EConfig:
     vocab_size: int = 1200
     # training (see `train_yaml` for the rest)
     max_steps: int = 1500
+    target_loss: float | None = None
+    """Stop training once the logged training loss (mean over 25 steps) is below this;
+    ``max_steps`` is then the cap, and reaching it first fails the run. None: train
+    ``max_steps`` steps (what a fixed step count gives differs between CPUs)."""
     batch_size: int = 16
     learning_rate: float = 1e-3
     lora_r: int = 16
@@ -101,7 +105,7 @@ class E2EResult:
 
     @property
     def ok(self) -> bool:
-        return bool(self.relabel_exact)
+        return bool(self.relabel_exact) and self.train.get("reached_target_loss") is not False
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +131,7 @@ def train_yaml(c: E2EConfig, model: Path, export: Path, out: Path, general: Path
         "train_vision": False,
         "train_projector": True,
         "max_steps": c.max_steps,
+        "target_loss": c.target_loss,
         "batch_size": c.batch_size,
         "learning_rate": c.learning_rate,
         "warmup_ratio": 0.03,
@@ -134,7 +139,7 @@ def train_yaml(c: E2EConfig, model: Path, export: Path, out: Path, general: Path
         "output_dir": str(out),
         "save_steps": max(1, c.max_steps // 2),
         "save_total_limit": 1,
-        "logging_steps": max(1, c.max_steps // 10),
+        "logging_steps": 25 if c.target_loss is not None else max(1, c.max_steps // 10),
         "evaluate": True,
         "num_threads": c.threads,
         "seed": c.seed,
@@ -234,7 +239,8 @@ def run_e2e(c: E2EConfig, say: Callable[[str], None] = print) -> E2EResult:
     with stage("train", "train", str(cfg_path)):
         trained = train(load_config(cfg_path)).as_dict()
         res.train = {k: v for k, v in trained.items() if k in (
-            "steps", "train_loss", "eval_loss", "train_seconds", "examples", "trainable_parameters", "total_parameters")}
+            "steps", "train_loss", "eval_loss", "train_seconds", "examples", "trainable_parameters", "total_parameters",
+            "target_loss", "reached_target_loss", "last_loss")}
         ev = trained.get("evaluation") or {}
         res.held_out_during_training = {k: ev.get(k) for k in ("images", "icm_accuracy", "product_accuracy")}
         say(f"steps {res.train['steps']}, train loss {res.train['train_loss']:.4f}, examples {res.train['examples']}, "
@@ -299,6 +305,10 @@ def report_lines(c: E2EConfig, r: E2EResult) -> list[str]:
     ex = r.train.get("examples", {})
     lines.append(f"training: {r.train.get('steps')} steps on " + ", ".join(f"{v} {k}" for k, v in sorted(ex.items()))
                  + f" examples; validation split during icm train: {r.held_out_during_training}")
+    if r.train.get("target_loss") is not None:
+        lines.append(f"target training loss {r.train['target_loss']}: "
+                     + ("reached" if r.train.get("reached_target_loss") else f"NOT reached within the cap of {c.max_steps} steps")
+                     + f" (last logged loss {r.train.get('last_loss')}, after {r.train.get('steps')} steps)")
     lines.append(f"held-out test images: {r.images}; rules {SYNTH_POLICY}:{c.rules}")
     if r.product_accuracy is not None:
         lines.append(f"attribute-product accuracy: {r.product_accuracy:.4f} ("

@@ -8,10 +8,13 @@ numbers every record holds):
   no product, as with a term score only) and P(violation) >= ``block`` (with a range,
   its lower end);
 * **allow** when the decision does not say *violate* and P(violation) < ``review`` (with a
-  range, its upper end);
-* **review** otherwise. An image that was not judged (refused, off-format, no evidence,
-  conflict) is reviewed whatever the thresholds; an error record has no verdict at all
-  and is left out, with a count.
+  range, its upper end), unless an answer was off-format (the engine never allows an
+  image with unread answers);
+* **review** otherwise. Every record with a verdict counts, whatever its attribute answers
+  were (a model that says "Yes" to every question is blocked on the term alone, and those
+  blocks count in the block precision). An image without a verdict of its own (refused,
+  no evidence, conflict: the engine's ``review`` stands in for one) is reviewed whatever
+  the thresholds; an error record has no verdict at all and is left out, with a count.
 
 So the blocked set depends on ``block`` only and the allowed set on ``review`` only, and
 each target picks one threshold:
@@ -24,14 +27,15 @@ each target picks one threshold:
 
 With ``by="bound"`` a target must hold for the whole Wilson interval (its lower end for a
 precision, its upper end for a miss rate), not only for the point estimate: the safe
-choice with little data. Any threshold between two neighbouring scores gives the same
-verdicts on the data; the one written is the simplest decimal in that gap, on the side
-of the chosen score (e.g. ``0.7`` for a gap from 0.55 to 0.75).
+choice with little data. Scores within :data:`~icm.evaluation.gaps.TIE_TOLERANCE` (1e-9)
+of each other are one score (float noise of the same evidence) and no threshold falls
+between them. Any threshold between two neighbouring groups of scores gives the same
+verdicts on the data; the one written is the decimal with the fewest digits strictly
+between them, on the side of the chosen score (e.g. ``0.7`` for a gap from 0.55 to 0.75).
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +45,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, Field
 
+from icm.evaluation.gaps import simplest_between, tie_groups
 from icm.evaluation.labels import LabelResolver
 from icm.evaluation.results import ResultSet
 from icm.evaluation.stats import DEFAULT_CONFIDENCE, wilson
@@ -56,11 +61,16 @@ class CalibrationError(ValueError):
     """The data cannot be calibrated (no labels, no violations ...)."""
 
 
-def verdict_at(violates: bool | None, low: float, high: float, review: float, block: float) -> VerdictName:
-    """The verdict of a judged image at the thresholds (the rule in the module docstring)."""
+def verdict_at(
+    violates: bool | None, low: float, high: float, review: float, block: float, *, may_allow: bool = True,
+) -> VerdictName:
+    """The verdict of a judged image at the thresholds (the rule in the module docstring).
+
+    ``may_allow=False`` for a record with an off-format answer: never allowed.
+    """
     if violates is not False and low >= block:
         return "block"
-    if violates is not True and high < review:
+    if may_allow and violates is not True and high < review:
         return "allow"
     return "review"
 
@@ -132,18 +142,21 @@ class CalibrationReport(BaseModel):
 class _Data:
     """The calibration set as arrays: one entry per labelled, not failed image."""
 
-    def __init__(self, truth: list[bool], state: list[int], low: list[float], high: list[float], judged: list[bool]) -> None:
+    def __init__(
+        self, truth: list[bool], state: list[int], low: list[float], high: list[float], judged: list[bool], may_allow: list[bool],
+    ) -> None:
         self.truth = np.array(truth, dtype=bool)
         self.state = np.array(state, dtype=np.int8)  # 1 violate, 0 allow, -1 no product (term only)
         self.low = np.array(low, dtype=np.float64)
         self.high = np.array(high, dtype=np.float64)
         self.judged = np.array(judged, dtype=bool)
+        self.may_allow = np.array(may_allow, dtype=bool)  # False: an off-format answer, never allowed
 
     def blocked(self, block: float) -> np.ndarray:
         return self.judged & (self.state != 0) & (self.low >= block)
 
     def allowed(self, review: float) -> np.ndarray:
-        return self.judged & (self.state != 1) & (self.high < review)
+        return self.judged & self.may_allow & (self.state != 1) & (self.high < review)
 
 
 def _ci(k: int, n: int, confidence: float) -> tuple[float, float] | None:
@@ -171,19 +184,6 @@ def operating_point(d: _Data, review: float, block: float, confidence: float = D
     )
 
 
-def simplest_in(lo: float, hi: float) -> float:
-    """The decimal with the fewest digits in ``(lo, hi]``, as close to ``hi`` as it can be."""
-    if hi <= lo:
-        return hi
-    for digits in range(0, 13):
-        scale = 10**digits
-        v = math.floor(hi * scale + 1e-9) / scale
-        v = min(v, hi)
-        if v > lo:
-            return round(v, digits)
-    return hi
-
-
 def fmt_threshold(x: float) -> str:
     """A threshold as short as it can be written without changing it."""
     short = f"{x:g}"
@@ -198,13 +198,13 @@ def _choose_block(d: _Data, target: float, by: By, min_blocked: int, confidence:
     eligible = d.judged & (d.state != 0)
     order = np.argsort(d.low[eligible], kind="mergesort")
     lows, truths = d.low[eligible][order], d.truth[eligible][order]
-    cands = np.unique(lows)  # ascending; block = c blocks every eligible low >= c
-    first = np.searchsorted(lows, cands, side="left")
+    first = tie_groups(lows)  # where each group of equal scores starts; blocking from group i blocks lows[first[i]:]
     blocked_n = lows.size - first
     true_from = np.r_[np.cumsum(truths[::-1])[::-1], 0]  # violations among lows[i:]
     blocked_k = true_from[first]
     best: tuple[float, float, int, tuple[float, float] | None] | None = None  # (precision, c, blocked, ci)
-    for i, c in enumerate(cands):
+    for i, start in enumerate(first):
+        c = float(lows[start])
         nb = int(blocked_n[i])
         if nb < min_blocked:
             continue
@@ -213,10 +213,10 @@ def _choose_block(d: _Data, target: float, by: By, min_blocked: int, confidence:
         ci = _ci(k, nb, confidence)
         score = ci[0] if by == "bound" and ci else prec
         if best is None or score > best[0]:
-            best = (score, float(c), nb, ci)
+            best = (score, c, nb, ci)
         if score >= target - 1e-12:
-            lo = float(cands[i - 1]) if i > 0 else -1.0
-            thr = max(0.0, simplest_in(lo, float(c)))
+            lo = float(lows[start - 1]) if i > 0 else -1.0  # the highest score of the group below
+            thr = max(0.0, simplest_between(lo, c))
             what = "lower end of its interval" if by == "bound" else "point estimate"
             return TargetResult(name="block_precision", target=target, met=True, achieved=prec, ci=ci, threshold=thr,
                                 message=f"block precision >= {target:g} met at block {fmt_threshold(thr)}: {k}/{nb} = {prec:.4f}{_fmt_ci(ci)} "
@@ -238,21 +238,24 @@ def _choose_review(d: _Data, target: float, by: By, confidence: float) -> Target
     if nv == 0:
         return TargetResult(name="allow_miss", target=target, met=False,
                             message="the allow miss rate cannot be measured: no labelled image truly violates")
-    eligible = d.judged & (d.state != 1)
+    eligible = d.judged & d.may_allow & (d.state != 1)
     order = np.argsort(d.high[eligible], kind="mergesort")
     highs, truths = d.high[eligible][order], d.truth[eligible][order]
-    # threshold k allows every eligible high below cands[k]; the last one allows them all (when <= 1)
-    cands = list(np.unique(highs).tolist())
-    if not cands or cands[-1] < 1.0:
-        cands.append(1.0)
-    missed_before = np.r_[0, np.cumsum(truths)][np.searchsorted(highs, np.array(cands), side="left")]
+    # candidate k allows the groups of equal scores below group k, at the simplest decimal between
+    # group k-1's highest score and group k's lowest; the last one allows them all (review 1)
+    starts = tie_groups(highs).tolist()
+    if not starts or highs[-1] < 1.0:
+        starts.append(int(highs.size))
+    missed_before = np.r_[0, np.cumsum(truths)][np.array(starts, dtype=np.int64)]
     chosen: tuple[int, float, int, tuple[float, float] | None] | None = None
-    for i, c in enumerate(cands):
+    for i, start in enumerate(starts):
         missed = int(missed_before[i])
         ci = _ci(missed, nv, confidence)
         score = ci[1] if by == "bound" and ci else missed / nv
         if score <= target + 1e-12:
-            chosen = (i, float(c), missed, ci)
+            lo = float(highs[start - 1]) if start > 0 else -1.0
+            thr = 1.0 if start == highs.size else simplest_between(lo, float(highs[start]))
+            chosen = (i, thr, missed, ci)
         else:
             break  # the miss rate never falls as review grows
     if chosen is None:
@@ -261,9 +264,8 @@ def _choose_review(d: _Data, target: float, by: By, confidence: float) -> Target
                             message=f"allow miss rate <= {target:g} cannot be shown on this data: even allowing nothing, "
                                     f"the upper end of the {confidence:.0%} interval of 0/{nv} is {ci[1] if ci else float('nan'):.4f}; "
                                     "label more violations or use --by point")
-    i, c, missed, ci = chosen
-    lo = float(cands[i - 1]) if i > 0 else -1.0
-    thr = min(1.0, max(0.0, simplest_in(lo, c)))
+    _, c, missed, ci = chosen
+    thr = min(1.0, max(0.0, c))
     what = "upper end of its interval" if by == "bound" else "point estimate"
     return TargetResult(name="allow_miss", target=target, met=True, achieved=missed / nv, ci=ci, threshold=thr,
                         message=f"allow miss rate <= {target:g} met at review {fmt_threshold(thr)}: {missed}/{nv} = {missed / nv:.4f}{_fmt_ci(ci)} "
@@ -308,6 +310,7 @@ def calibrate(
     low: list[float] = []
     high: list[float] = []
     judged: list[bool] = []
+    may_allow: list[bool] = []
     failed = unlabelled = not_judged = re_decided = mismatches = 0
     not_judged_why: Counter[str] = Counter()
     other_policy = 0
@@ -330,7 +333,8 @@ def calibrate(
             if it.rules == rs.name and it.p_violation is not None:
                 v = {"violate": True, "allow": False}.get(it.label or "")
                 lo, hi = it.p_violation_range or (it.p_violation, it.p_violation)
-                if it.verdict in ("allow", "review", "block") and verdict_at(v, lo, hi, cur.review, cur.block) != it.verdict:
+                at = verdict_at(v, lo, hi, cur.review, cur.block, may_allow=not it.off_format)
+                if it.verdict in ("allow", "review", "block") and at != it.verdict:
                     mismatches += 1
             elif it.has_evidence:
                 try:
@@ -353,6 +357,7 @@ def calibrate(
         low.append(float(lo))
         high.append(float(hi))
         judged.append(ok)
+        may_allow.append(not it.off_format)
     if other_policy:
         raise CalibrationError(f"{other_policy} record(s) were written under another policy than {policy.name!r}: pass --policy")
     if not truth:
@@ -360,7 +365,7 @@ def calibrate(
             f"no record can be calibrated on: {len(results.items)} records, {failed} failed, {unlabelled} without a label "
             f"(labels: {labels_source}; keys are the image path, file name, stem or SHA-256)"
         )
-    d = _Data(truth, state, low, high, judged)
+    d = _Data(truth, state, low, high, judged, may_allow)
     nv = int(d.truth.sum())
     if failed:
         notes.append(f"{failed} failed record(s) (errors, no verdict) are left out of the calibration")

@@ -189,7 +189,7 @@ class ICMReport(BaseModel):
     n_unscored: int
     n_judged: int = Field(default=0, description="Images judged (all, labelled or not)")
     n_failed: int = Field(default=0, description="Images whose moderation failed (error records)")
-    n_not_judged: int = Field(default=0, description="Images the model gave no usable answer for (refused, off-format, no evidence, conflict)")
+    n_not_judged: int = Field(default=0, description="Images without a verdict of their own (refused, no evidence, conflict)")
     not_judged_reasons: dict[str, int] = Field(default_factory=dict)
     n_strict: int = Field(default=0, description="Labelled images judged, failed or not judged: the denominator of strict accuracy and coverage")
     failed_examples: list[str] = Field(default_factory=list)
@@ -411,8 +411,9 @@ def evaluate_icm(
 ) -> ICMReport:
     """Accuracy, precision, recall, F1, curves, sweep and per-category figures of ``results``.
 
-    Images whose moderation failed (error records) or that the model did not judge
-    (:meth:`ResultItem.status`, or no evidence to score) are counted, never dropped: they
+    Every record with a verdict is judged, whatever its attribute answers were. Images whose
+    moderation failed (error records) or that have no verdict of their own
+    (:meth:`ResultItem.status`: refused, basis none or conflict) are counted, never dropped: they
     are left out of accuracy, precision, recall and the curves, which describe the judged
     images, and counted wrong in ``strict_accuracy``; ``coverage`` is the share of the
     labelled images that were judged. Every proportion carries a Wilson interval at

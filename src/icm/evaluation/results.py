@@ -28,8 +28,8 @@ from icm.fileio import read_jsonl, read_text
 ResultFormat = Literal["icm-jsonl", "paper-json"]
 Status = Literal["judged", "not_judged", "failed"]
 
-# Words in a record's ``not_judged`` entries or notes that say the model gave no usable answer.
-_NOT_JUDGED_WORDS = ("refused", "refusal", "off-format", "off_format", "offformat")
+# Words in a record's ``not_judged`` entries or notes that say an answer was off-format.
+_OFF_FORMAT_WORDS = ("off-format", "off_format", "offformat")
 
 _NAME_KEYS = ("image_name", "image", "path", "file", "filename", "name")
 
@@ -60,16 +60,27 @@ class ResultItem(BaseModel):
     def has_evidence(self) -> bool:
         return self.p_term is not None or bool(self.attributes)
 
+    @property
+    def off_format(self) -> bool:
+        """Whether an answer was off-format (not one of the labels): the engine never allows such an image."""
+        if any(why.split(":", 1)[0].strip().lower() == "off-format" for why in self.unanswered.values()):
+            return True
+        return any(w in text.lower() for text in (*self.not_judged, *self.record_notes) for w in _OFF_FORMAT_WORDS)
+
     def status(self) -> tuple[Status, str | None]:
         """Whether the image was judged, and if not, why.
 
-        ``failed``: the record is an error (the moderation did not complete).
-        ``not_judged``: the model gave no usable answer: the decision rests on nothing
-        (basis ``none``) or on contradicting answers (``conflict``), or a query was refused
-        or answered off-format (basis ``refused``, or the record's ``unanswered``,
-        ``not_judged`` or notes say so).
-        Anything else is ``judged``. A query the backend cannot ask at all (a detector has
-        no action question) is not a refusal: it is listed in ``not_judged`` by name only.
+        ``failed``: the record is an error (the moderation did not complete, no verdict).
+        ``not_judged``: the record has no verdict of its own: the engine's ``review`` stands
+        in for one because the decision rests on nothing (basis ``none``), on contradicting
+        answers (``conflict``) or a query was refused (basis ``refused``, or the record's
+        ``unanswered``, ``not_judged`` or notes say so: a refusal is never a verdict).
+        Anything else is ``judged``. A record with a verdict is judged whatever its
+        attribute answers were: off-format answers leave their queries out of the
+        evidence and the rest decides (``block`` on the term alone is a verdict; an
+        ``allow`` is turned into ``review``), so only an off-format record *without* a
+        verdict is not judged. A query the backend cannot ask at all (a detector has no
+        action question) is not a refusal: it is listed in ``not_judged`` by name only.
         """
         if self.error:
             return "failed", "moderation failed"
@@ -78,16 +89,14 @@ class ResultItem(BaseModel):
         if self.basis in ("none", "conflict"):
             return "not_judged", f"basis {self.basis}"
         for why in self.unanswered.values():  # "refused: ...", "off-format: ...", "cannot-judge: ..."
-            head = why.split(":", 1)[0].strip().lower()
-            if head in ("refused", "off-format"):
-                return "not_judged", head
+            if why.split(":", 1)[0].strip().lower() == "refused":
+                return "not_judged", "refused"
         for text in (*self.not_judged, *self.record_notes):
-            if text.lower().startswith("cannot-judge"):
-                continue
             low = text.lower()
-            for word in _NOT_JUDGED_WORDS:
-                if word in low:
-                    return "not_judged", "refused" if word.startswith("refus") else "off-format"
+            if not low.startswith("cannot-judge") and "refus" in low:
+                return "not_judged", "refused"
+        if self.off_format and self.verdict not in ("allow", "review", "block"):
+            return "not_judged", "off-format"
         return "judged", None
 
 

@@ -96,7 +96,7 @@ def load_dataset(path: str | Path) -> EvalDataset:
         for name in MANIFEST_NAMES:
             if (p / name).is_file():
                 return _read_manifest(p / name)
-        from icm.moderation.images import iter_image_paths
+        from icm.moderation.inputs import iter_image_paths
 
         entries = [e for e in iter_image_paths([str(p)]) if e.path is not None]
         if not entries:
@@ -238,6 +238,15 @@ def run_evaluation(
             "backend": mod.backend_name, "model": mod.model_id, "out_dir": str(out_dir), "moderation_errors": job.errors,
             "seconds": round(job.seconds, 2),
         })
+        text = {r.path: r.text_answers() for r in records.values() if r.ok and r.text_answers()}
+        summary.meta["records_read_from_text"] = len(text)
+        summary.meta["answers_read_from_text"] = sum(len(k) for k in text.values())
+        if text:
+            notes.append(
+                f"{len(text)} of {len(records)} records have answers read from the answer text "
+                f"({summary.meta['answers_read_from_text']} answers: the server gave no usable logprobs; one sampled "
+                f"answer each, counted at --text-confidence {mc.text_confidence:g}, not a measured probability)"
+            )
         stage("scoring moderation")
         rs = ResultSet(source=str(out_dir / "records.jsonl"), format="icm-jsonl", items=items)
         try:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from icm.moderation.backends.base import (
+    TEXT_SOURCES,
     Answer,
     Backend,
     BackendConfigError,
@@ -30,13 +31,15 @@ from icm.moderation.backends.base import (
     Query,
     YesNoScore,
 )
+from icm.moderation.comparison import fmt_against, verdict_comparison
+from icm.moderation.corroborate import aggregate_video, frame_verdict
 from icm.moderation.images import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, FrameView, ImageLoadError, LoadedImage
 from icm.moderation.record import BoxRecord, FrameScore, ModerationRecord, TermScore, Timings
 from icm.moderation.video import DEFAULT_FPS, load_media
 from icm.policy import Decision, Policy, decide, load_policy
-from icm.policy.model import RuleSet
+from icm.policy.model import RuleSet, VideoAggregation
 from icm.policy.prompts import attribute_prompts, explanation_prompt, term_prompt
-from icm.policy.taxonomy import SCHEMES, category_scores, flagged_categories
+from icm.policy.taxonomy import SCHEMES, category_scores, flagged_categories, zero_tolerance_products
 
 log = logging.getLogger(__name__)
 
@@ -136,24 +139,25 @@ def _reason(policy: Policy, d: Decision) -> str:
         return "Not judged: the backend gave no usable evidence for this policy."
     if d.basis == "conflict":
         return f"Conflicting evidence: {d.conflict}; sent to review under rule set '{d.rules}'."
+    # the comparison that decided, with the digits it takes to show it (0.6999 < block 0.7)
+    th = policy.rule_set(d.rules).thresholds
+    cmp = verdict_comparison(th, d.violates, *d.p_violation_range, d.p_violation)
     if d.product is None and d.label is not None:  # the most likely cells are ones no product covers
         cell = ", ".join(f"{a}={v}" for a, v in (d.cell or {}).items())
         verb = "violate" if d.label.violates else "are allowed"
         return (
             f"Most likely: cells no product covers (p={d.p_uncovered:.2f}; most likely cell {cell}); they {verb} "
-            f"by the default of rule set '{d.rules}'; P(violation)={d.p_violation:.2f} -> {d.verdict}."
+            f"by the default of rule set '{d.rules}'; {cmp} -> {d.verdict}."
         )
     if d.product is not None and d.label is not None:
         verb = "violates" if d.label.violates else "is allowed"
         return (
             f"Most likely product '{d.product}' (p={d.product_probability:.2f}) {verb} under "
-            f"rule set '{d.rules}' ({d.label.rule}); P(violation)={d.p_violation:.2f} -> {d.verdict}."
+            f"rule set '{d.rules}' ({d.label.rule}); {cmp} -> {d.verdict}."
         )
-    lo, hi = d.p_violation_range
-    rng = f"{lo:.2f}" if abs(hi - lo) < 1e-9 else f"between {lo:.2f} and {hi:.2f}"
     return (
-        f"P({policy.term.id})={d.p_term:.2f} from the term question alone, no attribute product "
-        f"identified; under rule set '{d.rules}' P(violation) is {rng} -> {d.verdict}."
+        f"P({policy.term.id})={fmt_against(d.p_term or 0.0, th.review, th.block)} from the term question alone, no attribute product "
+        f"identified; under rule set '{d.rules}' {cmp} -> {d.verdict}."
     )
 
 
@@ -212,6 +216,8 @@ class Moderator:
     ) -> None:
         self.policy = load_policy(policy) if isinstance(policy, str) else policy
         self.rule_set: RuleSet = self.policy.rule_set(rules)
+        video = self.rule_set.video
+        self._video = (video, zero_tolerance_products(self.policy)) if video and video.aggregate == "corroborate" else None
         self.backend = backend
         self.escalate_to = escalate_to
         self.explain = explain
@@ -299,10 +305,10 @@ class Moderator:
         scores = category_scores(self.policy, self.rule_set, d)
         not_judged = [a.id for a in self.policy.attributes if a.id not in ev.attributes]
         notes = list(im.notes)
-        from_text = [f"term:{self.policy.term.id}"] if ev.term is not None and ev.term.source in ("parsed", "guided") else []
-        from_text += [f"attr:{a}" for a, src in ev.sources.items() if src in ("parsed", "guided")]
+        from_text = [f"term:{self.policy.term.id}"] if ev.term is not None and ev.term.source in TEXT_SOURCES else []
+        from_text += [f"attr:{a}" for a, src in ev.sources.items() if src in TEXT_SOURCES]
         if from_text:
-            notes.append(f"read from the answer text (0 or 1, no usable logprobs): {', '.join(from_text)}")
+            notes.append(f"read from the answer text (one sampled answer, no usable logprobs): {', '.join(from_text)}")
         rec = ModerationRecord(
             path=im.source,
             sha256=im.sha256,
@@ -424,7 +430,7 @@ class Moderator:
         kept: list[int] = []
         for i, im in enumerate(images):
             members = [j for j, o in enumerate(owners) if o == i]
-            record, j = _aggregate(im, [records[j] for j in members], [metas[j] for j in members])
+            record, j = _aggregate(im, [records[j] for j in members], [metas[j] for j in members], self._video)
             out.append(record)
             kept.append(members[j])
         if runner is not self:
@@ -490,21 +496,38 @@ def _worst_view(records: Sequence[ModerationRecord]) -> int:
 
 
 def _aggregate(
-    im: LoadedImage, records: Sequence[ModerationRecord], metas: Sequence[FrameView]
+    im: LoadedImage, records: Sequence[ModerationRecord], metas: Sequence[FrameView],
+    video: tuple[VideoAggregation, frozenset[str]] | None = None,
 ) -> tuple[ModerationRecord, int]:
-    """One record for an image from its views' records, and the index of the view it came from."""
+    """One record for an image from its views' records, and the index of the view it came from.
+
+    A video under a rule set with ``video: {aggregate: corroborate}`` is decided by
+    :func:`icm.moderation.corroborate.aggregate_video`; anything else takes its worst view.
+    """
     def where(m: FrameView) -> str:
         at = f"frame {m.frame}" + (f" at {m.timestamp:g}s" if m.timestamp is not None else "")
         return at + (f" over {m.background}" if m.background else "")
 
     failed = [i for i, r in enumerate(records) if not r.ok]
-    chosen = failed[0] if failed else _worst_view(records)
+    decided = aggregate_video(records, *video) if video and im.mode == "video" and not failed else None
+    chosen = failed[0] if failed else decided.chosen if decided else _worst_view(records)
     r, m = records[chosen], metas[chosen]
+    thresholds = video[0].thresholds if decided is not None and video else None
+    frame_verdicts = [frame_verdict(y, thresholds) for y in records]  # before the kept record changes
+    if decided is not None:
+        if r.verdict != decided.verdict:
+            r.notes.insert(0, f"{where(m)} alone: {r.verdict}")
+            r.verdict = decided.verdict
+        r.notes.insert(0, f"video verdict from {len(records)} frames ({decided.how}, {where(m)}): {decided.note}")
+        r.aggregate = decided.how
+    elif im.mode == "video":
+        r.aggregate = "worst"
     if len(records) > 1:
         if failed:
             r.error = f"{where(m)} (of {im.frames} frames): {r.error}"
         else:
-            r.notes.insert(0, f"worst of {len(records)} views judged: {where(m)}")
+            if decided is None:
+                r.notes.insert(0, f"worst of {len(records)} views judged: {where(m)}")
             # a category is as likely as in the view where it is most likely, whichever view decided
             for x in records:
                 for name, cats in x.category_scores.items():
@@ -514,12 +537,14 @@ def _aggregate(
                     r.flagged_categories[name] = [c for c in SCHEMES[name] if c in flagged or c in r.flagged_categories.get(name, [])]
             r.frame_scores = [
                 FrameScore(frame=x.frame, timestamp=x.timestamp, background=x.background,
-                           p_violation=y.p_violation, verdict=y.verdict)
-                for x, y in zip(metas, records, strict=True)
+                           p_violation=y.p_violation, verdict=v, scene_change=x.scene)
+                for x, y, v in zip(metas, records, frame_verdicts, strict=True)
             ]
         r.timings.model_ms = round(sum(x.timings.model_ms for x in records), 3)
     r.frame, r.timestamp, r.background = m.frame, m.timestamp, m.background
     r.frames_seen, r.frame_count = im.frames_seen, im.frames
+    if im.frames > 1:
+        r.unsampled_gap_frames, r.unsampled_gap_s = im.gap_frames, im.gap_s
     return r, chosen
 
 

@@ -1,11 +1,12 @@
 """What the image loaders share: the error they raise, a judged view, extensions and backgrounds.
 
-Split out of :mod:`icm.moderation.images` (which re-exports every name) so that the frame
-and input-expansion modules can use them without an import cycle.
+Split out of :mod:`icm.moderation.images` (which re-exports every name) so that the frame,
+colour and input-expansion modules can use them without an import cycle.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from PIL import Image
@@ -35,6 +36,7 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".m4v", ".webm", ".mov", "
 
 MEDIA_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
+
 class ImageLoadError(Exception):
     """An image could not be loaded; ``str(err)`` names the file and the cause."""
 
@@ -55,6 +57,8 @@ class FrameView:
     """Seconds from the start (videos, and animations that state frame durations)."""
     background: str | None = None
     """``white`` or ``black`` when the frame has meaningful transparency, else None."""
+    scene: bool = False
+    """Judged because it starts a new scene between regular samples (:mod:`icm.moderation.scenes`)."""
 
 
 def _decode(im: Image.Image, source: str, what: str) -> None:
@@ -72,3 +76,12 @@ def _decode(im: Image.Image, source: str, what: str) -> None:
 def _cause(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def shrink(im: Image.Image, max_pixels: int) -> Image.Image:
+    """``im`` reduced to at most ``max_pixels`` (an integer box reduce, then Lanczos), aspect kept."""
+    if im.width * im.height <= max_pixels:
+        return im
+    scale = math.sqrt(max_pixels / (im.width * im.height))
+    size = (max(1, math.floor(im.width * scale)), max(1, math.floor(im.height * scale)))
+    return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)

@@ -7,27 +7,27 @@ frame's extent, a TIFF page or MPO picture has its own size), so a file whose fi
 :func:`frame_views` then decodes within that budget, checking each frame again as it is
 reached (a header the plan misread still cannot pass the limit), and keeps the views small:
 the views of one file hold at most ``max_pixels`` together (a still image without
-transparency is never reduced by this), and at most ``max_view_pixels`` each.
+transparency is never reduced by this), and at most ``max_view_pixels`` each. An animation
+is decoded one frame at a time, in order, and every frame on the way is compared with the
+one before it: a scene change between the sampled frames (:mod:`icm.moderation.scenes`) is
+judged too, and its views count in the same shares.
 """
 
 from __future__ import annotations
 
-import io
-import math
 import struct
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image
 
-from icm.moderation.image_base import (
-    ALPHA_MIN_FRACTION,
-    BACKGROUNDS,
-    FrameView,
-    ImageLoadError,
-    _cause,
-    _decode,
-)
+from icm.moderation.colour import to_rgb_views
+from icm.moderation.image_base import FrameView, ImageLoadError, _cause, _decode, shrink
+from icm.moderation.scenes import SCENE_CHANGE, SceneKeeper, change, thumbnail
+
+__all__ = [
+    "RANDOM_ACCESS_FORMATS", "FramePlan", "check_budget", "check_frame_size", "frame_views", "plan_frames",
+    "sample_frames", "shrink", "to_rgb_views",
+]
 
 RANDOM_ACCESS_FORMATS = frozenset({"TIFF", "MPO"})
 """Formats whose frames decode independently; others are decoded in order to reach a frame."""
@@ -78,6 +78,9 @@ class FramePlan:
     """The frames judged (ascending)."""
     decoded: dict[int, tuple[int, int]]
     """Every frame decoded to reach them, with the size (canvas) decoding it allocates."""
+    scenes: int = 0
+    """Scene changes that may be judged besides ``wanted`` (an animation decoded in order
+    offers every frame on the way; :mod:`icm.moderation.scenes`)."""
 
     @property
     def total_pixels(self) -> int:
@@ -88,9 +91,9 @@ class FramePlan:
         return max(self.decoded.values(), key=lambda s: s[0] * s[1])
 
     def view_share(self, max_pixels: int, max_view_pixels: int | None = None) -> int:
-        """Pixels each judged frame's views may keep: ``max_pixels`` shared by the frames,
-        at most ``max_view_pixels``."""
-        share = max(1, max_pixels // len(self.wanted))
+        """Pixels each judged frame's views may keep: ``max_pixels`` shared by every frame that
+        may be kept (the sampled ones and the scene changes), at most ``max_view_pixels``."""
+        share = max(1, max_pixels // (len(self.wanted) + self.scenes))
         return min(share, max_view_pixels) if max_view_pixels else share
 
     def check(self, source: str, max_pixels: int, total_limit: int) -> None:
@@ -120,7 +123,7 @@ def plan_frames(im: Image.Image, data: bytes, frames: int, max_frames: int) -> F
     decoded = {}
     for k in range(upto + 1):
         decoded[k] = canvases[min(k, len(canvases) - 1)] if canvases else size
-    return FramePlan(frames, wanted, decoded)
+    return FramePlan(frames, wanted, decoded, scenes=len(wanted) if frames > len(wanted) else 0)
 
 
 def _gif_canvases(data: bytes, upto: int) -> list[tuple[int, int]] | None:
@@ -164,22 +167,28 @@ def frame_views(
     max_pixels: int,
     total_limit: int,
     max_view_pixels: int | None = None,
+    starts: list[float] | None = None,
 ) -> list[FrameView]:
     """Decode the frames of ``plan`` within the pixel budget, as views of at most their share.
 
-    The first frame is already decoded. Sequential formats are stepped one frame at a time,
-    each frame's canvas read from its header (after ``seek``) and charged before it is decoded.
-    Animations that state frame durations get timestamps: GIF and APNG add up the durations;
-    WebP states each frame's start time itself.
+    The first frame is already decoded. Sequential formats (GIF, APNG, WebP) are stepped one
+    frame at a time, each frame's canvas read from its header (after ``seek``) and charged
+    before it is decoded; every frame is visited, and one that changes the picture
+    (:mod:`icm.moderation.scenes`) is judged too, at most ``plan.scenes`` such. GIF and APNG
+    that state frame durations get timestamps, and ``starts`` the start time of every frame
+    and the end; WebP states each frame's time itself.
     """
     views: list[FrameView] = []
     frames, wanted = plan.frames, plan.wanted
     share = plan.view_share(max_pixels, max_view_pixels)
     sequential = im.format not in RANDOM_ACCESS_FORMATS
     stepped = frames > 1 and im.format in ("GIF", "PNG") and isinstance(im.info.get("duration"), (int, float))
+    keeper: SceneKeeper[list[FrameView]] = SceneKeeper(plan.scenes if sequential else 0)
+    todo = set(wanted)
     clock = 0.0  # milliseconds at the start of frame ``at`` (stepped formats)
     spent, at = im.width * im.height, 0
-    for k in wanted:
+    previous = thumbnail(im) if keeper.budget else None
+    for k in range(wanted[-1] + 1) if sequential and frames > 1 else wanted:
         if k != at:
             for f in range(at + 1, k + 1) if sequential else [k]:
                 if stepped:
@@ -191,15 +200,36 @@ def frame_views(
                 check_budget(source, spent, total_limit, frames, len(wanted))
             at = k
             _decode(im, source, f"frame {k} of {frames} is truncated or corrupt")
+        if starts is not None and stepped:
+            starts.append(clock / 1000)
         timestamp: float | None = None
         if stepped:
             timestamp = round(clock / 1000, 3)
         elif im.format == "WEBP" and frames > 1 and isinstance(im.info.get("timestamp"), (int, float)):
             timestamp = round(float(im.info["timestamp"]) / 1000, 3)
-        frame: Image.Image = im.transpose(transpose) if transpose is not None else im
-        for background, rgb in to_rgb_views(frame, source, notes, share):
-            views.append(FrameView(rgb, frame=k, timestamp=timestamp, background=background))
-    return views
+        score = 0.0
+        if keeper.budget:
+            current = thumbnail(im)
+            score, previous = change(previous, current), current
+        if k not in todo and score < SCENE_CHANGE:
+            continue
+
+        def judged(k: int = k, timestamp: float | None = timestamp) -> list[FrameView]:
+            frame: Image.Image = im.transpose(transpose) if transpose is not None else im
+            return [FrameView(rgb, frame=k, timestamp=timestamp, background=bg, scene=k not in todo)
+                    for bg, rgb in to_rgb_views(frame, source, notes, share)]
+
+        if k in todo:
+            views.extend(judged())
+        else:
+            keeper.offer(score, k, judged)
+    if starts is not None:
+        if stepped and len(starts) == frames:
+            starts.append((clock + max(0.0, float(im.info.get("duration") or 0))) / 1000)
+        else:
+            starts.clear()  # no frame times: the gap is stated in frames only
+    extra = [v for _, vs in keeper.kept() for v in vs]
+    return sorted(views + extra, key=lambda v: v.frame) if extra else views
 
 
 def _seek(im: Image.Image, f: int, source: str, frames: int) -> None:
@@ -213,114 +243,3 @@ def _seek(im: Image.Image, f: int, source: str, frames: int) -> None:
         raise ImageLoadError(source, "not enough memory to decode it") from exc
     except Exception as exc:  # any decoder failure is this image's error, never the batch's
         raise ImageLoadError(source, f"frame {f} of {frames} is corrupt ({_cause(exc)})") from exc
-
-
-def shrink(im: Image.Image, max_pixels: int) -> Image.Image:
-    """``im`` reduced to at most ``max_pixels`` (an integer box reduce, then Lanczos), aspect kept."""
-    if im.width * im.height <= max_pixels:
-        return im
-    scale = math.sqrt(max_pixels / (im.width * im.height))
-    size = (max(1, math.floor(im.width * scale)), max(1, math.floor(im.height * scale)))
-    return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-
-
-def _shrunk(im: Image.Image, max_pixels: int, notes: list[str]) -> Image.Image:
-    small = shrink(im, max_pixels)
-    if small is not im:
-        notes.append(
-            f"reduced from {im.width}x{im.height} to {small.width}x{small.height} "
-            f"(each view kept at most {max_pixels:,} pixels)"
-        )
-    return small
-
-
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
-
-
-def to_rgb_views(
-    im: Image.Image, source: str, notes: list[str], max_pixels: int | None = None
-) -> list[tuple[str | None, Image.Image]]:
-    """The frame as 8-bit RGB: over white, and also over black when its alpha is meaningful;
-    each view reduced to at most ``max_pixels`` (shared by the two backgrounds) before it is kept."""
-    limit = max_pixels or im.width * im.height
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:
-        try:
-            rgba = im.convert("RGBA")
-        except Exception as exc:  # a mode Pillow cannot convert: this image's error
-            raise ImageLoadError(source, f"unsupported colour mode {im.mode!r} ({_cause(exc)})") from exc
-        alpha = np.asarray(rgba.getchannel("A"))
-        clear = float((alpha < 255).mean()) if alpha.size else 0.0
-        del alpha
-        if clear > ALPHA_MIN_FRACTION:
-            notes.append(
-                f"transparency ({im.mode}, {clear:.1%} of pixels not opaque): judged over white and over black, "
-                "the worse kept"
-            )
-            rgba = _shrunk(rgba, max(1, limit // 2), notes)  # Pillow resizes RGBA premultiplied
-            return [(name, _composite(rgba, colour)) for name, colour in BACKGROUNDS.items()]
-        if clear > 0:
-            notes.append(f"transparency ({im.mode}) composited over white ({clear:.2%} of pixels, too few to matter)")
-        return [(None, _composite(_shrunk(rgba, limit, notes), BACKGROUNDS["white"]))]
-    if im.mode == "RGB" and im.width * im.height > limit:
-        return [(None, _shrunk(im, limit, notes))]  # no full-size copy
-    return [(None, _shrunk(_to_rgb(im, source, notes), limit, notes))]
-
-
-def _composite(rgba: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
-    background = Image.new("RGBA", rgba.size, (*colour, 255))
-    background.alpha_composite(rgba)
-    return background.convert("RGB")
-
-
-def _to_rgb(im: Image.Image, source: str, notes: list[str]) -> Image.Image:
-    """Any Pillow mode without transparency to 8-bit RGB."""
-    mode = im.mode
-    if mode == "RGB":
-        return im.copy()
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return Image.fromarray(_high_depth_to_8bit(np.asarray(im), mode, notes), "L").convert("RGB")
-    if mode == "CMYK":
-        return _cmyk_to_rgb(im, notes)
-    try:
-        return im.convert("RGB")
-    except Exception as exc:  # a mode Pillow cannot convert: this image's error
-        raise ImageLoadError(source, f"unsupported colour mode {mode!r} ({_cause(exc)})") from exc
-
-
-def _high_depth_to_8bit(arr: np.ndarray, mode: str, notes: list[str]) -> np.ndarray:
-    """16-bit, 32-bit integer or float pixels to uint8, keeping the visible range.
-
-    Pillow's own ``convert`` clips these to 255, which turns most 16-bit images white.
-    """
-    values = arr.astype(np.float64)
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if mode.startswith("I;16"):
-        scaled, how = values / 257.0, "16-bit values scaled to 8 bits"
-    elif mode == "F" and lo >= 0.0 and hi <= 1.0:
-        scaled, how = values * 255.0, "floating-point values in [0, 1] scaled to 8 bits"
-    elif lo >= 0 and hi <= 255:
-        scaled, how = values, f"{mode}-mode values already in 0-255, kept"
-    elif lo >= 0 and hi <= 65535:
-        scaled, how = values / 257.0, f"{mode}-mode values treated as 16-bit and scaled to 8 bits"
-    else:
-        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-        how = f"{mode}-mode values in [{lo:g}, {hi:g}] stretched to 0-255"
-    notes.append(how)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def _cmyk_to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
-    icc = im.info.get("icc_profile")
-    if icc:
-        try:
-            from PIL import ImageCms
-
-            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            out = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-            if out is not None:
-                notes.append("CMYK converted to sRGB with the embedded ICC profile")
-                return out
-        except Exception as exc:  # noqa: BLE001 - fall back to the plain conversion
-            notes.append(f"embedded ICC profile unusable ({_cause(exc)})")
-    notes.append("CMYK converted to RGB without colour management")
-    return im.convert("RGB")

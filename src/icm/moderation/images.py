@@ -50,8 +50,9 @@ from icm.moderation.image_base import (
     _decode,
 )
 from icm.moderation.image_frames import check_frame_size as _check_frame_size
-from icm.moderation.image_frames import sample_frames
-from icm.moderation.image_paths import PathEntry, iter_image_paths, read_path_list
+from icm.moderation.image_frames import sample_frames, to_rgb_views
+from icm.moderation.inputs import PathEntry, iter_image_paths, read_path_list
+from icm.moderation.scenes import largest_gap
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest image decoded by default: 100 megapixels, about 300 MB as 8-bit RGB.
@@ -114,6 +115,10 @@ class LoadedImage:
     """
     frames_seen: int = 1
     """How many distinct frames of the file are in ``views``."""
+    gap_frames: int = 0
+    """The longest run of consecutive frames none of which was judged (0: every frame judged)."""
+    gap_s: float | None = None
+    """That run in seconds, when frame times are known (videos, timed animations)."""
 
     def judged_views(self) -> list[FrameView]:
         return self.views or [FrameView(self.image)]
@@ -198,15 +203,20 @@ def load_image(
                 plan.check(source, max_pixels, total_limit)
                 _decode(im, source, "the file is truncated or corrupt")  # first frame
                 transpose = _orientation(im, notes)
+                starts: list[float] | None = [] if frames > 1 else None
                 views = image_frames.frame_views(
-                    im, source, notes, plan, transpose, max_pixels, total_limit, max_view_pixels
+                    im, source, notes, plan, transpose, max_pixels, total_limit, max_view_pixels, starts
                 )
 
     rgb = views[0].image
     seen = len({v.frame for v in views})
+    gap_frames, gap_s = _gap(views, frames, starts)
     if frames > 1:
         kind = "multi-picture JPEG" if fmt == "MPO" else "multi-page" if fmt == "TIFF" else "animated"
-        which = f"all {seen} judged" if seen == frames else f"{seen} evenly spaced judged (first and last included)"
+        scenes = len({v.frame for v in views if v.scene})
+        which = (f"all {seen} judged" if seen == frames else f"{seen - scenes} evenly spaced judged (first and last "
+                 f"included)" + (f" and {scenes} at scene changes" if scenes else "") + f"; the longest run not judged "
+                 f"is {gap_frames} frames" + (f" ({gap_s:g}s)" if gap_s is not None else ""))
         notes.append(f"{kind} ({frames} frames): {which}")
     return LoadedImage(
         image=rgb,
@@ -221,7 +231,17 @@ def load_image(
         notes=list(dict.fromkeys(notes)),
         views=views,
         frames_seen=seen,
+        gap_frames=gap_frames,
+        gap_s=gap_s,
     )
+
+
+def _gap(views: list[FrameView], frames: int, starts: list[float] | None) -> tuple[int, float | None]:
+    """The longest run of frames not judged, in frames and (with frame start times) seconds."""
+    length, first = largest_gap((v.frame for v in views), frames)
+    if length == 0 or starts is None or len(starts) <= first + length:
+        return length, (0.0 if length == 0 and starts is not None else None)
+    return length, round(starts[first + length] - starts[first], 3)
 
 
 def jpeg_draft_scale(width: int, height: int, draft_pixels: int) -> int:
@@ -405,4 +425,5 @@ __all__ = [
     "open_regular_file",
     "read_path_list",
     "sample_frames",
+    "to_rgb_views",
 ]

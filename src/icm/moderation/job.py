@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import TextIO
 
 from icm.fileio import atomic_write, read_jsonl
-from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, Backend
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, DEFAULT_TEXT_CONFIDENCE, Backend
 from icm.moderation.bundle import BundleModerator, parse_bundle_ref
 from icm.moderation.engine import Moderator
-from icm.moderation.images import ImageLoadError, iter_image_paths, open_regular_file
+from icm.moderation.images import ImageLoadError, open_regular_file
+from icm.moderation.inputs import iter_image_paths
 from icm.moderation.record import ModerationRecord
 from icm.moderation.spec import BACKEND_NAMES, BackendSpec, create_backends
 from icm.policy.bundle import bundle_members
@@ -50,6 +51,8 @@ class ModerateConfig:
     max_pixels: int | None = None
     min_label_mass: float = DEFAULT_MIN_LABEL_MASS
     """hf/openai: the least probability the valid labels must hold for an answer to count."""
+    text_confidence: float = DEFAULT_TEXT_CONFIDENCE
+    """openai: the probability an answer read from text gives the label it names (never 0 or 1)."""
     guided_choice: str = "off"
     """openai: constrain answers to the labels (off, structured_outputs, guided_choice, regex)."""
     max_frames: int = 16
@@ -151,6 +154,22 @@ class JobSummary:
     errors: int = 0
     seconds: float = 0.0
     records: list[ModerationRecord] = field(default_factory=list)
+    text_records: int = 0
+    """Records with at least one answer read from the answer text (no usable logprobs)."""
+    text_answers: int = 0
+    """Answers (queries) read from the answer text, over all records."""
+
+    def count_text(self, r: ModerationRecord) -> None:
+        keys = r.text_answers()
+        if keys:
+            self.text_records += 1
+            self.text_answers += len(keys)
+
+    def text_summary(self) -> str:
+        """``read from text: N records (M answers)``, or "" when none was."""
+        if not self.text_records:
+            return ""
+        return f"read from text: {self.text_records} records ({self.text_answers} answers, no usable logprobs)"
 
     @property
     def ok(self) -> bool:
@@ -214,6 +233,7 @@ def run_job(
         summary.records.append(r)
         if r.ok:
             summary.verdicts[r.verdict or "none"] += 1
+            summary.count_text(r)
         else:
             summary.errors += 1
         if fh is not None:
@@ -245,6 +265,7 @@ def run_job(
                     summary.skipped += 1
                     for prev in finished:
                         summary.verdicts[prev.verdict or "none"] += 1
+                        summary.count_text(prev)
                         if on_record:
                             on_record(prev)
                     continue

@@ -162,7 +162,7 @@ def resolve_inputs(inputs: list[str], *, stdin: TextIO | None = None, null: bool
     or URI a line); a ``*.parquet``/``*.csv`` input (local or ``s3://``, ``gs://``) is a table
     with a path/URL column and/or a bytes column, and must be the only input.
     """
-    from icm.moderation.images import iter_image_paths
+    from icm.moderation.inputs import iter_image_paths
 
     tables = [i for i in inputs if i.lower().rstrip("/").endswith(TABLE_SUFFIXES)]
     if tables:
@@ -311,12 +311,12 @@ class ModerateActor:
         n = batch.num_rows
         names = batch.column(self.path_column).to_pylist() if self.path_column else [None] * n
         datas = batch.column(self.bytes_column).to_pylist() if self.bytes_column else [None] * n
-        names = [None if v is None else str(v) for v in names]
+        names = [None if v is None else os.fsdecode(v) if isinstance(v, bytes) else str(v) for v in names]
         records, keys = self.moderate_rows(names, datas)
         placeholder = self.mod.error_record("<skipped>", "skipped")
         table = records_table([r if r is not None else placeholder for r in records])
         table = table.append_column("_skipped", pa.array([r is None for r in records], type=pa.bool_()))
-        return table.append_column("_key", pa.array(keys, type=pa.string()))
+        return table.append_column("_key", pa.array([os.fsencode(k) for k in keys], type=pa.binary()))  # any file name
 
     def identity(self) -> tuple[Any, ...]:
         return config_identity(self.mod)
@@ -511,7 +511,8 @@ def run_ray_job(
             ds = ds.select_columns([x for x in (path_col, bytes_col) if x])
             total = None
         else:
-            ds = ray.data.from_items(inputs.rows) if inputs.rows else None
+            # paths as bytes: a name that is not UTF-8 (kept as surrogates) is no valid Arrow string
+            ds = ray.data.from_items([{"path": os.fsencode(r["path"])} for r in inputs.rows]) if inputs.rows else None
             total = len(inputs.rows) + len(inputs.errors)
         if on_start and not show:  # Ray's own progress bars report instead when they are on
             on_start(total if total is not None else 0)
@@ -535,7 +536,7 @@ def run_ray_job(
             )
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
                 skipped = batch.column("_skipped").to_pylist()
-                keys = batch.column("_key").to_pylist()
+                keys = [os.fsdecode(k) for k in batch.column("_key").to_pylist()]
                 texts = batch.column("record").to_pylist()
                 for was_skipped, key, text in zip(skipped, keys, texts, strict=True):
                     summary.total += 1

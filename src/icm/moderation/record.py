@@ -25,7 +25,9 @@ class TermScore(BaseModel):
     question: str
     p_yes: float | None = Field(description="P(Yes) for the term question; None when not judged")
     source: str | None = Field(
-        default=None, description="logits, logprobs, parsed (read from the answer text: 0/1), guided (constrained answer text) or a detector"
+        default=None,
+        description="logits, logprobs, text (read from the answer text: one sampled answer, counted at the backend's "
+        "text confidence; 'parsed' in records of earlier versions, 0/1), guided (constrained answer text) or a detector",
     )
 
 
@@ -71,6 +73,7 @@ class FrameScore(BaseModel):
     background: str | None = None
     p_violation: float | None = None
     verdict: VerdictName | None = None
+    scene_change: bool = Field(default=False, description="Judged because it starts a new scene between regular samples")
 
 
 class ModerationRecord(BaseModel):
@@ -152,6 +155,16 @@ class ModerationRecord(BaseModel):
     )
     frames_seen: int | None = Field(default=None, description="How many frames of the file were judged")
     frame_count: int | None = Field(default=None, description="How many frames the file has (video: as stated or estimated)")
+    unsampled_gap_frames: int | None = Field(
+        default=None, description="Multi-frame and video: the longest run of consecutive frames none of which was judged"
+    )
+    unsampled_gap_s: float | None = Field(default=None, description="That run in seconds, when frame times are known")
+    aggregate: Literal["worst", "corroborated", "uncorroborated", "zero-tolerance"] | None = Field(
+        default=None,
+        description="Video: how the frames made the verdict: worst (the worst frame), corroborated (enough blocking "
+        "frames in a window: block), uncorroborated (blocking frames without that: review), zero-tolerance (one frame "
+        "of a zero-tolerance category blocks); see the rule set's video setting",
+    )
     frame_scores: list[FrameScore] = Field(
         default_factory=list, description="Multi-frame, video or alpha images: P(violation) and verdict of every view judged"
     )
@@ -184,6 +197,14 @@ class ModerationRecord(BaseModel):
                 raw = path.encode("utf-8", "surrogatepass")
             data["path_bytes"] = base64.b64encode(raw).decode("ascii")
         return _json_safe(data) if any(isinstance(v, (str, list, dict)) for v in data.values()) else data
+
+    def text_answers(self) -> list[str]:
+        """The queries (``term:ID``, ``attr:ID``) whose answers were read from the answer text
+        (source ``text``, ``guided``, or ``parsed`` in older records), not measured."""
+        from icm.moderation.backends.base import TEXT_SOURCES
+
+        keys = [f"term:{self.term.term}"] if self.term is not None and self.term.source in TEXT_SOURCES else []
+        return keys + [f"attr:{a}" for a, src in self.attribute_sources.items() if src in TEXT_SOURCES]
 
     def local_path(self) -> str:
         """The file name as the OS spells it (undoing the JSON-safe form of ``path``)."""

@@ -5,7 +5,7 @@
 (:class:`~icm.serve.config.ServeConfig` likewise) all describe a backend with these
 fields, and :func:`create_backend` / :func:`create_backends` build it from one. The CLI
 maps one option to each field (``--backend``, ``--model``, ``--adapter``, ``--base-url``,
-``--dtype``, ``--device``, ``--batch-size``, ``--min-label-mass``, ``--guided-choice``,
+``--dtype``, ``--device``, ``--batch-size``, ``--min-label-mass``, ``--text-confidence``, ``--guided-choice``,
 ``--escalate-backend``, ``--api-key-env``, ``--timeout``, ``--max-retries``).
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from icm.moderation.backends import create_backend as _create_by_name
-from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, Backend
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, DEFAULT_TEXT_CONFIDENCE, Backend
 
 __all__ = ["BACKEND_NAMES", "GUIDED_CHOICE_STYLES", "BackendSpec", "create_backend", "create_backends"]
 
@@ -47,6 +47,13 @@ class BackendSpec(BaseModel):
         ge=0.0,
         le=1.0,
         description="hf/openai: the least probability the valid labels must hold for an answer to count.",
+    )
+    text_confidence: float = Field(
+        DEFAULT_TEXT_CONFIDENCE,
+        ge=0.5,
+        le=1.0,
+        description="openai: the probability an answer read from text (no usable logprobs) gives the label it names; "
+        "one sampled answer is never P = 0 or 1.",
     )
     guided_choice: GuidedChoice = Field("off", description="openai: constrain answers to the labels.")
     escalate_backend: Literal["hf", "openai"] = Field(
@@ -98,7 +105,7 @@ class BackendSpec(BaseModel):
         if name == "openai":
             opts: dict[str, Any] = {
                 "model": self.model, "base_url": self.base_url, "min_label_mass": self.min_label_mass,
-                "guided_choice": self.guided_choice, "timeout": self.timeout, "max_retries": self.max_retries,
+                "text_confidence": self.text_confidence, "guided_choice": self.guided_choice, "timeout": self.timeout, "max_retries": self.max_retries,
             }
             if self.api_key_env:
                 key = os.environ.get(self.api_key_env)

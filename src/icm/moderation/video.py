@@ -1,9 +1,11 @@
 """Video files (mp4, webm, mov, mkv) as sampled frames, through PyAV (the ``[video]`` extra).
 
 A video is judged like a multi-frame image: frames are taken every ``1 / fps`` seconds
-and, when that gives more than ``max_frames``, evenly spaced over the whole duration
-(the first and the last sample included), so the end of a long video is seen as surely
-as its start. :func:`load_video` returns a :class:`~icm.moderation.images.LoadedImage`
+and at the last frame and, when that gives more than ``max_frames``, evenly spaced over
+the whole duration (the first and the last frame included), so the end of a video is seen
+as surely as its start. Every frame decoded on the way to a sample is compared with the
+one before it: a scene change (:mod:`icm.moderation.scenes`) is judged too, at most
+``max_frames`` such, so that a short scene between two samples is seen. :func:`load_video` returns a :class:`~icm.moderation.images.LoadedImage`
 whose views carry each frame's index in the stream and its timestamp in seconds; the
 engine judges every view and keeps the worst.
 
@@ -27,6 +29,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from icm.moderation.image_frames import shrink
@@ -46,6 +49,7 @@ from icm.moderation.images import (
     open_regular_file,
     sample_frames,
 )
+from icm.moderation.scenes import SCENE_CHANGE, THUMB, SceneKeeper, change, largest_gap
 
 DEFAULT_FPS = 1.0
 """Frames sampled per second of video by default."""
@@ -123,11 +127,15 @@ def _open_digest(path: Path, source: str) -> tuple[Any, str, int]:
 
 
 def sample_times(duration: float, fps: float, max_frames: int) -> list[float]:
-    """Seconds at which frames are taken: every ``1/fps``, thinned evenly to ``max_frames``."""
+    """Seconds at which frames are taken: every ``1/fps`` and at ``duration`` (the last frame's
+    start), thinned evenly to ``max_frames`` (the first and the last kept)."""
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a positive number, got {fps}")
-    count = math.floor(max(0.0, duration) * fps + 1e-9) + 1
-    return [i / fps for i in sample_frames(count, max_frames)]
+    end = max(0.0, duration)
+    times = [i / fps for i in range(math.floor(end * fps + 1e-9) + 1)]
+    if end - times[-1] > 1e-6:
+        times.append(round(end, 6))  # the last frame is always judged
+    return [times[i] for i in sample_frames(len(times), max_frames)]
 
 
 def load_video(
@@ -240,7 +248,22 @@ def _sample(
         )
 
     views: list[FrameView] = []
-    share = max(1, max_pixels // max(1, len(targets)))
+    # frames that change the picture between samples (decoded on the way anyway), judged too
+    room = total_limit // (width * height) - len(targets)
+    keeper: SceneKeeper[FrameView] = SceneKeeper(min(max_frames, max(0, room)))
+    previous = None  # thumbnail of the frame decoded just before (None after a seek)
+    kept_most = len(targets) + keeper.budget
+    share = max(1, max_pixels // kept_most)  # the kept frames hold at most max_pixels together
+
+    def kept(frame: Any) -> Image.Image:
+        image = _upright(frame, notes)
+        small = shrink(image, share)
+        note = (f"frames reduced from {image.width}x{image.height} to {small.width}x{small.height} "
+                f"(the {kept_most} that may be kept hold at most {max_pixels / 1e6:g} megapixels together)")
+        if small is not image and note not in notes:
+            notes.append(note)
+        return small
+
     decoded = 0
     frame_px = width * height
     pending = list(targets)
@@ -257,7 +280,7 @@ def _sample(
         if position is not None and target - position > SEEK_GAP_SECONDS and stream.time_base:
             container.seek(int((target + start) / stream.time_base), stream=stream, backward=True, any_frame=False)
             decoding = iter(container.decode(stream))
-            seq = None
+            seq, previous = None, None
         for frame in decoding:
             decoded += frame_px
             if decoded > MAX_DECODED_PIXELS:
@@ -269,16 +292,20 @@ def _sample(
             this_seq = seq
             if seq is not None:
                 seq += 1
+            current = np.asarray(frame.reformat(width=THUMB, height=THUMB, format="rgb24").to_ndarray(), dtype=np.int16)
+            score, previous = change(previous, current), current
             if t + tolerance < target:
+                if score >= SCENE_CHANGE:
+                    _check_frame_size(source, frame.width, frame.height, max_pixels, " (video frame)")
+                    at = index_of(t, this_seq)
+
+                    def scene_view(f: Any = frame, t: float = t, i: int = at) -> FrameView:
+                        return FrameView(kept(f), frame=i, timestamp=round(t, 3), scene=True)
+
+                    keeper.offer(score, at, scene_view)
                 continue
             _check_frame_size(source, frame.width, frame.height, max_pixels, " (video frame)")
-            image = _upright(frame, notes)
-            small = shrink(image, share)  # the kept frames hold at most max_pixels together
-            note = (f"frames reduced from {image.width}x{image.height} to {small.width}x{small.height} "
-                    f"(the {len(targets)} kept hold at most {max_pixels / 1e6:g} megapixels together)")
-            if small is not image and note not in notes:
-                notes.append(note)
-            views.append(FrameView(small, frame=index_of(t, this_seq), timestamp=round(t, 3)))
+            views.append(FrameView(kept(frame), frame=index_of(t, this_seq), timestamp=round(t, 3)))
             while pending and pending[0] <= t + tolerance:
                 pending.pop(0)
             break
@@ -288,11 +315,19 @@ def _sample(
         raise ImageLoadError(source, "the video has no decodable frame")
     if pending:
         notes.append(f"the stream ended at {position or 0.0:.2f}s, before the last {len(pending)} sample time(s)")
-    thinned = len(targets) < math.floor(last_frame_start * fps + 1e-9) + 1
+    regular = len(views)
+    taken = {v.frame for v in views}
+    views = sorted(views + [v for _, v in keeper.kept() if v.frame not in taken], key=lambda v: v.frame)
+    total = max(count, views[-1].frame + 1)
+    gap, _ = largest_gap((v.frame for v in views), total)
+    gap_s = round(gap / float(rate), 3) if rate else None
+    thinned = len(targets) < len(sample_times(last_frame_start, fps, 1 << 30))
     notes.append(
         f"video ({duration:.2f}s" + (f", {float(rate):.3g} fps, about {count} frames" if rate else "") + f"): "
-        f"{len(views)} frames judged, sampled at {fps:g} per second"
-        + (f" and thinned to {max_frames} evenly spaced over the whole video" if thinned else "")
+        f"{regular} frames judged, sampled at {fps:g} per second and at the last frame"
+        + (f", thinned to {max_frames} evenly spaced over the whole video" if thinned else "")
+        + (f"; {len(views) - regular} more at scene changes ({keeper.seen} met)" if keeper.seen else "")
+        + f"; the longest run not judged is {gap} frames" + (f" ({gap_s:g}s)" if gap_s is not None else "")
     )
     first = views[0].image
     return LoadedImage(
@@ -308,4 +343,6 @@ def _sample(
         notes=notes,
         views=views,
         frames_seen=len(views),
+        gap_frames=gap,
+        gap_s=gap_s,
     )

@@ -221,6 +221,36 @@ class Thresholds(_Strict):
         return self
 
 
+class VideoAggregation(_Strict):
+    """How a rule set turns the verdicts of a video's sampled frames into the video's verdict.
+
+    ``worst`` (the default): the video takes its worst frame. ``corroborate``: a frame that
+    blocks on its own makes the video ``review``; the video is blocked only when at least
+    ``min_run`` of any ``window`` consecutive sampled frames block (``window`` defaults to
+    ``min_run``: a run). Frames are judged at ``thresholds`` when given (a corroborated rule
+    can afford lower per-frame thresholds), else at the rule set's. A frame of a product in a
+    zero-tolerance category (``sexual/minors``, ``S4``: :data:`icm.policy.taxonomy.ZERO_TOLERANCE`)
+    blocks the video alone, whatever this says.
+    """
+
+    aggregate: Literal["worst", "corroborate"] = "worst"
+    min_run: int = Field(default=3, ge=1, le=1000, description="Blocking frames needed to block the video")
+    window: int | None = Field(
+        default=None, ge=1, le=1000, description="Among this many consecutive sampled frames (default: min_run, a run)"
+    )
+    thresholds: Thresholds | None = Field(default=None, description="Per-frame thresholds (default: the rule set's)")
+
+    @model_validator(mode="after")
+    def _window(self) -> VideoAggregation:
+        if self.window is not None and self.window < self.min_run:
+            raise ValueError(f"window {self.window} is shorter than min_run {self.min_run}: no window could hold the run")
+        return self
+
+    @property
+    def span(self) -> int:
+        return self.window or self.min_run
+
+
 class Label(_Strict):
     """The label a rule set gives one product, and which rule gave it."""
 
@@ -247,6 +277,9 @@ class RuleSet(_Strict):
     )
     default_severity: Severity = "medium"
     thresholds: Thresholds = Thresholds()
+    video: VideoAggregation | None = Field(
+        default=None, description="How a video's frame verdicts make its verdict (default: its worst frame)"
+    )
 
 
     def label_for(self, product: Product) -> Label | None:
@@ -273,7 +306,7 @@ class EvidenceSourceSpec(_Strict):
     axis first; the first output, one row per image, is read as ``output`` (``logits``:
     softmax is applied; ``probabilities``: used as they are; ``sigmoid``: one independent
     probability per label). ``path`` is absolute or relative to the working directory
-    (``~`` and ``$VARS`` are expanded).
+    (``~`` and ``$VARS`` are expanded to open the file; messages and records show it as written).
     """
 
     type: Literal["onnx_classifier"] = "onnx_classifier"

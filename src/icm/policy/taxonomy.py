@@ -79,6 +79,21 @@ OPENAI_IMAGE_CATEGORIES = ("sexual", "self-harm", "self-harm/intent", "self-harm
 """The categories OpenAI's omni-moderation judges on images (the others are text only)."""
 
 
+ZERO_TOLERANCE: dict[str, frozenset[str]] = {"openai": frozenset({"sexual/minors"}), "mlcommons": frozenset({"S4"})}
+"""Categories one frame of which blocks a whole video, whatever the rule set's video aggregation."""
+
+
+def zero_tolerance_products(policy: Policy) -> frozenset[str]:
+    """The products the policy maps to a :data:`ZERO_TOLERANCE` category."""
+    return frozenset(
+        pid
+        for name, cats in policy.standard_categories.items()
+        for cat, ids in cats.items()
+        if cat in ZERO_TOLERANCE.get(name, ())
+        for pid in ids
+    )
+
+
 def scheme(name: str) -> dict[str, str]:
     """The categories of scheme ``name`` (KeyError naming the known schemes)."""
     try:

@@ -14,7 +14,11 @@ if TYPE_CHECKING:
 
     from icm.policy.model import Policy
 
+from icm.prompting import OPTION_LABELS
+
 Loc = tuple[str | int, ...]
+MAX_OPTIONS = len(OPTION_LABELS)
+"""Most values an attribute may have: its question labels each with one of :data:`OPTION_LABELS`."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,10 @@ def check_policy(policy: Policy) -> list[Issue]:
                 err(("attributes", i, "values", j, "id"), f"attribute {a.id!r} has value {v.id!r} twice")
             seen.add(v.id)
         attrs[a.id] = seen
+        if len(a.values) > MAX_OPTIONS:  # the multiple-choice question could not be asked (icm moderate refused it)
+            err(("attributes", i, "values", MAX_OPTIONS),
+                f"attribute {a.id!r} has {len(a.values):,} values: its question can offer at most {MAX_OPTIONS} "
+                f"options (labelled {OPTION_LABELS[0]}..{OPTION_LABELS[-1]}); split it into attributes of fewer values")
 
     # products
     product_ids: dict[str, int] = {}

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 
 from icm import __version__
 from icm.moderation.engine import Moderator
+from icm.serve.auth import AuthThrottle
 from icm.serve.batching import DynamicBatcher
 from icm.serve.config import ServeConfig
 from icm.serve.errors import APIError
@@ -37,6 +38,7 @@ from icm.serve.webhooks import WebhookDispatcher
 
 try:
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
     from starlette.requests import ClientDisconnect
@@ -62,6 +64,12 @@ def create_app(
     """The FastAPI app for ``config``; ``moderator`` / ``store`` replace the configured ones."""
     config = config or ServeConfig()
     svc = build_service(config, moderator=moderator, store=store)
+    if svc.auth.keys_without_role:
+        log.warning(
+            "roles are not set for the API keys %s: each has full access, as admin (moderate, review, read every "
+            "decision and image, metrics). Give each key a role: NAME:KEY:ROLE, ROLE one of client, reviewer, admin "
+            "(docs/security.md)", ", ".join(svc.auth.keys_without_role),
+        )
     batch_size = config.max_batch_size if config.batching else 1
     wait_ms = config.max_wait_ms if config.batching else 0.0
 
@@ -74,6 +82,9 @@ def create_app(
         max_queue_cost=config.max_queue_bytes, on_batch=on_batch,
     )
     svc.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+    if config.auth_failures_per_minute:
+        svc.extras["auth_throttle"] = AuthThrottle(config.auth_failures_per_minute)
+    svc.extras["trusted_proxies"] = config.trusted_networks()
     svc.extras["fetcher"] = ImageFetcher(FetchPolicy(
         hosts=list(config.image_url_hosts), max_bytes=config.max_upload_bytes, timeout_s=config.image_url_timeout_s,
         max_redirects=config.image_url_max_redirects, private_networks=config.image_url_private_networks,
@@ -141,6 +152,14 @@ def create_app(
             body = {"error": {"message": exc.detail, "type": kind, "param": exc.param, "code": exc.code}}
             return JSONResponse(body, status_code=exc.status, headers=exc.headers)
         return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, and a body that is not UTF-8 text made it a 500
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in exc.errors()[:10]
+        )
+        return await _api_error(request, APIError(422, "invalid_request", f"the request is not valid: {problems}"))
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, _exc: ClientDisconnect) -> Response:

@@ -16,10 +16,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, DEFAULT_TEXT_CONFIDENCE
 from icm.moderation.spec import BackendSpec
 
 API_KEYS_ENV = "ICM_API_KEYS"
+Role = Literal["client", "reviewer", "admin"]
+ROLES: tuple[Role, ...] = ("client", "reviewer", "admin")
+"""What a key may do (see docs/security.md): client moderates and reads its own decisions and
+images; reviewer works the review queue and reads every decision; admin does everything."""
 DEFAULT_DB = "icm-decisions.sqlite"
 MIN_KEY_LENGTH = 16
 """Shortest API key accepted: 16 random characters are beyond guessing over the network."""
@@ -42,8 +46,9 @@ class ServeConfig(BaseModel):
     )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
-        description="Accepted API keys, 'KEY' or 'NAME:KEY' (NAME is recorded with reviews), each at least "
-        f"{MIN_KEY_LENGTH} characters; ${API_KEYS_ENV} (comma-separated) adds more.",
+        description="Accepted API keys, 'NAME:KEY:ROLE' (ROLE: client, reviewer or admin; NAME is the key's "
+        f"identity, recorded with decisions and reviews), each key at least {MIN_KEY_LENGTH} characters; 'NAME:KEY' "
+        f"and 'KEY' (no role) have full access as admin. ${API_KEYS_ENV} (comma-separated) adds more.",
     )
     allowed_hosts: list[str] = Field(
         default_factory=list,
@@ -52,6 +57,16 @@ class ServeConfig(BaseModel):
     )
     rate_limit: int = Field(
         0, ge=0, description="Requests per minute per API key (per client without keys) on /v1 routes; 0: no limit."
+    )
+    auth_failures_per_minute: int = Field(
+        10, ge=0,
+        description="Wrong API keys accepted per minute from one client address; beyond, its requests get 429 "
+        "until the minute ends (0: no limit).",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of reverse proxies whose X-Forwarded-For names the client address (for the "
+        "failed-authentication limit); from any other peer the header is ignored.",
     )
     # -- moderation
     policy: str = Field("icm-sexy", description="Default policy: a built-in name or a policy YAML file.")
@@ -69,6 +84,10 @@ class ServeConfig(BaseModel):
     min_label_mass: float = Field(
         DEFAULT_MIN_LABEL_MASS, ge=0.0, le=1.0,
         description="hf/openai: the least probability the valid labels must hold for an answer to count.",
+    )
+    text_confidence: float = Field(
+        DEFAULT_TEXT_CONFIDENCE, ge=0.5, le=1.0,
+        description="openai: the probability an answer read from text (no usable logprobs) gives the label it names.",
     )
     guided_choice: str = Field("off", description="openai: constrain answers to the labels (off, structured_outputs, guided_choice, regex).")
     api_key_env: str | None = Field(None, description="openai: the environment variable holding the upstream server's API key.")
@@ -169,6 +188,26 @@ class ServeConfig(BaseModel):
     def _keys_valid(cls, v: list[SecretStr]) -> list[SecretStr]:
         return [SecretStr(APIKey.parse(k.get_secret_value()).entry) for k in v]  # raises on a bad key
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_long(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().strip()) < MIN_KEY_LENGTH:  # as --webhook-secret requires
+            raise ValueError(f"webhook_secret is shorter than {MIN_KEY_LENGTH} characters (make one with {KEYGEN_HINT})")
+        return SecretStr(v.get_secret_value().strip()) if v is not None else None
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry[:100]!r} is not an address or CIDR (10.0.0.0/8, ::1)") from None
+        return [e.strip() for e in v]
+
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(e, strict=False) for e in self.trusted_proxies]
+
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
         if self.backend not in ("detector", "hf", "openai", "cascade"):
@@ -215,6 +254,13 @@ class ServeConfig(BaseModel):
                 raise ValueError(f"{exc} (in --api-key, api_keys or ${API_KEYS_ENV})") from None
             if all(not hmac.compare_digest(key.secret.encode(), k.secret.encode()) for k in out):
                 out.append(key)
+        roles: dict[str, Role] = {}
+        for key in out:  # two keys of one name (a rotation) are one identity: they need one role
+            if roles.setdefault(key.name, key.effective_role) != key.effective_role:
+                raise ValueError(
+                    f"the API keys named {key.name!r} have different roles ({roles[key.name]}, {key.effective_role}): "
+                    "a name is one identity (in --api-key, api_keys or $" + API_KEYS_ENV + ")"
+                )
         return out
 
     def db_url(self) -> str:
@@ -244,26 +290,45 @@ class ServeConfig(BaseModel):
 
 @dataclass(frozen=True)
 class APIKey:
-    """An accepted key: ``name`` is recorded with decisions and reviews; ``key`` never leaves."""
+    """An accepted key: ``name`` is recorded with decisions and reviews; ``key`` never leaves.
+
+    ``role`` is None for an entry written without one (``NAME:KEY``, ``KEY``): such a key has
+    full access, as ``admin``, and the server warns at start that roles are not set.
+    """
 
     name: str
     key: SecretStr
+    role: Role | None = None
+
+    @property
+    def effective_role(self) -> Role:
+        return self.role or "admin"
 
     @classmethod
     def parse(cls, entry: str) -> APIKey:
-        """'NAME:KEY' or a bare 'KEY' (named after a short hash of itself).
+        """'NAME:KEY:ROLE', 'NAME:KEY' or a bare 'KEY' (named after a short hash of itself).
 
-        Refuses an empty secret ('alice:'), an empty name (':KEY') and a key shorter than
-        :data:`MIN_KEY_LENGTH`; the messages name the key's NAME, never the key.
+        Refuses an empty secret ('alice:'), an empty name (':KEY'), a key shorter than
+        :data:`MIN_KEY_LENGTH` and an unknown role; the messages name the key's NAME, never the key.
         """
         entry = entry.strip()
         if not entry:
             raise ValueError("an API key is empty")
         name, sep, secret = entry.partition(":")
         name, secret = name.strip(), secret.strip()
+        role: Role | None = None
         if sep:
             if not name:
-                raise ValueError("an API key entry ':KEY' has an empty NAME (write NAME:KEY, or the key alone)")
+                raise ValueError("an API key entry ':KEY' has an empty NAME (write NAME:KEY:ROLE, or the key alone)")
+            if ":" in secret:
+                secret, _, given = secret.rpartition(":")
+                secret, given = secret.strip(), given.strip()
+                if given not in ROLES:
+                    raise ValueError(
+                        f"the API key entry for {name!r} has the role {given[:40]!r}: a role is one of "
+                        f"{', '.join(ROLES)} (NAME:KEY:ROLE; a key cannot contain ':')"
+                    )
+                role = given  # type: ignore[assignment]  # checked against ROLES above
             if not secret:
                 raise ValueError(f"the API key entry for {name!r} has an empty key after 'NAME:'")
             if any(ch.isspace() or not ch.isprintable() for ch in name) or len(name) > 100:
@@ -278,7 +343,7 @@ class APIKey:
                 f"the API key {'for ' + repr(name) if sep else '(unnamed)'} is {len(secret)} characters: keys need at "
                 f"least {MIN_KEY_LENGTH} (make one with {KEYGEN_HINT})"
             )
-        return cls(name=name, key=SecretStr(secret))
+        return cls(name=name, key=SecretStr(secret), role=role)
 
     @property
     def secret(self) -> str:
@@ -286,8 +351,8 @@ class APIKey:
 
     @property
     def entry(self) -> str:
-        """The 'NAME:KEY' form (for storage in the config; secret)."""
-        return f"{self.name}:{self.secret}"
+        """The 'NAME:KEY[:ROLE]' form (for storage in the config; secret)."""
+        return f"{self.name}:{self.secret}" + (f":{self.role}" if self.role else "")
 
     def matches(self, token: str) -> bool:
         return hmac.compare_digest(self.secret.encode(), token.encode())

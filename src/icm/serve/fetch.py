@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,18 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from icm.redact import redact_text
 from icm.serve.errors import APIError
+
+log = logging.getLogger("icm.serve")
+
+
+def _unfetched(host: str, why: str) -> APIError:
+    """One answer for every failure after the address checks (refused, timed out, an HTTP
+    error, a reset): what differs would tell a client which ports of the host are open. The
+    reason goes to the server log."""
+    log.warning("image URL fetch from %r failed: %s", host, redact_text(why))
+    return APIError(502, "image_fetch_failed", f"could not fetch the image from {host!r}")
 
 
 @dataclass
@@ -46,10 +58,22 @@ def host_listed(host: str, allowed: list[str]) -> bool:
     return False
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def public_address(ip: str) -> bool:
+    """Whether ``ip`` is a public unicast address; an IPv6 address that carries an IPv4 one
+    (IPv4-mapped, 6to4 ``2002::/16``, Teredo, NAT64) is judged by the IPv4 address it reaches,
+    and site-local ``fec0::/10`` (deprecated, still routed inside some networks) is private."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.is_site_local:
+            return False
+        embedded = addr.ipv4_mapped or addr.sixtofour or (addr.teredo[1] if addr.teredo else None)
+        if embedded is None and addr in NAT64:
+            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if embedded is not None:
+            return public_address(str(embedded))
     return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_unspecified)
 
 
@@ -104,7 +128,7 @@ class ImageFetcher:
         try:
             return await asyncio.wait_for(self._fetch(url), timeout=self.policy.timeout_s)
         except asyncio.TimeoutError:
-            raise APIError(502, "image_fetch_failed", f"fetching the image took longer than {self.policy.timeout_s:g} s") from None
+            raise _unfetched(urlsplit(url).hostname or "", f"no answer within {self.policy.timeout_s:g} s") from None
 
     async def _fetch(self, url: str) -> bytes:
         limit = self.policy.max_bytes
@@ -121,11 +145,11 @@ class ImageFetcher:
                         if resp.status_code in (301, 302, 303, 307, 308):
                             location = resp.headers.get("location")
                             if not location:
-                                raise APIError(502, "image_fetch_failed", f"{host!r} answered a redirect without a Location")
+                                raise _unfetched(host, "a redirect without a Location")
                             url = urljoin(url, location)
                             continue
                         if resp.status_code != 200:
-                            raise APIError(502, "image_fetch_failed", f"{host!r} answered HTTP {resp.status_code} for the image URL")
+                            raise _unfetched(host, f"HTTP {resp.status_code}")
                         declared = resp.headers.get("content-length")
                         if declared and declared.isdigit() and int(declared) > limit:
                             raise APIError(413, "image_too_large", f"the image at the URL is over the {limit:,}-byte limit")
@@ -136,5 +160,5 @@ class ImageFetcher:
                                 raise APIError(413, "image_too_large", f"the image at the URL is over the {limit:,}-byte limit")
                         return bytes(data)
                 except httpx.HTTPError as exc:
-                    raise APIError(502, "image_fetch_failed", f"fetching the image from {host!r} failed: {type(exc).__name__}: {exc}") from None
+                    raise _unfetched(host, f"{type(exc).__name__}: {exc}") from None
         raise APIError(502, "image_fetch_failed", f"the image URL redirected more than {self.policy.max_redirects} times")

@@ -121,8 +121,9 @@ def decode_weight(data: bytes, max_pixels: int, draft_pixels: int = 0, max_frame
     For a still image its width x height (for a JPEG at the reduced scale it decodes at with
     ``draft_pixels``). For a multi-frame file each frame is counted by its *own* header (see
     :func:`icm.moderation.image_frames.plan_frames`): the largest frame decoded (an animation's
-    canvas, a page's own size) plus the views kept of the other judged frames, each at most
-    its share (``draft_pixels``, the size the server reduces to). 0 for an image the loader
+    canvas, a page's own size) plus the views kept of the other judged frames (the sampled ones
+    and the scene changes an animation may add), each at most its share (``draft_pixels``, the
+    size the server reduces to). 0 for an image the loader
     refuses from its headers alone (a frame over ``max_pixels``, frames over the per-file
     total, or a header Pillow cannot parse).
     """
@@ -150,6 +151,7 @@ def decode_weight(data: bytes, max_pixels: int, draft_pixels: int = 0, max_frame
                 share = plan.view_share(max_pixels, draft_pixels or None)
                 lw, lh = plan.largest
                 kept = sum(min(plan.decoded[k][0] * plan.decoded[k][1], share) for k in plan.wanted[1:])
+                kept += plan.scenes * min(lw * lh, share)  # scene changes judged between the samples
                 return lw * lh + kept
     except ImageLoadError:
         return 0

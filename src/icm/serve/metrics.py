@@ -33,6 +33,15 @@ class ServerMetrics:
         self.decisions = Counter("icm_decisions", "Decisions stored, by verdict.", ("verdict",), registry=r)
         self.rejected = Counter("icm_rejected_images", "Images refused, by reason.", ("reason",), registry=r)
         self.backend_errors = Counter("icm_backend_errors", "Images the backend failed on.", registry=r)
+        self.text_answers = Counter(
+            "icm_text_answers",
+            "Answers read from the model's answer text (no usable logprobs: one sampled answer, counted at the "
+            "backend's text confidence), by query kind (term, attr).",
+            ("kind",), registry=r,
+        )
+        self.text_decisions = Counter(
+            "icm_text_decisions", "Decisions with at least one answer read from the answer text.", registry=r
+        )
         self.batches = Histogram("icm_batch_size", "Images per backend call (dynamic batching).", buckets=BATCH_BUCKETS, registry=r)
         self.batch_seconds = Histogram(
             "icm_batch_duration_seconds", "Time to moderate and store one batch.", buckets=LATENCY_BUCKETS, registry=r
@@ -66,6 +75,14 @@ class ServerMetrics:
         outcome = "escalated" if escalated else "cleared"
         self._cascade_counts[outcome] += 1
         self.cascade.labels(outcome).inc()
+
+    def observe_text(self, record: object) -> None:
+        """Count the answers of a record that were read from the answer text (none for most backends)."""
+        keys = record.text_answers()  # type: ignore[attr-defined]
+        for key in keys:
+            self.text_answers.labels(key.split(":", 1)[0]).inc()
+        if keys:
+            self.text_decisions.inc()
 
     def _escalation_rate(self) -> float:
         total = sum(self._cascade_counts.values())

@@ -32,9 +32,27 @@ log = logging.getLogger("icm.serve")
 _worker = threading.local()
 
 
+@dataclass(eq=False)
+class JobGroup:
+    """The jobs of one request: their decisions are committed together, or none is.
+
+    The batch worker fills ``done`` as the group's jobs are moderated (they may land in several
+    batches); the batch that completes it commits all its decisions in one transaction, and
+    sets ``ids`` (in job order) before any of its requests is answered. A job the backend
+    failed on, or a batch that failed, marks the group ``failed``: nothing of it is stored,
+    and a job never moderated (refused by a full queue, or its request gone) leaves it incomplete.
+    """
+
+    size: int = 1
+    done: dict[int, tuple[Job, ModerationRecord]] = field(default_factory=dict)
+    failed: bool = False
+    ids: list[int] | None = None
+
+
 @dataclass
 class Job:
-    """One image waiting for the batch worker, to be judged under one policy and rule set."""
+    """One image waiting for the batch worker, to be judged under one policy and rule set;
+    ``group`` and ``index``: the request it belongs to (default: a request of its own)."""
 
     image: LoadedImage
     data: bytes
@@ -42,6 +60,8 @@ class Job:
     rules: str
     meta: DecisionMeta
     load_ms: float
+    group: JobGroup = field(default_factory=JobGroup)
+    index: int = 0
 
 
 @dataclass
@@ -138,33 +158,56 @@ class Service:
         return records  # type: ignore[return-value]
 
     def process(self, jobs: list[Job]) -> list[Outcome]:
-        """Moderate a batch, keep images, commit decisions (and their webhook events)."""
+        """Moderate a batch; commit the decisions (and their webhook events) of each request
+        whose jobs are now all judged, all of a request in one transaction (:class:`JobGroup`)."""
         if self.config.torch_threads and not getattr(_worker, "threads_set", False):
             import torch
 
             torch.set_num_threads(self.config.torch_threads)  # in the worker thread itself
             _worker.threads_set = True
-        records = self.moderate(jobs)
-        ok = [i for i, r in enumerate(records) if r.ok]
-        for i in ok:
-            r, j = records[i], jobs[i]
+        try:
+            records = self.moderate(jobs)
+            ready: list[JobGroup] = []
+            for j, r in zip(jobs, records, strict=True):
+                g = j.group
+                g.done[j.index] = (j, r)
+                g.failed = g.failed or not r.ok
+                if len(g.done) == g.size and not g.failed and all(g is not x for x in ready):
+                    ready.append(g)
+            self._commit(ready)
+        except BaseException:  # nothing of these requests may be committed by a later batch
+            for j in jobs:
+                j.group.failed = True
+            raise
+        out = []
+        for j, r in zip(jobs, records, strict=True):
+            if r.ok:
+                self.metrics.observe_stage(r)
+            else:
+                self.metrics.backend_errors.inc()
+            ids = j.group.ids
+            out.append(Outcome(record=r, decision_id=ids[j.index] if ids is not None else None))
+        return out
+
+    def _commit(self, groups: list[JobGroup]) -> None:
+        """Keep the images and commit the decisions of complete requests, in one transaction."""
+        if not groups:
+            return
+        pairs = [g.done[i] for g in groups for i in range(g.size)]
+        for j, r in pairs:
             j.meta.queue = queue_reason(r.verdict, self.config.audit_rate)
             if self.images is not None and r.sha256:
                 self.images.put(r.sha256, j.data)  # before the commit: a stored decision's image exists
                 j.meta.image_kept = True
-        ids = self.store.add_decisions([records[i] for i in ok], [jobs[i].meta for i in ok])
-        id_of = dict(zip(ok, ids, strict=True))
-        if any(records[i].verdict == "block" for i in ok):
+        ids = self.store.add_decisions([r for _, r in pairs], [j.meta for j, _ in pairs])
+        at = 0
+        for g in groups:
+            g.ids, at = ids[at : at + g.size], at + g.size
+        for _, r in pairs:
+            self.metrics.decisions.labels(r.verdict or "none").inc()
+            self.metrics.observe_text(r)
+        if any(r.verdict == "block" for _, r in pairs):
             self.extras.get("wake_webhooks", lambda: None)()  # their events are in the outbox now
-        out = []
-        for i, r in enumerate(records):
-            if r.ok:
-                self.metrics.decisions.labels(r.verdict or "none").inc()
-                self.metrics.observe_stage(r)
-            else:
-                self.metrics.backend_errors.inc()
-            out.append(Outcome(record=r, decision_id=id_of.get(i)))
-        return out
 
     def close(self) -> None:
         for thing in self.owned:

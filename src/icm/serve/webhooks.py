@@ -33,6 +33,7 @@ from collections.abc import Mapping
 
 import httpx
 
+from icm.redact import redact_text
 from icm.serve.metrics import ServerMetrics
 from icm.serve.store import DecisionStore
 
@@ -148,7 +149,7 @@ class WebhookDispatcher:
                 if not 200 <= resp.status_code < 300:
                     error = f"HTTP {resp.status_code}"
             except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                error = redact_text(f"{type(exc).__name__}: {exc}")  # no user:password@ of the URL in the log
             if error is None:
                 await asyncio.to_thread(self.store.event_delivered, ev["id"])
                 delivered += 1

@@ -15,9 +15,11 @@ connection, so scrape N separate processes (one port each) when you need metrics
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -35,13 +37,27 @@ def _config_data(config: ServeConfig) -> dict[str, Any]:
 
 def app_factory() -> Any:
     """The app of one worker (uvicorn calls this in each worker process)."""
-    from icm.serve.app import create_app
-
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise RuntimeError(f"{CONFIG_ENV} is not set: this factory is for icm serve --workers")
-    with open(path, encoding="utf-8") as fh:
-        config = ServeConfig(**json.load(fh))
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = ServeConfig(**json.load(fh))
+        return _build(config)
+    except Exception as exc:  # noqa: BLE001 - a settings error: every restart would fail the same way
+        # uvicorn's supervisor restarts a worker that died of any other exit status forever, holding
+        # the port; STARTUP_FAILURE makes it stop, and the supervisor reports the reason it finds here.
+        from uvicorn.config import STARTUP_FAILURE
+
+        with contextlib.suppress(OSError), open(path + ".error", "x", encoding="utf-8") as fh:
+            fh.write(f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ValueError, KeyError)) else str(exc))
+        logging.getLogger("icm.serve").error("worker %d cannot start: %s", os.getpid(), exc)
+        sys.exit(STARTUP_FAILURE)
+
+
+def _build(config: ServeConfig) -> Any:
+    from icm.serve.app import create_app
+
     logger = logging.getLogger("icm")
     if not logger.handlers:  # as icm serve does in one process
         handler = logging.StreamHandler()
@@ -72,5 +88,9 @@ def serve_workers(config: ServeConfig) -> None:
             log_level=config.log_level, timeout_graceful_shutdown=30, proxy_headers=False,
             limit_concurrency=2 * config.max_queue + 64,
         )
+        with contextlib.suppress(FileNotFoundError), open(path + ".error", encoding="utf-8") as fh:
+            raise ValueError(f"the workers could not start: {fh.read()}")
     finally:
-        os.unlink(path)
+        for leftover in (path, path + ".error"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)

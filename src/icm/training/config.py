@@ -86,6 +86,11 @@ class TrainConfig(BaseModel):
     # -- optimisation -------------------------------------------------------------------------
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int = Field(default=-1, description="Stop after this many optimizer steps (-1: run the epochs)")
+    target_loss: float | None = Field(
+        default=None, gt=0,
+        description="Stop early once a logged training loss (the mean over logging_steps) is below this; "
+        "max_steps (or the epochs) is then the cap, and the result says whether the target was reached",
+    )
     learning_rate: float = Field(default=2e-4, gt=0)
     batch_size: int = Field(default=4, ge=1, description="Per device")
     grad_accum: int = Field(default=1, ge=1, description="Gradient accumulation steps")

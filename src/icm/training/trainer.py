@@ -69,6 +69,11 @@ class TrainResult:
     """False in the other processes of a multi-process run (they print and write nothing)."""
     evaluation: dict[str, Any] | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    target_loss: float | None = None
+    reached_target_loss: bool | None = None
+    """Whether a logged training loss went below ``target_loss`` before the cap (None: no target)."""
+    last_loss: float | None = None
+    """The last logged training loss (the mean over the last ``logging_steps``)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -267,6 +272,22 @@ class _Progress:
         self.callback = CB()
 
 
+def _stop_at_loss(target: float) -> Any:
+    """A transformers callback that stops training once a logged loss is below ``target``.
+
+    The logged loss is the mean over ``logging_steps`` steps (across processes): a step
+    count alone trains a different model on each CPU, a loss target the same quality.
+    """
+    from transformers import TrainerCallback
+
+    class StopAtLoss(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and isinstance(logs.get("loss"), (int, float)) and logs["loss"] < target:
+                control.should_training_stop = True
+
+    return StopAtLoss()
+
+
 def _trainer_class() -> type:
     """transformers' Trainer, batching examples of similar length together when asked
     (lengths come from the rendered text: a long conversation is not padded alongside
@@ -372,7 +393,8 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
         args=args,
         train_dataset=train_ds,
         data_collator=collator,
-        callbacks=[_Progress(on_log).callback] if on_log else None,
+        callbacks=([_Progress(on_log).callback] if on_log else [])
+        + ([_stop_at_loss(config.target_loss)] if config.target_loss is not None else []),
     )
     if on_log is not None:
         from transformers.trainer_callback import PrinterCallback
@@ -408,6 +430,14 @@ def train(config: TrainConfig, *, on_log: Callable[[dict[str, Any]], None] | Non
         eval_loss=eval_loss, train_seconds=round(seconds, 3), resumed_from=resume, world_size=world,
         log_history=history, main_process=is_main,
     )
+    losses = [float(h["loss"]) for h in history if isinstance(h.get("loss"), (int, float))]
+    res.last_loss = losses[-1] if losses else None
+    if config.target_loss is not None:
+        res.target_loss = config.target_loss
+        res.reached_target_loss = any(x < config.target_loss for x in losses)
+        if not res.reached_target_loss and is_main:
+            log.warning("training stopped at its cap (%d steps) before the target loss %s: last logged loss %s",
+                        steps, config.target_loss, res.last_loss)
     if not is_main:
         return res
     if config.evaluate and held:

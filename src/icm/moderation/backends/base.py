@@ -58,9 +58,10 @@ class YesNoScore:
     """P(Yes) for one (image, question) pair and how it was obtained.
 
     ``source`` is ``"logits"`` for next-token logits, ``"logprobs"`` for a server's
-    top logprobs, ``"parsed"`` when only the answer text could be read (the probability
-    is then 0/1 and less trustworthy), ``"guided"`` for the text of a constrained
-    (guided-choice) answer without logprobs, or a detector's name.
+    top logprobs, ``"text"`` when only the answer text could be read (one sampled answer:
+    the probability is the backend's ``text_confidence``, not a measured one; records
+    written before this was so say ``"parsed"``), ``"guided"`` for the text of a
+    constrained (guided-choice) answer without logprobs, or a detector's name.
     """
 
     p_yes: float
@@ -100,6 +101,16 @@ DEFAULT_MIN_LABEL_MASS = 0.5
 """An answer counts only when the model puts at least this probability on the valid labels
 (Yes/No, or the option labels) for its first answer token; below it the query is not
 judged. 0.5 means "the labels are more likely than everything else together"."""
+
+DEFAULT_TEXT_CONFIDENCE = 0.75
+"""The probability an answer read from text (no usable logprobs: one sampled answer) gives
+the label it names; the other labels share the rest. A greedy answer says only that its
+label was the most likely one (at least 0.5 for Yes/No) and not by how much: 0.75 is the
+middle of what it can mean, [0.5, 1]. See docs/verdicts.md."""
+
+TEXT_SOURCES = frozenset({"text", "guided", "parsed"})
+"""Answer sources that were read from the answer text, not measured: ``text``, ``guided``
+(constrained text) and ``parsed`` (``text`` in records of earlier versions)."""
 
 NotJudgedReason = Literal["cannot-judge", "refused", "off-format"]
 

@@ -15,13 +15,14 @@ API of :class:`~icm.moderation.backends.base.Backend` runs the same coroutines o
 loop owned by the backend (:class:`~icm.aio.LoopThread`), so it works from plain code,
 worker threads and inside a running event loop alike.
 
-Transient failures (408, 409, 429, 5xx, connection errors, timeouts) are retried with
-exponential backoff and jitter, honouring ``Retry-After``; other 4xx fail at once.  A
+Transient failures (408, 409, 429, 5xx, a 200 whose body is not JSON, dropped or
+truncated answers, connection errors, timeouts) are retried with exponential backoff and
+full jitter; ``Retry-After`` is waited at least, with jitter on top; other 4xx fail at once.  A
 request that still fails gives :class:`~icm.moderation.backends.base.Failed` for that
 item (the engine makes its image an error record) and an :class:`ItemError` in
 :attr:`OpenAIBackend.last_errors`: one bad image never fails the batch.  401, 403 and 404
-(a rejected key, an unknown model or a wrong URL), and a server that cannot be reached by
-any request before it ever answered, raise
+(a rejected key, an unknown model or a wrong URL), and a server no connection could be made
+to before it ever answered (not one that dropped or cut off its answers), raise
 :class:`~icm.moderation.backends.base.BackendConfigError` instead: no image can succeed.
 With ``guided_choice`` the server is asked to constrain the answer to the labels (vLLM's
 ``structured_outputs``/``guided_choice``, SGLang's ``regex``); a server that rejects the
@@ -45,6 +46,7 @@ from PIL import Image
 from icm.aio import LoopThread
 from icm.moderation.backends.base import (
     DEFAULT_MIN_LABEL_MASS,
+    DEFAULT_TEXT_CONFIDENCE,
     Answer,
     Backend,
     BackendConfigError,
@@ -77,6 +79,7 @@ from icm.openai_http import (
 )
 from icm.policy.prompts_format import moderation_choice_prompt, option_labels, yes_no_prompt
 from icm.prompting import openai_conversation, question_conversation
+from icm.redact import redact_url
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -111,7 +114,8 @@ class ItemError:
 
     ``index`` is the image's position in the batch, ``key`` the query key for
     :meth:`OpenAIBackend.ask` (``None`` for the other calls), ``status`` the HTTP status
-    when the server answered with an error, ``raw`` what could be kept of the response.
+    when the server answered with an error, ``raw`` what could be kept of the response,
+    ``kind`` the :attr:`~icm.openai_http.ChatError.kind` of the failure.
     """
 
     index: int
@@ -119,6 +123,7 @@ class ItemError:
     key: str | None = None
     status: int | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    kind: str | None = None
 
 
 # --------------------------------------------------------------------------- images
@@ -191,7 +196,10 @@ class OpenAIBackend(Backend):
         top_logprobs: candidates requested for the first token (OpenAI and vLLM's default
             ``--max-logprobs`` allow at most 20).
         use_logprobs: set False for servers that reject the ``logprobs`` parameter; the
-            answers are then parsed from text (``source="parsed"``).
+            answers are then read from text (``source="text"``).
+        text_confidence: the probability an answer read from text gives the label it
+            names (one sampled answer is never P = 0 or 1); default 0.75, see
+            :data:`~icm.moderation.backends.base.DEFAULT_TEXT_CONFIDENCE`.
         min_label_mass: the least first-token probability the valid labels (Yes/No, or
             the option labels) must hold together for the logprobs to be an answer
             (default 0.5); below it the answer text decides: a refusal or anything that
@@ -232,6 +240,7 @@ class OpenAIBackend(Backend):
         top_logprobs: int = 20,
         use_logprobs: bool = True,
         min_label_mass: float = DEFAULT_MIN_LABEL_MASS,
+        text_confidence: float = DEFAULT_TEXT_CONFIDENCE,
         answer_tokens: int = 16,
         guided_choice: Literal["off", "structured_outputs", "guided_choice", "regex"] | bool = "off",
         system_prompt: str | None = None,
@@ -258,6 +267,9 @@ class OpenAIBackend(Backend):
         self.use_logprobs = use_logprobs
         if not 0.0 <= min_label_mass <= 1.0:
             raise ValueError(f"min_label_mass must be between 0 and 1, got {min_label_mass}")
+        if not 0.5 <= text_confidence <= 1.0:
+            raise ValueError(f"text_confidence must be between 0.5 and 1, got {text_confidence}")
+        self.text_confidence = float(text_confidence)
         if answer_tokens < 1:
             raise ValueError("answer_tokens must be at least 1")
         if guided_choice is True:
@@ -277,11 +289,11 @@ class OpenAIBackend(Backend):
         self._lock = threading.Lock()
         self._local = threading.local()
         self._runner = LoopThread("icm-openai-backend")
-        self._client = ChatClient(settings, stats=self.stats)
+        self._client = ChatClient(settings, stats=self.stats, retry_malformed_json=True)  # a 200 that is not JSON: as a 5xx
 
     def __repr__(self) -> str:
         return (
-            f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, "
+            f"OpenAIBackend(model={self.model!r}, base_url={redact_url(self.base_url)!r}, "
             f"api_key={'set' if self.settings.api_key else 'unset'}, max_concurrency={self.max_concurrency})"
         )
 
@@ -295,7 +307,7 @@ class OpenAIBackend(Backend):
     def settings(self, value: ServerSettings) -> None:
         """New settings take effect with a fresh client (the old one is closed on the backend's loop)."""
         old = self._client
-        self._client = ChatClient(value, stats=self.stats)
+        self._client = ChatClient(value, stats=self.stats, retry_malformed_json=True)
         if self._runner.in_loop_thread() or not self._runner.started:
             return  # nothing opened on the backend's loop yet (or we are on it: the old client is left to the GC)
         try:
@@ -325,7 +337,7 @@ class OpenAIBackend(Backend):
 
     @property
     def model_id(self) -> str:
-        return f"{self.model}@{self.base_url}"
+        return f"{self.model}@{redact_url(self.base_url)}"  # no user:password@ in records
 
     @property
     def last_errors(self) -> list[ItemError]:
@@ -532,7 +544,7 @@ class OpenAIBackend(Backend):
                     raise ChatError("the response has no message content", raw={"response": dump(completion)})
                 return text, None
             except ChatError as e:
-                return Failed(str(e), e.status, e.raw), ItemError(i, str(e), None, e.status, e.raw)
+                return Failed(str(e), e.status, e.raw), ItemError(i, str(e), None, e.status, e.raw, e.kind)
             except Exception as e:  # noqa: BLE001 - an odd response must not fail the batch
                 msg = f"unexpected {type(e).__name__}: {e}"
                 return Failed(msg), ItemError(i, msg)
@@ -548,16 +560,16 @@ class OpenAIBackend(Backend):
             what = {401: "the API key was rejected", 403: "access was refused", 404: "the model or the URL does not exist"}
             raise BackendConfigError(
                 f"openai backend: {what.get(config.status or 0, 'the server refused the request')} "
-                f"(model {self.model!r} at {self.base_url}): {config.error}"
+                f"(model {self.model!r} at {redact_url(self.base_url)}): {config.error}"
             )
         if (
             errors
             and not self._answered
             and len(errors) == total
-            and all(e.status is None and e.error.startswith("connection error") for e in errors)
+            and all(e.kind == "connect" for e in errors)
         ):
             raise BackendConfigError(
-                f"openai backend: cannot reach the server at {self.base_url} (no request has ever been answered): "
+                f"openai backend: cannot reach the server at {redact_url(self.base_url)} (no request has ever been answered): "
                 f"{errors[0].error}"
             )
         for err in errors:
@@ -663,13 +675,13 @@ class OpenAIBackend(Backend):
             if choice is None:
                 raise ChatError("the response has no choices", raw={"response": dump(completion)})
         except ChatError as e:
-            return Failed(str(e), e.status, e.raw), ItemError(index, str(e), key, e.status, e.raw)
+            return Failed(str(e), e.status, e.raw), ItemError(index, str(e), key, e.status, e.raw, e.kind)
         except Exception as e:  # noqa: BLE001 - an odd response must not fail the batch
             msg = f"unexpected {type(e).__name__}: {e}"
             return Failed(msg), ItemError(index, msg, key)
         answer, from_text = read_answer(
             text, getattr(choice, "logprobs", None), labels=labels, options=options, guided=guided,
-            min_label_mass=self.min_label_mass, logprobs_asked=self.use_logprobs,
+            min_label_mass=self.min_label_mass, logprobs_asked=self.use_logprobs, text_confidence=self.text_confidence,
         )
         if from_text:
             self.stats.parsed_fallbacks += 1

@@ -9,9 +9,12 @@ least ``min_label_mass`` of the first token's probability: a model whose first t
 "I" (of "I'm sorry, but I can't help with that.") has not answered Yes or No, however
 the two tiny remaining shares compare.  Otherwise, and for servers that return no
 logprobs, the answer text is read: a refusal is ``refused``, a clear answer ("Yes",
-"B. Because ...", "The answer is (B).", "Answer: B") is used with ``source="parsed"``
+"B. Because ...", "The answer is (B).", "Answer: B") is used with ``source="text"``
 (``"guided"`` when the server constrained it), anything else is ``off-format``; it is
-never guessed at.  :func:`read_answer` applies all of this to one response.
+never guessed at.  One sampled answer is not a probability of 0 or 1: the label it names
+gets ``text_confidence`` (default
+:data:`~icm.moderation.backends.base.DEFAULT_TEXT_CONFIDENCE`), the other labels share
+the rest.  :func:`read_answer` applies all of this to one response.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from icm.moderation.backends.base import REFUSAL_FIRST_WORDS, Choice, NotJudged, YesNoScore
+from icm.moderation.backends.base import (
+    DEFAULT_TEXT_CONFIDENCE,
+    REFUSAL_FIRST_WORDS,
+    Choice,
+    NotJudged,
+    YesNoScore,
+)
 
 __all__ = [
     "choice_from_logprobs",
@@ -31,6 +40,7 @@ __all__ = [
     "parse_yes_no_text",
     "read_answer",
     "refused_or_off_format",
+    "text_distribution",
     "yes_no_from_logprobs",
 ]
 
@@ -264,6 +274,17 @@ def parse_choice_text(text: str, letters: Sequence[str], options: Sequence[str] 
 
 
 
+def text_distribution(index: int, n: int, confidence: float) -> list[float]:
+    """The probabilities one answer read from text gives ``n`` labels: ``confidence`` to the
+    label at ``index``, the rest shared evenly by the others (``[c, 1 - c]`` for Yes/No)."""
+    if not 0.5 <= confidence <= 1.0:
+        raise ValueError(f"text_confidence must be between 0.5 and 1, got {confidence}")
+    if n < 2:
+        return [1.0]
+    rest = (1.0 - confidence) / (n - 1)
+    return [confidence if j == index else rest for j in range(n)]
+
+
 def read_answer(
     text: str | None,
     logprobs: Any,
@@ -273,14 +294,16 @@ def read_answer(
     guided: bool = False,
     min_label_mass: float,
     logprobs_asked: bool = True,
+    text_confidence: float = DEFAULT_TEXT_CONFIDENCE,
 ) -> tuple[YesNoScore | Choice | NotJudged, bool]:
     """One response read as an answer: ``(answer, read_from_text)``.
 
     ``labels`` None is a yes/no question, else the option labels (``options`` their
     texts).  ``guided``: the server was asked to constrain the answer to the labels, so
     its text says nothing when the logprobs show the model wanted to say something else.
-    ``read_from_text`` is True when the answer came from the text (counted by callers as
-    a parsed fallback).
+    ``read_from_text`` is True when the answer came from the text (``source`` ``"text"``,
+    or ``"guided"``; counted by callers as a parsed fallback): the label it names gets
+    ``text_confidence``, never 1 (see :func:`text_distribution`).
     """
     yes_no = labels is None
     valid = ["Yes", "No"] if yes_no else list(labels or [])
@@ -297,17 +320,18 @@ def read_answer(
             if yes_no:
                 return YesNoScore(float(value), source="logprobs", raw=raw), False  # type: ignore[arg-type]
             return Choice(list(value), source="logprobs", raw=raw), False  # type: ignore[arg-type]
-    source = "guided" if guided else "parsed"
+    source = "guided" if guided else "text"
     if not (guided and candidates) and not is_refusal(text):
+        read: dict[str, Any] = {"text": text, "label_mass": mass, "text_confidence": text_confidence}
         if yes_no:
             answer = parse_yes_no_text(text or "")
             if answer is not None:
-                return YesNoScore(1.0 if answer else 0.0, source=source, raw={"text": text, "label_mass": mass}), True
+                p_yes = text_distribution(0 if answer else 1, 2, text_confidence)[0]
+                return YesNoScore(p_yes, source=source, raw=read), True
         else:
             idx = parse_choice_text(text or "", valid, options)
             if idx is not None:
-                probs = [1.0 if j == idx else 0.0 for j in range(len(valid))]
-                return Choice(probs, source=source, raw={"text": text, "label_mass": mass}), True
+                return Choice(text_distribution(idx, len(valid), text_confidence), source=source, raw=read), True
     reason = refused_or_off_format(None if (guided and candidates) else text, top)
     shown = (text or "").strip().replace("\n", " ")
     shown = shown[:80] + ("..." if len(shown) > 80 else "")

@@ -276,28 +276,37 @@ class OnnxClassifierSource(EvidenceSource):
         return self._labels
 
     def resolved_path(self) -> str:
+        """The file opened (``~`` and ``$VARS`` expanded); messages show :attr:`path` as written."""
         return os.path.expandvars(os.path.expanduser(self.path or ""))
+
+    def shown(self, text: str) -> str:
+        """``text`` with the expanded path put back as the policy wrote it: an environment
+        variable's value (``/models/${ICM_API_KEYS}.onnx``) never reaches a record or a client."""
+        resolved = self.resolved_path()
+        return text.replace(resolved, self.path or "") if resolved and resolved != self.path else text
 
     def unavailable_reason(self) -> str | None:
         try:
             import onnxruntime  # noqa: F401 - only whether it imports
         except ImportError:
             return "onnxruntime is not installed"
-        path = self.resolved_path()
-        if not os.path.isfile(path):
-            return f"its ONNX file {path!r} does not exist"
+        if not os.path.isfile(self.resolved_path()):
+            return f"its ONNX file {self.path!r} does not exist"
         return None
 
     def _load(self) -> Any:
         import onnxruntime as ort
 
-        session = ort.InferenceSession(self.resolved_path(), sess_options=self._session_options(), providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(self.resolved_path(), sess_options=self._session_options(), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's message names the expanded path
+            raise RuntimeError(self.shown(f"evidence source {self.name!r}: cannot load {self.path!r}: {exc}")) from None
         inp = session.get_inputs()[0]
         first = inp.shape[0] if inp.shape else None
         self._fixed_batch = first if isinstance(first, int) and first > 0 else None
         n_out = session.get_outputs()[0].shape[-1] if session.get_outputs()[0].shape else None
         if isinstance(n_out, int) and n_out != len(self._labels):
-            raise ValueError(f"evidence source {self.name!r}: {self.resolved_path()} has {n_out} outputs but {len(self._labels)} labels are declared")
+            raise ValueError(f"evidence source {self.name!r}: {self.path} has {n_out} outputs but {len(self._labels)} labels are declared")
         return session
 
     def preprocess(self, im: Image.Image) -> np.ndarray:

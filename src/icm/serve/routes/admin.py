@@ -1,4 +1,4 @@
-"""Policies, health and metrics."""
+"""Policies, the caller's identity, health and metrics."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from icm import __version__
+from icm.serve.auth import PERMISSIONS, Caller
 from icm.serve.metrics import CONTENT_TYPE
-from icm.serve.routes.common import ERRORS, principal, service
+from icm.serve.routes.common import ERRORS, can_read_metrics, is_admin, principal, service
 
 router = APIRouter()
 
 
 @router.get("/v1/policies", responses=ERRORS, tags=["policies"], summary="Policies and rule sets this server applies")
-def policies(request: Request, _who: str | None = Depends(principal)) -> dict[str, Any]:
+def policies(request: Request, _who: Caller = Depends(principal)) -> dict[str, Any]:
     svc = service(request)
     out = []
     for p in svc.policies.values():
@@ -43,30 +44,46 @@ def policies(request: Request, _who: str | None = Depends(principal)) -> dict[st
     return {"default_policy": svc.config_policy_name, "default_rules": svc.default_rules, "policies": out}
 
 
+@router.get("/v1/whoami", responses=ERRORS, tags=["operations"], summary="The caller's key name, role and permissions")
+def whoami(request: Request, who: Caller = Depends(principal)) -> dict[str, Any]:
+    """What this key is: its `name` (the identity recorded with its decisions and reviews; null
+    without keys, when a reviewer says who they are), its `role` and what the role may do."""
+    return {
+        "name": who.name,
+        "role": who.role,
+        "permissions": sorted(PERMISSIONS[who.role]),
+        "keys": service(request).auth.enabled,
+    }
+
+
 @router.get("/healthz", tags=["operations"], summary="Liveness and readiness")
 def healthz(request: Request) -> JSONResponse:
+    """``{"status": "ok"}`` (200) or ``{"status": "unavailable"}`` (503) for anyone (load balancers);
+    the details (version, policy, backend, model, database, batching, auth) only for an admin caller."""
     svc = service(request)
     config = svc.config
     db_ok = svc.store.ping()
     running = svc.batcher is not None and svc.batcher.running
-    body = {
-        "status": "ok" if db_ok and running else "unavailable",
-        "version": __version__,
-        "policy": svc.config_policy_name,
-        "rules": svc.default_rules,
-        "backend": svc.default_moderator.backend_name,
-        "model": svc.default_moderator.model_id,
-        "database": "ok" if db_ok else "unreachable",
-        "batching": {
-            "enabled": config.batching,
-            "max_batch_size": config.max_batch_size if config.batching else 1,
-            "max_wait_ms": config.max_wait_ms if config.batching else 0.0,
-        },
-        "auth": "api-keys" if svc.auth.enabled else "none (loopback only)" if not config.allow_unauthenticated else "none",
-    }
-    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+    status = "ok" if db_ok and running else "unavailable"
+    body: dict[str, Any] = {"status": status}
+    if is_admin(request):
+        body.update({
+            "version": __version__,
+            "policy": svc.config_policy_name,
+            "rules": svc.default_rules,
+            "backend": svc.default_moderator.backend_name,
+            "model": svc.default_moderator.model_id,
+            "database": "ok" if db_ok else "unreachable",
+            "batching": {
+                "enabled": config.batching,
+                "max_batch_size": config.max_batch_size if config.batching else 1,
+                "max_wait_ms": config.max_wait_ms if config.batching else 0.0,
+            },
+            "auth": "api-keys" if svc.auth.enabled else "none (loopback only)" if not config.allow_unauthenticated else "none",
+        })
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["operations"], summary="Prometheus metrics")
-def metrics(request: Request, _who: str | None = Depends(principal)) -> PlainTextResponse:
+def metrics(request: Request, _who: Caller = Depends(can_read_metrics)) -> PlainTextResponse:
     return PlainTextResponse(service(request).metrics.render(), media_type=CONTENT_TYPE)

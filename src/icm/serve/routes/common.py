@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import Request
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from icm.serve.auth import cross_site, host_allowed
+from icm.serve.auth import AuthThrottle, Caller, Permission, client_address, cross_site, host_allowed
 from icm.serve.errors import APIError
 from icm.serve.limits import RateLimited
 from icm.serve.service import Service
@@ -22,14 +24,16 @@ class ErrorBody(BaseModel):
 ERRORS = {
     400: {"model": ErrorBody, "description": "Malformed request (bad JSON or base64)"},
     401: {"model": ErrorBody, "description": "Missing or invalid API key"},
-    403: {"model": ErrorBody, "description": "Path outside the image folder, paths disabled, or without keys: a non-loopback client, "
-          "a Host that is not this machine's, or a request from another site's page"},
+    403: {"model": ErrorBody, "description": "The key's role may not do this, a reviewer name other than the key's, a path "
+          "outside the image folder, paths disabled, or without keys: a non-loopback client, a Host that is not this "
+          "machine's, or a request from another site's page"},
     404: {"model": ErrorBody, "description": "No such file, decision or image"},
     409: {"model": ErrorBody, "description": "The decision is claimed by another reviewer"},
     413: {"model": ErrorBody, "description": "Image over the byte or pixel limit"},
     415: {"model": ErrorBody, "description": "Not an image, or an unsupported content type"},
     422: {"model": ErrorBody, "description": "Missing field, unknown policy or rule set, empty or corrupt image"},
-    429: {"model": ErrorBody, "description": "Over the key's requests per minute (see Retry-After and the RateLimit-* headers)"},
+    429: {"model": ErrorBody, "description": "Over the key's requests per minute (see Retry-After and the RateLimit-* headers), "
+          "or too many wrong API keys from this address within a minute"},
     502: {"model": ErrorBody, "description": "The model backend failed on this image"},
     503: {"model": ErrorBody, "description": "Too many requests or too much memory waiting (see Retry-After), or shutting down"},
 }
@@ -55,8 +59,9 @@ async def json_body(request: Request) -> object:
         raise APIError(400, "bad_json", f"the body is not valid JSON ({type(exc).__name__}: {exc})") from None
 
 
-def principal(request: Request) -> str | None:
-    """The caller's API key name (None without keys); enforces auth, Host, same-site and the rate limit."""
+def principal(request: Request) -> Caller:
+    """The caller (its key's name and role; an unnamed admin without keys); enforces auth, Host,
+    same-site and the rate limit."""
     svc = service(request)
     config = svc.config
     client = request.client.host if request.client else None
@@ -78,10 +83,24 @@ def principal(request: Request) -> str | None:
                 f"refused a request from another site's page ({why}): without API keys only this server's "
                 "own pages and non-browser clients may call it",
             )
-    who = svc.auth.principal(request.headers.get("authorization"), client)
+    throttle: AuthThrottle | None = svc.extras.get("auth_throttle")
+    address = client_address(request.client.host if request.client else None, request.headers.get("x-forwarded-for"),
+                             svc.extras.get("trusted_proxies", ()))
+    if throttle is not None and svc.auth.enabled:
+        try:
+            throttle.check(address)
+        except APIError:
+            svc.metrics.rejected.labels("auth_throttled").inc()
+            raise
+    try:
+        who = svc.auth.principal(request.headers.get("authorization"), client)
+    except APIError as exc:
+        if throttle is not None and exc.code == "invalid_api_key":
+            throttle.failed(address)
+        raise
     if svc.limiter is not None and request.url.path != "/metrics":
         try:
-            state = svc.limiter.hit(f"key:{who}" if who else f"client:{client or 'unknown'}")
+            state = svc.limiter.hit(f"key:{who.name}" if who.name else f"client:{client or 'unknown'}")
         except RateLimited as exc:
             svc.metrics.rejected.labels("rate_limited").inc()
             raise APIError(
@@ -91,3 +110,32 @@ def principal(request: Request) -> str | None:
             ) from None
         request.state.ratelimit = state
     return who
+
+
+def allowed(permission: Permission) -> Callable[[Request], Caller]:
+    """A dependency: the caller, when its role has ``permission`` (a 403 ``forbidden`` otherwise)."""
+
+    def check(request: Request) -> Caller:
+        who = principal(request)
+        who.require(permission)
+        return who
+
+    return check
+
+
+can_moderate = allowed("moderate")
+can_review = allowed("review")
+can_read_metrics = allowed("metrics")
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the caller may see the server's operational details (``/healthz``'s model, backend,
+    policy, version): today any caller :func:`principal` accepts (a valid key; without keys, a
+    local caller on an allowed Host). Never raises: a refused caller is simply not an admin.
+
+    With key roles: a key whose role may read the metrics (admin); a key without a role is an admin.
+    """
+    try:
+        return principal(request).can("metrics")
+    except APIError:
+        return False

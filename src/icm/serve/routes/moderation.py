@@ -7,8 +7,10 @@ import asyncio
 import base64
 import binascii
 import logging
+import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, ValidationError
@@ -19,12 +21,13 @@ from starlette.requests import ClientDisconnect
 from icm.moderation.backends.base import BackendConfigError
 from icm.moderation.images import ImageLoadError, LoadedImage, load_image
 from icm.moderation.record import ModerationRecord
+from icm.serve.auth import Caller
 from icm.serve.batching import BatcherClosed, QueueFull
 from icm.serve.errors import APIError, image_error
 from icm.serve.limits import Overloaded, decode_weight, loaded_bytes, reduce_loaded
 from icm.serve.paths import PathRefused, read_beneath
-from icm.serve.routes.common import ERRORS, content_type, json_body, principal, service
-from icm.serve.service import Job, Outcome, Service
+from icm.serve.routes.common import ERRORS, can_moderate, content_type, json_body, service
+from icm.serve.service import Job, JobGroup, Outcome, Service
 from icm.serve.store import DecisionMeta
 
 log = logging.getLogger("icm.serve")
@@ -159,27 +162,54 @@ async def judge(
     """Decode an image once and judge it under each (policy, rule set); each judgement is a
     stored decision. A judgement the backend failed on is a 502: never a silent pass."""
     im, load_ms = await load(svc, data, name, source)
-    return await judge_loaded(svc, im, load_ms, data, name, targets, source=source, who=who)
+    (outs,) = await judge_all(svc, [Loaded(im, load_ms, data, name, source)], targets, who=who)
+    return outs
 
 
-async def judge_loaded(
-    svc: Service, im: LoadedImage, load_ms: float, data: bytes, name: str, targets: Sequence[tuple[str, str]], *,
-    source: str, who: str | None,
-) -> list[Outcome]:
-    """:func:`judge` of an image :func:`load` decoded (a request of several images decodes
-    them all before any is judged: an undecodable one makes no decision)."""
+@dataclass
+class Loaded:
+    """An image :func:`load` decoded, with its bytes, name and source."""
+
+    image: LoadedImage
+    load_ms: float
+    data: bytes
+    name: str
+    source: str
+
+
+async def judge_all(
+    svc: Service, images: Sequence[Loaded], targets: Sequence[tuple[str, str]], *, who: str | None,
+) -> list[list[Outcome]]:
+    """Judge every image under every target: one list of outcomes per image, in target order.
+
+    All or nothing: the request's decisions are committed together once all are made
+    (:class:`~icm.serve.service.JobGroup`), so a judgement the backend failed on (a 502), a full
+    queue or a failed store (503) leaves no decision and no webhook event of the request.
+    A request decodes all its images before it calls this: an undecodable one makes no decision.
+    """
+    pairs = [(im, t) for im in images for t in targets]
+    group = JobGroup(size=len(pairs))
     jobs = [
         Job(
-            image=im, data=data, policy=p, rules=r, load_ms=load_ms,
-            meta=DecisionMeta(image_name=name, image_format=im.format, source=source, client=who),
+            image=im.image, data=im.data, policy=p, rules=r, load_ms=im.load_ms, group=group, index=k,
+            meta=DecisionMeta(image_name=im.name, image_format=im.image.format, source=im.source, client=who),
         )
-        for p, r in targets
+        for k, (im, (p, r)) in enumerate(pairs)
     ]
-    outs = await asyncio.gather(*(submit(svc, j) for j in jobs))
-    for out in outs:
-        if out.decision_id is None:
-            raise APIError(502, "backend_failed", out.record.error or "the backend gave no decision")
-    return list(outs)
+    try:
+        outs = await asyncio.gather(*(submit(svc, j) for j in jobs))
+    except BaseException:
+        group.failed = True  # jobs still queued are judged, but never committed
+        raise
+    for (im, _), out in zip(pairs, outs, strict=True):
+        if not out.record.ok:  # the upstream's own error text stays in the server log
+            ref = secrets.token_hex(4)
+            log.warning("backend failed on %s [error %s]: %s", im.name, ref, out.record.error or "no decision")
+            raise APIError(502, "backend_failed", f"the model backend failed on this image (error {ref}; details in the server log)")
+    if group.ids is None:  # every job judged, yet not committed: cannot happen, never a silent pass
+        raise APIError(503, "store_failed", "the decisions could not be stored (see the server log)", headers={"Retry-After": "5"})
+    n, ids = len(targets), group.ids
+    return [[Outcome(record=outs[i * n + t].record, decision_id=ids[i * n + t]) for t in range(n)] for i in range(len(images))]
 
 
 def clean_name(name: str | None) -> str | None:
@@ -201,7 +231,7 @@ def clean_name(name: str | None) -> str | None:
     openapi_extra=MODERATE_BODY,
     summary="Moderate one image",
 )
-async def moderate(request: Request, who: str | None = Depends(principal)) -> ModerateResponse:
+async def moderate(request: Request, who: Caller = Depends(can_moderate)) -> ModerateResponse:
     """One image in, one stored decision out.
 
     The image comes as a multipart upload in the form field `image`, as JSON
@@ -227,7 +257,7 @@ async def moderate(request: Request, who: str | None = Depends(principal)) -> Mo
             f"'image_base64' or 'path', or the image itself as image/* (got content type {ctype or 'none'!r})",
         )
     target = svc.resolve(policy, rules)
-    (out,) = await judge(svc, data, name, [target], source=source, who=who)
+    (out,) = await judge(svc, data, name, [target], source=source, who=who.name)
     assert out.decision_id is not None
     return ModerateResponse(decision_id=out.decision_id, review_url=f"/review#decision={out.decision_id}", record=out.record)
 

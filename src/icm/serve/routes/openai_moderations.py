@@ -30,12 +30,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
-from icm.moderation.images import LoadedImage
+from icm.serve.auth import Caller
 from icm.serve.errors import APIError
 from icm.serve.openai_models import resolve_model
 from icm.serve.openai_results import ModerationResult, input_result
-from icm.serve.routes.common import ERRORS, content_type, json_body, principal, service
-from icm.serve.routes.moderation import decode_base64, judge_loaded, load
+from icm.serve.routes.common import ERRORS, can_moderate, content_type, json_body, service
+from icm.serve.routes.moderation import Loaded, decode_base64, judge_all, load
 from icm.serve.service import Outcome, Service
 
 router = APIRouter(tags=["moderation"])
@@ -165,9 +165,8 @@ async def image_bytes(svc: Service, url: str, where: str) -> tuple[bytes, str, s
     return data, url.rsplit("/", 1)[-1][:200] or "url", "url"
 
 
-async def load_url(svc: Service, url: str, where: str) -> tuple[LoadedImage, float, bytes, str, str]:
-    """Fetch or decode one image URL: (image, load ms, bytes, name, source); data that does
-    not decode is a 400."""
+async def load_url(svc: Service, url: str, where: str) -> Loaded:
+    """Fetch and decode one image URL; data that does not decode is a 400."""
     try:
         data, name, src = await image_bytes(svc, url, where)
         im, load_ms = await load(svc, data, name, src)
@@ -176,7 +175,7 @@ async def load_url(svc: Service, url: str, where: str) -> tuple[LoadedImage, flo
             detail = exc.detail if exc.detail.startswith(where) else f"{where}: {exc.detail}"
             raise APIError(400, exc.code, detail, exc.headers, param=where) from None
         raise
-    return im, load_ms, data, name, src
+    return Loaded(im, load_ms, data, name, src)
 
 
 @router.post(
@@ -186,7 +185,7 @@ async def load_url(svc: Service, url: str, where: str) -> tuple[LoadedImage, flo
     openapi_extra=MODERATIONS_BODY,
     summary="OpenAI-compatible moderation of images",
 )
-async def moderations(request: Request, who: str | None = Depends(principal)) -> ModerationsResponse:
+async def moderations(request: Request, who: Caller = Depends(can_moderate)) -> ModerationsResponse:
     """OpenAI's `POST /v1/moderations`, for images: point an OpenAI client's base URL here.
 
     One result per input (an array of content parts is one input), with all 13 of OpenAI's
@@ -208,9 +207,8 @@ async def moderations(request: Request, who: str | None = Depends(principal)) ->
     flat = [(i, url, where) for i, inp in enumerate(inputs) for url, where in inp.images]
     # every image is fetched and decoded before any is judged: a request with a bad image makes no decision
     loaded = await asyncio.gather(*(load_url(svc, url, where) for _, url, where in flat))
-    outs = await asyncio.gather(*(
-        judge_loaded(svc, im, ms, data, name, targets, source=src, who=who) for im, ms, data, name, src in loaded
-    ))
+    # and all its decisions are committed together, or none (a backend failure on one image: a 502, nothing stored)
+    outs = await judge_all(svc, loaded, targets, who=who.name)
     per_input: list[list[list[Outcome]]] = [[] for _ in inputs]
     for (i, _, _), o in zip(flat, outs, strict=True):
         per_input[i].append(o)

@@ -1,4 +1,10 @@
-"""Decisions, reviews, kept images and the review page."""
+"""Decisions, reviews, kept images and the review page.
+
+A reviewer is the API key's name, never a field of the body (a body's ``reviewer`` other than
+the key's name is a 403); only without keys, when the server trusts its local callers, does
+the body say who reviews. A key without the ``read_all`` permission (a client) sees only its own
+decisions and images: another key's are a 404, as if they did not exist.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,11 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from icm.moderation.image_base import ImageLoadError
+from icm.serve.auth import Caller
 from icm.serve.errors import APIError, image_error
 from icm.serve.limits import Overloaded
-from icm.serve.routes.common import ERRORS, MAX_ID, principal, service
+from icm.serve.routes.common import ERRORS, MAX_ID, can_review, principal, service
+from icm.serve.service import Service
 from icm.serve.store import FORMAT_MEDIA_TYPES, ClaimConflict
 from icm.serve.thumbs import ThumbnailCache, make_thumbnail, thumbnail_weight
 
@@ -30,7 +38,10 @@ class ReviewIn(BaseModel):
     verdict: Literal["allow", "block"] = Field(description="The reviewer's final verdict")
     product: str | None = Field(None, max_length=200, description="The correct attribute product, if the reviewer names one")
     note: str | None = Field(None, max_length=4000, description="Why; exported as the explanation for tuning")
-    reviewer: str | None = Field(None, max_length=200, description="Who reviews (default: the API key's name)")
+    reviewer: str | None = Field(
+        None, max_length=200,
+        description="Who reviews: with API keys always the key's name (another name is a 403); without keys, required",
+    )
 
 
 @router.get("/v1/decisions", responses=ERRORS, summary="Recent decisions, newest first")
@@ -41,17 +52,20 @@ def decisions(
     verdict: Literal["allow", "review", "block"] | None = None,
     reviewed: bool | None = None,
     policy: str | None = None,
-    _who: str | None = Depends(principal),
+    who: Caller = Depends(principal),
 ) -> dict[str, Any]:
+    """A client key gets its own decisions only (and their number as `total`)."""
     svc = service(request)
-    items = svc.store.list_decisions(limit=limit, before_id=before_id, verdict=verdict, reviewed=reviewed, policy=policy)
-    return {"decisions": items, "total": svc.store.count_decisions()}
+    items = svc.store.list_decisions(
+        limit=limit, before_id=before_id, verdict=verdict, reviewed=reviewed, policy=policy, client=who.scope
+    )
+    return {"decisions": items, "total": svc.store.count_decisions(client=who.scope)}
 
 
 @router.get("/v1/decisions/{decision_id}", responses=ERRORS, summary="One decision with its reviews")
-def decision(request: Request, decision_id: int = PathParam(ge=1, le=MAX_ID), _who: str | None = Depends(principal)) -> dict[str, Any]:
+def decision(request: Request, decision_id: int = PathParam(ge=1, le=MAX_ID), who: Caller = Depends(principal)) -> dict[str, Any]:
     d = service(request).store.get_decision(decision_id)
-    if d is None:
+    if d is None or (who.scope is not None and d["client"] != who.scope):
         raise APIError(404, "no_such_decision", f"no decision {decision_id}")
     d["image_url"] = f"/v1/images/{d['image_sha256']}" if d["image_kept"] and d["image_sha256"] else None
     return d
@@ -61,15 +75,13 @@ def decision(request: Request, decision_id: int = PathParam(ge=1, le=MAX_ID), _w
     "/v1/decisions/{decision_id}/reviews", status_code=201, responses=ERRORS, summary="Confirm or override a decision",
 )
 def review(
-    request: Request, body: ReviewIn, decision_id: int = PathParam(ge=1, le=MAX_ID), who: str | None = Depends(principal)
+    request: Request, body: ReviewIn, decision_id: int = PathParam(ge=1, le=MAX_ID), who: Caller = Depends(can_review)
 ) -> dict[str, Any]:
     svc = service(request)
+    reviewer = _reviewer(body.reviewer, who)
     d = svc.store.get_decision(decision_id)
     if d is None:
         raise APIError(404, "no_such_decision", f"no decision {decision_id}")
-    reviewer = (body.reviewer or "").strip() or who
-    if not reviewer:
-        raise APIError(422, "missing_reviewer", "say who reviews: give 'reviewer' (no API key identifies you)")
     if body.product is not None:
         p = svc.policies.get(d["policy"])
         if p is None:
@@ -79,7 +91,7 @@ def review(
     try:
         r = svc.store.add_review(
             decision_id, verdict=body.verdict, product=body.product, note=(body.note or "").strip() or None,
-            reviewer=reviewer, api_key_name=who,
+            reviewer=reviewer, api_key_name=who.name,
         )
     except ClaimConflict as exc:
         raise APIError(409, "claimed", f"{exc}: two people do not decide the same item") from None
@@ -101,7 +113,7 @@ class QueueFilters(BaseModel):
 
 
 class ClaimIn(QueueFilters):
-    reviewer: str | None = Field(None, max_length=200, description="Who claims (default: the API key's name)")
+    reviewer: str | None = Field(None, max_length=200, description="Who claims: as ReviewIn.reviewer")
     skip: list[int] = Field(default_factory=list, max_length=1000, description="Decisions this reviewer skipped")
 
 
@@ -109,11 +121,20 @@ class ReviewerIn(BaseModel):
     reviewer: str | None = Field(None, max_length=200)
 
 
-def _reviewer(body_reviewer: str | None, who: str | None) -> str:
-    reviewer = (body_reviewer or "").strip() or who
-    if not reviewer:
-        raise APIError(422, "missing_reviewer", "say who reviews: give 'reviewer' (no API key identifies you)")
-    return reviewer
+def _reviewer(given: str | None, who: Caller) -> str:
+    """Who reviews or claims: the key's name. A different name in the request is a 403; only a
+    server without keys (which trusts its local callers) takes the name from the request."""
+    given = (given or "").strip() or None
+    if who.name is None:
+        if given is None:
+            raise APIError(422, "missing_reviewer", "say who reviews: give 'reviewer' (no API key identifies you)")
+        return given
+    if given is not None and given != who.name:
+        raise APIError(
+            403, "reviewer_mismatch",
+            f"this API key is {who.name!r}: it claims and reviews only as {who.name!r}, not as {given[:100]!r}",
+        )
+    return who.name
 
 
 def _with_images(d: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +149,7 @@ def review_queue(
     request: Request,
     filters: QueueFilters = Depends(),
     limit: int = Query(50, ge=1, le=500),
-    _who: str | None = Depends(principal),
+    _who: Caller = Depends(can_review),
 ) -> dict[str, Any]:
     """Decisions whose verdict is `review`, or that were sampled for audit (`--audit-rate`), and
     that nobody has reviewed yet; each says who holds it (`claimed_by`) while a claim lives."""
@@ -141,7 +162,7 @@ def review_queue(
 
 @router.post("/v1/review-queue/claim", responses={**ERRORS, 204: {"description": "The queue (as filtered) is empty"}},
              summary="Claim the next decision of the queue")
-def claim_next(request: Request, body: ClaimIn, who: str | None = Depends(principal)) -> Response:
+def claim_next(request: Request, body: ClaimIn, who: Caller = Depends(can_review)) -> Response:
     """The oldest queued decision nobody else holds, claimed for `--claim-seconds`; 204 when none is left."""
     svc = service(request)
     reviewer = _reviewer(body.reviewer, who)
@@ -157,7 +178,7 @@ def claim_next(request: Request, body: ClaimIn, who: str | None = Depends(princi
 
 @router.post("/v1/decisions/{decision_id}/claim", responses=ERRORS, summary="Claim one decision")
 def claim(request: Request, body: ReviewerIn, decision_id: int = PathParam(ge=1, le=MAX_ID),
-          who: str | None = Depends(principal)) -> dict[str, Any]:
+          who: Caller = Depends(can_review)) -> dict[str, Any]:
     svc = service(request)
     reviewer = _reviewer(body.reviewer, who)
     try:
@@ -170,13 +191,17 @@ def claim(request: Request, body: ReviewerIn, decision_id: int = PathParam(ge=1,
 
 @router.delete("/v1/decisions/{decision_id}/claim", status_code=204, responses=ERRORS, summary="Give a claim back (skip)")
 def release(request: Request, decision_id: int = PathParam(ge=1, le=MAX_ID), reviewer: str | None = Query(None, max_length=200),
-            who: str | None = Depends(principal)) -> Response:
-    service(request).store.release(decision_id, _reviewer(reviewer, who))
+            who: Caller = Depends(can_review)) -> Response:
+    """Only the claim's holder gives it back: another reviewer's live claim is a 409."""
+    try:
+        service(request).store.release(decision_id, _reviewer(reviewer, who))
+    except ClaimConflict as exc:
+        raise APIError(409, "claimed", str(exc)) from None
     return Response(status_code=204)
 
 
 @router.get("/v1/review-queue/agreement", responses=ERRORS, summary="Reviewer-model and reviewer-reviewer agreement")
-def agreement(request: Request, _who: str | None = Depends(principal)) -> dict[str, Any]:
+def agreement(request: Request, _who: Caller = Depends(can_review)) -> dict[str, Any]:
     return service(request).store.agreement()
 
 
@@ -184,12 +209,18 @@ def agreement(request: Request, _who: str | None = Depends(principal)) -> dict[s
     "/v1/images/{sha256}/thumbnail", responses={**ERRORS, 200: {"content": {"image/jpeg": {}}}},
     summary="A kept image, at most 160 pixels a side", response_class=Response,
 )
-async def thumbnail(request: Request, sha256: str, _who: str | None = Depends(principal)) -> Response:
+async def thumbnail(request: Request, sha256: str, who: Caller = Depends(principal)) -> Response:
     svc = service(request)
     key = sha256.lower()
     cache: ThumbnailCache = svc.extras.setdefault("thumbnails", ThumbnailCache())
-    try:  # a cached thumbnail is served only while its image is kept (retention deletes both)
-        kept = svc.images is not None and await run_in_threadpool(svc.images.path(key).is_file)
+
+    def visible() -> bool:
+        # a client sees only its own decisions' images; a cached thumbnail is served only while
+        # its image is kept (retention deletes both)
+        return svc.images is not None and _may_see(svc, who, key) and svc.images.path(key).is_file()
+
+    try:
+        kept = await run_in_threadpool(visible)
     except ValueError:
         kept = False
     if not kept:
@@ -224,12 +255,12 @@ async def thumbnail(request: Request, sha256: str, _who: str | None = Depends(pr
     "/v1/images/{sha256}", responses={**ERRORS, 200: {"content": {"image/*": {}}}},
     summary="A kept image, by SHA-256", response_class=Response,
 )
-def image(request: Request, sha256: str, _who: str | None = Depends(principal)) -> Response:
+def image(request: Request, sha256: str, who: Caller = Depends(principal)) -> Response:
     svc = service(request)
     if svc.images is None:
         raise APIError(404, "images_not_kept", "this server does not keep images (--no-keep-images)")
     try:
-        data = svc.images.get(sha256.lower())
+        data = svc.images.get(sha256.lower()) if _may_see(svc, who, sha256) else None
     except ValueError:
         data = None
     if data is None:
@@ -238,6 +269,12 @@ def image(request: Request, sha256: str, _who: str | None = Depends(principal)) 
         data, media_type=media_type(data),
         headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"},
     )
+
+
+def _may_see(svc: Service, who: Caller, sha256: str) -> bool:
+    """Whether the caller may have a kept image: any with ``read_all``, a client only the images
+    of its own decisions."""
+    return who.scope is None or svc.store.client_has_image(who.scope, sha256.lower())
 
 
 def media_type(data: bytes) -> str:

@@ -4,7 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { policies: [], defaultPolicy: null, current: null, oldest: null, imageUrl: null,
-  claimed: null, claimExpires: null, skip: [], thumbs: new Map(), keys: Promise.resolve(), quietHash: null };
+  claimed: null, claimExpires: null, skip: [], thumbs: new Map(), keys: Promise.resolve(), quietHash: null,
+  keyName: null, permissions: ["moderate", "review", "read_all"] };
 
 function el(tag, text, cls) {
   const e = document.createElement(tag);
@@ -133,6 +134,7 @@ async function thumbnail(url) {
 }
 
 async function loadQueue() {
+  if (!state.permissions.includes("review")) return;
   const params = new URLSearchParams(Object.assign({ limit: "100" }, queueFilters()));
   const data = await api("/v1/review-queue?" + params.toString());
   $("queue-count").textContent = "(" + data.total + " waiting)";
@@ -171,8 +173,26 @@ async function loadAgreement() {
     + ". Reviewers agree with each other: " + (rr.pairs ? rr.agree + "/" + rr.pairs + " pairs" : "no item reviewed twice") + ".";
 }
 
+// With API keys the server records the key's name as the reviewer (another name is refused):
+// the page sends none. Without keys, the name typed here is who reviews.
 function reviewerName() {
+  if (state.keyName) return null;
   return $("reviewer").value.trim() || null;
+}
+
+async function whoami() {
+  const me = await api("/v1/whoami");
+  state.keyName = me.name;
+  state.permissions = me.permissions;
+  const input = $("reviewer");
+  const wasKeyed = input.readOnly;
+  input.readOnly = Boolean(me.name);
+  if (me.name) input.value = me.name;
+  else if (wasKeyed) input.value = localStorage.getItem("icm-reviewer") || "";  // what was typed before a key
+  input.title = me.name ? "the API key's name: reviews and claims are recorded under it" : "";
+  $("queue-panel").hidden = !me.permissions.includes("review");
+  $("upload-form").hidden = !me.permissions.includes("moderate");
+  return me;
 }
 
 function showClaim(d) {
@@ -410,7 +430,7 @@ async function showDecision(id) {
 async function submitReview(body) {
   const d = state.current;
   if (!d) return;
-  body.reviewer = $("reviewer").value.trim() || null;
+  body.reviewer = reviewerName();
   const status = $("review-status");
   status.className = "muted";
   status.textContent = "saving\u2026";
@@ -446,7 +466,9 @@ function route() {
 async function init() {
   $("reviewer").value = localStorage.getItem("icm-reviewer") || "";
   $("api-key").value = sessionStorage.getItem("icm-api-key") || "";
-  $("reviewer").addEventListener("change", () => localStorage.setItem("icm-reviewer", $("reviewer").value.trim()));
+  $("reviewer").addEventListener("change", () => {
+    if (!state.keyName) localStorage.setItem("icm-reviewer", $("reviewer").value.trim());
+  });
   $("api-key").addEventListener("change", () => {
     sessionStorage.setItem("icm-api-key", $("api-key").value.trim());
     start();
@@ -507,6 +529,8 @@ async function start() {
   try {
     const h = await (await fetch("/healthz")).json();
     $("server").textContent = h.backend + " \u00b7 " + h.policy + "/" + h.rules + " \u00b7 auth: " + h.auth;
+    const me = await whoami();
+    if (me.name) $("server").textContent += " \u00b7 key " + me.name + " (" + me.role + ")";
     await loadPolicies();
     await loadDecisions(false);
     await loadQueue();
