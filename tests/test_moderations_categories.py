@@ -319,3 +319,17 @@ def test_the_unjudged_flag_reaches_the_config(tmp_path, monkeypatch):
     assert [c.unjudged for c in started] == ["pass", "flag"]
     r = CliRunner().invoke(cli, ["serve", "--db", db, "--unjudged", "maybe"])
     assert r.exit_code == 2 and "unjudged" in r.output
+
+
+def test_a_request_larger_than_the_queue_is_a_400_not_a_503_forever(tmp_path, monkeypatch):
+    """32 images under the 12-policy bundle are 384 judgements; with room for fewer, the request
+    can never be queued whole, so it is refused as too large, not as busy (a retry cannot help)."""
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    app = make_app(tmp_path, max_queue=20)
+    url = data_url(png((10, 200, 30)))
+    with live_server(app) as base:
+        with pytest.raises(openai.BadRequestError) as info:
+            client(base).moderations.create(model="omni-moderation-latest", input=[part(url)] * 2)
+        assert info.value.code == "too_many_inputs" and "24 judgements" in str(info.value)
+        ok = client(base).moderations.create(model="icm-sexy", input=[part(url)] * 2)
+        assert len(ok.results) == 1
