@@ -1,6 +1,6 @@
 """The whole loop on this CPU, at full size: `icm demo e2e` with its defaults, timed.
 
-    .venv/bin/python bench/e2e.py [--threads 2] [--workdir /tmp/icm-e2e]
+    .venv/bin/python bench/e2e.py [--threads 2] [--workdir /tmp/icm-e2e] [--seed 0]
 
 Synthetic figures (1080 train, 270 held-out test, 1000 general text instructions) ->
 `icm data generate` against the scripted teacher -> `icm data export -f hf` ->
@@ -29,6 +29,7 @@ def main() -> int:
     ap.add_argument("--train-images", type=int, default=1080)
     ap.add_argument("--test-images", type=int, default=270)
     ap.add_argument("--max-steps", type=int, default=1500)
+    ap.add_argument("--seed", type=int, default=0, help="data, tokenizer, model and training seed")
     ap.add_argument("--keep", action="store_true", help="Reuse the workdir instead of starting fresh")
     args = ap.parse_args()
 
@@ -42,7 +43,7 @@ def main() -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}, "
           f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}", flush=True)
     cfg = E2EConfig(workdir=str(work), threads=args.threads, train_images=args.train_images,
-                    test_images=args.test_images, max_steps=args.max_steps)
+                    test_images=args.test_images, max_steps=args.max_steps, seed=args.seed)
     t0 = time.perf_counter()
     res = run_e2e(cfg, say=lambda line: print(line, flush=True))
     wall = time.perf_counter() - t0

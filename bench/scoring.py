@@ -31,7 +31,7 @@ from icm.moderation.backends.base import Query
 from icm.moderation.backends.hf import HFBackend, grouped_probs
 from icm.policy.prompts_format import moderation_choice_prompt as choice_prompt
 from icm.policy.prompts_format import yes_no_prompt
-from icm.prompting import reply_lead
+from icm.prompting import offered_answers, reply_lead
 
 import tiny_models
 
@@ -78,7 +78,7 @@ def naive_scores(backend: HFBackend, images: list, queries: list[Query]) -> list
                 text, groups = choice_prompt(q.question, q.options), backend._letters(len(q.options))
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            prompt += reply_lead(processor)  # whitespace before replies that is prompt (icm.prompting)
+            prompt += reply_lead(processor, offered_answers(text))  # the lead of the answers offered (icm.prompting)
             inputs = processor(images=[image], text=[prompt], return_tensors="pt", add_special_tokens=False)
             with torch.inference_mode():
                 gen = model.generate(

@@ -176,12 +176,13 @@ def _reference_p_yes(backend: HFBackend, image, question: str) -> float:
 
     Yes/No ids: every spelling in {Yes, " Yes", yes, " yes"} that is one token. The prompt
     is the template's generation prompt and the whitespace the template puts before replies
-    where the tokenizer spells it as a token of its own (the tiny LLaVA's space: reply_lead).
+    where the tokenizer spells it as a token of its own (reply_lead of Yes/No: none on the tiny LLaVA).
     """
     processor, model = backend.processor, backend.model
     tok = processor.tokenizer
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": yes_no_prompt(question)}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + reply_lead(processor)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text += reply_lead(processor, ("Yes", "No"))  # the lead of the answers the question offers
     template_wrote_bos = tok.bos_token is not None and text.startswith(tok.bos_token)
     inputs = processor(images=[image], text=[text], return_tensors="pt", add_special_tokens=not template_wrote_bos)
     if tok.bos_token_id is not None:  # exactly one BOS, from the template or the tokenizer
@@ -516,7 +517,7 @@ def test_backend_uses_every_single_token_spelling(llava: HFBackend) -> None:
     # the choice protocol over the option labels agrees with a plain forward too
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = llava.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    text += reply_lead(llava.processor)  # the space before replies is prompt (icm.prompting)
+    text += reply_lead(llava.processor, option_labels(3))  # the space before B, C, D is prompt (icm.prompting)
     inputs = llava.processor(images=[image], text=[text], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         logits = llava.model(**inputs).logits[0, -1]
@@ -587,8 +588,10 @@ def test_a_refusal_token_is_refused_and_a_label_token_is_an_answer(llava: HFBack
         yes = llava._yes_no(dist({"Yes": 0.0, "No": -1.0, "I": -3.0}))
         assert isinstance(yes, YesNoScore) and yes.p_yes == pytest.approx(1 / (1 + torch.e ** -1), abs=1e-3)
         groups = llava._letters(3)
-        refused_c = llava._choice(dist({"I": 0.0, "B": -5.0}), groups)
-        assert isinstance(refused_c, NotJudged) and refused_c.reason == "refused"
+        # in a lettered question a bare "I" is the letter I (never offered), not "I'm sorry" (issue 19)
+        letter_i = llava._choice(dist({"I": 0.0, "B": -5.0}), groups)
+        assert isinstance(letter_i, NotJudged) and letter_i.reason == "off-format"
+        assert letter_i.detail.startswith("label not offered")
         picked = llava._choice(dist({"C": 0.0, "B": -2.0}), groups)
         assert isinstance(picked, Choice) and max(range(3), key=picked.probs.__getitem__) == 1
     finally:

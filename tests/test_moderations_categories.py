@@ -230,6 +230,36 @@ def test_a_vlm_backend_judges_every_mapped_category(tmp_path, monkeypatch, bundl
     assert not any(r.categories.model_dump(by_alias=True).values())
 
 
+def test_a_vlm_backend_judges_the_whole_taxonomy_as_omni_moderation(tmp_path, monkeypatch):
+    """`omni-moderation-latest` is the built-in icm-standard bundle: with a VLM that answers
+    sanely, OpenAI's six image categories and every other category a taxonomy policy maps are
+    judged (["image"]), the sample photos are not flagged, and each member policy is a decision."""
+    from icm.policy.bundle import load_bundle
+
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    std = load_bundle("icm-standard")
+    assert std is not None
+    mapped = {c for name in std.policies for c in load_policy(name).standard_categories.get("openai", {})}
+    assert {"sexual", "self-harm", "self-harm/intent", "self-harm/instructions", "violence", "violence/graphic"} <= mapped
+    with fake_openai_server() as (fake, url):
+        SaneVLM(fake)
+        app = make_app(tmp_path, backend="openai", model=MODEL, base_url=url, max_retries=0)
+        with live_server(app) as base:
+            resp = client(base).moderations.create(
+                model="omni-moderation-latest", input=[part(data_url(p.read_bytes(), "image/jpeg")) for p in photos]
+            )
+    assert resp.model.startswith("icm-standard")
+    (r,) = resp.results
+    assert r.flagged is False, r.model_extra["icm"]["verdicts"]
+    applied = r.category_applied_input_types.model_dump(by_alias=True)
+    assert {c for c, types in applied.items() if types == ["image"]} == mapped
+    assert r.category_applied_input_types.violence_graphic == ["image"] and r.category_applied_input_types.self_harm_intent == ["image"]
+    assert r.model_extra["icm"]["not_judged"] == {}
+    assert {k.split(":")[0] for k in r.model_extra["icm"]["verdicts"]} == set(std.policies)
+    assert len(r.model_extra["icm"]["decisions"]) == len(photos) * len(std.policies)
+
+
 # --------------------------------------------------------------------------- the npm SDK
 
 
@@ -289,3 +319,17 @@ def test_the_unjudged_flag_reaches_the_config(tmp_path, monkeypatch):
     assert [c.unjudged for c in started] == ["pass", "flag"]
     r = CliRunner().invoke(cli, ["serve", "--db", db, "--unjudged", "maybe"])
     assert r.exit_code == 2 and "unjudged" in r.output
+
+
+def test_a_request_larger_than_the_queue_is_a_400_not_a_503_forever(tmp_path, monkeypatch):
+    """32 images under the 12-policy bundle are 384 judgements; with room for fewer, the request
+    can never be queued whole, so it is refused as too large, not as busy (a retry cannot help)."""
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    app = make_app(tmp_path, max_queue=20)
+    url = data_url(png((10, 200, 30)))
+    with live_server(app) as base:
+        with pytest.raises(openai.BadRequestError) as info:
+            client(base).moderations.create(model="omni-moderation-latest", input=[part(url)] * 2)
+        assert info.value.code == "too_many_inputs" and "24 judgements" in str(info.value)
+        ok = client(base).moderations.create(model="icm-sexy", input=[part(url)] * 2)
+        assert len(ok.results) == 1

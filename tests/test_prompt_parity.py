@@ -36,7 +36,7 @@ from icm.moderation.engine import build_queries
 from icm.moderation.images import load_image
 from icm.policy import load_policy
 from icm.policy.loader import builtin_policy_names
-from icm.prompting import OPTION_LABELS, find_templater, render, reply_lead
+from icm.prompting import OPTION_LABELS, find_templater, offered_answers, render, reply_lead
 from icm.training.collator import ChatCollator
 from icm.training.datasets import Example, TrainDataset, moderation_examples
 
@@ -177,8 +177,9 @@ def test_the_openai_backend_requests_the_prompt_the_model_is_scored_and_trained_
 ) -> None:
     """The request's messages, rendered with the checkpoint's template after swapping the
     ``image_url`` part for the image, are the hf backend's prompt, byte for byte, up to the
-    template's reply lead (:func:`icm.prompting.reply_lead`, the tiny LLaVA's space before
-    replies): a server renders its own generation prompt and its model writes that first."""
+    template's reply lead for the answers the question offers (:func:`icm.prompting.reply_lead`,
+    the tiny LLaVA's space before C): a server renders its own generation prompt and its
+    model writes that first."""
     from icm.moderation.backends import create_backend
 
     backend, image_path = model
@@ -209,7 +210,7 @@ def test_the_openai_backend_requests_the_prompt_the_model_is_scored_and_trained_
             for m in messages
         ]
         served = render(templater, as_hf, generation_prompt=True)
-        assert served + reply_lead(templater) == rendered[text], "the openai request differs"
+        assert served + reply_lead(templater, offered_answers(text)) == rendered[text], "the openai request differs"
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
@@ -274,23 +275,50 @@ def test_a_reply_whose_first_token_is_the_answer_keeps_the_templates_prompt() ->
 
 
 def test_the_tiny_llavas_space_before_replies_is_prompt(tiny_llava_path: Path) -> None:
-    """The byte-level tiny LLaVA spells `` C`` as a space token and ``C``: the space is
-    prompt, in the scoring prompt and in the collator's prompt segment, and the reply
-    trained starts with the answer."""
+    """The byte-level tiny LLaVA spells `` C`` as a space token and ``C``: for a question
+    offering C the space is prompt, in the scoring prompt and in the collator's prompt
+    segment, and the reply trained starts with the answer. Free text keeps its space."""
     from icm.moderation.backends.hf_processor import load_processor
-    from icm.prompting import question_conversation, render_prompt
+    from icm.prompting import moderation_choice_prompt, question_conversation, render_prompt
     from icm.training.collator import render_segments
 
     processor, _ = load_processor(str(tiny_llava_path), local_files_only=True)
     templater = find_templater(processor)
     tokens = processor.tokenizer.convert_ids_to_tokens(processor.tokenizer(" C", add_special_tokens=False)["input_ids"])
     assert tokens == ["\u0120", "C"]
-    assert reply_lead(templater) == " "
-    assert render_prompt(templater, question_conversation("Is it red?")).endswith("ASSISTANT: ")
+    question = moderation_choice_prompt("What colour is it?", ["Red", "Blue", "Green"])
+    assert reply_lead(templater, ("B", "C", "D")) == " "
+    assert render_prompt(templater, question_conversation(question)).endswith("ASSISTANT: ")
+    assert render_prompt(templater, question_conversation("Describe the image.")).endswith("ASSISTANT:")
     messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it red?"}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
         {"role": "assistant", "content": [{"type": "text", "text": "C"}]},
     ]
     prompt, reply = render_segments(templater, messages)
     assert prompt.text.endswith("ASSISTANT: ") and reply.text.startswith("C</s>")
     assert prompt.text + reply.text == render(templater, messages, generation_prompt=False)
+    free = [messages[0] | {"content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}]
+    prompt, reply = render_segments(templater, free)
+    assert prompt.text.endswith("ASSISTANT:") and reply.text.startswith(" A red square.")
+
+
+def test_the_lead_is_decided_for_the_answers_a_question_offers() -> None:
+    """On the demo's tokenizer (``icm demo e2e``: trained on the synth task's texts) `` B``,
+    `` C``, `` D``, `` Yes`` and `` No`` are tokens of their own, `` E`` is not: the lead of
+    an attribute offering B, C, D and of Yes/No is empty, so letters the demo never asks
+    (E, J-Z) cannot move its answers' tokens (issue 19: product accuracy 0.952 -> 0.741)."""
+    from icm.demo.teacher import synth_corpus
+    from icm.prompting import moderation_choice_prompt, question_conversation, render_prompt, yes_no_prompt
+    from icm.training.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer("llava", vocab_size=1200, extra_texts=synth_corpus())
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" E", add_special_tokens=False)["input_ids"]) == ["\u0120", "E"]
+    assert reply_lead(tokenizer, ("B", "C", "D")) == ""
+    assert reply_lead(tokenizer, ("Yes", "No")) == ""
+    assert reply_lead(tokenizer, ("B", "C", "D", "E", "F")) == " "  # E is split: space and letter
+    assert render_prompt(tokenizer, question_conversation(yes_no_prompt("Is it red?"))).endswith("ASSISTANT:")
+    three = moderation_choice_prompt("Which part?", ["upper", "lower", "whole"])
+    assert render_prompt(tokenizer, question_conversation(three)).endswith("ASSISTANT:")
+    five = moderation_choice_prompt("Which part?", ["a", "b", "c", "d", "e"])
+    assert render_prompt(tokenizer, question_conversation(five)).endswith("ASSISTANT: ")

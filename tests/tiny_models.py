@@ -133,7 +133,7 @@ def train_color_adapter(
     examples are the conversations training builds
     (:func:`icm.prompting.training_conversation`); the loss is on the collator's first
     trained token after its prompt tokens, so what is trained is what the backend scores
-    (the tiny LLaVA's space before replies included: :func:`icm.prompting.reply_lead`).
+    (the whitespace before replies that is prompt included: :func:`icm.prompting.reply_lead`).
     Only that token is trained (left-padded prompts, last position, position ids that
     skip the padding as the backend's do): trained on the whole reply (end-of-turn tokens
     too, right-padded) the same run barely learned the yes/no questions. ``lm_head`` is in

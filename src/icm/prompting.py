@@ -18,9 +18,10 @@ Every decision that guarantees it is made here, once:
   BOS rule (:func:`add_special_tokens`: the tokenizer adds BOS only when the rendered
   text does not already start with it), and encoding a rendered prompt with its images
   (:func:`encode_prompt`);
-* **where the reply starts**: whitespace the template puts before every reply that the
-  tokenizer spells as tokens of its own belongs to the prompt (:func:`reply_lead`), so
-  the first trained token is the token the answer is read from.
+* **where the reply starts**: whitespace the template puts before the replies of a
+  question with a fixed answer set (:func:`offered_answers`) that the tokenizer spells as
+  tokens of its own belongs to the prompt (:func:`reply_lead`, decided per answer set),
+  so the first trained token is the token the answer is read from.
 
 The hf backend (scoring and generation), the training collator, chat and the openai
 backend all call these; ``tests/test_prompt_parity.py`` checks that every built-in
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -231,8 +233,10 @@ def render_prompt(templater: Any, conversation: Sequence[Message]) -> str:
     """The generation prompt of a text conversation about one image (image in the first user turn).
 
     A template that rejects the system role ("System role not supported") gets the
-    system text at the start of the first user turn instead. The prompt ends with the
-    template's :func:`reply_lead` (usually nothing), as the collator's prompt segments do.
+    system text at the start of the first user turn instead. When the last turn is a
+    question with a fixed answer set (:func:`offered_answers`: Yes/No, or the option
+    labels it lists), the prompt ends with the template's :func:`reply_lead` for that set
+    (usually nothing), as the collator's prompt segments do; free text gets no lead.
     """
     try:
         text = render(templater, hf_conversation(conversation), generation_prompt=True)
@@ -240,57 +244,95 @@ def render_prompt(templater: Any, conversation: Sequence[Message]) -> str:
         if not any(m.get("role") == "system" for m in conversation):
             raise
         text = render(templater, hf_conversation(merge_system(conversation)), generation_prompt=True)
-    return text + reply_lead(templater)
+    answers = offered_answers(conversation[-1]) if conversation else None
+    return text + (reply_lead(templater, answers) if answers else "")
 
 
-_LEADS: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
-"""templater -> (the chat template the lead was computed for, the lead)."""
+def message_text(message: Message) -> str:
+    """The text of a message (its text parts joined; images left out)."""
+    return "".join(p.get("text", "") for p in _text_parts(message.get("content")) if p.get("type") == "text")
 
 
-def reply_lead(templater: Any) -> str:
-    """The whitespace before a reply that belongs to the prompt: ``""`` for most checkpoints.
+_OPTION_LINE = re.compile(r"^([A-Z])\. ", re.MULTILINE)
 
-    The scoring protocol reads the answer from the first token after the prompt, and the
-    collator trains the reply's tokens after the prompt; they agree only if the reply's
-    first token carries the answer. A template may put a separator before replies that
-    the generation prompt lacks (LLaVA's ``ASSISTANT:`` prompt, ``ASSISTANT: C</s>``
-    reply), and a tokenizer may spell it as a token of its own: real LLaVA-1.5's has
-    ``▁C``, so its reply starts with the answer, but a byte-level BPE without a
-    `` C`` token splits the reply into `` `` and ``C``, and the model would be trained
-    on a space token at the very position the backend reads "C" from.
 
-    The rule, decided once per templater and chat template (cached) from the answer labels
-    themselves (Yes, No and every option label): render a question with each answer, tokenise the
-    reply as the collator does (on its own, no special tokens). If every reply's first
-    token decodes to its answer, the lead is ``""`` and nothing changes. Otherwise the
-    replies' leading whitespace (the same text for every answer) is the lead, provided
-    every reply without it starts with its answer's token; it then belongs to the prompt:
-    :func:`render_prompt` appends it to generation prompts (scoring, generation, chat),
-    and :func:`split_reply` moves it from replies into the preceding prompt segment
-    (training), so both tokenise the same text and the first trained token is the
+def offered_answers(question: str | Message) -> tuple[str, ...] | None:
+    """The answers a question offers, read from its wording; ``None`` for free text.
+
+    A yes/no question (:func:`yes_no_prompt`, ending in :data:`YES_NO_INSTRUCTION`) offers
+    ``("Yes", "No")``; a lettered one (:func:`moderation_choice_prompt`,
+    :func:`choice_prompt`, ending in :data:`CHOICE_INSTRUCTION`) offers the labels of its
+    option lines (``"B. ..."``), in order. A message that is not a user turn offers none.
+    """
+    if isinstance(question, dict):
+        if question.get("role", "user") != "user":
+            return None
+        question = message_text(question)
+    text = question.rstrip()
+    if text.lower().endswith(YES_NO_INSTRUCTION.lower()):
+        return ANSWER_LABELS
+    if text.endswith(CHOICE_INSTRUCTION):
+        labels = tuple(_OPTION_LINE.findall(text))
+        return labels if len(labels) >= 2 else None
+    return None
+
+
+_LEADS: weakref.WeakKeyDictionary[Any, tuple[str, dict[tuple[str, ...], str]]] = weakref.WeakKeyDictionary()
+"""templater -> (the chat template the leads were computed for, {answer set: lead})."""
+
+ALL_ANSWERS: tuple[str, ...] = (*ANSWER_LABELS, *OPTION_LABELS)
+
+
+def reply_lead(templater: Any, answers: Sequence[str] | None = None) -> str:
+    """The whitespace before a reply to a question offering ``answers`` that belongs to the prompt.
+
+    ``""`` for most checkpoints. The scoring protocol reads the answer from the first
+    token after the prompt, and the collator trains the reply's tokens after the prompt;
+    they agree only if the reply's first token carries the answer. A template may put a
+    separator before replies that the generation prompt lacks (LLaVA's ``ASSISTANT:``
+    prompt, ``ASSISTANT: C</s>`` reply), and a tokenizer may spell it as a token of its
+    own: real LLaVA-1.5's has ``\u2581C``, so its reply starts with the answer, but a
+    byte-level BPE without a `` C`` token splits the reply into `` `` and ``C``, and the
+    model would be trained on a space token at the very position the backend reads "C" from.
+
+    The lead is decided per answer set, for the answers a question actually offers
+    (``("Yes", "No")``, or one attribute's option labels: :func:`offered_answers`), so
+    labels a question never offers cannot move its tokens; ``None`` means every label
+    (Yes, No and all option labels). Cached per templater, chat template and answer set.
+    The rule: render a question with each answer, tokenise the reply as the collator does
+    (on its own, no special tokens). If every reply's first token decodes to its answer,
+    the lead is ``""`` and nothing changes. Otherwise the replies' leading whitespace (the
+    same text for every answer) is the lead, provided every reply without it starts with
+    its answer's token; it then belongs to the prompt: :func:`render_prompt` appends it to
+    the generation prompt of a question offering that set (scoring, chat), and
+    :func:`split_reply` moves it from such a question's reply into the preceding prompt
+    segment (training), so both tokenise the same text and the first trained token is the
     answer read. When neither choice makes every answer the first token, the lead stays
     ``""`` and a warning names the answers that are not read where they are trained.
+    Free text (no answer set) has no lead.
 
     A server (the openai backend) renders its own generation prompt, without the lead:
     for such a checkpoint its model's first token is the whitespace, and the openai
-    backend reads the answer from the reply's text instead of the first token's logprobs.
+    backend skips a whitespace-only first token and reads the answer from the next one.
     """
+    key = tuple(answers) if answers is not None else ALL_ANSWERS
     template = str(getattr(templater, "chat_template", None))
     try:
         cached = _LEADS.get(templater)
     except TypeError:  # not weak-referenceable: computed every time
         cached = None
-    if cached is not None and cached[0] == template:
-        return cached[1]
-    lead = _compute_reply_lead(templater)
-    try:
-        _LEADS[templater] = (template, lead)
-    except TypeError:
-        pass
-    return lead
+    if cached is None or cached[0] != template:
+        cached = (template, {})
+        try:
+            _LEADS[templater] = cached
+        except TypeError:
+            pass
+    if key not in cached[1]:
+        cached[1][key] = _compute_reply_lead(templater, key)
+    return cached[1][key]
 
 
-def _compute_reply_lead(templater: Any) -> str:
+def _compute_reply_lead(templater: Any, answers: Sequence[str]) -> str:
     tokenizer = getattr(templater, "tokenizer", templater)
     if not callable(getattr(tokenizer, "decode", None)):
         return ""
@@ -298,7 +340,7 @@ def _compute_reply_lead(templater: Any) -> str:
     try:
         prompt = render(templater, conversation, generation_prompt=True)
         replies: dict[str, str] = {}
-        for answer in (*ANSWER_LABELS, *OPTION_LABELS):
+        for answer in answers:
             turn = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
             full = render(templater, [*conversation, turn], generation_prompt=False)
             if not full.startswith(prompt):
@@ -331,9 +373,12 @@ def _compute_reply_lead(templater: Any) -> str:
     return ""
 
 
-def split_reply(templater: Any, reply: str) -> tuple[str, str]:
-    """``(lead, rest)`` of a rendered reply: the :func:`reply_lead` it starts with, if any."""
-    lead = reply_lead(templater)
+def split_reply(templater: Any, reply: str, answers: Sequence[str] | None = None) -> tuple[str, str]:
+    """``(lead, rest)`` of a rendered reply to a question offering ``answers``: the
+    :func:`reply_lead` of that set it starts with, if any (none for free text: ``answers`` None)."""
+    if not answers:
+        return "", reply
+    lead = reply_lead(templater, answers)
     if lead and reply.startswith(lead) and len(reply) > len(lead):
         return lead, reply[len(lead) :]
     return "", reply

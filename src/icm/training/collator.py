@@ -11,13 +11,15 @@ reply is what the rendering of the conversation including the reply adds after t
   yes/no question or an attribute's lettered question (same messages, same template,
   same BOS rule, the processor expands the image the same way), and the first target
   token is the one the backend reads the answer from (whitespace the template puts before
-  the reply, when the tokenizer spells it as a token of its own, is part of the prompt:
-  :func:`icm.prompting.reply_lead`);
-* each segment is tokenised on its own (the prompt through the processor with its image,
-  replies and later user turns through the tokenizer without special tokens), exactly
+  the reply to a question with a fixed answer set, when the tokenizer spells it as a
+  token of its own, is part of the prompt: :func:`icm.prompting.reply_lead`, decided for
+  the answers that question offers; free-text replies keep theirs);
+* the prompt up to the image is tokenised through the processor with its image, exactly
   as at inference time, where the prompt is encoded and the answer generated after it;
-* labels are the reply tokens (including the template's end-of-turn tokens, so the model
-  learns to stop) and ``-100`` everywhere else.
+  the rest of the conversation (replies and later turns) is tokenised as one text, as a
+  chat model reads it, and the labels come from its offsets: the tokens whose characters
+  lie in a reply (including the template's end-of-turn tokens, so the model learns to
+  stop); ``-100`` everywhere else.
 
 Padding is on the right; per-token tensors the processor returns besides ``input_ids``
 and ``attention_mask`` (``token_type_ids``, ``mm_token_type_ids``) are extended with
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from icm.prompting import add_special_tokens, encode_prompt, find_templater, render, split_reply
+from icm.prompting import add_special_tokens, encode_prompt, find_templater, offered_answers, render, split_reply
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -80,8 +82,11 @@ def render_segments(templater: Any, messages: Sequence[dict[str, Any]]) -> list[
                 f"(turn {i}); loss masking needs that property"
             )
         n_images = _count_images(messages[:i]) - images_done
-        lead, reply = split_reply(templater, full[len(prompt):])
-        prompt += lead  # whitespace tokens before the answer are prompt, as when scoring
+        # whitespace tokens before the answer to a question with a fixed answer set are
+        # prompt, as when scoring that question (the lead of the set it offers; none for free text)
+        answers = offered_answers(messages[i - 1]) if i else None
+        lead, reply = split_reply(templater, full[len(prompt):], answers)
+        prompt += lead
         if len(prompt) > len(done) or n_images:
             segments.append(Segment(prompt[len(done):], False, n_images))
         segments.append(Segment(reply, True))
@@ -122,33 +127,45 @@ class ChatCollator:
         extras: dict[str, list[int]] = {}
         visual: dict[str, list[Any]] = {}
         used = 0
-        for n, seg in enumerate(segments):
-            if seg.assistant:
-                seg_ids = self.tokenizer(seg.text, add_special_tokens=False)["input_ids"]
-                seg_extra: dict[str, list[int]] = {}
+        n = 0
+        while n < len(segments):
+            seg = segments[n]
+            if n > 0 and not seg.images:
+                # everything up to the next image is tokenised as one text, as a chat model
+                # reads a conversation; the labels are the tokens inside the replies' offsets
+                run = [seg]
+                while n + len(run) < len(segments) and not segments[n + len(run)].images:
+                    run.append(segments[n + len(run)])
+                run_ids, run_labels = self._encode_run(run)
+                for key in extras:
+                    extras[key].extend([0] * len(run_ids))
+                ids += run_ids
+                labels += run_labels
+                n += len(run)
+                continue
+            take = images[used : used + seg.images] if seg.images else []
+            used += seg.images
+            # the BOS rule for the first segment, as at inference (icm.prompting); none later
+            bos = add_special_tokens(self.tokenizer, seg.text) if n == 0 else False
+            if take:
+                enc = encode_prompt(self.processor, take, [seg.text], add_bos=bos)
             else:
-                take = images[used : used + seg.images] if seg.images else []
-                used += seg.images
-                # the BOS rule for the first segment, as at inference (icm.prompting); none later
-                bos = add_special_tokens(self.tokenizer, seg.text) if n == 0 else False
-                if take:
-                    enc = encode_prompt(self.processor, take, [seg.text], add_bos=bos)
-                else:
-                    enc = self.tokenizer(seg.text, add_special_tokens=bos, return_tensors="pt")
-                seg_ids = enc["input_ids"][0].tolist()
-                seg_extra = {}
-                width = enc["input_ids"].shape
-                for key, value in enc.items():
-                    if key in ("input_ids", "attention_mask"):
-                        continue
-                    if hasattr(value, "shape") and tuple(value.shape) == tuple(width):
-                        seg_extra[key] = value[0].tolist()
-                    elif hasattr(value, "shape"):
-                        visual.setdefault(key, []).append(value)
+                enc = self.tokenizer(seg.text, add_special_tokens=bos, return_tensors="pt")
+            seg_ids = enc["input_ids"][0].tolist()
+            seg_extra: dict[str, list[int]] = {}
+            width = enc["input_ids"].shape
+            for key, value in enc.items():
+                if key in ("input_ids", "attention_mask"):
+                    continue
+                if hasattr(value, "shape") and tuple(value.shape) == tuple(width):
+                    seg_extra[key] = value[0].tolist()
+                elif hasattr(value, "shape"):
+                    visual.setdefault(key, []).append(value)
             for key in set(extras) | set(seg_extra):
                 extras.setdefault(key, [0] * len(ids)).extend(seg_extra.get(key, [0] * len(seg_ids)))
             ids += seg_ids
             labels += seg_ids if seg.assistant else [IGNORE_INDEX] * len(seg_ids)
+            n += 1
         if used != len(images):
             raise ValueError(f"the conversation has {used} image placeholders but {len(images)} images")
         if self.max_length is not None and len(ids) > self.max_length:
@@ -160,6 +177,34 @@ class ChatCollator:
             extras = {k: v[: self.max_length] for k, v in extras.items()}
         return {"input_ids": ids, "labels": labels, "extras": extras,
                 "visual": {k: torch.cat(v, dim=0) if len(v) > 1 else v[0] for k, v in visual.items()}}
+
+    def _encode_run(self, run: Sequence[Segment]) -> tuple[list[int], list[int]]:
+        """Token ids and labels of consecutive text segments, tokenised as one text.
+
+        A token is a label when its characters overlap a reply's (the whole conversation's
+        offsets); a tokenizer without offsets (a slow one) tokenises segment by segment.
+        """
+        if not getattr(self.tokenizer, "is_fast", False):
+            ids: list[int] = []
+            labels: list[int] = []
+            for seg in run:
+                seg_ids = self.tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+                ids += seg_ids
+                labels += seg_ids if seg.assistant else [IGNORE_INDEX] * len(seg_ids)
+            return ids, labels
+        spans: list[tuple[int, int]] = []
+        at = 0
+        for seg in run:
+            if seg.assistant:
+                spans.append((at, at + len(seg.text)))
+            at += len(seg.text)
+        enc = self.tokenizer("".join(seg.text for seg in run), add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [
+            token if any(a < end and b > start for start, end in spans) else IGNORE_INDEX
+            for token, (a, b) in zip(ids, enc["offset_mapping"], strict=True)
+        ]
+        return ids, labels
 
     # ------------------------------------------------------------------ a batch
 

@@ -114,10 +114,22 @@ TEXT_SOURCES = frozenset({"text", "guided", "parsed"})
 
 NotJudgedReason = Literal["cannot-judge", "refused", "off-format"]
 
+MAX_UNOFFERED_SHARE = 0.1
+"""A multiple-choice answer is not read when letters the question did not offer (an "A",
+an "I", letters past its last option) hold at least this share of the probability on
+option letters, or the most likely letter is one of them: the model letters options its
+own way (the paper's A, B, C, ...), and reading its letter would pick a neighbouring
+option. The answer is ``off-format``, its detail ``label not offered: ...``. Not applied
+with ``min_label_mass`` 0 (every distribution over the labels is then an answer)."""
+
+UNOFFERED = "label not offered"
+"""How the detail of an off-format answer that names a letter the question did not offer starts."""
+
 REFUSAL_FIRST_WORDS = frozenset({"i", "i'm", "im", "sorry", "as", "unfortunately", "apologies", "unable"})
 """First words of refusals ("I'm sorry", "Sorry, ...", "As an AI", "Unfortunately"): when a
 backend sees only the first token of an answer that is not a label, one of these makes
-the answer ``refused`` rather than ``off-format``."""
+the answer ``refused`` rather than ``off-format``. Not for a multiple-choice question,
+where a bare "I" is the option letter I (never offered: ``label not offered``)."""
 
 
 @dataclass
@@ -238,3 +250,22 @@ class Backend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def unoffered_detail(offered: dict[str, float], stray: dict[str, float], min_label_mass: float) -> str | None:
+    """Why letters a choice question did not offer void its answer, or ``None`` when they do not.
+
+    ``offered`` and ``stray`` are the next-token probabilities of the offered option labels
+    and of the other letters A-Z (see :data:`MAX_UNOFFERED_SHARE`). The detail names the
+    letters not offered, most likely first: ``label not offered: A (p=0.31)``.
+    """
+    stray = {k: v for k, v in stray.items() if v > 0}
+    if min_label_mass <= 0 or not stray:
+        return None
+    total_stray, total = sum(stray.values()), sum(stray.values()) + sum(offered.values())
+    top_stray = max(stray.values())
+    if top_stray <= max(offered.values(), default=0.0) and total_stray < MAX_UNOFFERED_SHARE * total:
+        return None
+    named = sorted(stray.items(), key=lambda kv: -kv[1])[:3]
+    shown = ", ".join(f"{k} (p={v:.3g})" for k, v in named)
+    return f"{UNOFFERED}: {shown}; offered {', '.join(offered)} hold p={sum(offered.values()):.3g}"

@@ -456,7 +456,8 @@ class HFBackend(Backend):
         return read_yes_no(logprobs, self._answers, self.min_label_mass)
 
     def _choice(self, logprobs: torch.Tensor, groups: Sequence[Sequence[int]]) -> Choice | NotJudged:
-        return read_choice(logprobs, groups, self.tokenizer, self.min_label_mass)
+        unoffered = self._answers.unoffered(len(groups)) if self.min_label_mass > 0 else None
+        return read_choice(logprobs, groups, self.tokenizer, self.min_label_mass, unoffered)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -5,7 +5,11 @@ The probability of an answer is the softmax over the answers' next-token logits,
 answer's logit being the logsumexp over the single tokens that spell it ("Yes", " Yes",
 "yes", ...). It is an answer only when the labels hold at least ``min_label_mass`` of the
 next-token probability; otherwise the question is not judged: ``refused`` when the most
-likely token starts a refusal, ``off-format`` otherwise.
+likely token starts a refusal, ``off-format`` otherwise. A multiple-choice answer is also
+``off-format`` when letters the question did not offer ("A", "I", letters past its last
+option) hold too much of the letters' probability (:data:`~icm.moderation.backends.base.MAX_UNOFFERED_SHARE`):
+the model letters its options otherwise, and one option would be read off; a bare "I"
+there is the letter I, not the start of a refusal.
 """
 
 from __future__ import annotations
@@ -13,8 +17,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from icm.moderation.backends.base import REFUSAL_FIRST_WORDS, Choice, NotJudged, NotJudgedReason, YesNoScore
-from icm.prompting import NO, YES, option_labels
+from icm.moderation.backends.base import (
+    REFUSAL_FIRST_WORDS,
+    UNOFFERED,
+    Choice,
+    NotJudged,
+    NotJudgedReason,
+    YesNoScore,
+    unoffered_detail,
+)
+from icm.prompting import LETTERS, NO, YES, option_labels
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -121,13 +133,31 @@ class AnswerTokens:
 
     def labels(self, n: int) -> list[list[int]]:
         """Token ids of each option label of an ``n``-option moderation question."""
-        groups = []
-        for label in option_labels(n):
-            if label not in self._label_ids:
-                self._label_ids[label] = resolve_answer_token_ids(self.tokenizer, label)
-            groups.append(self._label_ids[label])
+        groups = [self._label(label) for label in option_labels(n)]
         check_disjoint(groups, option_labels(n))
         return groups
+
+    def unoffered(self, n: int) -> dict[str, list[int]]:
+        """Token ids of the letters A-Z an ``n``-option question does not offer (those with a
+        single-token spelling; they share no token with the offered labels)."""
+        offered = set(option_labels(n))
+        taken = {i for label in offered for i in self._label(label)}
+        out: dict[str, list[int]] = {}
+        for letter in LETTERS:
+            if letter in offered:
+                continue
+            try:
+                ids = [i for i in self._label(letter) if i not in taken]
+            except ValueError:  # no single-token spelling: the model cannot say it in one token
+                continue
+            if ids:
+                out[letter] = ids
+        return out
+
+    def _label(self, label: str) -> list[int]:
+        if label not in self._label_ids:
+            self._label_ids[label] = resolve_answer_token_ids(self.tokenizer, label)
+        return self._label_ids[label]
 
 
 def read_yes_no(logprobs: torch.Tensor, tokens: AnswerTokens, min_label_mass: float) -> YesNoScore | NotJudged:
@@ -144,23 +174,55 @@ def read_yes_no(logprobs: torch.Tensor, tokens: AnswerTokens, min_label_mass: fl
 
 
 def read_choice(
-    logprobs: torch.Tensor, groups: Sequence[Sequence[int]], tokenizer: Any, min_label_mass: float
+    logprobs: torch.Tensor,
+    groups: Sequence[Sequence[int]],
+    tokenizer: Any,
+    min_label_mass: float,
+    unoffered: dict[str, list[int]] | None = None,
 ) -> Choice | NotJudged:
-    """A distribution over the options (token id ``groups``), or not judged (too little label mass)."""
+    """A distribution over the options (token id ``groups``), or not judged: too little label
+    mass, or letters the question did not offer (``unoffered``: letter -> token ids) weigh too much."""
+    import torch
+
     probs, scores = grouped_probs(logprobs[None], groups)
     raw: dict[str, Any] = {"logprobs": [float(s) for s in scores[0]], "letter_mass": float(scores[0].exp().sum())}
     if raw["letter_mass"] < min_label_mass:
-        return not_judged(logprobs, tokenizer, raw["letter_mass"], "the option labels", raw, min_label_mass)
+        return not_judged(logprobs, tokenizer, raw["letter_mass"], "the option labels", raw, min_label_mass, offered=option_labels(len(groups)))
+    if unoffered:
+        normed = torch.log_softmax(logprobs.float(), dim=-1)
+        stray = {k: float(torch.logsumexp(normed[list(ids)], dim=-1).exp()) for k, ids in unoffered.items()}
+        offered = {
+            label: float(torch.logsumexp(normed[list(g)], dim=-1).exp())
+            for label, g in zip(option_labels(len(groups)), groups, strict=True)
+        }
+        detail = unoffered_detail(offered, stray, min_label_mass)
+        if detail is not None:
+            raw["unoffered"] = {k: v for k, v in sorted(stray.items(), key=lambda kv: -kv[1]) if v >= 1e-4}
+            return NotJudged("off-format", detail, {**raw, "top_token": tokenizer.decode([int(logprobs.argmax())])})
     return Choice(probs=[float(p) for p in probs[0]], source="logits", raw=raw)
 
 
 def not_judged(
-    logprobs: torch.Tensor, tokenizer: Any, mass: float, what: str, raw: dict[str, Any], min_label_mass: float
+    logprobs: torch.Tensor,
+    tokenizer: Any,
+    mass: float,
+    what: str,
+    raw: dict[str, Any],
+    min_label_mass: float,
+    *,
+    offered: Sequence[str] | None = None,
 ) -> NotJudged:
-    """Not judged: the model's next token is not a label; ``refused`` when it starts a refusal."""
+    """Not judged: the model's next token is not a label; ``refused`` when it starts a refusal.
+
+    For a choice question (``offered``: its labels) a bare letter it did not offer, "I"
+    included, is a label not offered, not the start of a refusal."""
     top = int(logprobs.argmax())
     token = tokenizer.decode([top])
     word = token.strip().strip(".,!:;\"'").lower()
-    reason: NotJudgedReason = "refused" if word in REFUSAL_FIRST_WORDS else "off-format"
     detail = f"most likely next token {token!r} (p={float(logprobs[top].exp()):.3g}); P({what})={mass:.3g} < {min_label_mass:g}"
+    letter = token.strip().strip(".):(")
+    if offered is not None and len(letter) == 1 and letter in LETTERS and letter not in offered:
+        shown = f"{UNOFFERED}: {letter} (p={float(logprobs[top].exp()):.3g}), offered {', '.join(offered)}; {detail}"
+        return NotJudged("off-format", shown, {**raw, "top_token": token})
+    reason: NotJudgedReason = "refused" if word in REFUSAL_FIRST_WORDS else "off-format"
     return NotJudged(reason, detail, {**raw, "top_token": token})

@@ -27,9 +27,11 @@ from typing import Any
 from icm.moderation.backends.base import (
     DEFAULT_TEXT_CONFIDENCE,
     REFUSAL_FIRST_WORDS,
+    UNOFFERED,
     Choice,
     NotJudged,
     YesNoScore,
+    unoffered_detail,
 )
 
 __all__ = [
@@ -41,6 +43,8 @@ __all__ = [
     "read_answer",
     "refused_or_off_format",
     "text_distribution",
+    "unoffered_label_text",
+    "unoffered_letters",
     "yes_no_from_logprobs",
 ]
 
@@ -82,13 +86,20 @@ def _num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _blank(token: Any) -> bool:
+    """A generated token that is whitespace only (" ", "\u0120", "\u2581", a newline)."""
+    return isinstance(token, str) and not token.replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\n").strip()
+
+
 def first_token_candidates(logprobs: Any) -> list[tuple[str, float]] | None:
     """``(token, logprob)`` candidates for the first generated token, or None.
 
     Reads the chat format (``logprobs.content[0].top_logprobs``, as vLLM, SGLang and
     OpenAI return it; the SDK's typed ``ChoiceLogprobs`` or a plain dict) and the legacy
     completions format (``logprobs.top_logprobs[0]`` a ``{token: logprob}`` dict).  The
-    sampled token is added when the top list lacks it.
+    sampled token is added when the top list lacks it.  A whitespace-only first token
+    followed by another is skipped: the server's generation prompt lacks the reply lead
+    (:func:`icm.prompting.reply_lead`) and its model writes that first, then the answer.
     """
     if logprobs is None or isinstance(logprobs, (str, int, float, list)):
         return None
@@ -97,6 +108,8 @@ def first_token_candidates(logprobs: Any) -> list[tuple[str, float]] | None:
     legacy_top = _get(logprobs, "top_logprobs")
     if isinstance(content, list) and content:
         first = content[0]
+        if len(content) > 1 and _blank(_get(first, "token")):
+            first = content[1]  # the reply lead the server's prompt lacks: the answer is the next token
         for entry in _get(first, "top_logprobs") or []:
             tok, lp = _get(entry, "token"), _get(entry, "logprob")
             if isinstance(tok, str) and _num(lp):
@@ -105,11 +118,12 @@ def first_token_candidates(logprobs: Any) -> list[tuple[str, float]] | None:
         if isinstance(tok, str) and _num(lp) and tok not in {t for t, _ in out}:
             out.append((tok, float(lp)))
     elif isinstance(legacy_top, list) and legacy_top:
-        first_top = legacy_top[0] if isinstance(legacy_top[0], dict) else {}
-        out = [(t, float(v)) for t, v in first_top.items() if _num(v)]
         tokens, lps = _get(logprobs, "tokens") or [], _get(logprobs, "token_logprobs") or []
-        if tokens and lps and _num(lps[0]) and tokens[0] not in first_top:
-            out.append((tokens[0], float(lps[0])))
+        k = 1 if len(legacy_top) > 1 and tokens and _blank(tokens[0]) else 0
+        first_top = legacy_top[k] if isinstance(legacy_top[k], dict) else {}
+        out = [(t, float(v)) for t, v in first_top.items() if _num(v)]
+        if len(tokens) > k and len(lps) > k and _num(lps[k]) and tokens[k] not in first_top:
+            out.append((tokens[k], float(lps[k])))
     return out or None
 
 
@@ -192,6 +206,17 @@ def choice_from_logprobs(
     return _distribution(candidates, list(letters), match)
 
 
+def unoffered_letters(candidates: Sequence[tuple[str, float]], letters: Sequence[str]) -> dict[str, float]:
+    """Probability of each upper-case letter A-Z among the candidates that is not one of ``letters``
+    (variants summed: " A", "A.", "(A"); "I" counts as the letter I here."""
+    per: dict[str, list[float]] = {}
+    for tok, lp in candidates:
+        t = _norm_token(tok)
+        if len(t) == 1 and "A" <= t <= "Z" and t not in letters:
+            per.setdefault(t, []).append(lp)
+    return {k: math.exp(_logsumexp(v)) for k, v in per.items()}
+
+
 # --------------------------------------------------------------------------- answer text
 
 # How models decline. Matched anywhere in the first sentence or two of an answer (case
@@ -246,6 +271,21 @@ def parse_yes_no_text(text: str) -> bool | None:
     """
     m = _YES_NO_RE.match(text or "")
     return None if m is None else m.group(1).lower() == "yes"
+
+
+_BARE_LABEL_RE = re.compile(r"^[\W_]*" + _LEAD_IN + r"[\W_]*([A-Z])(?:[.):\]*]|\s*$)", re.IGNORECASE)
+
+
+def unoffered_label_text(text: str | None, letters: Sequence[str]) -> str | None:
+    """The letter an answer gives when it is a label the question did not offer, else None.
+
+    Only a letter standing as a label counts ("A", "I.", "(A)", "The answer is A.",
+    "I. Buttocks"), not a word ("A cat", "I think"), and only in upper case.
+    """
+    m = _BARE_LABEL_RE.match((text or "").strip())
+    if m is None or not m.group(1).isupper() or m.group(1) in letters:
+        return None
+    return m.group(1)
 
 
 def parse_choice_text(text: str, letters: Sequence[str], options: Sequence[str] | None = None) -> int | None:
@@ -314,6 +354,14 @@ def read_answer(
     if candidates:
         res = yes_no_from_logprobs(candidates) if yes_no else choice_from_logprobs(candidates, valid)
         mass = 0.0 if res is None else float(res[1]["label_mass"])
+        if not yes_no and not is_refusal(text):
+            present = res[1]["logprobs"] if res is not None else {}
+            stray = unoffered_letters(candidates, valid)
+            offered = {k: math.exp(present[k]) if k in present else 0.0 for k in valid}
+            detail = unoffered_detail(offered, stray, min_label_mass)
+            if detail is not None:
+                raw_u = {"text": text, "label_mass": mass, "top_token": top, "unoffered": stray}
+                return NotJudged("off-format", detail, raw_u), False
         if res is not None and mass >= min_label_mass:
             value, raw = res
             raw = {"text": text, **raw}
@@ -332,6 +380,10 @@ def read_answer(
             idx = parse_choice_text(text or "", valid, options)
             if idx is not None:
                 return Choice(text_distribution(idx, len(valid), text_confidence), source=source, raw=read), True
+            letter = unoffered_label_text(text, valid)
+            if letter is not None:
+                detail = f"{UNOFFERED}: answered {letter!r} ({(text or '').strip()[:40]!r}); offered {', '.join(valid)}"
+                return NotJudged("off-format", detail, {"text": text, "label_mass": mass, "top_token": top}), False
     reason = refused_or_off_format(None if (guided and candidates) else text, top)
     shown = (text or "").strip().replace("\n", " ")
     shown = shown[:80] + ("..." if len(shown) > 80 else "")

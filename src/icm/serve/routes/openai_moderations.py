@@ -205,6 +205,12 @@ async def moderations(request: Request, who: Caller = Depends(can_moderate)) -> 
     echo, targets = resolve_model(svc, model)
     inputs = parse_inputs(body["input"])
     flat = [(i, url, where) for i, inp in enumerate(inputs) for url, where in inp.images]
+    judgements, room = len(flat) * len(targets), svc.config.max_queue
+    if judgements > room:  # never queued in full: a 503 to retry would fail the same way forever
+        raise APIError(
+            400, "too_many_inputs", f"{len(flat)} images x {len(targets)} policies is {judgements} judgements, more than the "
+            f"{room} this server queues for one request (--max-queue): send fewer images per request", param="input",
+        )
     # every image is fetched and decoded before any is judged: a request with a bad image makes no decision
     loaded = await asyncio.gather(*(load_url(svc, url, where) for _, url, where in flat))
     # and all its decisions are committed together, or none (a backend failure on one image: a 502, nothing stored)
