@@ -81,7 +81,8 @@ def test_a_backend_failure_on_one_image_stores_nothing_of_the_request(db, tmp_pa
         # a blocked image and one the backend fails on, under one policy and under two
         for model in ("icm-sexy", "icm-sexy,icm-sexy:children"):
             r = c.post("/v1/moderations", json={"model": model, "input": [part(png(RED)), part(png(GREEN))]})
-            assert r.status_code == 502 and "green is not allowed" in r.json()["error"]["message"], r.text
+            assert r.status_code == 502 and r.json()["error"]["code"] == "backend_failed", r.text
+            assert "green is not allowed" not in r.text  # the upstream's text stays in the server log
             assert stored(c) == (0, []), model
         # the same request without the failing image: every decision and its webhook
         r = c.post("/v1/moderations", json={"model": "icm-sexy,icm-sexy:children", "input": [part(png(RED)), part(png(BLUE))]})
@@ -107,10 +108,28 @@ def test_a_flagged_image_beside_a_truncated_jpeg_stores_nothing(db, tmp_path, mo
 
 
 def test_a_request_a_full_queue_refuses_in_part_stores_nothing(db, tmp_path, monkeypatch):
+    from icm.serve.batching import QueueFull
+
+    images = [part(png(RED)), part(png((250, 0, 9))), part(png((240, 9, 0)))]
     c = server(db, tmp_path, monkeypatch, max_queue=1)
-    with c:
-        r = c.post("/v1/moderations", json={"model": "icm-sexy", "input": [part(png(RED)), part(png((250, 0, 9))), part(png((240, 9, 0)))]})
+    with c:  # more judgements than the queue holds at all: refused up front, nothing judged
+        r = c.post("/v1/moderations", json={"model": "icm-sexy", "input": images})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_inputs", r.text
+    c = server(db, tmp_path, monkeypatch, max_queue=3)
+    with c:  # other clients' work fills the queue after the first image is queued: the rest is refused
+        batcher = c.app.state.service.batcher
+        real, calls = batcher.submit, []
+
+        async def crowded(job, cost=0):
+            calls.append(job)
+            if len(calls) > 1:
+                raise QueueFull("3 requests are already waiting (limit 3)")
+            return await real(job, cost=cost)
+
+        monkeypatch.setattr(batcher, "submit", crowded)
+        r = c.post("/v1/moderations", json={"model": "icm-sexy", "input": images})
         assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+        assert len(calls) == 3
     # the server has stopped: what was queued was judged, and none of it committed
     c = server(db, tmp_path, monkeypatch)
     with c:
