@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -14,6 +14,10 @@ from icm.cli import backend_options as bo
 from icm.cli.common import console, err_console, print_error, print_json
 from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS
 from icm.policy import PolicyError
+
+if TYPE_CHECKING:
+    from icm.evaluation.results import ResultSet
+    from icm.policy import Policy
 
 app = typer.Typer(help="Evaluate moderation: ICM accuracy, moderation Q-A, explanation quality, reports.", no_args_is_help=True)
 
@@ -384,6 +388,20 @@ def calibrate_cmd(
     min_blocked: int = typer.Option(1, "--min-blocked", help="A block threshold must block at least this many images to count for the precision target."),
     confidence: float = ConfidenceOpt,
     step: float = typer.Option(0.05, "--step", help="Step of the threshold tables."),
+    video: bool = typer.Option(
+        False, "--video",
+        help="Choose the rule set's video setting (min_run, window) from labelled video records' frame_scores instead; stills are left out.",
+    ),
+    recall_loss: float | None = typer.Option(
+        None, "--recall-loss",
+        help="--video goal (the default, 0.01): block the fewest clean videos while blocking at most this much fewer violating videos than the worst frame.",
+    ),
+    false_block: float | None = typer.Option(
+        None, "--false-block", help="--video goal: block the most violating videos while blocking at most this share of clean videos.",
+    ),
+    frame_threshold: bool = typer.Option(
+        False, "--frame-threshold", help="--video: also search a per-frame block threshold above the one the frames were judged at.",
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Policy file to write (default: <policy>-<rules>-calibrated.yaml)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the tables; write no policy file."),
     json_: bool = JsonOpt,
@@ -414,6 +432,13 @@ def calibrate_cmd(
         if len(used) > 1:
             _fail(f"{results}: records decided under several rule sets ({', '.join(sorted(used))}): pass --rules")
         rules = next(iter(used), None)
+    if video:
+        if block_precision is not None or allow_miss is not None:
+            _fail("--video chooses the video setting only: calibrate the thresholds (--block-precision, --allow-miss) in another run")
+        _calibrate_video(rs, pol, policy, rules, labels, recall_loss, false_block, frame_threshold, confidence, out, dry_run, json_)
+        return
+    if recall_loss is not None or false_block is not None or frame_threshold:
+        _fail("--recall-loss, --false-block and --frame-threshold are goals of --video")
     try:
         resolver = LabelResolver(pol, rules, labels=read_labels(labels) if labels else None)
         report = calibrate(rs, resolver, block_precision=block_precision, allow_miss=allow_miss, by=by,  # type: ignore[arg-type]
@@ -440,6 +465,45 @@ def calibrate_cmd(
             console.print(f"policy with the new thresholds: {written}  (icm moderate IMAGES --policy {written} --rules {report.rules})", highlight=False)
         elif not report.ok:
             err_console.print("a target cannot be met on this data: no policy file written", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _calibrate_video(rs: ResultSet, pol: Policy, policy: str, rules: str | None, labels: Path | None, recall_loss: float | None,
+                     false_block: float | None, frame_threshold: bool, confidence: float, out: Path | None, dry_run: bool,
+                     json_: bool) -> None:
+    from icm.evaluation.calibrate import CalibrationError
+    from icm.evaluation.labels import LabelResolver, read_labels
+    from icm.evaluation.video_calibrate import calibrate_video, video_table, write_video_override
+
+    try:
+        resolver = LabelResolver(pol, rules, labels=read_labels(labels) if labels else None)
+        report = calibrate_video(rs, resolver, recall_loss=recall_loss, false_block=false_block, frame_threshold=frame_threshold,
+                                 confidence=confidence, labels_source=str(labels) if labels else "file names")
+    except KeyError as exc:
+        _fail(exc.args[0] if exc.args else exc)
+    except (CalibrationError, ValueError) as exc:
+        _fail(exc)
+    written: Path | None = None
+    if report.ok and not dry_run:
+        try:
+            written = write_video_override(report, policy, out or Path(f"{pol.name}-{report.rules}-calibrated.yaml"))
+        except (CalibrationError, PolicyError, OSError) as exc:
+            _fail(exc)
+    if json_:
+        data = report.model_dump(mode="json")
+        data["written"] = str(written) if written else None
+        print_json(data)
+    else:
+        console.print(video_table(report))
+        for n in report.notes:
+            console.print(Text(f"note: {n}", style="yellow"), highlight=False)
+        console.print(report.message, highlight=False)
+        if written:
+            console.print(f"policy with the new video setting: {written}  (icm moderate VIDEOS --policy {written} --rules {report.rules})",
+                          highlight=False)
+        elif not report.ok:
+            err_console.print("the video goal cannot be met on this data: no policy file written", highlight=False)
     if not report.ok:
         raise typer.Exit(1)
 

@@ -443,8 +443,8 @@ def _flow_thresholds(review: float, block: float) -> str:
     return f"{{review: {review!r}, block: {block!r}}}"
 
 
-def _edit_text(text: str, rules: str, review: float, block: float) -> str | None:
-    """``text`` with the rule set's thresholds replaced (comments and layout kept), or None."""
+def _edit_text(text: str, rules: str, key: str, new: str) -> str | None:
+    """``text`` with the rule set's ``key`` set to the flow-style ``new`` (comments and layout kept), or None."""
     try:
         root = yaml.compose(text)
     except yaml.YAMLError:
@@ -461,27 +461,32 @@ def _edit_text(text: str, rules: str, review: float, block: float) -> str | None
         name = keys.get("name")
         if name is None or not isinstance(name[1], yaml.ScalarNode) or name[1].value != rules:
             continue
-        new = _flow_thresholds(review, block)
-        if "thresholds" in keys:
-            v = keys["thresholds"][1]
+        if key in keys:
+            v = keys[key][1]
             if isinstance(v, yaml.MappingNode) and not v.flow_style:
                 # block style: replace the key's whole entry (from the key to the end of its last value line)
-                k = keys["thresholds"][0]
+                k = keys[key][0]
                 start = k.start_mark.index
                 end = v.end_mark.index
                 while end > start and text[end - 1] in " \n\r\t":
                     end -= 1
-                return text[:start] + f"thresholds: {new}" + text[end:]
+                return text[:start] + f"{key}: {new}" + text[end:]
             return text[: v.start_mark.index] + new + text[v.end_mark.index:]
         name_key, name_val = name
         eol = text.find("\n", name_val.end_mark.index)
         eol = len(text) if eol < 0 else eol
-        return text[:eol] + "\n" + " " * name_key.start_mark.column + f"thresholds: {new}" + text[eol:]
+        return text[:eol] + "\n" + " " * name_key.start_mark.column + f"{key}: {new}" + text[eol:]
     return None
 
 
 def policy_with_thresholds(text: str, source: str, rules: str, review: float, block: float) -> str:
-    """The policy document with one rule set's thresholds changed, checked by loading it.
+    """The policy document with one rule set's thresholds changed, checked by loading it."""
+    value = Thresholds(review=review, block=block).model_dump(mode="json")
+    return policy_with_field(text, source, rules, "thresholds", value, _flow_thresholds(review, block))
+
+
+def policy_with_field(text: str, source: str, rules: str, key: str, value: dict[str, object], flow: str) -> str:
+    """The policy document with one rule set's ``key`` set to ``value`` (written as ``flow``), checked by loading it.
 
     The original text is edited in place (comments and order kept); when that is not
     possible (a flow-style rule set) the policy is written out again from its model.
@@ -493,7 +498,7 @@ def policy_with_thresholds(text: str, source: str, rules: str, review: float, bl
     want = original.model_dump(mode="json")
     for r in want["rule_sets"]:
         if r["name"] == rs.name:
-            r["thresholds"] = Thresholds(review=review, block=block).model_dump(mode="json")
+            r[key] = value
 
     def good(candidate: str | None) -> bool:
         if candidate is None:
@@ -504,12 +509,12 @@ def policy_with_thresholds(text: str, source: str, rules: str, review: float, bl
             return False
         return got.model_dump(mode="json") == want
 
-    edited = _edit_text(text, rs.name, review, block)
+    edited = _edit_text(text, rs.name, key, flow)
     if good(edited):
         return edited  # type: ignore[return-value]
     dumped = yaml.safe_dump(want, sort_keys=False, allow_unicode=True, width=120)
     if not good(dumped):
-        raise CalibrationError(f"could not write the policy {original.name!r} with the new thresholds (it did not load back the same)")
+        raise CalibrationError(f"could not write the policy {original.name!r} with the new {key} (it did not load back the same)")
     return dumped
 
 

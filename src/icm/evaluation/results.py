@@ -34,6 +34,13 @@ _OFF_FORMAT_WORDS = ("off-format", "off_format", "offformat")
 _NAME_KEYS = ("image_name", "image", "path", "file", "filename", "name")
 
 
+class FramePoint(BaseModel):
+    """One judged frame of a video, as its record's ``frame_scores`` has it."""
+
+    p_violation: float | None = None
+    verdict: str | None = None
+
+
 class ResultItem(BaseModel):
     """One image's moderation result, whatever file it came from."""
 
@@ -55,6 +62,8 @@ class ResultItem(BaseModel):
     not_judged: list[str] = Field(default_factory=list, description="Queries the backend did not judge, as recorded")
     unanswered: dict[str, str] = Field(default_factory=dict, description="Queries with no answer and why (refused, off-format, cannot-judge)")
     record_notes: list[str] = Field(default_factory=list, description="The record's notes")
+    aggregate: str | None = Field(default=None, description="Videos: how the frames made the verdict, as recorded")
+    frame_scores: list[FramePoint] = Field(default_factory=list, description="Videos and multi-frame images: every judged frame")
 
     @property
     def has_evidence(self) -> bool:
@@ -179,6 +188,8 @@ def _record_item(r: Any) -> ResultItem:
         not_judged=[str(x) for x in r.not_judged],
         unanswered={str(k): str(v) for k, v in (getattr(r, "unanswered", None) or {}).items()},
         record_notes=[str(x) for x in r.notes],
+        aggregate=r.aggregate,
+        frame_scores=[FramePoint(p_violation=f.p_violation, verdict=f.verdict) for f in r.frame_scores],
     )
 
 
