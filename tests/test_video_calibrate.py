@@ -20,7 +20,7 @@ from icm.evaluation.video_calibrate import calibrate_video, redecide_video
 from icm.moderation.corroborate import aggregate_video
 from icm.moderation.record import FrameScore, ModerationRecord
 from icm.policy import load_policy
-from icm.policy.model import VideoAggregation
+from icm.policy.model import Thresholds, VideoAggregation
 
 runner = CliRunner()
 POLICY = load_policy("synth-shapes")
@@ -153,16 +153,17 @@ def test_frame_threshold_search_never_splits_equal_scores(tmp_path: Path) -> Non
     plain = run_calibration(tmp_path, recs, truth)
     assert plain.chosen is not None and (plain.chosen.min_run, plain.chosen.clean_blocked) == (1, 10)
     rep = run_calibration(tmp_path, recs, truth, frame_threshold=True)
-    assert {c.frame_block for c in rep.candidates} == {None, 0.8, 0.94}
+    assert rep.frame_thresholds == [0.8, 0.94] and rep.n_searched == 20 * 3
     assert rep.chosen is not None
     assert (rep.chosen.min_run, rep.chosen.window, rep.chosen.frame_block) == (1, 1, 0.94)
     assert (rep.chosen.clean_blocked, rep.chosen.violating_blocked) == (0, 11)
     assert rep.video is not None and rep.video.thresholds is not None
     assert (rep.video.thresholds.review, rep.video.thresholds.block) == (0.3, 0.94)
     for c in rep.candidates:  # the two 0.9 videos always share a verdict
-        cfg = VideoAggregation(aggregate="corroborate", min_run=c.min_run, window=c.window,
-                               thresholds=None if c.frame_block is None else {"review": 0.3, "block": c.frame_block})  # type: ignore[arg-type]
-        assert redecide_video(recs[8], cfg) == redecide_video(recs[9], cfg)
+        for t in (None, *rep.frame_thresholds):
+            cfg = VideoAggregation(aggregate="corroborate", min_run=c.min_run, window=c.window,
+                                   thresholds=None if t is None else Thresholds(review=0.3, block=t))
+            assert redecide_video(recs[8], cfg) == redecide_video(recs[9], cfg)
     assert [redecide_video(r, rep.video) for r in recs].count("block") == 11
 
 

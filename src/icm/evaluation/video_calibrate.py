@@ -28,7 +28,7 @@ frame) and picks, with point estimates on all the labelled videos given:
 * ``false_block``: the highest share of violating videos blocked among the settings that
   block at most that share of clean videos.
 
-Ties go to the fewer reviews, then the smaller ``min_run``, ``window`` and threshold. Stills
+Ties go to the smaller ``min_run``, then ``window``, then threshold. Stills
 (records without ``aggregate``) are left out: calibrate their thresholds without ``--video``.
 """
 
@@ -179,7 +179,12 @@ class VideoCalibrationReport(BaseModel):
     current: VideoCandidate = Field(description="The rule set's video setting as it is")
     chosen: VideoCandidate | None = None
     video: VideoAggregation | None = Field(default=None, description="The video block written into the policy")
-    candidates: list[VideoCandidate] = Field(default_factory=list)
+    candidates: list[VideoCandidate] = Field(
+        default_factory=list,
+        description="Each min_run/window at the recorded frame verdicts, and (with frame thresholds) at its best threshold for the goal",
+    )
+    frame_thresholds: list[float] = Field(default_factory=list, description="The per-frame block thresholds searched")
+    n_searched: int = Field(default=0, description="Settings tried: min_run x window x per-frame threshold")
     ok: bool
     message: str
     notes: list[str] = Field(default_factory=list)
@@ -211,25 +216,28 @@ class _Videos:
                     need = min(m, n)
                     self.reach[v, m, w] = float(wins[:, need - 1].max())
 
-    def point(self, min_run: int, window: int, t: float | None, confidence: float) -> VideoCandidate:
-        thr = _RECORDED if t is None else t
-        blocked = self.judged & (self.zero | (self.reach[:, min_run, window] >= thr))
-        allowed = self.judged & ~blocked & ~self.any_block & (self.worst == 0)
-        reviewed = ~blocked & ~allowed
-        return _candidate(min_run, window, t, self.truth, blocked, reviewed, allowed, confidence)
+        self.allowed = int((self.judged & ~self.zero & ~self.any_block & (self.worst == 0)).sum())  # whatever the setting
+        live = self.judged & ~self.zero
+        self._zero_k = (int((self.zero & ~self.truth).sum()), int((self.zero & self.truth).sum()))
+        self._live = (live & ~self.truth, live & self.truth)
 
+    def counts(self, min_run: int, window: int, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Clean and violating videos blocked at each per-frame threshold of ``cuts`` (ascending)."""
+        out = []
+        for zero_k, live in zip(self._zero_k, self._live, strict=True):
+            r = np.sort(self.reach[live, min_run, window])
+            out.append(zero_k + r.size - np.searchsorted(r, cuts, side="left"))  # videos whose reach >= the threshold
+        return out[0], out[1]
 
-def _candidate(min_run: int, window: int, t: float | None, truth: np.ndarray, blocked: np.ndarray, reviewed: np.ndarray,
-               allowed: np.ndarray, confidence: float) -> VideoCandidate:
-    n, nv = int(truth.size), int(truth.sum())
-    fb, tb = int((blocked & ~truth).sum()), int((blocked & truth).sum())
-    nr = int(reviewed.sum())
-    return VideoCandidate(
-        min_run=min_run, window=window, frame_block=t, n=n, clean=n - nv, violations=nv,
-        clean_blocked=fb, false_block_rate=fb / (n - nv) if n - nv else None, false_block_ci=wilson(fb, n - nv, confidence),
-        violating_blocked=tb, block_recall=tb / nv if nv else None, block_recall_ci=wilson(tb, nv, confidence),
-        reviewed=nr, review_rate=nr / n if n else 0.0, allowed=int(allowed.sum()),
-    )
+    def row(self, min_run: int, window: int, t: float | None, fb: int, tb: int, confidence: float) -> VideoCandidate:
+        n, nv = int(self.truth.size), int(self.truth.sum())
+        nr = n - fb - tb - self.allowed
+        return VideoCandidate(
+            min_run=min_run, window=window, frame_block=t, n=n, clean=n - nv, violations=nv,
+            clean_blocked=fb, false_block_rate=fb / (n - nv) if n - nv else None, false_block_ci=wilson(fb, n - nv, confidence),
+            violating_blocked=tb, block_recall=tb / nv if nv else None, block_recall_ci=wilson(tb, nv, confidence),
+            reviewed=nr, review_rate=nr / n if n else 0.0, allowed=self.allowed,
+        )
 
 
 def _frame_cuts(frames: list[tuple[np.ndarray, np.ndarray]], judged: list[bool]) -> list[float]:
@@ -237,10 +245,6 @@ def _frame_cuts(frames: list[tuple[np.ndarray, np.ndarray]], judged: list[bool])
     scores = np.sort(np.concatenate([p[codes == 2] for (p, codes), ok in zip(frames, judged, strict=True) if ok] or [np.zeros(0)]))
     first = tie_groups(scores)
     return [simplest_between(float(scores[i - 1]), float(scores[i])) for i in first[1:]]
-
-
-def _tie_key(c: VideoCandidate) -> tuple[float, int, int, float]:
-    return (c.review_rate, c.min_run, c.window, -1.0 if c.frame_block is None else c.frame_block)
 
 
 def calibrate_video(
@@ -322,38 +326,53 @@ def calibrate_video(
                             "frames are taken to be judged at: the records may come from another version of the rule set")):
         if k:
             notes.append(f"{k} {what}")
-    cuts: list[float | None] = [None, *(_frame_cuts(frames, judged) if frame_threshold else [])]
-    cands = [d.point(m, w, t, confidence) for t in cuts for m in MIN_RUNS for w in range(m, m + WINDOW_EXTRA + 1)]
-    baseline = cands[0]
+    cut_list = _frame_cuts(frames, judged) if frame_threshold else []
+    cuts = np.array([_RECORDED, *cut_list])
+    settings = [(m, w) for m in MIN_RUNS for w in range(m, m + WINDOW_EXTRA + 1)]
+    fb, tb = (np.stack(x) for x in zip(*(d.counts(m, w, cuts) for m, w in settings), strict=True))  # [setting, threshold]
+    nc = int(d.truth.size) - nv
+    if goal == "recall_loss":
+        assert recall_loss is not None
+        meets = tb >= tb[0, 0] - recall_loss * nv - 1e-9  # the worst frame at the recorded verdicts always meets it
+        rank = np.lexsort((np.arange(tb.size), -tb.ravel(), fb.ravel()))  # fewest clean blocked, most violating, simplest
+    else:
+        assert false_block is not None
+        meets = fb <= false_block * nc + 1e-9
+        rank = np.lexsort((np.arange(tb.size), fb.ravel(), -tb.ravel()))  # most violating blocked, fewest clean, simplest
+    order = [int(i) for i in rank if meets.ravel()[i]]
+
+    def row(si: int, ti: int) -> VideoCandidate:
+        c = d.row(*settings[si], None if ti == 0 else cut_list[ti - 1], int(fb[si, ti]), int(tb[si, ti]), confidence)
+        c.meets = bool(meets[si, ti])
+        return c
+
+    shown: dict[tuple[int, int], VideoCandidate] = {(si, 0): row(si, 0) for si in range(len(settings))}
+    if cut_list:  # each setting's best per-frame threshold for the goal
+        done: set[int] = set()
+        for i in order:
+            si, ti = divmod(i, cuts.size)
+            if si not in done:
+                done.add(si)
+                shown[(si, ti)] = shown.get((si, ti)) or row(si, ti)
+    cands = sorted(shown.values(), key=lambda c: (c.min_run, c.window, -1.0 if c.frame_block is None else c.frame_block))
+    baseline = shown[(0, 0)]
+    chosen = shown.get(divmod(order[0], cuts.size)) if order else None
     cv = np.array(current_v, dtype=np.int8)
     cm, cw = (cur.min_run, cur.span) if cur is not None and cur.aggregate == "corroborate" else (1, 1)
-    current = _candidate(cm, cw, None, d.truth, cv == 2, cv == 1, cv == 0, confidence)
-    if goal == "recall_loss":
-        assert recall_loss is not None and baseline.block_recall is not None
-        floor = baseline.block_recall - recall_loss - 1e-12
-        for c in cands:
-            c.meets = (c.block_recall or 0.0) >= floor
-        met = [c for c in cands if c.meets]  # the baseline always meets it
-        chosen = min(met, key=lambda c: (c.false_block_rate or 0.0, -(c.block_recall or 0.0), *_tie_key(c)))
+    current = d.row(cm, cw, None, int(((cv == 2) & ~d.truth).sum()), int(((cv == 2) & d.truth).sum()), confidence)
+    if chosen is not None and goal == "recall_loss":
+        assert recall_loss is not None
         message = (f"{chosen.setting()}: clean videos blocked {_pct(chosen.false_block_rate)} (worst frame "
                    f"{_pct(baseline.false_block_rate)}), violating videos blocked {_pct(chosen.block_recall)} (worst frame "
                    f"{_pct(baseline.block_recall)}, at most {_points(recall_loss)} fewer allowed)")
-        ok = True
+    elif chosen is not None:
+        message = (f"{chosen.setting()}: clean videos blocked {_pct(chosen.false_block_rate)} (at most {false_block:g} "
+                   f"wanted), violating videos blocked {_pct(chosen.block_recall)}")
     else:
-        assert false_block is not None
-        for c in cands:
-            c.meets = (c.false_block_rate or 0.0) <= false_block + 1e-12
-        met = [c for c in cands if c.meets]
-        if met:
-            chosen = min(met, key=lambda c: (-(c.block_recall or 0.0), c.false_block_rate or 0.0, *_tie_key(c)))
-            message = (f"{chosen.setting()}: clean videos blocked {_pct(chosen.false_block_rate)} (at most {false_block:g} "
-                       f"wanted), violating videos blocked {_pct(chosen.block_recall)}")
-            ok = True
-        else:
-            least = min(cands, key=lambda c: c.false_block_rate or 0.0)
-            message = (f"no setting blocks at most {false_block:g} of the clean videos: the fewest is {_pct(least.false_block_rate)} "
-                       f"({least.setting()}); zero-tolerance videos block whatever the setting")
-            ok, chosen = False, None
+        least = row(*divmod(int(np.argmin(fb)), cuts.size))
+        message = (f"no setting blocks at most {false_block:g} of the clean videos: the fewest is {_pct(least.false_block_rate)} "
+                   f"({least.setting()}); zero-tolerance videos block whatever the setting")
+    ok = chosen is not None
     video: VideoAggregation | None = None
     if chosen is not None:
         thr = None if chosen.frame_block is None else Thresholds(review=min(judged_at.review, chosen.frame_block), block=chosen.frame_block)
@@ -365,7 +384,7 @@ def calibrate_video(
         false_block=false_block, frame_thresholds_searched=frame_threshold, judged_at=judged_at, n_records=len(results.items),
         n_stills=stills, n_failed=failed, n_unlabelled=unlabelled, n_not_judged=not_judged, n=int(d.truth.size),
         n_violations=nv, n_clean=int(d.truth.size) - nv, baseline=baseline, current=current, chosen=chosen, video=video,
-        candidates=cands, ok=ok, message=message, notes=notes,
+        candidates=cands, frame_thresholds=cut_list, n_searched=int(fb.size), ok=ok, message=message, notes=notes,
     )
 
 
@@ -377,31 +396,27 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
-def _dominated(c: VideoCandidate, others: Sequence[VideoCandidate]) -> bool:
-    def vec(x: VideoCandidate) -> tuple[float, float, float]:
-        return (x.false_block_rate or 0.0, -(x.block_recall or 0.0), x.review_rate)
-
-    a = vec(c)
-    return any(all(o <= s for o, s in zip(vec(x), a, strict=True)) and vec(x) != a for x in others)
-
-
-def video_table(report: VideoCalibrationReport, limit: int = 40) -> Table:
-    """The candidates' trade-off (all of them, or those no other beats on all three rates when there are many)."""
-    rows = report.candidates
-    shown = rows if len(rows) <= limit else [c for c in rows if c is report.chosen or c is report.baseline or not _dominated(c, rows)]
+def video_table(report: VideoCalibrationReport) -> Table:
+    """The candidates' trade-off: clean videos blocked, violating videos blocked, videos reviewed."""
     title = (f"video settings of {report.policy}:{report.rules} on {report.n} labelled videos "
              f"({report.n_violations} violate, {report.n_clean} do not)")
-    if len(shown) < len(rows):
-        title += f"; {len(shown)} of {len(rows)} shown (the others are beaten on every rate; --json has all)"
+    if report.frame_thresholds:
+        title += (f"; {report.n_searched} tried over {len(report.frame_thresholds) + 1} per-frame block thresholds, "
+                  "each min_run/window shown at the recorded frame verdicts and at its best threshold for the goal")
     t = Table(title=title)
     for col in ("min_run", "window", "frame block", "clean blocked", "violating blocked", "reviewed", ""):
         t.add_column(col, justify="right" if col else "left")
-    for c in shown:
-        mark = "chosen" if c is report.chosen else "worst frame" if c is report.baseline else "meets" if c.meets else ""
-        t.add_row(str(c.min_run), str(c.window), "as recorded" if c.frame_block is None else fmt_threshold(c.frame_block),
+    key = _key(report.chosen)
+    for c in report.candidates:
+        mark = "chosen" if _key(c) == key else "worst frame" if _key(c) == _key(report.baseline) else "meets" if c.meets else ""
+        t.add_row(str(c.min_run), str(c.window), "recorded" if c.frame_block is None else fmt_threshold(c.frame_block),
                   f"{c.clean_blocked}/{c.clean} {_pct(c.false_block_rate)}", f"{c.violating_blocked}/{c.violations} {_pct(c.block_recall)}",
                   f"{c.reviewed}/{c.n} {_pct(c.review_rate)}", mark)
     return t
+
+
+def _key(c: VideoCandidate | None) -> tuple[int, int, float | None] | None:
+    return None if c is None else (c.min_run, c.window, c.frame_block)
 
 
 def _flow(cfg: VideoAggregation) -> str:
