@@ -201,9 +201,9 @@ def test_cli_writes_the_video_block_and_ignores_stills(tmp_path: Path) -> None:
     assert r.exit_code != 0 and "--video chooses the video setting only" in r.output
 
 
-@pytest.mark.parametrize("bad", [["--recall-loss", "2"], ["--recall-loss", "0.1", "--false-block", "0.1"]])
+@pytest.mark.parametrize("bad", [["--recall-loss", "2"], ["--recall-loss", "0.1", "--false-block", "0.1"], ["--by", "bound"]])
 def test_bad_video_goals_are_refused(tmp_path: Path, bad: list[str]) -> None:
     recs, truth = corroboration_set()
     res, labels = write_set(tmp_path, recs, truth)
     r = runner.invoke(app, ["eval", "calibrate", str(res), "--labels", str(labels), "--video", *bad, "--dry-run"])
-    assert r.exit_code == 2 and ("between 0 and 1" in r.output or "name one video goal" in r.output)
+    assert r.exit_code == 2 and any(w in r.output for w in ("between 0 and 1", "name one video goal", "point estimates only"))

@@ -435,6 +435,8 @@ def calibrate_cmd(
     if video:
         if block_precision is not None or allow_miss is not None:
             _fail("--video chooses the video setting only: calibrate the thresholds (--block-precision, --allow-miss) in another run")
+        if by != "point":
+            _fail("--video chooses on point estimates only (--by bound is for --block-precision and --allow-miss)")
         _calibrate_video(rs, pol, policy, rules, labels, recall_loss, false_block, frame_threshold, confidence, out, dry_run, json_)
         return
     if recall_loss is not None or false_block is not None or frame_threshold:
