@@ -83,6 +83,12 @@ def serve(
     purge_only: bool = typer.Option(False, "--purge-only", help="Delete kept images past --keep-images-days, then exit without serving."),
     review_page: bool | None = typer.Option(None, "--review-page/--no-review-page", help="Serve the review page at /review (default: on)."),
     log_level: str | None = typer.Option(None, help="uvicorn log level (default: info)."),
+    log_format: str | None = typer.Option(
+        None, "--log-format", help="text, or json: one JSON object per line (time, level, request id, route, status...).",
+    ),
+    idempotency_window: float | None = typer.Option(
+        None, "--idempotency-window", help="Seconds an Idempotency-Key's answer is replayed (default: 86400).",
+    ),
     workers: int | None = typer.Option(
         None, "--workers",
         help="Server processes on this port, each with its own model (default: 1); share a PostgreSQL --db between them.",
@@ -133,7 +139,8 @@ def serve(
         "reduce_to_pixels": reduce_to_pixels, "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
         "image_root": image_root, "db": db, "keep_images": keep_images, "image_dir": image_dir,
         "keep_images_days": keep_images_days,
-        "review_page": review_page, "log_level": log_level, "workers": workers,
+        "review_page": review_page, "log_level": log_level, "log_format": log_format,
+        "idempotency_window_s": idempotency_window, "workers": workers,
         "image_url_hosts": list(image_url_host) if image_url_host else None, "model_aliases": None,
         "unjudged": unjudged,
         "audit_rate": audit_rate, "claim_seconds": claim_seconds, "webhook_url": webhook_url, "webhook_secret": None,

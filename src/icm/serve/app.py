@@ -13,7 +13,8 @@ The routes live in :mod:`icm.serve.routes` (all ``/v1`` routes need
 * moderation: ``POST /v1/moderate`` (native) and ``POST /v1/moderations`` (OpenAI-compatible);
 * review: ``GET /v1/decisions``, ``GET /v1/decisions/{id}``, ``POST /v1/decisions/{id}/reviews``,
   the review queue (``/v1/review-queue``...), ``GET /v1/images/{sha256}``, and the page ``/review``;
-* admin: ``GET /v1/policies``, ``GET /healthz``, ``GET /metrics`` (Prometheus);
+* admin: ``GET /v1/policies``, ``GET /healthz`` (liveness), ``GET /readyz`` (readiness: 200 once the
+  backend has judged a warm-up image at start), ``GET /metrics`` (Prometheus);
 * ``/docs`` and ``/openapi.json``: the OpenAPI spec.
 """
 
@@ -32,8 +33,10 @@ from icm.serve.config import ServeConfig
 from icm.serve.errors import APIError
 from icm.serve.fetch import FetchPolicy, ImageFetcher
 from icm.serve.limits import PixelBudget, RateLimiter
+from icm.serve.logs import configure_logging
 from icm.serve.service import Job, Outcome, Service, build_service
 from icm.serve.store import DecisionStore, purge_kept_images
+from icm.serve.store_idempotency import IdempotencyKeys
 from icm.serve.webhooks import WebhookDispatcher
 
 try:
@@ -45,7 +48,7 @@ try:
 except ImportError as err:  # pragma: no cover
     raise ImportError(f"the server needs FastAPI ({err}): pip install 'icm-assistant[serve]'") from err
 
-from icm.serve.middleware import BodyLimit, RateLimitHeaders, RequestMetrics
+from icm.serve.middleware import BodyLimit, RateLimitHeaders, RequestContext, RequestMetrics
 from icm.serve.routes import admin, moderation, openai_moderations, review
 from icm.serve.routes.review import STATIC_DIR
 
@@ -89,6 +92,7 @@ def create_app(
         hosts=list(config.image_url_hosts), max_bytes=config.max_upload_bytes, timeout_s=config.image_url_timeout_s,
         max_redirects=config.image_url_max_redirects, private_networks=config.image_url_private_networks,
     ))
+    svc.extras["idempotency"] = IdempotencyKeys(svc.store, window_s=config.idempotency_window_s)
     dispatcher = None
     if config.webhook_url and config.webhook_secret is not None:
         svc.store.webhooks = True
@@ -112,6 +116,7 @@ def create_app(
             config.decode_pixel_budget, max_waiting=config.max_queue, max_waiting_bytes=config.max_queue_bytes
         )
         purger = asyncio.create_task(_purge_loop(svc), name="icm-purge") if svc.images is not None else None
+        warmer = asyncio.create_task(_warm_up(svc), name="icm-warm-up")
         if dispatcher is not None:
             await dispatcher.start()
         log.info(
@@ -122,6 +127,9 @@ def create_app(
         try:
             yield
         finally:
+            warmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warmer
             if purger is not None:
                 purger.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -179,7 +187,35 @@ def create_app(
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes * 4 // 3 + 1024 * 1024)
     app.add_middleware(RequestMetrics, metrics=svc.metrics)
     app.add_middleware(RateLimitHeaders)
+    app.add_middleware(RequestContext)  # outermost: every answer, errors included, carries the request id
     return app
+
+
+async def _warm_up(svc: Service) -> None:
+    """Judge a warm-up image in the batch worker (models load, exports run), then mark the
+    service ready (``/readyz``); retried with backoff while the backend fails. Also purges
+    idempotency keys past their window, hourly."""
+    import time
+
+    delay, t0 = 1.0, time.perf_counter()
+    assert svc.batcher is not None
+    while not svc.ready:
+        try:
+            if await svc.batcher.run_exclusive(svc.warm_up):
+                svc.ready = True
+                log.info("ready: the backend judged the warm-up image in %.1f s", time.perf_counter() - t0)
+                break
+        except Exception as exc:  # noqa: BLE001 - retried; /readyz stays 503 meanwhile
+            log.error("warm-up failed: %s: %s; retrying in %.0f s", type(exc).__name__, exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 60.0)
+    keys: IdempotencyKeys = svc.extras["idempotency"]
+    while True:
+        try:
+            await asyncio.to_thread(keys.purge)
+        except Exception as exc:  # noqa: BLE001 - the next round tries again
+            log.error("purging idempotency keys failed: %s: %s", type(exc).__name__, exc)
+        await asyncio.sleep(3600)
 
 
 async def _purge_loop(svc: Service) -> None:
@@ -208,11 +244,7 @@ def serve(config: ServeConfig) -> None:
         from icm.serve.workers import serve_workers
 
         return serve_workers(config)
-    if not logging.getLogger("icm").handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
-        logging.getLogger("icm").addHandler(handler)
-        logging.getLogger("icm").setLevel(config.log_level.upper() if config.log_level.upper() in logging._nameToLevel else "INFO")
+    configure_logging(config.log_level, config.log_format)
     app = create_app(config)
     svc: Service = app.state.service
     shown = "[::1]" if config.host == "::1" else config.host
@@ -225,6 +257,9 @@ def serve(config: ServeConfig) -> None:
         uvicorn.Config(
             app, host=config.host, port=config.port, log_level=config.log_level,
             timeout_graceful_shutdown=30, proxy_headers=False,
+            # the access line is icm's (icm.serve.middleware.RequestContext: with the request id);
+            # uvicorn's own records go to the root handler configure_logging set
+            access_log=False, log_config=None,
             # requests beyond those the queues admit get uvicorn's 503 before their bodies are read
             limit_concurrency=2 * config.max_queue + 64,
         )

@@ -182,6 +182,13 @@ class ServeConfig(BaseModel):
     )
     webhook_max_backoff_s: float = Field(300.0, gt=0, description="Longest wait between two delivery attempts of an event.")
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Server log lines: 'text', or 'json' (one JSON object per line, with the request id)."
+    )
+    idempotency_window_s: float = Field(
+        86400.0, gt=0,
+        description="How long an Idempotency-Key of the moderation routes is remembered (its answer replayed), in seconds.",
+    )
 
     @field_validator("api_keys")
     @classmethod

@@ -1,13 +1,16 @@
-"""ASGI middleware of the server: the body limit, request metrics, rate-limit headers."""
+"""ASGI middleware of the server: request ids and the access log, the body limit, request
+metrics, rate-limit headers."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from fastapi.responses import JSONResponse
 
 from icm.serve.errors import BodyTooLarge
+from icm.serve.logs import clean_request_id, request_id
 from icm.serve.metrics import ServerMetrics
 
 
@@ -95,3 +98,52 @@ class RateLimitHeaders:
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
+
+
+access_log = logging.getLogger("icm.serve.access")
+
+
+class RequestContext:
+    """Give every request an id and log one access line for it.
+
+    The id is the client's ``X-Request-ID`` when that is 1 to 128 printable characters, a new
+    one otherwise; every answer carries it in ``X-Request-ID``, every record logged while the
+    request is served carries it (:data:`icm.serve.logs.request_id`), and so do its decisions.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-request-id"), None)
+        rid = clean_request_id(given)
+        token = request_id.set(rid)
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode("latin-1"))]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or scope.get("path", "")
+            ms = round((time.perf_counter() - t0) * 1000, 3)
+            key, ids = state.get("key_name"), state.get("decision_ids")
+            access_log.info(
+                "%s %s %d %.1f ms%s%s", scope.get("method"), route, status, ms,
+                f" key={key}" if key else "", f" decisions={ids}" if ids else "",
+                extra={"request_id": rid, "method": scope.get("method"), "route": route, "status": status,
+                       "latency_ms": ms, "key": key, "decision_ids": ids},
+            )
+            request_id.reset(token)

@@ -88,6 +88,7 @@ class Service:
     extras: dict[str, Any] = field(default_factory=dict)  # webhooks, fetchers: set by create_app
     bundles: dict[str, ServedBundle] = field(default_factory=dict)  # /v1/moderations' bundles (icm.serve.openai_models)
     unjudged: dict[str, str] = field(default_factory=dict)  # policy -> why the backend cannot judge it here
+    ready: bool = False  # the backend has judged the warm-up image (/readyz)
 
     @property
     def default_moderator(self) -> Moderator:
@@ -208,6 +209,27 @@ class Service:
             self.metrics.observe_text(r)
         if any(r.verdict == "block" for _, r in pairs):
             self.extras.get("wake_webhooks", lambda: None)()  # their events are in the outbox now
+
+    def warm_up(self) -> bool:
+        """Judge a tiny grey image with each backend (loads the models, runs one-off exports such
+        as the detector's ONNX one); True when every backend judged it. Nothing is stored."""
+        import io
+
+        from PIL import Image
+
+        from icm.moderation.images import load_image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, format="PNG")
+        im = load_image(buf.getvalue(), name="warm-up")
+        lead = self.default_moderator
+        records = lead.moderate_loaded([im], [0.0])
+        if lead.escalate_to is not None:  # a cascade asks its MLLM about uncertain images only: ask it once now
+            records += Moderator(lead.escalate_to, policy=lead.policy, rules=lead.rule_set.name).moderate_loaded([im], [0.0])
+        failed = [r.error or "no decision" for r in records if not r.ok]
+        if failed:
+            log.warning("warm-up: the backend failed on the warm-up image: %s", "; ".join(failed))
+        return not failed
 
     def close(self) -> None:
         for thing in self.owned:

@@ -230,6 +230,7 @@ class DecisionStore(ReviewStore):
                     "explanation": r.explanation,
                     "record": r.model_dump_json(),
                     "queue": m.queue,
+                    "request_id": m.request_id,
                 }
                 result = conn.execute(sa.insert(self._decisions).values(**row).returning(self._decisions.c.id))
                 ids.append(int(result.scalar_one()))

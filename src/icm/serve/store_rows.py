@@ -25,6 +25,7 @@ class DecisionMeta:
     source: str | None = None  # upload, base64, path, page
     client: str | None = None  # the API key's name
     queue: str | None = None  # why it awaits a person: 'review' (the verdict) or 'audit' (sampled); None: not queued
+    request_id: str | None = None  # the X-Request-ID of the request that made it
 
 
 class StoreError(RuntimeError):
@@ -53,7 +54,7 @@ class NullLock:
 SUMMARY_FIELDS = (
     "id", "created_at", "image_sha256", "image_name", "image_format", "image_kept", "source", "client",
     "policy", "rules", "backend", "model", "verdict", "p_violation", "p_term", "product",
-    "product_probability", "rule", "label", "reason", "explanation", "queue",
+    "product_probability", "rule", "label", "reason", "explanation", "queue", "request_id",
 )
 
 

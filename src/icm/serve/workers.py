@@ -57,14 +57,9 @@ def app_factory() -> Any:
 
 def _build(config: ServeConfig) -> Any:
     from icm.serve.app import create_app
+    from icm.serve.logs import configure_logging
 
-    logger = logging.getLogger("icm")
-    if not logger.handlers:  # as icm serve does in one process
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(f"%(levelname)-9s %(name)s [pid {os.getpid()}]: %(message)s"))
-        logger.addHandler(handler)
-        level = config.log_level.upper()
-        logger.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+    configure_logging(config.log_level, config.log_format)  # as icm serve does in one process
     return create_app(config)
 
 
@@ -86,6 +81,7 @@ def serve_workers(config: ServeConfig) -> None:
         uvicorn.run(
             "icm.serve.workers:app_factory", factory=True, host=config.host, port=config.port, workers=config.workers,
             log_level=config.log_level, timeout_graceful_shutdown=30, proxy_headers=False,
+            access_log=False, log_config=None,  # icm logs each request (with its id) in its own format
             limit_concurrency=2 * config.max_queue + 64,
         )
         with contextlib.suppress(FileNotFoundError), open(path + ".error", encoding="utf-8") as fh:

@@ -56,7 +56,7 @@ def whoami(request: Request, who: Caller = Depends(principal)) -> dict[str, Any]
     }
 
 
-@router.get("/healthz", tags=["operations"], summary="Liveness and readiness")
+@router.get("/healthz", tags=["operations"], summary="Liveness")
 def healthz(request: Request) -> JSONResponse:
     """``{"status": "ok"}`` (200) or ``{"status": "unavailable"}`` (503) for anyone (load balancers);
     the details (version, policy, backend, model, database, batching, auth) only for an admin caller."""
@@ -87,3 +87,18 @@ def healthz(request: Request) -> JSONResponse:
 @router.get("/metrics", response_class=PlainTextResponse, tags=["operations"], summary="Prometheus metrics")
 def metrics(request: Request, _who: Caller = Depends(can_read_metrics)) -> PlainTextResponse:
     return PlainTextResponse(service(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/readyz", tags=["operations"], summary="Readiness")
+def readyz(request: Request) -> JSONResponse:
+    """``{"status": "ready"}`` (200) once the backend has judged a warm-up image at start (models
+    loaded, one-off exports done), the database answers and the batch worker runs;
+    ``{"status": "starting"}`` or ``{"status": "unavailable"}`` (503) otherwise. ``/healthz`` is liveness."""
+    svc = service(request)
+    running = svc.batcher is not None and svc.batcher.running
+    if not svc.ready:
+        status = "starting" if running else "unavailable"
+    else:
+        status = "ready" if running and svc.store.ping() else "unavailable"
+    return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503,
+                        headers=None if status == "ready" else {"Retry-After": "1"})

@@ -98,6 +98,7 @@ def principal(request: Request) -> Caller:
         if throttle is not None and exc.code == "invalid_api_key":
             throttle.failed(address)
         raise
+    request.state.key_name = who.name  # for the access log
     if svc.limiter is not None and request.url.path != "/metrics":
         try:
             state = svc.limiter.hit(f"key:{who.name}" if who.name else f"client:{client or 'unknown'}")

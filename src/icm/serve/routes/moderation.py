@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, ValidationError
@@ -25,8 +26,10 @@ from icm.serve.auth import Caller
 from icm.serve.batching import BatcherClosed, QueueFull
 from icm.serve.errors import APIError, image_error
 from icm.serve.limits import Overloaded, decode_weight, loaded_bytes, reduce_loaded
+from icm.serve.logs import request_id
 from icm.serve.paths import PathRefused, read_beneath
 from icm.serve.routes.common import ERRORS, can_moderate, content_type, json_body, service
+from icm.serve.routes.idempotency import idempotent
 from icm.serve.service import Job, JobGroup, Outcome, Service
 from icm.serve.store import DecisionMeta
 
@@ -192,7 +195,9 @@ async def judge_all(
     jobs = [
         Job(
             image=im.image, data=im.data, policy=p, rules=r, load_ms=im.load_ms, group=group, index=k,
-            meta=DecisionMeta(image_name=im.name, image_format=im.image.format, source=im.source, client=who),
+            meta=DecisionMeta(
+                image_name=im.name, image_format=im.image.format, source=im.source, client=who, request_id=request_id.get(),
+            ),
         )
         for k, (im, (p, r)) in enumerate(pairs)
     ]
@@ -231,14 +236,19 @@ def clean_name(name: str | None) -> str | None:
     openapi_extra=MODERATE_BODY,
     summary="Moderate one image",
 )
-async def moderate(request: Request, who: Caller = Depends(can_moderate)) -> ModerateResponse:
+async def moderate(request: Request, who: Caller = Depends(can_moderate)) -> Any:
     """One image in, one stored decision out.
 
     The image comes as a multipart upload in the form field `image`, as JSON
     `{"image_base64": ...}` or `{"path": ...}` (a file inside the server's `--image-root`),
     or as the raw body with an `image/*` content type (`?policy=&rules=` in the query,
     its name in `X-Filename`). `policy` and `rules` choose the policy and rule set.
+    An `Idempotency-Key` header makes a retry return the first answer (docs/operations.md).
     """
+    return await idempotent(request, who, lambda: _moderate(request, who))
+
+
+async def _moderate(request: Request, who: Caller) -> ModerateResponse:
     svc = service(request)
     ctype = content_type(request)
     if ctype == "multipart/form-data":
@@ -259,6 +269,7 @@ async def moderate(request: Request, who: Caller = Depends(can_moderate)) -> Mod
     target = svc.resolve(policy, rules)
     (out,) = await judge(svc, data, name, [target], source=source, who=who.name)
     assert out.decision_id is not None
+    request.state.decision_ids = [out.decision_id]
     return ModerateResponse(decision_id=out.decision_id, review_url=f"/review#decision={out.decision_id}", record=out.record)
 
 

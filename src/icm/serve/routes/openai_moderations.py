@@ -35,6 +35,7 @@ from icm.serve.errors import APIError
 from icm.serve.openai_models import resolve_model
 from icm.serve.openai_results import ModerationResult, input_result
 from icm.serve.routes.common import ERRORS, can_moderate, content_type, json_body, service
+from icm.serve.routes.idempotency import idempotent
 from icm.serve.routes.moderation import Loaded, decode_base64, judge_all, load
 from icm.serve.service import Outcome, Service
 
@@ -185,12 +186,17 @@ async def load_url(svc: Service, url: str, where: str) -> Loaded:
     openapi_extra=MODERATIONS_BODY,
     summary="OpenAI-compatible moderation of images",
 )
-async def moderations(request: Request, who: Caller = Depends(can_moderate)) -> ModerationsResponse:
+async def moderations(request: Request, who: Caller = Depends(can_moderate)) -> Any:
     """OpenAI's `POST /v1/moderations`, for images: point an OpenAI client's base URL here.
 
     One result per input (an array of content parts is one input), with all 13 of OpenAI's
-    categories; `flagged` is also true when any verdict is review or block.
+    categories; `flagged` is also true when any verdict is review or block. An
+    `Idempotency-Key` header makes a retry return the first answer (docs/operations.md).
     """
+    return await idempotent(request, who, lambda: _moderations(request, who))
+
+
+async def _moderations(request: Request, who: Caller) -> ModerationsResponse:
     svc = service(request)
     ctype = content_type(request)
     if ctype != "application/json":
@@ -215,6 +221,7 @@ async def moderations(request: Request, who: Caller = Depends(can_moderate)) -> 
     loaded = await asyncio.gather(*(load_url(svc, url, where) for _, url, where in flat))
     # and all its decisions are committed together, or none (a backend failure on one image: a 502, nothing stored)
     outs = await judge_all(svc, loaded, targets, who=who.name)
+    request.state.decision_ids = [o.decision_id for per_image in outs for o in per_image]
     per_input: list[list[list[Outcome]]] = [[] for _ in inputs]
     for (i, _, _), o in zip(flat, outs, strict=True):
         per_input[i].append(o)
