@@ -45,6 +45,9 @@ def serve(
     trusted_proxy: list[str] | None = typer.Option(
         None, "--trusted-proxy",
         help="CIDR of a reverse proxy whose X-Forwarded-For names the client (repeatable); other peers' header is ignored."),
+    cors_origin: list[str] | None = typer.Option(
+        None, "--cors-origin",
+        help="An origin (https://app.example.com) whose browser pages may call the API (repeatable; '*': any). Default: none."),
     policy: str | None = typer.Option(None, "--policy", "-p", help="Default policy: built-in name or YAML file (default: icm-sexy)."),
     rules: str | None = typer.Option(None, "--rules", "-r", help="Default rule set of the default policy."),
     policies: list[str] | None = typer.Option(None, "--extra-policy", help="Another policy clients may name per request (repeatable)."),
@@ -129,6 +132,7 @@ def serve(
         "host": host, "port": port, "allow_unauthenticated": allow_unauthenticated,
         "api_keys": None, "allowed_hosts": list(allowed_host) if allowed_host else None, "rate_limit": rate_limit,
         "auth_failures_per_minute": auth_failures_per_minute, "trusted_proxies": list(trusted_proxy) if trusted_proxy else None,
+        "cors_origins": list(cors_origin) if cors_origin else None,
         "policy": policy, "rules": rules,
         "policies": list(policies) if policies else None, "backend": backend, "model": model, "adapter": adapter,
         "base_url": base_url, "dtype": dtype, "device": device, "escalate_backend": escalate_backend,

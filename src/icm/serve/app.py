@@ -15,7 +15,8 @@ The routes live in :mod:`icm.serve.routes` (all ``/v1`` routes need
   the review queue (``/v1/review-queue``...), ``GET /v1/images/{sha256}``, and the page ``/review``;
 * admin: ``GET /v1/policies``, ``GET /healthz`` (liveness), ``GET /readyz`` (readiness: 200 once the
   backend has judged a warm-up image at start), ``GET /metrics`` (Prometheus);
-* ``/docs`` and ``/openapi.json``: the OpenAPI spec.
+* ``/docs``, ``/redoc`` and ``/openapi.json``: the OpenAPI spec, its pages served without a CDN
+  (:mod:`icm.serve.docs_pages`, which also adds CORS for ``--cors-origin``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ try:
 except ImportError as err:  # pragma: no cover
     raise ImportError(f"the server needs FastAPI ({err}): pip install 'icm-assistant[serve]'") from err
 
+from icm.serve.docs_pages import install_cors, install_docs
 from icm.serve.middleware import BodyLimit, RateLimitHeaders, RequestContext, RequestMetrics
 from icm.serve.routes import admin, moderation, openai_moderations, review
 from icm.serve.routes.review import STATIC_DIR
@@ -72,6 +74,11 @@ def create_app(
             "roles are not set for the API keys %s: each has full access, as admin (moderate, review, read every "
             "decision and image, metrics). Give each key a role: NAME:KEY:ROLE, ROLE one of client, reviewer, admin "
             "(docs/security.md)", ", ".join(svc.auth.keys_without_role),
+        )
+    if config.cors_origins and not svc.auth.enabled:
+        log.warning(
+            "--cors-origin %s has no effect without API keys: a keyless server refuses every other site's page "
+            "(cross_site_request); configure keys (docs/operations.md#cors)", ", ".join(config.cors_origins),
         )
     batch_size = config.max_batch_size if config.batching else 1
     wait_ms = config.max_wait_ms if config.batching else 0.0
@@ -148,8 +155,11 @@ def create_app(
             "them on the review page (`/review`)."
         ),
         lifespan=lifespan,
+        docs_url=None,  # install_docs: the same pages from local files, no CDN
+        redoc_url=None,
     )
     app.state.service = svc
+    install_docs(app)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -187,7 +197,8 @@ def create_app(
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes * 4 // 3 + 1024 * 1024)
     app.add_middleware(RequestMetrics, metrics=svc.metrics)
     app.add_middleware(RateLimitHeaders)
-    app.add_middleware(RequestContext)  # outermost: every answer, errors included, carries the request id
+    app.add_middleware(RequestContext)  # every answer, errors included, carries the request id
+    install_cors(app, config.cors_origins)  # outermost: answers preflights before the rest
     return app
 
 

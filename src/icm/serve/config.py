@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +68,11 @@ class ServeConfig(BaseModel):
         default_factory=list,
         description="CIDRs of reverse proxies whose X-Forwarded-For names the client address (for the "
         "failed-authentication limit); from any other peer the header is ignored.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins ('https://app.example.com', scheme://host[:port]) whose browser pages may call the API "
+        "(CORS); '*' allows any. None by default: browsers keep other sites' pages from reading answers.",
     )
     # -- moderation
     policy: str = Field("icm-sexy", description="Default policy: a built-in name or a policy YAML file.")
@@ -211,6 +217,20 @@ class ServeConfig(BaseModel):
             except ValueError:
                 raise ValueError(f"trusted_proxies: {entry[:100]!r} is not an address or CIDR (10.0.0.0/8, ::1)") from None
         return [e.strip() for e in v]
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        out = []
+        for entry in v:
+            origin = entry.strip().rstrip("/")
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                raise ValueError(
+                    f"cors_origins: {entry[:100]!r} is not an origin: write scheme://host[:port] "
+                    "(https://app.example.com, no path) or '*'"
+                )
+            out.append(origin)
+        return out
 
     def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(e, strict=False) for e in self.trusted_proxies]
