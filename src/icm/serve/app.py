@@ -124,6 +124,7 @@ def create_app(
         )
         purger = asyncio.create_task(_purge_loop(svc), name="icm-purge") if svc.images is not None else None
         warmer = asyncio.create_task(_warm_up(svc), name="icm-warm-up")
+        refresher = asyncio.create_task(_refresh_loop(svc), name="icm-metrics") if svc.metrics.multiprocess else None
         if dispatcher is not None:
             await dispatcher.start()
         log.info(
@@ -134,17 +135,16 @@ def create_app(
         try:
             yield
         finally:
-            warmer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await warmer
-            if purger is not None:
-                purger.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await purger
+            for task in (warmer, purger, refresher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await svc.batcher.stop()
             if dispatcher is not None:
                 await dispatcher.stop()
             svc.close()
+            svc.metrics.worker_exit()
 
     app = FastAPI(
         title="icm moderation service",
@@ -244,6 +244,16 @@ async def _purge_loop(svc: Service) -> None:
         except Exception as exc:  # noqa: BLE001 - the next round tries again
             log.error("purging kept images failed: %s: %s", type(exc).__name__, exc)
         await asyncio.sleep(every)
+
+
+async def _refresh_loop(svc: Service, every_s: float = 1.0) -> None:
+    """Several workers: write this worker's queue depth and process metrics for the others' scrapes."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            svc.metrics.refresh()
+        except Exception as exc:  # noqa: BLE001 - the next round tries again
+            log.debug("refreshing the metrics failed: %s", exc)
 
 
 def serve(config: ServeConfig) -> None:

@@ -204,8 +204,8 @@ class Service:
         at = 0
         for g in groups:
             g.ids, at = ids[at : at + g.size], at + g.size
-        for _, r in pairs:
-            self.metrics.decisions.labels(r.verdict or "none").inc()
+        for j, r in pairs:
+            self.metrics.decisions.labels(r.verdict or "none", j.policy, j.rules).inc()
             self.metrics.observe_text(r)
         if any(r.verdict == "block" for _, r in pairs):
             self.extras.get("wake_webhooks", lambda: None)()  # their events are in the outbox now

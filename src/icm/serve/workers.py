@@ -9,8 +9,9 @@ holds the API keys and must not appear in ``ps``.
 What the workers share is the decision store: give them a server database
 (``--db postgresql+psycopg://...``). SQLite works too for a few workers on one machine
 (WAL mode, writers wait their turn), but the review queue and rate limits are per process.
-Each worker keeps its own metrics: ``/metrics`` answers for the worker that took the
-connection, so scrape N separate processes (one port each) when you need metrics per replica.
+The metrics are the whole server's: the supervisor gives the workers a fresh
+``PROMETHEUS_MULTIPROC_DIR`` (made before they spawn, deleted when it stops), each worker writes
+its metrics there, and ``/metrics``, whichever worker answers, merges them (:mod:`icm.serve.metrics`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from typing import Any
@@ -26,6 +28,7 @@ from typing import Any
 from icm.serve.config import ServeConfig
 
 CONFIG_ENV = "ICM_SERVE_WORKER_CONFIG"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # as icm.serve.metrics reads it (not imported here: no prometheus_client yet)
 
 
 def _config_data(config: ServeConfig) -> dict[str, Any]:
@@ -73,6 +76,10 @@ def serve_workers(config: ServeConfig) -> None:
     # same moment would each try to create its tables (SQLite has no lock to order them).
     DecisionStore(config.db_url()).close()
     fd, path = tempfile.mkstemp(prefix="icm-serve-", suffix=".json")
+    # a fresh directory for this start: counts of an earlier run (or another server) must not add up
+    metrics_dir = tempfile.mkdtemp(prefix="icm-metrics-")
+    previous = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the workers, before their prometheus_client import
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -90,3 +97,8 @@ def serve_workers(config: ServeConfig) -> None:
         for leftover in (path, path + ".error"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
