@@ -119,6 +119,7 @@ def serve(
     ),
     audit_rate: float | None = typer.Option(None, help="Share of allow and block decisions sent to the review queue for audit (default: 0)."),
     claim_seconds: float | None = typer.Option(None, help="How long a reviewer's claim on a queued item lasts (default: 300)."),
+    undo_seconds: float | None = typer.Option(None, help="How long reviewers may withdraw their own review (default: 30; 0: never)."),
     webhook_url: str | None = typer.Option(None, help="POST signed events (block decisions, overrides) to this URL, retried until accepted."),
     webhook_secret: str | None = typer.Option(None, help="Where the webhooks' HMAC key is: a FILE or env:VARIABLE (never the key itself)."),
 ) -> None:
@@ -147,7 +148,7 @@ def serve(
         "idempotency_window_s": idempotency_window, "workers": workers,
         "image_url_hosts": list(image_url_host) if image_url_host else None, "model_aliases": None,
         "unjudged": unjudged,
-        "audit_rate": audit_rate, "claim_seconds": claim_seconds, "webhook_url": webhook_url, "webhook_secret": None,
+        "audit_rate": audit_rate, "claim_seconds": claim_seconds, "undo_seconds": undo_seconds, "webhook_url": webhook_url, "webhook_secret": None,
     }
     try:
         if api_key:

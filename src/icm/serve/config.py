@@ -179,6 +179,9 @@ class ServeConfig(BaseModel):
         0.0, ge=0, le=1, description="Share of allow and block decisions also sent to the review queue for audit."
     )
     claim_seconds: float = Field(300.0, gt=0, description="How long a reviewer's claim on a queued decision lasts.")
+    undo_seconds: float = Field(
+        30.0, ge=0, le=3600, description="How long a reviewer may withdraw (undo) their own review; 0 turns undo off.",
+    )
     # -- webhooks
     webhook_url: str | None = Field(
         None, description="POST an event here for each block decision and each reviewer's override (retried from the outbox)."

@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from icm.serve.store_rows import ClaimConflict, decision_dict, review_dict, summary_dict, utcnow
+from icm.serve.store_rows import ClaimConflict, ReviewWithdrawRefused, decision_dict, review_dict, summary_dict, utcnow
 
 
 class ReviewStore:
@@ -74,6 +75,30 @@ class ReviewStore:
                 row = conn.execute(sa.select(self._decisions).where(self._decisions.c.id == decision_id)).mappings().one()
                 self._add_event(conn, "review.override", decision_id, {"decision": summary_dict(row, decision_id), "review": out})
         return out
+
+    def withdraw_review(
+        self, decision_id: int, review_id: int, reviewer: str, *, within_s: float, now: float | None = None
+    ) -> dict[str, Any]:
+        """Delete a review its own reviewer made less than ``within_s`` seconds ago (undo): the
+        decision goes back to the queue if it was queued. KeyError for no such review of that
+        decision; :class:`ReviewWithdrawRefused` for another reviewer's review or a late undo."""
+        now = time.time() if now is None else now
+        with self._writing(), self.engine.begin() as conn:
+            r = conn.execute(
+                sa.select(self._reviews).where(self._reviews.c.id == review_id, self._reviews.c.decision_id == decision_id)
+            ).mappings().first()
+            if r is None:
+                raise KeyError(f"decision {decision_id} has no review {review_id}")
+            if r["reviewer"] != reviewer:
+                raise ReviewWithdrawRefused(f"review {review_id} is {r['reviewer']!r}'s: only its reviewer withdraws it")
+            age = now - datetime.fromisoformat(r["created_at"]).timestamp()
+            if age > within_s:
+                raise ReviewWithdrawRefused(
+                    f"review {review_id} was made {round(age)} seconds ago: it can be withdrawn for {within_s:g} seconds only; "
+                    "review the decision again instead"
+                )
+            conn.execute(sa.delete(self._reviews).where(self._reviews.c.id == review_id))
+        return review_dict(r)
 
     # -- the review queue ----------------------------------------------------------------
 

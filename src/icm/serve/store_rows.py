@@ -40,6 +40,10 @@ class ClaimConflict(StoreError):
         self.decision_id, self.holder, self.expires_at = decision_id, holder, expires_at
 
 
+class ReviewWithdrawRefused(StoreError):
+    """A review may be withdrawn only by its reviewer, and only soon after it was made."""
+
+
 WEBHOOK_EVENTS = ("decision.block", "review.override")
 
 class NullLock:

@@ -26,6 +26,7 @@ from icm.serve.limits import Overloaded
 from icm.serve.routes.common import ERRORS, MAX_ID, can_review, principal, service
 from icm.serve.service import Service
 from icm.serve.store import FORMAT_MEDIA_TYPES, ClaimConflict
+from icm.serve.store_rows import ReviewWithdrawRefused
 from icm.serve.thumbs import ThumbnailCache, make_thumbnail, thumbnail_weight
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
@@ -100,6 +101,26 @@ def review(
     return r
 
 
+@router.delete(
+    "/v1/decisions/{decision_id}/reviews/{review_id}", responses=ERRORS, summary="Withdraw (undo) one's own recent review",
+)
+def withdraw_review(
+    request: Request, decision_id: int = PathParam(ge=1, le=MAX_ID), review_id: int = PathParam(ge=1, le=MAX_ID),
+    reviewer: str | None = Query(None, max_length=200), who: Caller = Depends(can_review),
+) -> dict[str, Any]:
+    """Only the review's reviewer, within `--undo-seconds` (30 by default) of making it; later, review
+    the decision again. The withdrawn review is deleted (a webhook already sent is not recalled);
+    a queued decision is back in the queue. Returns the withdrawn review."""
+    svc = service(request)
+    name = _reviewer(reviewer, who)
+    try:
+        return svc.store.withdraw_review(decision_id, review_id, name, within_s=svc.config.undo_seconds)
+    except KeyError as exc:
+        raise APIError(404, "no_such_review", str(exc.args[0])) from None
+    except ReviewWithdrawRefused as exc:
+        raise APIError(409, "cannot_withdraw", str(exc)) from None
+
+
 # --------------------------------------------------------------------------- the review queue
 
 
@@ -157,7 +178,7 @@ def review_queue(
     f = filters.model_dump()
     items = [_with_images(d) for d in svc.store.queue(limit=limit, **f)]
     total = svc.store.queue_count(**f)
-    return {"items": items, "total": total, "claim_seconds": svc.config.claim_seconds}
+    return {"items": items, "total": total, "claim_seconds": svc.config.claim_seconds, "undo_seconds": svc.config.undo_seconds}
 
 
 @router.post("/v1/review-queue/claim", responses={**ERRORS, 204: {"description": "The queue (as filtered) is empty"}},

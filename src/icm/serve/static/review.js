@@ -4,24 +4,14 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { policies: [], defaultPolicy: null, current: null, oldest: null, imageUrl: null,
-  claimed: null, claimExpires: null, skip: [], thumbs: new Map(), keys: Promise.resolve(), quietHash: null,
-  keyName: null, permissions: ["moderate", "review", "read_all"] };
+  claimed: null, claimExpires: null, skip: loadJSON("icm-skip", []), thumbs: new Map(), keys: Promise.resolve(), quietHash: null,
+  keyName: null, permissions: ["moderate", "review", "read_all"],
+  progress: loadJSON("icm-progress", { allow: 0, block: 0, undone: 0 }), onlySkippedLeft: false, lastReview: null, undoSeconds: 30, undoTimer: null };
 
-function el(tag, text, cls) {
-  const e = document.createElement(tag);
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  if (cls) e.className = cls;
-  return e;
-}
-
-function fmt(p) {
-  return p === null || p === undefined ? "-" : Number(p).toFixed(3);
-}
-
-function setStatus(text, isError) {
-  const s = $("status");
-  s.textContent = text || "";
-  s.className = isError ? "error" : "muted";
+// An error says what the last action did; the next action clears it (a stale 409 is no news).
+function clearErrors() {
+  if ($("status").className === "error") setStatus("");
+  if ($("review-status").className === "error") $("review-status").textContent = "";
 }
 
 function headers(extra) {
@@ -138,6 +128,7 @@ async function loadQueue() {
   const params = new URLSearchParams(Object.assign({ limit: "100" }, queueFilters()));
   const data = await api("/v1/review-queue?" + params.toString());
   $("queue-count").textContent = "(" + data.total + " waiting)";
+  if (typeof data.undo_seconds === "number") state.undoSeconds = data.undo_seconds;
   $("queue-empty").hidden = data.total > 0;
   const ul = $("queue-list");
   ul.replaceChildren();
@@ -154,9 +145,13 @@ async function loadQueue() {
     let rest = " · " + d.policy + "/" + d.rules + " · " + (d.product || "no product") + " · " + d.queue + " · " + d.created_at.slice(0, 19).replace("T", " ");
     if (d.claimed_by) rest += " · claimed by " + d.claimed_by;
     text.appendChild(el("span", rest));
+    if (state.skip.includes(d.id)) {
+      li.classList.add("skipped");
+      text.appendChild(el("span", "skipped", "skip-mark"));
+    }
     li.appendChild(text);
     if (state.claimed === d.id) li.classList.add("current");
-    li.addEventListener("click", () => claimOne(d.id).catch((e) => setStatus(e.message, true)));
+    li.addEventListener("click", () => { clearErrors(); return claimOne(d.id).catch((e) => setStatus(e.message, true)); });
     ul.appendChild(li);
   }
   loadAgreement().catch(() => {});
@@ -210,6 +205,7 @@ async function claimNext() {
   const d = await api("/v1/review-queue/claim", {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   });
+  state.onlySkippedLeft = !d && state.skip.length > 0;
   if (!d) {
     showClaim(null);
     setStatus("The queue is empty: nothing more awaits a person" + (state.skip.length ? " (besides the items you skipped)" : "") + ".");
@@ -252,7 +248,9 @@ async function skipByKey() {
   const id = state.claimed;
   const q = reviewerName() ? "?reviewer=" + encodeURIComponent(reviewerName()) : "";
   await api("/v1/decisions/" + id + "/claim" + q, { method: "DELETE" });
-  state.skip.push(id);
+  if (!state.skip.includes(id)) state.skip.push(id);
+  saveSkip();
+  showProgress();
   await claimNext();
 }
 
@@ -261,12 +259,18 @@ function onKey(ev) {
   const t = ev.target;
   if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT")) return;
   const k = ev.key.toLowerCase();
+  if (k === "escape") { $("zoom").hidden = true; $("help").hidden = true; return; }
+  if (k === "?") { ev.preventDefault(); $("help").hidden = !$("help").hidden; return; }
+  if (k === "z") { ev.preventDefault(); toggleZoom(); return; }
+  if (k === "r") { ev.preventDefault(); reveal(); return; }
   let action = null;
   if (k === "a") action = () => decideByKey("allow");
   else if (k === "b") action = () => decideByKey("block");
   else if (k === "s") action = skipByKey;
+  else if (k === "u") action = undo;
   if (action) {
     ev.preventDefault();
+    clearErrors();
     state.keys = state.keys.then(action).catch((e) => setStatus(e.message, true));
   }
 }
@@ -316,14 +320,20 @@ async function showImage(d) {
   const img = $("image");
   const boxes = $("boxes");
   boxes.replaceChildren();
+  $("figure").classList.remove("revealed");
+  $("zoom").classList.remove("revealed");
+  $("zoom").hidden = true;
+  $("zoom-image").removeAttribute("src");
   if (state.imageUrl) { URL.revokeObjectURL(state.imageUrl); state.imageUrl = null; }
   if (!d.image_url) {
     img.removeAttribute("src");
     $("figure").hidden = true;
+    $("reveal").hidden = true;
     $("no-image").hidden = false;
     return;
   }
   $("figure").hidden = false;
+  $("reveal").hidden = false;
   $("no-image").hidden = true;
   const resp = await fetch(d.image_url, { headers: headers() });
   if (!resp.ok) throw new Error("image: " + resp.status);
@@ -333,6 +343,7 @@ async function showImage(d) {
     img.onerror = () => reject(new Error("the browser cannot display this image"));
     img.src = state.imageUrl;
   });
+  $("zoom-image").src = state.imageUrl;
   // Boxes are in pixels of the upright (EXIF-corrected) image, as the browser shows it.
   const w = img.naturalWidth, h = img.naturalHeight;
   for (const b of d.record.boxes || []) {
@@ -442,6 +453,8 @@ async function submitReview(body) {
     });
     status.textContent = "Saved: " + r.action + " \u2192 " + r.verdict + " by " + r.reviewer + " at " + r.created_at;
     status.dataset.reviewId = String(r.id);
+    countDecision(r.verdict, 1);
+    offerUndo(r);
     const fresh = await api("/v1/decisions/" + d.id);
     showReviews(fresh.reviews || []);
     if (state.claimed === d.id) showClaim(null);
@@ -476,11 +489,24 @@ async function init() {
   $("upload-policy").addEventListener("change", fillRules);
   $("q-policy").addEventListener("change", () => { fillQueueFilters(); loadQueue().catch((e) => setStatus(e.message, true)); });
   for (const id of ["q-rules", "q-verdict", "q-product", "q-since", "q-until"]) {
-    $(id).addEventListener("change", () => { state.skip = []; loadQueue().catch((e) => setStatus(e.message, true)); });
+    $(id).addEventListener("change", () => { clearErrors(); loadQueue().catch((e) => setStatus(e.message, true)); });
   }
-  $("queue-start").addEventListener("click", () => { state.skip = []; claimNext().catch((e) => setStatus(e.message, true)); });
+  $("queue-start").addEventListener("click", () => {
+    // skipped items stay skipped (after a reload too) until only they are left: then start over with them
+    clearErrors();
+    if (state.onlySkippedLeft) { state.skip = []; saveSkip(); showProgress(); }
+    claimNext().catch((e) => setStatus(e.message, true)); });
   $("queue-refresh").addEventListener("click", () => loadQueue().catch((e) => setStatus(e.message, true)));
   document.addEventListener("keydown", onKey);
+  applyBlur(localStorage.getItem("icm-blur") !== "off");
+  $("blur-toggle").addEventListener("change", () => applyBlur($("blur-toggle").checked));
+  $("reveal").addEventListener("click", reveal);
+  $("figure").addEventListener("click", toggleZoom);
+  $("zoom").addEventListener("click", () => { $("zoom").hidden = true; });
+  $("help-open").addEventListener("click", () => { $("help").hidden = !$("help").hidden; });
+  $("help-close").addEventListener("click", () => { $("help").hidden = true; });
+  $("undo").addEventListener("click", () => { state.keys = state.keys.then(undo).catch((e) => setStatus(e.message, true)); });
+  showProgress();
   $("filter").addEventListener("change", () => loadDecisions(false).catch((e) => setStatus(e.message, true)));
   $("refresh").addEventListener("click", () => loadDecisions(false).catch((e) => setStatus(e.message, true)));
   $("more").addEventListener("click", () => loadDecisions(true).catch((e) => setStatus(e.message, true)));

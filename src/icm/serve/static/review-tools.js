@@ -1,0 +1,108 @@
+// The review page's tools for a day's work (issue 21): what the tab remembers, the session's
+// progress, blur, zoom and undo. Loaded before review.js, whose globals ($, state, api) these
+// functions use when called.
+"use strict";
+
+// What this tab remembers (sessionStorage): the items skipped and the decisions made.
+function loadJSON(key, fallback) {
+  try {
+    const v = JSON.parse(sessionStorage.getItem(key) || "null");
+    return v === null ? fallback : v;
+  } catch (e) {
+    return fallback;
+  }
+}
+
+function saveSkip() {
+  sessionStorage.setItem("icm-skip", JSON.stringify(state.skip));
+}
+
+function showProgress() {
+  const p = state.progress;
+  const n = p.allow + p.block;
+  $("progress").textContent = "This session: " + n + " decided (" + p.allow + " allow, " + p.block + " block)"
+    + (p.undone ? ", " + p.undone + " undone" : "") + (state.skip.length ? ", " + state.skip.length + " skipped" : "");
+}
+
+function countDecision(verdict, delta) {
+  if (verdict !== "allow" && verdict !== "block") return;
+  state.progress[verdict] = Math.max(0, state.progress[verdict] + delta);
+  if (delta < 0) state.progress.undone += 1;
+  sessionStorage.setItem("icm-progress", JSON.stringify(state.progress));
+  showProgress();
+}
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+function fmt(p) {
+  return p === null || p === undefined ? "-" : Number(p).toFixed(3);
+}
+
+function setStatus(text, isError) {
+  const s = $("status");
+  s.textContent = text || "";
+  s.className = isError ? "error" : "muted";
+}
+
+// ------------------------------------------------------------------ blur, zoom, undo
+
+function applyBlur(on) {
+  document.body.classList.toggle("blur", on);
+  $("blur-toggle").checked = on;
+  localStorage.setItem("icm-blur", on ? "on" : "off");
+}
+
+function reveal() {
+  $("figure").classList.toggle("revealed");
+  $("zoom").classList.toggle("revealed", $("figure").classList.contains("revealed"));
+}
+
+function toggleZoom() {
+  if (!$("zoom").hidden) { $("zoom").hidden = true; return; }
+  if ($("zoom-image").getAttribute("src")) $("zoom").hidden = false;
+}
+
+// The last review this tab saved can be withdrawn for state.undoSeconds (the server checks it).
+function offerUndo(r) {
+  clearInterval(state.undoTimer);
+  if (!(state.undoSeconds > 0)) return;
+  state.lastReview = { decisionId: r.decision_id, reviewId: r.id, verdict: r.verdict, until: Date.now() + 1000 * state.undoSeconds };
+  const tick = () => {
+    const left = state.lastReview ? Math.round((state.lastReview.until - Date.now()) / 1000) : 0;
+    if (left <= 0) { hideUndo(); return; }
+    $("undo-text").textContent = "#" + state.lastReview.decisionId + " → " + state.lastReview.verdict + " saved; undo for " + left + " s.";
+  };
+  $("undo-bar").hidden = false;
+  tick();
+  state.undoTimer = setInterval(tick, 1000);
+}
+
+function hideUndo() {
+  clearInterval(state.undoTimer);
+  state.lastReview = null;
+  $("undo-bar").hidden = true;
+}
+
+async function undo() {
+  const last = state.lastReview;
+  if (!last || Date.now() > last.until) return;
+  hideUndo();
+  const q = reviewerName() ? "?reviewer=" + encodeURIComponent(reviewerName()) : "";
+  // give back what was claimed meanwhile: the undone item is reviewed again first
+  if (state.claimed && state.claimed !== last.decisionId) {
+    const held = state.claimed;
+    showClaim(null);
+    await api("/v1/decisions/" + held + "/claim" + q, { method: "DELETE" }).catch(() => {});
+  }
+  await api("/v1/decisions/" + last.decisionId + "/reviews/" + last.reviewId + q, { method: "DELETE" });
+  countDecision(last.verdict, -1);
+  setStatus("Undone: decision #" + last.decisionId + " is waiting for your review again.");
+  await loadDecisions(false);
+  await claimOne(last.decisionId);
+}
+
