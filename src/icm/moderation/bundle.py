@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from icm.moderation.backends.base import Answer, Backend, BackendConfigError
+from icm.moderation.corroborate import SEVERITY
 from icm.moderation.engine import Moderator, Prefetched
 from icm.moderation.files import moderate_files, moderate_in_batches
 from icm.moderation.images import DEFAULT_MAX_FRAMES, LoadedImage
@@ -34,9 +35,6 @@ from icm.policy.bundle import Bundle, bundle_members, load_bundle
 from icm.policy.taxonomy import SCHEMES, merge_scores
 
 log = logging.getLogger(__name__)
-
-_SEVERITY: dict[str | None, int] = {"allow": 0, "review": 1, "block": 2}
-
 
 def parse_bundle_ref(ref: str | Path, rules: str | None = None) -> tuple[Bundle, str | None] | None:
     """``BUNDLE[:RULES]`` (a built-in name or a bundle YAML path) as (bundle, rules); None when not a bundle.
@@ -187,7 +185,7 @@ def overview(records: Sequence[ModerationRecord]) -> BundleOverview:
     verdicts = {r.policy: (r.verdict if r.ok else None) for r in records}
     errors = {r.policy: r.error or "" for r in records if not r.ok}
     judged = [r.verdict for r in records if r.ok and r.verdict is not None]
-    worst = max(judged, key=lambda v: _SEVERITY.get(v, -1)) if judged and not errors else None
+    worst = max(judged, key=lambda v: SEVERITY.get(v or "", -1)) if judged and not errors else None
     names = [n for n in SCHEMES if any(n in r.category_scores or n in r.flagged_categories for r in records)]
     scores = {n: merge_scores(r.category_scores.get(n, {}) for r in records) for n in names}
     flagged = {

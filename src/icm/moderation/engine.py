@@ -32,7 +32,7 @@ from icm.moderation.backends.base import (
     YesNoScore,
 )
 from icm.moderation.comparison import fmt_against, verdict_comparison
-from icm.moderation.corroborate import aggregate_video, frame_verdict
+from icm.moderation.corroborate import SEVERITY, aggregate_video, frame_verdict
 from icm.moderation.files import moderate_files, moderate_in_batches
 from icm.moderation.images import DEFAULT_MAX_FRAMES, FrameView, LoadedImage
 from icm.moderation.record import BoxRecord, FrameScore, ModerationRecord, TermScore, Timings
@@ -460,9 +460,6 @@ class Moderator:
         return moderate_files(paths, self.moderate_loaded, self.error_record,
                               max_pixels=max_pixels, max_frames=max_frames, fps=fps)
 
-_SEVERITY = {"allow": 0, "review": 1, "block": 2}
-
-
 def _worst_view(records: Sequence[ModerationRecord]) -> int:
     """The view an image is judged by: the most severe verdict, then the highest P(violation), then the earliest.
 
@@ -472,7 +469,7 @@ def _worst_view(records: Sequence[ModerationRecord]) -> int:
     """
     def key(i: int) -> tuple[int, float, int]:
         r = records[i]
-        return (_SEVERITY.get(r.verdict or "", -1), r.p_violation if r.p_violation is not None else -1.0, -i)
+        return (SEVERITY.get(r.verdict or "", -1), r.p_violation if r.p_violation is not None else -1.0, -i)
 
     return max(range(len(records)), key=key)
 
