@@ -38,25 +38,9 @@ from icm.cli.main import app
 from icm.moderation.job import read_records
 
 from fake_openai import MODEL, FakeOpenAIServer, Reply, fake_openai_server, text_body, vllm_error, vllm_logprobs_body
+from square_policy import square_policy
 
-POLICY = """
-name: vlm-check
-term: {id: red, question: "Is the image red? [k=term]"}
-attributes:
-  - id: hue
-    question: "Which colour is the square? [k=hue]"
-    values:
-      - {id: red, description: Red}
-      - {id: blue, description: Blue}
-products:
-  - {id: red_square, assignment: {hue: red}, description: A red square.}
-  - {id: blue_square, assignment: {hue: blue}, positive: false, description: A blue square.}
-rule_sets:
-  - name: no-red
-    audience: everyone
-    rules: [{products: [blue_square], label: allow}]
-    default: violate
-"""
+POLICY = square_policy("vlm-check")
 runner = CliRunner()
 
 # ------------------------------------------------------------------ replies real VLMs give
