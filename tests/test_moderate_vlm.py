@@ -22,7 +22,6 @@ What a user relies on, checked through the real CLI, job, engine and backend:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from typer.testing import CliRunner
 from icm.cli.main import app
 from icm.moderation.job import read_records
 
-from fake_openai import MODEL, FakeOpenAIServer, Reply, fake_openai_server, text_body, vllm_error, vllm_logprobs_body
+from fake_openai import MODEL, FakeOpenAIServer, Reply, text_body, vllm_error, vllm_logprobs_body
 from square_policy import square_policy
 
 POLICY = square_policy("vlm-check")
@@ -84,18 +83,6 @@ def _image(path: Path, colour: tuple[int, int, int]) -> Path:
 
 
 # ------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def vlm() -> Iterator[tuple[FakeOpenAIServer, str]]:
-    with fake_openai_server() as running:
-        yield running
-
-
-@pytest.fixture()
-def fake(vlm: tuple[FakeOpenAIServer, str]) -> FakeOpenAIServer:
-    vlm[0].reset()
-    return vlm[0]
 
 
 @pytest.fixture()
