@@ -1,15 +1,19 @@
-"""Scaffolding the server's tests share: a scripted backend, PNG bytes, a live server in a thread."""
+"""Scaffolding the server's tests share: a scripted backend, PNG bytes, a live server in a thread,
+a fresh PostgreSQL schema."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from icm.moderation.backends.base import Backend, Box, Choice, NotJudged, YesNoScore
@@ -102,3 +106,28 @@ def live_server(app: Any, **options: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+PG_SKIP = "set ICM_TEST_POSTGRES_URL (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/icm_test) to test PostgreSQL"
+
+
+@contextlib.contextmanager
+def postgres_schema(schema: str) -> Iterator[str]:
+    """ICM_TEST_POSTGRES_URL with a fresh ``schema`` on the search path (dropped afterwards); skips without it."""
+    url = os.environ.get("ICM_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip(PG_SKIP)
+    pytest.importorskip("psycopg")
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in url else "?"
+    try:
+        yield url + sep + "options=" + quote(f"-csearch_path={schema}", safe="")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        engine.dispose()
