@@ -1,14 +1,19 @@
 """Scaffolding the server's tests share: a scripted backend, PNG bytes, a live server in a thread,
-a fresh PostgreSQL schema."""
+a fresh PostgreSQL schema,
+a server script in its own process (and its memory from /proc)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -131,3 +136,42 @@ def postgres_schema(schema: str) -> Iterator[str]:
         with engine.begin() as conn:
             conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         engine.dispose()
+
+
+@contextlib.contextmanager
+def server_process(script: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run ``script`` (``python -c``; argv: a database file under ``tmp_path`` and a free loopback port)
+    until its ``/healthz`` answers (60 s at most; the assertion shows its log); yield the process and its
+    URL, and kill it afterwards."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "d.sqlite"), str(port)],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield proc, url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A memory figure of a process (``VmRSS``, ``VmHWM``, ...) in KiB, from /proc/PID/status (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/PID/status")
