@@ -6,7 +6,9 @@ by name (this folder is on ``sys.path``):
 * ``serve_helpers``: ``ColourBackend`` (a scripted model whose evidence is redness),
   ``png()`` and ``live_server(app)``, the one uvicorn-in-a-thread harness;
 * ``fake_openai``: ``FakeOpenAIServer``, a scripted OpenAI-compatible server
-  (``fake_openai_server()`` runs it), and vLLM/Ollama-shaped response bodies;
+  (``fake_openai_server()`` runs it, one per test module behind the ``vlm`` and ``fake``
+  fixtures below), and vLLM/Ollama-shaped response bodies;
+* ``square_policy``: the red/blue square policy YAML those tests and the tiny LLaVA's moderate with;
 * ``openai_recorder``: a server that records the requests an OpenAI client sends;
 * ``tiny_models``: tiny local VLMs (behind the ``tiny_*_path`` fixtures below).
 """
@@ -16,9 +18,14 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from fake_openai import FakeOpenAIServer
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = Path(os.environ.get("ICM_SEED_DIR", REPO.parent / "shared" / "seed"))
@@ -118,6 +125,22 @@ def color_adapter_path(tiny_llava_path: Path, tiny_models_dir: Path) -> Path:
         return train_color_adapter(tiny_llava_path, tiny_models_dir / "color-adapter")
     except AdapterNotTrained as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def vlm() -> Iterator[tuple[FakeOpenAIServer, str]]:
+    """tests/fake_openai.py's server on 127.0.0.1 and its base URL, one per test module (fastapi, uvicorn)."""
+    from fake_openai import fake_openai_server
+
+    with fake_openai_server() as running:
+        yield running
+
+
+@pytest.fixture()
+def fake(vlm: tuple[FakeOpenAIServer, str]) -> FakeOpenAIServer:
+    """The module's fake server, its scripts and recorded requests cleared."""
+    vlm[0].reset()
+    return vlm[0]
 
 
 # --------------------------------------------------------------------------- unexpected skips

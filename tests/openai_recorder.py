@@ -43,6 +43,17 @@ def _reply(model: Any) -> bytes:
 
 
 @contextmanager
+def _serving(httpd: ThreadingHTTPServer) -> Iterator[str]:
+    """Serve ``httpd`` in a thread and yield its base URL; shut it down afterwards."""
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@contextmanager
 def recording_server() -> Iterator[Recorded]:
     """Serve on a free loopback port for the duration of the block."""
     rec = Recorded(url="")
@@ -61,14 +72,8 @@ def recording_server() -> Iterator[Recorded]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    rec.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    try:
+    with _serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as rec.url:
         yield rec
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 # --------------------------------------------------------------------------- misbehaving servers
@@ -152,11 +157,5 @@ def misbehaving_server(
         request_queue_size = 128  # the default backlog of 5 makes the 6th concurrent client wait a second
         daemon_threads = True
 
-    httpd = Server(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    rec.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    try:
+    with _serving(Server(("127.0.0.1", 0), Handler)) as rec.url:
         yield rec
-    finally:
-        httpd.shutdown()
-        httpd.server_close()

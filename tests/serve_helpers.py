@@ -1,15 +1,24 @@
-"""Scaffolding the server's tests share: a scripted backend, PNG bytes, a live server in a thread."""
+"""Scaffolding the server's tests share: a scripted backend, PNG bytes, a live server in a thread,
+a fresh PostgreSQL schema,
+a server script in its own process (and its memory from /proc)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from icm.moderation.backends.base import Backend, Box, Choice, NotJudged, YesNoScore
@@ -102,3 +111,67 @@ def live_server(app: Any, **options: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+PG_SKIP = "set ICM_TEST_POSTGRES_URL (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/icm_test) to test PostgreSQL"
+
+
+@contextlib.contextmanager
+def postgres_schema(schema: str) -> Iterator[str]:
+    """ICM_TEST_POSTGRES_URL with a fresh ``schema`` on the search path (dropped afterwards); skips without it."""
+    url = os.environ.get("ICM_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip(PG_SKIP)
+    pytest.importorskip("psycopg")
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in url else "?"
+    try:
+        yield url + sep + "options=" + quote(f"-csearch_path={schema}", safe="")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def server_process(script: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run ``script`` (``python -c``; argv: a database file under ``tmp_path`` and a free loopback port)
+    until its ``/healthz`` answers (60 s at most; the assertion shows its log); yield the process and its
+    URL, and kill it afterwards."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "d.sqlite"), str(port)],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield proc, url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A memory figure of a process (``VmRSS``, ``VmHWM``, ...) in KiB, from /proc/PID/status (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/PID/status")

@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import io
 import json
-import socket
 import struct
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import pytest
 from PIL import Image
 
 from icm.moderation.images import ImageLoadError, load_image
+
+from serve_helpers import server_process, status_kib
 
 GB = 1024**3
 CLI_BOUND = 1.5 * GB
@@ -178,13 +179,6 @@ uvicorn.run(create_app(cfg, moderator=Moderator(Small(), policy="icm-sexy")), ho
 """
 
 
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/PID/status")
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc (Linux)")
 def test_sixteen_concurrent_thumbnails_and_hostile_uploads_grow_the_server_by_under_1_gb(tmp_path):
     """16 concurrent thumbnails of one kept 6300x6300 PNG (they took the server from 580 MB to
@@ -196,34 +190,17 @@ def test_sixteen_concurrent_thumbnails_and_hostile_uploads_grow_the_server_by_un
     big_png = png_bytes((6300, 6300))
     gif = gif_growing(15, 6000)
     tiff = tiff_growing(2, 6300)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(tmp_path / "d.sqlite"), str(port)],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    with server_process(SERVER, tmp_path) as (proc, url):
 
-    async def burst(make) -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-            return await asyncio.gather(*[make(client, i) for i in range(16)])
+        async def burst(make) -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+                return await asyncio.gather(*[make(client, i) for i in range(16)])
 
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         small = httpx.post(url + "/v1/moderate", files={"image": ("s.png", png_bytes((40, 30)), "image/png")}, timeout=30)
         assert small.status_code == 200, small.text
         thumb = httpx.get(f"{url}/v1/images/{small.json()['record']['sha256']}/thumbnail", timeout=30)
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
-        idle = _status_kib(proc.pid, "VmRSS")
+        idle = status_kib(proc.pid, "VmRSS")
 
         kept = httpx.post(url + "/v1/moderate", files={"image": ("big.png", big_png, "image/png")}, timeout=120)
         assert kept.status_code == 200, kept.text
@@ -239,10 +216,7 @@ def test_sixteen_concurrent_thumbnails_and_hostile_uploads_grow_the_server_by_un
 
         tiffs = asyncio.run(burst(lambda c, i: c.post("/v1/moderate", files={"image": (f"{i}.tif", tiff, "image/tiff")})))
         assert [r.status_code for r in tiffs] == [200] * 16, [r.text[:200] for r in tiffs]
-        peak = _status_kib(proc.pid, "VmHWM")
-    finally:
-        proc.kill()
-        proc.wait()
+        peak = status_kib(proc.pid, "VmHWM")
     grew = (peak - idle) * 1024
     print(f"server: idle {idle / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB, grew {grew / 2**20:.0f} MiB")
     assert grew < 1 * GB, f"the server grew by {grew / 2**20:.0f} MiB over its idle {idle / 1024:.0f} MiB"

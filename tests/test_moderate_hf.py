@@ -14,29 +14,13 @@ from typer.testing import CliRunner
 from icm.cli.main import app
 from icm.moderation.job import read_records
 
+from square_policy import square_policy
 from tiny_models import COLOR_P_CORRECT, held_out_squares, square_image
 
-POLICY = """
-name: redness
-term: {id: red, question: "Is the image red?"}
-attributes:
-  - id: hue
-    question: "Which colour is the square?"
-    values:
-      - {id: red, description: Red}
-      - {id: blue, description: Blue}
-products:
-  - {id: red_square, assignment: {hue: red}, description: A red square.}
-  - {id: blue_square, assignment: {hue: blue}, positive: false, description: A blue square.}
-rule_sets:
-  - name: no-red
-    audience: everyone
-    rules: [{products: [blue_square], label: allow}]
-    default: violate
-  - name: anything-goes
+POLICY = square_policy("redness", tags=False, extra_rule_sets="""  - name: anything-goes
     audience: everyone
     rules: [{products: [red_square, blue_square], label: allow}]
-"""
+""")
 
 
 def test_moderate_with_a_tuned_adapter_through_the_cli(tmp_path, tiny_llava_path, color_adapter_path):

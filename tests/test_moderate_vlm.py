@@ -22,7 +22,6 @@ What a user relies on, checked through the real CLI, job, engine and backend:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +36,10 @@ from typer.testing import CliRunner
 from icm.cli.main import app
 from icm.moderation.job import read_records
 
-from fake_openai import MODEL, FakeOpenAIServer, Reply, fake_openai_server, text_body, vllm_error, vllm_logprobs_body
+from fake_openai import MODEL, FakeOpenAIServer, Reply, text_body, vllm_error, vllm_logprobs_body
+from square_policy import square_policy
 
-POLICY = """
-name: vlm-check
-term: {id: red, question: "Is the image red? [k=term]"}
-attributes:
-  - id: hue
-    question: "Which colour is the square? [k=hue]"
-    values:
-      - {id: red, description: Red}
-      - {id: blue, description: Blue}
-products:
-  - {id: red_square, assignment: {hue: red}, description: A red square.}
-  - {id: blue_square, assignment: {hue: blue}, positive: false, description: A blue square.}
-rule_sets:
-  - name: no-red
-    audience: everyone
-    rules: [{products: [blue_square], label: allow}]
-    default: violate
-"""
+POLICY = square_policy("vlm-check")
 runner = CliRunner()
 
 # ------------------------------------------------------------------ replies real VLMs give
@@ -100,18 +83,6 @@ def _image(path: Path, colour: tuple[int, int, int]) -> Path:
 
 
 # ------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def vlm() -> Iterator[tuple[FakeOpenAIServer, str]]:
-    with fake_openai_server() as running:
-        yield running
-
-
-@pytest.fixture()
-def fake(vlm: tuple[FakeOpenAIServer, str]) -> FakeOpenAIServer:
-    vlm[0].reset()
-    return vlm[0]
 
 
 @pytest.fixture()

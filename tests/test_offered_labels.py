@@ -28,7 +28,7 @@ from icm.moderation.backends.base import Choice, NotJudged, Query
 from icm.moderation.backends.openai_compat import OpenAIBackend
 from icm.moderation.job import read_records
 
-from fake_openai import MODEL, FakeOpenAIServer, Reply, fake_openai_server, text_body, vllm_logprobs_body
+from fake_openai import MODEL, FakeOpenAIServer, Reply, text_body, vllm_logprobs_body
 
 # Three regions, like icm-sexy's body-region attribute: upper -> B, lower -> C, legs -> D.
 POLICY = """
@@ -61,18 +61,6 @@ runner = CliRunner()
 def _with_text(body: dict[str, Any], text: str) -> dict[str, Any]:
     body["choices"][0]["message"]["content"] = text
     return body
-
-
-@pytest.fixture(scope="module")
-def vlm() -> Iterator[tuple[FakeOpenAIServer, str]]:
-    with fake_openai_server() as running:
-        yield running
-
-
-@pytest.fixture()
-def fake(vlm: tuple[FakeOpenAIServer, str]) -> FakeOpenAIServer:
-    vlm[0].reset()
-    return vlm[0]
 
 
 @pytest.fixture()

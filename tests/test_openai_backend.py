@@ -37,28 +37,16 @@ from icm.moderation.backends.openai_parsing import (
 )
 from icm.policy.prompts_format import moderation_choice_prompt, yes_no_prompt
 
-from fake_openai import MODEL, FakeOpenAIServer, Reply, fake_openai_server, text_body, vllm_error, vllm_logprobs_body
-
-
-@pytest.fixture(scope="module")
-def server_url() -> Iterator[tuple[FakeOpenAIServer, str]]:
-    with fake_openai_server() as running:
-        yield running
+from fake_openai import MODEL, FakeOpenAIServer, Reply, text_body, vllm_error, vllm_logprobs_body
 
 
 @pytest.fixture()
-def fake(server_url: tuple[FakeOpenAIServer, str]) -> FakeOpenAIServer:
-    server_url[0].reset()
-    return server_url[0]
-
-
-@pytest.fixture()
-def make_backend(server_url: tuple[FakeOpenAIServer, str]) -> Iterator[Any]:
+def make_backend(vlm: tuple[FakeOpenAIServer, str]) -> Iterator[Any]:
     made: list[OpenAIBackend] = []
 
     def make(**kw: Any) -> OpenAIBackend:
         opts: dict[str, Any] = dict(
-            model=MODEL, base_url=server_url[1], api_key="sk-test", timeout=2.0, max_retries=2, backoff_base=0.01
+            model=MODEL, base_url=vlm[1], api_key="sk-test", timeout=2.0, max_retries=2, backoff_base=0.01
         )
         opts.update(kw)
         backend = OpenAIBackend(**opts)
@@ -317,7 +305,7 @@ def test_connection_refused_is_retried_then_reported(make_backend: Any) -> None:
 
 
 def test_connection_lost_after_answers_is_a_per_item_failure(
-    server_url: tuple[FakeOpenAIServer, str], fake: FakeOpenAIServer, make_backend: Any
+    vlm: tuple[FakeOpenAIServer, str], fake: FakeOpenAIServer, make_backend: Any
 ) -> None:
     """A server that answered before and then goes away: the items fail (and are retried by
     --resume), the job is not stopped as misconfigured."""
@@ -335,12 +323,12 @@ def test_connection_lost_after_answers_is_a_per_item_failure(
 
 
 def test_api_key_and_base_url_come_from_the_environment(
-    server_url: tuple[FakeOpenAIServer, str],
+    vlm: tuple[FakeOpenAIServer, str],
     fake: FakeOpenAIServer,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setenv("ICM_OPENAI_BASE_URL", server_url[1])
+    monkeypatch.setenv("ICM_OPENAI_BASE_URL", vlm[1])
     monkeypatch.setenv("ICM_OPENAI_API_KEY", "sk-icm-secret-123")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-other")
     fake.script("autherr", Reply(400, json=vllm_error(400, "bad request")))

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from PIL import Image
@@ -26,6 +25,8 @@ pytest.importorskip("uvicorn")
 sa = pytest.importorskip("sqlalchemy")
 pytest.importorskip("psycopg")
 import httpx
+
+from serve_helpers import postgres_schema
 
 
 def _free_port() -> int:
@@ -43,21 +44,8 @@ def _image(i: int) -> bytes:
 @pytest.fixture
 def pg_url():
     """ICM_TEST_POSTGRES_URL with a fresh schema on the search path (dropped afterwards)."""
-    url = os.environ.get("ICM_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("set ICM_TEST_POSTGRES_URL (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/icm_test) to test PostgreSQL")
-    schema = f"icm_replicas_{os.getpid()}"
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in url else "?"
-    try:
-        yield url + sep + "options=" + quote(f"-csearch_path={schema}", safe="")
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        engine.dispose()
+    with postgres_schema(f"icm_replicas_{os.getpid()}") as url:
+        yield url
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:

@@ -12,9 +12,6 @@ import hashlib
 import io
 import logging
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -36,6 +33,8 @@ from icm.moderation.backends.base import Backend, YesNoScore
 from icm.moderation.engine import Moderator
 from icm.serve import ServeConfig, create_app
 from icm.serve.store import DecisionStore, ImageStore
+
+from serve_helpers import server_process, status_kib
 
 LOCAL = ("127.0.0.1", 50123)
 BASE = "http://127.0.0.1:8000"  # a Host the server accepts without keys
@@ -347,20 +346,6 @@ def test_queued_memory_is_bounded_with_503_and_retry_after(tmp_path):
     assert busy.headers["retry-after"] == "1" and "MiB" in busy.json()["detail"]
 
 
-def _peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM in /proc/PID/status")
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS in /proc/PID/status")
-
-
 SERVER = r"""
 import sys, uvicorn
 from icm.moderation.backends.base import Backend, YesNoScore
@@ -392,27 +377,10 @@ def test_sixteen_concurrent_40_megapixel_pngs_stay_within_the_memory_bound(tmp_p
     Image.new("RGB", (side, side), (30, 60, 90)).save(buf, format="PNG")
     body = buf.getvalue()
     assert len(body) < 200_000
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(tmp_path / "d.sqlite"), str(port)],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with server_process(SERVER, tmp_path) as (proc, url):
         small = httpx.post(url + "/v1/moderate", files={"image": ("s.png", png((1, 2, 3)), "image/png")}, timeout=30)
         assert small.status_code == 200, small.text
-        idle = _rss_kib(proc.pid)
+        idle = status_kib(proc.pid, "VmRSS")
 
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=300) as client:
@@ -422,10 +390,7 @@ def test_sixteen_concurrent_40_megapixel_pngs_stay_within_the_memory_bound(tmp_p
 
         responses = asyncio.run(burst())
         assert [r.status_code for r in responses] == [200] * 16, [r.text[:200] for r in responses]
-        peak = _peak_rss_kib(proc.pid)
-    finally:
-        proc.kill()
-        proc.wait()
+        peak = status_kib(proc.pid, "VmHWM")
     grew_mb = (peak - idle) / 1024
     print(f"peak {peak / 1024:.0f} MB, idle {idle / 1024:.0f} MB, grew {grew_mb:.0f} MB")
     assert grew_mb < 600, f"peak {peak / 1024:.0f} MB, {grew_mb:.0f} MB over the idle server's {idle / 1024:.0f} MB"

@@ -9,7 +9,6 @@ logprobs).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,33 +26,11 @@ from icm.moderation.engine import Moderator
 from icm.moderation.job import JobSummary, read_records
 from icm.moderation.record import ModerationRecord, TermScore
 
-from fake_openai import MODEL, FakeOpenAIServer, Reply, fake_openai_server, text_body
+from fake_openai import MODEL, FakeOpenAIServer, Reply, text_body
+from square_policy import square_policy
 
-POLICY = """
-name: text-check
-term: {id: red, question: "Is the image red? [k=term]"}
-attributes:
-  - id: hue
-    question: "Which colour is the square? [k=hue]"
-    values:
-      - {id: red, description: Red}
-      - {id: blue, description: Blue}
-products:
-  - {id: red_square, assignment: {hue: red}, description: A red square.}
-  - {id: blue_square, assignment: {hue: blue}, positive: false, description: A blue square.}
-rule_sets:
-  - name: no-red
-    audience: everyone
-    rules: [{products: [blue_square], label: allow}]
-    default: violate
-"""
+POLICY = square_policy("text-check")
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def vlm() -> Iterator[tuple[FakeOpenAIServer, str]]:
-    with fake_openai_server() as running:
-        yield running
 
 
 @pytest.fixture()

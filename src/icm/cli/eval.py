@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,8 +17,13 @@ from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS
 from icm.policy import PolicyError
 
 if TYPE_CHECKING:
+    from icm.evaluation.calibrate import CalibrationReport
+    from icm.evaluation.labels import LabelResolver
     from icm.evaluation.results import ResultSet
+    from icm.evaluation.video_calibrate import VideoCalibrationReport
     from icm.policy import Policy
+
+_Report = TypeVar("_Report", "CalibrationReport", "VideoCalibrationReport")
 
 app = typer.Typer(help="Evaluate moderation: ICM accuracy, moderation Q-A, explanation quality, reports.", no_args_is_help=True)
 
@@ -412,8 +418,7 @@ def calibrate_cmd(
     intervals) and writes the policy with the new thresholds, for `icm moderate --policy FILE`. Exit 1 when a target cannot
     be met (nothing written).
     """
-    from icm.evaluation.calibrate import CalibrationError, calibrate, write_override
-    from icm.evaluation.labels import LabelResolver, read_labels
+    from icm.evaluation.calibrate import calibrate, write_override
     from icm.evaluation.results import read_results
     from icm.evaluation.tables import calibration_tables
 
@@ -441,62 +446,30 @@ def calibrate_cmd(
         return
     if recall_loss is not None or false_block is not None or frame_threshold:
         _fail("--recall-loss, --false-block and --frame-threshold are goals of --video")
-    try:
-        resolver = LabelResolver(pol, rules, labels=read_labels(labels) if labels else None)
-        report = calibrate(rs, resolver, block_precision=block_precision, allow_miss=allow_miss, by=by,  # type: ignore[arg-type]
-                           min_blocked=min_blocked, confidence=confidence, step=step,
-                           labels_source=str(labels) if labels else "file names")
-    except KeyError as exc:
-        _fail(exc.args[0] if exc.args else exc)
-    except (CalibrationError, ValueError) as exc:
-        _fail(exc)
-    written: Path | None = None
-    if report.ok and not dry_run:
-        target = out or Path(f"{pol.name}-{report.rules}-calibrated.yaml")
-        try:
-            written = write_override(report, policy, target)
-        except (CalibrationError, PolicyError, OSError) as exc:
-            _fail(exc)
-    if json_:
-        data = report.model_dump(mode="json")
-        data["written"] = str(written) if written else None
-        print_json(data)
-    else:
+    def run(resolver: LabelResolver, labels_source: str) -> CalibrationReport:
+        return calibrate(rs, resolver, block_precision=block_precision, allow_miss=allow_miss, by=by,  # type: ignore[arg-type]
+                         min_blocked=min_blocked, confidence=confidence, step=step, labels_source=labels_source)
+
+    def show(report: CalibrationReport, written: Path | None) -> None:
         console.print(calibration_tables(report))
         if written:
             console.print(f"policy with the new thresholds: {written}  (icm moderate IMAGES --policy {written} --rules {report.rules})", highlight=False)
         elif not report.ok:
             err_console.print("a target cannot be met on this data: no policy file written", highlight=False)
-    if not report.ok:
-        raise typer.Exit(1)
+
+    _calibrate_and_write(pol, rules, labels, out, dry_run, json_, run, lambda r, t: write_override(r, policy, t), show)
 
 
 def _calibrate_video(rs: ResultSet, pol: Policy, policy: str, rules: str | None, labels: Path | None, recall_loss: float | None,
                      false_block: float | None, frame_threshold: bool, confidence: float, out: Path | None, dry_run: bool,
                      json_: bool) -> None:
-    from icm.evaluation.calibrate import CalibrationError
-    from icm.evaluation.labels import LabelResolver, read_labels
     from icm.evaluation.video_calibrate import calibrate_video, video_table, write_video_override
 
-    try:
-        resolver = LabelResolver(pol, rules, labels=read_labels(labels) if labels else None)
-        report = calibrate_video(rs, resolver, recall_loss=recall_loss, false_block=false_block, frame_threshold=frame_threshold,
-                                 confidence=confidence, labels_source=str(labels) if labels else "file names")
-    except KeyError as exc:
-        _fail(exc.args[0] if exc.args else exc)
-    except (CalibrationError, ValueError) as exc:
-        _fail(exc)
-    written: Path | None = None
-    if report.ok and not dry_run:
-        try:
-            written = write_video_override(report, policy, out or Path(f"{pol.name}-{report.rules}-calibrated.yaml"))
-        except (CalibrationError, PolicyError, OSError) as exc:
-            _fail(exc)
-    if json_:
-        data = report.model_dump(mode="json")
-        data["written"] = str(written) if written else None
-        print_json(data)
-    else:
+    def run(resolver: LabelResolver, labels_source: str) -> VideoCalibrationReport:
+        return calibrate_video(rs, resolver, recall_loss=recall_loss, false_block=false_block, frame_threshold=frame_threshold,
+                               confidence=confidence, labels_source=labels_source)
+
+    def show(report: VideoCalibrationReport, written: Path | None) -> None:
         console.print(video_table(report))
         for n in report.notes:
             console.print(Text(f"note: {n}", style="yellow"), highlight=False)
@@ -506,6 +479,37 @@ def _calibrate_video(rs: ResultSet, pol: Policy, policy: str, rules: str | None,
                           highlight=False)
         elif not report.ok:
             err_console.print("the video goal cannot be met on this data: no policy file written", highlight=False)
+
+    _calibrate_and_write(pol, rules, labels, out, dry_run, json_, run, lambda r, t: write_video_override(r, policy, t), show)
+
+
+def _calibrate_and_write(pol: Policy, rules: str | None, labels: Path | None, out: Path | None, dry_run: bool, json_: bool,
+                         run: Callable[[LabelResolver, str], _Report], write: Callable[[_Report, Path], Path],
+                         show: Callable[[_Report, Path | None], None]) -> None:
+    """What ``eval calibrate`` and ``eval calibrate --video`` share: label, calibrate (``run``), write the policy when the
+    goal is met (unless ``dry_run``), print the report (JSON or ``show``); exit 1 when the goal is not met."""
+    from icm.evaluation.calibrate import CalibrationError
+    from icm.evaluation.labels import LabelResolver, read_labels
+
+    try:
+        resolver = LabelResolver(pol, rules, labels=read_labels(labels) if labels else None)
+        report = run(resolver, str(labels) if labels else "file names")
+    except KeyError as exc:
+        _fail(exc.args[0] if exc.args else exc)
+    except (CalibrationError, ValueError) as exc:
+        _fail(exc)
+    written: Path | None = None
+    if report.ok and not dry_run:
+        try:
+            written = write(report, out or Path(f"{pol.name}-{report.rules}-calibrated.yaml"))
+        except (CalibrationError, PolicyError, OSError) as exc:
+            _fail(exc)
+    if json_:
+        data = report.model_dump(mode="json")
+        data["written"] = str(written) if written else None
+        print_json(data)
+    else:
+        show(report, written)
     if not report.ok:
         raise typer.Exit(1)
 

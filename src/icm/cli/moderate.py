@@ -27,14 +27,20 @@ def _fmt(p: float | None) -> str:
     return "-" if p is None else f"{p:.3f}"
 
 
-def summary_table(summary: JobSummary) -> Table:
-    shown = summary.records[:MAX_ROWS]
+def _run_table(summary: JobSummary, rows: int) -> Table:
+    """A run's table of ``rows`` rows (the first :data:`MAX_ROWS` shown): its title, the image and verdict columns."""
     title = f"{summary.total} images in {summary.seconds:.1f}s"
-    if len(summary.records) > MAX_ROWS:
+    if rows > MAX_ROWS:
         title += f" (first {MAX_ROWS} shown)"
     t = Table(title=title)
     t.add_column("image", overflow="fold")
     t.add_column("verdict")
+    return t
+
+
+def summary_table(summary: JobSummary) -> Table:
+    shown = summary.records[:MAX_ROWS]
+    t = _run_table(summary, len(summary.records))
     t.add_column("P(term)", justify="right")
     t.add_column("P(violation)", justify="right")
     t.add_column("product / rule", overflow="fold")
@@ -62,12 +68,7 @@ def summary_table(summary: JobSummary) -> Table:
 def bundle_table(summary: JobSummary, records: list[ModerationRecord]) -> Table:
     """A bundle's run: per image the worst verdict of its policies and the flagged openai categories."""
     rows = overviews(records)
-    title = f"{summary.total} images in {summary.seconds:.1f}s"
-    if len(rows) > MAX_ROWS:
-        title += f" (first {MAX_ROWS} shown)"
-    t = Table(title=title)
-    t.add_column("image", overflow="fold")
-    t.add_column("verdict")
+    t = _run_table(summary, len(rows))
     t.add_column("flagged (openai)", overflow="fold")
     t.add_column("policies not allowing", overflow="fold")
     for o in rows[:MAX_ROWS]:

@@ -33,7 +33,7 @@ from icm.data.quality import check_explanation
 from icm.policy import Policy, Product
 from icm.policy.prompts_format import CHOICE_INSTRUCTION, YES_NO_INSTRUCTION, option_labels, option_letters
 
-__all__ = ["policy_qa_table", "policy_reply", "policy_texts"]
+__all__ = ["policy_qa_table", "policy_reply", "policy_texts", "qa_request"]
 
 _KNOWN = re.compile(r"^\s*it is known that\s+", re.IGNORECASE)
 _COUNTS_RE = re.compile(
@@ -190,18 +190,26 @@ def _image_product(policy: Policy, image_bytes: bytes) -> Product:
     return policy.products[h % len(policy.products)]
 
 
+def qa_request(prompt: str) -> tuple[str, dict[str, int]] | None:
+    """The explanation and the asked question counts (``yes_no``, ``choice``, ``what``, ``how``;
+    4, 5, 3, 3 when the prompt does not say) of a Q-A generation prompt; None for another prompt."""
+    from icm.policy.prompts import QA_GENERATION
+
+    if not prompt.startswith(QA_GENERATION.split("{", 1)[0]):
+        return None
+    m = _COUNTS_RE.search(prompt)
+    n = [int(x) for x in m.groups()] if m else [4, 5, 3, 3]
+    counts = dict(zip(("yes_no", "choice", "what", "how"), n, strict=True))
+    return prompt.split("Explanation:", 1)[-1].split("\n\nWrite question-answer pairs", 1)[0], counts
+
+
 def policy_reply(policy: Policy, prompt: str, image_bytes: bytes | None) -> tuple[str, list[tuple[str, float]] | None]:
     """The answer (text, and logprobs for a moderation question) to a request whose last
     user text is ``prompt`` and whose image (if any) has the bytes ``image_bytes``."""
-    from icm.policy.prompts import QA_GENERATION
-
     tables = _tables(policy)
     if image_bytes is None:
-        if prompt.startswith(QA_GENERATION.split("{", 1)[0]):
-            m = _COUNTS_RE.search(prompt)
-            n = [int(x) for x in m.groups()] if m else [4, 5, 3, 3]
-            counts = dict(zip(("yes_no", "choice", "what", "how"), n, strict=True))
-            explanation = prompt.split("Explanation:", 1)[-1].split("\n\nWrite question-answer pairs", 1)[0]
+        if (qa := qa_request(prompt)) is not None:
+            explanation, counts = qa
             pid = tables.explanations.get(_norm(explanation))
             if pid is None:
                 return "The explanation names no product of this policy, so no questions can be written.", None

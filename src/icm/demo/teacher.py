@@ -30,7 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-from icm.demo.policy_teacher import policy_reply
+from icm.demo.policy_teacher import policy_reply, qa_request
 from icm.demo.synth import (
     ACTIONS,
     COLOUR_WORD,
@@ -172,11 +172,6 @@ def _qa_table(text: str, counts: dict[str, int], key: str, term_question: str = 
     return "| type | question | choices | answer |\n|---|---|---|---|\n" + "\n".join(rows)
 
 
-_COUNTS_RE = re.compile(
-    r"(\d+) yes/no questions, (\d+) multiple-choice questions.*?(\d+) 'what' questions and (\d+) 'how' questions", re.S
-)
-
-
 def synth_corpus(policy: Policy | str = SYNTH_POLICY) -> list[str]:
     """Texts of the synthetic task (moderation prompts, instruction wordings, the teacher's
     descriptions, explanations and Q-A tables), to train a tiny model's tokenizer on, so
@@ -257,8 +252,6 @@ def teacher_reply(policy: Policy, messages: list[dict[str, Any]]) -> Reply:
     Requests are recognised by the prompts the policy compiles (:mod:`icm.policy.prompts`),
     so a rewording there needs no change here; the image is read from its pixels.
     """
-    from icm.policy.prompts import QA_GENERATION
-
     last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
     prompt = _text_of(last_user.get("content")) if last_user else ""
     image = _image_of(messages)
@@ -267,11 +260,8 @@ def teacher_reply(policy: Policy, messages: list[dict[str, Any]]) -> Reply:
         return Reply(text, lps)
     term = policy.term
     if image is None:
-        if prompt.startswith(QA_GENERATION.split("{", 1)[0]):
-            m = _COUNTS_RE.search(prompt)
-            n = [int(x) for x in m.groups()] if m else [4, 5, 3, 3]
-            counts = dict(zip(("yes_no", "choice", "what", "how"), n, strict=True))
-            explanation = prompt.split("Explanation:", 1)[-1].split("\n\nWrite question-answer pairs", 1)[0]
+        if (qa := qa_request(prompt)) is not None:
+            explanation, counts = qa
             return Reply(_qa_table(explanation.strip(), counts, hashlib.sha256(explanation.encode()).hexdigest(), term.question))
         return Reply("There is no image to describe in this request.")
     f = read_figure(image)

@@ -37,6 +37,8 @@ between them, on the side of the chosen score (e.g. ``0.7`` for a gap from 0.55 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -46,8 +48,8 @@ import yaml
 from pydantic import BaseModel, Field
 
 from icm.evaluation.gaps import simplest_between, tie_groups
-from icm.evaluation.labels import LabelResolver
-from icm.evaluation.results import ResultSet
+from icm.evaluation.labels import LabelResolver, Truth
+from icm.evaluation.results import ResultItem, ResultSet, Status
 from icm.evaluation.stats import DEFAULT_CONFIDENCE, wilson
 from icm.fileio import atomic_write
 from icm.policy import Policy, decide
@@ -280,6 +282,40 @@ def _grid(step: float, extra: list[float]) -> list[float]:
     return sorted(p for p in pts if 0.0 <= p <= 1.0)
 
 
+@dataclass
+class LeftOut:
+    """Counts of the records :func:`labelled_records` leaves out."""
+
+    failed: int = 0
+    unlabelled: int = 0
+    other_policy: int = 0
+
+
+def labelled_records(
+    items: Iterable[ResultItem], resolver: LabelResolver, left_out: LeftOut
+) -> Iterator[tuple[ResultItem, Status, str | None, Truth]]:
+    """The records a calibration can use, with their status, its reason and their truth; the others are counted in ``left_out``.
+
+    Left out: failed records, records without a label, records written under another policy
+    than ``resolver.policy``; once all are read, any of the last is a :class:`CalibrationError`.
+    """
+    for it in items:
+        status, why = it.status()
+        if status == "failed":
+            left_out.failed += 1
+            continue
+        tr = resolver.truth(it.id, sha256=it.sha256)
+        if tr is None:
+            left_out.unlabelled += 1
+            continue
+        if it.policy is not None and it.policy != resolver.policy.name:
+            left_out.other_policy += 1
+            continue
+        yield it, status, why, tr
+    if left_out.other_policy:
+        raise CalibrationError(f"{left_out.other_policy} record(s) were written under another policy than {resolver.policy.name!r}: pass --policy")
+
+
 def calibrate(
     results: ResultSet,
     resolver: LabelResolver,
@@ -311,21 +347,10 @@ def calibrate(
     high: list[float] = []
     judged: list[bool] = []
     may_allow: list[bool] = []
-    failed = unlabelled = not_judged = re_decided = mismatches = 0
+    not_judged = re_decided = mismatches = 0
     not_judged_why: Counter[str] = Counter()
-    other_policy = 0
-    for it in results.items:
-        status, why = it.status()
-        if status == "failed":
-            failed += 1
-            continue
-        tr = resolver.truth(it.id, sha256=it.sha256)
-        if tr is None:
-            unlabelled += 1
-            continue
-        if it.policy is not None and it.policy != policy.name:
-            other_policy += 1
-            continue
+    left_out = LeftOut()
+    for it, status, why, tr in labelled_records(results.items, resolver, left_out):
         v: bool | None = None
         lo = hi = 0.0
         ok = status == "judged"
@@ -358,8 +383,7 @@ def calibrate(
         high.append(float(hi))
         judged.append(ok)
         may_allow.append(not it.off_format)
-    if other_policy:
-        raise CalibrationError(f"{other_policy} record(s) were written under another policy than {policy.name!r}: pass --policy")
+    failed, unlabelled = left_out.failed, left_out.unlabelled
     if not truth:
         raise CalibrationError(
             f"no record can be calibrated on: {len(results.items)} records, {failed} failed, {unlabelled} without a label "

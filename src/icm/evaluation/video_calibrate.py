@@ -46,7 +46,9 @@ from rich.table import Table
 from icm.evaluation.calibrate import (
     HEADER_END,
     CalibrationError,
+    LeftOut,
     fmt_threshold,
+    labelled_records,
     policy_source_text,
     policy_with_field,
     strip_header,
@@ -275,24 +277,13 @@ def calibrate_video(
     judged: list[bool] = []
     zero: list[bool] = []
     frames: list[tuple[np.ndarray, np.ndarray]] = []
-    stills = failed = unlabelled = not_judged = other_policy = below = 0
+    not_judged = below = 0
     other_rules: set[str] = set()
     current_v: list[int] = []
-    for it in results.items:
-        if it.aggregate is None:
-            stills += 1
-            continue
-        status, _ = it.status()
-        if status == "failed":
-            failed += 1
-            continue
-        tr = resolver.truth(it.id, sha256=it.sha256)
-        if tr is None:
-            unlabelled += 1
-            continue
-        if it.policy is not None and it.policy != policy.name:
-            other_policy += 1
-            continue
+    videos = [it for it in results.items if it.aggregate is not None]
+    stills = len(results.items) - len(videos)
+    left_out = LeftOut()
+    for it, status, _, tr in labelled_records(videos, resolver, left_out):
         if it.rules is not None and it.rules != rs.name:
             other_rules.add(it.rules)
             continue
@@ -305,8 +296,7 @@ def calibrate_video(
         zero.append(_zero(it, zt))
         frames.append((p, codes))
         current_v.append(_CODE[redecide_video(it, cur, zt) or "review"] if ok else 1)
-    if other_policy:
-        raise CalibrationError(f"{other_policy} record(s) were written under another policy than {policy.name!r}: pass --policy")
+    failed, unlabelled = left_out.failed, left_out.unlabelled
     if other_rules:
         raise CalibrationError(f"video records were decided under rule set(s) {', '.join(sorted(other_rules))}, not {rs.name!r}: "
                                "their frame verdicts cannot be decided again; moderate the videos under this rule set")

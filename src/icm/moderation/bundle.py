@@ -18,24 +18,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
 from icm.moderation.backends.base import Answer, Backend, BackendConfigError
+from icm.moderation.corroborate import SEVERITY
 from icm.moderation.engine import Moderator, Prefetched
-from icm.moderation.images import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, ImageLoadError, LoadedImage
+from icm.moderation.files import moderate_files, moderate_in_batches
+from icm.moderation.images import DEFAULT_MAX_FRAMES, LoadedImage
 from icm.moderation.record import ModerationRecord, VerdictName
-from icm.moderation.video import DEFAULT_FPS, load_media
+from icm.moderation.video import DEFAULT_FPS
 from icm.policy.bundle import Bundle, bundle_members, load_bundle
 from icm.policy.taxonomy import SCHEMES, merge_scores
 
 log = logging.getLogger(__name__)
-
-_SEVERITY: dict[str | None, int] = {"allow": 0, "review": 1, "block": 2}
-
 
 def parse_bundle_ref(ref: str | Path, rules: str | None = None) -> tuple[Bundle, str | None] | None:
     """``BUNDLE[:RULES]`` (a built-in name or a bundle YAML path) as (bundle, rules); None when not a bundle.
@@ -149,27 +148,8 @@ class BundleModerator:
         fps: float | None = None,
     ) -> list[list[ModerationRecord]]:
         """Load (once) and moderate one batch of files; an unreadable file is an error record per member."""
-        loaded: list[LoadedImage] = []
-        load_ms: list[float] = []
-        slots: list[list[ModerationRecord] | int] = []
-        for p in paths:
-            t0 = time.perf_counter()
-            try:
-                im = load_media(
-                    p,
-                    max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                    max_frames=max_frames or DEFAULT_MAX_FRAMES,
-                    fps=fps or DEFAULT_FPS,
-                )
-            except ImageLoadError as exc:
-                slots.append(self.error_records(str(p), str(exc)))
-                continue
-            load_ms.append(round((time.perf_counter() - t0) * 1000, 3))
-            slots.append(len(loaded))
-            loaded.append(im)
-        done = self.moderate_loaded(loaded, load_ms)
-        return [done[s] if isinstance(s, int) else s for s in slots]
-
+        return moderate_files(paths, self.moderate_loaded, self.error_records,
+                              max_pixels=max_pixels, max_frames=max_frames, fps=fps)
 
 # --------------------------------------------------------------------------- overview
 
@@ -205,7 +185,7 @@ def overview(records: Sequence[ModerationRecord]) -> BundleOverview:
     verdicts = {r.policy: (r.verdict if r.ok else None) for r in records}
     errors = {r.policy: r.error or "" for r in records if not r.ok}
     judged = [r.verdict for r in records if r.ok and r.verdict is not None]
-    worst = max(judged, key=lambda v: _SEVERITY.get(v, -1)) if judged and not errors else None
+    worst = max(judged, key=lambda v: SEVERITY.get(v or "", -1)) if judged and not errors else None
     names = [n for n in SCHEMES if any(n in r.category_scores or n in r.flagged_categories for r in records)]
     scores = {n: merge_scores(r.category_scores.get(n, {}) for r in records) for n in names}
     flagged = {
@@ -239,18 +219,8 @@ def moderate_bundle(
     >>> records = moderate_bundle(["photo.jpg"], bundle="icm-standard", rules="teen")  # doctest: +SKIP
     >>> overviews(records)[0].flagged_categories["openai"]  # doctest: +SKIP
     """
-    from icm.moderation.backends import create_backend
-
-    paths = [images] if isinstance(images, str) else list(images)
-    owned = isinstance(backend, str)
-    be = create_backend(backend, **backend_options) if isinstance(backend, str) else backend
-    try:
+    def start(be: Backend) -> Callable[[list[str]], list[ModerationRecord]]:
         mod = BundleModerator(be, bundle=bundle, rules=rules, explain=explain)
-        out: list[ModerationRecord] = []
-        for i in range(0, len(paths), batch_size):
-            for per_image in mod.moderate_paths(paths[i : i + batch_size], max_frames=max_frames, fps=fps):
-                out.extend(per_image)
-        return out
-    finally:
-        if owned:
-            be.close()
+        return lambda batch: [r for per_image in mod.moderate_paths(batch, max_frames=max_frames, fps=fps) for r in per_image]
+
+    return moderate_in_batches(images, backend, backend_options, batch_size, start)

@@ -24,7 +24,8 @@ from icm.policy.model import Thresholds, VideoAggregation
 
 How = Literal["worst", "corroborated", "uncorroborated", "zero-tolerance"]
 
-_SEVERITY = {"allow": 0, "review": 1, "block": 2}
+SEVERITY: dict[str, int] = {"allow": 0, "review": 1, "block": 2}
+"""How severe each verdict is (the worst verdict is the largest); the engine and bundles rank by it too."""
 _JUDGED = frozenset({"attributes", "products", "term"})
 
 
@@ -58,7 +59,7 @@ def frame_verdict(r: ModerationRecord, thresholds: Thresholds | None) -> Verdict
 def _worst(records: Sequence[ModerationRecord], verdicts: Sequence[VerdictName | None], among: Sequence[int]) -> int:
     def key(i: int) -> tuple[int, float, int]:
         p = records[i].p_violation
-        return (_SEVERITY.get(verdicts[i] or "", -1), p if p is not None else -1.0, -i)
+        return (SEVERITY.get(verdicts[i] or "", -1), p if p is not None else -1.0, -i)
 
     return max(among, key=key)
 

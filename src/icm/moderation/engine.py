@@ -16,7 +16,7 @@ import copy
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from icm.moderation.backends.base import (
@@ -32,10 +32,11 @@ from icm.moderation.backends.base import (
     YesNoScore,
 )
 from icm.moderation.comparison import fmt_against, verdict_comparison
-from icm.moderation.corroborate import aggregate_video, frame_verdict
-from icm.moderation.images import DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS, FrameView, ImageLoadError, LoadedImage
+from icm.moderation.corroborate import SEVERITY, aggregate_video, frame_verdict
+from icm.moderation.files import moderate_files, moderate_in_batches
+from icm.moderation.images import DEFAULT_MAX_FRAMES, FrameView, LoadedImage
 from icm.moderation.record import BoxRecord, FrameScore, ModerationRecord, TermScore, Timings
-from icm.moderation.video import DEFAULT_FPS, load_media
+from icm.moderation.video import DEFAULT_FPS
 from icm.policy import Decision, Policy, decide, load_policy
 from icm.policy.model import RuleSet, VideoAggregation
 from icm.policy.prompts import attribute_prompts, explanation_prompt, term_prompt
@@ -456,30 +457,8 @@ class Moderator:
         Unreadable files become error records. ``max_frames`` and ``fps`` set the frame
         sampling (defaults :data:`DEFAULT_MAX_FRAMES` and :data:`DEFAULT_FPS`).
         """
-        loaded: list[LoadedImage] = []
-        load_ms: list[float] = []
-        slots: list[ModerationRecord | int] = []
-        for p in paths:
-            t0 = time.perf_counter()
-            try:
-                im = load_media(
-                    p,
-                    max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                    max_frames=max_frames or DEFAULT_MAX_FRAMES,
-                    fps=fps or DEFAULT_FPS,
-                )
-            except ImageLoadError as exc:
-                slots.append(self.error_record(str(p), str(exc)))
-                continue
-            load_ms.append(round((time.perf_counter() - t0) * 1000, 3))
-            slots.append(len(loaded))
-            loaded.append(im)
-        done = self.moderate_loaded(loaded, load_ms)
-        return [done[s] if isinstance(s, int) else s for s in slots]
-
-
-_SEVERITY = {"allow": 0, "review": 1, "block": 2}
-
+        return moderate_files(paths, self.moderate_loaded, self.error_record,
+                              max_pixels=max_pixels, max_frames=max_frames, fps=fps)
 
 def _worst_view(records: Sequence[ModerationRecord]) -> int:
     """The view an image is judged by: the most severe verdict, then the highest P(violation), then the earliest.
@@ -490,7 +469,7 @@ def _worst_view(records: Sequence[ModerationRecord]) -> int:
     """
     def key(i: int) -> tuple[int, float, int]:
         r = records[i]
-        return (_SEVERITY.get(r.verdict or "", -1), r.p_violation if r.p_violation is not None else -1.0, -i)
+        return (SEVERITY.get(r.verdict or "", -1), r.p_violation if r.p_violation is not None else -1.0, -i)
 
     return max(range(len(records)), key=key)
 
@@ -569,23 +548,15 @@ def moderate(
 
     >>> records = moderate(["photo.jpg"], policy="icm-sexy", rules="children")  # doctest: +SKIP
     """
-    from icm.moderation.backends import create_backend
-
     if isinstance(policy, str):  # a bundle (icm-standard[:RULES]): one record per image and member policy
         from icm.moderation.bundle import moderate_bundle, parse_bundle_ref
 
         if parse_bundle_ref(policy, rules) is not None:
             return moderate_bundle(images, bundle=policy, rules=rules, backend=backend, explain=explain,
                                    batch_size=batch_size, max_frames=max_frames, fps=fps, **backend_options)
-    paths = [images] if isinstance(images, str) else list(images)
-    owned = isinstance(backend, str)
-    be = create_backend(backend, **backend_options) if isinstance(backend, str) else backend
-    try:
+
+    def start(be: Backend) -> Callable[[list[str]], list[ModerationRecord]]:
         mod = Moderator(be, policy=policy, rules=rules, explain=explain)
-        out: list[ModerationRecord] = []
-        for i in range(0, len(paths), batch_size):
-            out.extend(mod.moderate_paths(paths[i : i + batch_size], max_frames=max_frames, fps=fps))
-        return out
-    finally:
-        if owned:
-            be.close()
+        return lambda batch: mod.moderate_paths(batch, max_frames=max_frames, fps=fps)
+
+    return moderate_in_batches(images, backend, backend_options, batch_size, start)

@@ -253,6 +253,16 @@ def jpeg_draft_scale(width: int, height: int, draft_pixels: int) -> int:
     return scale
 
 
+def header_pixels(im: Image.Image, draft_pixels: int = 0) -> int:
+    """Pixels of an opened image's first frame as decoded, from its header: a JPEG at the scale
+    :func:`jpeg_draft_scale` gives for ``draft_pixels`` (0: full size)."""
+    w, h = im.size
+    if draft_pixels and im.format == "JPEG":
+        scale = jpeg_draft_scale(w, h, draft_pixels)
+        w, h = -(-w // scale), -(-h // scale)
+    return int(w) * int(h)
+
+
 def _draft_jpeg(im: Image.Image, draft_pixels: int, notes: list[str]) -> None:
     """Let the JPEG decoder itself decode at 1/2, 1/4 or 1/8 scale (``Image.draft``), so a
     caller that needs about ``draft_pixels`` never holds the full-size pixels (a server
@@ -419,6 +429,7 @@ __all__ = [
     "_cause",
     "_check_frame_size",
     "decode_errors",
+    "header_pixels",
     "iter_image_paths",
     "jpeg_draft_scale",
     "load_image",

@@ -131,7 +131,7 @@ def decode_weight(data: bytes, max_pixels: int, draft_pixels: int = 0, max_frame
 
     from icm.moderation.image_base import ImageLoadError
     from icm.moderation.image_frames import plan_frames
-    from icm.moderation.images import DEFAULT_MAX_TOTAL_PIXELS, jpeg_draft_scale
+    from icm.moderation.images import DEFAULT_MAX_TOTAL_PIXELS, header_pixels
 
     try:
         with warnings.catch_warnings():
@@ -142,10 +142,7 @@ def decode_weight(data: bytes, max_pixels: int, draft_pixels: int = 0, max_frame
                     return 0
                 frames = int(getattr(im, "n_frames", 1) or 1)
                 if frames == 1:
-                    if draft_pixels and im.format == "JPEG":
-                        scale = jpeg_draft_scale(w, h, draft_pixels)
-                        w, h = -(-w // scale), -(-h // scale)
-                    return int(w) * int(h)
+                    return header_pixels(im, draft_pixels)
                 plan = plan_frames(im, data, frames, max_frames)
                 plan.check("<upload>", max_pixels, max(DEFAULT_MAX_TOTAL_PIXELS, max_pixels))
                 share = plan.view_share(max_pixels, draft_pixels or None)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from icm.moderation.image_base import BACKGROUNDS, ImageLoadError, _cause, _decode
 from icm.moderation.image_frames import check_frame_size
-from icm.moderation.images import jpeg_draft_scale
+from icm.moderation.images import header_pixels
 
 THUMB_SIDE = 160
 """Thumbnails are at most this many pixels a side."""
@@ -40,10 +40,7 @@ def thumbnail_weight(data: bytes, max_pixels: int, side: int = THUMB_SIDE) -> in
                 w, h = im.size
                 if w * h > max_pixels:
                     return 0
-                if im.format == "JPEG":
-                    scale = jpeg_draft_scale(w, h, (2 * side) ** 2)
-                    w, h = -(-w // scale), -(-h // scale)
-                return int(w) * int(h)
+                return header_pixels(im, (2 * side) ** 2)
     except Exception:  # noqa: BLE001 - any header Pillow cannot parse: make_thumbnail says why
         return 0
 
