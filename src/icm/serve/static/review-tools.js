@@ -106,3 +106,28 @@ async function undo() {
   await claimOne(last.decisionId);
 }
 
+
+// ------------------------------------------------------------------ signing in
+
+// Sign in once per tab with a reviewer key (issue 21): the key is kept in sessionStorage only
+// after /v1/whoami accepted it. An admin key (or a key without a role, which is an admin) is
+// refused and never kept: a reviewer's page holds no key that can do everything.
+function signIn(me) {
+  const input = $("api-key");
+  const key = input.value.trim();
+  if (me.keys && me.role === "admin") {
+    sessionStorage.removeItem("icm-api-key");
+    input.value = "";
+    $("queue-panel").hidden = true;
+    $("upload-form").hidden = true;
+    setStatus("This is an admin key" + (me.name ? " (" + me.name + ")" : "") + ": the review page does not take one. "
+      + "Create a reviewer key (a line NAME:KEY:reviewer in the key file) and enter it here.", true);
+    return false;
+  }
+  if (me.keys && key) {
+    sessionStorage.setItem("icm-api-key", key);
+    input.closest("label").hidden = true;
+    $("sign-out").hidden = false;
+  }
+  return true;
+}

@@ -69,7 +69,6 @@ async function loadPolicies() {
     sel.appendChild(o);
   }
   fillRules();
-  fillQueueFilters();
 }
 
 // ------------------------------------------------------------------ the review queue
@@ -88,14 +87,14 @@ function fillSelect(sel, values) {
   sel.value = values.includes(keep) ? keep : "";
 }
 
-function fillQueueFilters() {
-  const chosen = policyByName($("q-policy").value);
-  const pols = chosen ? [chosen] : state.policies;
-  fillSelect($("q-policy"), state.policies.map((p) => p.name));
-  if (chosen) $("q-policy").value = chosen.name;
-  const uniq = (xs) => [...new Set(xs)];
-  fillSelect($("q-rules"), uniq(pols.flatMap((p) => p.rule_sets.map((r) => r.name))));
-  fillSelect($("q-product"), uniq(pols.flatMap((p) => p.products.map((r) => r.id))));
+// The queue's filters offer only the values present in the queue (the API's facets, issue 21):
+// a filter with no value to offer (the product, for detector decisions) is hidden.
+function fillQueueFilters(facets) {
+  for (const [key, id] of [["policy", "q-policy"], ["rules", "q-rules"], ["verdict", "q-verdict"], ["product", "q-product"]]) {
+    const values = (facets && facets[key]) || [];
+    fillSelect($(id), values);
+    $(id).closest("label").hidden = values.length === 0;
+  }
 }
 
 function nextDay(date) {
@@ -128,6 +127,10 @@ async function loadQueue() {
   const params = new URLSearchParams(Object.assign({ limit: "100" }, queueFilters()));
   const data = await api("/v1/review-queue?" + params.toString());
   $("queue-count").textContent = "(" + data.total + " waiting)";
+  const filtersBefore = JSON.stringify(queueFilters());
+  fillQueueFilters(data.facets);
+  // a chosen value no longer in the queue is dropped: show the queue as the filters now say
+  if (JSON.stringify(queueFilters()) !== filtersBefore) return loadQueue();
   if (typeof data.undo_seconds === "number") state.undoSeconds = data.undo_seconds;
   $("queue-empty").hidden = data.total > 0;
   const ul = $("queue-list");
@@ -482,13 +485,11 @@ async function init() {
   $("reviewer").addEventListener("change", () => {
     if (!state.keyName) localStorage.setItem("icm-reviewer", $("reviewer").value.trim());
   });
-  $("api-key").addEventListener("change", () => {
-    sessionStorage.setItem("icm-api-key", $("api-key").value.trim());
-    start();
-  });
+  // the key is kept (for this tab only) once the server has accepted it as a reviewer's: see start()
+  $("api-key").addEventListener("change", start);
+  $("sign-out").addEventListener("click", () => { sessionStorage.removeItem("icm-api-key"); location.reload(); });
   $("upload-policy").addEventListener("change", fillRules);
-  $("q-policy").addEventListener("change", () => { fillQueueFilters(); loadQueue().catch((e) => setStatus(e.message, true)); });
-  for (const id of ["q-rules", "q-verdict", "q-product", "q-since", "q-until"]) {
+  for (const id of ["q-policy", "q-rules", "q-verdict", "q-product", "q-since", "q-until"]) {
     $(id).addEventListener("change", () => { clearErrors(); loadQueue().catch((e) => setStatus(e.message, true)); });
   }
   $("queue-start").addEventListener("click", () => {
@@ -556,6 +557,7 @@ async function start() {
     const h = await (await fetch("/healthz")).json();
     $("server").textContent = h.backend + " \u00b7 " + h.policy + "/" + h.rules + " \u00b7 auth: " + h.auth;
     const me = await whoami();
+    if (!signIn(me)) return;
     if (me.name) $("server").textContent += " \u00b7 key " + me.name + " (" + me.role + ")";
     await loadPolicies();
     await loadDecisions(false);
@@ -563,7 +565,8 @@ async function start() {
     setStatus("");
     route();
   } catch (e) {
-    setStatus(e.status === 401 ? "enter the API key" : e.message, true);
+    if (e.status === 401) sessionStorage.removeItem("icm-api-key");  // a wrong key is not kept
+    setStatus(e.status === 401 ? "enter the API key" + ($("api-key").value.trim() ? " (this one is not valid)" : "") : e.message, true);
   }
 }
 
