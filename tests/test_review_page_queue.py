@@ -104,3 +104,36 @@ def test_sign_in_with_a_reviewer_key_once_per_tab_admin_keys_refused(page, tmp_p
         driver.refresh()
         _wait(driver, lambda d: len(d.find_elements("css selector", "#queue-list li")) == 1)
         assert "key alice (reviewer)" in _text(driver, "server") and not _shown(driver, "api-key")
+
+
+def test_one_image_under_two_rule_sets_is_one_queue_entry(page, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    driver = page
+    db = tmp_path / "g.sqlite"
+    with _Server(ServeConfig(db=str(db)), moderator=Moderator(ColourBackend(refuse_green=True), policy="icm-sexy")) as srv:
+        general = _moderate(srv, (0, 255, 0), rules="general-audience")
+        children = _moderate(srv, (0, 255, 0), rules="children")  # the same image
+        other = _moderate(srv, (40, 220, 0), rules="general-audience")
+        driver.get(srv.url + "/review")
+        driver.execute_script("localStorage.setItem('icm-reviewer', 'alice');")
+        driver.get(srv.url + "/review")
+        _wait(driver, lambda d: _text(d, "queue-count") == "(3 waiting)")
+        entries = driver.find_elements("css selector", "#queue-list li")
+        assert [li.get_attribute("data-ids") for li in entries] == [f"{general},{children}", str(other)]
+        assert "general-audience" in entries[0].text and "children" in entries[0].text and entries[0].text.count("REVIEW") == 2
+        entries[0].click()
+        _wait(driver, lambda d: _text(d, "decision-id").startswith(f"#{general} "))
+        # both rule sets' verdicts side by side in the detail
+        rows = driver.find_elements("css selector", "#rule-sets tbody tr")
+        assert [r.get_attribute("data-id") for r in rows] == [str(general), str(children)]
+        assert "icm-sexy/general-audience" in rows[0].text and "icm-sexy/children" in rows[1].text
+        assert driver.find_element("id", "rule-sets").is_displayed()
+        # each rule set is reviewed on its own: after A, the same image's other rule set comes next
+        ActionChains(driver).send_keys("a").perform()
+        _wait(driver, lambda d: _text(d, "decision-id").startswith(f"#{children} "))
+        ActionChains(driver).send_keys("b").perform()
+        _wait(driver, lambda d: _text(d, "decision-id").startswith(f"#{other} "))
+        store = DecisionStore("sqlite:///" + str(db))
+        assert [(r["decision_id"], r["verdict"]) for r in store.reviews()] == [(general, "allow"), (children, "block")]
+        store.close()

@@ -5,7 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const state = { policies: [], defaultPolicy: null, current: null, oldest: null, imageUrl: null,
   claimed: null, claimExpires: null, skip: loadJSON("icm-skip", []), thumbs: new Map(), keys: Promise.resolve(), quietHash: null,
-  keyName: null, permissions: ["moderate", "review", "read_all"],
+  groups: new Map(), keyName: null, permissions: ["moderate", "review", "read_all"],
   progress: loadJSON("icm-progress", { allow: 0, block: 0, undone: 0 }), onlySkippedLeft: false, lastReview: null, undoSeconds: 30, undoTimer: null };
 
 // An error says what the last action did; the next action clears it (a stale 409 is no news).
@@ -135,28 +135,39 @@ async function loadQueue() {
   $("queue-empty").hidden = data.total > 0;
   const ul = $("queue-list");
   ul.replaceChildren();
-  for (const d of data.items) {
+  state.groups = groupByImage(data.items);
+  for (const group of state.groups.values()) {
+    const d = group[0];
     const li = document.createElement("li");
     li.dataset.id = String(d.id);
+    li.dataset.ids = group.map((g) => g.id).join(",");
     const img = document.createElement("img");
     img.alt = "";
     li.appendChild(img);
     if (d.thumbnail_url) thumbnail(d.thumbnail_url).then((u) => { if (u) img.src = u; }).catch(() => {});
     const text = el("span");
     text.appendChild(el("span", "#" + d.id + " "));
-    text.appendChild(verdictSpan(d.verdict));
-    let rest = " · " + d.policy + "/" + d.rules + " · " + (d.product || "no product") + " · " + d.queue + " · " + d.created_at.slice(0, 19).replace("T", " ");
-    if (d.claimed_by) rest += " · claimed by " + d.claimed_by;
+    let rest = " \u00b7 " + d.policy;
+    if (group.length === 1) {
+      text.appendChild(verdictSpan(d.verdict));
+      rest += "/" + d.rules;
+    } else {
+      for (const g of group) { text.appendChild(el("span", " " + g.rules + " ", "rule-set")); text.appendChild(verdictSpan(g.verdict)); }
+    }
+    rest += " \u00b7 " + (d.product || "no product") + " \u00b7 " + d.queue + " \u00b7 " + d.created_at.slice(0, 19).replace("T", " ");
+    const holder = group.find((g) => g.claimed_by);
+    if (holder) rest += " \u00b7 claimed by " + holder.claimed_by;
     text.appendChild(el("span", rest));
-    if (state.skip.includes(d.id)) {
+    if (group.some((g) => state.skip.includes(g.id))) {
       li.classList.add("skipped");
       text.appendChild(el("span", "skipped", "skip-mark"));
     }
     li.appendChild(text);
-    if (state.claimed === d.id) li.classList.add("current");
+    if (group.some((g) => g.id === state.claimed)) li.classList.add("current");
     li.addEventListener("click", () => { clearErrors(); return claimOne(d.id).catch((e) => setStatus(e.message, true)); });
     ul.appendChild(li);
   }
+  if (state.current) showRuleSets(state.current);
   loadAgreement().catch(() => {});
 }
 
@@ -243,7 +254,7 @@ async function openDecision(id) {
 async function decideByKey(verdict) {
   const d = state.current;
   if (!d || state.claimed !== d.id) return;
-  if (await submitReview({ verdict: verdict })) await claimNext();
+  if (await submitReview({ verdict: verdict })) await claimSibling(d).catch(() => false) || await claimNext();
 }
 
 async function skipByKey() {
@@ -393,6 +404,7 @@ function showReviews(reviews) {
 async function showDecision(id) {
   const d = await api("/v1/decisions/" + encodeURIComponent(id));
   state.current = d;
+  showRuleSets(d);
   if (state.claimed !== d.id) $("claim-banner").hidden = true;
   else $("claim-banner").hidden = false;
   const r = d.record;
