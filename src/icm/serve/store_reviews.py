@@ -149,6 +149,17 @@ class ReviewStore:
             out.append(d)
         return out
 
+    def queue_facets(self) -> dict[str, list[str]]:
+        """The values present in the whole queue (unfiltered), for the page's filters: each of
+        ``policy``, ``rules``, ``verdict``, ``product`` sorted, without nulls (issue 21)."""
+        sub = self._queue_query().subquery()
+        out: dict[str, list[str]] = {}
+        with self.engine.connect() as conn:
+            for col in ("policy", "rules", "verdict", "product"):
+                values = conn.execute(sa.select(sub.c[col]).where(sub.c[col].is_not(None)).distinct()).scalars()
+                out[col] = sorted(str(v) for v in values)
+        return out
+
     def queue_count(self, **filters: str | None) -> int:
         q = sa.select(sa.func.count()).select_from(self._queue_query(**filters).subquery())
         with self.engine.connect() as conn:

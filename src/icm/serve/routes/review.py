@@ -173,12 +173,17 @@ def review_queue(
     _who: Caller = Depends(can_review),
 ) -> dict[str, Any]:
     """Decisions whose verdict is `review`, or that were sampled for audit (`--audit-rate`), and
-    that nobody has reviewed yet; each says who holds it (`claimed_by`) while a claim lives."""
+    that nobody has reviewed yet; each says who holds it (`claimed_by`) while a claim lives.
+    `facets` lists the policies, rule sets, verdicts and products present in the whole queue
+    (whatever the filters), so a filter offers only values that match something."""
     svc = service(request)
     f = filters.model_dump()
     items = [_with_images(d) for d in svc.store.queue(limit=limit, **f)]
     total = svc.store.queue_count(**f)
-    return {"items": items, "total": total, "claim_seconds": svc.config.claim_seconds, "undo_seconds": svc.config.undo_seconds}
+    return {
+        "items": items, "total": total, "facets": svc.store.queue_facets(),
+        "claim_seconds": svc.config.claim_seconds, "undo_seconds": svc.config.undo_seconds,
+    }
 
 
 @router.post("/v1/review-queue/claim", responses={**ERRORS, 204: {"description": "The queue (as filtered) is empty"}},

@@ -106,3 +106,80 @@ async function undo() {
   await claimOne(last.decisionId);
 }
 
+
+// ------------------------------------------------------------------ signing in
+
+// Sign in once per tab with a reviewer key (issue 21): the key is kept in sessionStorage only
+// after /v1/whoami accepted it. An admin key (or a key without a role, which is an admin) is
+// refused and never kept: a reviewer's page holds no key that can do everything.
+function signIn(me) {
+  const input = $("api-key");
+  const key = input.value.trim();
+  if (me.keys && me.role === "admin") {
+    sessionStorage.removeItem("icm-api-key");
+    input.value = "";
+    $("queue-panel").hidden = true;
+    $("upload-form").hidden = true;
+    setStatus("This is an admin key" + (me.name ? " (" + me.name + ")" : "") + ": the review page does not take one. "
+      + "Create a reviewer key (a line NAME:KEY:reviewer in the key file) and enter it here.", true);
+    return false;
+  }
+  if (me.keys && key) {
+    sessionStorage.setItem("icm-api-key", key);
+    input.closest("label").hidden = true;
+    $("sign-out").hidden = false;
+  }
+  return true;
+}
+
+// ------------------------------------------------------------------ one image, several rule sets
+
+// Queue items of one image (same sha256) under several rule sets are one entry (issue 21),
+// oldest first. Each rule set's decision is still reviewed on its own: a verdict for adults
+// need not be one for children. The detail shows them side by side (showRuleSets), and after
+// a decision by key the same image's next rule set is claimed before the rest of the queue.
+function groupByImage(items) {
+  const groups = new Map();
+  for (const d of items) {
+    const k = d.image_sha256 || "decision " + d.id;
+    if (!groups.has(k)) groups.set(k, []);
+    groups.get(k).push(d);
+  }
+  return groups;
+}
+
+function showRuleSets(d) {
+  const group = (d.image_sha256 && state.groups.get(d.image_sha256)) || [];
+  const rows = group.some((g) => g.id === d.id) || !group.length ? group : [d].concat(group);
+  const table = $("rule-sets");
+  const body = table.querySelector("tbody");
+  body.replaceChildren();
+  table.hidden = rows.length < 2;
+  for (const g of rows) {
+    const tr = document.createElement("tr");
+    tr.dataset.id = String(g.id);
+    tr.appendChild(el("td", "#" + g.id + " " + g.policy + "/" + g.rules));
+    const tv = document.createElement("td");
+    tv.appendChild(verdictSpan(g.verdict));
+    tr.appendChild(tv);
+    tr.appendChild(el("td", fmt(g.p_violation)));
+    tr.appendChild(el("td", g.product || "-"));
+    const act = document.createElement("td");
+    if (g.id === d.id) act.appendChild(el("span", "shown", "muted"));
+    else {
+      const b = el("button", "Review", "small");
+      b.type = "button";
+      b.addEventListener("click", () => { clearErrors(); claimOne(g.id).catch((e) => setStatus(e.message, true)); });
+      act.appendChild(b);
+    }
+    tr.appendChild(act);
+    body.appendChild(tr);
+  }
+}
+
+async function claimSibling(d) {
+  const next = (state.groups.get(d.image_sha256) || []).find((g) => g.id !== d.id && !g.claimed_by && !state.skip.includes(g.id));
+  if (!next) return false;
+  await claimOne(next.id);
+  return true;
+}

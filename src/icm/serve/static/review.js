@@ -5,7 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const state = { policies: [], defaultPolicy: null, current: null, oldest: null, imageUrl: null,
   claimed: null, claimExpires: null, skip: loadJSON("icm-skip", []), thumbs: new Map(), keys: Promise.resolve(), quietHash: null,
-  keyName: null, permissions: ["moderate", "review", "read_all"],
+  groups: new Map(), keyName: null, permissions: ["moderate", "review", "read_all"],
   progress: loadJSON("icm-progress", { allow: 0, block: 0, undone: 0 }), onlySkippedLeft: false, lastReview: null, undoSeconds: 30, undoTimer: null };
 
 // An error says what the last action did; the next action clears it (a stale 409 is no news).
@@ -69,7 +69,6 @@ async function loadPolicies() {
     sel.appendChild(o);
   }
   fillRules();
-  fillQueueFilters();
 }
 
 // ------------------------------------------------------------------ the review queue
@@ -88,14 +87,14 @@ function fillSelect(sel, values) {
   sel.value = values.includes(keep) ? keep : "";
 }
 
-function fillQueueFilters() {
-  const chosen = policyByName($("q-policy").value);
-  const pols = chosen ? [chosen] : state.policies;
-  fillSelect($("q-policy"), state.policies.map((p) => p.name));
-  if (chosen) $("q-policy").value = chosen.name;
-  const uniq = (xs) => [...new Set(xs)];
-  fillSelect($("q-rules"), uniq(pols.flatMap((p) => p.rule_sets.map((r) => r.name))));
-  fillSelect($("q-product"), uniq(pols.flatMap((p) => p.products.map((r) => r.id))));
+// The queue's filters offer only the values present in the queue (the API's facets, issue 21):
+// a filter with no value to offer (the product, for detector decisions) is hidden.
+function fillQueueFilters(facets) {
+  for (const [key, id] of [["policy", "q-policy"], ["rules", "q-rules"], ["verdict", "q-verdict"], ["product", "q-product"]]) {
+    const values = (facets && facets[key]) || [];
+    fillSelect($(id), values);
+    $(id).closest("label").hidden = values.length === 0;
+  }
 }
 
 function nextDay(date) {
@@ -128,32 +127,47 @@ async function loadQueue() {
   const params = new URLSearchParams(Object.assign({ limit: "100" }, queueFilters()));
   const data = await api("/v1/review-queue?" + params.toString());
   $("queue-count").textContent = "(" + data.total + " waiting)";
+  const filtersBefore = JSON.stringify(queueFilters());
+  fillQueueFilters(data.facets);
+  // a chosen value no longer in the queue is dropped: show the queue as the filters now say
+  if (JSON.stringify(queueFilters()) !== filtersBefore) return loadQueue();
   if (typeof data.undo_seconds === "number") state.undoSeconds = data.undo_seconds;
   $("queue-empty").hidden = data.total > 0;
   const ul = $("queue-list");
   ul.replaceChildren();
-  for (const d of data.items) {
+  state.groups = groupByImage(data.items);
+  for (const group of state.groups.values()) {
+    const d = group[0];
     const li = document.createElement("li");
     li.dataset.id = String(d.id);
+    li.dataset.ids = group.map((g) => g.id).join(",");
     const img = document.createElement("img");
     img.alt = "";
     li.appendChild(img);
     if (d.thumbnail_url) thumbnail(d.thumbnail_url).then((u) => { if (u) img.src = u; }).catch(() => {});
     const text = el("span");
     text.appendChild(el("span", "#" + d.id + " "));
-    text.appendChild(verdictSpan(d.verdict));
-    let rest = " · " + d.policy + "/" + d.rules + " · " + (d.product || "no product") + " · " + d.queue + " · " + d.created_at.slice(0, 19).replace("T", " ");
-    if (d.claimed_by) rest += " · claimed by " + d.claimed_by;
+    let rest = " \u00b7 " + d.policy;
+    if (group.length === 1) {
+      text.appendChild(verdictSpan(d.verdict));
+      rest += "/" + d.rules;
+    } else {
+      for (const g of group) { text.appendChild(el("span", " " + g.rules + " ", "rule-set")); text.appendChild(verdictSpan(g.verdict)); }
+    }
+    rest += " \u00b7 " + (d.product || "no product") + " \u00b7 " + d.queue + " \u00b7 " + d.created_at.slice(0, 19).replace("T", " ");
+    const holder = group.find((g) => g.claimed_by);
+    if (holder) rest += " \u00b7 claimed by " + holder.claimed_by;
     text.appendChild(el("span", rest));
-    if (state.skip.includes(d.id)) {
+    if (group.some((g) => state.skip.includes(g.id))) {
       li.classList.add("skipped");
       text.appendChild(el("span", "skipped", "skip-mark"));
     }
     li.appendChild(text);
-    if (state.claimed === d.id) li.classList.add("current");
+    if (group.some((g) => g.id === state.claimed)) li.classList.add("current");
     li.addEventListener("click", () => { clearErrors(); return claimOne(d.id).catch((e) => setStatus(e.message, true)); });
     ul.appendChild(li);
   }
+  if (state.current) showRuleSets(state.current);
   loadAgreement().catch(() => {});
 }
 
@@ -240,7 +254,7 @@ async function openDecision(id) {
 async function decideByKey(verdict) {
   const d = state.current;
   if (!d || state.claimed !== d.id) return;
-  if (await submitReview({ verdict: verdict })) await claimNext();
+  if (await submitReview({ verdict: verdict })) await claimSibling(d).catch(() => false) || await claimNext();
 }
 
 async function skipByKey() {
@@ -390,6 +404,7 @@ function showReviews(reviews) {
 async function showDecision(id) {
   const d = await api("/v1/decisions/" + encodeURIComponent(id));
   state.current = d;
+  showRuleSets(d);
   if (state.claimed !== d.id) $("claim-banner").hidden = true;
   else $("claim-banner").hidden = false;
   const r = d.record;
@@ -482,13 +497,11 @@ async function init() {
   $("reviewer").addEventListener("change", () => {
     if (!state.keyName) localStorage.setItem("icm-reviewer", $("reviewer").value.trim());
   });
-  $("api-key").addEventListener("change", () => {
-    sessionStorage.setItem("icm-api-key", $("api-key").value.trim());
-    start();
-  });
+  // the key is kept (for this tab only) once the server has accepted it as a reviewer's: see start()
+  $("api-key").addEventListener("change", start);
+  $("sign-out").addEventListener("click", () => { sessionStorage.removeItem("icm-api-key"); location.reload(); });
   $("upload-policy").addEventListener("change", fillRules);
-  $("q-policy").addEventListener("change", () => { fillQueueFilters(); loadQueue().catch((e) => setStatus(e.message, true)); });
-  for (const id of ["q-rules", "q-verdict", "q-product", "q-since", "q-until"]) {
+  for (const id of ["q-policy", "q-rules", "q-verdict", "q-product", "q-since", "q-until"]) {
     $(id).addEventListener("change", () => { clearErrors(); loadQueue().catch((e) => setStatus(e.message, true)); });
   }
   $("queue-start").addEventListener("click", () => {
@@ -556,6 +569,7 @@ async function start() {
     const h = await (await fetch("/healthz")).json();
     $("server").textContent = h.backend + " \u00b7 " + h.policy + "/" + h.rules + " \u00b7 auth: " + h.auth;
     const me = await whoami();
+    if (!signIn(me)) return;
     if (me.name) $("server").textContent += " \u00b7 key " + me.name + " (" + me.role + ")";
     await loadPolicies();
     await loadDecisions(false);
@@ -563,7 +577,8 @@ async function start() {
     setStatus("");
     route();
   } catch (e) {
-    setStatus(e.status === 401 ? "enter the API key" : e.message, true);
+    if (e.status === 401) sessionStorage.removeItem("icm-api-key");  // a wrong key is not kept
+    setStatus(e.status === 401 ? "enter the API key" + ($("api-key").value.trim() ? " (this one is not valid)" : "") : e.message, true);
   }
 }
 
