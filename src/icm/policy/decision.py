@@ -6,7 +6,7 @@ Evidence comes in three shapes, any of which may be missing:
 * a distribution over products directly;
 * a direct term score ``p_term`` = P(Yes) for the term's yes/no question.
 
-The model (the README states it, section "How a decision is made"):
+The model (docs/decisions.md states it):
 
 1. **Clipping.** Each attribute's distribution is normalised, every value's probability is
    raised to at least ``EPS`` and the distribution renormalised; ``p_term`` is clipped to

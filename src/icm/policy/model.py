@@ -371,7 +371,7 @@ class TermEvidence(_Strict):
 
 
 class AttributeEvidence(_Strict):
-    """Where one attribute's distribution comes from offline (see the README, "Offline evidence").
+    """Where one attribute's distribution comes from offline (see docs/offline-evidence.md).
 
     ``silent``: the value that the silence of every source stands for ("none", "normal"); it
     receives ``silent_confidence`` of the mass no item claims, the rest spread evenly. Without

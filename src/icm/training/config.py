@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 
 class TrainConfig(BaseModel):
-    """Everything ``icm train`` takes (see the README's "Training" section)."""
+    """Everything ``icm train`` takes (see docs/training.md)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 

@@ -1,7 +1,7 @@
 """The offline default backend: small ONNX models whose weights come from package registries.
 
-What it judges is declared in each policy's ``evidence`` section (the README's "Offline
-evidence"; :mod:`icm.moderation.evidence` holds the sources and the mapping rules): which
+What it judges is declared in each policy's ``evidence`` section (docs/offline-evidence.md;
+:mod:`icm.moderation.evidence` holds the sources and the mapping rules): which
 outputs of which offline models are evidence for the term (a P(term) by noisy-OR) and for
 attribute values (a distribution over the attribute's values). The sources shipped are
 open_nsfw (base install), RapidOCR (``[ocr]``), EfficientNet-Lite0 (``[objects]``), NudeNet

@@ -1,6 +1,6 @@
 """From what the sources saw to the decision model's answers (pure functions).
 
-The rules (the README's "Offline evidence" states them with an example):
+The rules (docs/offline-evidence.md states them with an example):
 
 * **An item fires** when its score is at least its ``min_score`` (and above 0). Its score
   is the summed probability of its ``labels`` (a classifier), the best box score among
