@@ -15,23 +15,21 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
 pytest.importorskip("fastapi")
-sa = pytest.importorskip("sqlalchemy")
+pytest.importorskip("sqlalchemy")
 
 from fastapi.testclient import TestClient
 
 from icm.moderation.engine import Moderator
 from icm.serve import ServeConfig, create_app
 
-from serve_helpers import ColourBackend, png
+from serve_helpers import ColourBackend, png, postgres_schema
 
 LOCAL = ("127.0.0.1", 50124)
 RED, BLUE = (255, 0, 0), (0, 0, 255)
-PG_SKIP = "set ICM_TEST_POSTGRES_URL (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/icm_test) to test PostgreSQL"
 ALICE, BOB = "alice:alices-key-0123456789:client", "bob:bobs-key-0123456789abc:client"
 
 
@@ -41,22 +39,8 @@ def db(request, tmp_path):
     if request.param == "sqlite":
         yield str(tmp_path / "d.sqlite")
         return
-    url = os.environ.get("ICM_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip(PG_SKIP)
-    pytest.importorskip("psycopg")
-    schema = f"icm_ops_{os.getpid()}"
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in url else "?"
-    try:
-        yield url + sep + "options=" + quote(f"-csearch_path={schema}", safe="")
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        engine.dispose()
+    with postgres_schema(f"icm_ops_{os.getpid()}") as url:
+        yield url
 
 
 def server(db: str, tmp_path: Path, monkeypatch, backend=None, **kw) -> TestClient:
