@@ -519,26 +519,56 @@ def _calibrate_and_write(pol: Policy, rules: str | None, labels: Path | None, ou
 
 @app.command("compare")
 def compare_cmd(
-    summaries: list[Path] = typer.Argument(..., help="JSON summaries written with --out (or summary.json of `icm eval run`)."),
+    summaries: list[Path] = typer.Argument(
+        ..., help="JSON summaries written with --out (or summary.json of `icm eval run`); with --published also `icm eval bench --json` output."),
+    published: str | None = typer.Option(
+        None, "--published",
+        help="Put each run beside peers' published figures from this YAML/JSON file ('builtin': the figures icm ships)."),
+    benchmark: str | None = typer.Option(None, "--benchmark", help="--published: the benchmark the runs are on, where a file does not say."),
+    split: str | None = typer.Option(None, "--split", help="--published: the split the runs are on, where a file does not say."),
+    operating_point: str | None = typer.Option(
+        None, "--operating-point", help="--published: which of a bench run's operating points to compare (default: its first)."),
     html: Path | None = HtmlOpt,
     json_: bool = JsonOpt,
 ) -> None:
-    """Runs side by side: every metric any of them has, the best of each in bold."""
-    from icm.evaluation.compare import compare_files
+    """Runs side by side: every metric any of them has, the best of each in bold.
+
+    With --published, each run is put beside peers' published figures; a figure is comparable when
+    benchmark, split, metric and category agree, and every other is listed with the reason it is not.
+    """
+    from icm.evaluation.compare import CompareReport, compare_files
     from icm.evaluation.report import write_html
     from icm.evaluation.summary import EvalSummary
     from icm.evaluation.tables import compare_table
 
+    if published is None and (benchmark or split or operating_point):
+        _fail("--benchmark, --split and --operating-point go with --published")
+    c: CompareReport | None = None
+    peers = None
     try:
-        c = compare_files(summaries)
+        if published is not None:
+            from icm.evaluation.peers import compare_files as compare_published_files
+            from icm.evaluation.peers import is_summary_file
+
+            peers = compare_published_files(summaries, published, benchmark=benchmark, split=split, operating_point=operating_point)
+            if len(summaries) > 1 and all(is_summary_file(p) for p in summaries):
+                c = compare_files(summaries)
+        else:
+            c = compare_files(summaries)
     except ValueError as exc:
         _fail(exc)
     if html is not None:
-        write_html(EvalSummary(name=" vs ".join(c.runs)), html, compare=c)
+        name = " vs ".join(c.runs) if c is not None else " vs ".join(p.run for p in peers or [])
+        write_html(EvalSummary(name=name), html, compare=c, peers=peers)
     if json_:
-        print_json(c)
+        print_json(c if peers is None else {"runs": c, "published": peers})
         return
-    console.print(compare_table(c))
+    if c is not None:
+        console.print(compare_table(c))
+    if peers is not None:
+        from icm.evaluation.peers import peers_tables
+
+        console.print(peers_tables(peers))
     if html is not None:
         console.print(f"report: {html}", highlight=False)
 

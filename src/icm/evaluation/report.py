@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from icm.evaluation.compare import CompareReport
 from icm.evaluation.icm_metrics import ICMReport
 from icm.evaluation.meq import MEQReport
 from icm.evaluation.meq_judge import CRITERIA
+from icm.evaluation.peers import PeerComparison
 from icm.evaluation.registry import metrics_for
 from icm.evaluation.summary import EvalSummary
 from icm.evaluation.tables import _interval_cell, icm_interval
@@ -188,13 +189,14 @@ def _env() -> Environment:
     return env
 
 
-def render_html(summary: EvalSummary, compare: CompareReport | None = None) -> str:
-    """The report page of ``summary`` (and of a comparison of runs)."""
-    return _env().get_template("report.html.j2").render(summary=summary, compare=compare)
+def render_html(summary: EvalSummary, compare: CompareReport | None = None, peers: Sequence[PeerComparison] | None = None) -> str:
+    """The report page of ``summary`` (and of a comparison of runs, and of runs beside published figures)."""
+    return _env().get_template("report.html.j2").render(summary=summary, compare=compare, peers=peers)
 
 
-def write_html(summary: EvalSummary, path: str | Path, compare: CompareReport | None = None) -> Path:
+def write_html(summary: EvalSummary, path: str | Path, compare: CompareReport | None = None,
+               peers: Sequence[PeerComparison] | None = None) -> Path:
     p = Path(path)
     with atomic_write(p) as fh:
-        fh.write(render_html(summary, compare))
+        fh.write(render_html(summary, compare, peers))
     return p

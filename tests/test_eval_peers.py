@@ -1,0 +1,174 @@
+"""`icm eval compare --published FILE`: a run beside peers' published figures (issue 24)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from icm.cli.main import app
+from icm.evaluation.peers import RunFigure, RunFigures, compare_published, load_run
+from icm.evaluation.published import load_published
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "compare"
+RUN = FIX / "unsafebench-test-run.json"
+PEERS = FIX / "peers.yaml"
+runner = CliRunner()
+
+GOOD = {
+    "model": "Peer", "benchmark": "unsafebench", "split": "test", "metric": "f1", "value": 50.0,
+    "source": {"citation": "A paper", "url": "https://example.org", "where": "Table 1"},
+    "verification": "paper", "checked": "by hand",
+}
+
+
+def test_the_shipped_figures_load_each_with_its_source_and_check():
+    pub = load_published("builtin")
+    assert pub.path.endswith("peers.yaml") and len(pub.figures) >= 20
+    for f in pub.figures:
+        assert f.source.url.startswith("https://") and f.source.where and f.checked
+    keys = {(f.model, *f.key): f for f in pub.figures}
+    # the figures issue 24 names, as checked: SafeGuard-VL's overall F1 (Table 2, from secondary copies) ...
+    sgvl = keys[("SafeGuard-VL (Full, Qwen2.5-VL-7B)", "unsafebench", "test", "f1", "overall")]
+    assert sgvl.value == 72.2 and sgvl.verification == "secondary" and "Table 2" in sgvl.source.where
+    # ... and ShieldGemma 2's sexual accuracy 64.8, which is KidsNanny's measurement on an unstated split
+    sg2 = keys[("ShieldGemma 2 (4B)", "unsafebench", "unstated-sexual-1054", "accuracy", "sexual")]
+    assert sg2.value == 64.8 and "2603.16181" in sg2.source.url
+    # ShieldGemma 2's own report: F1 on relabelled test examples, read in its LaTeX source
+    own = keys[("ShieldGemma 2 (4B)", "unsafebench", "test-relabelled-sg2", "f1", "sexual")]
+    assert own.value == 64.2 and own.verification == "paper"
+    # the two the issue quotes that could not be checked are not shipped
+    assert not any(f.model.startswith("Llama Guard") for f in pub.figures)
+    assert not any(f.value == 63.4 for f in pub.figures)
+
+
+def _write(tmp_path: Path, figures: object, name: str = "pub.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(json.dumps(figures) if name.endswith(".json") else json.dumps({"figures": figures}))
+    return p
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    ({"metric": "f2"}, "metric: unknown metric 'f2'"),
+    ({"value": 172.0}, "outside 0-100"),
+    ({"source": {"citation": "A paper", "url": "https://example.org"}}, "source.where: Field required"),
+    ({"verification": "hearsay"}, "verification"),
+    ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+])
+def test_a_bad_entry_is_named_with_the_file_and_its_position(tmp_path, bad, says):
+    p = _write(tmp_path, [GOOD, {**GOOD, "model": "Broken peer", **bad}])
+    with pytest.raises(ValueError) as e:
+        load_published(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: entry 2 (model 'Broken peer'): ") and says in msg
+
+
+def test_bad_files_say_which_file_and_why(tmp_path):
+    p = _write(tmp_path, [GOOD, "not a mapping"], "pub.json")
+    with pytest.raises(ValueError, match=r"pub\.json: entry 2: expected a mapping"):
+        load_published(p)
+    (tmp_path / "dup.yaml").write_text(json.dumps([GOOD, {**GOOD, "value": 51.0}]))
+    with pytest.raises(ValueError, match=r"dup\.yaml: entry 2 \(model 'Peer'\): the same model, .* as entry 1"):
+        load_published(tmp_path / "dup.yaml")
+    (tmp_path / "empty.yaml").write_text("figures: []\n")
+    with pytest.raises(ValueError, match=r"empty\.yaml: expected a non-empty list"):
+        load_published(tmp_path / "empty.yaml")
+    (tmp_path / "broken.yaml").write_text("figures: [\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml: not valid YAML"):
+        load_published(tmp_path / "broken.yaml")
+    with pytest.raises(ValueError, match=r"cannot read published figures .*nowhere\.yaml: No such file"):
+        load_published(tmp_path / "nowhere.yaml")
+
+
+def test_comparable_only_on_the_same_benchmark_split_metric_and_category():
+    run = RunFigures(name="ours", source="run.json", benchmark="unsafebench", split="test", figures=[
+        RunFigure(metric="f1", value=0.5, interval=(0.45, 0.55)),
+        RunFigure(metric="f1", category="Sexual", value=0.8),
+    ])
+    rows = {(r.model, r.category): r for r in compare_published(run, load_published(PEERS)).rows}
+    a = rows[("Peer A", "overall")]  # "UnsafeBench", "F1-score": the same benchmark and metric, spelt differently
+    assert a.comparable and a.ours == pytest.approx(50.0) and a.delta == pytest.approx(-12.5)
+    assert a.ours_interval == pytest.approx((45.0, 55.0))
+    assert rows[("Peer A", "Sexual")].comparable and rows[("Peer A", "Sexual")].delta == pytest.approx(10.0)
+    b = rows[("Peer B", "overall")]  # the same metric on another split is not comparable
+    assert not b.comparable and b.ours is None and b.reason == "other split: published on validation, the run on test"
+    c = rows[("Peer C", "overall")]
+    assert not c.comparable and c.reason.startswith("other metric: the run has no accuracy")
+    d = rows[("Peer D", "Self-harm")]
+    assert not d.comparable and "category 'Self-harm' not in the run" in d.reason
+    e = rows[("Peer E", "overall")]
+    assert not e.comparable and e.reason == "other benchmark: the run is on unsafebench" and e.published == pytest.approx(66.6)
+    # the comparable rows come first
+    flags = [r.comparable for r in compare_published(run, load_published(PEERS)).rows]
+    assert flags == sorted(flags, reverse=True)
+
+
+def test_a_run_that_names_no_split_is_compared_with_nothing():
+    run = RunFigures(name="ours", source="s.json", benchmark="unsafebench", figures=[RunFigure(metric="f1", value=0.5)])
+    rows = compare_published(run, load_published(PEERS)).rows
+    assert not any(r.comparable for r in rows)
+    assert {r.reason for r in rows if r.benchmark.lower() == "unsafebench"} == {"the run names no split (give --split)"}
+
+
+def test_a_bench_run_is_read_at_the_chosen_operating_point():
+    rules = load_run(RUN)
+    assert (rules.benchmark, rules.split, rules.operating_point) == ("unsafebench", "test", "rules")
+    assert rules.find("f1", "sexual").interval == (0.74, 0.85)
+    assert rules.find("recall", "overall").interval == (0.39, 0.47)
+    assert rules.find("f1", "political") is None  # not judged: not a figure
+    fpr5 = load_run(RUN, operating_point="fpr_5")
+    assert fpr5.find("f1", "overall").value == 0.45 and fpr5.find("f1", "sexual") is None
+    with pytest.raises(ValueError, match="no operating point 'nope'; the run has rules, fpr_5"):
+        load_run(RUN, operating_point="nope")
+
+
+def test_cli_puts_a_bench_run_beside_the_published_figures(tmp_path):
+    html = tmp_path / "peers.html"
+    r = runner.invoke(app, ["eval", "compare", str(RUN), "--published", str(PEERS), "--json", "--html", str(html)])
+    assert r.exit_code == 0, r.output
+    (c,) = json.loads(r.stdout)["published"]
+    assert (c["run"], c["benchmark"], c["split"], c["operating_point"]) == ("icm-detector", "unsafebench", "test", "rules")
+    got = {(x["model"], x["category"]): (x["comparable"], x["ours"], x["reason"]) for x in c["rows"]}
+    assert got[("Peer A", "overall")] == (True, pytest.approx(50.0), "")
+    assert got[("Peer A", "Sexual")] == (True, pytest.approx(80.0), "")
+    assert got[("Peer B", "overall")][:2] == (False, None) and "other split" in got[("Peer B", "overall")][2]
+    page = html.read_text(encoding="utf-8")
+    assert "icm-detector beside published figures" in page and "other split: published on validation" in page
+    assert "Peer A paper, Table 1 (https://example.org/a)" in page
+    # the terminal table, at the run's other operating point
+    r = runner.invoke(app, ["eval", "compare", str(RUN), "--published", str(PEERS), "--operating-point", "fpr_5"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    assert "icm-detector (unsafebench, split test, fpr_5) beside published figures: 1 of 6 comparable" in r.output
+    assert "[1] Peer A paper, Table 1 (https://example.org/a)" in r.output
+
+
+def test_cli_reads_a_summary_of_today_with_the_benchmark_and_split_given():
+    summary = FIX / "detector-sample-summary.json"  # `icm eval run` of the three sample photos, detector backend
+    pub = FIX / "samples-published.yaml"
+    r = runner.invoke(app, ["eval", "compare", str(summary), "--published", str(pub), "--json"])
+    assert r.exit_code == 0, r.output
+    (c,) = json.loads(r.stdout)["published"]
+    assert {x["reason"] for x in c["rows"]} == {"the run names no benchmark (give --benchmark)"}
+    r = runner.invoke(app, ["eval", "compare", str(summary), "--published", str(pub), "--benchmark", "icm-samples",
+                            "--split", "all", "--json"])
+    assert r.exit_code == 0, r.output
+    (c,) = json.loads(r.stdout)["published"]
+    rows = {(x["metric"], x["category"]): x for x in c["rows"]}
+    assert rows[("accuracy", "overall")]["comparable"] and rows[("accuracy", "overall")]["ours"] == pytest.approx(100.0)
+    assert rows[("accuracy", "upper-normal")]["comparable"]  # the summary's per-category accuracy, upper_normal
+    assert rows[("accuracy", "upper-normal")]["ours_interval"][0] == pytest.approx(34.238, abs=1e-3)
+    assert not rows[("f1", "overall")]["comparable"]  # undefined with no positives: not a figure
+
+
+def test_cli_errors_name_the_file(tmp_path):
+    bad = _write(tmp_path, [GOOD, {**GOOD, "model": "Broken peer", "metric": "f2"}])
+    r = runner.invoke(app, ["eval", "compare", str(RUN), "--published", str(bad)])
+    assert r.exit_code == 2 and "entry 2 (model 'Broken peer')" in r.output and "pub.yaml" in r.output
+    r = runner.invoke(app, ["eval", "compare", str(RUN), "--split", "test"])
+    assert r.exit_code == 2 and "go with --published" in r.output
+    notrun = tmp_path / "x.json"
+    notrun.write_text('{"not": "a run"}')
+    r = runner.invoke(app, ["eval", "compare", str(notrun), "--published", str(PEERS)])
+    assert r.exit_code == 2 and "x.json: neither" in r.output
