@@ -113,14 +113,16 @@ def test_a_run_that_names_no_split_is_compared_with_nothing():
 
 
 def test_a_bench_run_is_read_at_the_chosen_operating_point():
-    rules = load_run(RUN)
+    rules = load_run(RUN)  # the shape of `icm eval bench --json`: rows of benchmark, split, operating point, category, metric
     assert (rules.benchmark, rules.split, rules.operating_point) == ("unsafebench", "test", "rules")
     assert rules.find("f1", "sexual").interval == (0.74, 0.85)
     assert rules.find("recall", "overall").interval == (0.39, 0.47)
-    assert rules.find("f1", "political") is None  # not judged: not a figure
-    fpr5 = load_run(RUN, operating_point="fpr_5")
+    assert rules.find("f1", "political") is None  # not judged: no figure
+    spec = rules.find("specificity", "overall")  # 1 - FPR, as some papers print it
+    assert spec.value == pytest.approx(0.9) and spec.interval == pytest.approx((0.883, 0.915))
+    fpr5 = load_run(RUN, operating_point="fpr5")
     assert fpr5.find("f1", "overall").value == 0.45 and fpr5.find("f1", "sexual") is None
-    with pytest.raises(ValueError, match="no operating point 'nope'; the run has rules, fpr_5"):
+    with pytest.raises(ValueError, match="no operating point 'nope'; the run has rules, fpr5, recall95"):
         load_run(RUN, operating_point="nope")
 
 
@@ -138,9 +140,9 @@ def test_cli_puts_a_bench_run_beside_the_published_figures(tmp_path):
     assert "icm-detector beside published figures" in page and "other split: published on validation" in page
     assert "Peer A paper, Table 1 (https://example.org/a)" in page
     # the terminal table, at the run's other operating point
-    r = runner.invoke(app, ["eval", "compare", str(RUN), "--published", str(PEERS), "--operating-point", "fpr_5"], env={"COLUMNS": "250"})
+    r = runner.invoke(app, ["eval", "compare", str(RUN), "--published", str(PEERS), "--operating-point", "fpr5"], env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
-    assert "icm-detector (unsafebench, split test, fpr_5) beside published figures: 1 of 6 comparable" in r.output
+    assert "icm-detector (unsafebench, split test, fpr5) beside published figures: 1 of 6 comparable" in r.output
     assert "[1] Peer A paper, Table 1 (https://example.org/a)" in r.output
 
 

@@ -16,7 +16,7 @@ the run, category missing, no figures on that benchmark).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,67 +112,44 @@ def _interval(x: Any) -> tuple[float, float] | None:
     return (lo, hi) if lo is not None and hi is not None else None
 
 
-def _metric_values(d: dict[str, Any], category: str) -> Iterable[RunFigure]:
-    """Figures of a mapping ``{metric: value | {value, interval|ci}}`` (unknown keys skipped)."""
-    intervals: dict[str, Any] = d["intervals"] if isinstance(d.get("intervals"), dict) else {}
-    for key, raw in d.items():
-        name = norm_metric(key)
-        if name is None:
-            continue
-        if isinstance(raw, dict):
-            v = _num(raw.get("value", raw.get("estimate")))
-            ci = _interval(raw.get("interval", raw.get("ci")))
-        else:
-            v, ci = _num(raw), _interval(intervals.get(key))
-        if v is not None:
-            yield RunFigure(metric=name, category=category, value=v, interval=ci, n=_count(d))
-
-
 def _count(d: dict[str, Any]) -> int | None:
     n = d.get("n")
     return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
-def _bench_block(block: dict[str, Any]) -> list[RunFigure]:
-    """Overall and per-category figures of one operating point's block of a bench report."""
-    out = list(_metric_values(block.get("metrics", block) if isinstance(block.get("metrics"), dict) else block, "overall"))
-    if isinstance(block.get("overall"), dict):
-        ov = block["overall"]
-        out += _metric_values(ov.get("metrics", ov) if isinstance(ov.get("metrics"), dict) else ov, "overall")
-    cats = block.get("categories", block.get("per_category"))
-    items: list[tuple[str, dict[str, Any]]] = []
-    if isinstance(cats, dict):
-        items = [(k, v) for k, v in cats.items() if isinstance(v, dict)]
-    elif isinstance(cats, list):
-        items = [(str(c.get("category") or c.get("name")), c) for c in cats if isinstance(c, dict) and (c.get("category") or c.get("name"))]
-    for cat, d in items:
-        if d.get("judged") is False or d.get("not_judged") is True:
-            continue  # a category the backend cannot judge has no figures to compare
-        out += _metric_values(d.get("metrics", d) if isinstance(d.get("metrics"), dict) else d, cat)
-    return out
-
-
 def _from_bench(data: dict[str, Any], source: str, name: str | None, operating_point: str | None) -> RunFigures:
-    ops = data.get("operating_points")
-    chosen: str | None = None
-    if isinstance(ops, dict) and ops:
-        chosen = operating_point or next(iter(ops))
-        if chosen not in ops:
-            raise ValueError(f"{source}: no operating point {chosen!r}; the run has {', '.join(map(str, ops))}")
-        block = ops[chosen]
-    elif isinstance(ops, list) and ops:
-        names = [str(o.get("name") or o.get("operating_point")) for o in ops if isinstance(o, dict)]
-        chosen = operating_point or names[0]
-        if chosen not in names:
-            raise ValueError(f"{source}: no operating point {chosen!r}; the run has {', '.join(names)}")
-        block = ops[names.index(chosen)]
-    else:
-        if operating_point:
-            raise ValueError(f"{source}: the run has no operating points to choose {operating_point!r} from")
-        block = data
+    """The ``metrics`` rows of ``icm eval bench --json`` (benchmark, split, operating_point, category, metric, value ...)."""
+    rows = data.get("metrics")
+    if not isinstance(rows, list):
+        raise ValueError("a bench run needs a 'metrics' list (the output of `icm eval bench ... --json`)")
+    rows = [r for r in rows if isinstance(r, dict)]
+    points = list(dict.fromkeys(str(r.get("operating_point")) for r in rows if r.get("operating_point")))
+    chosen = operating_point or ("rules" if "rules" in points else (points[0] if points else None))
+    if chosen is not None and points and chosen not in points:
+        raise ValueError(f"no operating point {chosen!r}; the run has {', '.join(points)}")
+    figures = []
+    for r in rows:
+        metric, v = norm_metric(str(r.get("metric", ""))), _num(r.get("value"))
+        if metric is None or v is None or (points and r.get("operating_point") != chosen):
+            continue  # an undefined figure (no positives, a category not judged) is not a figure
+        if r.get("benchmark") not in (None, data["benchmark"]) or r.get("split") not in (None, data.get("split")):
+            raise ValueError(f"a metrics row of {r.get('benchmark')}/{r.get('split')} in a run of {data['benchmark']}/{data.get('split')}")
+        figures.append(RunFigure(metric=metric, category=str(r.get("category") or "overall"), value=v,
+                                 interval=_interval(r.get("interval")), n=_count(r)))
     return RunFigures(name=name or str(data.get("name") or Path(source).stem), source=source,
                       benchmark=str(data["benchmark"]), split=str(data.get("split") or "") or None,
-                      operating_point=chosen, figures=_bench_block(block))
+                      operating_point=chosen, figures=_with_specificity(figures))
+
+
+def _with_specificity(figures: list[RunFigure]) -> list[RunFigure]:
+    """Specificity (1 - FPR, as some papers print it) wherever the run has the false-positive rate and not it."""
+    have = {(f.metric, norm_category(f.category)) for f in figures}
+    out = list(figures)
+    for f in figures:
+        if f.metric == "false_positive_rate" and ("specificity", norm_category(f.category)) not in have:
+            iv = (1 - f.interval[1], 1 - f.interval[0]) if f.interval else None
+            out.append(RunFigure(metric="specificity", category=f.category, value=1 - f.value, interval=iv, n=f.n))
+    return out
 
 
 def _from_summary(data: dict[str, Any], source: str, name: str | None) -> RunFigures:
