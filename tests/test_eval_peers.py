@@ -44,6 +44,15 @@ def test_the_shipped_figures_load_each_with_its_source_and_check():
     assert not any(f.value == 63.4 for f in pub.figures)
 
 
+def test_the_compared_with_page_shows_every_shipped_figure():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "compared.md").read_text(encoding="utf-8")
+    rows = [line for line in page.splitlines() if line.startswith("| ")]
+    for f in load_published("builtin").figures:
+        model = f.model.replace(" (size not stated in the abstract)", " (size not stated)")
+        assert any(line.startswith(f"| {model} |") and (f" {f.value:.1f} " in line or f" {f.value:.2f} " in line)
+                   for line in rows), f"docs/compared.md has no row with {f.model} {f.value}"
+
+
 def _write(tmp_path: Path, figures: object, name: str = "pub.yaml") -> Path:
     p = tmp_path / name
     p.write_text(json.dumps(figures) if name.endswith(".json") else json.dumps({"figures": figures}))
