@@ -44,6 +44,21 @@ def test_the_shipped_figures_load_each_with_its_source_and_check():
     assert not any(f.value == 63.4 for f in pub.figures)
 
 
+def test_the_shipped_figures_are_package_data():
+    """A wheel holds only what pyproject's package-data names: `--published builtin` must find its file installed."""
+    import fnmatch
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((repo / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"]["icm"]
+    rel = Path(load_published("builtin").path).relative_to(repo / "src" / "icm").as_posix()
+    assert rel == "evaluation/published/peers.yaml" and any(fnmatch.fnmatch(rel, p) for p in patterns)
+
+
 def test_the_compared_with_page_shows_every_shipped_figure():
     page = (Path(__file__).resolve().parents[1] / "docs" / "compared.md").read_text(encoding="utf-8")
     rows = [line for line in page.splitlines() if line.startswith("| ")]
@@ -171,6 +186,12 @@ def test_cli_reads_a_summary_of_today_with_the_benchmark_and_split_given():
     assert rows[("accuracy", "upper-normal")]["comparable"]  # the summary's per-category accuracy, upper_normal
     assert rows[("accuracy", "upper-normal")]["ours_interval"][0] == pytest.approx(34.238, abs=1e-3)
     assert not rows[("f1", "overall")]["comparable"]  # undefined with no positives: not a figure
+    # two summaries: side by side as before, and each beside the published figures
+    r = runner.invoke(app, ["eval", "compare", str(summary), str(summary), "--published", str(pub), "--benchmark", "icm-samples",
+                            "--split", "all", "--json"])
+    assert r.exit_code == 0, r.output
+    both = json.loads(r.stdout)
+    assert len(both["published"]) == 2 and both["runs"]["rows"] and len(both["runs"]["runs"]) == 2
 
 
 def test_cli_errors_name_the_file(tmp_path):
