@@ -248,14 +248,14 @@ def compare_published(run: RunFigures, published: PublishedFile) -> PeerComparis
             mine = run.find(metric, cat)
         pub = f.fraction * 100
         src = f"{f.source.citation}, {f.source.where} ({f.source.url})"
-        common = dict(model=f.model, benchmark=f.benchmark, split=f.split, metric=f.metric, category=f.category,
+        common: dict[str, Any] = dict(model=f.model, benchmark=f.benchmark, split=f.split, metric=f.metric, category=f.category,
                       published=pub, source=src, verification=f.verification, notes=f.notes)
         if mine is None:
-            rows.append(PeerRow(**common, comparable=False, reason=_why_not(f, run)))  # type: ignore[arg-type]
+            rows.append(PeerRow(**common, comparable=False, reason=_why_not(f, run)))
         else:
             ours = mine.value * 100
             iv = (mine.interval[0] * 100, mine.interval[1] * 100) if mine.interval else None
-            rows.append(PeerRow(**common, comparable=True, ours=ours, ours_interval=iv, delta=ours - pub))  # type: ignore[arg-type]
+            rows.append(PeerRow(**common, comparable=True, ours=ours, ours_interval=iv, delta=ours - pub))
     rows.sort(key=lambda r: (not r.comparable, r.benchmark.lower(), r.split, r.metric, r.category != "overall", r.category, r.model))
     return PeerComparison(run=run.name, run_source=run.source, benchmark=run.benchmark, split=run.split,
                           operating_point=run.operating_point, published=published.path, rows=rows)
