@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from icm.cli.main import app
 from icm.evaluation.peers import RunFigure, RunFigures, compare_published, load_run
-from icm.evaluation.published import load_published
+from icm.evaluation.published import PublishedFigure, PublishedFile, load_published
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "compare"
 RUN = FIX / "unsafebench-test-run.json"
@@ -150,23 +150,42 @@ def test_a_bench_run_is_read_at_the_chosen_operating_point():
         load_run(RUN, operating_point="nope")
 
 
+def test_the_output_of_icm_eval_bench_is_read_as_it_is_written():
+    """The JSON of `icm eval bench unsafebench tests/fixtures/bench/unsafebench --backend detector --json`
+    (branch i24-bench at 791c695; stand-in labels, so the values mean nothing): its metrics rows are the join."""
+    run = load_run(FIX / "bench-unsafebench-fixture.json")
+    assert (run.name, run.benchmark, run.split, run.operating_point) == ("bench-unsafebench-fixture (detector)", "unsafebench", "test", "rules")
+    assert {f.category for f in run.figures} == {"overall", "Sexual", "Violence"}  # Hate was not judged: no figures
+    assert run.find("precision", "overall") is None  # nothing flagged: precision undefined, not a figure
+    assert run.find("false_positive_rate", "overall").value == 0.0  # the bench's "fpr"
+    spec = run.find("specificity", "overall")
+    assert spec.value == 1.0 and spec.interval == pytest.approx((0.5101, 1.0), abs=1e-4) and spec.n == 8
+    pub = [{**GOOD, "metric": "1 - FPR", "value": 95.9}]
+    (row,) = compare_published(run, load_published_rows(pub)).rows
+    assert row.comparable and row.ours == pytest.approx(100.0) and row.delta == pytest.approx(4.1)
+
+
+def load_published_rows(figures: list[dict]) -> PublishedFile:
+    return PublishedFile(path="-", figures=[PublishedFigure.model_validate(f) for f in figures])
+
+
 def test_cli_puts_a_bench_run_beside_the_published_figures(tmp_path):
     html = tmp_path / "peers.html"
     r = runner.invoke(app, ["eval", "compare", str(RUN), "--published", str(PEERS), "--json", "--html", str(html)])
     assert r.exit_code == 0, r.output
     (c,) = json.loads(r.stdout)["published"]
-    assert (c["run"], c["benchmark"], c["split"], c["operating_point"]) == ("icm-detector", "unsafebench", "test", "rules")
+    assert (c["run"], c["benchmark"], c["split"], c["operating_point"]) == ("icm-detector (detector)", "unsafebench", "test", "rules")
     got = {(x["model"], x["category"]): (x["comparable"], x["ours"], x["reason"]) for x in c["rows"]}
     assert got[("Peer A", "overall")] == (True, pytest.approx(50.0), "")
     assert got[("Peer A", "Sexual")] == (True, pytest.approx(80.0), "")
     assert got[("Peer B", "overall")][:2] == (False, None) and "other split" in got[("Peer B", "overall")][2]
     page = html.read_text(encoding="utf-8")
-    assert "icm-detector beside published figures" in page and "other split: published on validation" in page
+    assert "icm-detector (detector) beside published figures" in page and "other split: published on validation" in page
     assert "Peer A paper, Table 1 (https://example.org/a)" in page
     # the terminal table, at the run's other operating point
     r = runner.invoke(app, ["eval", "compare", str(RUN), "--published", str(PEERS), "--operating-point", "fpr5"], env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
-    assert "icm-detector (unsafebench, split test, fpr5) beside published figures: 1 of 6 comparable" in r.output
+    assert "icm-detector (detector) on unsafebench, split test, fpr5: 1 of 6 published figures comparable" in r.output
     assert "[1] Peer A paper, Table 1 (https://example.org/a)" in r.output
 
 

@@ -136,7 +136,9 @@ def _from_bench(data: dict[str, Any], source: str, name: str | None, operating_p
             raise ValueError(f"a metrics row of {r.get('benchmark')}/{r.get('split')} in a run of {data['benchmark']}/{data.get('split')}")
         figures.append(RunFigure(metric=metric, category=str(r.get("category") or "overall"), value=v,
                                  interval=_interval(r.get("interval")), n=_count(r)))
-    return RunFigures(name=name or str(data.get("name") or Path(source).stem), source=source,
+    backend = " ".join(str(data[k]) for k in ("backend", "model") if data.get(k))
+    default = str(data.get("name") or Path(source).stem) + (f" ({backend})" if backend else "")
+    return RunFigures(name=name or default, source=source,
                       benchmark=str(data["benchmark"]), split=str(data.get("split") or "") or None,
                       operating_point=chosen, figures=_with_specificity(figures))
 
@@ -275,7 +277,7 @@ def peers_tables(comparisons: Sequence[PeerComparison]) -> RenderableType:
     sources: dict[str, int] = {}
     for c in comparisons:
         where = ", ".join(x for x in (c.benchmark, c.split and f"split {c.split}", c.operating_point) if x) or "benchmark unknown"
-        t = Table(title=f"{c.run} ({where}) beside published figures: {c.n_comparable} of {len(c.rows)} comparable")
+        t = Table(title=f"{c.run} on {where}: {c.n_comparable} of {len(c.rows)} published figures comparable")
         for col in ("model", "benchmark", "split", "category", "metric", "published", "ours", "Δ", "comparable", "src"):
             t.add_column(col, justify="right" if col in ("published", "ours", "Δ") else "left", overflow="fold")
         for r in c.rows:

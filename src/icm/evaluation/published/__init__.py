@@ -46,7 +46,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "accuracy": ("accuracy", "acc"),
     "balanced_accuracy": ("balanced_accuracy", "balanced accuracy", "bacc"),
     "false_positive_rate": ("false_positive_rate", "fpr", "false-positive rate"),
-    "specificity": ("specificity", "tnr"),
+    "specificity": ("specificity", "tnr", "1 - fpr", "1-fpr", "true-negative rate"),
     "roc_auc": ("roc_auc", "auroc", "auc", "roc auc"),
     "average_precision": ("average_precision", "auprc", "au-prc", "ap", "average precision"),
 }
