@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 from icm.cli.main import app
 from icm.evaluation.bench import benchmark_names, get_benchmark, register
 from icm.evaluation.bench.records import BenchDataError, BenchItem, Benchmark
-from icm.evaluation.bench.run import load_items
+from icm.evaluation.bench.run import BenchConfig, load_items, run_bench
 from icm.evaluation.bench.scoring import Judged, choose_threshold, predict
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bench"
-NAMES = ["unsafebench", "llavaguard", "vlguard", "smid"]
+NAMES = ["unsafebench", "llavaguard", "vlguard", "smid", "safeeditbench"]
 runner = CliRunner()
 
 
@@ -83,6 +83,13 @@ def test_smid_loader_turns_moral_ratings_into_labels_at_the_stated_cutoffs():
     assert "below 2.5 is unsafe, above 3.5 safe" in info.label_rule
 
 
+def test_safeeditbench_loader_reads_the_class_labels_as_the_card_names_them():
+    info, items, issues = load_items("safeeditbench", FIXTURES / "safeeditbench")
+    assert issues == [] and len(items) == 10 and {it.split for it in items} == {"test"}
+    assert [(it.label, it.category) for it in items[:3]] == [("safe", "Policy L1"), ("unsafe", "Policy L1"), ("safe", "Policy L2")]
+    assert all(it.mapped == {} for it in items) and "not a content category" in info.categories[0].note
+
+
 # -- bad input: the file named, the rest goes on -----------------------------------------------
 
 
@@ -96,6 +103,17 @@ def test_a_file_missing_a_column_is_named_and_the_other_split_still_loads(tmp_pa
     assert len(issues) == 1 and issues[0].file == str(train)
     assert "missing column 'safety_label'" in issues[0].problem and "image, category, source" in issues[0].problem
     assert {it.split for it in items} == {"test"} and len(items) == 8
+
+
+def test_a_csv_without_its_rating_column_is_named_and_nothing_is_scored_from_it(tmp_path):
+    root = tmp_path / "smid"
+    shutil.copytree(FIXTURES / "smid", root)
+    norms = root / "SMID_norms.csv"
+    norms.write_text(norms.read_text().replace("moral_mean", "moral_avg"))
+    _, items, issues = load_items("smid", root)
+    assert items == [] and issues[0].file == str(norms) and "missing column 'moral_mean'" in issues[0].problem
+    with pytest.raises(BenchDataError, match="moral_mean"):  # nothing usable: the error carries why
+        run_bench(BenchConfig(name="smid", data=str(root), out_dir=str(tmp_path / "out")))
 
 
 def test_no_data_of_the_layout_is_an_error_naming_the_folder(tmp_path):
@@ -183,7 +201,7 @@ def test_cli_bench_on_each_fixture_with_the_detector(name, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["benchmark"] == name and rep["policy"] == "icm-standard" and rep["backend"] == "detector"
-    assert (rep["split"], rep["tune_split"]) == (("all", "cv-5") if name == "smid" else ("test", "train"))
+    assert (rep["split"], rep["tune_split"]) == {"smid": ("all", "cv-5"), "safeeditbench": ("test", "cv-5")}.get(name, ("test", "train"))
     overall = [m for m in rep["metrics"] if m["category"] == "overall"]
     assert {(m["operating_point"], m["metric"]) for m in overall} == {
         (p, k) for p in ("rules", "fpr5", "recall95") for k in ("precision", "recall", "f1", "fpr", "balanced_accuracy")}

@@ -13,7 +13,7 @@ from icm.policy import PolicyError
 
 
 def bench_cmd(
-    name: str = typer.Argument(..., help="unsafebench, llavaguard, vlguard or smid (docs/benchmarks.md)."),
+    name: str = typer.Argument(..., help="unsafebench, llavaguard, vlguard, smid or safeeditbench (docs/benchmarks.md)."),
     data: Path = typer.Argument(..., help="The benchmark as published: the Hugging Face dataset copy (parquet or "
                                 "save_to_disk), or its JSON/CSV files and image folder."),
     split: str | None = typer.Option(None, "--split", help="The split reported (default: test, or the only one)."),

@@ -32,6 +32,7 @@ BUILTIN: dict[str, str] = {
     "llavaguard": "icm.evaluation.bench.loaders",
     "vlguard": "icm.evaluation.bench.loaders",
     "smid": "icm.evaluation.bench.loaders",
+    "safeeditbench": "icm.evaluation.bench.loaders",
 }
 """Built-in benchmark names and the module that registers each (imported on first use)."""
 

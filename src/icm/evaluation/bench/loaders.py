@@ -254,3 +254,29 @@ def load_smid(root: Path) -> Iterator[BenchItem | BenchIssue]:
     if ambiguous:
         yield BenchIssue(file=str(norms), problem=f"{ambiguous} images with moral_mean between {SMID_UNSAFE_BELOW} and "
                          f"{SMID_SAFE_ABOVE} are left out as morally ambiguous", kind="note")
+
+
+# -- SafeEditBench ------------------------------------------------------------------------------
+
+SAFEEDIT_POLICIES = [f"Policy L{i}" for i in range(1, 6)]
+SAFEEDITBENCH = Benchmark(
+    name="safeeditbench",
+    title="SafeEditBench (content safety of edited images)",
+    source="https://huggingface.co/datasets/tyodd/SafeEditBench",
+    layout="the dataset repository's parquet files (data/test-*.parquet, 601 rows) or a save_to_disk folder; columns image, "
+    "image_path, safety_label (class label 0 safe, 1 unsafe), policy_name (class label 0-4: Policy L1..L5), policy (its text)",
+    label_rule="safety_label 1 (unsafe) is unsafe, 0 (safe) is safe, each under the row's own written policy",
+    categories=[_m(p, note="one of the benchmark's five written policies, not a content category: icm judges with its own "
+                   "policy instead of the row's text") for p in SAFEEDIT_POLICIES],
+)
+
+
+def _safeedit_policy(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(SAFEEDIT_POLICIES):
+        return SAFEEDIT_POLICIES[value]
+    return str(value).strip() or None if value is not None else None
+
+
+@register(SAFEEDITBENCH)
+def load_safeeditbench(root: Path) -> Iterator[BenchItem | BenchIssue]:
+    yield from _hf_items(SAFEEDITBENCH, root, label_col="safety_label", category_col="policy_name", category_of=_safeedit_policy)
