@@ -48,6 +48,9 @@ def test_unsafebench_loader_reads_the_parquet_files_with_their_splits_and_catego
     spam = next(it for it in items if it.category == "Spam")
     assert spam.mapped == {} and "no category" in next(c.note for c in info.categories if c.native == "Spam")
     assert {it.extra["source"] for it in items} == {"Laion5B", "Lexica"}
+    from icm.evaluation.bench.loaders import _unsafebench_category
+
+    assert [_unsafebench_category(v) for v in ("self harm", "ILLEGAL ACTIVITY", "Memes")] == ["Self-harm", "Illegal activity", "Memes"]
 
 
 def test_llavaguard_loader_reads_a_save_to_disk_folder_and_keeps_the_category_code():

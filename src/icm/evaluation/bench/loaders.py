@@ -102,10 +102,15 @@ UNSAFEBENCH = Benchmark(
 )
 
 
+def _key(text: str) -> str:
+    return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
 def _unsafebench_category(value: Any) -> str | None:
+    """The card's spelling of a category, whatever its case and punctuation ("self harm", "Self-Harm")."""
     text = str(value or "").strip()
     for c in UNSAFEBENCH.categories:
-        if c.native.lower() == text.lower():
+        if _key(c.native) == _key(text):
             return c.native
     return text or None
 

@@ -137,7 +137,7 @@ def _materialize(items: list[BenchItem], folder: Path) -> dict[str, BenchItem]:
             if not (path.is_file() and path.stat().st_size == len(it.image_bytes)):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(it.image_bytes)
-            it.image_path = str(path)
+            it.image_path, it.image_bytes = str(path), None  # on disk now: not held twice
         if it.image_path is not None:
             out.setdefault(os.path.realpath(it.image_path), it)
     return out
@@ -246,6 +246,7 @@ def run_bench(cfg: BenchConfig, *, on_stage: Callable[[str], None] | None = None
     counts = {s: sum(1 for it in items if it.split == s) for s in splits}
     wanted = [s for s in (report, tune) if s is not None]
     chosen = [it for s in wanted for it in [x for x in items if x.split == s][: cfg.limit]]
+    items = []  # the other splits' images (bytes, for a Hugging Face copy) are not held while moderating
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_path = _materialize(chosen, out / "images")
