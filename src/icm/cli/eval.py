@@ -592,3 +592,8 @@ def report_cmd(
         print_json({"summary": str(summary), "html": str(html)})
     else:
         console.print(f"report: {html}", highlight=False)
+
+
+from icm.cli.eval_bench import bench_cmd  # noqa: E402 - `icm eval bench` lives in its own module (issue 24)
+
+app.command("bench")(bench_cmd)
