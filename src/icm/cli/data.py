@@ -261,8 +261,8 @@ def import_icm_cmd(
             for r in res.records:
                 fh.write(r.model_dump_json() + "\n")
         with open(out / "rejected.jsonl", "w", encoding="utf-8") as fh:
-            for r in res.rejected:
-                fh.write(r.model_dump_json() + "\n")
+            for rej in res.rejected:
+                fh.write(rej.model_dump_json() + "\n")
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if json_:
         print_json(report)
@@ -288,8 +288,8 @@ def import_icm_cmd(
     if out is not None:
         _say(f"wrote {out / 'records.jsonl'}, {out / 'rejected.jsonl'} (every failure with its reason), {out / 'report.json'}")
     else:
-        for r in res.rejected[:10]:
-            _say(f"  {r.reason}: {r.detail}")
+        for rej in res.rejected[:10]:
+            _say(f"  {rej.reason}: {rej.detail}")
         if len(res.rejected) > 10:
             _say(f"  ... {len(res.rejected) - 10} more; --out OUT writes them all with their reasons")
 

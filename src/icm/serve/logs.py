@@ -81,7 +81,7 @@ def configure_logging(level: str, fmt: str, stream: object = None) -> logging.Ha
     handler._icm = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     name = level.upper()
-    logging.getLogger("icm").setLevel(name if name in logging.getLevelNamesMapping() else "INFO")
+    logging.getLogger("icm").setLevel(name if isinstance(logging.getLevelName(name), int) else "INFO")  # 3.10: no getLevelNamesMapping
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.WARNING)
     logging.captureWarnings(True)
