@@ -16,7 +16,7 @@ import asyncio
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 __all__ = ["LoopThread", "in_daemon_thread", "run_sync"]
@@ -92,7 +92,7 @@ class LoopThread:
             fut.cancel()  # e.g. KeyboardInterrupt in the waiting thread
             raise
 
-    def close(self, cleanup: Callable[[], Awaitable[Any]] | None = None) -> None:
+    def close(self, cleanup: Callable[[], Coroutine[Any, Any, Any]] | None = None) -> None:
         """Run ``cleanup()`` on the loop (best effort), then stop the loop and its thread."""
         with self._lock:
             loop, thread, same = self._loop, self._thread, self._pid == os.getpid()
@@ -104,7 +104,7 @@ class LoopThread:
             return
         if cleanup is not None and thread.is_alive():
             try:
-                asyncio.run_coroutine_threadsafe(cleanup(), loop).result(timeout=5)  # type: ignore[arg-type]
+                asyncio.run_coroutine_threadsafe(cleanup(), loop).result(timeout=5)
             except Exception:  # noqa: BLE001 - best effort on shutdown
                 pass
         _stop(loop, thread)

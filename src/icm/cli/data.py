@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 from rich.markup import escape
@@ -25,6 +26,17 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON instead of tables.")
 def _fail(msg: object, code: int = 2) -> typer.Exit:
     err_console.print(f"[red]{escape(str(msg))}[/red]", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _one_of(value: str, allowed: tuple[_Choice, ...], what: str) -> _Choice:
+    """``value`` as the allowed choice it names (typed as the choices' Literal), else a usage error."""
+    for choice in allowed:
+        if value == choice:
+            return choice
+    raise _fail(f"unknown {what} {value!r} (choose from {', '.join(allowed)})")
 
 
 def _split_list(values: list[str] | None) -> list[str]:
@@ -87,6 +99,7 @@ def generate(
     """
     from icm.data.generate import GenerateConfig, ItemOutcome
     from icm.data.generate import generate as run_generate
+    from icm.data.generate_config import MODES
     from icm.data.quality import DEFAULT_FILTERS
 
     if not inputs:
@@ -99,7 +112,7 @@ def generate(
     config = GenerateConfig(
         inputs=list(inputs), out=out, policy=policy, mllm_model=mllm_model, mllm_base_url=mllm_base_url,
         mllm_api_key=mllm_api_key, llm_model=llm_model, llm_base_url=llm_base_url, llm_api_key=llm_api_key,
-        mode=mode, qa=qa, n_yes_no=n_yes_no, n_choice=n_choice, n_what=n_what, n_how=n_how,  # type: ignore[arg-type]
+        mode=_one_of(mode, MODES, "mode"), qa=qa, n_yes_no=n_yes_no, n_choice=n_choice, n_what=n_what, n_how=n_how,
         concurrency=concurrency, timeout=timeout, max_retries=max_retries, backoff=backoff, max_tokens=max_tokens,
         qa_max_tokens=qa_max_tokens, temperature=temperature, seed=seed, max_image_side=max_image_side or None,
         cache=cache, filters=chosen, min_qa=min_qa, limit=limit, retry_rejected=retry_rejected, dry_run=dry_run,
@@ -261,8 +274,8 @@ def import_icm_cmd(
             for r in res.records:
                 fh.write(r.model_dump_json() + "\n")
         with open(out / "rejected.jsonl", "w", encoding="utf-8") as fh:
-            for r in res.rejected:
-                fh.write(r.model_dump_json() + "\n")
+            for rej in res.rejected:
+                fh.write(rej.model_dump_json() + "\n")
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if json_:
         print_json(report)
@@ -288,8 +301,8 @@ def import_icm_cmd(
     if out is not None:
         _say(f"wrote {out / 'records.jsonl'}, {out / 'rejected.jsonl'} (every failure with its reason), {out / 'report.json'}")
     else:
-        for r in res.rejected[:10]:
-            _say(f"  {r.reason}: {r.detail}")
+        for rej in res.rejected[:10]:
+            _say(f"  {rej.reason}: {rej.detail}")
         if len(res.rejected) > 10:
             _say(f"  ... {len(res.rejected) - 10} more; --out OUT writes them all with their reasons")
 
@@ -313,12 +326,12 @@ def export(
     json_: bool = JsonOpt,
 ) -> None:
     """Export records for a trainer: LLaVA, ShareGPT + dataset_info.json, Qwen-VL, HF datasets, parquet."""
-    from icm.data.export import DEFAULT_EXCLUDE_FLAGS, EXPORT_FORMATS, TASKS, export_records
+    from icm.data.export import CONVERSATIONS, DEFAULT_EXCLUDE_FLAGS, EXPORT_FORMATS, TASKS, export_records
     from icm.data.instructions import InstructionPools
     from icm.data.outputs import read_records
 
-    if fmt not in EXPORT_FORMATS:
-        raise _fail(f"unknown format {fmt!r} (choose from {', '.join(EXPORT_FORMATS)})")
+    format_ = _one_of(fmt, EXPORT_FORMATS, "format")
+    conversation_ = _one_of(conversation, CONVERSATIONS, "conversation")
     chosen_tasks = _split_list(tasks) or list(TASKS)
     bad = sorted(set(chosen_tasks) - set(TASKS))
     if bad:
@@ -327,7 +340,7 @@ def export(
         recs = [r for path in records for r in read_records(path)]
         pools = InstructionPools.from_file(instructions, seed=seed) if instructions else InstructionPools(seed=seed)
         res = export_records(
-            recs, fmt, out, pools=pools, tasks=chosen_tasks, conversation=conversation,  # type: ignore[arg-type]
+            recs, format_, out, pools=pools, tasks=chosen_tasks, conversation=conversation_,
             val_ratio=val_ratio, seed=seed, image_root=image_root,
             exclude_flags=() if keep_flagged else DEFAULT_EXCLUDE_FLAGS, embed_images=embed_images,
         )

@@ -156,7 +156,7 @@ def serve(
         if webhook_secret:
             given["webhook_secret"] = read_secret_source(webhook_secret, "--webhook-secret")
         if model_alias:
-            given["model_aliases"] = dict(ServeConfig.model_fields["model_aliases"].default_factory())  # type: ignore[misc]
+            given["model_aliases"] = dict(ServeConfig.model_fields["model_aliases"].get_default(call_default_factory=True))
             for entry in model_alias:
                 name, sep, target = entry.partition("=")
                 if not sep or not name.strip():

@@ -23,7 +23,8 @@ from icm.cli.common import console, err_console, print_error, print_json
 class _RunByDefault(TyperGroup):
     """``icm train CONFIG ...`` means ``icm train run CONFIG ...``."""
 
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+    # typer (0.29) types ctx as its vendored click Context, which has no public name; the ctx it passes is a typer.Context
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
@@ -142,9 +143,9 @@ def run(
     if not res.main_process:
         return  # the main process reports for the whole run
     if json_:
-        data = res.as_dict()
-        data.pop("log_history", None)
-        print_json(data)
+        summary = res.as_dict()
+        summary.pop("log_history", None)
+        print_json(summary)
         return
     _print_result(res)
 

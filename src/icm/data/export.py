@@ -37,6 +37,7 @@ from icm.data.records import InstructRecord
 from icm.fileio import atomic_write
 
 __all__ = [
+    "CONVERSATIONS",
     "DEFAULT_EXCLUDE_FLAGS",
     "EXPORT_FORMATS",
     "TASKS",
@@ -47,10 +48,12 @@ __all__ = [
     "split_of",
 ]
 
-EXPORT_FORMATS = ("llava", "sharegpt", "qwen-vl", "hf", "parquet")
+Format = Literal["llava", "sharegpt", "qwen-vl", "hf", "parquet"]
+EXPORT_FORMATS: tuple[Format, ...] = ("llava", "sharegpt", "qwen-vl", "hf", "parquet")
+Conversation = Literal["multi", "single"]
+CONVERSATIONS: tuple[Conversation, ...] = ("multi", "single")
 TASKS = ("term", "explain", "explicit", "implicit", "qa")
 DEFAULT_EXCLUDE_FLAGS = ("empty", "refusal", "first_person", "contradiction", "mixed_verdict", "truncated", "too_short")
-Format = Literal["llava", "sharegpt", "qwen-vl", "hf", "parquet"]
 SPLITS = ("train", "validation")
 
 
@@ -126,7 +129,7 @@ def build_samples(
     *,
     pools: InstructionPools | None = None,
     tasks: Sequence[str] = TASKS,
-    conversation: Literal["multi", "single"] = "multi",
+    conversation: Conversation = "multi",
     val_ratio: float = 0.05,
     seed: int = 0,
     image_root: str | None = None,
@@ -134,7 +137,7 @@ def build_samples(
     questions: dict[str, str] | None = None,
 ) -> list[TrainingSample]:
     """Training samples from records, in record order, each with its split."""
-    if conversation not in ("multi", "single"):
+    if conversation not in CONVERSATIONS:
         raise ValueError("conversation must be 'multi' or 'single'")
     pools = pools or InstructionPools(seed=seed)
     excl = set(exclude_flags)
@@ -269,7 +272,7 @@ def export_records(
     *,
     pools: InstructionPools | None = None,
     tasks: Sequence[str] = TASKS,
-    conversation: Literal["multi", "single"] = "multi",
+    conversation: Conversation = "multi",
     val_ratio: float = 0.05,
     seed: int = 0,
     image_root: str | None = None,

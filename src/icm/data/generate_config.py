@@ -13,9 +13,10 @@ from pydantic import BaseModel, Field
 from icm.data.quality import ALL_FILTERS, DEFAULT_FILTERS
 from icm.openai_http import ServerSettings
 
-__all__ = ["Failure", "GenerateConfig", "GenerateSummary", "ItemOutcome", "Mode"]
+__all__ = ["MODES", "Failure", "GenerateConfig", "GenerateSummary", "ItemOutcome", "Mode"]
 
 Mode = Literal["combined", "separate"]
+MODES: tuple[Mode, ...] = ("combined", "separate")
 
 
 @dataclass
@@ -64,7 +65,7 @@ class GenerateConfig:
     def validate(self, *, need_model: bool = True) -> None:
         if not self.inputs:
             raise ValueError("no inputs: give CSV/JSONL files or folders with one sub-folder per product")
-        if self.mode not in ("combined", "separate"):
+        if self.mode not in MODES:
             raise ValueError(f"mode must be 'combined' or 'separate', got {self.mode!r}")
         unknown = sorted(set(self.filters) - set(ALL_FILTERS))
         if unknown:

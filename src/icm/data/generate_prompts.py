@@ -72,7 +72,7 @@ def split_combined_answer(text: str) -> tuple[str, str, str] | None:
         starts: list[tuple[int, int]] = []
         pos = 0
         for i in range(3):
-            m = finder(i + 1 if finder is _marker else i).search(t, pos)  # type: ignore[operator]
+            m = finder(i + 1 if finder is _marker else i).search(t, pos)
             if not m:
                 break
             starts.append((m.start(), m.end()))

@@ -161,5 +161,8 @@ def load_samples(inputs: list[str], policy: Policy) -> tuple[list[Sample], list[
         else:
             items = [InputError(raw, "an input is a CSV (image,product), a JSONL file or a folder with one sub-folder per product")]
         for it in items:
-            (samples if isinstance(it, Sample) else errors).append(it)  # type: ignore[arg-type]
+            if isinstance(it, Sample):
+                samples.append(it)
+            else:
+                errors.append(it)
     return samples, errors

@@ -97,7 +97,8 @@ class Figure:
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple[int, int, int]:
-    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
+    r, g, b = (max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+    return r, g, b
 
 
 def draw_figure(figure: Figure, *, size: int = 64, seed: int | str = 0) -> Image.Image:

@@ -165,10 +165,10 @@ def _qa_table(text: str, counts: dict[str, int], key: str, term_question: str = 
         letters = option_letters(len(options))
         cells = " ".join(f"{letters[i]}. {options[j][0].upper() + options[j][1:]}" for i, j in enumerate(order))
         rows.append(f"| choice | {q} | {cells} | {letters[order.index(right)]} |")
-    for q, a in what[: counts["what"]]:
-        rows.append(f"| what | {q} | | {a} |")
-    for q, a in how[: counts["how"]]:
-        rows.append(f"| how | {q} | | {a} |")
+    for q, text in what[: counts["what"]]:
+        rows.append(f"| what | {q} | | {text} |")
+    for q, text in how[: counts["how"]]:
+        rows.append(f"| how | {q} | | {text} |")
     return "| type | question | choices | answer |\n|---|---|---|---|\n" + "\n".join(rows)
 
 
@@ -393,8 +393,8 @@ class TeacherServer:
                                           "finish_reason": "stop"}
                 if reply.logprobs is not None and body.get("logprobs"):
                     top = [{"token": t, "logprob": lp} for t, lp in reply.logprobs]
-                    best = max(top, key=lambda x: x["logprob"])
-                    choice["logprobs"] = {"content": [{**best, "top_logprobs": top}]}
+                    token, logprob = max(reply.logprobs, key=lambda x: x[1])
+                    choice["logprobs"] = {"content": [{"token": token, "logprob": logprob, "top_logprobs": top}]}
                 prompt_words = sum(_words(_text_of(m.get("content"))) for m in messages)
                 self._send(200, {
                     "id": f"chatcmpl-{outer.requests}", "object": "chat.completion", "created": int(time.time()),

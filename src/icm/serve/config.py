@@ -358,7 +358,7 @@ class APIKey:
                         f"the API key entry for {name!r} has the role {given[:40]!r}: a role is one of "
                         f"{', '.join(ROLES)} (NAME:KEY:ROLE; a key cannot contain ':')"
                     )
-                role = given  # type: ignore[assignment]  # checked against ROLES above
+                role = given  # checked against ROLES above
             if not secret:
                 raise ValueError(f"the API key entry for {name!r} has an empty key after 'NAME:'")
             if any(ch.isspace() or not ch.isprintable() for ch in name) or len(name) > 100:

@@ -22,9 +22,12 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from PIL import Image
 
 BYTES_PER_QUEUED_PIXEL = 4  # Pillow keeps an RGB image as 32 bits per pixel
 
@@ -127,11 +130,29 @@ def decode_weight(data: bytes, max_pixels: int, draft_pixels: int = 0, max_frame
     refuses from its headers alone (a frame over ``max_pixels``, frames over the per-file
     total, or a header Pillow cannot parse).
     """
-    from PIL import Image
-
-    from icm.moderation.image_base import ImageLoadError
     from icm.moderation.image_frames import plan_frames
     from icm.moderation.images import DEFAULT_MAX_TOTAL_PIXELS, header_pixels
+
+    def weigh(im: Image.Image) -> int:
+        frames = int(getattr(im, "n_frames", 1) or 1)
+        if frames == 1:
+            return header_pixels(im, draft_pixels)
+        plan = plan_frames(im, data, frames, max_frames)
+        plan.check("<upload>", max_pixels, max(DEFAULT_MAX_TOTAL_PIXELS, max_pixels))
+        share = plan.view_share(max_pixels, draft_pixels or None)
+        lw, lh = plan.largest
+        kept = sum(min(plan.decoded[k][0] * plan.decoded[k][1], share) for k in plan.wanted[1:])
+        kept += plan.scenes * min(lw * lh, share)  # scene changes judged between the samples
+        return lw * lh + kept
+
+    return header_weight(data, max_pixels, weigh)
+
+
+def header_weight(data: bytes, max_pixels: int, weigh: Callable[[Image.Image], int]) -> int:
+    """``weigh(im)`` for the image ``data`` holds, opened for its headers only; 0 when its first
+    frame is over ``max_pixels``, ``weigh`` refuses it (an ``ImageLoadError``) or Pillow cannot
+    parse its header (the decode that follows says why)."""
+    from PIL import Image
 
     try:
         with warnings.catch_warnings():
@@ -140,19 +161,8 @@ def decode_weight(data: bytes, max_pixels: int, draft_pixels: int = 0, max_frame
                 w, h = im.size
                 if w * h > max_pixels:
                     return 0
-                frames = int(getattr(im, "n_frames", 1) or 1)
-                if frames == 1:
-                    return header_pixels(im, draft_pixels)
-                plan = plan_frames(im, data, frames, max_frames)
-                plan.check("<upload>", max_pixels, max(DEFAULT_MAX_TOTAL_PIXELS, max_pixels))
-                share = plan.view_share(max_pixels, draft_pixels or None)
-                lw, lh = plan.largest
-                kept = sum(min(plan.decoded[k][0] * plan.decoded[k][1], share) for k in plan.wanted[1:])
-                kept += plan.scenes * min(lw * lh, share)  # scene changes judged between the samples
-                return lw * lh + kept
-    except ImageLoadError:
-        return 0
-    except Exception:  # noqa: BLE001 - any header Pillow cannot parse
+                return weigh(im)
+    except Exception:  # noqa: BLE001 - any header Pillow cannot parse, or one the loader refuses
         return 0
 
 

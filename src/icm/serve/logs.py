@@ -16,6 +16,7 @@ import sys
 import uuid
 from contextvars import ContextVar
 from datetime import datetime, timezone
+from typing import TextIO
 
 request_id: ContextVar[str | None] = ContextVar("icm_request_id", default=None)
 
@@ -68,20 +69,23 @@ class TextFormatter(logging.Formatter):
         return f"{line} [request {rid}]" if rid else line
 
 
-def configure_logging(level: str, fmt: str, stream: object = None) -> logging.Handler:
+class _ServerHandler(logging.StreamHandler):
+    """The handler :func:`configure_logging` installs (a second call replaces it)."""
+
+
+def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> logging.Handler:
     """One handler on the root logger in ``fmt`` (text or json); warnings go through logging.
 
     Returns the handler (tests read what it writes)."""
-    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler = _ServerHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_icm", False)]:
+    for old in [h for h in root.handlers if isinstance(h, _ServerHandler)]:
         root.removeHandler(old)
-    handler._icm = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     name = level.upper()
-    logging.getLogger("icm").setLevel(name if name in logging.getLevelNamesMapping() else "INFO")
+    logging.getLogger("icm").setLevel(name if isinstance(logging.getLevelName(name), int) else "INFO")  # 3.10: no getLevelNamesMapping
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.WARNING)
     logging.captureWarnings(True)

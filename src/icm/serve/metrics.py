@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
@@ -27,6 +28,9 @@ try:
     from prometheus_client.registry import Collector
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"the server's metrics need prometheus_client ({err}): pip install 'icm-assistant[serve]'") from err
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from icm.moderation.record import ModerationRecord
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -124,20 +128,20 @@ class ServerMetrics:
         else:
             ProcessCollector(registry=live)
 
-    def observe_stage(self, record: object) -> None:
+    def observe_stage(self, record: ModerationRecord) -> None:
         """Count a cascade record (one with a ``stage``) as cleared by the first stage or escalated."""
         from icm.moderation.engine import was_escalated
 
-        escalated = was_escalated(record)  # type: ignore[arg-type]
+        escalated = was_escalated(record)
         if escalated is None:
             return
         self.cascade.labels("escalated" if escalated else "cleared").inc()
         if escalated:
             self.escalated.inc()
 
-    def observe_text(self, record: object) -> None:
+    def observe_text(self, record: ModerationRecord) -> None:
         """Count the answers of a record that were read from the answer text (none for most backends)."""
-        keys = record.text_answers()  # type: ignore[attr-defined]
+        keys = record.text_answers()
         for key in keys:
             self.text_answers.labels(key.split(":", 1)[0]).inc()
         if keys:

@@ -20,6 +20,7 @@ from PIL import Image
 from icm.moderation.image_base import BACKGROUNDS, ImageLoadError, _cause, _decode
 from icm.moderation.image_frames import check_frame_size
 from icm.moderation.images import header_pixels
+from icm.serve.limits import header_weight
 
 THUMB_SIDE = 160
 """Thumbnails are at most this many pixels a side."""
@@ -32,17 +33,9 @@ _TRANSPOSE = {
 
 
 def thumbnail_weight(data: bytes, max_pixels: int, side: int = THUMB_SIDE) -> int:
-    """Pixels decoding the thumbnail's first frame holds, from its header (0 if it cannot be read)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    return 0
-                return header_pixels(im, (2 * side) ** 2)
-    except Exception:  # noqa: BLE001 - any header Pillow cannot parse: make_thumbnail says why
-        return 0
+    """Pixels decoding the thumbnail's first frame holds, from its header (0 if it cannot be read:
+    make_thumbnail says why)."""
+    return header_weight(data, max_pixels, lambda im: header_pixels(im, (2 * side) ** 2))
 
 
 def make_thumbnail(data: bytes, max_pixels: int, name: str, side: int = THUMB_SIDE) -> bytes:

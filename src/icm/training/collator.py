@@ -266,5 +266,7 @@ def _open_rgb(image: Any) -> Image.Image:
         with Image.open(io.BytesIO(image["bytes"])) as im:
             return im.convert("RGB")
     path = image.get("path") if isinstance(image, dict) else image
+    if path is None:
+        raise ValueError("an image cell has neither bytes nor a path")
     with Image.open(path) as im:
         return im.convert("RGB")

@@ -105,6 +105,7 @@ def _normalise_messages(messages: Sequence[dict[str, Any]], n_images: int, where
         if role is None:
             raise DataError(f"{where}: unknown role {m.get('role', m.get('from'))!r}")
         content = m.get("content", m.get("value", ""))
+        parts: list[dict[str, Any]]
         if isinstance(content, str):
             parts, used = _text_parts(content, n_images - placed) if role == "user" else ([{"type": "text", "text": content}], 0)
             placed += used

@@ -35,7 +35,7 @@ def accelerate_config_path(name: str) -> Path:
     names = accelerate_config_names()
     if key not in names:
         raise KeyError(f"no accelerate config {name!r} (shipped: {', '.join(names)})")
-    return Path(str(resources.files("icm.training").joinpath(_FOLDER, f"{key}.yaml")))
+    return Path(str(resources.files("icm.training").joinpath(_FOLDER).joinpath(f"{key}.yaml")))
 
 
 def launch_command(name: str, config: str, *, num_processes: int | None = None, extra: list[str] | None = None) -> list[str]:

@@ -50,7 +50,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | None = No
     table = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in table:
         raise ValueError(f"dtype must be one of {', '.join(table)}")
-    local = {"local_files_only": True} if Path(base).is_dir() else {}  # a local folder never asks the hub
+    local: dict[str, Any] = {"local_files_only": True} if Path(base).is_dir() else {}  # a local folder never asks the hub
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=table[dtype], **local)
     with warnings.catch_warnings():  # peft calls a deprecated transformers alias
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -35,11 +35,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from icm.training.config import TrainConfig
 
-__all__ = ["TrainResult", "build_datasets", "model_parts", "prepare_model", "train"]
+__all__ = ["ModelParts", "TrainResult", "build_datasets", "model_parts", "prepare_model", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class TrainResult:
         return asdict(self)
 
 
-def _local(name: str | Path) -> dict[str, bool]:
+def _local(name: str | Path) -> dict[str, Any]:
     """``local_files_only`` for a checkpoint that is a local folder: a path never asks the hub."""
     return {"local_files_only": True} if Path(name).is_dir() else {}
 
@@ -96,7 +96,16 @@ def _require() -> tuple[Any, Any]:
 # --------------------------------------------------------------------------- model parts
 
 
-def model_parts(model: Any) -> dict[str, list[str]]:
+class ModelParts(TypedDict):
+    """:func:`model_parts`: module names by part, and the part of every linear layer."""
+
+    vision: list[str]
+    projector: list[str]
+    head: list[str]
+    linear: dict[str, str]
+
+
+def model_parts(model: Any) -> ModelParts:
     """Module names of the vision tower, the projector, the output head and the rest.
 
     ``vision`` and ``projector`` are roots (their sub-modules belong to them; a projector
@@ -123,7 +132,7 @@ def model_parts(model: Any) -> dict[str, list[str]]:
         else:
             linear[n] = "language"
     return {"vision": vision_roots, "projector": projector_roots, "head": [head_name] if head_name else [],
-            "linear": linear}  # type: ignore[dict-item]
+            "linear": linear}
 
 
 def _roots(names: list[str], wanted: tuple[str, ...]) -> list[str]:
@@ -139,7 +148,7 @@ def lora_targets(model: Any, config: TrainConfig) -> list[str]:
     """Full names of the linear layers the adapter goes on (see the module docstring)."""
     parts = model_parts(model)
     allowed = {"language"} | ({"vision"} if config.train_vision else set())
-    names = [n for n, part in parts["linear"].items() if part in allowed]  # type: ignore[union-attr]
+    names = [n for n, part in parts["linear"].items() if part in allowed]
     wanted = config.target_modules
     if wanted != ["all-linear"]:
         names = [n for n in names if any(n == w or n.endswith("." + w) for w in wanted)]

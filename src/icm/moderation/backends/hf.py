@@ -60,6 +60,7 @@ from icm.moderation.backends.hf_answers import (
 from icm.moderation.backends.hf_prefix_cache import (
     PrefixMismatch,
     PrefixPlan,
+    cache_argument,
     is_sequence_tensor,
     length_groups,
     plan_prefix,
@@ -192,6 +193,7 @@ class HFBackend(Backend):
         forward_params = inspect.signature(self._base_model().forward).parameters
         self._logits_to_keep = "logits_to_keep" in forward_params
         self._accepts_positions = "position_ids" in forward_params
+        self._cache_arg = cache_argument(forward_params)
         self._answers = AnswerTokens(self.tokenizer)
         self._yes_ids, self._no_ids = self._answers.yes_ids, self._answers.no_ids
         self._prefix_text: str | bool | None = False  # False: not computed yet
@@ -327,7 +329,9 @@ class HFBackend(Backend):
             if self._mrope_module is not None:
                 self._mrope_module.rope_deltas = None
             out = self._forward(enc, cache=True)
-            cache = out.past_key_values
+            cache = out.get(self._cache_arg)  # the output field has the argument's name
+            if cache is None:
+                raise PrefixMismatch(f"the model returned no {self._cache_arg!r}")
             prefix_len = mask.sum(dim=-1)
             deltas = getattr(self._mrope_module, "rope_deltas", None) if self._mrope_module is not None else None
 
@@ -350,7 +354,7 @@ class HFBackend(Backend):
                 step: dict[str, Any] = {
                     "input_ids": suffix_ids,
                     "attention_mask": torch.cat([mask[owner], suffix_mask], dim=1),
-                    "past_key_values": select_cache(cache, owner),
+                    self._cache_arg: select_cache(cache, owner),
                 }
                 if self._mrope_module is not None:
                     if deltas is None:

@@ -11,7 +11,7 @@ to float tolerance. The helpers below select cache rows and group suffixes by le
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = [
     "PrefixMismatch",
     "PrefixPlan",
+    "cache_argument",
     "common_prefix_len",
     "is_sequence_tensor",
     "length_groups",
@@ -80,6 +81,17 @@ def plan_prefix(rendered: Sequence[str], prefix_text: str, tokenizer: Any, image
         cut=cut,
         suffixes={text: ids[keep:] for text, ids in full.items()},
     )
+
+
+def cache_argument(forward_params: Collection[str]) -> str:
+    """The name under which the model's forward takes (and its output returns) the key/value cache.
+
+    transformers releases after 5.18 (5.24 is installed here) call it ``cache`` and warn on
+    ``past_key_values`` (removed in 5.40); the [hf] extra's floor, 5.18, knows only
+    ``past_key_values``, and a ``cache=`` there would be swallowed by ``**kwargs`` and the
+    suffixes scored without their prefix. Decided from the architecture's forward signature.
+    """
+    return "cache" if "cache" in forward_params else "past_key_values"
 
 
 def select_cache(cache: Any, rows: torch.Tensor) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -21,7 +22,7 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {  # FastAPI's `responses=` type
     400: {"model": ErrorBody, "description": "Malformed request (bad JSON or base64)"},
     401: {"model": ErrorBody, "description": "Missing or invalid API key"},
     403: {"model": ErrorBody, "description": "The key's role may not do this, a reviewer name other than the key's, a path "
