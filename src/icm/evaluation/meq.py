@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
 from icm.evaluation.labels import image_key, image_stem
 from icm.evaluation.meq_judge import CRITERIA, ExplanationPair, JudgeResult, parse_judgement
+from icm.evaluation.metric_path import Keys
 from icm.evaluation.mqa import read_two_line
 from icm.fileio import read_jsonl, read_text
 
@@ -88,7 +89,8 @@ class MEQReport(BaseModel):
     n_failed: int = Field(description="Items with no score at all (request failed or reply unreadable)")
     n_partial: int = Field(description="Items with some but not all four scores")
     missing: dict[str, int] = Field(default_factory=dict, description="Items without a score, per criterion")
-    means: dict[str, float | None] = Field(default_factory=dict, description="Mean per criterion over all items, a missing score counted 0 (the paper's)")
+    means: Annotated[dict[str, float | None], Keys(CRITERIA)] = Field(
+        default_factory=dict, description="Mean per criterion over all items, a missing score counted 0 (the paper's)")
     means_scored: dict[str, float | None] = Field(default_factory=dict, description="Mean per criterion over the items that have it")
     means_ci: dict[str, tuple[float, float] | None] = Field(
         default_factory=dict, description="Interval of each of 'means' (normal approximation: mean +- z * sd / sqrt(n))")

@@ -24,9 +24,8 @@ from icm.evaluation.icm_metrics import ICMReport
 from icm.evaluation.meq import MEQReport
 from icm.evaluation.meq_judge import CRITERIA
 from icm.evaluation.peers import PeerComparison
-from icm.evaluation.registry import metrics_for
 from icm.evaluation.summary import EvalSummary
-from icm.evaluation.tables import _interval_cell, icm_interval
+from icm.evaluation.tables import _interval_cell, icm_metric_rows
 from icm.fileio import atomic_write
 
 __all__ = ["icm_plots", "meq_plots", "render_html", "write_html"]
@@ -147,14 +146,8 @@ def meq_plots(r: MEQReport) -> list[str]:
 
 def _icm_metric_rows(r: ICMReport) -> list[tuple[str, str, str, str]]:
     """Each metric of the registry that has a value (the ``icm.metrics.*`` ones always)."""
-    rows = []
-    data = {"icm": r.model_dump()}
-    for spec in metrics_for("icm"):
-        v = spec.get(data)
-        if v is not None or spec.path.startswith("icm.metrics."):
-            rows.append((spec.title, _f(v, spec.fmt) if v is not None else "- (undefined)",
-                         _interval_cell(icm_interval(r, spec.name)), spec.description))
-    return rows
+    return [(spec.title, _f(v, spec.fmt) if v is not None else "- (undefined)", _interval_cell(iv), spec.description)
+            for spec, v, iv in icm_metric_rows(r)]
 
 
 def _worst_error_rows(errors: Iterable[Any]) -> list[tuple[Any, ...]]:

@@ -110,6 +110,8 @@ def bootstrap_curve_metrics(
     ``average_precision_score``. Both are computed for all resamples at once from the
     multinomial counts, a chunk of resamples at a time to bound memory.
     """
+    from icm.evaluation.confusion import metric_arrays  # it reads the Wilson interval here
+
     _z(confidence)
     y = np.asarray(y).astype(bool)
     s = np.asarray(s, dtype=np.float64)
@@ -145,10 +147,8 @@ def bootstrap_curve_metrics(
         if flagged is not None:
             tp = wp[:, flagged].sum(axis=1)
             fp = wn[:, flagged].sum(axis=1)
-            fn = ptot - tp
-            tn = ntot - fp
-            values["f1"].append(2 * tp / (2 * tp + fp + fn))
-            values["balanced_accuracy"].append((tp / ptot + tn / ntot) / 2)
+            for name, v in metric_arrays(("f1", "balanced_accuracy"), tp, fp, ntot - fp, ptot - tp).items():
+                values[name].append(v)
         done += b
     alpha = 1.0 - confidence
     out: dict[str, Interval] = {}

@@ -12,7 +12,7 @@ from icm.evaluation.icm_metrics import ICMReport
 from icm.evaluation.meq import MEQReport
 from icm.evaluation.meq_judge import CRITERIA
 from icm.evaluation.mqa import MQAReport
-from icm.evaluation.registry import metrics_for
+from icm.evaluation.registry import METRICS, MetricSpec, metrics_for
 from icm.evaluation.stats import Interval
 from icm.evaluation.summary import EvalSummary
 
@@ -27,12 +27,12 @@ def _notes(notes: list[str]) -> list[RenderableType]:
 
 def icm_interval(r: ICMReport, metric: str) -> Interval | None:
     """The interval of a registered ICM metric (``icm.accuracy``, ``icm.paper_accuracy`` ...), if any."""
-    key = metric.removeprefix("icm.")
-    if key == "paper_accuracy":
-        return r.paper.intervals.get("accuracy") if r.paper else None
-    if key == "per_image_accuracy":
-        return r.per_image.intervals.get("accuracy")
-    return r.intervals.get(key)
+    return METRICS[metric].interval(r)
+
+
+def icm_metric_rows(r: ICMReport) -> list[tuple[MetricSpec, float | None, Interval | None]]:
+    """Each registered ICM metric that has a value in ``r`` (the headline ones always), with its interval."""
+    return [(spec, v, spec.interval(r)) for spec in metrics_for("icm") if (v := spec.of_report(r)) is not None or spec.always]
 
 
 def _interval_cell(iv: Interval | None) -> str:
@@ -55,11 +55,8 @@ def icm_tables(r: ICMReport, *, categories: int = 10) -> RenderableType:
     t.add_column("value", justify="right")
     t.add_column(f"{r.confidence:.0%} interval", no_wrap=True)
     t.add_column("k/n", justify="right")
-    data = {"icm": r.model_dump()}
-    for spec in metrics_for("icm"):
-        v = spec.get(data)
-        if v is not None or spec.path.startswith("icm.metrics."):
-            t.add_row(spec.title, spec.format(v) if v is not None else "- (undefined)", *_interval_parts(icm_interval(r, spec.name)))
+    for spec, v, iv in icm_metric_rows(r):
+        t.add_row(spec.title, spec.format(v) if v is not None else "- (undefined)", *_interval_parts(iv))
     c = r.confusion
     t.add_row("TP / FP / TN / FN", f"{c.tp} / {c.fp} / {c.tn} / {c.fn}", "", "")
     if r.best_f1:
