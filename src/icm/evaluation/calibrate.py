@@ -44,23 +44,23 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, Field
 
+from icm.evaluation.confusion import Confusion
 from icm.evaluation.gaps import simplest_between, tie_groups
 from icm.evaluation.labels import LabelResolver, Truth
+from icm.evaluation.policy_file import (
+    CalibrationError,
+    thresholds_field,
+    write_calibrated,
+)
 from icm.evaluation.results import ResultItem, ResultSet, Status
 from icm.evaluation.stats import DEFAULT_CONFIDENCE, wilson
-from icm.fileio import atomic_write
 from icm.policy import Policy, decide
 from icm.policy.model import RuleSet, Thresholds
 
 By = Literal["point", "bound"]
 VerdictName = Literal["allow", "review", "block"]
-
-
-class CalibrationError(ValueError):
-    """The data cannot be calibrated (no labels, no violations ...)."""
 
 
 def verdict_at(
@@ -169,20 +169,18 @@ def operating_point(d: _Data, review: float, block: float, confidence: float = D
     n = int(d.truth.size)
     b = d.blocked(block)
     a = d.allowed(review) & ~b
-    r = ~(a | b)
-    nb, na, nr = int(b.sum()), int(a.sum()), int(r.sum())
-    bv = int((b & d.truth).sum())
-    nv = int(d.truth.sum())
-    missed = int((a & d.truth).sum())
-    clean = n - nv
-    clean_allowed = int((a & ~d.truth).sum())
+    nb, na = int(b.sum()), int(a.sum())
+    nr = n - nb - na
+    blocking = Confusion.of(d.truth, b)  # flagged: blocked
+    passing = Confusion.of(d.truth, ~a)  # flagged: not allowed (a violation allowed is a miss)
     return OperatingPoint(
         review=review, block=block, n=n, blocked=nb, reviewed=nr, allowed=na,
         blocked_fraction=nb / n, reviewed_fraction=nr / n, allowed_fraction=na / n,
         blocked_ci=_ci(nb, n, confidence), reviewed_ci=_ci(nr, n, confidence), allowed_ci=_ci(na, n, confidence),
-        blocked_violating=bv, block_precision=bv / nb if nb else None, block_precision_ci=_ci(bv, nb, confidence),
-        violations=nv, missed=missed, allow_miss=missed / nv if nv else None, allow_miss_ci=_ci(missed, nv, confidence),
-        clean=clean, clean_allowed=clean_allowed, clean_allowed_rate=clean_allowed / clean if clean else None,
+        blocked_violating=blocking.tp, block_precision=blocking.value("precision"), block_precision_ci=blocking.ci("precision", confidence),
+        violations=passing.tp + passing.fn, missed=passing.fn, allow_miss=passing.value("false_negative_rate"),
+        allow_miss_ci=passing.ci("false_negative_rate", confidence),
+        clean=passing.tn + passing.fp, clean_allowed=passing.tn, clean_allowed_rate=passing.value("specificity"),
     )
 
 
@@ -211,8 +209,9 @@ def _choose_block(d: _Data, target: float, by: By, min_blocked: int, confidence:
         if nb < min_blocked:
             continue
         k = int(blocked_k[i])
-        prec = k / nb
-        ci = _ci(k, nb, confidence)
+        blocking = Confusion(tp=k, fp=nb - k)
+        prec = blocking.value("precision") or 0.0  # nb >= 1
+        ci = blocking.ci("precision", confidence)
         score = ci[0] if by == "bound" and ci else prec
         if best is None or score > best[0]:
             best = (score, c, nb, ci)
@@ -252,8 +251,9 @@ def _choose_review(d: _Data, target: float, by: By, confidence: float) -> Target
     chosen: tuple[int, float, int, tuple[float, float] | None] | None = None
     for i, start in enumerate(starts):
         missed = int(missed_before[i])
-        ci = _ci(missed, nv, confidence)
-        score = ci[1] if by == "bound" and ci else missed / nv
+        passing = Confusion(fn=missed, tp=nv - missed)
+        ci = passing.ci("false_negative_rate", confidence)
+        score = ci[1] if by == "bound" and ci else passing.value("false_negative_rate") or 0.0  # nv >= 1
         if score <= target + 1e-12:
             lo = float(highs[start - 1]) if start > 0 else -1.0
             thr = 1.0 if start == highs.size else simplest_between(lo, float(highs[start]))
@@ -448,102 +448,8 @@ def calibrate(
 # -- the policy file -------------------------------------------------------------------------------
 
 
-def policy_source_text(name_or_path: str) -> tuple[str, str]:
-    """The YAML text of a built-in policy or a policy file, and where it came from."""
-    from importlib import resources
-
-    from icm.policy.loader import BUILTIN_PACKAGE, builtin_policy_names
-
-    if name_or_path in builtin_policy_names():
-        return resources.files(BUILTIN_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text(encoding="utf-8"), f"built-in policy {name_or_path!r}"
-    p = Path(name_or_path)
-    try:
-        return p.read_text(encoding="utf-8"), str(p)
-    except OSError as exc:
-        raise CalibrationError(f"cannot read policy file {p}: {exc.strerror or exc}") from None
-
-
-def _flow_thresholds(review: float, block: float) -> str:
-    return f"{{review: {review!r}, block: {block!r}}}"
-
-
-def _edit_text(text: str, rules: str, key: str, new: str) -> str | None:
-    """``text`` with the rule set's ``key`` set to the flow-style ``new`` (comments and layout kept), or None."""
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    if not isinstance(root, yaml.MappingNode):
-        return None
-    rule_sets = next((v for k, v in root.value if isinstance(k, yaml.ScalarNode) and k.value == "rule_sets"), None)
-    if not isinstance(rule_sets, yaml.SequenceNode):
-        return None
-    for item in rule_sets.value:
-        if not isinstance(item, yaml.MappingNode) or item.flow_style:
-            continue
-        keys = {k.value: (k, v) for k, v in item.value if isinstance(k, yaml.ScalarNode)}
-        name = keys.get("name")
-        if name is None or not isinstance(name[1], yaml.ScalarNode) or name[1].value != rules:
-            continue
-        if key in keys:
-            v = keys[key][1]
-            if isinstance(v, yaml.MappingNode) and not v.flow_style:
-                # block style: replace the key's whole entry (from the key to the end of its last value line)
-                k = keys[key][0]
-                start = k.start_mark.index
-                end = v.end_mark.index
-                while end > start and text[end - 1] in " \n\r\t":
-                    end -= 1
-                return text[:start] + f"{key}: {new}" + text[end:]
-            return text[: v.start_mark.index] + new + text[v.end_mark.index:]
-        name_key, name_val = name
-        eol = text.find("\n", name_val.end_mark.index)
-        eol = len(text) if eol < 0 else eol
-        return text[:eol] + "\n" + " " * name_key.start_mark.column + f"{key}: {new}" + text[eol:]
-    return None
-
-
-def policy_with_thresholds(text: str, source: str, rules: str, review: float, block: float) -> str:
-    """The policy document with one rule set's thresholds changed, checked by loading it."""
-    value = Thresholds(review=review, block=block).model_dump(mode="json")
-    return policy_with_field(text, source, rules, "thresholds", value, _flow_thresholds(review, block))
-
-
-def policy_with_field(text: str, source: str, rules: str, key: str, value: dict[str, object], flow: str) -> str:
-    """The policy document with one rule set's ``key`` set to ``value`` (written as ``flow``), checked by loading it.
-
-    The original text is edited in place (comments and order kept); when that is not
-    possible (a flow-style rule set) the policy is written out again from its model.
-    """
-    from icm.policy import parse_policy
-
-    original, _ = parse_policy(text, source)
-    rs = original.rule_set(rules)
-    want = original.model_dump(mode="json")
-    for r in want["rule_sets"]:
-        if r["name"] == rs.name:
-            r[key] = value
-
-    def good(candidate: str | None) -> bool:
-        if candidate is None:
-            return False
-        try:
-            got, _ = parse_policy(candidate, source)
-        except Exception:  # noqa: BLE001 - any failure means: use the other way
-            return False
-        return got.model_dump(mode="json") == want
-
-    edited = _edit_text(text, rs.name, key, flow)
-    if good(edited):
-        return edited  # type: ignore[return-value]
-    dumped = yaml.safe_dump(want, sort_keys=False, allow_unicode=True, width=120)
-    if not good(dumped):
-        raise CalibrationError(f"could not write the policy {original.name!r} with the new {key} (it did not load back the same)")
-    return dumped
-
-
-def header(report: CalibrationReport, source: str, previous: Thresholds) -> str:
-    """The comment block that says how the thresholds were chosen."""
+def header_lines(report: CalibrationReport, source: str, previous: Thresholds) -> list[str]:
+    """The lines of the comment that says how the thresholds were chosen."""
     c = report.chosen
     assert c is not None
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -562,22 +468,8 @@ def header(report: CalibrationReport, source: str, previous: Thresholds) -> str:
         f"allowed {c.allowed_fraction:.1%}; block precision {_num(c.block_precision)}{_fmt_ci(c.block_precision_ci)}, "
         f"allow miss rate {_num(c.allow_miss)}{_fmt_ci(c.allow_miss_ci)} ({report.confidence:.0%} Wilson intervals).",
         f"Use: icm moderate IMAGES --policy THIS_FILE --rules {report.rules}",
-        HEADER_END,
     ]
-    return "".join(f"# {ln}\n" for ln in lines)
-
-
-HEADER_START = "# Calibrated by `icm eval calibrate`"
-HEADER_END = "-- end of the calibration header --"
-
-
-def strip_header(text: str) -> str:
-    """``text`` without an earlier calibration header (calibrating a calibrated policy again)."""
-    if not text.startswith(HEADER_START):
-        return text
-    end = text.find(f"# {HEADER_END}\n")
-    return text[end + len(HEADER_END) + 3:] if end >= 0 else text
-
+    return lines
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
@@ -587,13 +479,6 @@ def write_override(report: CalibrationReport, policy_ref: str, out: str | Path) 
     """Write the policy with the chosen thresholds to ``out`` (the whole policy: ``--policy`` takes a whole one)."""
     if not report.ok or report.chosen is None:
         raise CalibrationError("a target was not met: no policy file is written")
-    text, source = policy_source_text(policy_ref)
-    text = strip_header(text)
-    from icm.policy import parse_policy
-
-    previous = parse_policy(text, source)[0].rule_set(report.rules).thresholds
-    body = policy_with_thresholds(text, source, report.rules, report.chosen.review, report.chosen.block)
-    p = Path(out)
-    with atomic_write(p) as fh:
-        fh.write(header(report, source, previous) + body)
-    return p
+    value, flow = thresholds_field(report.chosen.review, report.chosen.block)
+    return write_calibrated(policy_ref, out, report.rules, "thresholds", value, flow,
+                            lambda source, previous: header_lines(report, source, previous.thresholds))

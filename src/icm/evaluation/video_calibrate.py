@@ -43,22 +43,14 @@ import numpy as np
 from pydantic import BaseModel, Field
 from rich.table import Table
 
-from icm.evaluation.calibrate import (
-    HEADER_END,
-    CalibrationError,
-    LeftOut,
-    fmt_threshold,
-    labelled_records,
-    policy_source_text,
-    policy_with_field,
-    strip_header,
-)
+from icm.evaluation.calibrate import LeftOut, fmt_threshold, labelled_records
+from icm.evaluation.confusion import Confusion
 from icm.evaluation.gaps import simplest_between, tie_groups
 from icm.evaluation.labels import LabelResolver
+from icm.evaluation.policy_file import CalibrationError, write_calibrated
 from icm.evaluation.results import ResultSet
-from icm.evaluation.stats import DEFAULT_CONFIDENCE, wilson
-from icm.fileio import atomic_write
-from icm.policy.model import Thresholds, VideoAggregation
+from icm.evaluation.stats import DEFAULT_CONFIDENCE
+from icm.policy.model import RuleSet, Thresholds, VideoAggregation
 from icm.policy.taxonomy import zero_tolerance_products
 
 Goal = Literal["recall_loss", "false_block"]
@@ -234,10 +226,11 @@ class _Videos:
     def row(self, min_run: int, window: int, t: float | None, fb: int, tb: int, confidence: float) -> VideoCandidate:
         n, nv = int(self.truth.size), int(self.truth.sum())
         nr = n - fb - tb - self.allowed
+        c = Confusion(tp=tb, fp=fb, fn=nv - tb, tn=n - nv - fb)  # flagged: blocked
         return VideoCandidate(
             min_run=min_run, window=window, frame_block=t, n=n, clean=n - nv, violations=nv,
-            clean_blocked=fb, false_block_rate=fb / (n - nv) if n - nv else None, false_block_ci=wilson(fb, n - nv, confidence),
-            violating_blocked=tb, block_recall=tb / nv if nv else None, block_recall_ci=wilson(tb, nv, confidence),
+            clean_blocked=fb, false_block_rate=c.value("false_positive_rate"), false_block_ci=c.ci("false_positive_rate", confidence),
+            violating_blocked=tb, block_recall=c.value("recall"), block_recall_ci=c.ci("recall", confidence),
             reviewed=nr, review_rate=nr / n if n else 0.0, allowed=self.allowed,
         )
 
@@ -420,27 +413,23 @@ def write_video_override(report: VideoCalibrationReport, policy_ref: str, out: s
     """Write the whole policy with the rule set's chosen ``video`` block to ``out``, under a header saying how."""
     if not report.ok or report.video is None or report.chosen is None:
         raise CalibrationError("the video goal was not met: no policy file is written")
-    text, source = policy_source_text(policy_ref)
-    text = strip_header(text)
     cfg = VideoAggregation.model_validate(report.video.model_dump() | {"window": report.video.span})
-    body = policy_with_field(text, source, report.rules, "video", cfg.model_dump(mode="json"), _flow(cfg))
     from icm import __version__
 
     c = report.chosen
     goal = (f"at most {_points(report.recall_loss)} fewer violating videos blocked than the worst frame"
             if report.goal == "recall_loss" and report.recall_loss is not None else f"at most {report.false_block:g} of clean videos blocked")
-    lines = [
-        f"Calibrated by `icm eval calibrate` --video (icm {__version__}) on {datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
-        f"Policy {report.policy!r} from {source}; only rule set {report.rules!r} changed: video {_flow(cfg)}",
-        f"Chosen on {report.results} with labels from {report.labels}: {report.n} videos ({report.n_violations} violate, "
-        f"{report.n_clean} do not); goal: {goal}.",
-        f"On that data: clean videos blocked {c.clean_blocked}/{c.clean} (worst frame {report.baseline.clean_blocked}), "
-        f"violating videos blocked {c.violating_blocked}/{c.violations} (worst frame {report.baseline.violating_blocked}), "
-        f"reviewed {c.reviewed}/{c.n}.",
-        f"Use: icm moderate VIDEOS --policy THIS_FILE --rules {report.rules}",
-        HEADER_END,
-    ]
-    p = Path(out)
-    with atomic_write(p) as fh:
-        fh.write("".join(f"# {ln}\n" for ln in lines) + body)
-    return p
+
+    def header(source: str, previous: RuleSet) -> list[str]:
+        return [
+            f"Calibrated by `icm eval calibrate` --video (icm {__version__}) on {datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
+            f"Policy {report.policy!r} from {source}; only rule set {report.rules!r} changed: video {_flow(cfg)}",
+            f"Chosen on {report.results} with labels from {report.labels}: {report.n} videos ({report.n_violations} violate, "
+            f"{report.n_clean} do not); goal: {goal}.",
+            f"On that data: clean videos blocked {c.clean_blocked}/{c.clean} (worst frame {report.baseline.clean_blocked}), "
+            f"violating videos blocked {c.violating_blocked}/{c.violations} (worst frame {report.baseline.violating_blocked}), "
+            f"reviewed {c.reviewed}/{c.n}.",
+            f"Use: icm moderate VIDEOS --policy THIS_FILE --rules {report.rules}",
+        ]
+
+    return write_calibrated(policy_ref, out, report.rules, "video", cfg.model_dump(mode="json"), _flow(cfg), header)
