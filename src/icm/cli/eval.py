@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from icm.policy import Policy
 
 _Report = TypeVar("_Report", "CalibrationReport", "VideoCalibrationReport")
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 app = typer.Typer(help="Evaluate moderation: ICM accuracy, moderation Q-A, explanation quality, reports.", no_args_is_help=True)
 
@@ -34,11 +36,26 @@ NameOpt = typer.Option(None, "--name", help="Name of this run in summaries and c
 ConfidenceOpt = typer.Option(0.95, "--confidence", help="Confidence level of every interval (Wilson for proportions, bootstrap for AUC).")
 BootstrapOpt = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the AUC, average precision, F1 and balanced accuracy intervals (0: none).")
 SeedOpt = typer.Option(0, "--seed", help="Seed of the bootstrap.")
+LabelsOpt = typer.Option(
+    None, "--labels", "-l",
+    help=(
+        "Truth per image: CSV/JSON/JSONL (image, path, file name or sha256 + label violate/allow, category or product), "
+        "or a folder of violate/ and allow/ (or category) sub-folders. Default: categories from the file names."
+    ),
+)
 
 
 def _fail(msg: object, code: int = 2) -> NoReturn:
     print_error(msg)
     raise typer.Exit(code)
+
+
+def _or_fail(read: Callable[[_In], _Out], arg: _In) -> _Out:
+    """``read(arg)``, a :class:`ValueError` (a file that is not what it should be) ending the command with its message."""
+    try:
+        return read(arg)
+    except ValueError as exc:
+        _fail(exc)
 
 
 def _emit(summaries: list, *, json_: bool, out: Path | None, html: Path | None) -> None:
@@ -83,13 +100,7 @@ def _load_policy(name: str):
 @app.command("icm")
 def icm_cmd(
     results: Path = typer.Argument(..., help="Results: JSONL from `icm moderate`, or the paper's JSON (image_name, sexy_score, ...)."),
-    labels: Path | None = typer.Option(
-        None, "--labels", "-l",
-        help=(
-            "Labels file (CSV/JSON/JSONL: image, path or sha256 + label, category or product) or a folder of violate/ and "
-            "allow/ (or category) sub-folders. Default: categories from the file names."
-        ),
-    ),
+    labels: Path | None = LabelsOpt,
     policy: str = typer.Option("icm-sexy", "--policy", "-p", help="Policy that resolves categories to products."),
     rules: str | None = typer.Option(None, "--rules", "-r", help="Rule set that labels the products (default: the policy's)."),
     target: str = typer.Option("rules", help="rules: positive when the rule set says violate; term: positive when the product is the term."),
@@ -375,14 +386,7 @@ def run_cmd(
 @app.command("calibrate")
 def calibrate_cmd(
     results: Path = typer.Argument(..., help="Results: the JSONL that `icm moderate --out` writes."),
-    labels: Path | None = typer.Option(
-        None, "--labels", "-l",
-        help=(
-            "Truth per image: CSV/JSON/JSONL (image, path, file name or sha256 + label violate/allow, category or "
-            "product), or a folder of violate/ and allow/ (or category) sub-folders. Default: categories from the file "
-            "names."
-        ),
-    ),
+    labels: Path | None = LabelsOpt,
     policy: str | None = typer.Option(None, "--policy", "-p", help="Built-in policy or policy YAML file (default: the one the records name)."),
     rules: str | None = typer.Option(None, "--rules", "-r", help="Rule set to calibrate (default: the one the records were decided under)."),
     block_precision: float | None = typer.Option(
@@ -422,10 +426,7 @@ def calibrate_cmd(
     from icm.evaluation.results import read_results
     from icm.evaluation.tables import calibration_tables
 
-    try:
-        rs = read_results(results)
-    except ValueError as exc:
-        _fail(exc)
+    rs = _or_fail(read_results, results)
     names = {it.policy for it in rs.items if it.policy}
     if policy is None:
         if len(names) > 1:
@@ -583,11 +584,7 @@ def report_cmd(
     from icm.evaluation.report import write_html
     from icm.evaluation.summary import load_summary
 
-    try:
-        s = load_summary(summary)
-    except ValueError as exc:
-        _fail(exc)
-    write_html(s, html)
+    write_html(_or_fail(load_summary, summary), html)
     if json_:
         print_json({"summary": str(summary), "html": str(html)})
     else:

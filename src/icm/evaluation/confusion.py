@@ -97,10 +97,6 @@ class Confusion(BaseModel):
     tn: int = 0
     fn: int = 0
 
-    @property
-    def total(self) -> int:
-        return self.tp + self.fp + self.tn + self.fn
-
     @classmethod
     def of(cls, truth: Iterable[bool] | np.ndarray, flagged: Iterable[bool] | np.ndarray) -> Confusion:
         """The counts of two boolean sequences of the same length."""
@@ -109,6 +105,11 @@ class Confusion(BaseModel):
         if y.shape != f.shape:
             raise ValueError(f"truth and flags differ in length ({y.size} and {f.size})")
         return cls(tp=int((y & f).sum()), fp=int((~y & f).sum()), tn=int((~y & ~f).sum()), fn=int((y & ~f).sum()))
+
+    @property
+    def total(self) -> int:
+        """Everything counted: images, or keyword matches for the ICM-Val script."""
+        return self.tp + self.fp + self.tn + self.fn
 
     def add(self, truth: bool, flagged: bool) -> None:
         if truth and flagged:
