@@ -331,9 +331,9 @@ def calibrate(
     """Choose the thresholds of ``resolver.rule_set`` for the targets (see the module docstring)."""
     if block_precision is None and allow_miss is None:
         raise CalibrationError("name a target: --block-precision P (e.g. 0.95) and/or --allow-miss M (e.g. 0.01)")
-    for name, v in (("block precision", block_precision), ("allow miss rate", allow_miss)):
-        if v is not None and not 0.0 <= v <= 1.0:
-            raise CalibrationError(f"the {name} target must be between 0 and 1, got {v}")
+    for name, goal in (("block precision", block_precision), ("allow miss rate", allow_miss)):
+        if goal is not None and not 0.0 <= goal <= 1.0:
+            raise CalibrationError(f"the {name} target must be between 0 and 1, got {goal}")
     if by not in ("point", "bound"):
         raise CalibrationError(f"--by must be point or bound, got {by!r}")
     policy: Policy = resolver.policy
