@@ -261,7 +261,7 @@ def _choose_review(d: _Data, target: float, by: By, confidence: float) -> Target
         else:
             break  # the miss rate never falls as review grows
     if chosen is None:
-        ci = _ci(0, nv, confidence)
+        ci = Confusion(tp=nv).ci("false_negative_rate", confidence)  # allowing nothing misses nothing: 0 of nv
         return TargetResult(name="allow_miss", target=target, met=False, achieved=ci[1] if ci else None, ci=ci,
                             message=f"allow miss rate <= {target:g} cannot be shown on this data: even allowing nothing, "
                                     f"the upper end of the {confidence:.0%} interval of 0/{nv} is {ci[1] if ci else float('nan'):.4f}; "
