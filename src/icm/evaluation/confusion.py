@@ -22,14 +22,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel
 
 from icm.evaluation.stats import DEFAULT_CONFIDENCE, Interval, wilson, wilson_interval
 
-__all__ = ["CONFUSION_METRICS", "Confusion", "ConfusionMetric", "confusion_metrics", "metric_arrays", "reported_metrics"]
+__all__ = ["CONFUSION_METRICS", "Confusion", "ConfusionMetric", "Figure", "confusion_metrics", "metric_arrays", "reported_metrics"]
+
+Figure = Literal[
+    "accuracy", "precision", "recall", "f1", "specificity", "balanced_accuracy", "false_positive_rate", "false_negative_rate",
+]
+"""The name of a figure of :data:`CONFUSION_METRICS` (a type checker catches a misspelled one at the call)."""
 
 Ratio = Callable[[Any, Any, Any, Any], tuple[Any, Any]]
 """``(tp, fp, tn, fn) -> (k, n)``: the figure is ``k / n``."""
@@ -39,7 +44,7 @@ Ratio = Callable[[Any, Any, Any, Any], tuple[Any, Any]]
 class ConfusionMetric:
     """One figure of a confusion matrix: ``ratio(tp, fp, tn, fn) = (k, n)``, the figure ``k / n``."""
 
-    name: str
+    name: Figure
     title: str
     description: str
     ratio: Ratio | None
@@ -49,7 +54,7 @@ class ConfusionMetric:
     higher_is_better: bool = True
     reported: bool = True
     """One of the figures an ICM report lists (its ``metrics``)."""
-    mean_of: tuple[str, ...] = ()
+    mean_of: tuple[Figure, ...] = ()
     """The figure is the mean of these figures (balanced accuracy), not ``ratio``."""
 
 
@@ -75,6 +80,8 @@ CONFUSION_METRICS: dict[str, ConfusionMetric] = {
     )
 }
 """Every figure of a confusion matrix, by name, in the order reports list them."""
+if tuple(CONFUSION_METRICS) != get_args(Figure):  # pragma: no cover - a figure added to one and not the other
+    raise TypeError(f"Figure {get_args(Figure)} and CONFUSION_METRICS {tuple(CONFUSION_METRICS)} name different figures")
 
 
 def reported_metrics() -> list[ConfusionMetric]:
@@ -121,7 +128,7 @@ class Confusion(BaseModel):
         else:
             self.tn += 1
 
-    def ratio(self, name: str) -> tuple[int, int]:
+    def ratio(self, name: Figure) -> tuple[int, int]:
         """``(k, n)`` of the figure ``name`` (``k / n``); not for a mean of figures."""
         spec = _spec(name)
         if spec.ratio is None:
@@ -129,7 +136,7 @@ class Confusion(BaseModel):
         k, n = spec.ratio(self.tp, self.fp, self.tn, self.fn)
         return int(k), int(n)
 
-    def value(self, name: str) -> float | None:
+    def value(self, name: Figure) -> float | None:
         """The figure ``name``; None where its denominator is 0."""
         spec = _spec(name)
         if spec.mean_of:
@@ -138,13 +145,13 @@ class Confusion(BaseModel):
         k, n = self.ratio(name)
         return k / n if n else None
 
-    def ci(self, name: str, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float] | None:
+    def ci(self, name: Figure, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float] | None:
         """The Wilson interval of the proportion ``name``; None where it has no trials."""
         if not _spec(name).proportion:
             raise ValueError(f"{name} is not a proportion: it has no Wilson interval (bootstrap it)")
         return wilson(*self.ratio(name), confidence)
 
-    def interval(self, name: str, confidence: float = DEFAULT_CONFIDENCE) -> Interval | None:
+    def interval(self, name: Figure, confidence: float = DEFAULT_CONFIDENCE) -> Interval | None:
         """:meth:`ci` as an :class:`~icm.evaluation.stats.Interval` (with its ``k`` and ``n``)."""
         if not _spec(name).proportion:
             raise ValueError(f"{name} is not a proportion: it has no Wilson interval (bootstrap it)")
@@ -156,7 +163,7 @@ class Confusion(BaseModel):
 
     def intervals(self, confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Interval]:
         """Wilson intervals of the reported figures that are proportions (those with trials)."""
-        out = {}
+        out: dict[str, Interval] = {}
         for m in reported_metrics():
             if m.proportion and (iv := self.interval(m.name, confidence)) is not None:
                 out[m.name] = iv
@@ -168,11 +175,11 @@ def confusion_metrics(tp: int, fp: int, tn: int, fn: int) -> dict[str, float | N
     return Confusion(tp=tp, fp=fp, tn=tn, fn=fn).metrics()
 
 
-def metric_arrays(names: Iterable[str], tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
+def metric_arrays(names: Iterable[Figure], tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
     """The figures ``names`` of arrays of counts, element-wise (nan or inf where a denominator is 0)."""
     out: dict[str, np.ndarray] = {}
 
-    def one(name: str) -> np.ndarray:
+    def one(name: Figure) -> np.ndarray:
         spec = _spec(name)
         if spec.ratio is None:
             return np.mean([one(p) for p in spec.mean_of], axis=0)
