@@ -12,7 +12,8 @@ category (:class:`Judged`). An operating point turns that into unsafe / safe:
 
 The tuning images are the benchmark's train or validation split, never the split
 reported; without one, k stratified folds of the reported split (each fold's threshold
-chosen on the other folds). Precision, recall and FPR get a Wilson interval, F1 and
+chosen on the other folds). The figures are those of the one confusion table
+(:mod:`icm.evaluation.confusion`): precision, recall and FPR get a Wilson interval, F1 and
 balanced accuracy a stratified bootstrap one (:mod:`icm.evaluation.stats`).
 """
 
@@ -24,14 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, Field
 
-from icm.evaluation.stats import (
-    DEFAULT_BOOTSTRAP,
-    DEFAULT_CONFIDENCE,
-    DEFAULT_SEED,
-    Interval,
-    bootstrap_curve_metrics,
-    wilson_interval,
-)
+from icm.evaluation.confusion import CONFUSION_METRICS, Confusion, Figure
+from icm.evaluation.stats import DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE, DEFAULT_SEED, Interval, bootstrap_curve_metrics
 
 OPERATING_POINTS = ("rules", "fpr5", "recall95")
 METRIC_NAMES = ("precision", "recall", "f1", "fpr", "balanced_accuracy")
@@ -144,29 +139,19 @@ def predict(point: str, report: Sequence[Judged], tune: Sequence[Judged] | None,
     return pred, op
 
 
-def _ratio(k: int, n: int, confidence: float) -> tuple[float | None, Interval | None]:
-    return (k / n if n else None), wilson_interval(k, n, confidence)
+FIGURES: dict[str, Figure] = {"precision": "precision", "recall": "recall", "f1": "f1", "fpr": "false_positive_rate",
+                               "balanced_accuracy": "balanced_accuracy"}
+"""Each of :data:`METRIC_NAMES` as a figure of the one confusion table (:mod:`icm.evaluation.confusion`)."""
 
 
 def metric_values(y: np.ndarray, pred: np.ndarray, op: OperatingPoint, *, benchmark: str, split: str, category: str,
                   confidence: float = DEFAULT_CONFIDENCE, bootstrap: int = DEFAULT_BOOTSTRAP,
                   seed: int = DEFAULT_SEED) -> list[MetricValue]:
     """The five figures of predictions ``pred`` against truth ``y``, with intervals; fills op's confusion counts."""
-    tp = int((y & pred).sum())
-    fp = int((~y & pred).sum())
-    fn = int((y & ~pred).sum())
-    tn = int((~y & ~pred).sum())
-    op.tp, op.fp, op.fn, op.tn = tp, fp, fn, tn
+    c = Confusion.of(y, pred)
+    op.tp, op.fp, op.fn, op.tn = c.tp, c.fp, c.fn, c.tn
     boot = bootstrap_curve_metrics(y, pred.astype(float), threshold=0.5, resamples=bootstrap, confidence=confidence, seed=seed)
-    pos, neg = tp + fn, fp + tn
-    rec = tp / pos if pos else None
-    spec = tn / neg if neg else None
-    values: dict[str, tuple[float | None, Interval | None]] = {
-        "precision": _ratio(tp, tp + fp, confidence),
-        "recall": _ratio(tp, pos, confidence),
-        "f1": ((2 * tp / (2 * tp + fp + fn)) if (2 * tp + fp + fn) else None, boot.get("f1")),
-        "fpr": _ratio(fp, neg, confidence),
-        "balanced_accuracy": (((rec + spec) / 2) if rec is not None and spec is not None else None, boot.get("balanced_accuracy")),
-    }
     return [MetricValue(benchmark=benchmark, split=split, operating_point=op.name, category=category, metric=m,
-                        value=values[m][0], interval=values[m][1], n=int(y.size)) for m in METRIC_NAMES]
+                        value=c.value(FIGURES[m]), n=int(y.size),
+                        interval=c.interval(FIGURES[m], confidence) if CONFUSION_METRICS[FIGURES[m]].proportion else boot.get(m))
+            for m in METRIC_NAMES]
