@@ -71,7 +71,7 @@ def _hf_items(bench: Benchmark, root: Path, *, label_col: str, category_col: str
                 image_path = str(p)
             native = category_of(row.get(category_col)) if category_of else str(row.get(category_col) or "").strip() or None
             yield BenchItem(
-                id=item_id, split=table.split, label=label, category=native, mapped=bench.mapping(native),  # type: ignore[arg-type]
+                id=item_id, split=table.split, label=label, category=native, mapped=bench.mapping(native),
                 image_path=image_path, image_bytes=raw, source_file=str(table.path),
                 extra={k: row[k] for k in ("source", "rationale") if isinstance(row.get(k), str)},
             )
@@ -192,7 +192,7 @@ def load_vlguard(root: Path) -> Iterator[BenchItem | BenchIssue]:
             if label == "unsafe":
                 cat, sub = str(entry.get("harmful_category") or "").strip(), str(entry.get("harmful_subcategory") or "").strip()
                 native = f"{cat}/{sub}".lower() if cat or sub else None
-            yield BenchItem(id=str(entry.get("id") or f"{split}-{n}"), split=split, label=label, category=native,  # type: ignore[arg-type]
+            yield BenchItem(id=str(entry.get("id") or f"{split}-{n}"), split=split, label=label, category=native,
                             mapped=VLGUARD.mapping(native), image_path=str(image), source_file=str(path))
 
 
