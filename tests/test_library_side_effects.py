@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "icm"
 # Modules that are process entry points of their own, where setting the process's environment
 # is their job: each with the reason.
 ENTRY_POINTS = {
-    "moderation/ray_engine.py": "a Ray actor's constructor sets its own worker process's BLAS/OpenMP threads",
+    "run/ray.py": "a Ray actor's constructor sets its own worker process's BLAS/OpenMP threads",
     "serve/workers.py": "the multi-worker launcher hands the config to the worker processes it starts",
     "demo/e2e.py": "the demo runner (icm demo e2e / bench/e2e.py) owns its process, as torch.set_num_threads does",
 }

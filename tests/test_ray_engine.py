@@ -20,7 +20,6 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from icm.cli.main import app
-from icm.moderation.backends.base import Choice, Failed, NotJudged, YesNoScore
 from icm.moderation.job import ModerateConfig, run_job
 from icm.moderation.parquet import (
     COLUMNS,
@@ -130,61 +129,6 @@ def test_local_job_writes_and_resumes_parquet(tmp_path):
     assert "skipped (already in" in r.output
     again, _ = read_any_records(out)
     assert sorted(x.path for x in again) == sorted(x.path for x in records)  # failed ones retried, not doubled
-
-
-def test_vllm_stage_rows_are_read_as_the_openai_backend_reads_its_responses():
-    """The vLLM engine stage's logprobs column gives the P(Yes) and option distribution the
-    openai backend gets from the same logprobs in the chat format (the stage itself needs
-    vLLM and a GPU and is not run here)."""
-    import math
-
-    from icm.moderation.backends.openai_parsing import read_answer
-    from icm.moderation.engine import Moderator, build_queries
-    from icm.moderation.images import load_image
-    from icm.moderation.ray_llm import AnsweredBackend, chat_logprobs, question_rows, read_row_answer, records_from_answers
-    from icm.policy import load_policy
-
-    policy = load_policy("icm-sexy")
-    queries = build_queries(policy)
-    term, attr = queries[0], queries[1]
-    rows = question_rows("a.png", "data:image/png;base64,AAAA", queries)
-    assert [r["query"] for r in rows] == [q.key for q in queries]
-    assert rows[0]["sampling_params"] == {"max_tokens": 1, "temperature": 0.0, "logprobs": 20}
-    assert rows[0]["messages"][-1]["content"][0]["type"] == "image_url"  # the image first, as the openai backend sends it
-    # Ray's column after Arrow: token ids as strings, one dict per generated token
-    yes = {"logprobs": [{"9454": {"logprob": math.log(0.8), "rank": 1, "decoded_token": "Yes"},
-                         "2360": {"logprob": math.log(0.15), "rank": 2, "decoded_token": "No"},
-                         "40": {"logprob": math.log(0.05), "rank": 3, "decoded_token": "I"}}],
-           "generated_text": "Yes"}
-    got = read_row_answer(yes, term, min_label_mass=0.5)
-    chat = {"content": [{"token": "Yes", "logprob": math.log(0.8), "top_logprobs": [
-        {"token": "Yes", "logprob": math.log(0.8)}, {"token": "No", "logprob": math.log(0.15)}, {"token": "I", "logprob": math.log(0.05)}]}]}
-    want, _ = read_answer("Yes", chat, labels=None, min_label_mass=0.5)
-    assert isinstance(got, YesNoScore) and got.p_yes == pytest.approx(want.p_yes) and got.p_yes == pytest.approx(0.8 / 0.95)
-    assert chat_logprobs(yes["logprobs"])["content"][0]["token"] == "Yes"
-    # a refusal's first token holds no label mass: not judged, never a score
-    refused = {"logprobs": [{"1": {"logprob": math.log(0.97), "rank": 1, "decoded_token": "I"},
-                             "2": {"logprob": math.log(0.01), "rank": 2, "decoded_token": "Yes"}}], "generated_text": "I"}
-    assert isinstance(read_row_answer(refused, term, min_label_mass=0.5), NotJudged)
-    assert isinstance(read_row_answer({"__error__": "CUDA OOM"}, term, min_label_mass=0.5), Failed)
-    # an option question: the distribution over the labels B, C, ... as the openai backend reads it
-    opt = {"logprobs": [{"5": {"logprob": math.log(0.7), "rank": 1, "decoded_token": "B"},
-                         "6": {"logprob": math.log(0.3), "rank": 2, "decoded_token": "C"}}], "generated_text": "B"}
-    choice = read_row_answer(opt, attr, min_label_mass=0.5)
-    assert isinstance(choice, Choice) and choice.probs[0] == pytest.approx(0.7, abs=0.02)
-    # the answers go through the normal engine: same decision code as every backend
-    import io as _io
-
-    buf = _io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 150, 120)).save(buf, format="PNG")
-    im = load_image(buf.getvalue(), name="a.png")
-    mod = Moderator(AnsweredBackend("some/vlm", {}), policy=policy)
-    answered = [{**r, "generated_text": "No", "logprobs": [{"1": {"logprob": math.log(0.9), "rank": 1, "decoded_token": "No"},
-                                                           "2": {"logprob": math.log(0.1), "rank": 2, "decoded_token": "Yes"}}]}
-                for r in rows[:1]] + [{**r, **opt} for r in rows[1:]]
-    (rec,) = records_from_answers(mod, [im], answered, min_label_mass=0.5)
-    assert rec.ok and rec.backend == "vllm" and rec.model == "some/vlm"
-    assert rec.term.p_yes == pytest.approx(0.1) and rec.verdict in ("allow", "review", "block")
 
 
 # --------------------------------------------------------------------------- on Ray
@@ -392,3 +336,70 @@ def test_an_actor_killed_mid_run_is_restarted_and_no_image_is_lost_or_doubled(cl
     assert bad == 0 and s.total == len(local) and len(paths) == len(set(paths)) == len(local)
     for r in records:
         assert stable(r) == stable(local[r.path]), r.path
+
+
+# --------------------------------------------------------------------------- one output for both engines (issue 22)
+
+
+def test_local_and_ray_write_the_same_records_and_resume_from_each_others_output(cluster, images, tmp_path):
+    """Both engines write through one sink with one record identity: the records are the same,
+    and either engine's --resume finds the other's finished records done (the failed ones, the
+    two broken files, are tried again and not doubled)."""
+    from icm.run.local import run_job as local_run
+    from icm.run.ray import run_ray_job
+
+    folder, local = images
+    n_ok = sum(r.ok for r in local.values())
+    # local JSONL, then Ray resumes it
+    out = tmp_path / "local.jsonl"
+    assert local_run(ModerateConfig(inputs=[str(folder)], batch_size=4, out=str(out))).total == 63
+    first = {r.path: r for r in read_any_records(out)[0]}
+    again = run_ray_job(ModerateConfig(inputs=[str(folder)], batch_size=4, out=str(out), resume=True), RayOptions(num_actors=1))
+    assert (again.total, again.skipped, again.errors) == (63, n_ok, 2)
+    after = read_any_records(out)[0]
+    assert len(after) == len({r.path for r in after}) == 63
+    assert all(r.created_at == first[r.path].created_at for r in after if r.ok)  # kept, not redone
+    # Ray parquet, then the local engine resumes it
+    pq_out = tmp_path / "ray.parquet"
+    s = run_ray_job(ModerateConfig(inputs=[str(folder)], batch_size=4, out=str(pq_out)), RayOptions(num_actors=2))
+    assert s.total == 63
+    written = {r.path: r for r in read_parquet_records(pq_out)[0]}
+    assert {p: stable(r) for p, r in written.items()} == {p: stable(r) for p, r in first.items()}
+    resumed = local_run(ModerateConfig(inputs=[str(folder)], batch_size=4, out=str(pq_out), resume=True))
+    assert (resumed.total, resumed.skipped, resumed.errors) == (63, n_ok, 2)
+    assert len(read_parquet_records(pq_out)[0]) == 63
+
+
+def test_ray_counts_answers_read_from_text_as_the_local_engine_does(cluster, tmp_path, monkeypatch):
+    """The run's summary is counted by the one sink: a server without logprobs gives records
+    whose answers were read from the text, and the Ray engine's summary (and so icm moderate's
+    "read from text" line) counts them as the local engine's does, on a fresh run and on --resume."""
+    pytest.importorskip("fastapi")
+    from icm.moderation.spec import BackendSpec
+    from icm.run.local import run_job as local_run
+    from icm.run.ray import run_ray_job
+
+    from fake_openai import MODEL, Reply, fake_openai_server, text_body
+    from square_policy import square_policy
+
+    policy = tmp_path / "text-check.yaml"
+    policy.write_text(square_policy("text-check"))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        Image.new("RGB", (24, 24), (220, 20 + i, 20)).save(imgs / f"red{i}.png")
+    with fake_openai_server() as (fake, url):
+        fake.script("term", Reply(json=text_body("The answer is yes.")))
+        fake.script("hue", Reply(json=text_body("The answer is (B).")))
+        monkeypatch.setenv("ICM_OPENAI_API_KEY", "sk-test")
+
+        def config(out: Path, resume: bool = False) -> ModerateConfig:
+            return ModerateConfig(inputs=[str(imgs)], policy=str(policy), out=str(out), resume=resume,
+                                  backend=BackendSpec.build(backend="openai", model=MODEL, base_url=url))
+
+        here = local_run(config(tmp_path / "a.jsonl"))
+        there = run_ray_job(config(tmp_path / "b.jsonl"), RayOptions(num_actors=1))
+        resumed = run_ray_job(config(tmp_path / "a.jsonl", resume=True), RayOptions(num_actors=1))
+    assert (here.text_records, here.text_answers) == (3, 6)
+    assert (there.text_records, there.text_answers) == (3, 6)
+    assert resumed.skipped == 3 and (resumed.text_records, resumed.text_answers) == (3, 6)

@@ -268,7 +268,7 @@ def run_e2e(c: E2EConfig, say: Callable[[str], None] = print) -> E2EResult:
     with stage("relabel", "policy", "diff", f"{SYNTH_POLICY}:{c.rules}", f"{SYNTH_POLICY}:{c.relabel_to}"):
         res.relabelled_products = sorted(ch.product for ch in diff_rule_sets(policy, c.rules, policy, c.relabel_to).changes)
         say("$ icm " + " ".join(shlex.quote(a) for a in (*moderate, "--rules", c.relabel_to, "--out", str(after))))
-        relabel_job = dataclasses.replace(job, rules=c.relabel_to, out=str(after))
+        relabel_job = job.model_copy(update={"rules": c.relabel_to, "out": str(after)})
         same_model = Moderator(moderator.backend, policy=moderator.policy, rules=c.relabel_to)  # the model loaded once
         records_b = run_job(relabel_job, moderator=same_model).records
         by_path = {r.path: r for r in records_b}

@@ -245,7 +245,7 @@ def run_evaluation(
             notes.append(
                 f"{len(text)} of {len(records)} records have answers read from the answer text "
                 f"({summary.meta['answers_read_from_text']} answers: the server gave no usable logprobs; one sampled "
-                f"answer each, counted at --text-confidence {mc.text_confidence:g}, not a measured probability)"
+                f"answer each, counted at --text-confidence {mc.backend_spec().text_confidence:g}, not a measured probability)"
             )
         stage("scoring moderation")
         rs = ResultSet(source=str(out_dir / "records.jsonl"), format="icm-jsonl", items=items)

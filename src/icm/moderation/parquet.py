@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,7 @@ def read_any_records(path: str | os.PathLike[str]) -> tuple[list[ModerationRecor
     """Records of an ``icm moderate`` output, JSONL or parquet (file or folder), and the unreadable count."""
     if is_parquet_path(path):
         return read_parquet_records(path)
-    from icm.moderation.job import read_records
+    from icm.run.output import read_records
 
     return read_records(Path(path))
 
@@ -206,51 +206,3 @@ def rewrite_parquet(folder: str | os.PathLike[str], keep: Sequence[ModerationRec
 def records_json_lines(records: Iterable[ModerationRecord]) -> str:
     """JSONL text of records (what ``icm eval icm`` parses)."""
     return "".join(json.dumps(json.loads(r.model_dump_json())) + "\n" for r in records)
-
-
-class ParquetLineSink:
-    """A file-like sink for the local job's JSON lines that writes parquet parts instead.
-
-    ``write`` takes what the job writes to a JSONL file (one record's JSON and a newline);
-    records become a part every ``part_size`` records and at ``close``.
-    """
-
-    def __init__(self, writer: ParquetRecordWriter) -> None:
-        self.writer = writer
-
-    def write(self, text: str) -> int:
-        for line in text.splitlines():
-            if line.strip():
-                self.writer.write(ModerationRecord.model_validate_json(line))
-        return len(text)
-
-    def flush(self) -> None:
-        """Parts are written whole; a flush per record would make one file per record."""
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def open_parquet_output(
-    out: str | os.PathLike[str],
-    *,
-    resume: bool,
-    same: Callable[[ModerationRecord], bool],
-    key: Callable[[ModerationRecord], str],
-    part_size: int = 1000,
-) -> tuple[ParquetLineSink, dict[str, ModerationRecord]]:
-    """The local job's parquet output: a sink, and with ``resume`` this config's finished records by ``key``.
-
-    Failed records of this config are dropped from the folder (they are tried again), as
-    the JSONL output does.
-    """
-    folder = Path(out)
-    done: dict[str, ModerationRecord] = {}
-    if resume and folder.exists():
-        records, bad = read_parquet_records(folder)
-        keep = [r for r in records if r.ok or not same(r)]
-        if len(keep) != len(records) or bad:
-            rewrite_parquet(folder, keep)
-        done = {key(r): r for r in keep if r.ok and same(r)}
-    writer = ParquetRecordWriter(folder, part_size=part_size, truncate=not resume)
-    return ParquetLineSink(writer), done
