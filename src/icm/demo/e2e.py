@@ -250,8 +250,8 @@ def run_e2e(c: E2EConfig, say: Callable[[str], None] = print) -> E2EResult:
     before, after = work / f"moderate-{c.rules}.jsonl", work / f"moderate-{c.relabel_to}.jsonl"
     moderate = ["moderate", str(test_images), "--backend", "hf", "--model", str(model_dir), "--adapter", str(adapter),
                 "--policy", SYNTH_POLICY, "--batch-size", "16"]
-    job = ModerateConfig(inputs=[str(test_images)], backend="hf", model=str(model_dir), adapter=str(adapter),
-                         policy=SYNTH_POLICY, batch_size=16, rules=c.rules, out=str(before))
+    job = ModerateConfig.from_options(inputs=[str(test_images)], backend="hf", model=str(model_dir), adapter=str(adapter),
+                                      policy=SYNTH_POLICY, batch_size=16, rules=c.rules, out=str(before))
     with stage("moderate", *moderate, "--rules", c.rules, "--out", str(before)):
         moderator = build_moderator(job)
         records_a = run_job(job, moderator=moderator).records
