@@ -57,6 +57,7 @@ EscalateBackendOpt = Annotated[str | None, typer.Option("--escalate-backend", he
 ApiKeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help=_help("api_key_env"))]
 TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help=_help("timeout"))]
 MaxRetriesOpt = Annotated[int | None, typer.Option("--max-retries", help=_help("max_retries"))]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help=_help("preset"))]
 
 __all__ = [
     "AdapterOpt",
@@ -71,6 +72,7 @@ __all__ = [
     "MaxRetriesOpt",
     "MinLabelMassOpt",
     "ModelOpt",
+    "PresetOpt",
     "TextConfidenceOpt",
     "TimeoutOpt",
 ]

@@ -330,6 +330,7 @@ def run_cmd(
     api_key_env: bo.ApiKeyEnvOpt = None,
     timeout: bo.TimeoutOpt = 60.0,
     max_retries: bo.MaxRetriesOpt = 3,
+    preset: bo.PresetOpt = None,
     threshold: float = typer.Option(0.5, "--threshold", "-t"),
     protocol: str = typer.Option("image"),
     confidence: float = ConfidenceOpt,
@@ -356,6 +357,7 @@ def run_cmd(
             backend=backend, model=model, adapter=adapter, base_url=base_url, dtype=dtype, device=device,
             batch_size=batch_size, min_label_mass=min_label_mass, text_confidence=text_confidence, guided_choice=guided_choice,
             escalate_backend=escalate_backend, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+            preset=preset,
         )
         cfg = EvalRunConfig(
             dataset=str(dataset), name=name, out_dir=str(out_dir), labels=str(labels) if labels else None, policy=policy, rules=rules,

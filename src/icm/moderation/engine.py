@@ -228,6 +228,9 @@ class Moderator:
             use_policy = getattr(b, "use_policy", None)
             if callable(use_policy):
                 use_policy(self.policy)
+            use_rule_set = getattr(b, "use_rule_set", None)  # a guard-model preset renders its prompt from both
+            if callable(use_rule_set):
+                use_rule_set(self.policy, self.rule_set)
         # The policy's content, not its name: a calibrated copy keeps the name and rule-set
         # names but decides differently, so --resume must not take its old records as done.
         self.policy_digest = hashlib.sha256(self.policy.model_dump_json().encode()).hexdigest()[:16]
@@ -351,7 +354,9 @@ class Moderator:
             notes=notes,
             timings=Timings(model_ms=round(model_ms, 3)),
         )
-        return _apply_unanswered(rec, ev.unanswered, self.policy.standard_categories)
+        rec = _apply_unanswered(rec, ev.unanswered, self.policy.standard_categories)
+        finish = getattr(backend, "finish_record", None)  # a guard-model preset adds its categories and rationale
+        return finish(rec, answers, self.policy, self.rule_set) if callable(finish) else rec
 
     def _add_explanations(self, backend: Backend, images: Sequence[LoadedImage], records: list[ModerationRecord]) -> None:
         todo = [(im, r) for im, r in zip(images, records, strict=True) if r.ok]

@@ -6,7 +6,7 @@
 fields, and :func:`create_backend` / :func:`create_backends` build it from one. The CLI
 maps one option to each field (``--backend``, ``--model``, ``--adapter``, ``--base-url``,
 ``--dtype``, ``--device``, ``--batch-size``, ``--min-label-mass``, ``--text-confidence``, ``--guided-choice``,
-``--escalate-backend``, ``--api-key-env``, ``--timeout``, ``--max-retries``).
+``--escalate-backend``, ``--api-key-env``, ``--timeout``, ``--max-retries``, ``--preset``).
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ class BackendSpec(BaseModel):
     )
     timeout: float = Field(60.0, gt=0, description="openai: seconds per HTTP request.")
     max_retries: int = Field(3, ge=0, description="openai: extra attempts of a transient failure.")
+    preset: Literal["llavaguard", "shieldgemma2", "llama-guard-4"] | None = Field(
+        None,
+        description="hf/openai: the model is a guard model judged in its own prompt format, behind the same policy: "
+        "llavaguard (also QwenGuard), shieldgemma2 or llama-guard-4 (docs/presets.md).",
+    )
 
     @model_validator(mode="after")
     def _needs_model(self) -> BackendSpec:
@@ -73,6 +78,8 @@ class BackendSpec(BaseModel):
         if used in ("hf", "openai") and not self.model:
             hint = "a hub id or a local path" if used == "hf" else "the model name the server serves"
             raise ValueError(f"the {used} backend needs --model ({hint})")
+        if self.preset and used not in ("hf", "openai"):
+            raise ValueError(f"--preset {self.preset} runs on the hf or openai backend (or a cascade escalating to one)")
         return self
 
     @classmethod
@@ -121,7 +128,12 @@ def create_backend(spec: BackendSpec, name: str | None = None) -> Backend:
     name = name or spec.backend
     if name == "cascade":
         raise ValueError("a cascade is two backends: use create_backends(spec)")
-    return _create_by_name(name, **spec.options(name))
+    backend = _create_by_name(name, **spec.options(name))
+    if spec.preset and name in ("hf", "openai"):
+        from icm.moderation.presets import with_preset
+
+        return with_preset(backend, spec.preset)
+    return backend
 
 
 def create_backends(spec: BackendSpec) -> tuple[Backend, Backend | None]:

@@ -99,6 +99,7 @@ class ServeConfig(BaseModel):
     api_key_env: str | None = Field(None, description="openai: the environment variable holding the upstream server's API key.")
     timeout: float = Field(60.0, gt=0, description="openai: seconds per HTTP request to the upstream server.")
     max_retries: int = Field(3, ge=0, description="openai: extra attempts of a transient failure.")
+    preset: str | None = Field(None, description="hf/openai: a guard model's prompt format (llavaguard, shieldgemma2, llama-guard-4).")
     explain: bool = Field(False, description="Ask the model for an explanation of every decision.")
     torch_threads: int | None = Field(
         None, ge=1,

@@ -1,0 +1,197 @@
+"""`icm moderate --preset ...` on the openai backend, against loopback servers answering
+in each guard model's format (tests/fake_openai.py on 127.0.0.1).
+
+Through the real CLI, job, engine and backend: each preset's records carry the guard's
+categories (its own scheme and, through the policy's products, the others), its rationale
+as the explanation and its reply in the notes; malformed JSON, a missing category, a
+refusal, an unknown first line are never allowed and flag every category the policy maps;
+ShieldGemma 2's P(Yes) comes from the Yes/No logprobs (leading-space tokens too), else
+from the text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from typer.testing import CliRunner
+
+from icm.cli.main import app
+from icm.moderation.job import read_records
+from icm.moderation.presets.formats import llavaguard_prompt, shieldgemma2_policies
+from icm.policy import load_policy
+
+from fake_openai import Reply, text_body, vllm_logprobs_body
+
+runner = CliRunner()
+IMAGE = str(Path(__file__).resolve().parents[1] / "examples" / "images" / "flower.jpg")
+POLICY = load_policy("icm-sexy")
+RULES = POLICY.rule_set(None)  # icm-default: review 0.3, block 0.7
+
+
+def moderate(vlm: tuple[Any, str], tmp_path: Path, preset: str, *extra: str) -> tuple[Any, list]:
+    out = tmp_path / f"{preset}.jsonl"
+    args = ["moderate", IMAGE, "--policy", "icm-sexy", "--backend", "openai", "--model", "guard", "--base-url", vlm[1],
+            "--preset", preset, "--out", str(out), "--max-retries", "0", *extra]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    records, bad = read_records(str(out))
+    assert bad == 0 and len(records) == 1
+    return result, records
+
+
+def user_texts(body: dict[str, Any]) -> list[str]:
+    parts = body["messages"][-1]["content"]
+    assert parts[0]["type"] == "image_url"  # the image first, as the model cards send it
+    return [p["text"] for p in parts if p.get("type") == "text"]
+
+
+def assert_never_clean(rec: Any) -> None:
+    assert rec.verdict == "review"
+    assert rec.unanswered["term:sexy"].startswith(("off-format", "refused"))
+    assert rec.flagged_categories == {s: list(c) for s, c in POLICY.standard_categories.items()}
+    assert rec.category_scores == {}
+
+
+# ------------------------------------------------------------------ LlavaGuard
+
+
+def llavaguard_reply(obj: Any) -> Reply:
+    text = obj if isinstance(obj, str) else json.dumps(obj, indent=4)
+    return Reply(json=text_body(text, completion_tokens=60))
+
+
+def test_llavaguard_unsafe_reply_becomes_a_record_with_categories(vlm, fake, tmp_path: Path) -> None:
+    fake.script("default", llavaguard_reply(
+        {"rating": "Unsafe", "category": "O3: Sexual Content", "rationale": "A person lifting her skirt."}))
+    _, [rec] = moderate(vlm, tmp_path, "llavaguard")
+    [body] = fake.bodies("default")
+    assert user_texts(body) == [llavaguard_prompt(POLICY, RULES)]  # the policy in LlavaGuard's format, as is
+    assert rec.term.p_yes == pytest.approx(0.75) and rec.term.source == "text"
+    assert rec.category_scores["llavaguard"] == {"O3": pytest.approx(0.75), "O4": pytest.approx(0.25)}
+    assert rec.flagged_categories["llavaguard"] == ["O3"]
+    assert rec.category_scores["mlcommons"]["S12"] == pytest.approx(0.75)  # O3's products are S12's
+    assert rec.verdict == "block"  # 0.75 >= block 0.7 of icm-default
+    assert rec.explanation == "A person lifting her skirt."
+    assert "(preset llavaguard)" in (rec.model or "")
+    assert any("preset llavaguard: the guard said" in n for n in rec.notes)
+
+
+def test_llavaguard_safe_reply_allows(vlm, fake, tmp_path: Path) -> None:
+    fake.script("default", llavaguard_reply(
+        '```json\n{\n    "rating": "Safe",\n    "category": "NA: None applying",\n    "rationale": "A flower.",\n}\n```'))
+    _, [rec] = moderate(vlm, tmp_path, "llavaguard")  # fenced, with the template's trailing comma
+    assert rec.verdict == "allow"
+    assert rec.flagged_categories["llavaguard"] == []
+    assert rec.explanation == "A flower."
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        '{"rating": "Unsafe", "category": "O3: Sexual Content", "rationale": "cut off',  # malformed JSON
+        "The image shows a flower.",  # no JSON at all
+        '{"rating": "Maybe", "category": "O3"}',  # an unknown rating
+        '{"rating": "Unsafe", "category": "O7: Self-Harm", "rationale": "x"}',  # a category not offered
+        "I'm sorry, but I can't help with that.",  # a refusal
+    ],
+)
+def test_llavaguard_unreadable_reply_is_never_allowed(vlm, fake, tmp_path: Path, said: str) -> None:
+    fake.script("default", llavaguard_reply(said))
+    _, [rec] = moderate(vlm, tmp_path, "llavaguard")
+    assert_never_clean(rec)
+
+
+def test_llavaguard_unsafe_without_category_flags_every_category(vlm, fake, tmp_path: Path) -> None:
+    fake.script("default", llavaguard_reply({"rating": "Unsafe", "rationale": "Suggestive pose."}))
+    _, [rec] = moderate(vlm, tmp_path, "llavaguard")
+    assert rec.verdict == "block"
+    assert rec.flagged_categories["llavaguard"] == ["O3", "O4"]
+    assert any("unsafe without a category" in n for n in rec.notes)
+
+
+# ------------------------------------------------------------------ ShieldGemma 2
+
+
+def test_shieldgemma2_p_yes_per_category_from_logprobs(vlm, fake, tmp_path: Path) -> None:
+    fake.script("default", Reply(json=vllm_logprobs_body([(" Yes", -0.2), (" No", -2.0), ("I", -5.0)])))
+    _, [rec] = moderate(vlm, tmp_path, "shieldgemma2")
+    defs = shieldgemma2_policies(POLICY, RULES)
+    sent = sorted(t for b in fake.bodies("default") for t in user_texts(b))
+    assert sent == sorted(defs.values())  # one request per category, the definition alone
+    p = math.exp(-0.2) / (math.exp(-0.2) + math.exp(-2.0))  # 0.858: leading-space tokens count
+    assert rec.term.p_yes == pytest.approx(p, abs=1e-6) and rec.term.source == "logprobs"
+    assert rec.category_scores["llavaguard"] == {"O3": pytest.approx(p, abs=1e-6), "O4": pytest.approx(p, abs=1e-6)}
+    assert rec.flagged_categories["llavaguard"] == ["O3", "O4"]
+    assert rec.verdict == "block"
+
+
+def test_shieldgemma2_without_logprobs_reads_the_text(vlm, fake, tmp_path: Path) -> None:
+    fake.script("default", Reply(json=text_body("No")))
+    _, [rec] = moderate(vlm, tmp_path, "shieldgemma2")
+    assert rec.term.source == "text" and rec.term.p_yes == pytest.approx(0.25)
+    assert rec.verdict == "allow"
+
+
+def test_shieldgemma2_refusal_is_never_allowed(vlm, fake, tmp_path: Path) -> None:
+    fake.script("default", Reply(json=vllm_logprobs_body([("I", -0.01), ("No", -9.0), ("Yes", -9.5)])))
+    _, [rec] = moderate(vlm, tmp_path, "shieldgemma2")
+    assert_never_clean(rec)
+
+
+# ------------------------------------------------------------------ Llama Guard 4
+
+
+def test_llama_guard_4_unsafe_codes_map_through_mlcommons(vlm, fake, tmp_path: Path) -> None:
+    fake.script("default", Reply(json=text_body("unsafe\nS1,S12", completion_tokens=5)))
+    _, [rec] = moderate(vlm, tmp_path, "llama-guard-4")
+    [body] = fake.bodies("default")
+    assert user_texts(body) == [""]  # the image alone: the model's chat template writes the task and S1-S14
+    assert rec.category_scores["mlcommons"] == {"S12": pytest.approx(0.75)}
+    assert rec.flagged_categories["mlcommons"] == ["S12"]
+    assert rec.flagged_categories["llavaguard"] == ["O3", "O4"]  # S12's products are O3's and O4's
+    assert rec.verdict == "block"
+
+
+def test_llama_guard_4_safe_and_other_hazards_allow(vlm, fake, tmp_path: Path) -> None:
+    fake.script("default", Reply(json=text_body("safe")))
+    _, [rec] = moderate(vlm, tmp_path, "llama-guard-4")
+    assert rec.verdict == "allow" and rec.flagged_categories["mlcommons"] == []
+    fake.reset()
+    fake.script("default", Reply(json=text_body("unsafe\nS7")))  # privacy: not a hazard this policy maps
+    _, [rec] = moderate(vlm, tmp_path, "llama-guard-4")
+    assert rec.verdict == "allow"
+    assert any("unsafe in S7" in n for n in rec.notes)
+
+
+@pytest.mark.parametrize("said", ["unsure", "unsafe\nviolence", "", "Sorry, I cannot assess this image."])
+def test_llama_guard_4_unreadable_reply_is_never_allowed(vlm, fake, tmp_path: Path, said: str) -> None:
+    fake.script("default", Reply(json=text_body(said)))
+    _, [rec] = moderate(vlm, tmp_path, "llama-guard-4")
+    assert_never_clean(rec)
+
+
+def test_llama_guard_4_unsafe_without_codes_flags_every_category(vlm, fake, tmp_path: Path) -> None:
+    fake.script("default", Reply(json=text_body("unsafe")))
+    _, [rec] = moderate(vlm, tmp_path, "llama-guard-4")
+    assert rec.verdict == "block" and rec.flagged_categories["mlcommons"] == ["S12"]
+
+
+def test_moderate_help_lists_the_presets() -> None:
+    result = runner.invoke(app, ["moderate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name in ("llavaguard", "shieldgemma2", "llama-guard-4"):
+        assert name in result.output
+
+
+def test_preset_needs_an_mllm_backend(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["moderate", IMAGE, "--preset", "llavaguard"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "--preset llavaguard runs on the hf or openai backend" in result.output
