@@ -195,3 +195,57 @@ def test_preset_needs_an_mllm_backend(tmp_path: Path) -> None:
     result = runner.invoke(app, ["moderate", IMAGE, "--preset", "llavaguard"], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert "--preset llavaguard runs on the hf or openai backend" in result.output
+
+
+def test_serve_and_eval_run_take_the_preset() -> None:
+    from icm.moderation.presets import PresetBackend
+    from icm.moderation.spec import create_backends
+    from icm.serve.config import ServeConfig
+
+    spec = ServeConfig(backend="openai", model="guard", base_url="http://127.0.0.1:9/v1", preset="llama-guard-4").backend_spec()
+    assert spec.preset == "llama-guard-4"
+    first, second = create_backends(spec)
+    try:
+        assert isinstance(first, PresetBackend) and second is None and first.preset == "llama-guard-4"
+    finally:
+        first.close()
+    for command in (["serve", "--help"], ["eval", "run", "--help"]):
+        result = runner.invoke(app, command, env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "--preset" in result.output
+
+
+def test_one_guard_serves_each_rule_set_with_its_own_prompt(vlm, fake) -> None:
+    """The server shares one backend among a Moderator per (policy, rule set): each asks in its own rules."""
+    from icm.moderation.engine import Moderator
+    from icm.moderation.presets import PresetBackend
+    from icm.moderation.spec import BackendSpec, create_backend
+
+    fake.script("default", llavaguard_reply({"rating": "Safe", "category": "NA: None applying", "rationale": "ok"}))
+    shared = create_backend(BackendSpec(backend="openai", model="guard", base_url=vlm[1], preset="llavaguard"))
+    assert isinstance(shared, PresetBackend)
+    try:
+        for rules in ("icm-default", "adult-platform"):
+            [rec] = Moderator(shared, policy=POLICY, rules=rules).moderate_paths([IMAGE])
+            assert rec.ok and rec.verdict == "allow", rec.error
+    finally:
+        shared.close()
+    sent = [user_texts(b)[0] for b in fake.bodies("default")]
+    assert sent == [llavaguard_prompt(POLICY, POLICY.rule_set(r)) for r in ("icm-default", "adult-platform")]
+    assert sent[0] != sent[1]  # the adult platform allows what icm-default does not
+
+
+def test_bundle_members_the_guard_cannot_judge_go_to_review(vlm, fake, tmp_path: Path) -> None:
+    fake.script("default", Reply(json=text_body("safe")))
+    out = tmp_path / "bundle.jsonl"
+    args = ["moderate", IMAGE, "--policy", "icm-standard", "--backend", "openai", "--model", "guard", "--base-url", vlm[1],
+            "--preset", "llama-guard-4", "--out", str(out)]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    records = {r.policy: r for r in read_records(str(out))[0]}
+    assert records["violence"].verdict == "allow"  # maps S1 (and others): judged, "safe"
+    for name in ("gambling", "disasters"):  # no MLCommons hazard mapped: never passed as clean
+        assert records[name].verdict == "review"
+        assert "maps no MLCommons hazard" in records[name].unanswered["term:" + load_policy(name).term.id]
+    unmapped = {n for n in records if not load_policy(n).standard_categories.get("mlcommons")}
+    assert unmapped == {"gambling", "disasters", "gore", "horrifying"}
+    assert len(fake.bodies("default")) == len(records) - len(unmapped)  # those are not asked

@@ -202,6 +202,11 @@ def _apply_unanswered(
     return rec
 
 
+def _bind(backend: Backend, policy: Policy, rules: RuleSet) -> Backend:
+    bind = getattr(backend, "bind_policy", None)
+    return bind(policy, rules) if callable(bind) else backend
+
+
 class Moderator:
     """Runs one policy and rule set over images with a backend (and an optional second stage)."""
 
@@ -219,8 +224,9 @@ class Moderator:
         self.rule_set: RuleSet = self.policy.rule_set(rules)
         video = self.rule_set.video
         self._video = (video, zero_tolerance_products(self.policy)) if video and video.aggregate == "corroborate" else None
-        self.backend = backend
-        self.escalate_to = escalate_to
+        # a guard-model preset renders its prompt from the policy and rule set: each Moderator asks its own view
+        self.backend = _bind(backend, self.policy, self.rule_set)
+        self.escalate_to = _bind(escalate_to, self.policy, self.rule_set) if escalate_to is not None else None
         self.explain = explain
         self.max_new_tokens = max_new_tokens
         self.queries = build_queries(self.policy)
@@ -228,9 +234,6 @@ class Moderator:
             use_policy = getattr(b, "use_policy", None)
             if callable(use_policy):
                 use_policy(self.policy)
-            use_rule_set = getattr(b, "use_rule_set", None)  # a guard-model preset renders its prompt from both
-            if callable(use_rule_set):
-                use_rule_set(self.policy, self.rule_set)
         # The policy's content, not its name: a calibrated copy keeps the name and rule-set
         # names but decides differently, so --resume must not take its old records as done.
         self.policy_digest = hashlib.sha256(self.policy.model_dump_json().encode()).hexdigest()[:16]

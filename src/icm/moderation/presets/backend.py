@@ -65,7 +65,8 @@ class PresetBackend(Backend):
         self.name = inner.name
         self.capabilities = frozenset({"score_yes_no"})
         self.text_confidence = float(getattr(inner, "text_confidence", DEFAULT_TEXT_CONFIDENCE))
-        self._bound: dict[str, tuple[Policy, RuleSet]] = {}
+        self._bound: tuple[Policy, RuleSet] | None = None
+        self._cannot: str | None = None
 
     @property
     def model_id(self) -> str:
@@ -76,21 +77,30 @@ class PresetBackend(Backend):
 
     # -- the engine's hooks ---------------------------------------------------------------
 
-    def use_rule_set(self, policy: Policy, rules: RuleSet) -> None:
-        """Bind a policy and its rule set (a bundle binds each member); renders its prompt once to fail early."""
-        if self.preset == "llavaguard":
-            llavaguard_prompt(policy, rules)
-        elif self.preset == "shieldgemma2":
-            shieldgemma2_policies(policy, rules)
-        elif not category_rules(policy, rules, "mlcommons"):
-            raise ValueError(f"policy {policy.name!r} maps no MLCommons hazard (S1-S14): the llama-guard-4 preset cannot judge it")
-        self._bound[policy.term.id] = (policy, rules)
+    def bind_policy(self, policy: Policy, rules: RuleSet) -> PresetBackend:
+        """This guard (the same model) asked about ``policy`` under ``rules``: the engine's
+        Moderator of that pair asks it. A policy the guard cannot judge (it maps none of the
+        guard's categories: a bundle's gambling member) gets ``cannot-judge`` for every image,
+        so its records go to review with the reason, and the bundle's other members run."""
+        view = PresetBackend(self.inner, self.preset)
+        view.text_confidence = self.text_confidence
+        view._bound = (policy, rules)
+        try:
+            if self.preset == "llavaguard":
+                llavaguard_prompt(policy, rules)
+            elif self.preset == "shieldgemma2":
+                shieldgemma2_policies(policy, rules)
+            elif not category_rules(policy, rules, "mlcommons"):
+                raise ValueError(f"policy {policy.name!r} maps no MLCommons hazard (S1-S14): the llama-guard-4 preset cannot judge it")
+        except ValueError as exc:
+            view._cannot = str(exc)
+        return view
 
     def ask(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> list[dict[str, Answer]]:
-        term = next((q for q in queries if q.kind == "yes_no" and q.term in self._bound), None)
-        if term is None or term.term is None:
-            raise ValueError(f"the {self.preset} preset was not given this policy (use_rule_set before ask)")
-        policy, rules = self._bound[term.term]
+        if self._bound is None:
+            raise ValueError(f"the {self.preset} preset asks about one policy and rule set: bind_policy() first")
+        policy, rules = self._bound
+        term = next((q for q in queries if q.kind == "yes_no" and q.term == policy.term.id), None)
         outcomes = self._judge(policy, rules, images)
         out: list[dict[str, Answer]] = []
         for o in outcomes:
@@ -131,6 +141,8 @@ class PresetBackend(Backend):
     # -- the guards -------------------------------------------------------------------------
 
     def _judge(self, policy: Policy, rules: RuleSet, images: Sequence[Image.Image]) -> list[_Outcome]:
+        if self._cannot is not None:
+            return [_Outcome(NotJudged("cannot-judge", self._cannot), said="(not asked)") for _ in images]
         if self.preset == "shieldgemma2":
             return self._shieldgemma2(policy, rules, images)
         if self.preset == "llavaguard":
