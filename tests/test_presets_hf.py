@@ -1,9 +1,13 @@
 """`icm moderate --backend hf --preset ...` on tiny random checkpoints built offline.
 
-The guard architectures' real weights are gated and large; these checkpoints are tiny
-LLaVAs (LlavaGuard-7B-hf's architecture) carrying each guard model's chat template, written
-here from the model cards' documented prompt formats. A random model gives random replies,
-so what is checked is the prompt, the plumbing and the reading:
+The guards' real weights are gated and large. The checkpoints here are tiny and random:
+a LLaVA (LlavaGuard-7B-hf's architecture, LLaVA's own template), a Qwen2-VL (QwenGuard is
+Qwen2.5-VL; Qwen2-VL's processor and template are the same shape), a Gemma 3
+(``Gemma3ForConditionalGeneration``, ShieldGemma 2's architecture) and, for Llama Guard 4, a
+LLaVA carrying Llama Guard 4's prompt as its chat template (``Llama4ForConditionalGeneration``
+is not built: its only image processor needs torchvision, which this install does not have).
+The guards' templates are written here from the model cards' documented formats. A random
+model gives random replies, so what is checked is the prompt, the plumbing and the reading:
 
 * the token ids the model is given are, token for token, those of the documented prompt
   with our policy in it (LlavaGuard's policy prompt after the image; ShieldGemma 2's
@@ -25,11 +29,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 from typer.testing import CliRunner
 
 from icm.cli.main import app
 from icm.moderation.backends.hf_answers import resolve_answer_token_ids
+from icm.moderation.backends.hf_processor import load_processor
 from icm.moderation.images import load_image
 from icm.moderation.job import read_records
 from icm.moderation.presets.formats import llavaguard_prompt, shieldgemma2_policies
@@ -69,8 +74,8 @@ LG4_PROMPT = (
 )
 
 _TEXT = "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-SG2_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<start_of_turn>user\n<image>"
+SG2_TEMPLATE = (  # Gemma 3's turns; the image where the processor puts it, before the policy
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>user\n<start_of_image>"
     + json.dumps(SG2_BEFORE)[1:-1].replace("\\n", "\n") + _TEXT + SG2_AFTER.replace("'", "\\'").join(["{{ '", "' }}"])
     + "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
@@ -80,6 +85,61 @@ LG4_TEMPLATE = (  # the user turn's parts where the card shows the conversation
     "{% for part in messages[0]['content'] %}{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{{ '" + _LG4_TAIL.replace("\n", "\\n").replace("'", "\\'") + "' }}"
 )
+
+
+# ShieldGemma 2's architecture, tiny: a SigLIP tower, 4 pooled image tokens of a 32 px image, a 2-layer Gemma 3, a
+# Gemma3Processor with the PIL image processor (no torchvision) and a byte-level BPE with Gemma's specials.
+GEMMA_SPECIALS = ("<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                  "<image_soft_token>")
+
+
+def build_tiny_gemma3(path: str | Path, chat_template: str, *, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        PreTrainedTokenizerFast,
+        SiglipVisionConfig,
+    )
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from icm.training.tiny import training_corpus
+
+    path = Path(path)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=list(GEMMA_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(training_corpus(seed=seed), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    fast.chat_template = chat_template
+    text = Gemma3TextConfig(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=4096, sliding_window=64,
+        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+    )
+    vision = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2)
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4,
+        boi_token_index=fast.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=fast.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=fast.convert_tokens_to_ids("<image_soft_token>"),
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=fast,
+                                chat_template=chat_template, image_seq_length=4)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
 
 
 def guard_model(root: Path, name: str, template: str | None) -> Path:
@@ -97,26 +157,27 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("guards")
     return {
         "llavaguard": guard_model(root, "llavaguard", None),  # LlavaGuard-7B-hf: LLaVA's own "USER: <image>\n..." template
-        "shieldgemma2": guard_model(root, "shieldgemma2", SG2_TEMPLATE),
+        "shieldgemma2": build_tiny_gemma3(root / "shieldgemma2", SG2_TEMPLATE),  # ShieldGemma 2's architecture
         "llama-guard-4": guard_model(root, "llama-guard-4", LG4_TEMPLATE),
     }
 
 
 def documented_ids(path: Path, text: str) -> list[int]:
     """The token ids of the documented prompt ``text`` with the image expanded, as the processor makes them."""
-    proc = AutoProcessor.from_pretrained(path)
+    proc, _ = load_processor(str(path))
     image = load_image(IMAGE).image.convert("RGB")
-    add = not text.startswith(proc.tokenizer.bos_token)
+    bos = proc.tokenizer.bos_token
+    add = bos is None or not text.startswith(bos)
     return proc(images=[image], text=[text], return_tensors="pt", add_special_tokens=add)["input_ids"][0].tolist()
 
 
 class Forced:
     """``generate`` of the tiny LLaVA replaced: records the prompt ids, answers ``reply``."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, path: Path, reply: str | None) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, path: Path, reply: str | None, cls: Any = LlavaForConditionalGeneration) -> None:
         self.seen: list[list[int]] = []
-        tok = AutoProcessor.from_pretrained(path).tokenizer
-        real = LlavaForConditionalGeneration.generate
+        tok = load_processor(str(path))[0].tokenizer
+        real = cls.generate
 
         def generate(model: Any, input_ids: Any = None, **kw: Any) -> Any:
             self.seen += input_ids.tolist()
@@ -125,7 +186,7 @@ class Forced:
             ids = [*tok.encode(reply, add_special_tokens=False), tok.eos_token_id]
             return torch.cat([input_ids, torch.tensor([ids] * input_ids.shape[0])], dim=1)
 
-        monkeypatch.setattr(LlavaForConditionalGeneration, "generate", generate)
+        monkeypatch.setattr(cls, "generate", generate)
 
 
 def moderate(path: Path, tmp_path: Path, preset: str, *extra: str) -> Any:
@@ -152,6 +213,20 @@ def test_llavaguard_on_hf_prompt_and_forced_reply(models, tmp_path: Path, monkey
     assert rec.explanation == "Bare back." and rec.verdict == "block"
 
 
+def test_qwenguard_on_hf_qwen2vl(tiny_qwen2vl_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QwenGuard (LlavaGuard's prompt on Qwen2.5-VL) through a tiny Qwen2-VL and its chat template."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    reply = json.dumps({"rating": "Safe", "category": "NA: None applying", "rationale": "A flower in a garden."})
+    forced = Forced(monkeypatch, tiny_qwen2vl_path, reply, Qwen2VLForConditionalGeneration)
+    rec = moderate(tiny_qwen2vl_path, tmp_path, "llavaguard")
+    documented = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + llavaguard_prompt(POLICY, RULES)
+                  + "<|im_end|>\n<|im_start|>assistant\n")
+    assert forced.seen == [documented_ids(tiny_qwen2vl_path, documented)]
+    assert rec.verdict == "allow" and rec.explanation == "A flower in a garden."
+    assert rec.flagged_categories["llavaguard"] == []
+
+
 def test_llavaguard_on_hf_random_reply_is_never_allowed(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Forced(monkeypatch, models["llavaguard"], None)  # the random model's own (malformed) reply
     rec = moderate(models["llavaguard"], tmp_path, "llavaguard")
@@ -171,12 +246,13 @@ def test_llama_guard_4_on_hf_prompt_and_forced_reply(models, tmp_path: Path, mon
 def test_shieldgemma2_on_hf_p_yes_from_the_yes_no_logits(models, tmp_path: Path) -> None:
     path = models["shieldgemma2"]
     rec = moderate(path, tmp_path, "shieldgemma2", "--min-label-mass", "0")  # a random model puts little mass on Yes/No
-    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
     tok = AutoProcessor.from_pretrained(path).tokenizer
     yes, no = resolve_answer_token_ids(tok, "Yes"), resolve_answer_token_ids(tok, "No")
     expected = {}
     for code, definition in shieldgemma2_policies(POLICY, RULES).items():
-        documented = "<s><start_of_turn>user\n<image>" + SG2_BEFORE + definition + SG2_AFTER + "<end_of_turn>\n<start_of_turn>model\n"
+        documented = "<bos><start_of_turn>user\n<start_of_image>" + SG2_BEFORE + definition + SG2_AFTER + "<end_of_turn>\n<start_of_turn>model\n"
         ids = documented_ids(path, documented)
         proc = AutoProcessor.from_pretrained(path)
         enc = proc(images=[load_image(IMAGE).image.convert("RGB")], text=[documented], return_tensors="pt", add_special_tokens=False)
