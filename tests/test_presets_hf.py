@@ -238,9 +238,10 @@ def test_llavaguard_on_hf_random_reply_is_never_allowed(models, tmp_path: Path, 
 def test_llama_guard_4_on_hf_prompt_and_forced_reply(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = models["llama-guard-4"]
     forced = Forced(monkeypatch, path, "unsafe\nS12")
-    rec = moderate(path, tmp_path, "llama-guard-4")
+    rec = moderate(path, tmp_path, "llama-guard-4", "--text-confidence", "0.9")
     assert forced.seen == [documented_ids(path, LG4_PROMPT)]
     assert rec.flagged_categories["mlcommons"] == ["S12"] and rec.verdict == "block"
+    assert rec.category_scores["mlcommons"]["S12"] == pytest.approx(0.9)  # --text-confidence reaches the hf preset
 
 
 def test_shieldgemma2_on_hf_p_yes_from_the_yes_no_logits(models, tmp_path: Path) -> None:

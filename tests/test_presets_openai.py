@@ -249,3 +249,25 @@ def test_bundle_members_the_guard_cannot_judge_go_to_review(vlm, fake, tmp_path:
     unmapped = {n for n in records if not load_policy(n).standard_categories.get("mlcommons")}
     assert unmapped == {"gambling", "disasters", "gore", "horrifying"}
     assert len(fake.bodies("default")) == len(records) - len(unmapped)  # those are not asked
+
+
+def test_eval_run_scores_a_guard_preset(vlm, fake, tmp_path: Path) -> None:
+    """`icm eval run --preset`: the guard's verdicts go through the same evaluation as icm's own."""
+    import shutil
+
+    photos = tmp_path / "photos"
+    shutil.copytree(Path(IMAGE).parent, photos, ignore=shutil.ignore_patterns("*.md"))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,category\nchina.jpg,whole_normal\nflower.jpg,upper_normal\ngrace_hopper.jpg,upper_normal\n")
+    fake.script("default", llavaguard_reply({"rating": "Safe", "category": "NA: None applying", "rationale": "Nothing unsafe."}))
+    out = tmp_path / "run"
+    args = ["eval", "run", str(photos), "--labels", str(labels), "--out-dir", str(out), "--json", "--backend", "openai",
+            "--model", "guard", "--base-url", vlm[1], "--preset", "llavaguard", "--max-retries", "0"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["icm"]["n_evaluated"] == 3 and (s["icm"]["confusion"]["tn"], s["icm"]["confusion"]["fp"]) == (3, 0)
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert all(rec["category_scores"]["llavaguard"] == {"O3": 0.25, "O4": 0.25} for rec in records)
+    assert all(rec["explanation"] == "Nothing unsafe." for rec in records)
+    assert len(fake.bodies("default")) == 3  # one guard request per image, nothing else

@@ -132,7 +132,7 @@ def create_backend(spec: BackendSpec, name: str | None = None) -> Backend:
     if spec.preset and name in ("hf", "openai"):
         from icm.moderation.presets import with_preset
 
-        return with_preset(backend, spec.preset)
+        return with_preset(backend, spec.preset, text_confidence=spec.text_confidence)
     return backend
 
 

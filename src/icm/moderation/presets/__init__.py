@@ -13,11 +13,12 @@ from icm.moderation.presets.backend import NATIVE_SCHEME, PRESET_NAMES, PresetBa
 __all__ = ["NATIVE_SCHEME", "PRESET_NAMES", "PresetBackend", "PresetName", "with_preset"]
 
 
-def with_preset(backend: Backend, preset: str | None) -> Backend:
-    """``backend`` serving guard model ``preset`` (unchanged when ``preset`` is None)."""
+def with_preset(backend: Backend, preset: str | None, *, text_confidence: float | None = None) -> Backend:
+    """``backend`` serving guard model ``preset`` (unchanged when ``preset`` is None); a verdict
+    the guard writes as text counts at ``text_confidence`` (default: the backend's, else 0.75)."""
     if not preset:
         return backend
     if backend.name not in ("hf", "openai"):
         backend.close()
         raise ValueError(f"--preset {preset} runs on the hf or openai backend, not {backend.name}")
-    return PresetBackend(backend, preset)
+    return PresetBackend(backend, preset, text_confidence=text_confidence)

@@ -11,7 +11,7 @@ its rationale as the record's explanation and its reply in the notes.
 
 How much a verdict read from text weighs: a guard that writes its verdict (LlavaGuard's
 JSON, Llama Guard's ``safe``/``unsafe``) is one sampled answer, counted at the backend's
-text confidence (``--text-confidence``, default 0.75; the hf backend uses the default), as
+text confidence (``--text-confidence``, default 0.75, on either backend), as
 every answer read from text is (docs/verdicts.md). ShieldGemma 2's P(Yes) is measured:
 the Yes/No next-token probabilities (hf: logits; openai: logprobs, else the text).
 """
@@ -57,14 +57,16 @@ class PresetBackend(Backend):
 
     merges_policies = False  # one prompt per policy: the guard's prompt is the policy
 
-    def __init__(self, inner: Backend, preset: str) -> None:
+    def __init__(self, inner: Backend, preset: str, *, text_confidence: float | None = None) -> None:
         if preset not in PRESET_NAMES:
             raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESET_NAMES)})")
         self.inner = inner
         self.preset = preset
         self.name = inner.name
-        self.capabilities = frozenset({"score_yes_no"})
-        self.text_confidence = float(getattr(inner, "text_confidence", DEFAULT_TEXT_CONFIDENCE))
+        self.capabilities = frozenset()  # no free questions: the guard answers only in its own format (ask)
+        if text_confidence is None:
+            text_confidence = getattr(inner, "text_confidence", DEFAULT_TEXT_CONFIDENCE)
+        self.text_confidence = float(text_confidence)
         self._bound: tuple[Policy, RuleSet] | None = None
         self._cannot: str | None = None
 
@@ -82,8 +84,7 @@ class PresetBackend(Backend):
         Moderator of that pair asks it. A policy the guard cannot judge (it maps none of the
         guard's categories: a bundle's gambling member) gets ``cannot-judge`` for every image,
         so its records go to review with the reason, and the bundle's other members run."""
-        view = PresetBackend(self.inner, self.preset)
-        view.text_confidence = self.text_confidence
+        view = PresetBackend(self.inner, self.preset, text_confidence=self.text_confidence)
         view._bound = (policy, rules)
         try:
             if self.preset == "llavaguard":

@@ -74,23 +74,10 @@ SHIELDGEMMA2_PREAMBLE = (
 SHIELDGEMMA2_QUESTION = "Does the image violate the above policy? Your Answer must start with 'Yes' or 'No'."
 
 LLAMA_GUARD_4_CATEGORIES: dict[str, str] = {
-    "S1": "Violent Crimes",
-    "S2": "Non-Violent Crimes",
-    "S3": "Sex Crimes",
-    "S4": "Child Exploitation",
-    "S5": "Defamation",
-    "S6": "Specialized Advice",
-    "S7": "Privacy",
-    "S8": "Intellectual Property",
-    "S9": "Indiscriminate Weapons",
-    "S10": "Hate",
-    "S11": "Self-Harm",
-    "S12": "Sexual Content",
-    "S13": "Elections",
-    "S14": "Code Interpreter Abuse",
+    **SCHEMES["mlcommons"], "S3": "Sex Crimes", "S4": "Child Exploitation", "S11": "Self-Harm",
 }
-"""The category names as Llama Guard's prompt spells them (the taxonomy's ``mlcommons``
-titles are the MLCommons hazard names; the codes are the same)."""
+"""The category names as Llama Guard's prompt spells them: the taxonomy's ``mlcommons`` titles
+(the MLCommons hazard names) but for three the prompt format page spells shorter."""
 
 
 @dataclass(frozen=True)
