@@ -271,3 +271,28 @@ def test_eval_run_scores_a_guard_preset(vlm, fake, tmp_path: Path) -> None:
     assert all(rec["category_scores"]["llavaguard"] == {"O3": 0.25, "O4": 0.25} for rec in records)
     assert all(rec["explanation"] == "Nothing unsafe." for rec in records)
     assert len(fake.bodies("default")) == 3  # one guard request per image, nothing else
+
+
+def test_serve_answers_with_the_guard_per_rule_set(vlm, fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`icm serve --preset`: each request's rule set is rendered into the guard's prompt; the record has categories."""
+    pytest.importorskip("sqlalchemy")
+    from fastapi.testclient import TestClient
+
+    from icm.serve import ServeConfig, create_app
+
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    fake.script("default", llavaguard_reply({"rating": "Unsafe", "category": "O4: Nudity Content", "rationale": "Bare back."}))
+    cfg = ServeConfig(backend="openai", model="guard", base_url=vlm[1], preset="llavaguard", db=str(tmp_path / "d.sqlite"),
+                      allowed_hosts=["testserver"], max_retries=0)
+    got = {}
+    with TestClient(create_app(cfg), client=("127.0.0.1", 50123)) as c:
+        for rules in ("icm-default", "adult-platform"):
+            fake.requests.clear()
+            r = c.post("/v1/moderate", files={"image": ("flower.jpg", Path(IMAGE).read_bytes(), "image/jpeg")},
+                       data={"rules": rules})
+            assert r.status_code == 200, r.text
+            got[rules] = r.json()["record"]
+            assert user_texts(fake.bodies("default")[-1]) == [llavaguard_prompt(POLICY, POLICY.rule_set(rules))]
+    rec = got["icm-default"]
+    assert rec["flagged_categories"]["llavaguard"] == ["O4"] and rec["verdict"] == "block"
+    assert rec["explanation"] == "Bare back." and "(preset llavaguard)" in rec["model"]
