@@ -93,6 +93,14 @@ def test_llavaguard_safe_reply_allows(vlm, fake, tmp_path: Path) -> None:
     assert rec.explanation == "A flower."
 
 
+def test_llavaguard_safe_rating_with_a_category_allows(vlm, fake, tmp_path: Path) -> None:
+    fake.script("default", llavaguard_reply(
+        {"rating": "Safe", "category": "O3: Sexual Content", "rationale": "Affectionate, not sexually explicit."}))
+    _, [rec] = moderate(vlm, tmp_path, "llavaguard")
+    assert rec.verdict == "allow" and rec.term.p_yes == pytest.approx(0.25)
+    assert rec.category_scores["llavaguard"] == {"O3": pytest.approx(0.25), "O4": pytest.approx(0.25)}
+
+
 @pytest.mark.parametrize(
     "said",
     [

@@ -163,7 +163,8 @@ class PresetBackend(Backend):
             return _Outcome(NotJudged(reply.problem or "off-format", reply.detail, raw={"text": text}), said=text)
         tc = self.text_confidence
         violating = [c.code for c in cats if c.violating]
-        named = [c for c in reply.categories if c in violating]
+        # a "Safe" rating may still name the category it considered (LlavaGuard does): only an unsafe one counts
+        named = [c for c in reply.categories if c in violating] if reply.unsafe else []
         note = None
         if reply.unsafe and not reply.categories:
             named = violating
