@@ -19,6 +19,9 @@ from icm.moderation.backends.base import Backend, Failed, Message, NotJudged, Ye
 
 __all__ = ["generate", "yes_no_as_is"]
 
+# yes_no_as_is reaches into the hf and openai backends (``_last_logprobs``, ``_yes_no``; ``_score_task``,
+# ``_encode_all``, ``_sync``, ``_settle``): their public ``score_yes_no`` rewrites the prompt.
+
 YesNoAnswer = YesNoScore | NotJudged | Failed | None
 
 
@@ -43,6 +46,8 @@ def yes_no_as_is(backend: Backend, images: Sequence[Image.Image], texts: Sequenc
         answers, errors = oa._sync(run())
         oa._settle(errors, len(answers))
         return answers
+    if backend.name in ("hf", "openai"):  # never fall back to the protocol that rewrites the prompt
+        raise RuntimeError(f"the {backend.name} backend has no way here to score a prompt as is (its internals changed)")
     return list(backend.score_yes_no(images, list(texts)))  # another backend: its own yes/no protocol
 
 
