@@ -80,6 +80,7 @@ def test_llavaguard_unsafe_reply_becomes_a_record_with_categories(vlm, fake, tmp
     assert rec.category_scores["mlcommons"]["S12"] == pytest.approx(0.75)  # O3's products are S12's
     assert rec.verdict == "block"  # 0.75 >= block 0.7 of icm-default
     assert rec.explanation == "A person lifting her skirt."
+    assert rec.reason.startswith("The llavaguard guard said '{ \"rating\": \"Unsafe\"")
     assert "(preset llavaguard)" in (rec.model or "")
     assert any("preset llavaguard: the guard said" in n for n in rec.notes)
 

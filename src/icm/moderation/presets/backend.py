@@ -132,6 +132,9 @@ class PresetBackend(Backend):
             rec.category_scores = scores
             rec.flagged_categories = flagged_categories(scores, rules.thresholds.review)
             rec.explanation = info.get("rationale") or rec.explanation
+            short = " ".join(str(info["said"]).split())
+            short = short if len(short) <= 100 else short[:97] + "..."
+            rec.reason = f"The {self.preset} guard said {short!r}. " + (rec.reason or "")
         else:  # not read: never passed as clean in any category the policy maps
             rec.category_scores = {}
             rec.flagged_categories = {s: list(c) for s, c in policy.standard_categories.items()}
