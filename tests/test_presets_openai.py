@@ -305,3 +305,17 @@ def test_serve_answers_with_the_guard_per_rule_set(vlm, fake, tmp_path: Path, mo
     rec = got["icm-default"]
     assert rec["flagged_categories"]["llavaguard"] == ["O4"] and rec["verdict"] == "block"
     assert rec["explanation"] == "Bare back." and "(preset llavaguard)" in rec["model"]
+
+
+def test_cascade_escalates_to_the_guard(vlm, fake, tmp_path: Path) -> None:
+    """`--backend cascade --escalate-backend openai --preset`: what the detector cannot clear goes to the guard."""
+    fake.script("default", Reply(json=text_body("unsafe\nS1")))
+    out = tmp_path / "cascade.jsonl"
+    args = ["moderate", IMAGE, "--policy", "violence", "--backend", "cascade", "--escalate-backend", "openai", "--model", "guard",
+            "--base-url", vlm[1], "--preset", "llama-guard-4", "--out", str(out)]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    [rec] = read_records(str(out))[0]
+    assert rec.stage == "openai" and rec.notes[0].startswith("escalated by detector")
+    assert rec.flagged_categories["mlcommons"] == ["S1"] and rec.verdict == "block"  # 0.75 >= block 0.7
+    assert len(fake.bodies("default")) == 1
