@@ -317,5 +317,7 @@ def test_cascade_escalates_to_the_guard(vlm, fake, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     [rec] = read_records(str(out))[0]
     assert rec.stage == "openai" and rec.notes[0].startswith("escalated by detector")
-    assert rec.flagged_categories["mlcommons"] == ["S1"] and rec.verdict == "block"  # 0.75 >= block 0.7
+    assert rec.flagged_categories["mlcommons"] == ["S1"]
+    # P(violence) = 0.75 but general-audience allows some violent products (news): from the term alone, review
+    assert rec.verdict == "review" and rec.basis == "term"
     assert len(fake.bodies("default")) == 1
