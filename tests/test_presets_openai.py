@@ -321,3 +321,15 @@ def test_cascade_escalates_to_the_guard(vlm, fake, tmp_path: Path) -> None:
     # P(violence) = 0.75 but general-audience allows some violent products (news): from the term alone, review
     assert rec.verdict == "review" and rec.basis == "term"
     assert len(fake.bodies("default")) == 1
+
+
+@pytest.mark.parametrize("preset", ["llavaguard", "shieldgemma2", "llama-guard-4"])
+def test_a_failed_guard_request_is_an_error_record(vlm, fake, tmp_path: Path, preset: str) -> None:
+    fake.script("default", Reply(503, json={"object": "error", "message": "Service Unavailable", "code": 503}))
+    out = tmp_path / "down.jsonl"
+    args = ["moderate", IMAGE, "--policy", "icm-sexy", "--backend", "openai", "--model", "guard", "--base-url", vlm[1],
+            "--preset", preset, "--out", str(out), "--max-retries", "0"]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    [rec] = read_records(str(out))[0]
+    assert rec.verdict is None and "503" in (rec.error or "")
