@@ -204,6 +204,9 @@ def test_preset_needs_an_mllm_backend(tmp_path: Path) -> None:
     result = runner.invoke(app, ["moderate", IMAGE, "--preset", "llavaguard"], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert "--preset llavaguard runs on the hf or openai backend" in result.output
+    result = runner.invoke(app, ["moderate", IMAGE, "--backend", "openai", "--model", "m", "--preset", "llamaguard"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "--preset" in result.output and "llama-guard-4" in result.output
 
 
 def test_serve_and_eval_run_take_the_preset() -> None:
