@@ -336,3 +336,19 @@ def test_a_failed_guard_request_is_an_error_record(vlm, fake, tmp_path: Path, pr
     assert result.exit_code == 1, result.output
     [rec] = read_records(str(out))[0]
     assert rec.verdict is None and "503" in (rec.error or "")
+
+
+def test_eval_bench_runs_a_guard_preset(vlm, fake, tmp_path: Path) -> None:
+    """`icm eval bench NAME DATA --preset`: a guard model on a public benchmark, scored as icm is."""
+    fake.script("default", llavaguard_reply({"rating": "Safe", "category": "NA: None applying", "rationale": "ok"}))
+    fixture = Path(__file__).resolve().parent / "fixtures" / "bench" / "llavaguard"
+    args = ["eval", "bench", "llavaguard", str(fixture), "--policy", "icm-sexy", "--backend", "openai", "--model", "guard",
+            "--base-url", vlm[1], "--preset", "llavaguard", "--out-dir", str(tmp_path / "b"), "--json", "--bootstrap", "50"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["backend"] == "openai"
+    records = read_records(str(tmp_path / "b" / "records.jsonl"))[0]
+    assert records and all((r.model or "").endswith(" (preset llavaguard)") for r in records)
+    assert all(r.category_scores["llavaguard"] == {"O3": 0.25, "O4": 0.25} for r in records)
+    assert len(fake.bodies("default")) == len(records)
