@@ -5,7 +5,8 @@ a LLaVA (LlavaGuard-7B-hf's architecture, LLaVA's own template), a Qwen2-VL (Qwe
 Qwen2.5-VL; Qwen2-VL's processor and template are the same shape), a Gemma 3
 (``Gemma3ForConditionalGeneration``, ShieldGemma 2's architecture) and, for Llama Guard 4, a
 LLaVA carrying Llama Guard 4's prompt as its chat template (``Llama4ForConditionalGeneration``
-is not built: its only image processor needs torchvision, which this install does not have).
+is not used: its only image processor needs torchvision, which this install does not have, and a
+tiny one's forward fails inside transformers 5.23).
 The guards' templates are written here from the model cards' documented formats. A random
 model gives random replies, so what is checked is the prompt, the plumbing and the reading:
 
