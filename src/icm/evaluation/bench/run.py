@@ -147,8 +147,8 @@ def moderate(cfg: BenchConfig, paths: list[str], on_record: Callable[[Moderation
     """The job of ``icm moderate`` over ``paths``, resumable, records to ``OUT_DIR/records.jsonl``."""
     from icm.moderation.job import ModerateConfig, run_job
 
-    mc = ModerateConfig(inputs=paths, policy=cfg.policy, rules=cfg.rules, out=str(Path(cfg.out_dir) / "records.jsonl"),
-                        resume=True, **cfg.moderate)
+    mc = ModerateConfig.from_options(inputs=paths, policy=cfg.policy, rules=cfg.rules, out=str(Path(cfg.out_dir) / "records.jsonl"),
+                                     resume=True, **cfg.moderate)
     run_job(mc, on_record=on_record)
 
 
