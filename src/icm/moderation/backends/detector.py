@@ -24,56 +24,13 @@ Two built-in mappings remain for policies that do not declare them:
 Everything else (actions, a term with no evidence) is answered ``None`` / not judged: the
 engine must not mistake a detector's silence for a "no".
 
-From NudeNet boxes to the policy's vocabulary
----------------------------------------------
-:data:`EXPOSURE_MAP` maps each NudeNet label to an exposure option and a weight:
+Everything else (actions, a term with no evidence) is answered ``None`` / not judged: the
+engine must not mistake a detector's silence for a "no".
 
-===========================  =========  ======  ==============================================
-NudeNet label                option     weight  why
-===========================  =========  ======  ==============================================
-ARMPITS_EXPOSED              shoulders  1.0     bare armpits imply bare shoulders
-FEMALE_BREAST_EXPOSED        chest      1.0
-FEMALE_BREAST_COVERED        chest      0.5     cleavage is usually boxed as *covered* breast,
-                                                but so is an ordinary T-shirt: weak evidence
-BELLY_EXPOSED                belly      1.0
-BUTTOCKS_EXPOSED             hips       1.0     the policy's "hips" is the buttocks
-BUTTOCKS_COVERED             hips       0.5     tight or scant clothing; often benign
-FEMALE_GENITALIA_EXPOSED     crotch     1.0
-FEMALE_GENITALIA_COVERED     crotch     0.5     underwear (the policy's "crotch"), or trousers
-MALE_GENITALIA_EXPOSED       crotch     1.0
-ANUS_EXPOSED                 crotch     1.0
-ANUS_COVERED                 crotch     0.5
-===========================  =========  ======  ==============================================
-
-Not mapped to exposure: FACE_FEMALE, FACE_MALE, FEET_EXPOSED, FEET_COVERED,
-ARMPITS_COVERED and BELLY_COVERED (covered is the normal case), and MALE_BREAST_EXPOSED
-(the icm-sexy policy models a bare male torso as the ``cue`` value ``male_bare_torso``,
-not as chest exposure; cues are not judged here). NudeNet has no label for backs or
-legs, so ``back`` and ``legs`` get no evidence (:data:`UNOBSERVABLE_EXPOSURE`).
-
-Evidence per option is the highest ``weight * score`` of its boxes. ``large_bare``: when
-at least :data:`LARGE_BARE_MIN_PARTS` different options have a full-weight (exposed)
-box, its evidence is the noisy-OR ``1 - prod(1 - score)`` of those options' scores, which
-is at least as high as any single one of them, so several bare parts read as one large
-bare area. ``normal`` is ``1 - max(evidence of every other option)``: no box, no exposure.
-
-The distribution (:func:`exposure_distribution`): add :data:`EVIDENCE_FLOOR` to every
-option of the vocabulary (the detector misses things, and cannot see backs or legs at
-all), normalise over the whole vocabulary, keep the options the query offers (ids
-outside the vocabulary get 0) and renormalise. If the options offered hold less than
-:data:`MIN_KEPT_MASS` of the mass, the evidence points at an option the query does not
-offer and the answer is ``None`` rather than a distorted distribution. The numbers are
-an evidence-to-vocabulary mapping, not calibrated probabilities.
-
-Region (opt-in with ``judge_region=True``; ``None`` by default): NudeNet boxes say which
-parts of a body are in the frame. Upper parts are faces, armpits and breasts; middle
-parts belly, buttocks, genitalia and anus; lower parts feet. With ``u``, ``m``, ``l`` the
-best box score of each group: ``whole = min(u, l)`` (head-end and feet both in frame),
-``upper = u * (1 - l)``, ``lower = l * (1 - u)``, ``middle = m * (1 - u) * (1 - l)``,
-then the same floor and restriction as exposure; no box at all gives ``None``. It is off
-by default because it could not be validated here (the paper's images were never
-published) and NudeNet sees neither legs nor clothed torsos, so a whole-body shot with
-the feet cropped reads as "upper".
+The NudeNet mapping (exposure, region) is :mod:`icm.moderation.evidence.exposure`; how the
+sources run (one thread setting, the content-hash cache, sources of a batch at once) is
+:mod:`icm.moderation.evidence.runtime`; RapidOCR gated by text detection is
+:mod:`icm.moderation.evidence.ocr`.
 """
 
 from __future__ import annotations
@@ -81,11 +38,11 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
-import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from PIL import Image
@@ -101,8 +58,32 @@ from icm.moderation.backends.base import (
     YesNoScore,
 )
 from icm.moderation.evidence.catalog import BUILTIN_SOURCES, NUDENET_LABELS
+from icm.moderation.evidence.exposure import (
+    COVERED_WEIGHT,
+    EVIDENCE_FLOOR,
+    EXPOSURE_MAP,
+    EXPOSURE_OPTIONS,
+    LARGE_BARE_MIN_PARTS,
+    MIN_KEPT_MASS,
+    REGION_OPTIONS,
+    REGION_PARTS,
+    UNOBSERVABLE_EXPOSURE,
+    exposure_choice,
+    exposure_distribution,
+    exposure_evidence,
+    region_distribution,
+    region_evidence,
+)
 from icm.moderation.evidence.mapping import attribute_distribution, item_score, term_probability
 from icm.moderation.evidence.plan import Coverage, coverage, source_reason
+from icm.moderation.evidence.runtime import (
+    THREADS_ENV,
+    OutputCache,
+    apply_torch_threads,
+    image_digest,
+    resolve_threads,
+    thread_plan,
+)
 from icm.moderation.evidence.sources import (
     EvidenceSource,
     OnnxClassifierSource,
@@ -133,125 +114,9 @@ __all__ = [
 
 SEXY_TERM = "sexy"
 
-EXPOSURE_OPTIONS: tuple[str, ...] = (
-    "shoulders", "chest", "back", "belly", "legs", "hips", "crotch", "large_bare", "normal",
-)
-REGION_OPTIONS: tuple[str, ...] = ("upper", "middle", "lower", "whole")
-
-
-
-COVERED_WEIGHT = 0.5
-"""Weight of a *covered* part's box as exposure evidence (see the module docstring)."""
-
-EXPOSURE_MAP: dict[str, tuple[str, float]] = {
-    "ARMPITS_EXPOSED": ("shoulders", 1.0),
-    "FEMALE_BREAST_EXPOSED": ("chest", 1.0),
-    "FEMALE_BREAST_COVERED": ("chest", COVERED_WEIGHT),
-    "BELLY_EXPOSED": ("belly", 1.0),
-    "BUTTOCKS_EXPOSED": ("hips", 1.0),
-    "BUTTOCKS_COVERED": ("hips", COVERED_WEIGHT),
-    "FEMALE_GENITALIA_EXPOSED": ("crotch", 1.0),
-    "FEMALE_GENITALIA_COVERED": ("crotch", COVERED_WEIGHT),
-    "MALE_GENITALIA_EXPOSED": ("crotch", 1.0),
-    "ANUS_EXPOSED": ("crotch", 1.0),
-    "ANUS_COVERED": ("crotch", COVERED_WEIGHT),
-}
-"""NudeNet label -> (exposure option, weight); labels absent here are no exposure evidence."""
-
-UNOBSERVABLE_EXPOSURE: tuple[str, ...] = ("back", "legs")
-"""Exposure options no NudeNet label can show."""
-
-LARGE_BARE_MIN_PARTS = 3
-"""How many different exposed options make a "large bare area"."""
-
-REGION_PARTS: dict[str, Literal["upper", "middle", "lower"]] = {
-    "FACE_FEMALE": "upper", "FACE_MALE": "upper",
-    "ARMPITS_EXPOSED": "upper", "ARMPITS_COVERED": "upper",
-    "FEMALE_BREAST_EXPOSED": "upper", "FEMALE_BREAST_COVERED": "upper", "MALE_BREAST_EXPOSED": "upper",
-    "BELLY_EXPOSED": "middle", "BELLY_COVERED": "middle",
-    "BUTTOCKS_EXPOSED": "middle", "BUTTOCKS_COVERED": "middle",
-    "FEMALE_GENITALIA_EXPOSED": "middle", "FEMALE_GENITALIA_COVERED": "middle",
-    "MALE_GENITALIA_EXPOSED": "middle", "ANUS_EXPOSED": "middle", "ANUS_COVERED": "middle",
-    "FEET_EXPOSED": "lower", "FEET_COVERED": "lower",
-}
-"""NudeNet label -> the part of the body it shows, for the region attribute."""
-
-EVIDENCE_FLOOR = 0.01
-"""Added to every option's evidence before normalising: nothing is certain or impossible."""
-
-MIN_KEPT_MASS = 0.5
-"""Least share of the mass the query's options must hold for an answer (else ``None``)."""
-
 
 class NudeNetUnavailableError(RuntimeError):
     """Box detection was asked for, but the optional ``nudenet`` package is not usable."""
-
-
-# --------------------------------------------------------------------------- mapping (pure)
-
-
-def exposure_evidence(boxes: Iterable[Box]) -> dict[str, float]:
-    """Evidence in [0, 1] for every exposure option, from NudeNet boxes."""
-    evidence = dict.fromkeys(EXPOSURE_OPTIONS, 0.0)
-    exposed: dict[str, float] = {}
-    for box in boxes:
-        mapped = EXPOSURE_MAP.get(box.label)
-        if mapped is None:
-            continue
-        option, weight = mapped
-        evidence[option] = max(evidence[option], weight * box.score)
-        if weight == 1.0:
-            exposed[option] = max(exposed.get(option, 0.0), box.score)
-    if len(exposed) >= LARGE_BARE_MIN_PARTS:
-        evidence["large_bare"] = 1.0 - math.prod(1.0 - s for s in exposed.values())
-    evidence["normal"] = 1.0 - max(v for k, v in evidence.items() if k != "normal")
-    return evidence
-
-
-def region_evidence(boxes: Iterable[Box]) -> dict[str, float] | None:
-    """Evidence for every region option, or ``None`` when no body part is in view."""
-    best = {"upper": 0.0, "middle": 0.0, "lower": 0.0}
-    seen = False
-    for box in boxes:
-        part = REGION_PARTS.get(box.label)
-        if part is not None:
-            seen = True
-            best[part] = max(best[part], box.score)
-    if not seen:
-        return None
-    u, m, low = best["upper"], best["middle"], best["lower"]
-    return {
-        "upper": u * (1.0 - low),
-        "middle": m * (1.0 - u) * (1.0 - low),
-        "lower": low * (1.0 - u),
-        "whole": min(u, low),
-    }
-
-
-def _restrict(evidence: dict[str, float], option_ids: Sequence[str]) -> tuple[list[float], float] | None:
-    """The floor-smoothed distribution over ``option_ids``, and the mass it dropped."""
-    if not option_ids or len(set(option_ids)) != len(option_ids):
-        return None
-    smoothed = {k: v + EVIDENCE_FLOOR for k, v in evidence.items()}
-    total = sum(smoothed.values())
-    kept = [smoothed.get(option, 0.0) / total for option in option_ids]
-    mass = sum(kept)
-    if mass < MIN_KEPT_MASS:
-        return None
-    return [p / mass for p in kept], max(0.0, 1.0 - mass)
-
-
-def exposure_distribution(boxes: Iterable[Box], option_ids: Sequence[str]) -> list[float] | None:
-    """P(option) for each of ``option_ids`` (aligned), or ``None`` if not judged."""
-    restricted = _restrict(exposure_evidence(boxes), option_ids)
-    return None if restricted is None else restricted[0]
-
-
-def region_distribution(boxes: Iterable[Box], option_ids: Sequence[str]) -> list[float] | None:
-    """P(region) for each of ``option_ids`` (aligned), or ``None`` if not judged."""
-    evidence = region_evidence(boxes)
-    restricted = None if evidence is None else _restrict(evidence, option_ids)
-    return None if restricted is None else restricted[0]
 
 
 # --------------------------------------------------------------------------- backend
@@ -283,15 +148,21 @@ class DetectorBackend(Backend):
 
     ``use_nudenet``: ``None`` uses NudeNet when it is importable, ``True`` requires it
     (raises :class:`NudeNetUnavailableError` otherwise), ``False`` never uses it.
-    ``batch_size`` is how many images go into one ONNX session call.
-    ``intra_op_num_threads`` is passed to every ONNX session (``None``: onnxruntime's
-    default, all cores). ``sources``: use only these sources (``None``: the comma-separated
+    ``batch_size``: most images in one ONNX session call (``None``: every image of a call,
+    so the CLI's batch and the server's dynamic batch reach each model whole).
+    ``threads``: the CPU threads the sources use (``None``: ``$ICM_THREADS``, else every
+    core), split between the sources of a batch run at once and each onnxruntime session
+    (:func:`~icm.moderation.evidence.runtime.thread_plan`); ``intra_op_num_threads``
+    overrides the per-session share. ``cache_images``: how many images' source outputs are
+    kept by content hash (``None``: ``$ICM_EVIDENCE_CACHE``, else 256; 0: none).
+    ``sources``: use only these sources (``None``: the comma-separated
     ``$ICM_DETECTOR_SOURCES`` if set, else every source that can run; e.g.
     ``open_nsfw,nudenet`` skips OCR where its cost is not wanted). Models load on first use.
 
     The engine registers its policy with :meth:`use_policy`; a query set whose term no
     registered policy has falls back to the built-in policy of that term. :meth:`ask` runs
-    every source the queries need once per image, on the same decoded image, and records
+    every source the queries need once per image (and not again for an image it has seen:
+    another policy of a bundle, a duplicate), on the same decoded image, and records
     in each answer which sources judged (``source``: ``rapidocr+efficientnet_lite0``) and
     what they found (``raw["fired"]``; matched OCR lines, detected classes and NudeNet
     parts as ``raw["boxes"]``).
@@ -305,15 +176,25 @@ class DetectorBackend(Backend):
         *,
         use_nudenet: bool | None = None,
         judge_region: bool = False,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         intra_op_num_threads: int | None = None,
         sources: Sequence[str] | None = None,
+        threads: int | None = None,
+        cache_images: int | None = None,
     ) -> None:
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
         self.judge_region = judge_region
-        self.intra_op_num_threads = intra_op_num_threads
+        self.threads = resolve_threads(threads)
+        self.workers, per_session = thread_plan(self.threads)
+        self.intra_op_num_threads = intra_op_num_threads if intra_op_num_threads is not None else per_session
+        if threads is not None or os.environ.get(THREADS_ENV):
+            apply_torch_threads(self.threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self.cache = OutputCache(cache_images)
+        self.evaluated: dict[str, int] = {}
+        """Images each source has run on so far (cache hits not counted)."""
         if sources is None and os.environ.get("ICM_DETECTOR_SOURCES"):
             sources = [n.strip() for n in os.environ["ICM_DETECTOR_SOURCES"].split(",") if n.strip()]
         self.only_sources = frozenset(sources) if sources is not None else None
@@ -339,6 +220,7 @@ class DetectorBackend(Backend):
                     raise NudeNetUnavailableError(self.nudenet_unavailable_reason) from exc
         self.nudenet_available: bool = self.nudenet_unavailable_reason is None
         self._model_id: str | None = None
+        self._model_ids: dict[int, tuple[Policy, str]] = {}
         self.model_id  # noqa: B018 - fixed now, whatever is installed later
 
     @property
@@ -354,6 +236,16 @@ class DetectorBackend(Backend):
                 names.append(f"nudenet-{self.nudenet_version}")
             self._model_id = "+".join(names) or "none"
         return self._model_id
+
+    def model_id_for(self, policy: Policy) -> str:
+        """The sources that judge ``policy`` here (the records' ``model``), e.g. ``rapidocr+efficientnet_lite0``."""
+        hit = self._model_ids.get(id(policy))
+        if hit is not None and hit[0] is policy:
+            return hit[1]
+        names = dict.fromkeys(n for c in self.coverage(policy).values() for n in c.sources)
+        shown = "+".join(f"nudenet-{self.nudenet_version}" if n == "nudenet" else n for n in names) or "none"
+        self._model_ids[id(policy)] = (policy, shown)  # fixed per policy, as model_id is per backend
+        return shown
 
     # -- policies and sources ----------------------------------------------------------
 
@@ -392,9 +284,14 @@ class DetectorBackend(Backend):
             return self.nudenet_unavailable_reason
         return source_reason(policy, name)
 
+    @staticmethod
+    def _source_key(policy: Policy | None, name: str) -> tuple[str, str | None]:
+        spec = policy.evidence.sources.get(name) if policy is not None and policy.evidence else None
+        return name, spec.path if spec is not None else None
+
     def _source(self, policy: Policy, name: str) -> EvidenceSource:
         spec = policy.evidence.sources.get(name) if policy.evidence else None
-        key = (name, spec.path if spec is not None else None)
+        key = self._source_key(policy, name)
         with self._lock:
             src = self._sources.get(key)
             if src is None:
@@ -424,7 +321,7 @@ class DetectorBackend(Backend):
     # -- models (kept for callers of the earlier API) ----------------------------------------
 
     def nsfw_scores(self, images: Sequence[Image.Image]) -> list[float]:
-        """open_nsfw P(nsfw) per image, ``batch_size`` images per session call."""
+        """open_nsfw P(nsfw) per image, ``batch_size`` images per session call (``None``: all)."""
         src = self._builtin("open_nsfw")
         assert isinstance(src, OpenNSFWSource)
         return src.scores(images)
@@ -456,23 +353,65 @@ class DetectorBackend(Backend):
 
     # -- questions -------------------------------------------------------------------
 
-    def _run_sources(self, policy: Policy | None, names: Sequence[str], images: Sequence[Image.Image]) -> dict[str, list[SourceOutput]]:
-        out: dict[str, list[SourceOutput]] = {}
-        for name in names:
-            t0 = time.perf_counter()
-            if name == "nudenet":
-                out[name] = [SourceOutput(boxes=boxes) for boxes in self.detect(images)]
-            else:
-                src = self._source(policy, name) if policy is not None else self._builtin(name)
-                out[name] = src.run(images)
+    def _run_one(self, policy: Policy | None, name: str, images: Sequence[Image.Image]) -> list[SourceOutput]:
+        t0 = time.perf_counter()
+        if name == "nudenet":
+            outputs = [SourceOutput(boxes=boxes) for boxes in self.detect(images)]
+        else:
+            src = self._source(policy, name) if policy is not None else self._builtin(name)
+            outputs = src.run(images)
+        with self._lock:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
-        return out
+            self.evaluated[name] = self.evaluated.get(name, 0) + len(images)
+        return outputs
+
+    def _run_sources(
+        self, policy: Policy | None, names: Sequence[str], images: Sequence[Image.Image], digests: Sequence[str]
+    ) -> dict[str, list[SourceOutput]]:
+        """Each source's outputs per image: from the cache where this image was seen, else from
+        one batched call per source over the images not seen (each distinct image once), the
+        sources at once on the pool."""
+        found: dict[str, dict[str, SourceOutput]] = {}
+        todo: dict[str, list[int]] = {}
+        for name in names:
+            key: Hashable = self._source_key(policy, name)
+            found[name], pending = {}, {}
+            for i, d in enumerate(digests):
+                if d in found[name] or d in pending:
+                    continue
+                hit = self.cache.get(d, key)
+                if hit is not None:
+                    found[name][d] = hit
+                else:
+                    pending[d] = i
+            if pending:
+                todo[name] = list(pending.values())
+        jobs = {n: [images[i] for i in idx] for n, idx in todo.items()}
+        if len(jobs) > 1 and self.workers > 1:
+            pool = self._executor()
+            futures = {n: pool.submit(self._run_one, policy, n, imgs) for n, imgs in jobs.items()}
+            results = {n: f.result() for n, f in futures.items()}
+        else:
+            results = {n: self._run_one(policy, n, imgs) for n, imgs in jobs.items()}
+        for name, idx in todo.items():
+            key = self._source_key(policy, name)
+            for i, output in zip(idx, results[name], strict=True):
+                found[name][digests[i]] = output
+                self.cache.put(digests[i], key, output)
+        return {name: [found[name][d] for d in digests] for name in names}
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="icm-evidence")
+            return self._pool
 
     def ask(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> list[dict[str, Answer]]:
         out: list[dict[str, Answer]] = [{q.key: None for q in queries} for _ in images]
         if not images or not queries:
             return out
         rgb = [_rgb(im) for im in images]  # decoded once; every source sees these
+        digests = [image_digest(im) for im in images]
         term = next((q.term for q in queries if q.kind == "yes_no" and q.term and q.attribute is None), None)
         policy = self._policy_for(term.strip() if term else None)
         ev = policy.evidence if policy is not None else None
@@ -512,7 +451,7 @@ class DetectorBackend(Backend):
                 for slot in out:
                     slot[key] = NotJudged("cannot-judge", f"no evidence source for {q.key} can run here ({why})")
             return out
-        outputs = self._run_sources(policy, names, rgb)
+        outputs = self._run_sources(policy, names, rgb, digests)
 
         for i, slot in enumerate(out):
             width, height = rgb[i].size
@@ -524,7 +463,7 @@ class DetectorBackend(Backend):
                     slot[key] = YesNoScore(p_yes=p.get("nsfw", 0.0), source="open_nsfw", raw={"nsfw": p.get("nsfw", 0.0)})
                 else:
                     judge: _Judge = "exposure" if q.attribute == "exposure" else "region"
-                    slot[key] = self._choice(judge, outputs["nudenet"][i].boxes, q.option_ids)
+                    slot[key] = exposure_choice(judge, outputs["nudenet"][i].boxes, q.option_ids)
         return out
 
     @staticmethod
@@ -566,18 +505,6 @@ class DetectorBackend(Backend):
             return NotJudged("cannot-judge", f"{source} found nothing for {q.key} and the attribute has no usable 'silent' value", raw)
         return Choice(probs=probs, source=source, raw=raw)
 
-    @staticmethod
-    def _choice(judge: _Judge, boxes: list[Box], option_ids: Sequence[str]) -> Choice | None:
-        evidence = exposure_evidence(boxes) if judge == "exposure" else region_evidence(boxes)
-        restricted = None if evidence is None else _restrict(evidence, option_ids)
-        if evidence is None or restricted is None:
-            return None
-        probs, dropped = restricted
-        raw: dict[str, Any] = {"boxes": boxes, "evidence": evidence, "dropped_mass": dropped}
-        if judge == "exposure":
-            raw["unobservable"] = [o for o in UNOBSERVABLE_EXPOSURE if o in option_ids]
-        return Choice(probs=probs, source="nudenet", raw=raw)
-
     def score_yes_no(
         self, images: Sequence[Image.Image], questions: Sequence[str]
     ) -> list[YesNoScore | None]:
@@ -596,6 +523,10 @@ class DetectorBackend(Backend):
             sources = list(self._sources.values())
         for s in sources:
             s.close()
+        self.cache.clear()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _rgb(im: Image.Image) -> Image.Image:

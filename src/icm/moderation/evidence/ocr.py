@@ -1,0 +1,163 @@
+"""RapidOCR gated by text detection: recognition only where the detector finds text.
+
+RapidOCR (PP-OCRv6 small, ONNX models inside the wheel) is two networks: a text detector
+(DB, a probability map of text pixels) and a recogniser run on each detected line. Most
+images a moderation service sees hold no text, so :class:`RapidOCRSource` runs the
+detector first, on every image of a batch at a reduced resolution (longest side
+:data:`OCR_GATE_SIDE`), in one session call per padded shape; the recogniser then reads
+only the lines found, cut from the image at up to :data:`OCR_MAX_SIDE` (so text stays
+legible), all lines of the batch in one call. An image where the detector finds nothing
+costs the detector alone: no recognition.
+
+The gate's resolution is the trade-off: text whose letters are under about 10 pixels
+high once the image is scaled to :data:`OCR_GATE_SIDE` is not found (a caption in the
+corner of a 4000-pixel photo); the rendered posters of the tests and headlines of adverts
+are. The angle classifier is off (upside-down text is rare in what this looks for).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from icm.moderation.backends.base import Box
+from icm.moderation.evidence.catalog import SourceKind
+from icm.moderation.evidence.sources import EvidenceSource, SourceOutput, fit_side
+
+OCR_MAX_SIDE = 1280
+"""Longest side of the image text lines are cut from (larger images are scaled down first)."""
+
+OCR_GATE_SIDE = 320
+"""Longest side of the image the text detector sees (the gate)."""
+
+OCR_MIN_SIDE = 8
+"""An image whose shorter side is below this many pixels cannot hold legible text: it is
+reported as not read (never as "no text found", which would clear it)."""
+
+TEXT_SCORE = 0.5
+"""Recognised lines below this confidence are dropped (RapidOCR's default)."""
+
+_STRIDE = 32  # the detector's input sides are multiples of this
+
+
+def gate_size(width: int, height: int, side: int = OCR_GATE_SIDE) -> tuple[int, int]:
+    """The (width, height) an image is scaled to for the text detector (never enlarged)."""
+    scale = min(1.0, side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _padded(n: int) -> int:
+    return max(_STRIDE, -(-n // _STRIDE) * _STRIDE)
+
+
+class RapidOCRSource(EvidenceSource):
+    """RapidOCR with the text detector as a gate (module docstring): text lines with boxes.
+
+    :attr:`recognised` counts the text lines read so far (the recogniser's work).
+    """
+
+    name = "rapidocr"
+    kind: SourceKind = "ocr"
+
+    def __init__(self, *, intra_op_num_threads: int | None = None, batch_size: int | None = None,
+                 gate_side: int = OCR_GATE_SIDE) -> None:
+        super().__init__(intra_op_num_threads=intra_op_num_threads, batch_size=batch_size)
+        self.gate_side = gate_side
+        self.recognised = 0
+
+    def _load(self) -> Any:
+        from rapidocr import RapidOCR
+
+        params: dict[str, Any] = {
+            "Global.log_level": "error",
+            "Global.use_cls": False,
+            "Global.max_side_len": OCR_MAX_SIDE,
+            "Det.limit_type": "max",
+            "Det.limit_side_len": OCR_GATE_SIDE,
+            "Rec.rec_batch_num": 32,
+        }
+        if self.intra_op_num_threads is not None:
+            params["EngineConfig.onnxruntime.intra_op_num_threads"] = self.intra_op_num_threads
+        engine = RapidOCR(params=params)
+        logging.getLogger("RapidOCR").setLevel(logging.ERROR)
+        engine._load_det_model()
+        engine._load_rec_model()
+        return engine
+
+    # -- the gate: text detection at a reduced resolution, batched --------------------------
+
+    def detect(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Text-line quadrilaterals per image (``(k, 4, 2)``, coordinates of the array given)."""
+        det = self.model().text_det
+        mean, std = np.asarray(det.mean, dtype=np.float32), np.asarray(det.std, dtype=np.float32)
+        groups: dict[tuple[int, int], list[int]] = {}
+        inputs: list[np.ndarray] = []
+        sizes: list[tuple[int, int]] = []
+        for i, a in enumerate(arrays):
+            h, w = a.shape[:2]
+            gw, gh = gate_size(w, h, self.gate_side)
+            small = np.asarray(Image.fromarray(a).resize((gw, gh), Image.Resampling.BILINEAR)) if (gw, gh) != (w, h) else a
+            canvas = np.zeros((_padded(gh), _padded(gw), 3), dtype=np.float32)
+            canvas[:gh, :gw] = (small.astype(np.float32) / 255.0 - mean) / std
+            inputs.append(canvas.transpose(2, 0, 1))
+            sizes.append((gw, gh))
+            groups.setdefault(canvas.shape[:2], []).append(i)
+        out: list[np.ndarray] = [np.zeros((0, 4, 2), dtype=np.float32)] * len(arrays)
+        for idx in groups.values():
+            step = self.batch_size or len(idx)
+            for start in range(0, len(idx), step):
+                part = idx[start : start + step]
+                preds = det.session(np.stack([inputs[i] for i in part]))
+                for k, i in enumerate(part):
+                    gw, gh = sizes[i]
+                    h, w = arrays[i].shape[:2]
+                    pred = preds[k : k + 1, :, :gh, :gw]  # the image, without the padding
+                    boxes, _ = det.postprocess_op(pred, (h, w))
+                    if len(boxes):
+                        out[i] = det.sorted_boxes(np.asarray(boxes, dtype=np.float32))
+        return out
+
+    # -- recognition of the lines found ------------------------------------------------------
+
+    def run(self, images: Sequence[Image.Image]) -> list[SourceOutput]:
+        if not images:
+            return []
+        engine = self.model()
+        from rapidocr.ch_ppocr_rec import TextRecInput
+        from rapidocr.utils.process_img import get_rotate_crop_image
+
+        out: list[SourceOutput | None] = [None] * len(images)
+        todo: list[int] = []
+        fitted: list[tuple[np.ndarray, float, float]] = []
+        for i, im in enumerate(images):
+            if min(im.size) < OCR_MIN_SIDE:
+                out[i] = SourceOutput(error=f"could not read the image ({im.width}x{im.height}: too thin to hold legible text)")
+                continue
+            small, sx, sy = fit_side(im if im.mode == "RGB" else im.convert("RGB"), OCR_MAX_SIDE)
+            fitted.append((np.asarray(small), sx, sy))
+            todo.append(i)
+        quads = self.detect([a for a, _, _ in fitted]) if todo else []
+        crops: list[np.ndarray] = []
+        owner: list[tuple[int, np.ndarray]] = []
+        for k, (i, boxes) in enumerate(zip(todo, quads, strict=True)):
+            out[i] = SourceOutput(boxes=[])
+            for quad in boxes:
+                crops.append(get_rotate_crop_image(fitted[k][0], quad.copy()))
+                owner.append((k, quad))
+        if crops:
+            rec = engine.text_rec(TextRecInput(img=crops))
+            self.recognised += len(crops)
+            for (k, quad), text, score in zip(owner, rec.txts or (), rec.scores or (), strict=True):
+                if score < TEXT_SCORE or not str(text).strip():
+                    continue
+                _, sx, sy = fitted[k]
+                x0, y0 = float(quad[:, 0].min()), float(quad[:, 1].min())
+                result = out[todo[k]]
+                assert result is not None
+                result.boxes.append(Box(label=str(text), score=float(score), x=x0 * sx, y=y0 * sy,
+                                        w=(float(quad[:, 0].max()) - x0) * sx, h=(float(quad[:, 1].max()) - y0) * sy))
+        return [o if o is not None else SourceOutput() for o in out]
