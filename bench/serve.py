@@ -1,6 +1,17 @@
 """Load test of `icm serve` on loopback: dynamic batching against one-at-a-time.
 
     python bench/serve.py [--clients 32] [--seconds 10] [--backends detector,hf]
+    python bench/serve.py --backends detector-full --sweep 1,2,4,8,16,32 --seconds 6
+
+``detector-full`` (issue 23) serves icm-sexy with every permissive offline source
+(``ICM_DETECTOR_SOURCES=open_nsfw,rapidocr,efficientnet_lite0``; NudeNet is AGPL and left
+out), and every request's body is made distinct (a JPEG comment with a counter) with the
+server's evidence cache off (``ICM_EVIDENCE_CACHE=0``), so each request is judged in full
+as a new upload would be. Before the load it measures the batched sources' limit in this
+process: each source alone, batched (``--max-batch-size`` images a call), on the photos;
+1000 / (sum of their ms per image) is the most requests/s the server could do if it did
+nothing but run them. ``--sweep`` runs the client counts given, batching on, and prints
+p99 per count and the largest count whose p99 stays under 1 s.
 
 For each backend (the offline detector; a tiny LLaVA built locally with
 tests/tiny_models.py and loaded by path through the hf backend) and for batching on and
@@ -20,6 +31,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -61,9 +73,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], workdir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+PERMISSIVE_SOURCES = "open_nsfw,rapidocr,efficientnet_lite0"
+FULL_ENV = {"ICM_DETECTOR_SOURCES": PERMISSIVE_SOURCES, "ICM_EVIDENCE_CACHE": "0"}
+
+
+def start_server(args: list[str], workdir: Path, log: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     env.pop("ICM_API_KEYS", None)
     cmd = [sys.executable, "-m", "icm.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--db", str(workdir / "decisions.sqlite"), "--log-level", "warning", *args]
@@ -101,8 +117,17 @@ def mean_batch_size(url: str) -> float:
     return float(total.group(1)) / float(count.group(1))
 
 
-async def load(url: str, clients: int, seconds: float, warmup: int) -> tuple[int, float, list[float], int, str | None]:
+def distinct(data: bytes, k: int) -> bytes:
+    """A JPEG whose bytes (not pixels) are new: a comment segment with ``k`` after the start marker."""
+    payload = f"icm bench request {k}".encode()
+    return data[:2] + b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+
+
+async def load(
+    url: str, clients: int, seconds: float, warmup: int, unique: bool = False
+) -> tuple[int, float, list[float], int, str | None]:
     bodies = [(p.name, p.read_bytes()) for p in PHOTOS]
+    counter = iter(range(10**9))
     latencies: list[float] = []
     errors = 0
     first_error: str | None = None
@@ -119,6 +144,8 @@ async def load(url: str, clients: int, seconds: float, warmup: int) -> tuple[int
             i = k
             while time.perf_counter() < deadline:
                 name, data = bodies[i % len(bodies)]
+                if unique:
+                    data = distinct(data, next(counter))
                 i += 1
                 t0 = time.perf_counter()
                 try:
@@ -145,6 +172,62 @@ def build_tiny_hf(workdir: Path) -> Path:
     return build_tiny_llava(workdir / "tiny-llava")
 
 
+def sources_limit(batch: int) -> tuple[float, dict[str, float]]:
+    """Requests/s if the server only ran each permissive source once per image, batched, one
+    source after the other: 1000 / (sum of ms per image), measured here on the photos."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from icm.moderation.evidence.sources import builtin_source
+    from icm.moderation.images import load_image
+
+    images = [load_image(p).image.convert("RGB") for p in PHOTOS]
+    batch_images = (images * batch)[:batch]
+    per: dict[str, float] = {}
+    for name in PERMISSIVE_SOURCES.split(","):
+        src = builtin_source(name, batch_size=batch)
+        src.run(batch_images[:1])
+        t0 = time.perf_counter()
+        for _ in range(3):
+            src.run(batch_images)
+        per[name] = (time.perf_counter() - t0) * 1000 / (3 * batch)
+        src.close()
+    return 1000 / sum(per.values()), per
+
+
+def sweep(args: argparse.Namespace, backends: dict[str, list[str]], counts: list[int], work: Path) -> int:
+    """One server per backend, batching on; load at each client count in turn."""
+    failed = False
+    for label, backend_args in backends.items():
+        full = label == "detector-full"
+        limit, per = sources_limit(args.max_batch_size) if full else (float("nan"), {})
+        if full:
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in per.items())
+            print(f"batched sources' limit: {limit:.1f} req/s ({shown} ms/image, batches of {args.max_batch_size})", flush=True)
+        run_dir = work / f"{label}-sweep"
+        run_dir.mkdir()
+        flags = [*backend_args, "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms), "--batching"]
+        proc, url = start_server(flags, run_dir, run_dir / "server.log", FULL_ENV if full else None)
+        rows: list[tuple[int, Result, float]] = []
+        try:
+            for c in counts:
+                load_avg = os.getloadavg()[0]
+                n, elapsed, lat, errors, first_error = asyncio.run(load(url, c, args.seconds, args.warmup, full))
+                r = Result(label, True, n, elapsed, lat, errors, float("nan"), first_error)
+                rows.append((c, r, load_avg))
+                failed |= errors > 0
+                print(f"  {label}: {c:3d} clients {r.rps:7.1f} req/s p50 {r.pct(0.5):7.1f} ms p99 {r.pct(0.99):7.1f} ms "
+                      f"errors {errors} (load average before {load_avg:.1f})", flush=True)
+            mb = mean_batch_size(url)
+        finally:
+            stop_server(proc)
+        under = [c for c, r, _ in rows if r.pct(0.99) < 1000]
+        best = max(r.rps for _, r, _ in rows)
+        print(f"{label}: largest client count with p99 < 1 s: {max(under) if under else 'none'}; "
+              f"best {best:.1f} req/s; mean batch {mb:.2f}")
+        if full:
+            print(f"{label}: best throughput / batched sources' limit = {best / limit:.2f} (goal >= 0.80)")
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
@@ -156,8 +239,11 @@ def main() -> int:
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="hf server's --torch-threads (0: torch's default; on a busy 2-core box its OpenMP "
                              "threads spin against the server's own)")
+    parser.add_argument("--sweep", default=None,
+                        help="comma-separated client counts (batching on): p99 per count, the largest with p99 < 1 s")
     args = parser.parse_args()
-    if args.seconds > 120 or args.clients > 64:
+    counts = [int(c) for c in args.sweep.split(",")] if args.sweep else [args.clients]
+    if args.seconds > 120 or max(counts) > 64:
         parser.error("keep the load bounded: --seconds <= 120 and --clients <= 64")
 
     results: list[Result] = []
@@ -165,7 +251,7 @@ def main() -> int:
         work = Path(tmp)
         backends: dict[str, list[str]] = {}
         for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
-            if name == "detector":
+            if name in ("detector", "detector-full"):
                 backends[name] = ["--backend", "detector"]
             elif name == "hf":
                 backends["hf (tiny llava)"] = ["--backend", "hf", "--model", str(build_tiny_hf(work))]
@@ -179,6 +265,8 @@ def main() -> int:
             f"{os.cpu_count()} CPUs, hf --torch-threads {args.torch_threads or 'default'}",
             flush=True,
         )
+        if args.sweep:
+            return sweep(args, backends, counts, work)
         for label, backend_args in backends.items():
             for batching in (True, False):
                 run_dir = work / f"{label.split()[0]}-{'on' if batching else 'off'}"
@@ -186,9 +274,10 @@ def main() -> int:
                 flags = [*backend_args, "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
                          "--batching" if batching else "--no-batching"]
                 load_avg = os.getloadavg()[0]
-                proc, url = start_server(flags, run_dir, run_dir / "server.log")
+                full = label == "detector-full"
+                proc, url = start_server(flags, run_dir, run_dir / "server.log", FULL_ENV if full else None)
                 try:
-                    n, elapsed, lat, errors, first_error = asyncio.run(load(url, args.clients, args.seconds, args.warmup))
+                    n, elapsed, lat, errors, first_error = asyncio.run(load(url, args.clients, args.seconds, args.warmup, full))
                     mb = mean_batch_size(url)
                 finally:
                     stop_server(proc)

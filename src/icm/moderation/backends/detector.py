@@ -221,6 +221,7 @@ class DetectorBackend(Backend):
         self.nudenet_available: bool = self.nudenet_unavailable_reason is None
         self._model_id: str | None = None
         self._model_ids: dict[int, tuple[Policy, str]] = {}
+        self._builtin_reasons: dict[str, str | None] = {}
         self.model_id  # noqa: B018 - fixed now, whatever is installed later
 
     @property
@@ -282,7 +283,11 @@ class DetectorBackend(Backend):
             return "not among the sources this backend was told to use"
         if name == "nudenet" and not self.nudenet_available:
             return self.nudenet_unavailable_reason
-        return source_reason(policy, name)
+        if self._source_key(policy, name)[1] is not None:  # the policy's own file: looked at each time
+            return source_reason(policy, name)
+        if name not in self._builtin_reasons:  # a package's presence: looked up once
+            self._builtin_reasons[name] = source_reason(policy, name)
+        return self._builtin_reasons[name]
 
     @staticmethod
     def _source_key(policy: Policy | None, name: str) -> tuple[str, str | None]:
@@ -411,7 +416,6 @@ class DetectorBackend(Backend):
         if not images or not queries:
             return out
         rgb = [_rgb(im) for im in images]  # decoded once; every source sees these
-        digests = [image_digest(im) for im in images]
         term = next((q.term for q in queries if q.kind == "yes_no" and q.term and q.attribute is None), None)
         policy = self._policy_for(term.strip() if term else None)
         ev = policy.evidence if policy is not None else None
@@ -451,7 +455,7 @@ class DetectorBackend(Backend):
                 for slot in out:
                     slot[key] = NotJudged("cannot-judge", f"no evidence source for {q.key} can run here ({why})")
             return out
-        outputs = self._run_sources(policy, names, rgb, digests)
+        outputs = self._run_sources(policy, names, rgb, [image_digest(im) for im in images])
 
         for i, slot in enumerate(out):
             width, height = rgb[i].size
