@@ -41,8 +41,9 @@ import importlib.metadata
 import os
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from PIL import Image
@@ -122,6 +123,18 @@ class NudeNetUnavailableError(RuntimeError):
 # --------------------------------------------------------------------------- backend
 
 _Judge = Literal["exposure", "region"]
+_Key = tuple[str, str | None]  # a source: its name, and the policy's file for a source of the policy's own
+
+
+@dataclass
+class _Plan:
+    """What one policy's queries need (:meth:`DetectorBackend._plan`)."""
+
+    policy: Policy | None
+    declared: dict[str, tuple[Query, TermEvidence | AttributeEvidence]] = field(default_factory=dict)
+    legacy: dict[str, Query] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=64)
@@ -170,6 +183,7 @@ class DetectorBackend(Backend):
 
     name = "detector"
     capabilities: frozenset[Capability] = frozenset({"score_yes_no", "choose"})
+    merges_policies = True  # a bundle asks once for every member: each source runs once for all
 
     def __init__(
         self,
@@ -290,7 +304,7 @@ class DetectorBackend(Backend):
         return self._builtin_reasons[name]
 
     @staticmethod
-    def _source_key(policy: Policy | None, name: str) -> tuple[str, str | None]:
+    def _source_key(policy: Policy | None, name: str) -> _Key:
         spec = policy.evidence.sources.get(name) if policy is not None and policy.evidence else None
         return name, spec.path if spec is not None else None
 
@@ -371,39 +385,37 @@ class DetectorBackend(Backend):
         return outputs
 
     def _run_sources(
-        self, policy: Policy | None, names: Sequence[str], images: Sequence[Image.Image], digests: Sequence[str]
-    ) -> dict[str, list[SourceOutput]]:
-        """Each source's outputs per image: from the cache where this image was seen, else from
-        one batched call per source over the images not seen (each distinct image once), the
-        sources at once on the pool."""
-        found: dict[str, dict[str, SourceOutput]] = {}
-        todo: dict[str, list[int]] = {}
-        for name in names:
-            key: Hashable = self._source_key(policy, name)
-            found[name], pending = {}, {}
+        self, wanted: dict[_Key, tuple[Policy | None, str]], images: Sequence[Image.Image], digests: Sequence[str]
+    ) -> dict[_Key, list[SourceOutput]]:
+        """Each wanted source's outputs per image: from the cache where this image was seen, else
+        from one batched call per source over the images not seen (each distinct image once),
+        the sources at once on the pool."""
+        found: dict[_Key, dict[str, SourceOutput]] = {}
+        todo: dict[_Key, list[int]] = {}
+        for key in wanted:
+            found[key], pending = {}, {}
             for i, d in enumerate(digests):
-                if d in found[name] or d in pending:
+                if d in found[key] or d in pending:
                     continue
                 hit = self.cache.get(d, key)
                 if hit is not None:
-                    found[name][d] = hit
+                    found[key][d] = hit
                 else:
                     pending[d] = i
             if pending:
-                todo[name] = list(pending.values())
-        jobs = {n: [images[i] for i in idx] for n, idx in todo.items()}
+                todo[key] = list(pending.values())
+        jobs = {k: (*wanted[k], [images[i] for i in idx]) for k, idx in todo.items()}
         if len(jobs) > 1 and self.workers > 1:
             pool = self._executor()
-            futures = {n: pool.submit(self._run_one, policy, n, imgs) for n, imgs in jobs.items()}
-            results = {n: f.result() for n, f in futures.items()}
+            futures = {k: pool.submit(self._run_one, *job) for k, job in jobs.items()}
+            results = {k: f.result() for k, f in futures.items()}
         else:
-            results = {n: self._run_one(policy, n, imgs) for n, imgs in jobs.items()}
-        for name, idx in todo.items():
-            key = self._source_key(policy, name)
-            for i, output in zip(idx, results[name], strict=True):
-                found[name][digests[i]] = output
+            results = {k: self._run_one(*job) for k, job in jobs.items()}
+        for key, idx in todo.items():
+            for i, output in zip(idx, results[key], strict=True):
+                found[key][digests[i]] = output
                 self.cache.put(digests[i], key, output)
-        return {name: [found[name][d] for d in digests] for name in names}
+        return {key: [found[key][d] for d in digests] for key in wanted}
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -411,63 +423,73 @@ class DetectorBackend(Backend):
                 self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="icm-evidence")
             return self._pool
 
+    def _plan(self, queries: Sequence[Query]) -> _Plan:
+        """One policy's queries: the policy (from the term of its yes/no query), the targets its
+        evidence declares, the built-in mappings, and the sources they need."""
+        term = next((q.term for q in queries if q.kind == "yes_no" and q.term and q.attribute is None), None)
+        policy = self._policy_for(term.strip() if term else None)
+        ev = policy.evidence if policy is not None else None
+        plan = _Plan(policy)
+        for q in queries:
+            if q.kind == "yes_no" and q.attribute is None and q.term is not None:
+                if ev is not None and ev.term is not None and policy is not None and q.term.strip() == policy.term.id:
+                    plan.declared[q.key] = (q, ev.term)
+                elif q.term.strip().lower() == SEXY_TERM and (ev is None or ev.term is None):
+                    plan.legacy[q.key] = q
+            elif q.kind == "choice" and q.attribute and q.option_ids and not (q.options and len(q.options) != len(q.option_ids)):
+                if ev is not None and q.attribute in ev.attributes:
+                    plan.declared[q.key] = (q, ev.attributes[q.attribute])
+                elif self.nudenet_available and (q.attribute == "exposure" or (q.attribute == "region" and self.judge_region)):
+                    plan.legacy[q.key] = q
+        for _, spec in plan.declared.values():
+            for item in spec.from_:
+                if item.source in plan.names or item.source in plan.missing:
+                    continue
+                why = self.source_unavailable(policy, item.source) if policy is not None else "no policy"
+                if why is None:
+                    plan.names.append(item.source)
+                else:
+                    plan.missing[item.source] = why
+        if any(q.kind == "yes_no" for q in plan.legacy.values()) and "open_nsfw" not in plan.names:
+            plan.names.append("open_nsfw")
+        if any(q.kind == "choice" for q in plan.legacy.values()) and "nudenet" not in plan.names:
+            plan.names.append("nudenet")
+        return plan
+
     def ask(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> list[dict[str, Answer]]:
+        """Answers per image. When every key is ``MEMBER|KEY`` (a bundle's merged ask), the
+        queries are grouped by member, each group judged from its own policy (the term of its
+        yes/no query), and each source runs once for all of them."""
         out: list[dict[str, Answer]] = [{q.key: None for q in queries} for _ in images]
         if not images or not queries:
             return out
         rgb = [_rgb(im) for im in images]  # decoded once; every source sees these
-        term = next((q.term for q in queries if q.kind == "yes_no" and q.term and q.attribute is None), None)
-        policy = self._policy_for(term.strip() if term else None)
-        ev = policy.evidence if policy is not None else None
-
-        # which targets are declared, and which sources they need
-        plan: dict[str, tuple[Query, TermEvidence | AttributeEvidence]] = {}
-        legacy: dict[str, Query] = {}
+        merged = all("|" in q.key for q in queries)
+        groups: dict[str, list[Query]] = {}
         for q in queries:
-            if q.kind == "yes_no" and q.attribute is None and q.term is not None:
-                if ev is not None and ev.term is not None and policy is not None and q.term.strip() == policy.term.id:
-                    plan[q.key] = (q, ev.term)
-                elif q.term.strip().lower() == SEXY_TERM and (ev is None or ev.term is None):
-                    legacy[q.key] = q
-            elif q.kind == "choice" and q.attribute and q.option_ids and not (q.options and len(q.options) != len(q.option_ids)):
-                if ev is not None and q.attribute in ev.attributes:
-                    plan[q.key] = (q, ev.attributes[q.attribute])
-                elif self.nudenet_available and (q.attribute == "exposure" or (q.attribute == "region" and self.judge_region)):
-                    legacy[q.key] = q
-        names: list[str] = []
-        missing: dict[str, str] = {}
-        for _, spec in plan.values():
-            for item in spec.from_:
-                if item.source in names or item.source in missing:
-                    continue
-                why = self.source_unavailable(policy, item.source) if policy is not None else "no policy"
-                if why is None:
-                    names.append(item.source)
-                else:
-                    missing[item.source] = why
-        if any(q.kind == "yes_no" for q in legacy.values()) and "open_nsfw" not in names:
-            names.append("open_nsfw")
-        if any(q.kind == "choice" for q in legacy.values()) and "nudenet" not in names:
-            names.append("nudenet")
-        if not names:
-            for key, (q, spec) in plan.items():
-                why = "; ".join(f"{n}: {missing[n]}" for n in dict.fromkeys(i.source for i in spec.from_) if n in missing)
-                for slot in out:
-                    slot[key] = NotJudged("cannot-judge", f"no evidence source for {q.key} can run here ({why})")
-            return out
-        outputs = self._run_sources(policy, names, rgb, [image_digest(im) for im in images])
-
-        for i, slot in enumerate(out):
-            width, height = rgb[i].size
-            for key, (q, spec) in plan.items():
-                slot[key] = self._judge(q, spec, outputs, missing, i, width, height)
-            for key, q in legacy.items():
-                if q.kind == "yes_no":
-                    p = outputs["open_nsfw"][i].probs or {}
-                    slot[key] = YesNoScore(p_yes=p.get("nsfw", 0.0), source="open_nsfw", raw={"nsfw": p.get("nsfw", 0.0)})
-                else:
-                    judge: _Judge = "exposure" if q.attribute == "exposure" else "region"
-                    slot[key] = exposure_choice(judge, outputs["nudenet"][i].boxes, q.option_ids)
+            groups.setdefault(q.key.split("|", 1)[0] if merged else "", []).append(q)
+        plans = [self._plan(group) for group in groups.values()]
+        wanted = {self._source_key(p.policy, n): (p.policy, n) for p in plans for n in p.names}
+        found = self._run_sources(wanted, rgb, [image_digest(im) for im in images]) if wanted else {}
+        for plan in plans:
+            if not plan.names:
+                for key, (q, spec) in plan.declared.items():
+                    why = "; ".join(f"{n}: {plan.missing[n]}" for n in dict.fromkeys(i.source for i in spec.from_) if n in plan.missing)
+                    for slot in out:
+                        slot[key] = NotJudged("cannot-judge", f"no evidence source for {_shown(q.key)} can run here ({why})")
+                continue
+            outputs = {n: found[self._source_key(plan.policy, n)] for n in plan.names}
+            for i, slot in enumerate(out):
+                width, height = rgb[i].size
+                for key, (q, spec) in plan.declared.items():
+                    slot[key] = self._judge(q, spec, outputs, plan.missing, i, width, height)
+                for key, q in plan.legacy.items():
+                    if q.kind == "yes_no":
+                        p = outputs["open_nsfw"][i].probs or {}
+                        slot[key] = YesNoScore(p_yes=p.get("nsfw", 0.0), source="open_nsfw", raw={"nsfw": p.get("nsfw", 0.0)})
+                    else:
+                        judge: _Judge = "exposure" if q.attribute == "exposure" else "region"
+                        slot[key] = exposure_choice(judge, outputs["nudenet"][i].boxes, q.option_ids)
         return out
 
     @staticmethod
@@ -502,11 +524,11 @@ class DetectorBackend(Backend):
             if p is None:
                 why = ("the policy sets no 'silent' P(term)" if all_ran else "not every source looked: "
                        + "; ".join(f"{n}: {w}" for n, w in missing.items() if any(it.source == n for it in spec.from_)))
-                return NotJudged("cannot-judge", f"{source} found nothing for {q.key}, and silence cannot clear it ({why})", raw)
+                return NotJudged("cannot-judge", f"{source} found nothing for {_shown(q.key)}, and silence cannot clear it ({why})", raw)
             return YesNoScore(p_yes=p, source=source, raw=raw)
         probs = attribute_distribution(spec, fired, q.option_ids, all_sources_ran=all_ran)
         if probs is None:
-            return NotJudged("cannot-judge", f"{source} found nothing for {q.key} and the attribute has no usable 'silent' value", raw)
+            return NotJudged("cannot-judge", f"{source} found nothing for {_shown(q.key)} and the attribute has no usable 'silent' value", raw)
         return Choice(probs=probs, source=source, raw=raw)
 
     def score_yes_no(
@@ -531,6 +553,11 @@ class DetectorBackend(Backend):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+
+
+def _shown(key: str) -> str:
+    """A query key without a merged ask's ``MEMBER|`` prefix (as the member's own ask would say it)."""
+    return key.split("|", 1)[1] if "|" in key else key
 
 
 def _rgb(im: Image.Image) -> Image.Image:
