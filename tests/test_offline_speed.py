@@ -82,7 +82,7 @@ def test_ocr_recognises_text_only_where_the_detector_finds_some(monkeypatch: pyt
     assert [r.verdict for r in records] == ["allow"] * len(text_free), [(r.path, r.reason) for r in records]
     assert recognised == []  # no line was read: the detector found no text
     detector_inputs = [s for s in shapes if s[1] == 3 and s[2] != 48]  # (n, 3, h, w); the recogniser's are 48 high
-    assert detector_inputs and all(max(s[2:]) <= 352 for s in detector_inputs), detector_inputs  # a reduced resolution
+    assert detector_inputs and all(max(s[2:]) <= 256 for s in detector_inputs), detector_inputs  # a reduced resolution
 
     poster = _poster(GAMBLING_POSTERS["casino_en.png"], tmp_path / "casino_en.png")
     (r,) = mod.moderate_paths([str(poster)])

@@ -9,7 +9,7 @@ only the lines found, cut from the image at up to :data:`OCR_MAX_SIDE` (so text 
 legible), all lines of the batch in one call. An image where the detector finds nothing
 costs the detector alone: no recognition.
 
-The gate's resolution is the trade-off: text whose letters are under about 10 pixels
+The gate's resolution is the trade-off: text whose letters are under about 8 pixels
 high once the image is scaled to :data:`OCR_GATE_SIDE` is not found (a caption in the
 corner of a 4000-pixel photo); the rendered posters of the tests and headlines of adverts
 are. The angle classifier is off (upside-down text is rare in what this looks for).
@@ -26,13 +26,17 @@ from PIL import Image
 
 from icm.moderation.backends.base import Box
 from icm.moderation.evidence.catalog import SourceKind
-from icm.moderation.evidence.sources import EvidenceSource, SourceOutput, fit_side
+from icm.moderation.evidence.sources import EvidenceSource, SourceOutput, fit_size
 
 OCR_MAX_SIDE = 1280
 """Longest side of the image text lines are cut from (larger images are scaled down first)."""
 
-OCR_GATE_SIDE = 320
+OCR_GATE_SIDE = 224
 """Longest side of the image the text detector sees (the gate)."""
+
+GATE_BOX_THRESH = 0.6
+"""Least mean text probability of a detected line (PaddleOCR's default; RapidOCR's is 0.5):
+at the gate's resolution, textures of photos score 0.5-0.6, printed lines 0.7 and up."""
 
 OCR_MIN_SIDE = 8
 """An image whose shorter side is below this many pixels cannot hold legible text: it is
@@ -78,7 +82,9 @@ class RapidOCRSource(EvidenceSource):
             "Global.max_side_len": OCR_MAX_SIDE,
             "Det.limit_type": "max",
             "Det.limit_side_len": OCR_GATE_SIDE,
-            "Rec.rec_batch_num": 32,
+            "Det.box_thresh": GATE_BOX_THRESH,
+            "Rec.rec_batch_num": 8,  # lines sorted by width, padded to the widest of each call
+            "EngineConfig.onnxruntime.enable_cpu_mem_arena": True,  # RapidOCR turns it off; a batch reuses it
         }
         if self.intra_op_num_threads is not None:
             params["EngineConfig.onnxruntime.intra_op_num_threads"] = self.intra_op_num_threads
@@ -90,33 +96,32 @@ class RapidOCRSource(EvidenceSource):
 
     # -- the gate: text detection at a reduced resolution, batched --------------------------
 
-    def detect(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Text-line quadrilaterals per image (``(k, 4, 2)``, coordinates of the array given)."""
+    def detect(self, images: Sequence[Image.Image], sizes: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
+        """Text-line quadrilaterals per image (``(k, 4, 2)``), in coordinates of an image of
+        ``sizes[i]`` (width, height; default the image's own size)."""
         det = self.model().text_det
         mean, std = np.asarray(det.mean, dtype=np.float32), np.asarray(det.std, dtype=np.float32)
         groups: dict[tuple[int, int], list[int]] = {}
         inputs: list[np.ndarray] = []
-        sizes: list[tuple[int, int]] = []
-        for i, a in enumerate(arrays):
-            h, w = a.shape[:2]
-            gw, gh = gate_size(w, h, self.gate_side)
-            small = np.asarray(Image.fromarray(a).resize((gw, gh), Image.Resampling.BILINEAR)) if (gw, gh) != (w, h) else a
+        gated: list[tuple[int, int]] = []
+        for i, im in enumerate(images):
+            gw, gh = gate_size(im.width, im.height, self.gate_side)
+            small = im.resize((gw, gh), Image.Resampling.BILINEAR, reducing_gap=2.0) if (gw, gh) != im.size else im
             canvas = np.zeros((_padded(gh), _padded(gw), 3), dtype=np.float32)
-            canvas[:gh, :gw] = (small.astype(np.float32) / 255.0 - mean) / std
+            canvas[:gh, :gw] = (np.asarray(small.convert("RGB"), dtype=np.float32) / 255.0 - mean) / std
             inputs.append(canvas.transpose(2, 0, 1))
-            sizes.append((gw, gh))
+            gated.append((gw, gh))
             groups.setdefault(canvas.shape[:2], []).append(i)
-        out: list[np.ndarray] = [np.zeros((0, 4, 2), dtype=np.float32)] * len(arrays)
+        out: list[np.ndarray] = [np.zeros((0, 4, 2), dtype=np.float32)] * len(images)
         for idx in groups.values():
             step = self.batch_size or len(idx)
             for start in range(0, len(idx), step):
                 part = idx[start : start + step]
                 preds = det.session(np.stack([inputs[i] for i in part]))
                 for k, i in enumerate(part):
-                    gw, gh = sizes[i]
-                    h, w = arrays[i].shape[:2]
-                    pred = preds[k : k + 1, :, :gh, :gw]  # the image, without the padding
-                    boxes, _ = det.postprocess_op(pred, (h, w))
+                    gw, gh = gated[i]
+                    w, h = sizes[i] if sizes is not None else images[i].size
+                    boxes, _ = det.postprocess_op(preds[k : k + 1, :, :gh, :gw], (h, w))  # without the padding
                     if len(boxes):
                         out[i] = det.sorted_boxes(np.asarray(boxes, dtype=np.float32))
         return out
@@ -131,22 +136,23 @@ class RapidOCRSource(EvidenceSource):
         from rapidocr.utils.process_img import get_rotate_crop_image
 
         out: list[SourceOutput | None] = [None] * len(images)
-        todo: list[int] = []
-        fitted: list[tuple[np.ndarray, float, float]] = []
+        todo = [i for i, im in enumerate(images) if min(im.size) >= OCR_MIN_SIDE]
         for i, im in enumerate(images):
-            if min(im.size) < OCR_MIN_SIDE:
+            if i not in todo:
                 out[i] = SourceOutput(error=f"could not read the image ({im.width}x{im.height}: too thin to hold legible text)")
-                continue
-            small, sx, sy = fit_side(im if im.mode == "RGB" else im.convert("RGB"), OCR_MAX_SIDE)
-            fitted.append((np.asarray(small), sx, sy))
-            todo.append(i)
-        quads = self.detect([a for a, _, _ in fitted]) if todo else []
+        # the lines' boxes in the coordinates of the image they are cut from (at most OCR_MAX_SIDE a side)
+        cut_sizes = [fit_size(images[i].width, images[i].height, OCR_MAX_SIDE) for i in todo]
+        quads = self.detect([images[i] for i in todo], cut_sizes) if todo else []
         crops: list[np.ndarray] = []
         owner: list[tuple[int, np.ndarray]] = []
         for k, (i, boxes) in enumerate(zip(todo, quads, strict=True)):
             out[i] = SourceOutput(boxes=[])
+            if not len(boxes):
+                continue  # no text found: nothing to read
+            im = images[i] if images[i].mode == "RGB" else images[i].convert("RGB")
+            cut = np.asarray(im if im.size == cut_sizes[k] else im.resize(cut_sizes[k], Image.Resampling.BILINEAR, reducing_gap=2.0))
             for quad in boxes:
-                crops.append(get_rotate_crop_image(fitted[k][0], quad.copy()))
+                crops.append(get_rotate_crop_image(cut, quad.copy()))
                 owner.append((k, quad))
         if crops:
             rec = engine.text_rec(TextRecInput(img=crops))
@@ -154,7 +160,7 @@ class RapidOCRSource(EvidenceSource):
             for (k, quad), text, score in zip(owner, rec.txts or (), rec.scores or (), strict=True):
                 if score < TEXT_SCORE or not str(text).strip():
                     continue
-                _, sx, sy = fitted[k]
+                sx, sy = images[todo[k]].width / cut_sizes[k][0], images[todo[k]].height / cut_sizes[k][1]
                 x0, y0 = float(quad[:, 0].min()), float(quad[:, 1].min())
                 result = out[todo[k]]
                 assert result is not None

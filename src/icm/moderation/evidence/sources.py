@@ -171,11 +171,18 @@ def fit_side(im: Image.Image, max_side: int) -> tuple[Image.Image, float, float]
     """``im`` resized so its longest side is at most ``max_side`` (aspect kept, each side at
     least 1), and the factors that map its coordinates back to ``im``'s."""
     w, h = im.size
-    if max(w, h) <= max_side:
+    size = fit_size(w, h, max_side)
+    if size == (w, h):
         return im, 1.0, 1.0
-    scale = max_side / max(w, h)
-    size = (max(1, min(max_side, round(w * scale))), max(1, min(max_side, round(h * scale))))
     return im.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0), w / size[0], h / size[1]
+
+
+def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longest side is at most ``max_side`` (aspect kept, each at least 1)."""
+    if max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, min(max_side, round(width * scale))), max(1, min(max_side, round(height * scale)))
 
 
 class OnnxClassifierSource(EvidenceSource):
