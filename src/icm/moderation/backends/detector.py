@@ -208,6 +208,7 @@ class DetectorBackend(Backend):
         self._pool: ThreadPoolExecutor | None = None
         self.cache = OutputCache(cache_images)
         self.evaluated: dict[str, int] = {}
+        self._per_image: dict[str, float] = {}  # each source's recent seconds per image: the longest runs first
         """Images each source has run on so far (cache hits not counted)."""
         if sources is None and os.environ.get("ICM_DETECTOR_SOURCES"):
             sources = [n.strip() for n in os.environ["ICM_DETECTOR_SOURCES"].split(",") if n.strip()]
@@ -379,8 +380,13 @@ class DetectorBackend(Backend):
         else:
             src = self._source(policy, name) if policy is not None else self._builtin(name)
             outputs = src.run(images)
+        took = time.perf_counter() - t0
         with self._lock:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+            if name in self.evaluated:  # not from the first call, which loads the model
+                last = self._per_image.get(name)
+                now = took / max(1, len(images))
+                self._per_image[name] = now if last is None else 0.8 * last + 0.2 * now
+            self.timings[name] = self.timings.get(name, 0.0) + took
             self.evaluated[name] = self.evaluated.get(name, 0) + len(images)
         return outputs
 
@@ -407,7 +413,9 @@ class DetectorBackend(Backend):
         jobs = {k: (*wanted[k], [images[i] for i in idx]) for k, idx in todo.items()}
         if len(jobs) > 1 and self.workers > 1:
             pool = self._executor()
-            futures = {k: pool.submit(self._run_one, *job) for k, job in jobs.items()}
+            # the longest first (by each source's time per image so far): the pool's threads finish together
+            order = sorted(jobs, key=lambda k: -self._cost(k[0]) * len(todo[k]))
+            futures = {k: pool.submit(self._run_one, *jobs[k]) for k in order}
             results = {k: f.result() for k, f in futures.items()}
         else:
             results = {k: self._run_one(*job) for k, job in jobs.items()}
@@ -416,6 +424,11 @@ class DetectorBackend(Backend):
                 found[key][digests[i]] = output
                 self.cache.put(digests[i], key, output)
         return {key: [found[key][d] for d in digests] for key in wanted}
+
+    def _cost(self, name: str) -> float:
+        """Recent seconds per image of ``name`` (infinite until known: it goes first)."""
+        with self._lock:
+            return self._per_image.get(name, float("inf"))
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
