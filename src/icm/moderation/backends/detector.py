@@ -24,9 +24,6 @@ Two built-in mappings remain for policies that do not declare them:
 Everything else (actions, a term with no evidence) is answered ``None`` / not judged: the
 engine must not mistake a detector's silence for a "no".
 
-Everything else (actions, a term with no evidence) is answered ``None`` / not judged: the
-engine must not mistake a detector's silence for a "no".
-
 The NudeNet mapping (exposure, region) is :mod:`icm.moderation.evidence.exposure`; how the
 sources run (one thread setting, the content-hash cache, sources of a batch at once) is
 :mod:`icm.moderation.evidence.runtime`; RapidOCR gated by text detection is
@@ -156,8 +153,8 @@ def _builtin_policy_for_term(term: str) -> Policy | None:
 
 class DetectorBackend(Backend):
     """Offline evidence: the sources a policy's ``evidence`` section names (see
-    :mod:`icm.moderation.evidence`), plus the NudeNet exposure (and region) mapping above for
-    policies that do not declare those attributes.
+    :mod:`icm.moderation.evidence`), plus the NudeNet exposure (and region) mapping
+    (:mod:`icm.moderation.evidence.exposure`) for policies that do not declare those attributes.
 
     ``use_nudenet``: ``None`` uses NudeNet when it is importable, ``True`` requires it
     (raises :class:`NudeNetUnavailableError` otherwise), ``False`` never uses it.
