@@ -155,3 +155,23 @@ def test_one_thread_setting_reaches_every_onnxruntime_session(monkeypatch: pytes
             DetectorBackend()
     finally:
         torch.set_num_threads(before)
+
+
+@needs_offline
+def test_an_image_ocr_fails_on_is_reported_and_the_rest_of_the_batch_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from icm.moderation.evidence.ocr import RapidOCRSource
+
+    src = RapidOCRSource(intra_op_num_threads=1)
+    real: Callable[..., Any] = RapidOCRSource.detect
+
+    def detect(self: Any, images: Sequence[Image.Image], sizes: Any = None) -> Any:
+        if any(im.width == 721 for im in images):
+            raise RuntimeError("the detector choked")
+        return real(self, images, sizes)
+
+    monkeypatch.setattr(RapidOCRSource, "detect", detect)
+    poster = load_image(_poster(GAMBLING_POSTERS["wetten_de.png"], tmp_path / "w.png")).image
+    odd = poster.resize((721, poster.height))
+    good, bad = src.run([poster, odd])
+    assert [b.label for b in good.boxes] == ["SPORTWETTEN", "Jetzt spielen"] and good.error is None
+    assert bad.error is not None and "could not read the image (RuntimeError: the detector choked)" in bad.error

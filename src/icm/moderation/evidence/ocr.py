@@ -135,16 +135,29 @@ class RapidOCRSource(EvidenceSource):
     # -- recognition of the lines found ------------------------------------------------------
 
     def run(self, images: Sequence[Image.Image]) -> list[SourceOutput]:
+        """Text lines per image; an image OCR fails on is an error output (not "no text"), the
+        others are still read."""
         if not images:
             return []
-        engine = self.model()
+        engine = self.model()  # a model that cannot load fails the call, as for every source
+        try:
+            return self._run_batch(engine, images)
+        except Exception as exc:  # noqa: BLE001 - find the image it was, read the others
+            if len(images) > 1:
+                return [o for im in images for o in self.run([im])]
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return [SourceOutput(error=f"could not read the image ({detail})")]
+
+    def _run_batch(self, engine: Any, images: Sequence[Image.Image]) -> list[SourceOutput]:
         from rapidocr.ch_ppocr_rec import TextRecInput
         from rapidocr.utils.process_img import get_rotate_crop_image
 
         out: list[SourceOutput | None] = [None] * len(images)
-        todo = [i for i, im in enumerate(images) if min(im.size) >= OCR_MIN_SIDE]
+        todo: list[int] = []
         for i, im in enumerate(images):
-            if i not in todo:
+            if min(im.size) >= OCR_MIN_SIDE:
+                todo.append(i)
+            else:
                 out[i] = SourceOutput(error=f"could not read the image ({im.width}x{im.height}: too thin to hold legible text)")
         # the lines' boxes in the coordinates of the image they are cut from (at most OCR_MAX_SIDE a side)
         cut_sizes = [fit_size(images[i].width, images[i].height, OCR_MAX_SIDE) for i in todo]
