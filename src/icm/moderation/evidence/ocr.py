@@ -90,6 +90,8 @@ class RapidOCRSource(EvidenceSource):
             "Det.limit_side_len": self.gate_side,
             "Det.box_thresh": GATE_BOX_THRESH,
             "Rec.rec_batch_num": 8,  # lines sorted by width, padded to the widest of each call
+            # and to at least 160 wide, not RapidOCR's 320: a short word costs half (the posters' lines read the same)
+            "Rec.rec_img_shape": [3, 48, 160],
             "EngineConfig.onnxruntime.enable_cpu_mem_arena": True,  # RapidOCR turns it off; a batch reuses it
         }
         if self.intra_op_num_threads is not None:
