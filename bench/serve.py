@@ -195,7 +195,8 @@ def sources_limit(batch: int) -> tuple[float, dict[str, float]]:
     batch_images = [Image.open(BytesIO(data)).convert("RGB") for _, data in distinct_bodies(batch)]
     per: dict[str, float] = {}
     for name in PERMISSIVE_SOURCES.split(","):
-        src = builtin_source(name, batch_size=batch)  # alone: every core for its session
+        # alone: every core for its session (said explicitly: onnxruntime's default can exceed the cores this box lends)
+        src = builtin_source(name, batch_size=batch, intra_op_num_threads=os.cpu_count() or 1)
         src.run(batch_images[:1])
         times = []
         for _ in range(5):  # the best of five: the neighbours only ever slow it down
