@@ -208,6 +208,12 @@ def sources_limit(batch: int) -> tuple[float, dict[str, float]]:
     return 1000 / sum(per.values()), per
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its threads so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sweep(args: argparse.Namespace, backends: dict[str, list[str]], counts: list[int], work: Path) -> int:
     """One server per backend, batching on; load at each client count in turn."""
     failed = False
@@ -225,12 +231,16 @@ def sweep(args: argparse.Namespace, backends: dict[str, list[str]], counts: list
         try:
             for c in counts:
                 load_avg = os.getloadavg()[0]
+                server0, client0 = cpu_seconds(proc.pid), time.process_time()
                 n, elapsed, lat, errors, first_error = asyncio.run(load(url, c, args.seconds, args.warmup, full))
+                server_ms = (cpu_seconds(proc.pid) - server0) * 1000 / max(1, n + args.warmup)
+                client_ms = (time.process_time() - client0) * 1000 / max(1, n + args.warmup)
                 r = Result(label, True, n, elapsed, lat, errors, float("nan"), first_error)
                 rows.append((c, r, load_avg))
                 failed |= errors > 0
                 print(f"  {label}: {c:3d} clients {r.rps:7.1f} req/s p50 {r.pct(0.5):7.1f} ms p99 {r.pct(0.99):7.1f} ms "
-                      f"errors {errors} (load average before {load_avg:.1f})", flush=True)
+                      f"errors {errors}; CPU per request: server {server_ms:.1f} ms, clients {client_ms:.1f} ms "
+                      f"(load average before {load_avg:.1f})", flush=True)
             mb = mean_batch_size(url)
         finally:
             stop_server(proc)
