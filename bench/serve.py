@@ -300,7 +300,8 @@ def main() -> int:
                          "--batching" if batching else "--no-batching"]
                 load_avg = os.getloadavg()[0]
                 full = label == "detector-full"
-                proc, url = start_server(flags, run_dir, run_dir / "server.log", FULL_ENV if full else None)
+                env = FULL_ENV if full else {"ICM_EVIDENCE_CACHE": "0"}  # the models' cost, not the cache's
+                proc, url = start_server(flags, run_dir, run_dir / "server.log", env)
                 try:
                     n, elapsed, lat, errors, first_error = asyncio.run(load(url, args.clients, args.seconds, args.warmup, full))
                     mb = mean_batch_size(url)
