@@ -107,7 +107,7 @@ def main() -> None:
     print("\npolicy        sources                                   stack ms/img  images/s  sum alone  ratio  where the time goes")
     failed = False
     for policy in POLICIES:
-        backend = DetectorBackend(intra_op_num_threads=args.threads, batch_size=args.batch_size)
+        backend = DetectorBackend(intra_op_num_threads=args.threads, batch_size=args.batch_size, cache_images=0)  # the set repeats
         mod = Moderator(backend, policy=policy)
         mod.moderate_loaded(loaded[:1])  # loads the models
         backend.timings.clear()

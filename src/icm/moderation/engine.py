@@ -245,9 +245,11 @@ class Moderator:
 
     @property
     def model_id(self) -> str:
+        per_policy = getattr(self.backend, "model_id_for", None)  # the detector: the sources this policy runs
+        first = per_policy(self.policy) if callable(per_policy) else self.backend.model_id
         if self.escalate_to is not None:
-            return f"{self.backend.model_id} -> {self.escalate_to.model_id}"
-        return self.backend.model_id
+            return f"{first} -> {self.escalate_to.model_id}"
+        return first
 
     # -- one stage -----------------------------------------------------------------------
 

@@ -24,56 +24,10 @@ Two built-in mappings remain for policies that do not declare them:
 Everything else (actions, a term with no evidence) is answered ``None`` / not judged: the
 engine must not mistake a detector's silence for a "no".
 
-From NudeNet boxes to the policy's vocabulary
----------------------------------------------
-:data:`EXPOSURE_MAP` maps each NudeNet label to an exposure option and a weight:
-
-===========================  =========  ======  ==============================================
-NudeNet label                option     weight  why
-===========================  =========  ======  ==============================================
-ARMPITS_EXPOSED              shoulders  1.0     bare armpits imply bare shoulders
-FEMALE_BREAST_EXPOSED        chest      1.0
-FEMALE_BREAST_COVERED        chest      0.5     cleavage is usually boxed as *covered* breast,
-                                                but so is an ordinary T-shirt: weak evidence
-BELLY_EXPOSED                belly      1.0
-BUTTOCKS_EXPOSED             hips       1.0     the policy's "hips" is the buttocks
-BUTTOCKS_COVERED             hips       0.5     tight or scant clothing; often benign
-FEMALE_GENITALIA_EXPOSED     crotch     1.0
-FEMALE_GENITALIA_COVERED     crotch     0.5     underwear (the policy's "crotch"), or trousers
-MALE_GENITALIA_EXPOSED       crotch     1.0
-ANUS_EXPOSED                 crotch     1.0
-ANUS_COVERED                 crotch     0.5
-===========================  =========  ======  ==============================================
-
-Not mapped to exposure: FACE_FEMALE, FACE_MALE, FEET_EXPOSED, FEET_COVERED,
-ARMPITS_COVERED and BELLY_COVERED (covered is the normal case), and MALE_BREAST_EXPOSED
-(the icm-sexy policy models a bare male torso as the ``cue`` value ``male_bare_torso``,
-not as chest exposure; cues are not judged here). NudeNet has no label for backs or
-legs, so ``back`` and ``legs`` get no evidence (:data:`UNOBSERVABLE_EXPOSURE`).
-
-Evidence per option is the highest ``weight * score`` of its boxes. ``large_bare``: when
-at least :data:`LARGE_BARE_MIN_PARTS` different options have a full-weight (exposed)
-box, its evidence is the noisy-OR ``1 - prod(1 - score)`` of those options' scores, which
-is at least as high as any single one of them, so several bare parts read as one large
-bare area. ``normal`` is ``1 - max(evidence of every other option)``: no box, no exposure.
-
-The distribution (:func:`exposure_distribution`): add :data:`EVIDENCE_FLOOR` to every
-option of the vocabulary (the detector misses things, and cannot see backs or legs at
-all), normalise over the whole vocabulary, keep the options the query offers (ids
-outside the vocabulary get 0) and renormalise. If the options offered hold less than
-:data:`MIN_KEPT_MASS` of the mass, the evidence points at an option the query does not
-offer and the answer is ``None`` rather than a distorted distribution. The numbers are
-an evidence-to-vocabulary mapping, not calibrated probabilities.
-
-Region (opt-in with ``judge_region=True``; ``None`` by default): NudeNet boxes say which
-parts of a body are in the frame. Upper parts are faces, armpits and breasts; middle
-parts belly, buttocks, genitalia and anus; lower parts feet. With ``u``, ``m``, ``l`` the
-best box score of each group: ``whole = min(u, l)`` (head-end and feet both in frame),
-``upper = u * (1 - l)``, ``lower = l * (1 - u)``, ``middle = m * (1 - u) * (1 - l)``,
-then the same floor and restriction as exposure; no box at all gives ``None``. It is off
-by default because it could not be validated here (the paper's images were never
-published) and NudeNet sees neither legs nor clothed torsos, so a whole-body shot with
-the feet cropped reads as "upper".
+The NudeNet mapping (exposure, region) is :mod:`icm.moderation.evidence.exposure`; how the
+sources run (one thread setting, the content-hash cache, sources of a batch at once) is
+:mod:`icm.moderation.evidence.runtime`; RapidOCR gated by text detection is
+:mod:`icm.moderation.evidence.ocr`.
 """
 
 from __future__ import annotations
@@ -81,11 +35,12 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
-import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from PIL import Image
@@ -101,8 +56,32 @@ from icm.moderation.backends.base import (
     YesNoScore,
 )
 from icm.moderation.evidence.catalog import BUILTIN_SOURCES, NUDENET_LABELS
+from icm.moderation.evidence.exposure import (
+    COVERED_WEIGHT,
+    EVIDENCE_FLOOR,
+    EXPOSURE_MAP,
+    EXPOSURE_OPTIONS,
+    LARGE_BARE_MIN_PARTS,
+    MIN_KEPT_MASS,
+    REGION_OPTIONS,
+    REGION_PARTS,
+    UNOBSERVABLE_EXPOSURE,
+    exposure_choice,
+    exposure_distribution,
+    exposure_evidence,
+    region_distribution,
+    region_evidence,
+)
 from icm.moderation.evidence.mapping import attribute_distribution, item_score, term_probability
 from icm.moderation.evidence.plan import Coverage, coverage, source_reason
+from icm.moderation.evidence.runtime import (
+    THREADS_ENV,
+    OutputCache,
+    apply_torch_threads,
+    image_digest,
+    resolve_threads,
+    thread_plan,
+)
 from icm.moderation.evidence.sources import (
     EvidenceSource,
     OnnxClassifierSource,
@@ -133,130 +112,26 @@ __all__ = [
 
 SEXY_TERM = "sexy"
 
-EXPOSURE_OPTIONS: tuple[str, ...] = (
-    "shoulders", "chest", "back", "belly", "legs", "hips", "crotch", "large_bare", "normal",
-)
-REGION_OPTIONS: tuple[str, ...] = ("upper", "middle", "lower", "whole")
-
-
-
-COVERED_WEIGHT = 0.5
-"""Weight of a *covered* part's box as exposure evidence (see the module docstring)."""
-
-EXPOSURE_MAP: dict[str, tuple[str, float]] = {
-    "ARMPITS_EXPOSED": ("shoulders", 1.0),
-    "FEMALE_BREAST_EXPOSED": ("chest", 1.0),
-    "FEMALE_BREAST_COVERED": ("chest", COVERED_WEIGHT),
-    "BELLY_EXPOSED": ("belly", 1.0),
-    "BUTTOCKS_EXPOSED": ("hips", 1.0),
-    "BUTTOCKS_COVERED": ("hips", COVERED_WEIGHT),
-    "FEMALE_GENITALIA_EXPOSED": ("crotch", 1.0),
-    "FEMALE_GENITALIA_COVERED": ("crotch", COVERED_WEIGHT),
-    "MALE_GENITALIA_EXPOSED": ("crotch", 1.0),
-    "ANUS_EXPOSED": ("crotch", 1.0),
-    "ANUS_COVERED": ("crotch", COVERED_WEIGHT),
-}
-"""NudeNet label -> (exposure option, weight); labels absent here are no exposure evidence."""
-
-UNOBSERVABLE_EXPOSURE: tuple[str, ...] = ("back", "legs")
-"""Exposure options no NudeNet label can show."""
-
-LARGE_BARE_MIN_PARTS = 3
-"""How many different exposed options make a "large bare area"."""
-
-REGION_PARTS: dict[str, Literal["upper", "middle", "lower"]] = {
-    "FACE_FEMALE": "upper", "FACE_MALE": "upper",
-    "ARMPITS_EXPOSED": "upper", "ARMPITS_COVERED": "upper",
-    "FEMALE_BREAST_EXPOSED": "upper", "FEMALE_BREAST_COVERED": "upper", "MALE_BREAST_EXPOSED": "upper",
-    "BELLY_EXPOSED": "middle", "BELLY_COVERED": "middle",
-    "BUTTOCKS_EXPOSED": "middle", "BUTTOCKS_COVERED": "middle",
-    "FEMALE_GENITALIA_EXPOSED": "middle", "FEMALE_GENITALIA_COVERED": "middle",
-    "MALE_GENITALIA_EXPOSED": "middle", "ANUS_EXPOSED": "middle", "ANUS_COVERED": "middle",
-    "FEET_EXPOSED": "lower", "FEET_COVERED": "lower",
-}
-"""NudeNet label -> the part of the body it shows, for the region attribute."""
-
-EVIDENCE_FLOOR = 0.01
-"""Added to every option's evidence before normalising: nothing is certain or impossible."""
-
-MIN_KEPT_MASS = 0.5
-"""Least share of the mass the query's options must hold for an answer (else ``None``)."""
-
 
 class NudeNetUnavailableError(RuntimeError):
     """Box detection was asked for, but the optional ``nudenet`` package is not usable."""
 
 
-# --------------------------------------------------------------------------- mapping (pure)
-
-
-def exposure_evidence(boxes: Iterable[Box]) -> dict[str, float]:
-    """Evidence in [0, 1] for every exposure option, from NudeNet boxes."""
-    evidence = dict.fromkeys(EXPOSURE_OPTIONS, 0.0)
-    exposed: dict[str, float] = {}
-    for box in boxes:
-        mapped = EXPOSURE_MAP.get(box.label)
-        if mapped is None:
-            continue
-        option, weight = mapped
-        evidence[option] = max(evidence[option], weight * box.score)
-        if weight == 1.0:
-            exposed[option] = max(exposed.get(option, 0.0), box.score)
-    if len(exposed) >= LARGE_BARE_MIN_PARTS:
-        evidence["large_bare"] = 1.0 - math.prod(1.0 - s for s in exposed.values())
-    evidence["normal"] = 1.0 - max(v for k, v in evidence.items() if k != "normal")
-    return evidence
-
-
-def region_evidence(boxes: Iterable[Box]) -> dict[str, float] | None:
-    """Evidence for every region option, or ``None`` when no body part is in view."""
-    best = {"upper": 0.0, "middle": 0.0, "lower": 0.0}
-    seen = False
-    for box in boxes:
-        part = REGION_PARTS.get(box.label)
-        if part is not None:
-            seen = True
-            best[part] = max(best[part], box.score)
-    if not seen:
-        return None
-    u, m, low = best["upper"], best["middle"], best["lower"]
-    return {
-        "upper": u * (1.0 - low),
-        "middle": m * (1.0 - u) * (1.0 - low),
-        "lower": low * (1.0 - u),
-        "whole": min(u, low),
-    }
-
-
-def _restrict(evidence: dict[str, float], option_ids: Sequence[str]) -> tuple[list[float], float] | None:
-    """The floor-smoothed distribution over ``option_ids``, and the mass it dropped."""
-    if not option_ids or len(set(option_ids)) != len(option_ids):
-        return None
-    smoothed = {k: v + EVIDENCE_FLOOR for k, v in evidence.items()}
-    total = sum(smoothed.values())
-    kept = [smoothed.get(option, 0.0) / total for option in option_ids]
-    mass = sum(kept)
-    if mass < MIN_KEPT_MASS:
-        return None
-    return [p / mass for p in kept], max(0.0, 1.0 - mass)
-
-
-def exposure_distribution(boxes: Iterable[Box], option_ids: Sequence[str]) -> list[float] | None:
-    """P(option) for each of ``option_ids`` (aligned), or ``None`` if not judged."""
-    restricted = _restrict(exposure_evidence(boxes), option_ids)
-    return None if restricted is None else restricted[0]
-
-
-def region_distribution(boxes: Iterable[Box], option_ids: Sequence[str]) -> list[float] | None:
-    """P(region) for each of ``option_ids`` (aligned), or ``None`` if not judged."""
-    evidence = region_evidence(boxes)
-    restricted = None if evidence is None else _restrict(evidence, option_ids)
-    return None if restricted is None else restricted[0]
-
-
 # --------------------------------------------------------------------------- backend
 
 _Judge = Literal["exposure", "region"]
+_Key = tuple[str, str | None]  # a source: its name, and the policy's file for a source of the policy's own
+
+
+@dataclass
+class _Plan:
+    """What one policy's queries need (:meth:`DetectorBackend._plan`)."""
+
+    policy: Policy | None
+    declared: dict[str, tuple[Query, TermEvidence | AttributeEvidence]] = field(default_factory=dict)
+    legacy: dict[str, Query] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=64)
@@ -278,20 +153,26 @@ def _builtin_policy_for_term(term: str) -> Policy | None:
 
 class DetectorBackend(Backend):
     """Offline evidence: the sources a policy's ``evidence`` section names (see
-    :mod:`icm.moderation.evidence`), plus the NudeNet exposure (and region) mapping above for
-    policies that do not declare those attributes.
+    :mod:`icm.moderation.evidence`), plus the NudeNet exposure (and region) mapping
+    (:mod:`icm.moderation.evidence.exposure`) for policies that do not declare those attributes.
 
     ``use_nudenet``: ``None`` uses NudeNet when it is importable, ``True`` requires it
     (raises :class:`NudeNetUnavailableError` otherwise), ``False`` never uses it.
-    ``batch_size`` is how many images go into one ONNX session call.
-    ``intra_op_num_threads`` is passed to every ONNX session (``None``: onnxruntime's
-    default, all cores). ``sources``: use only these sources (``None``: the comma-separated
+    ``batch_size``: most images in one ONNX session call (``None``: every image of a call,
+    so the CLI's batch and the server's dynamic batch reach each model whole).
+    ``threads``: the CPU threads the sources use (``None``: ``$ICM_THREADS``, else every
+    core), split between the sources of a batch run at once and each onnxruntime session
+    (:func:`~icm.moderation.evidence.runtime.thread_plan`); ``intra_op_num_threads``
+    overrides the per-session share. ``cache_images``: how many images' source outputs are
+    kept by content hash (``None``: ``$ICM_EVIDENCE_CACHE``, else 256; 0: none).
+    ``sources``: use only these sources (``None``: the comma-separated
     ``$ICM_DETECTOR_SOURCES`` if set, else every source that can run; e.g.
     ``open_nsfw,nudenet`` skips OCR where its cost is not wanted). Models load on first use.
 
     The engine registers its policy with :meth:`use_policy`; a query set whose term no
     registered policy has falls back to the built-in policy of that term. :meth:`ask` runs
-    every source the queries need once per image, on the same decoded image, and records
+    every source the queries need once per image (and not again for an image it has seen:
+    another policy of a bundle, a duplicate), on the same decoded image, and records
     in each answer which sources judged (``source``: ``rapidocr+efficientnet_lite0``) and
     what they found (``raw["fired"]``; matched OCR lines, detected classes and NudeNet
     parts as ``raw["boxes"]``).
@@ -299,21 +180,33 @@ class DetectorBackend(Backend):
 
     name = "detector"
     capabilities: frozenset[Capability] = frozenset({"score_yes_no", "choose"})
+    merges_policies = True  # a bundle asks once for every member: each source runs once for all
 
     def __init__(
         self,
         *,
         use_nudenet: bool | None = None,
         judge_region: bool = False,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         intra_op_num_threads: int | None = None,
         sources: Sequence[str] | None = None,
+        threads: int | None = None,
+        cache_images: int | None = None,
     ) -> None:
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
         self.judge_region = judge_region
-        self.intra_op_num_threads = intra_op_num_threads
+        self.threads = resolve_threads(threads)
+        self.workers, per_session = thread_plan(self.threads)
+        self.intra_op_num_threads = intra_op_num_threads if intra_op_num_threads is not None else per_session
+        if threads is not None or os.environ.get(THREADS_ENV):
+            apply_torch_threads(self.threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self.cache = OutputCache(cache_images)
+        self.evaluated: dict[str, int] = {}
+        self._per_image: dict[str, float] = {}  # each source's recent seconds per image: the longest runs first
+        """Images each source has run on so far (cache hits not counted)."""
         if sources is None and os.environ.get("ICM_DETECTOR_SOURCES"):
             sources = [n.strip() for n in os.environ["ICM_DETECTOR_SOURCES"].split(",") if n.strip()]
         self.only_sources = frozenset(sources) if sources is not None else None
@@ -339,6 +232,8 @@ class DetectorBackend(Backend):
                     raise NudeNetUnavailableError(self.nudenet_unavailable_reason) from exc
         self.nudenet_available: bool = self.nudenet_unavailable_reason is None
         self._model_id: str | None = None
+        self._model_ids: dict[int, tuple[Policy, str]] = {}
+        self._builtin_reasons: dict[str, str | None] = {}
         self.model_id  # noqa: B018 - fixed now, whatever is installed later
 
     @property
@@ -354,6 +249,16 @@ class DetectorBackend(Backend):
                 names.append(f"nudenet-{self.nudenet_version}")
             self._model_id = "+".join(names) or "none"
         return self._model_id
+
+    def model_id_for(self, policy: Policy) -> str:
+        """The sources that judge ``policy`` here (the records' ``model``), e.g. ``rapidocr+efficientnet_lite0``."""
+        hit = self._model_ids.get(id(policy))
+        if hit is not None and hit[0] is policy:
+            return hit[1]
+        names = dict.fromkeys(n for c in self.coverage(policy).values() for n in c.sources)
+        shown = "+".join(f"nudenet-{self.nudenet_version}" if n == "nudenet" else n for n in names) or "none"
+        self._model_ids[id(policy)] = (policy, shown)  # fixed per policy, as model_id is per backend
+        return shown
 
     # -- policies and sources ----------------------------------------------------------
 
@@ -390,11 +295,20 @@ class DetectorBackend(Backend):
             return "not among the sources this backend was told to use"
         if name == "nudenet" and not self.nudenet_available:
             return self.nudenet_unavailable_reason
-        return source_reason(policy, name)
+        if self._source_key(policy, name)[1] is not None:  # the policy's own file: looked at each time
+            return source_reason(policy, name)
+        if name not in self._builtin_reasons:  # a package's presence: looked up once
+            self._builtin_reasons[name] = source_reason(policy, name)
+        return self._builtin_reasons[name]
+
+    @staticmethod
+    def _source_key(policy: Policy | None, name: str) -> _Key:
+        spec = policy.evidence.sources.get(name) if policy is not None and policy.evidence else None
+        return name, spec.path if spec is not None else None
 
     def _source(self, policy: Policy, name: str) -> EvidenceSource:
         spec = policy.evidence.sources.get(name) if policy.evidence else None
-        key = (name, spec.path if spec is not None else None)
+        key = self._source_key(policy, name)
         with self._lock:
             src = self._sources.get(key)
             if src is None:
@@ -424,7 +338,7 @@ class DetectorBackend(Backend):
     # -- models (kept for callers of the earlier API) ----------------------------------------
 
     def nsfw_scores(self, images: Sequence[Image.Image]) -> list[float]:
-        """open_nsfw P(nsfw) per image, ``batch_size`` images per session call."""
+        """open_nsfw P(nsfw) per image, ``batch_size`` images per session call (``None``: all)."""
         src = self._builtin("open_nsfw")
         assert isinstance(src, OpenNSFWSource)
         return src.scores(images)
@@ -456,75 +370,136 @@ class DetectorBackend(Backend):
 
     # -- questions -------------------------------------------------------------------
 
-    def _run_sources(self, policy: Policy | None, names: Sequence[str], images: Sequence[Image.Image]) -> dict[str, list[SourceOutput]]:
-        out: dict[str, list[SourceOutput]] = {}
-        for name in names:
-            t0 = time.perf_counter()
-            if name == "nudenet":
-                out[name] = [SourceOutput(boxes=boxes) for boxes in self.detect(images)]
-            else:
-                src = self._source(policy, name) if policy is not None else self._builtin(name)
-                out[name] = src.run(images)
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
-        return out
+    def _run_one(self, policy: Policy | None, name: str, images: Sequence[Image.Image]) -> list[SourceOutput]:
+        t0 = time.perf_counter()
+        if name == "nudenet":
+            outputs = [SourceOutput(boxes=boxes) for boxes in self.detect(images)]
+        else:
+            src = self._source(policy, name) if policy is not None else self._builtin(name)
+            outputs = src.run(images)
+        took = time.perf_counter() - t0
+        with self._lock:
+            if name in self.evaluated:  # not from the first call, which loads the model
+                last = self._per_image.get(name)
+                now = took / max(1, len(images))
+                self._per_image[name] = now if last is None else 0.8 * last + 0.2 * now
+            self.timings[name] = self.timings.get(name, 0.0) + took
+            self.evaluated[name] = self.evaluated.get(name, 0) + len(images)
+        return outputs
+
+    def _run_sources(
+        self, wanted: dict[_Key, tuple[Policy | None, str]], images: Sequence[Image.Image], digests: Sequence[str]
+    ) -> dict[_Key, list[SourceOutput]]:
+        """Each wanted source's outputs per image: from the cache where this image was seen, else
+        from one batched call per source over the images not seen (each distinct image once),
+        the sources at once on the pool."""
+        found: dict[_Key, dict[str, SourceOutput]] = {}
+        todo: dict[_Key, list[int]] = {}
+        for key in wanted:
+            found[key], pending = {}, {}
+            for i, d in enumerate(digests):
+                if d in found[key] or d in pending:
+                    continue
+                hit = self.cache.get(d, key)
+                if hit is not None:
+                    found[key][d] = hit
+                else:
+                    pending[d] = i
+            if pending:
+                todo[key] = list(pending.values())
+        jobs = {k: (*wanted[k], [images[i] for i in idx]) for k, idx in todo.items()}
+        if len(jobs) > 1 and self.workers > 1:
+            pool = self._executor()
+            # the longest first (by each source's time per image so far): the pool's threads finish together
+            order = sorted(jobs, key=lambda k: -self._cost(k[0]) * len(todo[k]))
+            futures = {k: pool.submit(self._run_one, *jobs[k]) for k in order}
+            results = {k: f.result() for k, f in futures.items()}
+        else:
+            results = {k: self._run_one(*job) for k, job in jobs.items()}
+        for key, idx in todo.items():
+            for i, output in zip(idx, results[key], strict=True):
+                found[key][digests[i]] = output
+                self.cache.put(digests[i], key, output)
+        return {key: [found[key][d] for d in digests] for key in wanted}
+
+    def _cost(self, name: str) -> float:
+        """Recent seconds per image of ``name`` (infinite until known: it goes first)."""
+        with self._lock:
+            return self._per_image.get(name, float("inf"))
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="icm-evidence")
+            return self._pool
+
+    def _plan(self, queries: Sequence[Query]) -> _Plan:
+        """One policy's queries: the policy (from the term of its yes/no query), the targets its
+        evidence declares, the built-in mappings, and the sources they need."""
+        term = next((q.term for q in queries if q.kind == "yes_no" and q.term and q.attribute is None), None)
+        policy = self._policy_for(term.strip() if term else None)
+        ev = policy.evidence if policy is not None else None
+        plan = _Plan(policy)
+        for q in queries:
+            if q.kind == "yes_no" and q.attribute is None and q.term is not None:
+                if ev is not None and ev.term is not None and policy is not None and q.term.strip() == policy.term.id:
+                    plan.declared[q.key] = (q, ev.term)
+                elif q.term.strip().lower() == SEXY_TERM and (ev is None or ev.term is None):
+                    plan.legacy[q.key] = q
+            elif q.kind == "choice" and q.attribute and q.option_ids and not (q.options and len(q.options) != len(q.option_ids)):
+                if ev is not None and q.attribute in ev.attributes:
+                    plan.declared[q.key] = (q, ev.attributes[q.attribute])
+                elif self.nudenet_available and (q.attribute == "exposure" or (q.attribute == "region" and self.judge_region)):
+                    plan.legacy[q.key] = q
+        for _, spec in plan.declared.values():
+            for item in spec.from_:
+                if item.source in plan.names or item.source in plan.missing:
+                    continue
+                why = self.source_unavailable(policy, item.source) if policy is not None else "no policy"
+                if why is None:
+                    plan.names.append(item.source)
+                else:
+                    plan.missing[item.source] = why
+        if any(q.kind == "yes_no" for q in plan.legacy.values()) and "open_nsfw" not in plan.names:
+            plan.names.append("open_nsfw")
+        if any(q.kind == "choice" for q in plan.legacy.values()) and "nudenet" not in plan.names:
+            plan.names.append("nudenet")
+        return plan
 
     def ask(self, images: Sequence[Image.Image], queries: Sequence[Query]) -> list[dict[str, Answer]]:
+        """Answers per image. When every key is ``MEMBER|KEY`` (a bundle's merged ask), the
+        queries are grouped by member, each group judged from its own policy (the term of its
+        yes/no query), and each source runs once for all of them."""
         out: list[dict[str, Answer]] = [{q.key: None for q in queries} for _ in images]
         if not images or not queries:
             return out
         rgb = [_rgb(im) for im in images]  # decoded once; every source sees these
-        term = next((q.term for q in queries if q.kind == "yes_no" and q.term and q.attribute is None), None)
-        policy = self._policy_for(term.strip() if term else None)
-        ev = policy.evidence if policy is not None else None
-
-        # which targets are declared, and which sources they need
-        plan: dict[str, tuple[Query, TermEvidence | AttributeEvidence]] = {}
-        legacy: dict[str, Query] = {}
+        merged = all("|" in q.key for q in queries)
+        groups: dict[str, list[Query]] = {}
         for q in queries:
-            if q.kind == "yes_no" and q.attribute is None and q.term is not None:
-                if ev is not None and ev.term is not None and policy is not None and q.term.strip() == policy.term.id:
-                    plan[q.key] = (q, ev.term)
-                elif q.term.strip().lower() == SEXY_TERM and (ev is None or ev.term is None):
-                    legacy[q.key] = q
-            elif q.kind == "choice" and q.attribute and q.option_ids and not (q.options and len(q.options) != len(q.option_ids)):
-                if ev is not None and q.attribute in ev.attributes:
-                    plan[q.key] = (q, ev.attributes[q.attribute])
-                elif self.nudenet_available and (q.attribute == "exposure" or (q.attribute == "region" and self.judge_region)):
-                    legacy[q.key] = q
-        names: list[str] = []
-        missing: dict[str, str] = {}
-        for _, spec in plan.values():
-            for item in spec.from_:
-                if item.source in names or item.source in missing:
-                    continue
-                why = self.source_unavailable(policy, item.source) if policy is not None else "no policy"
-                if why is None:
-                    names.append(item.source)
-                else:
-                    missing[item.source] = why
-        if any(q.kind == "yes_no" for q in legacy.values()) and "open_nsfw" not in names:
-            names.append("open_nsfw")
-        if any(q.kind == "choice" for q in legacy.values()) and "nudenet" not in names:
-            names.append("nudenet")
-        if not names:
-            for key, (q, spec) in plan.items():
-                why = "; ".join(f"{n}: {missing[n]}" for n in dict.fromkeys(i.source for i in spec.from_) if n in missing)
-                for slot in out:
-                    slot[key] = NotJudged("cannot-judge", f"no evidence source for {q.key} can run here ({why})")
-            return out
-        outputs = self._run_sources(policy, names, rgb)
-
-        for i, slot in enumerate(out):
-            width, height = rgb[i].size
-            for key, (q, spec) in plan.items():
-                slot[key] = self._judge(q, spec, outputs, missing, i, width, height)
-            for key, q in legacy.items():
-                if q.kind == "yes_no":
-                    p = outputs["open_nsfw"][i].probs or {}
-                    slot[key] = YesNoScore(p_yes=p.get("nsfw", 0.0), source="open_nsfw", raw={"nsfw": p.get("nsfw", 0.0)})
-                else:
-                    judge: _Judge = "exposure" if q.attribute == "exposure" else "region"
-                    slot[key] = self._choice(judge, outputs["nudenet"][i].boxes, q.option_ids)
+            groups.setdefault(q.key.split("|", 1)[0] if merged else "", []).append(q)
+        plans = [self._plan(group) for group in groups.values()]
+        wanted = {self._source_key(p.policy, n): (p.policy, n) for p in plans for n in p.names}
+        found = self._run_sources(wanted, rgb, [image_digest(im) for im in images]) if wanted else {}
+        for plan in plans:
+            if not plan.names:
+                for key, (q, spec) in plan.declared.items():
+                    why = "; ".join(f"{n}: {plan.missing[n]}" for n in dict.fromkeys(i.source for i in spec.from_) if n in plan.missing)
+                    for slot in out:
+                        slot[key] = NotJudged("cannot-judge", f"no evidence source for {_shown(q.key)} can run here ({why})")
+                continue
+            outputs = {n: found[self._source_key(plan.policy, n)] for n in plan.names}
+            for i, slot in enumerate(out):
+                width, height = rgb[i].size
+                for key, (q, spec) in plan.declared.items():
+                    slot[key] = self._judge(q, spec, outputs, plan.missing, i, width, height)
+                for key, q in plan.legacy.items():
+                    if q.kind == "yes_no":
+                        p = outputs["open_nsfw"][i].probs or {}
+                        slot[key] = YesNoScore(p_yes=p.get("nsfw", 0.0), source="open_nsfw", raw={"nsfw": p.get("nsfw", 0.0)})
+                    else:
+                        judge: _Judge = "exposure" if q.attribute == "exposure" else "region"
+                        slot[key] = exposure_choice(judge, outputs["nudenet"][i].boxes, q.option_ids)
         return out
 
     @staticmethod
@@ -559,24 +534,12 @@ class DetectorBackend(Backend):
             if p is None:
                 why = ("the policy sets no 'silent' P(term)" if all_ran else "not every source looked: "
                        + "; ".join(f"{n}: {w}" for n, w in missing.items() if any(it.source == n for it in spec.from_)))
-                return NotJudged("cannot-judge", f"{source} found nothing for {q.key}, and silence cannot clear it ({why})", raw)
+                return NotJudged("cannot-judge", f"{source} found nothing for {_shown(q.key)}, and silence cannot clear it ({why})", raw)
             return YesNoScore(p_yes=p, source=source, raw=raw)
         probs = attribute_distribution(spec, fired, q.option_ids, all_sources_ran=all_ran)
         if probs is None:
-            return NotJudged("cannot-judge", f"{source} found nothing for {q.key} and the attribute has no usable 'silent' value", raw)
+            return NotJudged("cannot-judge", f"{source} found nothing for {_shown(q.key)} and the attribute has no usable 'silent' value", raw)
         return Choice(probs=probs, source=source, raw=raw)
-
-    @staticmethod
-    def _choice(judge: _Judge, boxes: list[Box], option_ids: Sequence[str]) -> Choice | None:
-        evidence = exposure_evidence(boxes) if judge == "exposure" else region_evidence(boxes)
-        restricted = None if evidence is None else _restrict(evidence, option_ids)
-        if evidence is None or restricted is None:
-            return None
-        probs, dropped = restricted
-        raw: dict[str, Any] = {"boxes": boxes, "evidence": evidence, "dropped_mass": dropped}
-        if judge == "exposure":
-            raw["unobservable"] = [o for o in UNOBSERVABLE_EXPOSURE if o in option_ids]
-        return Choice(probs=probs, source="nudenet", raw=raw)
 
     def score_yes_no(
         self, images: Sequence[Image.Image], questions: Sequence[str]
@@ -596,6 +559,15 @@ class DetectorBackend(Backend):
             sources = list(self._sources.values())
         for s in sources:
             s.close()
+        self.cache.clear()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def _shown(key: str) -> str:
+    """A query key without a merged ask's ``MEMBER|`` prefix (as the member's own ask would say it)."""
+    return key.split("|", 1)[1] if "|" in key else key
 
 
 def _rgb(im: Image.Image) -> Image.Image:

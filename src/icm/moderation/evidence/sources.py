@@ -41,9 +41,10 @@ class EvidenceSource:
 
     name: str = "source"
     kind: SourceKind = "classifier"
-    batch_size: int = 8
+    batch_size: int | None = None
+    """Most images per session call; ``None``: every image of a call to :meth:`run` in one."""
 
-    def __init__(self, *, intra_op_num_threads: int | None = None, batch_size: int = 8) -> None:
+    def __init__(self, *, intra_op_num_threads: int | None = None, batch_size: int | None = None) -> None:
         self.intra_op_num_threads = intra_op_num_threads
         self.batch_size = batch_size
         self._lock = threading.Lock()
@@ -111,8 +112,9 @@ class OpenNSFWSource(EvidenceSource):
         model = self.model()
         rgb = [_rgb(im) for im in images]
         out: list[float] = []
-        for start in range(0, len(rgb), self.batch_size):
-            chunk = rgb[start : start + self.batch_size]
+        step = self.batch_size or max(1, len(rgb))
+        for start in range(0, len(rgb), step):
+            chunk = rgb[start : start + step]
             out.extend(p.nsfw for p in model.classify_batch(chunk, max_workers=min(4, len(chunk))))
         return out
 
@@ -150,7 +152,7 @@ class NudeNetSource(EvidenceSource):
         fitted = [fit_side(_rgb(im), NUDENET_MAX_SIDE) for im in images]
         # NudeNet expects what cv2.imread returns: contiguous uint8 BGR.
         arrays = [np.ascontiguousarray(np.asarray(small)[:, :, ::-1]) for small, _, _ in fitted]
-        raw = model.detect_batch(arrays, batch_size=self.batch_size)
+        raw = model.detect_batch(arrays, batch_size=self.batch_size or len(arrays))
         return [
             SourceOutput(boxes=[
                 Box(label=d["class"], score=float(d["score"]), x=float(d["box"][0]) * sx, y=float(d["box"][1]) * sy,
@@ -169,70 +171,18 @@ def fit_side(im: Image.Image, max_side: int) -> tuple[Image.Image, float, float]
     """``im`` resized so its longest side is at most ``max_side`` (aspect kept, each side at
     least 1), and the factors that map its coordinates back to ``im``'s."""
     w, h = im.size
-    if max(w, h) <= max_side:
+    size = fit_size(w, h, max_side)
+    if size == (w, h):
         return im, 1.0, 1.0
-    scale = max_side / max(w, h)
-    size = (max(1, min(max_side, round(w * scale))), max(1, min(max_side, round(h * scale))))
     return im.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0), w / size[0], h / size[1]
 
 
-OCR_MAX_SIDE = 1280
-"""RapidOCR downscales larger images to this longest side (text in adverts stays legible)."""
-
-OCR_DET_SIDE = 960
-"""Longest side of the image the text detector sees."""
-
-
-class RapidOCRSource(EvidenceSource):
-    """RapidOCR (PP-OCRv6 small, ONNX models inside the wheel): text lines with boxes.
-
-    One image per call (RapidOCR batches the text lines of an image, not images); the
-    angle classifier is off (upside-down text is rare in what this looks for, and it costs
-    a third of the time).
-    """
-
-    name = "rapidocr"
-    kind: SourceKind = "ocr"
-
-    def _load(self) -> Any:
-        from rapidocr import RapidOCR
-
-        params: dict[str, Any] = {
-            "Global.log_level": "error",
-            "Global.use_cls": False,
-            "Global.max_side_len": OCR_MAX_SIDE,
-            # the text detector scales the *longest* side down to this (RapidOCR's default
-            # scales the shortest side *up* to 736, twice the work on a phone photo)
-            "Det.limit_type": "max",
-            "Det.limit_side_len": OCR_DET_SIDE,
-        }
-        if self.intra_op_num_threads is not None:
-            params["EngineConfig.onnxruntime.intra_op_num_threads"] = self.intra_op_num_threads
-        engine = RapidOCR(params=params)
-        logging.getLogger("RapidOCR").setLevel(logging.ERROR)
-        return engine
-
-    def run(self, images: Sequence[Image.Image]) -> list[SourceOutput]:
-        engine = self.model()
-        out = []
-        for im in images:
-            try:
-                result = engine(np.asarray(_rgb(im)))
-            except Exception as exc:  # noqa: BLE001 - e.g. ResizeImgError on a 4000x2 strip: this image only
-                detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                out.append(SourceOutput(error=f"could not read the image ({detail})"))
-                continue
-            boxes: list[Box] = []
-            txts = getattr(result, "txts", None) or ()
-            scores = getattr(result, "scores", None) or ()
-            polys = getattr(result, "boxes", None)
-            for k, (text, score) in enumerate(zip(txts, scores, strict=True)):
-                poly = np.asarray(polys[k], dtype=float) if polys is not None else np.zeros((4, 2))
-                x0, y0 = poly[:, 0].min(), poly[:, 1].min()
-                boxes.append(Box(label=str(text), score=float(score), x=float(x0), y=float(y0),
-                                 w=float(poly[:, 0].max() - x0), h=float(poly[:, 1].max() - y0)))
-            out.append(SourceOutput(boxes=boxes))
-        return out
+def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longest side is at most ``max_side`` (aspect kept, each at least 1)."""
+    if max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, min(max_side, round(width * scale))), max(1, min(max_side, round(height * scale)))
 
 
 class OnnxClassifierSource(EvidenceSource):
@@ -255,7 +205,7 @@ class OnnxClassifierSource(EvidenceSource):
         output: str = "logits",
         crop: float = 1.0,
         intra_op_num_threads: int | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__(intra_op_num_threads=intra_op_num_threads, batch_size=batch_size)
         self.name = name
@@ -328,7 +278,7 @@ class OnnxClassifierSource(EvidenceSource):
             return []
         session = self.model()
         name = session.get_inputs()[0].name
-        step = self._fixed_batch or self.batch_size
+        step = self._fixed_batch or self.batch_size or len(images)
         out: list[SourceOutput] = []
         for start in range(0, len(images), step):
             chunk = [self.preprocess(im) for im in images[start : start + step]]
@@ -350,7 +300,7 @@ class OnnxClassifierSource(EvidenceSource):
 class EfficientNetLite0Source(OnnxClassifierSource):
     """EfficientNet-Lite0 on ImageNet-1k (the ``objects`` extra), exported to ONNX at first use."""
 
-    def __init__(self, *, intra_op_num_threads: int | None = None, batch_size: int = 8) -> None:
+    def __init__(self, *, intra_op_num_threads: int | None = None, batch_size: int | None = None) -> None:
         from icm.moderation.evidence import efficientnet as eff
 
         super().__init__(
@@ -369,7 +319,10 @@ class EfficientNetLite0Source(OnnxClassifierSource):
         return super()._load()
 
 
-def builtin_source(name: str, *, intra_op_num_threads: int | None = None, batch_size: int = 8) -> EvidenceSource:
-    cls = {"open_nsfw": OpenNSFWSource, "nudenet": NudeNetSource, "rapidocr": RapidOCRSource,
-           "efficientnet_lite0": EfficientNetLite0Source}[name]
+def builtin_source(name: str, *, intra_op_num_threads: int | None = None, batch_size: int | None = None) -> EvidenceSource:
+    """A built-in source by name (``batch_size`` ``None``: each call's images in one session call)."""
+    from icm.moderation.evidence.ocr import RapidOCRSource
+
+    cls: type[EvidenceSource] = {"open_nsfw": OpenNSFWSource, "nudenet": NudeNetSource, "rapidocr": RapidOCRSource,
+                                 "efficientnet_lite0": EfficientNetLite0Source}[name]
     return cls(intra_op_num_threads=intra_op_num_threads, batch_size=batch_size)
