@@ -70,10 +70,10 @@ def stream_reply(
             f"the {backend.name} backend cannot generate text: it only scores images. "
             "Use /verdict here, or chat with --backend hf or openai."
         )
-    if backend.name == "hf" and hasattr(backend, "model") and hasattr(backend, "processor"):
+    if backend.text_stream == "transformers":
         return _hf_stream(backend, image, messages, sampling, on_token)
-    if backend.name == "openai" and hasattr(backend, "stream"):
-        return _openai_stream(backend, image, messages, sampling, on_token)
+    if backend.text_stream == "method":
+        return _method_stream(backend, image, messages, sampling, on_token)
     return _whole(backend, image, messages, sampling, on_token)
 
 
@@ -152,10 +152,10 @@ def _hf_stream(backend: Any, image: Image.Image, messages: Sequence[Message], sa
     return "".join(pieces).strip()
 
 
-# --------------------------------------------------------------------------- openai
+# --------------------------------------------------------------------------- a backend's own stream (openai)
 
 
-def _openai_stream(backend: Any, image: Image.Image, messages: Sequence[Message], sampling: Sampling, on_token: TokenCallback) -> str:
+def _method_stream(backend: Backend, image: Image.Image, messages: Sequence[Message], sampling: Sampling, on_token: TokenCallback) -> str:
     """Through the backend's own client (the SDK's streaming, retries and key handling)."""
     from icm.openai_http import ChatError
 

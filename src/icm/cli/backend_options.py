@@ -1,10 +1,10 @@
 """The backend options of ``icm moderate``, ``icm chat``, ``icm eval run`` and ``icm serve``:
-one typer option per :class:`~icm.moderation.spec.BackendSpec` field, defined once.
+one typer option per flat field of the registered backends' options models, defined once.
 
-A command declares ``backend: BackendOpt = "detector"`` (its own default; ``None`` where a
-config file fills it in, as in ``icm serve``) and builds the spec with
-``BackendSpec.build(backend=backend, ...)``. The help texts are the spec's field
-descriptions.
+A command declares ``backend: BackendOpt = None`` (``icm chat`` defaults to ``hf``) and
+builds the spec with ``BackendSpec.build(backend=backend, ...)``: every option defaults to
+None, so the defaults live in the options models only. The help texts are the fields'
+descriptions; ``--backend`` lists the registered names.
 """
 
 from __future__ import annotations
@@ -13,27 +13,41 @@ from typing import Annotated
 
 import typer
 
-from icm.moderation.spec import BackendSpec
+from icm.moderation.backends.cascade import escalation_targets
+from icm.moderation.backends.registry import DEFAULT_BACKEND, backend_names, options_class
+from icm.moderation.spec import all_flat_fields
+
+
+def _default(field: str) -> str:
+    """`` (default: X)``: the options default to None, the options models fill them in."""
+    info = all_flat_fields()[field]
+    return "" if info.default is None else f" (default: {info.default})"
 
 
 def _help(field: str) -> str:
-    return BackendSpec.model_fields[field].description or ""
+    """The field's description and its default."""
+    return (all_flat_fields()[field].description or "").rstrip(".") + _default(field) + "."
 
 
-BackendOpt = Annotated[str | None, typer.Option("--backend", "-b", help=_help("backend"))]
+def _backend_help() -> str:
+    names = [f"{n} ({options_class(n).note})" if options_class(n).note else n for n in backend_names()]
+    return f"{', '.join(names[:-1])} or {names[-1]} (default: {DEFAULT_BACKEND})."
+
+
+BackendOpt = Annotated[str | None, typer.Option("--backend", "-b", help=_backend_help())]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=_help("model"))]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help=_help("adapter"))]
 BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help=_help("base_url"))]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help=_help("dtype") + " auto, float32, bfloat16 or float16.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help=_help("dtype").removesuffix(".") + "; auto, float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help=_help("device"))]
-BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", help="Images per batch (hf: per forward pass).")]
+BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", help=_help("batch_size"))]
 MinLabelMassOpt = Annotated[
     float | None,
     typer.Option(
         "--min-label-mass",
         help="hf/openai: an answer counts only when the model puts at least this probability on the valid labels "
         "(Yes/No or the option labels); below it the question is not judged (refused or off-format) and the image "
-        "is never allowed.",
+        "is never allowed" + _default("min_label_mass") + ".",
     ),
 ]
 TextConfidenceOpt = Annotated[
@@ -50,10 +64,13 @@ GuidedChoiceOpt = Annotated[
     typer.Option(
         "--guided-choice",
         help="openai: ask the server to constrain answers to the labels: off, structured_outputs (vLLM >= 0.10), "
-        "guided_choice (older vLLM) or regex (SGLang). A server that rejects it is asked without it.",
+        "guided_choice (older vLLM) or regex (SGLang). A server that rejects it is asked without it" + _default("guided_choice") + ".",
     ),
 ]
-EscalateBackendOpt = Annotated[str | None, typer.Option("--escalate-backend", help=_help("escalate_backend"))]
+EscalateBackendOpt = Annotated[
+    str | None,
+    typer.Option("--escalate-backend", help=_help("escalate_backend").removesuffix(".") + ": " + " or ".join(escalation_targets()) + "."),
+]
 ApiKeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help=_help("api_key_env"))]
 TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help=_help("timeout"))]
 MaxRetriesOpt = Annotated[int | None, typer.Option("--max-retries", help=_help("max_retries"))]

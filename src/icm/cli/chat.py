@@ -37,12 +37,14 @@ def render_verdict(record, out: TextIO) -> None:
 
 def chat(
     image: str = typer.Argument(..., help="The image to talk about."),
-    backend: Annotated[str | None, typer.Option("--backend", "-b", help="hf or openai (detector: /verdict only).")] = "hf",
+    backend: Annotated[
+        str | None, typer.Option("--backend", "-b", help="A backend that generates text: hf or openai (detector: /verdict only).")
+    ] = "hf",
     model: bo.ModelOpt = None,
     adapter: bo.AdapterOpt = None,
     base_url: bo.BaseUrlOpt = None,
-    dtype: bo.DtypeOpt = "auto",
-    device: bo.DeviceOpt = "auto",
+    dtype: bo.DtypeOpt = None,
+    device: bo.DeviceOpt = None,
     min_label_mass: bo.MinLabelMassOpt = None,
     text_confidence: bo.TextConfidenceOpt = None,
     guided_choice: bo.GuidedChoiceOpt = None,
@@ -61,6 +63,7 @@ def chat(
 ) -> None:
     """Talk with a multimodal model about one image, under a policy and rule set."""
     from icm.chat import ChatSession, Sampling
+    from icm.moderation.backends import BACKENDS
     from icm.moderation.images import ImageLoadError
     from icm.moderation.spec import BackendSpec, create_backend
     from icm.policy import PolicyError
@@ -68,8 +71,8 @@ def chat(
     try:
         sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
         for name in (backend, verdict_backend):
-            if name is not None and name not in ("hf", "openai", "detector"):
-                raise ValueError(f"unknown backend {name!r} (choose from hf, openai, detector)")
+            if name is not None and name not in BACKENDS:
+                raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
         spec = BackendSpec.build(
             backend=backend, model=model, adapter=adapter, base_url=base_url, dtype=dtype, device=device, batch_size=1,
             min_label_mass=min_label_mass, text_confidence=text_confidence, guided_choice=guided_choice, api_key_env=api_key_env, timeout=timeout,

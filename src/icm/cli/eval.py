@@ -13,7 +13,6 @@ from rich.text import Text
 
 from icm.cli import backend_options as bo
 from icm.cli.common import console, err_console, print_error, print_json
-from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS
 from icm.policy import PolicyError
 
 if TYPE_CHECKING:
@@ -316,20 +315,20 @@ def run_cmd(
     policy: str = typer.Option("icm-sexy", "--policy", "-p"),
     rules: str | None = typer.Option(None, "--rules", "-r"),
     target: str = typer.Option("rules", help="rules or term (see `icm eval icm --help`)."),
-    backend: bo.BackendOpt = "detector",
+    backend: bo.BackendOpt = None,
     model: bo.ModelOpt = None,
     adapter: bo.AdapterOpt = None,
     base_url: bo.BaseUrlOpt = None,
-    dtype: bo.DtypeOpt = "auto",
-    device: bo.DeviceOpt = "auto",
-    batch_size: bo.BatchSizeOpt = 8,
-    min_label_mass: bo.MinLabelMassOpt = DEFAULT_MIN_LABEL_MASS,
+    dtype: bo.DtypeOpt = None,
+    device: bo.DeviceOpt = None,
+    batch_size: bo.BatchSizeOpt = None,
+    min_label_mass: bo.MinLabelMassOpt = None,
     text_confidence: bo.TextConfidenceOpt = None,
-    guided_choice: bo.GuidedChoiceOpt = "off",
-    escalate_backend: bo.EscalateBackendOpt = "hf",
+    guided_choice: bo.GuidedChoiceOpt = None,
+    escalate_backend: bo.EscalateBackendOpt = None,
     api_key_env: bo.ApiKeyEnvOpt = None,
-    timeout: bo.TimeoutOpt = 60.0,
-    max_retries: bo.MaxRetriesOpt = 3,
+    timeout: bo.TimeoutOpt = None,
+    max_retries: bo.MaxRetriesOpt = None,
     preset: bo.PresetOpt = None,
     threshold: float = typer.Option(0.5, "--threshold", "-t"),
     protocol: str = typer.Option("image"),
@@ -360,7 +359,7 @@ def run_cmd(
         )
         cfg = EvalRunConfig(
             dataset=str(dataset), name=name, out_dir=str(out_dir), labels=str(labels) if labels else None, policy=policy, rules=rules,
-            target=target, backend_spec=spec, threshold=threshold, protocol=protocol, confidence=confidence, bootstrap=bootstrap,
+            target=target, backend=spec, threshold=threshold, protocol=protocol, confidence=confidence, bootstrap=bootstrap,
             explain=explain, qa=qa, offline_metric=offline_metric,
             judge=JudgeConfig(model=judge_model, **({"base_url": judge_base_url} if judge_base_url else {})) if judge_model else None,
         )

@@ -19,11 +19,12 @@ question and writes no explanation) are skipped with a note, never scored as zer
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from icm.evaluation.icm_metrics import Protocol, ScoreMode, evaluate_icm
 from icm.evaluation.labels import LabelResolver, LabelSpec, Target, _parse_label, read_labels_file
@@ -34,7 +35,10 @@ from icm.evaluation.mqa import QAKind, QARecord, score_records
 from icm.evaluation.results import ResultItem, ResultSet
 from icm.evaluation.summary import EvalSummary
 from icm.fileio import read_jsonl
-from icm.moderation.spec import BackendSpec
+from icm.moderation.backends.base import DEFAULT_TEXT_CONFIDENCE
+from icm.moderation.spec import BackendSpec, all_flat_fields, fold_flat_settings
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAMES = ("dataset.jsonl", "dataset.json", "manifest.jsonl")
 
@@ -126,7 +130,7 @@ class EvalRunConfig(BaseModel):
     policy: str = "icm-sexy"
     rules: str | None = None
     target: Target = "rules"
-    backend_spec: BackendSpec = Field(default_factory=BackendSpec)
+    backend: BackendSpec = Field(default_factory=BackendSpec)
     """The model backend, as every entry point describes it (``icm moderate``'s backend options)."""
     threshold: float = 0.5
     confidence: float = 0.95
@@ -139,6 +143,19 @@ class EvalRunConfig(BaseModel):
     offline_metric: OfflineMetric | Literal["none"] = "combined"
     judge: JudgeConfig | None = None
     html: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_backend(cls, data: Any) -> Any:
+        """The spec under its earlier name (``backend_spec``), or flat backend options
+        (``backend="hf", model=...``), become :attr:`backend`; with a warning."""
+        if not isinstance(data, dict):
+            return data
+        folded = fold_flat_settings(data, set(all_flat_fields()) - {"backend"}, old="backend_spec")
+        if folded is None:
+            return data
+        log.warning("EvalRunConfig: flat backend options and backend_spec are deprecated; give the spec as backend=")
+        return folded
 
 
 # -- Q-A -------------------------------------------------------------------------------------
@@ -210,7 +227,7 @@ def run_evaluation(
     want_explain = config.explain and any(it.reference_explanation for it in ds.items)
     mc = ModerateConfig(
         inputs=[ds.image_path(it) for it in ds.items], policy=config.policy, rules=config.rules, explain=want_explain,
-        out=str(out_dir / "records.jsonl"), resume=True, **config.backend_spec.model_dump(),
+        out=str(out_dir / "records.jsonl"), resume=True, backend=config.backend, batch_size=config.backend.batch_size,
     )
     own = moderator is None
     mod = moderator or build_moderator(mc)
@@ -242,10 +259,11 @@ def run_evaluation(
         summary.meta["records_read_from_text"] = len(text)
         summary.meta["answers_read_from_text"] = sum(len(k) for k in text.values())
         if text:
+            text_confidence = config.backend.flat().get("text_confidence", DEFAULT_TEXT_CONFIDENCE)
             notes.append(
                 f"{len(text)} of {len(records)} records have answers read from the answer text "
                 f"({summary.meta['answers_read_from_text']} answers: the server gave no usable logprobs; one sampled "
-                f"answer each, counted at --text-confidence {mc.backend_spec().text_confidence:g}, not a measured probability)"
+                f"answer each, counted at --text-confidence {text_confidence:g}, not a measured probability)"
             )
         stage("scoring moderation")
         rs = ResultSet(source=str(out_dir / "records.jsonl"), format="icm-jsonl", items=items)

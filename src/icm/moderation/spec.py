@@ -1,47 +1,287 @@
 """Which model backend to run, and how: one :class:`BackendSpec` for every entry point.
 
-``icm moderate``, ``icm chat``, ``icm eval run``, the batch job
-(:class:`~icm.moderation.job.ModerateConfig` maps its fields onto a spec) and the server
-(:class:`~icm.serve.config.ServeConfig` likewise) all describe a backend with these
-fields, and :func:`create_backend` / :func:`create_backends` build it from one. The CLI
-maps one option to each field (``--backend``, ``--model``, ``--adapter``, ``--base-url``,
-``--dtype``, ``--device``, ``--batch-size``, ``--min-label-mass``, ``--text-confidence``, ``--guided-choice``,
-``--escalate-backend``, ``--api-key-env``, ``--timeout``, ``--max-retries``, ``--preset``).
+``BackendSpec`` is the discriminated union (discriminator ``backend``) of the options
+models in the backend registry (:mod:`icm.moderation.backends.registry`): validating
+``{"backend": "hf", "model": ...}`` gives an :class:`~icm.moderation.backends.hf_options.HFOptions`,
+and a backend registered later is accepted too. Use it as a pydantic field type (it
+round-trips through JSON), or build one from the command line's flat option values with
+:meth:`BackendSpec.build` (``--backend``, ``--model``, ``--adapter``, ``--base-url``,
+``--dtype``, ``--device``, ``--batch-size``, ``--min-label-mass``, ``--text-confidence``,
+``--guided-choice``, ``--escalate-backend``, ``--api-key-env``, ``--timeout``,
+``--max-retries``, ``--preset``: each the field of a registered options model). :func:`create_backend`
+and :func:`create_backends` build the backends a spec describes.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import CoreSchema, core_schema
+from typing_extensions import Self
 
-from icm.moderation.backends import create_backend as _create_by_name
-from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, DEFAULT_TEXT_CONFIDENCE, Backend
+from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, DEFAULT_TEXT_CONFIDENCE
+from icm.moderation.backends.registry import (
+    DEFAULT_BACKEND,
+    BackendNames,
+    backend_class,
+    backend_names,
+    entry,
+    options_class,
+)
 
-__all__ = ["BACKEND_NAMES", "GUIDED_CHOICE_STYLES", "BackendSpec", "create_backend", "create_backends"]
+if TYPE_CHECKING:
+    from icm.moderation.backends.base import Backend
 
-BACKEND_NAMES = ("detector", "hf", "openai", "cascade")
+__all__ = [
+    "BACKEND_NAMES",
+    "GUIDED_CHOICE_STYLES",
+    "BackendSpec",
+    "MLLMOptions",
+    "create_backend",
+    "create_backends",
+    "either",
+    "fold_flat_settings",
+]
+
+BACKEND_NAMES: BackendNames = BackendNames()
+"""The registered backend names (a live view of the registry), composites included."""
 GUIDED_CHOICE_STYLES = ("off", "structured_outputs", "guided_choice", "regex")
-
-BackendName = Literal["detector", "hf", "openai", "cascade"]
 GuidedChoice = Literal["off", "structured_outputs", "guided_choice", "regex"]
 
 
+def either(names: tuple[str, ...] | list[str]) -> str:
+    """``'a', 'b' or 'c'``: the choices as pydantic's literal errors spell them."""
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def _literal_error(field: str, value: Any, names: tuple[str, ...]) -> ValidationError:
+    return ValidationError.from_exception_data(
+        "BackendSpec", [{"type": "literal_error", "loc": (field,), "input": value, "ctx": {"expected": either(names)}}]
+    )
+
+
+def _dispatch(value: Any) -> BackendSpec:
+    """A mapping (or a spec) validated as the options model its ``backend`` names."""
+    if isinstance(value, BackendSpec):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"a backend spec is a mapping with a 'backend' name, not {type(value).__name__}")
+    name = value.get("backend", DEFAULT_BACKEND)
+    if name not in backend_names():
+        raise _literal_error("backend", name, backend_names())
+    return options_class(name).model_validate(dict(value))
+
+
 class BackendSpec(BaseModel):
-    """A model backend and its settings; fields a backend does not use are ignored by it."""
+    """A model backend and its settings: the options model of one registered backend.
+
+    ``BackendSpec(**fields)`` and ``BackendSpec.model_validate(data)`` give the options
+    model ``fields["backend"]`` names (default ``detector``); so does a field typed
+    ``BackendSpec`` in another model. Subclasses (the options models) declare
+    ``backend: Literal["name"]`` and their own fields, defaults and checks.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: BackendName = Field("detector", description="detector (offline), hf, openai or cascade.")
+    _union_root: ClassVar[bool] = True  # only this class dispatches; subclasses validate as themselves
+    note: ClassVar[str] = ""
+    """Shown after the name in ``--backend``'s help, e.g. ``offline``."""
+    escalation_target: ClassVar[bool] = False
+    """Whether a cascade may escalate to this backend (a backend that reads the question text)."""
+    not_arguments: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+    """Fields that are not arguments of the backend's constructor."""
+    only_here: ClassVar[dict[str, str]] = {}
+    """Flags that are an error with a backend that does not take them (``--preset`` with the
+    detector), and what the error says after ``--flag VALUE``; other flags are ignored there."""
+
+    backend: str = Field(DEFAULT_BACKEND, description="The model backend.")
+    batch_size: int = Field(8, ge=1, description="Images per batch (hf: per forward pass).")
+
+    def __new__(cls, **data: Any) -> Self:  # BackendSpec(backend="hf", ...) is an HFOptions
+        if cls.__dict__.get("_union_root"):
+            cls = options_class(data.get("backend", DEFAULT_BACKEND))  # type: ignore[assignment]  # a subclass of cls
+        return super().__new__(cls)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        if "_union_root" not in cls.__dict__:
+            return handler(source)
+        return core_schema.no_info_plain_validator_function(
+            _dispatch,
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                lambda v, info: v.model_dump(mode=info.mode, by_alias=info.by_alias), info_arg=True
+            ),
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: CoreSchema, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        if "_union_root" not in cls.__dict__:
+            return dict(handler(schema))
+        return {
+            "type": "object",
+            "title": "BackendSpec",
+            "description": "A backend and its settings; 'backend' names a registered backend.",
+            "properties": {"backend": {"enum": list(backend_names()), "default": DEFAULT_BACKEND}},
+            "additionalProperties": True,
+        }
+
+    # -- the flat form of the command line ------------------------------------------------
+
+    @classmethod
+    def flat_fields(cls) -> dict[str, FieldInfo]:
+        """The command-line options this model takes (``--name`` per field)."""
+        return dict(cls.model_fields)
+
+    @classmethod
+    def from_flat(cls, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``given`` split into this model's data and the flat values it does not use."""
+        own = cls.flat_fields()
+        return {k: v for k, v in given.items() if k in own}, {k: v for k, v in given.items() if k not in own}
+
+    def flat(self) -> dict[str, Any]:
+        """This spec as flat option values (the inverse of :meth:`build`)."""
+        return self.model_dump()
+
+    @classmethod
+    def build(cls, **fields: Any) -> BackendSpec:
+        """A spec from option values (``None`` means the default), or a ``ValueError``
+        naming the option: ``--batch-size: Input should be greater than or equal to 1``.
+
+        Values of options the chosen backend does not use are checked and ignored
+        (``--model`` with the detector), as on the command line.
+        """
+        return _build(fields, _option)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> BackendSpec:
+        """As :meth:`build`, from a config file's flat settings: errors name the setting
+        (``min_label_mass: Input should be less than or equal to 1``)."""
+        return _build(dict(settings), str)
+
+    def for_backend(self, name: str) -> BackendSpec:
+        """This spec's settings applied to backend ``name`` (``icm chat --verdict-backend``)."""
+        return self if name == self.backend else BackendSpec.build(**{**self.flat(), "backend": name})
+
+    # -- building the backend -------------------------------------------------------------
+
+    def options(self, name: str | None = None) -> dict[str, Any]:
+        """Constructor arguments of backend ``name`` (default: this spec's backend).
+
+        Raises ``ValueError`` when a setting cannot be resolved (an API key variable that is not set).
+        """
+        if name and name != self.backend:
+            return self.for_backend(name).options()
+        return {k: getattr(self, k) for k in type(self).model_fields if k != "backend" and k not in self.not_arguments}
+
+    def create_backends(self) -> tuple[Backend, Backend | None]:
+        """The backend this spec describes and, for a composite, the one it escalates to."""
+        return backend_class(self.backend)(**self.options()), None
+
+
+def fold_flat_settings(data: dict[str, Any], keys: Iterable[str], *, field: str = "backend", old: str | None = None) -> dict[str, Any] | None:
+    """``data`` (a config's settings) with its flat backend settings folded into ``data[field]``,
+    or None when it has none. Flat: ``keys`` at the top level, ``field`` a backend name, or
+    the spec under its ``old`` name; given beside a nested spec, they win over it."""
+    keys = set(keys)
+    flat = {k: data[k] for k in keys if k in data}
+    nested = data.get(old) if old and data.get(old) is not None else data.get(field)
+    if not flat and not isinstance(nested, str) and not (old and old in data):
+        return None
+    rest = {k: v for k, v in data.items() if k not in keys and k not in (field, old)}
+    if isinstance(nested, str):
+        flat["backend"] = nested
+    elif nested is not None:
+        flat = {**BackendSpec.model_validate(nested).flat(), **flat}
+    return {**rest, field: BackendSpec.from_settings(flat)}
+
+
+def _option(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _build(fields: dict[str, Any], spell: Callable[[str], str]) -> BackendSpec:
+    """:meth:`BackendSpec.build`, its errors naming each value as ``spell`` writes its key."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    name = given.get("backend", DEFAULT_BACKEND)
+    if name not in backend_names():
+        raise ValueError(_describe(_literal_error("backend", name, backend_names()), spell))
+    model = options_class(name)
+    own, unused = model.from_flat(given)
+    problems: list[str] = []
+    spec: BackendSpec | None = None
+    try:
+        spec = model.model_validate(own)
+    except ValidationError as exc:
+        problems.append(_describe(exc, spell))
+    flat = all_flat_fields()
+    for key, value in unused.items():
+        if key not in flat:
+            problems.append(f"{spell(key)}: Extra inputs are not permitted")
+            continue
+        try:
+            _adapter(key).validate_python(value)
+        except ValidationError as exc:
+            problems.append(_describe(exc, spell, where=key))
+    if problems or spec is None:
+        raise ValueError("; ".join(problems))
+    return spec
+
+
+def _describe(exc: ValidationError, spell: Callable[[str], str], where: str | None = None) -> str:
+    problems = []
+    flat = all_flat_fields()
+    for err in exc.errors():
+        names = [p for p in err["loc"] if isinstance(p, str) and p in flat]
+        at = where or (names[-1] if names else None)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        problems.append(f"{spell(at)}: {msg}" if at else msg)
+    return "; ".join(problems)
+
+
+def all_flat_fields() -> dict[str, FieldInfo]:
+    """Every flat option of the registered backends (the first model to declare one wins)."""
+    out: dict[str, FieldInfo] = {}
+    for name in backend_names():
+        for key, info in options_class(name).flat_fields().items():
+            out.setdefault(key, info)
+    return out
+
+
+_adapters: dict[tuple[str, int], TypeAdapter[Any]] = {}
+
+
+def _adapter(key: str) -> TypeAdapter[Any]:
+    """A validator of flat option ``key`` alone (its type and bounds, as its model declares them)."""
+    info = all_flat_fields()[key]
+    if (key, id(info)) not in _adapters:
+        annotated: Any = Annotated[info.annotation, info]
+        _adapters[(key, id(info))] = TypeAdapter(annotated)
+    return _adapters[(key, id(info))]
+
+
+class MLLMOptions(BackendSpec):
+    """Options every multimodal-LLM backend shares: the model, when an answer counts, and a
+    guard model's prompt format (``preset``, :mod:`icm.moderation.presets`)."""
+
+    model_hint: ClassVar[str] = "the model to run"
+    escalation_target: ClassVar[bool] = True
+    not_arguments: ClassVar[frozenset[str]] = frozenset({"batch_size", "preset"})
+    only_here: ClassVar[dict[str, str]] = {"preset": "runs on the hf or openai backend (or a cascade escalating to one)"}
+
     model: str | None = Field(None, description="hf: hub id or local path; openai: the served model name.")
-    adapter: str | None = Field(None, description="hf: LoRA adapter path.")
-    base_url: str | None = Field(
-        None, description="openai: the server's API root (default $ICM_OPENAI_BASE_URL or $OPENAI_BASE_URL)."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf: weight dtype.")
-    device: str = Field("auto", description="hf: auto, cpu, cuda, cuda:1, mps ...")
-    batch_size: int = Field(8, ge=1, description="hf: images per forward pass.")
     min_label_mass: float = Field(
         DEFAULT_MIN_LABEL_MASS,
         ge=0.0,
@@ -55,94 +295,36 @@ class BackendSpec(BaseModel):
         description="openai: the probability an answer read from text (no usable logprobs) gives the label it names; "
         "one sampled answer is never P = 0 or 1.",
     )
-    guided_choice: GuidedChoice = Field("off", description="openai: constrain answers to the labels.")
-    escalate_backend: Literal["hf", "openai"] = Field(
-        "hf", description="cascade: the MLLM backend images go to when the detector cannot clear them."
-    )
-    api_key_env: str | None = Field(
-        None,
-        description="openai: the environment variable holding the API key "
-        "(default $ICM_OPENAI_API_KEY or $OPENAI_API_KEY). Never the key itself.",
-    )
-    timeout: float = Field(60.0, gt=0, description="openai: seconds per HTTP request.")
-    max_retries: int = Field(3, ge=0, description="openai: extra attempts of a transient failure.")
     preset: Literal["llavaguard", "shieldgemma2", "llama-guard-4"] | None = Field(
         None,
         description="hf/openai: the model is a guard model judged in its own prompt format, behind the same policy: "
         "llavaguard (also QwenGuard), shieldgemma2 or llama-guard-4 (docs/presets.md).",
     )
 
+    def create_backends(self) -> tuple[Backend, Backend | None]:
+        backend, _ = super().create_backends()
+        if self.preset:
+            from icm.moderation.presets import with_preset
+
+            return with_preset(backend, self.preset, text_confidence=self.text_confidence), None
+        return backend, None
+
     @model_validator(mode="after")
-    def _needs_model(self) -> BackendSpec:
-        used = self.escalate_backend if self.backend == "cascade" else self.backend
-        if used in ("hf", "openai") and not self.model:
-            hint = "a hub id or a local path" if used == "hf" else "the model name the server serves"
-            raise ValueError(f"the {used} backend needs --model ({hint})")
-        if self.preset and used not in ("hf", "openai"):
-            raise ValueError(f"--preset {self.preset} runs on the hf or openai backend (or a cascade escalating to one)")
+    def _needs_model(self) -> Self:
+        if not self.model:
+            raise ValueError(f"the {self.backend} backend needs --model ({self.model_hint}); it needs a model to run")
         return self
-
-    @classmethod
-    def build(cls, **fields: Any) -> BackendSpec:
-        """A spec from option values (``None`` means the default), or a ``ValueError``
-        naming the option: ``--batch-size: Input should be greater than or equal to 1``."""
-        try:
-            return cls(**{k: v for k, v in fields.items() if v is not None})
-        except ValidationError as exc:
-            problems = []
-            for err in exc.errors():
-                where = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-") if err["loc"] else ""
-                msg = str(err["msg"]).removeprefix("Value error, ")
-                problems.append(f"{where}: {msg}" if where else msg)
-            raise ValueError("; ".join(problems)) from None
-
-    def options(self, name: str | None = None) -> dict[str, Any]:
-        """Constructor arguments of backend ``name`` (default: this spec's backend).
-
-        Raises ``ValueError`` when ``api_key_env`` names a variable that is not set.
-        """
-        name = name or self.backend
-        if name == "detector":
-            return {}
-        if name == "hf":
-            return {
-                "model": self.model, "adapter": self.adapter, "dtype": self.dtype, "device": self.device,
-                "batch_size": self.batch_size, "min_label_mass": self.min_label_mass,
-            }
-        if name == "openai":
-            opts: dict[str, Any] = {
-                "model": self.model, "base_url": self.base_url, "min_label_mass": self.min_label_mass,
-                "text_confidence": self.text_confidence, "guided_choice": self.guided_choice, "timeout": self.timeout, "max_retries": self.max_retries,
-            }
-            if self.api_key_env:
-                key = os.environ.get(self.api_key_env)
-                if not key:
-                    raise ValueError(f"--api-key-env {self.api_key_env}: that environment variable is not set")
-                opts["api_key"] = key
-            return opts
-        raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKEND_NAMES)})")
 
 
 def create_backend(spec: BackendSpec, name: str | None = None) -> Backend:
     """The backend ``spec`` describes (or its backend ``name``: ``detector`` for a cascade's first)."""
-    name = name or spec.backend
-    if name == "cascade":
-        raise ValueError("a cascade is two backends: use create_backends(spec)")
-    backend = _create_by_name(name, **spec.options(name))
-    if spec.preset and name in ("hf", "openai"):
-        from icm.moderation.presets import with_preset
-
-        return with_preset(backend, spec.preset, text_confidence=spec.text_confidence)
-    return backend
+    spec = spec.for_backend(name) if name else spec
+    if entry(spec.backend).composite:
+        raise ValueError(f"a {spec.backend} is two backends: use create_backends(spec)")
+    first, _ = spec.create_backends()
+    return first
 
 
 def create_backends(spec: BackendSpec) -> tuple[Backend, Backend | None]:
-    """The first backend and, for a cascade, the one it escalates to (else None)."""
-    if spec.backend != "cascade":
-        return create_backend(spec), None
-    first = create_backend(spec, "detector")
-    try:
-        return first, create_backend(spec, spec.escalate_backend)
-    except BaseException:
-        first.close()
-        raise
+    """The first backend and, for a composite (the cascade), the one it escalates to (else None)."""
+    return spec.create_backends()

@@ -1,7 +1,10 @@
 """``ServeConfig``: everything ``icm serve`` takes, one field per command-line flag.
 
 A config can also be read from a YAML file (``icm serve --config serve.yaml``) whose keys
-are the field names; flags given on the command line win over the file.
+are the field names; flags given on the command line win over the file. The backend and
+its settings nest under ``backend:`` (a :class:`~icm.moderation.spec.BackendSpec`)::
+
+    backend: {backend: openai, model: served-vlm, base_url: "http://127.0.0.1:8001/v1"}
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -17,8 +21,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from icm.moderation.backends.base import DEFAULT_MIN_LABEL_MASS, DEFAULT_TEXT_CONFIDENCE
-from icm.moderation.spec import BackendSpec
+from icm.moderation.backends.registry import DEFAULT_BACKEND
+from icm.moderation.spec import BackendSpec, all_flat_fields, fold_flat_settings
+
+log = logging.getLogger("icm.serve")
 
 API_KEYS_ENV = "ICM_API_KEYS"
 Role = Literal["client", "reviewer", "admin"]
@@ -32,6 +38,12 @@ KEYGEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 STANDARD_BUNDLE = "icm-standard"
 OPENAI_MODEL_NAMES = ("omni-moderation-latest", "omni-moderation-2024-09-26", "text-moderation-latest", "text-moderation-stable")
 """OpenAI's moderation model names: each judges the images of the input under the icm-standard bundle."""
+
+
+def flat_backend_keys() -> frozenset[str]:
+    """Top-level keys of the flat form: the backend options (``icm serve``'s flags), but
+    ``backend`` itself and ``batch_size`` (the server's is ``max_batch_size``)."""
+    return frozenset(all_flat_fields()) - {"backend", "batch_size"}
 
 
 class ServeConfig(BaseModel):
@@ -80,26 +92,11 @@ class ServeConfig(BaseModel):
     policies: list[str] = Field(
         default_factory=list, description="More policies clients may name per request (built-in names or YAML files)."
     )
-    backend: str = Field("detector", description="detector, hf, openai or cascade.")
-    model: str | None = Field(None, description="hf: hub id or local path; openai: the served model name.")
-    adapter: str | None = Field(None, description="hf: LoRA adapter path.")
-    base_url: str | None = Field(None, description="openai: the server's API root.")
-    dtype: str = "auto"
-    device: str = "auto"
-    escalate_backend: str = Field("hf", description="cascade: the MLLM backend uncertain images go to.")
-    min_label_mass: float = Field(
-        DEFAULT_MIN_LABEL_MASS, ge=0.0, le=1.0,
-        description="hf/openai: the least probability the valid labels must hold for an answer to count.",
+    backend: BackendSpec = Field(
+        default_factory=BackendSpec,
+        description="The model backend and its settings: {backend: NAME, ...its options} (see icm.moderation.spec). "
+        "The flat form of earlier versions (backend: hf, model: ..., at the top level) is read too, with a warning.",
     )
-    text_confidence: float = Field(
-        DEFAULT_TEXT_CONFIDENCE, ge=0.5, le=1.0,
-        description="openai: the probability an answer read from text (no usable logprobs) gives the label it names.",
-    )
-    guided_choice: str = Field("off", description="openai: constrain answers to the labels (off, structured_outputs, guided_choice, regex).")
-    api_key_env: str | None = Field(None, description="openai: the environment variable holding the upstream server's API key.")
-    timeout: float = Field(60.0, gt=0, description="openai: seconds per HTTP request to the upstream server.")
-    max_retries: int = Field(3, ge=0, description="openai: extra attempts of a transient failure.")
-    preset: str | None = Field(None, description="hf/openai: a guard model's prompt format (llavaguard, shieldgemma2, llama-guard-4).")
     explain: bool = Field(False, description="Ask the model for an explanation of every decision.")
     torch_threads: int | None = Field(
         None, ge=1,
@@ -239,35 +236,53 @@ class ServeConfig(BaseModel):
     def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(e, strict=False) for e in self.trusted_proxies]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_backend(cls, data: Any) -> Any:
+        """Flat backend settings (``backend: hf``, ``model: ...`` at the top level, as the
+        command line's flags are) become the nested spec; given with a nested spec, they win."""
+        if not isinstance(data, dict):
+            return data
+        return fold_flat_settings(data, flat_backend_keys()) or data
+
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
-        if self.backend not in ("detector", "hf", "openai", "cascade"):
-            raise ValueError(f"unknown backend {self.backend!r} (choose from detector, hf, openai, cascade)")
-        if self.backend in ("hf", "openai") and not self.model:
-            raise ValueError(f"the {self.backend} backend needs a model (--model)")
         if self.webhook_url and not self.webhook_secret:
             raise ValueError("webhook_url needs webhook_secret (the receiver checks each event's HMAC-SHA256 signature)")
         if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
             raise ValueError(f"webhook_url must be an http(s) URL, not {self.webhook_url[:100]!r}")
-        self.backend_spec()  # the backend settings every entry point checks (dtype, guided choice, ...)
         return self
 
     # -- derived ---------------------------------------------------------------------------
 
     def backend_spec(self) -> BackendSpec:
-        """The backend settings as the spec every entry point shares (batch size: the server's batches)."""
-        fields = {name: getattr(self, name) for name in BackendSpec.model_fields if name != "batch_size"}
-        return BackendSpec.build(**fields, batch_size=self.max_batch_size if self.batching else 1)
+        """The backend to build: :attr:`backend`, its batch size the server's batches."""
+        return BackendSpec.from_settings({**self.backend.flat(), "batch_size": self.max_batch_size if self.batching else 1})
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> ServeConfig:
+        """The config in YAML file ``path``, ``overrides`` (flags; None: not given) winning.
+
+        A file in the flat form of earlier versions (``backend: hf`` and ``model: ...`` at the
+        top level) is read as the nested ``backend:`` mapping, with a warning.
+        """
         import yaml
 
         text = Path(path).read_text(encoding="utf-8")
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a serve config is a mapping of settings")
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        flat = sorted(k for k in data if k in flat_backend_keys() or (k == "backend" and isinstance(data[k], str)))
+        if flat:
+            log.warning(
+                "%s: flat backend settings (%s) are deprecated; nest them: backend: {backend: %s, ...}",
+                path, ", ".join(flat), data.get("backend") if isinstance(data.get("backend"), str) else DEFAULT_BACKEND,
+            )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "backend" in given and isinstance(data.get("backend"), dict):  # --backend keeps the file's other settings
+            nested = BackendSpec.model_validate(data.pop("backend")).flat()
+            data.update({k: v for k, v in nested.items() if k in flat_backend_keys()})
+        data.update(given)
         return cls.model_validate(data)
 
     def all_api_keys(self, environ: dict[str, str] | None = None) -> list[APIKey]:

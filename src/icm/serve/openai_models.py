@@ -153,14 +153,13 @@ def cannot_judge(moderator: Moderator, policy: Policy) -> str | None:
     """
     if moderator.escalate_to is not None:
         return None
-    cov_fn = getattr(moderator.backend, "coverage", None)
-    if not callable(cov_fn):
+    cov = moderator.backend.coverage(policy)
+    if cov is None:
         return None
-    cov = cov_fn(policy)
     needed = sorted({a for p in policy.products for a in p.assignment})
     if cov["term"].reach == "clear" or all(cov[a].reach == "clear" for a in needed if a in cov):
         return None
-    name = getattr(moderator.backend, "name", "detector")
+    name = moderator.backend.name
     gaps = "; ".join(f"{t}: {c.describe()}" for t, c in cov.items() if t == "term" or t in needed)
     if all(c.reach == "none" for c in cov.values()):
         return f"the {name} backend cannot judge policy {policy.name!r} here ({gaps})"

@@ -254,18 +254,14 @@ _rng = random.Random()
 
 def build_service(config: ServeConfig, *, moderator: Moderator | None = None, store: DecisionStore | None = None) -> Service:
     """Load policies and the backend, open the store; raises on bad settings."""
-    from icm.moderation.job import ModerateConfig, build_moderator
-
     owned: list[Any] = []
-    if config.torch_threads and config.backend in ("hf", "cascade"):
+    spec = config.backend_spec()
+    if config.torch_threads and "hf" in (spec.backend, spec.flat().get("escalate_backend")):
         import torch
 
         torch.set_num_threads(config.torch_threads)
     if moderator is None:
-        spec = config.backend_spec()  # validates the backend settings
-        moderator = build_moderator(
-            ModerateConfig(policy=config.policy, rules=config.rules, explain=config.explain, **spec.model_dump())
-        )
+        moderator = Moderator.from_spec(spec, policy=config.policy, rules=config.rules, explain=config.explain)
         owned.append(moderator.backend)
         if moderator.escalate_to is not None:
             owned.append(moderator.escalate_to)

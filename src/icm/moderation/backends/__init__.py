@@ -1,4 +1,5 @@
-"""Model backends behind the moderation engine, created by name.
+"""Model backends behind the moderation engine, created by name from the registry
+(:mod:`icm.moderation.backends.registry`).
 
 Backends import their heavy dependencies (torch, transformers, onnxruntime) lazily, so
 ``import icm`` stays light and a missing extra is reported only when it is needed.
@@ -19,8 +20,10 @@ from icm.moderation.backends.base import (
     Query,
     YesNoScore,
 )
+from icm.moderation.backends.registry import BackendNames, register
 
-BACKENDS = ("detector", "hf", "openai")
+BACKENDS: BackendNames = BackendNames(composite=False)
+"""The registered single backends (a live view of :mod:`~icm.moderation.backends.registry`)."""
 
 __all__ = [
     "BACKENDS",
@@ -34,26 +37,18 @@ __all__ = [
     "Query",
     "YesNoScore",
     "create_backend",
+    "register",
 ]
 
 
 def create_backend(name: str, **options: Any) -> Backend:
     """A backend by name; ``options`` are its constructor's keyword arguments (None ones dropped)."""
+    from icm.moderation.backends.registry import backend_class, options_class
+
     opts = {k: v for k, v in options.items() if v is not None}
-    if name == "detector":
-        from icm.moderation.backends.detector import DetectorBackend
-
-        return DetectorBackend(**opts)
-    if name == "hf":
-        if not opts.get("model"):
-            raise ValueError("the hf backend needs --model (a hub id or a local path)")
-        from icm.moderation.backends.hf import HFBackend
-
-        return HFBackend(**opts)
-    if name == "openai":
-        if not opts.get("model"):
-            raise ValueError("the openai backend needs --model (the model name the server serves)")
-        from icm.moderation.backends.openai_compat import OpenAIBackend
-
-        return OpenAIBackend(**opts)
-    raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)}, or cascade)")
+    cls = backend_class(name)  # a ValueError naming the registered backends for an unknown name
+    model = options_class(name)
+    hint = getattr(model, "model_hint", None)
+    if hint and not opts.get("model"):  # an MLLM backend (see icm.moderation.spec.MLLMOptions)
+        raise ValueError(f"the {name} backend needs --model ({hint}); it needs a model to run")
+    return cls(**opts)

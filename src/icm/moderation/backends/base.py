@@ -29,11 +29,15 @@ missing package) raises :class:`BackendConfigError`, which stops a job at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from icm.moderation.evidence.plan import Coverage
+    from icm.policy.model import Policy
 
 Capability = Literal["score_yes_no", "choose", "generate"]
 
@@ -187,6 +191,11 @@ class Backend:
     A bundle (:class:`icm.moderation.bundle.BundleModerator`) then asks once for all its
     policies. False for a backend that reads the policy from the queries (the detector
     takes it from the term of the first yes/no query)."""
+    text_stream: ClassVar[Literal["transformers", "method"] | None] = None
+    """How ``icm chat`` streams this backend's answers token by token: ``"transformers"``
+    (chat drives the backend's transformers ``model`` with a streamer: it has ``model``,
+    ``processor``, ``tokenizer`` and ``device``), ``"method"`` (its own :meth:`stream`),
+    or None: the whole answer of :meth:`generate` at once."""
 
     @property
     def model_id(self) -> str:
@@ -241,6 +250,28 @@ class Backend:
     ) -> list[str | None]:
         """Free text for each (image, conversation) pair."""
         raise NotImplementedError(f"backend {self.name!r} cannot generate text")
+
+    def stream(
+        self,
+        image: Image.Image,
+        messages: Sequence[Message],
+        on_token: Callable[[str], None],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> str:
+        """The next assistant message, ``on_token`` called with each piece (when ``text_stream == "method"``)."""
+        raise NotImplementedError(f"backend {self.name!r} cannot stream text")
+
+    def use_policy(self, policy: Policy) -> None:  # an optional hook: the engine calls it with its policy
+        """Take note of ``policy`` before judging queries about it (the detector reads its evidence section)."""
+
+    def coverage(self, policy: Policy) -> dict[str, Coverage] | None:
+        """What this backend can judge of ``policy`` here (see :mod:`icm.moderation.evidence.plan`),
+        or None: it judges every question (a backend that reads the question text)."""
+        return None
 
     def close(self) -> None:  # an optional hook: does nothing unless a backend holds resources
         """Release resources (HTTP clients, sessions)."""

@@ -123,6 +123,7 @@ class HFBackend(Backend):
     """
 
     name = "hf"
+    text_stream = "transformers"  # icm chat streams with a TextStreamer on self.model
     merges_policies = True  # ask() takes any queries: a bundle asks once for all its policies
     capabilities = frozenset({"score_yes_no", "choose", "generate"})
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from icm.moderation.evidence.catalog import BUILTIN_SOURCES
 from icm.policy.model import AttributeEvidence, EvidenceFrom, Policy, TermEvidence
+
+if TYPE_CHECKING:
+    from icm.moderation.backends.base import Backend
 
 Reach = Literal["clear", "flag", "none"]
 
@@ -100,19 +103,19 @@ def needed_extras(policy: Policy) -> list[str]:
     return sorted(set(hints))
 
 
-def judgeability(policy: Policy, backend: object, *, cascade: bool = False) -> tuple[str | None, list[str]]:
+def judgeability(policy: Policy, backend: Backend, *, cascade: bool = False) -> tuple[str | None, list[str]]:
     """Before a run: ``(error, warnings)`` about what ``backend`` can judge of ``policy``.
 
     ``error`` (``icm moderate`` exits 2 on it unless ``--allow-unjudged``) when the backend
     can judge nothing of the policy: every image would go to review. Warnings when it can
     flag but never clear an image, or (``cascade``) when its first stage escalates everything.
-    Backends without a ``coverage`` method (the MLLM backends) judge every question.
+    Backends whose :meth:`~icm.moderation.backends.base.Backend.coverage` is None (the MLLM
+    backends) judge every question.
     """
-    cov_fn = getattr(backend, "coverage", None)
-    if not callable(cov_fn):
+    cov = backend.coverage(policy)
+    if cov is None:
         return None, []
-    cov: dict[str, Coverage] = cov_fn(policy)
-    name = getattr(backend, "name", "detector")
+    name = backend.name
     needed = sorted({a for p in policy.products for a in p.assignment})
     missing = {s: why for c in cov.values() for s, why in c.missing.items()}
     extras = needed_extras(policy)
