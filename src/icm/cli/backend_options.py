@@ -24,9 +24,11 @@ def _default(field: str) -> str:
     return "" if info.default is None else f" (default: {info.default})"
 
 
-def _help(field: str) -> str:
-    """The field's description and its default."""
-    return (all_flat_fields()[field].description or "").rstrip(".") + _default(field) + "."
+def _help(field: str, more: str = "") -> str:
+    """The field's description (``more`` added to it) and its default."""
+    text = all_flat_fields()[field].description or ""
+    text = text if text.endswith("...") else text.removesuffix(".")
+    return text + more + _default(field) + "."
 
 
 def _backend_help() -> str:
@@ -38,7 +40,7 @@ BackendOpt = Annotated[str | None, typer.Option("--backend", "-b", help=_backend
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help=_help("model"))]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help=_help("adapter"))]
 BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help=_help("base_url"))]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help=_help("dtype").removesuffix(".") + "; auto, float32, bfloat16 or float16.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help=_help("dtype", ": auto, float32, bfloat16 or float16"))]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help=_help("device"))]
 BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", help=_help("batch_size"))]
 MinLabelMassOpt = Annotated[
@@ -69,7 +71,7 @@ GuidedChoiceOpt = Annotated[
 ]
 EscalateBackendOpt = Annotated[
     str | None,
-    typer.Option("--escalate-backend", help=_help("escalate_backend").removesuffix(".") + ": " + " or ".join(escalation_targets()) + "."),
+    typer.Option("--escalate-backend", help=_help("escalate_backend", ": " + " or ".join(escalation_targets()))),
 ]
 ApiKeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help=_help("api_key_env"))]
 TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help=_help("timeout"))]
