@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from icm.moderation.backends.base import Backend
 from icm.moderation.record import ModerationRecord
 from icm.run.config import ModerateConfig
 from icm.run.local import build_moderator, close_runner
@@ -507,9 +508,8 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-class _NoBackend:
-    def close(self) -> None:
-        return None
+class _NoBackend(Backend):  # the driver's stand-in: the actors hold the backend
+    name = "ray"
 
 
 class RunInfo:
