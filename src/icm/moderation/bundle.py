@@ -96,7 +96,7 @@ class BundleModerator:
     @property
     def merges(self) -> bool:
         """Whether the first stage asks once for all members."""
-        return bool(getattr(self.backend, "merges_policies", False)) and len(self.members) > 1
+        return self.backend.merges_policies and len(self.members) > 1
 
     def error_records(self, path: str, error: str, im: LoadedImage | None = None) -> list[ModerationRecord]:
         return [m.error_record(path, error, im) for m in self.members]

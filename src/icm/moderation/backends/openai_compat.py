@@ -5,7 +5,9 @@ image is sent as a ``data:`` URL in an ``image_url`` content part of the first u
 message, through :class:`~icm.openai_http.ChatClient` (the ``openai`` SDK's
 ``AsyncOpenAI``).  How a response becomes an answer (logprobs over the labels, the
 label-mass rule, refusals, text answers) is in
-:mod:`icm.moderation.backends.openai_parsing`.
+:mod:`icm.moderation.backends.openai_parsing`; building, sending and reading one request in
+:mod:`icm.moderation.backends.openai_requests`; its options (the spec) in
+:mod:`icm.moderation.backends.openai_options`.
 
 The backend is asynchronous at its core (:meth:`OpenAIBackend.ask_async`,
 :meth:`~OpenAIBackend.score_yes_no_async`, :meth:`~OpenAIBackend.choose_async`,
