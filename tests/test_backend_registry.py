@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from icm.cli.main import app
 from icm.moderation.backends.base import Backend, Choice, YesNoScore
 from icm.moderation.backends.cascade import CascadeOptions
+from icm.moderation.backends.detector_options import DetectorOptions
 from icm.moderation.backends.hf_options import HFOptions
 from icm.moderation.backends.openai_options import OpenAIOptions
 from icm.moderation.backends.registry import register, unregister
@@ -142,7 +143,7 @@ class _Holder(BaseModel):
 @pytest.mark.parametrize(
     ("fields", "kind"),
     [
-        ({}, BackendSpec),
+        ({}, DetectorOptions),
         ({"backend": "hf", "model": "m", "adapter": "a", "dtype": "bfloat16", "batch_size": 3}, HFOptions),
         ({"backend": "openai", "model": "served", "timeout": 7.5, "guided_choice": "regex"}, OpenAIOptions),
         ({"backend": "cascade", "escalate_backend": "openai", "model": "served", "max_retries": 0}, CascadeOptions),
