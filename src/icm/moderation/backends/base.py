@@ -251,17 +251,8 @@ class Backend:
         """Free text for each (image, conversation) pair."""
         raise NotImplementedError(f"backend {self.name!r} cannot generate text")
 
-    def stream(
-        self,
-        image: Image.Image,
-        messages: Sequence[Message],
-        on_token: Callable[[str], None],
-        *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float | None = None,
-        seed: int | None = None,
-    ) -> str:
+    def stream(self, image: Image.Image, messages: Sequence[Message], on_token: Callable[[str], None], *, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float | None = None, seed: int | None = None) -> str:
         """The next assistant message, ``on_token`` called with each piece (when ``text_stream == "method"``)."""
         raise NotImplementedError(f"backend {self.name!r} cannot stream text")
 
