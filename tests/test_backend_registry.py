@@ -160,3 +160,13 @@ def test_the_spec_round_trips_through_json_as_its_backends_options(fields: dict[
         assert "base_url" not in text, "a spec holds only its own backend's settings"
     if spec.backend == "cascade":
         assert json.loads(text)["spec"]["escalate"]["backend"] == "openai"
+
+
+def test_flags_the_backend_does_not_use_are_checked_then_ignored() -> None:
+    """As on the command line before: ``--model`` with the detector is ignored, a bad value is not."""
+    spec = BackendSpec.build(backend="detector", model="m", timeout=5.0, escalate_backend="openai")
+    assert isinstance(spec, DetectorOptions) and "model" not in spec.model_dump()
+    with pytest.raises(ValueError, match="--guided-choice: Input should be 'off'"):
+        BackendSpec.build(backend="hf", model="m", guided_choice="json")
+    with pytest.raises(ValueError, match="--escalate-backend: Input should be 'hf' or 'openai'"):
+        BackendSpec.build(backend="detector", escalate_backend="detector")

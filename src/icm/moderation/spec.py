@@ -260,16 +260,17 @@ def all_flat_fields() -> dict[str, FieldInfo]:
     return out
 
 
-_adapters: dict[tuple[str, int], TypeAdapter[Any]] = {}
+_adapters: dict[str, tuple[FieldInfo, TypeAdapter[Any]]] = {}
 
 
 def _adapter(key: str) -> TypeAdapter[Any]:
     """A validator of flat option ``key`` alone (its type and bounds, as its model declares them)."""
     info = all_flat_fields()[key]
-    if (key, id(info)) not in _adapters:
+    cached = _adapters.get(key)
+    if cached is None or cached[0] is not info:  # a backend registered since may declare it anew
         annotated: Any = Annotated[info.annotation, info]
-        _adapters[(key, id(info))] = TypeAdapter(annotated)
-    return _adapters[(key, id(info))]
+        cached = _adapters[key] = (info, TypeAdapter(annotated))
+    return cached[1]
 
 
 class MLLMOptions(BackendSpec):

@@ -8,6 +8,7 @@ Its options nest the escalation backend's spec (``{"backend": "cascade", "escala
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -28,8 +29,16 @@ def escalation_targets() -> tuple[str, ...]:
 
 
 def _escalate_field() -> FieldInfo:
+    return _escalate_field_for(escalation_targets())
+
+
+@functools.cache
+def _escalate_field_for(targets: tuple[str, ...]) -> FieldInfo:
+    """The flat ``escalate_backend`` option: one of ``targets`` (one object per set of targets)."""
+    choices: Any = Literal[targets]  # the registered targets, as the flag's choices
     return FieldInfo(
-        annotation=str, default=ESCALATE_DEFAULT,
+        annotation=choices,
+        default=ESCALATE_DEFAULT,
         description="cascade: the MLLM backend images go to when the detector cannot clear them.",
     )
 
