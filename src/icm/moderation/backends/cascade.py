@@ -92,6 +92,8 @@ class CascadeOptions(BackendSpec):
         return {**self.escalate.flat(), **self.model_dump(exclude={"escalate"}), "escalate_backend": self.escalate.backend}
 
     def options(self, name: str | None = None) -> dict[str, Any]:
+        if name in (None, self.backend):
+            raise ValueError("a cascade is two backends: use create_backends(spec)")
         if name == self.escalate.backend:
             return self.escalate.options()
         return super().options(name)
