@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from icm.moderation.backends.base import (
     TEXT_SOURCES,
@@ -42,9 +41,6 @@ from icm.policy import Decision, Policy, decide, load_policy
 from icm.policy.model import RuleSet, VideoAggregation
 from icm.policy.prompts import attribute_prompts, explanation_prompt, term_prompt
 from icm.policy.taxonomy import SCHEMES, category_scores, flagged_categories, zero_tolerance_products
-
-if TYPE_CHECKING:
-    from icm.moderation.spec import BackendSpec
 
 log = logging.getLogger(__name__)
 
@@ -241,17 +237,6 @@ class Moderator:
         # names but decides differently, so --resume must not take its old records as done.
         self.policy_digest = hashlib.sha256(self.policy.model_dump_json().encode()).hexdigest()[:16]
         self.explain_prompt = explanation_prompt(self.policy)
-
-    @classmethod
-    def from_spec(cls, spec: BackendSpec, *, policy: str | Policy, rules: str | None = None, explain: bool = False) -> Moderator:
-        """The engine for the backends ``spec`` describes, under ``policy`` and ``rules``
-        (an unknown rule set fails before a model loads)."""
-        from icm.moderation.spec import create_backends
-
-        pol = load_policy(policy) if isinstance(policy, str) else policy
-        pol.rule_set(rules)
-        first, escalate = create_backends(spec)
-        return cls(first, policy=pol, rules=rules, explain=explain, escalate_to=escalate)
 
     @property
     def backend_name(self) -> str:

@@ -254,6 +254,9 @@ _rng = random.Random()
 
 def build_service(config: ServeConfig, *, moderator: Moderator | None = None, store: DecisionStore | None = None) -> Service:
     """Load policies and the backend, open the store; raises on bad settings."""
+    from icm.run.config import ModerateConfig
+    from icm.run.local import build_moderator
+
     owned: list[Any] = []
     spec = config.backend_spec()
     if config.torch_threads and "hf" in (spec.backend, spec.flat().get("escalate_backend")):
@@ -261,7 +264,9 @@ def build_service(config: ServeConfig, *, moderator: Moderator | None = None, st
 
         torch.set_num_threads(config.torch_threads)
     if moderator is None:
-        moderator = Moderator.from_spec(spec, policy=config.policy, rules=config.rules, explain=config.explain)
+        moderator = build_moderator(
+            ModerateConfig(policy=config.policy, rules=config.rules, explain=config.explain, backend=spec, batch_size=spec.batch_size)
+        )
         owned.append(moderator.backend)
         if moderator.escalate_to is not None:
             owned.append(moderator.escalate_to)
