@@ -138,6 +138,20 @@ class BackendSpec(BaseModel):
             "additionalProperties": True,
         }
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unused_settings(cls, data: Any) -> Any:
+        """Settings another backend takes (``model`` for the detector) are checked, then dropped,
+        as on the command line; a key no backend takes stays, to be refused."""
+        if not isinstance(data, dict) or "_union_root" in cls.__dict__:
+            return data
+        _, unused = cls.from_flat(data)
+        known = {k: v for k, v in unused.items() if k in all_flat_fields()}
+        problems = _check_unused(known, str)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return {k: v for k, v in data.items() if k not in known} if known else data
+
     # -- the flat form of the command line ------------------------------------------------
 
     @classmethod
@@ -226,18 +240,27 @@ def _build(fields: dict[str, Any], spell: Callable[[str], str]) -> BackendSpec:
         spec = model.model_validate(own)
     except ValidationError as exc:
         problems.append(_describe(exc, spell))
+    problems += _check_unused(unused, spell)
+    if problems or spec is None:
+        raise ValueError("; ".join(problems))
+    return spec
+
+
+def _check_unused(unused: Mapping[str, Any], spell: Callable[[str], str], *, unknown: bool = True) -> list[str]:
+    """What is wrong with settings another backend takes (each checked as its model declares
+    it); ``unknown``: a key no registered backend takes is a problem too."""
+    problems = []
     flat = all_flat_fields()
     for key, value in unused.items():
         if key not in flat:
-            problems.append(f"{spell(key)}: Extra inputs are not permitted")
+            if unknown:
+                problems.append(f"{spell(key)}: Extra inputs are not permitted")
             continue
         try:
             _adapter(key).validate_python(value)
         except ValidationError as exc:
             problems.append(_describe(exc, spell, where=key))
-    if problems or spec is None:
-        raise ValueError("; ".join(problems))
-    return spec
+    return problems
 
 
 def _describe(exc: ValidationError, spell: Callable[[str], str], where: str | None = None) -> str:
