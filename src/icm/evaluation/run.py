@@ -219,6 +219,7 @@ def run_evaluation(
     """Moderate, answer, explain and score an evaluation set; write its outputs (see the module docstring)."""
     from icm.moderation.job import ModerateConfig, build_moderator, run_job
     from icm.policy import load_policy
+    from icm.run.local import close_runner
 
     stage = on_stage or (lambda s: None)
     ds = load_dataset(config.dataset)
@@ -300,9 +301,7 @@ def run_evaluation(
                     summary.meq.notes.append(f"{len(refs) - len(pairs)} image(s) with a reference got no explanation")
     finally:
         if own:
-            mod.backend.close()
-            if getattr(mod, "escalate_to", None) is not None:
-                mod.escalate_to.close()
+            close_runner(mod)
     summary.meta["notes"] = notes
     summary.save(out_dir / "summary.json")
     if config.html:
