@@ -131,8 +131,10 @@ def test_the_evaluation_config_nests_the_spec_and_maps_the_flat_form() -> None:
 
     spec = BackendSpec.build(backend="hf", model="m", batch_size=2)
     assert EvalRunConfig(dataset="d", backend=spec).backend == spec
-    assert EvalRunConfig(dataset="d", backend_spec=spec).backend == spec  # the field's earlier name
-    assert EvalRunConfig(dataset="d", backend="hf", model="m", batch_size=2).backend == spec
+    with pytest.warns(DeprecationWarning, match="backend_spec"):
+        assert EvalRunConfig(dataset="d", backend_spec=spec).backend == spec  # the field's earlier name
+    with pytest.warns(DeprecationWarning, match="flat backend options"):
+        assert EvalRunConfig(dataset="d", backend="hf", model="m", batch_size=2).backend == spec
     assert EvalRunConfig(dataset="d").backend == BackendSpec()
 
 

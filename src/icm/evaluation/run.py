@@ -19,7 +19,7 @@ question and writes no explanation) are skipped with a note, never scored as zer
 from __future__ import annotations
 
 import json
-import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -37,8 +37,6 @@ from icm.evaluation.summary import EvalSummary
 from icm.fileio import read_jsonl
 from icm.moderation.backends.base import DEFAULT_TEXT_CONFIDENCE
 from icm.moderation.spec import BackendSpec, all_flat_fields, fold_flat_settings
-
-log = logging.getLogger(__name__)
 
 MANIFEST_NAMES = ("dataset.jsonl", "dataset.json", "manifest.jsonl")
 
@@ -154,7 +152,10 @@ class EvalRunConfig(BaseModel):
         folded = fold_flat_settings(data, set(all_flat_fields()) - {"backend"}, old="backend_spec")
         if folded is None:
             return data
-        log.warning("EvalRunConfig: flat backend options and backend_spec are deprecated; give the spec as backend=")
+        warnings.warn(
+            "EvalRunConfig: flat backend options and backend_spec are deprecated; give the spec as backend=BackendSpec.build(...)",
+            DeprecationWarning, stacklevel=3,
+        )
         return folded
 
 
