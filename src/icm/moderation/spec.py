@@ -251,10 +251,14 @@ def _check_unused(unused: Mapping[str, Any], spell: Callable[[str], str], *, unk
     it); ``unknown``: a key no registered backend takes is a problem too."""
     problems = []
     flat = all_flat_fields()
+    strict = {k: why for n in backend_names() for k, why in options_class(n).only_here.items()}
     for key, value in unused.items():
         if key not in flat:
             if unknown:
                 problems.append(f"{spell(key)}: Extra inputs are not permitted")
+            continue
+        if key in strict and value is not None:
+            problems.append(f"{spell(key)} {value} {strict[key]}")
             continue
         try:
             _adapter(key).validate_python(value)
