@@ -291,7 +291,7 @@ def run_evaluation(
 
         refs = {ds.image_path(it): it.reference_explanation for it in ds.items if it.reference_explanation}
         if refs and config.explain:
-            pairs = [ExplanationPair(id=p, reference=ref, candidate=records[p].explanation)  # type: ignore[arg-type]
+            pairs = [ExplanationPair(id=p, reference=ref, candidate=records[p].explanation)
                      for p, ref in refs.items() if p in records and records[p].explanation]
             if not pairs:
                 notes.append(f"explanation quality not scored: backend {mod.backend_name} wrote no explanation for the {len(refs)} "
@@ -325,7 +325,7 @@ def _score_explanations(pairs: list[ExplanationPair], config: EvalRunConfig, nam
     offline = None
     if config.offline_metric != "none":
         stage(f"offline explanation metric on {len(pairs)} explanations")
-        offline = score_pairs(pairs, metric=config.offline_metric)  # type: ignore[arg-type]
+        offline = score_pairs(pairs, metric=config.offline_metric)
     if config.judge is not None:
         stage(f"judging {len(pairs)} explanations with {config.judge.model}")
         judge = Judge(config.judge)
