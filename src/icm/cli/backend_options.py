@@ -1,4 +1,4 @@
-"""The backend options of ``icm moderate``, ``icm chat``, ``icm eval run`` and ``icm serve``:
+"""The backend options of ``icm moderate``, ``icm chat``, ``icm eval run``, ``icm eval bench`` and ``icm serve``:
 one typer option per flat field of the registered backends' options models, defined once.
 
 A command declares ``backend: BackendOpt = None`` (``icm chat`` defaults to ``hf``) and
@@ -77,6 +77,7 @@ ApiKeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help=_help("a
 TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help=_help("timeout"))]
 MaxRetriesOpt = Annotated[int | None, typer.Option("--max-retries", help=_help("max_retries"))]
 PresetOpt = Annotated[str | None, typer.Option("--preset", help=_help("preset"))]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help=_help("threads", "; the same as $ICM_THREADS"))]
 
 __all__ = [
     "AdapterOpt",
@@ -93,5 +94,6 @@ __all__ = [
     "ModelOpt",
     "PresetOpt",
     "TextConfidenceOpt",
+    "ThreadsOpt",
     "TimeoutOpt",
 ]

@@ -330,6 +330,7 @@ def run_cmd(
     timeout: bo.TimeoutOpt = None,
     max_retries: bo.MaxRetriesOpt = None,
     preset: bo.PresetOpt = None,
+    threads: bo.ThreadsOpt = None,
     threshold: float = typer.Option(0.5, "--threshold", "-t"),
     protocol: str = typer.Option("image"),
     confidence: float = ConfidenceOpt,
@@ -355,7 +356,7 @@ def run_cmd(
         spec = BackendSpec.build(
             backend=backend, model=model, adapter=adapter, base_url=base_url, dtype=dtype, device=device,
             batch_size=batch_size, min_label_mass=min_label_mass, text_confidence=text_confidence, guided_choice=guided_choice,
-            escalate_backend=escalate_backend, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries, preset=preset,
+            escalate_backend=escalate_backend, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries, preset=preset, threads=threads,
         )
         cfg = EvalRunConfig(
             dataset=str(dataset), name=name, out_dir=str(out_dir), labels=str(labels) if labels else None, policy=policy, rules=rules,

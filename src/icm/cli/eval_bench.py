@@ -30,6 +30,7 @@ def bench_cmd(
     api_key_env: bo.ApiKeyEnvOpt = None,
     batch_size: bo.BatchSizeOpt = 8,
     preset: bo.PresetOpt = None,
+    threads: bo.ThreadsOpt = None,
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds when there is no tuning split."),
     min_coverage: float = typer.Option(0.9, "--min-coverage", help="A category is scored when the backend judged at "
                                        "least this share of its images; below, it is reported as not judged."),
@@ -49,7 +50,7 @@ def bench_cmd(
     from icm.fileio import atomic_write
 
     given = {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env, "batch_size": batch_size,
-             "preset": preset}
+             "preset": preset, "threads": threads}
     cfg = BenchConfig(name=name, data=str(data), out_dir=str(out_dir or Path(f"bench-{name}")), split=split,
                       tune_split=tune_split, policy=policy, rules=rules, folds=folds, min_coverage=min_coverage,
                       confidence=confidence, bootstrap=bootstrap, seed=seed, limit=limit,

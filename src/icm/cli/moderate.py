@@ -138,6 +138,7 @@ def moderate(
     timeout: bo.TimeoutOpt = None,
     max_retries: bo.MaxRetriesOpt = None,
     preset: bo.PresetOpt = None,
+    threads: bo.ThreadsOpt = None,
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data actor pool; the [ray] extra). Same records either way."),
     address: str | None = typer.Option(None, "--address", help="ray: an existing cluster (auto, ray://host:10001); default: start a local one."),
     num_actors: int | None = typer.Option(None, "--num-actors", show_default="1", help="ray: actors in the pool, each with its own backend."),
@@ -165,6 +166,7 @@ def moderate(
             batch_size=batch_size, out=out, resume=resume or None, max_pixels=max_pixels, max_frames=max_frames, fps=fps,
             null=null or None, min_label_mass=min_label_mass, text_confidence=text_confidence, guided_choice=guided_choice,
             api_key_env=api_key_env, timeout=timeout, max_retries=max_retries, preset=preset,
+            threads=threads,
         )
         checked = preflight(config, engine=engine)
         if engine == "ray":

@@ -8,7 +8,7 @@ round-trips through JSON), or build one from the command line's flat option valu
 :meth:`BackendSpec.build` (``--backend``, ``--model``, ``--adapter``, ``--base-url``,
 ``--dtype``, ``--device``, ``--batch-size``, ``--min-label-mass``, ``--text-confidence``,
 ``--guided-choice``, ``--escalate-backend``, ``--api-key-env``, ``--timeout``,
-``--max-retries``, ``--preset``: each the field of a registered options model). :func:`create_backend`
+``--max-retries``, ``--preset``, ``--threads``: each the field of a registered options model). :func:`create_backend`
 and :func:`create_backends` build the backends a spec describes.
 """
 
@@ -49,6 +49,7 @@ __all__ = [
     "GUIDED_CHOICE_STYLES",
     "BackendSpec",
     "MLLMOptions",
+    "Threads",
     "create_backend",
     "create_backends",
     "either",
@@ -59,6 +60,15 @@ BACKEND_NAMES: BackendNames = BackendNames()
 """The registered backend names (a live view of the registry), composites included."""
 GUIDED_CHOICE_STYLES = ("off", "structured_outputs", "guided_choice", "regex")
 GuidedChoice = Literal["off", "structured_outputs", "guided_choice", "regex"]
+Threads = Annotated[
+    int | None,
+    Field(
+        ge=1,
+        description="detector/hf: CPU threads for onnxruntime (the detector's sources and their pool) and torch "
+        "(default: $ICM_THREADS, else every core).",
+    ),
+]
+"""The ``threads`` option of the backends that run models here (detector, hf); same as ``$ICM_THREADS``."""
 
 
 def either(names: tuple[str, ...] | list[str]) -> str:

@@ -22,7 +22,7 @@ from icm.moderation.spec import BackendSpec
 
 FLAT_BACKEND_FIELDS = (
     "backend", "model", "adapter", "base_url", "dtype", "device", "escalate_backend", "min_label_mass",
-    "text_confidence", "guided_choice", "api_key_env", "timeout", "max_retries", "preset",
+    "text_confidence", "guided_choice", "api_key_env", "timeout", "max_retries", "preset", "threads",
 )
 """The backend settings a flat (pre-nesting) ModerateConfig held beside the run's fields."""
 

@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from icm.moderation.backends.registry import backend_names, options_class
-from icm.moderation.spec import BackendSpec, either
+from icm.moderation.spec import BackendSpec, Threads, either
 
 if TYPE_CHECKING:
     from icm.moderation.backends.base import Backend
@@ -48,6 +48,7 @@ class CascadeOptions(BackendSpec):
 
     backend: Literal["cascade"] = "cascade"
     escalate: BackendSpec = Field(description="The backend images go to when the detector cannot clear them.")
+    threads: Threads = None  # the detector's (an hf escalation takes the same flag in its own spec)
 
     @property
     def escalate_backend(self) -> str:
@@ -99,7 +100,7 @@ class CascadeOptions(BackendSpec):
         return super().options(name)
 
     def create_backends(self) -> tuple[Backend, Backend | None]:
-        first, _ = BackendSpec.build(backend="detector").create_backends()  # the offline detector's defaults
+        first, _ = BackendSpec.build(backend="detector", threads=self.threads).create_backends()  # the detector's defaults
         try:
             escalate, _ = self.escalate.create_backends()
         except BaseException:

@@ -1,10 +1,10 @@
-"""The detector backend's options (none beyond the batch size: it runs offline, from the policy's evidence)."""
+"""The detector backend's options (the batch size and its threads: it runs offline, from the policy's evidence)."""
 
 from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from icm.moderation.spec import BackendSpec
+from icm.moderation.spec import BackendSpec, Threads
 
 
 class DetectorOptions(BackendSpec):
@@ -13,3 +13,4 @@ class DetectorOptions(BackendSpec):
     note: ClassVar[str] = "offline"
 
     backend: Literal["detector"] = "detector"
+    threads: Threads = None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +69,7 @@ from icm.moderation.backends.hf_prefix_cache import (
     select_cache,
 )
 from icm.moderation.backends.hf_processor import image_only_processor_class, load_processor
+from icm.moderation.evidence.runtime import THREADS_ENV, resolve_threads
 from icm.prompting import (
     encode_prompt,
     find_templater,
@@ -120,6 +122,7 @@ class HFBackend(Backend):
     ``batch_size`` is the number of images per forward pass; in :meth:`ask` every question
     about those images is scored in the same (suffix) pass. ``prefix_cache=False`` turns
     the shared-prefix cache off (one padded forward per batch of prompts instead).
+    ``threads``: torch's CPU threads (``None``: ``$ICM_THREADS`` when set, else torch's choice).
     """
 
     name = "hf"
@@ -140,8 +143,11 @@ class HFBackend(Backend):
         merge_adapter: bool = True,
         trust_remote_code: bool = False,
         min_label_mass: float = DEFAULT_MIN_LABEL_MASS,
+        threads: int | None = None,
     ) -> None:
         torch, transformers = _require_hf()
+        if threads is not None or os.environ.get(THREADS_ENV):  # torch's count: the option, else $ICM_THREADS
+            torch.set_num_threads(resolve_threads(threads))
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if not 0.0 <= min_label_mass <= 1.0:

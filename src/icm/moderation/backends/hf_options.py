@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from icm.moderation.spec import MLLMOptions
+from icm.moderation.spec import MLLMOptions, Threads
 
 
 class HFOptions(MLLMOptions):
@@ -19,3 +19,4 @@ class HFOptions(MLLMOptions):
     adapter: str | None = Field(None, description="hf: LoRA adapter path.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf: weight dtype.")
     device: str = Field("auto", description="hf: auto, cpu, cuda, cuda:1, mps ...")
+    threads: Threads = None
