@@ -202,11 +202,6 @@ def _apply_unanswered(
     return rec
 
 
-def _bind(backend: Backend, policy: Policy, rules: RuleSet) -> Backend:
-    bind = getattr(backend, "bind_policy", None)
-    return bind(policy, rules) if callable(bind) else backend
-
-
 class Moderator:
     """Runs one policy and rule set over images with a backend (and an optional second stage)."""
 
@@ -225,8 +220,8 @@ class Moderator:
         video = self.rule_set.video
         self._video = (video, zero_tolerance_products(self.policy)) if video and video.aggregate == "corroborate" else None
         # a guard-model preset renders its prompt from the policy and rule set: each Moderator asks its own view
-        self.backend = _bind(backend, self.policy, self.rule_set)
-        self.escalate_to = _bind(escalate_to, self.policy, self.rule_set) if escalate_to is not None else None
+        self.backend = backend.bind_policy(self.policy, self.rule_set)
+        self.escalate_to = escalate_to.bind_policy(self.policy, self.rule_set) if escalate_to is not None else None
         self.explain = explain
         self.max_new_tokens = max_new_tokens
         self.queries = build_queries(self.policy)

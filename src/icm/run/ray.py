@@ -212,12 +212,7 @@ class ModerateActor:
         self.mod = build_moderator(self.config)
         backends = [b for b in (self.mod.backend, self.mod.escalate_to) if b is not None]
         for backend in backends:
-            if hasattr(backend, "intra_op_num_threads"):
-                backend.intra_op_num_threads = threads  # onnxruntime reads this, not OMP_NUM_THREADS
-        if any(getattr(b, "name", None) == "hf" for b in backends):
-            import torch
-
-            torch.set_num_threads(threads)
+            backend.set_threads(threads)  # onnxruntime reads its own setting, not OMP_NUM_THREADS; torch too
         self.done = done or {}
         self.path_column = path_column
         self.bytes_column = bytes_column

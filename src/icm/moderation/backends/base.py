@@ -37,7 +37,7 @@ from PIL import Image
 
 if TYPE_CHECKING:
     from icm.moderation.evidence.plan import Coverage
-    from icm.policy.model import Policy
+    from icm.policy.model import Policy, RuleSet
 
 Capability = Literal["score_yes_no", "choose", "generate"]
 
@@ -255,6 +255,17 @@ class Backend:
                temperature: float = 0.0, top_p: float | None = None, seed: int | None = None) -> str:
         """The next assistant message, ``on_token`` called with each piece (when ``text_stream == "method"``)."""
         raise NotImplementedError(f"backend {self.name!r} cannot stream text")
+
+    def bind_policy(self, policy: Policy, rules: RuleSet) -> Backend:
+        """The backend the engine's Moderator of ``policy`` under ``rules`` asks: this one
+        (the default), or a view bound to the pair (a guard-model preset asks about one
+        policy and rule set in its own prompt format)."""
+        return self
+
+    def set_threads(self, threads: int) -> None:
+        """Run this backend's models on ``threads`` CPU threads (the detector: its onnxruntime
+        sessions and their pool; hf: torch). The default does nothing: a backend that runs no
+        model here (openai) has none to set."""
 
     def use_policy(self, policy: Policy) -> None:  # an optional hook: the engine calls it with its policy
         """Take note of ``policy`` before judging queries about it (the detector reads its evidence section)."""

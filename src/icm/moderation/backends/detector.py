@@ -236,6 +236,12 @@ class DetectorBackend(Backend):
         self._builtin_reasons: dict[str, str | None] = {}
         self.model_id  # noqa: B018 - fixed now, whatever is installed later
 
+    def set_threads(self, threads: int) -> None:
+        """``threads`` in all, split as ``threads=`` is (before the first batch: sessions made keep theirs)."""
+        self.threads = resolve_threads(threads)
+        self.workers, self.intra_op_num_threads = thread_plan(self.threads)
+        apply_torch_threads(self.threads)
+
     @property
     def model_id(self) -> str:
         """The built-in sources that can run here (fixed at construction: ``--resume`` compares it)."""

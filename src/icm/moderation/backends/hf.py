@@ -147,7 +147,7 @@ class HFBackend(Backend):
     ) -> None:
         torch, transformers = _require_hf()
         if threads is not None or os.environ.get(THREADS_ENV):  # torch's count: the option, else $ICM_THREADS
-            torch.set_num_threads(resolve_threads(threads))
+            self.set_threads(resolve_threads(threads))
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if not 0.0 <= min_label_mass <= 1.0:
@@ -457,6 +457,11 @@ class HFBackend(Backend):
             new_tokens = generated[:, enc["input_ids"].shape[1] :]
             out += [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         return out
+
+    def set_threads(self, threads: int) -> None:
+        """torch's CPU threads (process-wide)."""
+        torch, _ = _require_hf()
+        torch.set_num_threads(threads)
 
     def close(self) -> None:
         self._render_cache.clear()

@@ -77,6 +77,9 @@ class PresetBackend(Backend):
     def close(self) -> None:
         self.inner.close()
 
+    def set_threads(self, threads: int) -> None:
+        self.inner.set_threads(threads)
+
     # -- the engine's hooks ---------------------------------------------------------------
 
     def bind_policy(self, policy: Policy, rules: RuleSet) -> PresetBackend:
