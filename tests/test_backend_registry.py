@@ -92,6 +92,16 @@ def test_a_registered_backend_is_accepted_by_the_spec_the_server_and_icm_moderat
     assert record["term"]["p_yes"] == 0.25
 
 
+def test_a_registered_backends_settings_reach_its_spec_from_moderates_options_and_an_old_flat_config(tiny: None) -> None:
+    from icm.run.config import ModerateConfig
+
+    config = ModerateConfig.from_options(backend="tiny", level=0.9, batch_size=4, out="r.jsonl")
+    assert config.backend == TinyOptions(level=0.9, batch_size=4) and (config.batch_size, config.out) == (4, "r.jsonl")
+    with pytest.warns(DeprecationWarning, match="level"):
+        old = ModerateConfig(backend="tiny", level=0.5, batch_size=2)
+    assert old.backend == TinyOptions(level=0.5, batch_size=2) and old.batch_size == 2
+
+
 def test_an_old_flat_serve_config_file_still_loads_and_gives_the_same_spec(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -7,7 +7,7 @@ default to None and leave them out).
 
 Older code and config files gave the backend settings flat, beside the run's
 (``ModerateConfig(backend="hf", model="m", adapter="a")``, or those keys in a YAML file).
-They still work: the flat keys (:data:`FLAT_BACKEND_FIELDS`) are read into the nested spec,
+They still work: the flat keys (:func:`flat_backend_fields`, from the backend registry) are read into the nested spec,
 with a :class:`DeprecationWarning` that says how to write them instead.
 """
 
@@ -18,13 +18,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from icm.moderation.spec import BackendSpec
+from icm.moderation.spec import BackendSpec, all_flat_fields
 
-FLAT_BACKEND_FIELDS = (
-    "backend", "model", "adapter", "base_url", "dtype", "device", "escalate_backend", "min_label_mass",
-    "text_confidence", "guided_choice", "api_key_env", "timeout", "max_retries", "preset", "threads",
-)
-"""The backend settings a flat (pre-nesting) ModerateConfig held beside the run's fields."""
+
+def flat_backend_fields() -> tuple[str, ...]:
+    """The backend settings a flat (pre-nesting) ModerateConfig holds beside the run's fields: every
+    flat option of the registered backends (a backend registered later included), but ``batch_size``,
+    which is the run's too (:func:`split_backend_options` gives it to both)."""
+    return tuple(k for k in all_flat_fields() if k != "batch_size")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FLAT_BACKEND_FIELDS":  # the name of earlier versions: the same fields, as the registry has them now
+        return flat_backend_fields()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 FLAT_NOTE = ("ModerateConfig: flat backend settings ({keys}) were read into the nested backend spec; "
              "give them as backend=BackendSpec.build(...) (in a file: a 'backend:' mapping) instead")
@@ -32,8 +40,9 @@ FLAT_NOTE = ("ModerateConfig: flat backend settings ({keys}) were read into the 
 
 def split_backend_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(run fields, flat backend fields) of ``options``; ``batch_size`` goes to both (hf batches by it too)."""
-    run = {k: v for k, v in options.items() if k not in FLAT_BACKEND_FIELDS}
-    flat = {k: v for k, v in options.items() if k in FLAT_BACKEND_FIELDS}
+    fields = flat_backend_fields()
+    run = {k: v for k, v in options.items() if k not in fields}
+    flat = {k: v for k, v in options.items() if k in fields}
     if "batch_size" in options:
         flat["batch_size"] = options["batch_size"]
     return run, flat
@@ -44,7 +53,8 @@ def _flat_keys(data: Any) -> list[str]:
     if not isinstance(data, dict):
         return []
     nested = "backend" in data and not isinstance(data["backend"], str)
-    keys = [k for k in FLAT_BACKEND_FIELDS if k in data and not (k == "backend" and nested)]
+    fields = flat_backend_fields()
+    keys = [k for k in data if k in fields and not (k == "backend" and nested)]  # in the order given
     if keys and nested:
         raise ValueError(f"backend settings given both nested (backend) and flat ({', '.join(keys)}): give one")
     return keys
