@@ -264,3 +264,28 @@ def test_shieldgemma2_on_hf_p_yes_from_the_yes_no_logits(models, tmp_path: Path)
         expected[code] = float(p[yes].sum() / (p[yes].sum() + p[no].sum()))
     assert rec.category_scores["llavaguard"] == pytest.approx(expected, abs=1e-4)
     assert rec.term.p_yes == pytest.approx(max(expected.values()), abs=1e-4) and rec.term.source == "logits"
+
+
+def test_the_hf_backend_scores_a_prompt_as_written(tiny_llava_path: Path) -> None:
+    """Backend.score_prompts_yes_no: the prompt reaches the forward pass unchanged; with icm's wording written
+    out it gives what score_yes_no gives for the bare question."""
+    from icm.moderation.backends.hf import HFBackend
+    from icm.prompting import yes_no_prompt
+
+    backend = HFBackend(model=str(tiny_llava_path), device="cpu", min_label_mass=0.0)
+    image = load_image(IMAGE).image.convert("RGB")
+    seen: list[str] = []
+    real = backend._last_logprobs
+
+    def spy(images: Any, items: Any) -> Any:
+        seen.extend(text for _, text in items)
+        return real(images, items)
+
+    backend._last_logprobs = spy  # type: ignore[method-assign]
+    prompt = "Is there a flower? Reply Yes or No."
+    [as_written] = backend.score_prompts_yes_no([image], [prompt])
+    [written_out] = backend.score_prompts_yes_no([image], [yes_no_prompt(prompt)])
+    [asked] = backend.score_yes_no([image], [prompt])
+    assert seen == [prompt, yes_no_prompt(prompt), yes_no_prompt(prompt)]
+    assert as_written.source == "logits"  # type: ignore[union-attr]
+    assert written_out.p_yes == pytest.approx(asked.p_yes, abs=1e-6)  # type: ignore[union-attr]

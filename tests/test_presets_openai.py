@@ -352,3 +352,23 @@ def test_eval_bench_runs_a_guard_preset(vlm, fake, tmp_path: Path) -> None:
     assert records and all((r.model or "").endswith(" (preset llavaguard)") for r in records)
     assert all(r.category_scores["llavaguard"] == {"O3": 0.25, "O4": 0.25} for r in records)
     assert len(fake.bodies("default")) == len(records)
+
+
+def test_the_openai_backend_scores_a_prompt_as_written(vlm, fake) -> None:
+    """Backend.score_prompts_yes_no: the guard's prompt reaches the server unchanged (score_yes_no adds icm's
+    "Answer with Yes or No."), and P(Yes) is read from the logprobs as score_yes_no reads it."""
+    from PIL import Image
+
+    from icm.moderation.backends.openai_compat import OpenAIBackend
+    from icm.prompting import yes_no_prompt
+
+    fake.script("default", Reply(json=vllm_logprobs_body([(" Yes", -0.2), (" No", -2.0)])))
+    prompt = "Does the image show a flower? Reply Yes or No."
+    with OpenAIBackend(model="guard", base_url=vlm[1], max_retries=0) as backend, Image.open(IMAGE) as image:
+        [as_written] = backend.score_prompts_yes_no([image], [prompt])
+        [asked] = backend.score_yes_no([image], [prompt])
+    first, second = fake.bodies("default")
+    assert user_texts(first) == [prompt] and user_texts(second) == [yes_no_prompt(prompt)] != [prompt]
+    p = math.exp(-0.2) / (math.exp(-0.2) + math.exp(-2.0))
+    assert as_written.p_yes == pytest.approx(p, abs=1e-6) and as_written.source == "logprobs"  # type: ignore[union-attr]
+    assert asked.p_yes == pytest.approx(p, abs=1e-6)  # type: ignore[union-attr]

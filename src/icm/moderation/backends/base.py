@@ -214,6 +214,16 @@ class Backend:
         """
         raise NotImplementedError(f"backend {self.name!r} cannot score yes/no questions")
 
+    def score_prompts_yes_no(
+        self, images: Sequence[Image.Image], prompts: Sequence[str]
+    ) -> Sequence[YesNoScore | NotJudged | Failed | None]:
+        """P(Yes) for ``prompts[i]`` about ``images[i]``, each prompt used exactly as written: nothing
+        added (:meth:`score_yes_no` of a language model adds "Answer with Yes or No."), for a
+        guard model asked in its own format (:mod:`icm.moderation.presets`). The default is
+        :meth:`score_yes_no`, right for a backend that does not rewrite the question; the hf and
+        openai backends override it."""
+        return self.score_yes_no(images, prompts)
+
     def choose(
         self, images: Sequence[Image.Image], question: str, options: Sequence[str]
     ) -> Sequence[Choice | NotJudged | Failed | None]:

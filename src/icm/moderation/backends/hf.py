@@ -381,9 +381,15 @@ class HFBackend(Backend):
     def score_yes_no(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[YesNoScore | NotJudged]:
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        return self.score_prompts_yes_no(images, [yes_no_prompt(q) for q in questions])
+
+    def score_prompts_yes_no(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[YesNoScore | NotJudged]:
+        """P(Yes) for ``prompts[i]`` about ``images[i]``, each prompt used as written (through the chat template)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         unique, index = _dedupe(images)
-        logprobs = self._last_logprobs(unique, [(index[i], yes_no_prompt(q)) for i, q in enumerate(questions)])
-        return [self._yes_no(row) for row in logprobs] if len(questions) else []
+        logprobs = self._last_logprobs(unique, [(index[i], p) for i, p in enumerate(prompts)])
+        return [self._yes_no(row) for row in logprobs] if len(prompts) else []
 
     def choose(self, images: Sequence[Image.Image], question: str, options: Sequence[str]) -> list[Choice | NotJudged]:
         groups = self._letters(len(options))

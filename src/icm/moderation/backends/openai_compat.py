@@ -352,6 +352,14 @@ class OpenAIBackend(OpenAIRequests, Backend):
         self._settle(errors, len(answers))
         return answers
 
+    def score_prompts_yes_no(
+        self, images: Sequence[Image.Image], prompts: Sequence[str]
+    ) -> list[YesNoScore | NotJudged | Failed]:
+        """P(Yes) for ``prompts[i]`` about ``images[i]``, each prompt sent exactly as written."""
+        answers, errors = self._sync(self._score_prompts(images, prompts))
+        self._settle(errors, len(answers))
+        return answers
+
     def choose(
         self, images: Sequence[Image.Image], question: str, options: Sequence[str]
     ) -> list[Choice | NotJudged | Failed]:
@@ -422,10 +430,14 @@ class OpenAIBackend(OpenAIRequests, Backend):
     async def _score_yes_no(self, images: Sequence[Image.Image], questions: Sequence[str]) -> tuple[list[Any], list[ItemError]]:
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        return await self._score_prompts(images, [yes_no_prompt(q) for q in questions])
+
+    async def _score_prompts(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> tuple[list[Any], list[ItemError]]:
+        """Yes/no scoring of each prompt as written (:meth:`_score_yes_no` writes icm's around a question)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         urls = self._encode_all(images)
-        return _split(await asyncio.gather(
-            *(self._score_task(i, None, urls[i], yes_no_prompt(q), None, ()) for i, q in enumerate(questions))
-        ))
+        return _split(await asyncio.gather(*(self._score_task(i, None, urls[i], p, None, ()) for i, p in enumerate(prompts))))
 
     async def _choose(
         self, images: Sequence[Image.Image], question: str, options: Sequence[str]
