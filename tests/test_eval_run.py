@@ -146,6 +146,21 @@ def test_cli_run_offline_detector_on_the_sample_photos_and_resume(tmp_path):
     assert "Runs compared" in r3.output and "Runs compared" in (tmp_path / "cmp.html").read_text()
 
 
+def test_cli_run_on_a_relative_folder_loads_every_image(tmp_path, monkeypatch):
+    """``icm eval run examples/images``: a folder named relative to the working directory (the
+    images were read from examples/images/examples/images/... and every one failed)."""
+    shutil.copytree(EXAMPLES, tmp_path / "examples" / "images", ignore=shutil.ignore_patterns("*.md"))
+    (tmp_path / "labels.csv").write_text("image,category\nchina.jpg,whole_normal\nflower.jpg,upper_normal\n"
+                                         "grace_hopper.jpg,upper_normal\n")
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["eval", "run", "examples/images", "--labels", "labels.csv", "--out-dir", "run", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["icm"]["n_evaluated"] == 3
+    records = [json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    assert sorted(rec["path"] for rec in records) == [f"examples/images/{n}" for n in ("china.jpg", "flower.jpg", "grace_hopper.jpg")]
+    assert [rec["error"] for rec in records] == [None] * 3 and {rec["verdict"] for rec in records} == {"allow"}
+
+
 def test_cli_run_notes_what_the_detector_cannot_do(tmp_path):
     ds = _dataset(tmp_path / "set")
     r = runner.invoke(app, ["eval", "run", str(ds), "--out-dir", str(tmp_path / "o")])

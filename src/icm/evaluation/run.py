@@ -19,6 +19,7 @@ question and writes no explanation) are skipped with a note, never scored as zer
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -91,6 +92,11 @@ def _read_manifest(path: Path) -> EvalDataset:
     return EvalDataset(source=str(path), root=str(path.parent), items=items)
 
 
+def _under(found: str | Path, folder: Path) -> str:
+    """``found`` (a path the folder walk gave) relative to ``folder``; an absolute one stays as is."""
+    return str(found) if Path(found).is_absolute() else os.path.relpath(found, folder)
+
+
 def load_dataset(path: str | Path) -> EvalDataset:
     """An evaluation set from a folder of images or a manifest (see the module docstring)."""
     p = Path(path)
@@ -103,7 +109,9 @@ def load_dataset(path: str | Path) -> EvalDataset:
         entries = [e for e in iter_image_paths([str(p)]) if e.path is not None]
         if not entries:
             raise ValueError(f"{p}: no images in the folder")
-        return EvalDataset(source=str(p), root=str(p), items=[EvalItem(image=str(e.path)) for e in entries])
+        # the walk gives paths as the folder was named (relative to the working directory when it was):
+        # items are relative to the folder, as a manifest's are to its own (image_path joins them to root)
+        return EvalDataset(source=str(p), root=str(p), items=[EvalItem(image=_under(e.path, p)) for e in entries])
     if p.is_file():
         return _read_manifest(p)
     raise ValueError(f"{p}: no such evaluation set (a folder of images or a manifest .jsonl)")
