@@ -106,12 +106,12 @@ def load_dataset(path: str | Path) -> EvalDataset:
                 return _read_manifest(p / name)
         from icm.moderation.inputs import iter_image_paths
 
-        entries = [e for e in iter_image_paths([str(p)]) if e.path is not None]
-        if not entries:
+        found = [e.path for e in iter_image_paths([str(p)]) if e.path is not None]
+        if not found:
             raise ValueError(f"{p}: no images in the folder")
         # the walk gives paths as the folder was named (relative to the working directory when it was):
         # items are relative to the folder, as a manifest's are to its own (image_path joins them to root)
-        return EvalDataset(source=str(p), root=str(p), items=[EvalItem(image=_under(e.path, p)) for e in entries])
+        return EvalDataset(source=str(p), root=str(p), items=[EvalItem(image=_under(f, p)) for f in found])
     if p.is_file():
         return _read_manifest(p)
     raise ValueError(f"{p}: no such evaluation set (a folder of images or a manifest .jsonl)")
