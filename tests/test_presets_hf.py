@@ -41,7 +41,7 @@ from icm.moderation.job import read_records
 from icm.moderation.presets.formats import llavaguard_prompt, shieldgemma2_policies
 from icm.policy import load_policy
 
-from tiny_models import build_tiny_llava
+from tiny_models import build_tiny_llava, scored_texts
 
 runner = CliRunner()
 IMAGE = str(Path(__file__).resolve().parents[1] / "examples" / "images" / "flower.jpg")
@@ -274,18 +274,11 @@ def test_the_hf_backend_scores_a_prompt_as_written(tiny_llava_path: Path) -> Non
 
     backend = HFBackend(model=str(tiny_llava_path), device="cpu", min_label_mass=0.0)
     image = load_image(IMAGE).image.convert("RGB")
-    seen: list[str] = []
-    real = backend._last_logprobs
-
-    def spy(images: Any, items: Any) -> Any:
-        seen.extend(text for _, text in items)
-        return real(images, items)
-
-    backend._last_logprobs = spy  # type: ignore[method-assign]
     prompt = "Is there a flower? Reply Yes or No."
-    [as_written] = backend.score_prompts_yes_no([image], [prompt])
-    [written_out] = backend.score_prompts_yes_no([image], [yes_no_prompt(prompt)])
-    [asked] = backend.score_yes_no([image], [prompt])
+    with scored_texts(backend) as seen:
+        [as_written] = backend.score_prompts_yes_no([image], [prompt])
+        [written_out] = backend.score_prompts_yes_no([image], [yes_no_prompt(prompt)])
+        [asked] = backend.score_yes_no([image], [prompt])
     assert seen == [prompt, yes_no_prompt(prompt), yes_no_prompt(prompt)]
     assert as_written.source == "logits"  # type: ignore[union-attr]
     assert written_out.p_yes == pytest.approx(asked.p_yes, abs=1e-6)  # type: ignore[union-attr]

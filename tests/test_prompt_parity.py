@@ -41,7 +41,7 @@ from icm.training.collator import ChatCollator
 from icm.training.datasets import Example, TrainDataset, moderation_examples
 
 from openai_recorder import Recorded, recording_server
-from tiny_models import noise_image
+from tiny_models import noise_image, scored_texts
 
 POLICIES = sorted(builtin_policy_names())  # every built-in policy, the taxonomy included
 MODELS = {"llava": ("tiny_llava_path", 32), "qwen2vl": ("tiny_qwen2vl_path", 56), "idefics3": ("tiny_idefics3_path", 32)}
@@ -72,18 +72,8 @@ def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 def _scored_texts(backend: HFBackend, image: Any, queries: list) -> list[str]:
     """The user texts the backend's ask() scores, captured at its forward-pass entry point."""
-    seen: list[str] = []
-    real = backend._last_logprobs
-
-    def spy(images: Any, items: Any) -> Any:
-        seen.extend(text for _, text in items)
-        return real(images, items)
-
-    backend._last_logprobs = spy  # type: ignore[method-assign]
-    try:
+    with scored_texts(backend) as seen:
         answers = backend.ask([image], queries)
-    finally:
-        del backend._last_logprobs
     assert set(answers[0]) == {q.key for q in queries}
     return seen
 

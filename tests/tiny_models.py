@@ -18,7 +18,10 @@ import math
 import os
 import random
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -252,3 +255,20 @@ def train_color_adapter(
               "red_p_yes_at_least": float(p[:n:3].min()), "blue_p_yes_at_most": float(1 - p[n::3].min())}
     (Path(adapter_path) / "color_training.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return Path(adapter_path)
+
+
+@contextmanager
+def scored_texts(backend: Any) -> Iterator[list[str]]:
+    """The user texts an HFBackend scores while the block runs, captured at its forward-pass entry point."""
+    seen: list[str] = []
+    real = backend._last_logprobs
+
+    def spy(images: Any, items: Any) -> Any:
+        seen.extend(text for _, text in items)
+        return real(images, items)
+
+    backend._last_logprobs = spy
+    try:
+        yield seen
+    finally:
+        del backend._last_logprobs

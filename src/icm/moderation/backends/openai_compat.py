@@ -348,9 +348,9 @@ class OpenAIBackend(OpenAIRequests, Backend):
     def score_yes_no(
         self, images: Sequence[Image.Image], questions: Sequence[str]
     ) -> list[YesNoScore | NotJudged | Failed]:
-        answers, errors = self._sync(self._score_yes_no(images, questions))
-        self._settle(errors, len(answers))
-        return answers
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        return self.score_prompts_yes_no(images, [yes_no_prompt(q) for q in questions])
 
     def score_prompts_yes_no(
         self, images: Sequence[Image.Image], prompts: Sequence[str]
