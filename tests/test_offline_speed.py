@@ -93,31 +93,6 @@ def test_ocr_recognises_text_only_where_the_detector_finds_some(monkeypatch: pyt
 
 
 @needs_offline
-def test_a_short_word_is_read_from_a_narrow_recogniser_input(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A short word costs a 96-wide recogniser input, not RapidOCR's 320 (nor the 160 before):
-    the lines a photo's badges make the gate find are cheap, and the words still read."""
-    from rapidocr.inference_engine.onnxruntime.main import OrtInferSession
-
-    from icm.moderation.evidence.ocr import RapidOCRSource
-
-    shapes: list[tuple[int, ...]] = []
-    real_run: Callable[..., Any] = OrtInferSession.__call__
-
-    def session(self: Any, x: np.ndarray) -> Any:
-        shapes.append(tuple(x.shape))
-        return real_run(self, x)
-
-    monkeypatch.setattr(OrtInferSession, "__call__", session)
-    src = RapidOCRSource(intra_op_num_threads=1)
-    short = [["BET", "18+"], ["21", "VIP"]]
-    images = [Image.open(_poster(lines, tmp_path / f"short{k}.png")).convert("RGB") for k, lines in enumerate(short)]
-    read = [[b.label for b in o.boxes] for o in src.run(images)]
-    assert read == short
-    rec_inputs = [s for s in shapes if len(s) == 4 and s[2] == 48]  # (n, 3, 48, w): the recogniser's
-    assert rec_inputs and all(s[3] <= 96 for s in rec_inputs), rec_inputs
-
-
-@needs_offline
 def test_a_bundle_runs_each_source_once_per_image(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     images = [load_image(p) for p in PHOTOS] + [load_image(_poster(GAMBLING_POSTERS["apuestas_es.png"], tmp_path / "a.png"))]
     backend = DetectorBackend(intra_op_num_threads=1)

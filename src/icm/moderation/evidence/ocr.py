@@ -43,13 +43,6 @@ OCR_MIN_SIDE = 8
 """An image whose shorter side is below this many pixels cannot hold legible text: it is
 reported as not read (never as "no text found", which would clear it)."""
 
-REC_MIN_WIDTH = 96
-"""Least width the recogniser's input is padded to (its lines are 48 high). RapidOCR pads every
-line to 320; a short word or a squat box (a badge, an insignia the gate took for print) then
-costs as much as a full line. 96 costs a short line less than a third of that; the posters'
-lines, short words ("BET", "18+", "21", "X") and their half-size renderings read the same as at
-160 and 320 (measured on the rendered posters of the tests)."""
-
 TEXT_SCORE = 0.5
 """Recognised lines below this confidence are dropped (RapidOCR's default)."""
 
@@ -97,8 +90,8 @@ class RapidOCRSource(EvidenceSource):
             "Det.limit_side_len": self.gate_side,
             "Det.box_thresh": GATE_BOX_THRESH,
             "Rec.rec_batch_num": 8,  # lines sorted by width, padded to the widest of each call
-            # and to at least REC_MIN_WIDTH, not RapidOCR's 320 (module docstring)
-            "Rec.rec_img_shape": [3, 48, REC_MIN_WIDTH],
+            # and to at least 160 wide, not RapidOCR's 320: a short word costs half (the posters' lines read the same)
+            "Rec.rec_img_shape": [3, 48, 160],
             "EngineConfig.onnxruntime.enable_cpu_mem_arena": True,  # RapidOCR turns it off; a batch reuses it
         }
         if self.intra_op_num_threads is not None:
