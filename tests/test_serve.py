@@ -114,6 +114,41 @@ def test_server_is_a_thin_layer_over_icm_moderate(tmp_path, monkeypatch):
             assert len(got["boxes"]) == len(want.boxes)
 
 
+def test_detector_server_hashes_pixels_while_decoding_not_in_the_batch_worker(tmp_path, monkeypatch):
+    """The detector keys its evidence by a hash of the pixels; the server computes it in the
+    decoding thread (beside other requests), so the one batch worker only runs the models."""
+    import threading
+    import types
+
+    from icm.moderation.evidence import runtime
+
+    monkeypatch.delenv("ICM_API_KEYS", raising=False)
+    hashed: list[tuple[str, bytes]] = []
+
+    class Recording:
+        def __init__(self, **kw: Any) -> None:
+            self.h = hashlib.blake2b(**kw)
+            self.header: bytes | None = None
+
+        def update(self, b: bytes) -> None:
+            if self.header is None:
+                self.header = bytes(b)
+                hashed.append((threading.current_thread().name, self.header))
+            self.h.update(b)
+
+        def hexdigest(self) -> str:
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(runtime, "hashlib", types.SimpleNamespace(blake2b=Recording))
+    p = EXAMPLES / "flower.jpg"
+    with TestClient(create_app(config(tmp_path)), client=LOCAL) as c:
+        r = c.post("/v1/moderate", files={"image": (p.name, p.read_bytes(), "image/jpeg")})
+        assert r.status_code == 200, r.text
+    mine = [name for name, header in hashed if header == b"RGB:640x427:"]
+    assert mine, "the detector hashed the upload's pixels"
+    assert not [n for n in mine if n.startswith("icm-batch")], f"hashed in the batch worker: {mine}"
+
+
 def test_policy_and_rules_per_request(colour_client):
     red = png((250, 5, 5))
     by_rules = {}

@@ -89,6 +89,16 @@ class Service:
     bundles: dict[str, ServedBundle] = field(default_factory=dict)  # /v1/moderations' bundles (icm.serve.openai_models)
     unjudged: dict[str, str] = field(default_factory=dict)  # policy -> why the backend cannot judge it here
     ready: bool = False  # the backend has judged the warm-up image (/readyz)
+    pixel_digests: bool = False  # the detector keys its evidence by a hash of the pixels: hash them on decode
+
+    def prepare(self, im: LoadedImage) -> None:
+        """Work on a decoded image that can run in the decoding thread, not the batch worker's:
+        the detector's pixel hash of each view it will judge (memoised on the image object)."""
+        if self.pixel_digests:
+            from icm.moderation.evidence.runtime import image_digest
+
+            for view in im.judged_views():
+                image_digest(view.image)
 
     @property
     def default_moderator(self) -> Moderator:
@@ -304,4 +314,5 @@ def build_service(config: ServeConfig, *, moderator: Moderator | None = None, st
         bundles=bundles,
     )
     svc.unjudged = unjudged_policies(svc)
+    svc.pixel_digests = any(b is not None and b.name == "detector" for b in (moderator.backend, moderator.escalate_to))
     return svc

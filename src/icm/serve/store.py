@@ -117,6 +117,8 @@ class DecisionStore(ReviewStore):
         self.applied = self.migrate()
         with self.engine.connect() as conn:
             self._decisions, self._reviews, self._claims, self._outbox = reflect_tables(conn)
+        # built once: its compiled form is cached, where .values(**row) built and compiled a statement per row
+        self._insert_decision = sa.insert(self._decisions).returning(self._decisions.c.id)
 
     # -- schema --------------------------------------------------------------------------
 
@@ -205,6 +207,7 @@ class DecisionStore(ReviewStore):
             raise ValueError("one DecisionMeta per record")
         ids: list[int] = []
         now = utcnow()
+        insert = self._insert_decision
         with self._writing(), self.engine.begin() as conn:
             for r, m in zip(records, metas, strict=True):
                 row = {
@@ -232,7 +235,7 @@ class DecisionStore(ReviewStore):
                     "queue": m.queue,
                     "request_id": m.request_id,
                 }
-                result = conn.execute(sa.insert(self._decisions).values(**row).returning(self._decisions.c.id))
+                result = conn.execute(insert, row)
                 ids.append(int(result.scalar_one()))
                 if self.webhooks and r.verdict == "block":
                     self._add_event(conn, "decision.block", ids[-1], {"decision": summary_dict(row, ids[-1])})

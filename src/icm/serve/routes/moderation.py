@@ -119,7 +119,9 @@ async def load(svc: Service, data: bytes, name: str, source: str) -> tuple[Loade
             data, name=name, max_pixels=config.max_pixels, max_bytes=config.max_upload_bytes,
             draft_pixels=config.reduce_to_pixels or None, max_view_pixels=config.reduce_to_pixels or None,
         )
-        return reduce_loaded(im, config.reduce_to_pixels)
+        im = reduce_loaded(im, config.reduce_to_pixels)
+        svc.prepare(im)
+        return im
 
     try:
         async with svc.pixels.hold(pixels, len(data)):
