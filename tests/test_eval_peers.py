@@ -223,3 +223,24 @@ def test_cli_errors_name_the_file(tmp_path):
     notrun.write_text('{"not": "a run"}')
     r = runner.invoke(app, ["eval", "compare", str(notrun), "--published", str(PEERS)])
     assert r.exit_code == 2 and "x.json: neither" in r.output
+
+
+def test_a_run_on_other_images_than_the_published_figure_is_not_comparable(tmp_path):
+    """A trial run (--limit) or a partial copy of the data judges fewer images than the source
+    measured: its figure sits beside the published one but is not called comparable."""
+    pub = tmp_path / "p.yaml"
+    pub.write_text(
+        "figures:\n"
+        "  - {model: Peer, benchmark: unsafebench, split: test, metric: f1, value: 60, n: 2000,\n"
+        "     source: {citation: c, url: u, where: w}, verification: paper, checked: k}\n",
+        encoding="utf-8",
+    )
+    def row(n):
+        run = RunFigures(name="ours", source="run.json", benchmark="unsafebench", split="test",
+                         figures=[RunFigure(metric="f1", value=0.5, n=n)])
+        return compare_published(run, load_published(pub)).rows[0]
+    assert row(2000).comparable and row(2000).delta == pytest.approx(-10.0)
+    partial = row(8)
+    assert not partial.comparable and partial.ours is None
+    assert partial.reason == "other images: the run's f1 is on 8 images, the published one on 2000"
+    assert row(None).comparable  # a run that does not say how many images: compared, as before

@@ -252,7 +252,10 @@ def compare_published(run: RunFigures, published: PublishedFile) -> PeerComparis
         src = f"{f.source.citation}, {f.source.where} ({f.source.url})"
         common: dict[str, Any] = dict(model=f.model, benchmark=f.benchmark, split=f.split, metric=f.metric, category=f.category,
                       published=pub, source=src, verification=f.verification, notes=f.notes)
-        if mine is None:
+        if mine is not None and f.n is not None and mine.n is not None and mine.n != f.n:
+            rows.append(PeerRow(**common, comparable=False,
+                                reason=f"other images: the run's {metric} is on {mine.n} images, the published one on {f.n}"))
+        elif mine is None:
             rows.append(PeerRow(**common, comparable=False, reason=_why_not(f, run)))
         else:
             ours = mine.value * 100

@@ -97,6 +97,10 @@ class PublishedFigure(BaseModel):
     value: float
     unit: Literal["percent", "fraction"] = Field(default="percent", description="percent: 0-100 as papers print; fraction: 0-1")
     category: str = Field(default="overall", description="The benchmark's category, or overall")
+    n: int | None = Field(
+        default=None, ge=1,
+        description="Images the figure was measured on, where the source says; a run on another number of images "
+        "(a partial copy, a --limit trial) is then not comparable")
     source: PublishedSource
     verification: Literal["paper", "secondary"] = Field(
         description="paper: read in the source itself; secondary: the source's table as reproduced elsewhere (named in checked)")
