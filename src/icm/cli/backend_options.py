@@ -3,13 +3,18 @@ one typer option per flat field of the registered backends' options models, defi
 
 A command declares ``backend: BackendOpt = None`` (``icm chat`` defaults to ``hf``) and
 builds the spec with ``BackendSpec.build(backend=backend, ...)``: every option defaults to
-None, so the defaults live in the options models only. The help texts are the fields'
+None, so the defaults live in the options models only. A command that takes every backend
+option (``icm eval run``, ``icm eval bench``) declares one parameter
+``backend_options: dict[str, Any] = ALL`` and is decorated with :func:`with_backend_options`. The help texts are the fields'
 descriptions; ``--backend`` lists the registered names.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -79,7 +84,49 @@ MaxRetriesOpt = Annotated[int | None, typer.Option("--max-retries", help=_help("
 PresetOpt = Annotated[str | None, typer.Option("--preset", help=_help("preset"))]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help=_help("threads", "; the same as $ICM_THREADS"))]
 
+BACKEND_OPTIONS: dict[str, Any] = {
+    "backend": BackendOpt, "model": ModelOpt, "adapter": AdapterOpt, "base_url": BaseUrlOpt, "dtype": DtypeOpt,
+    "device": DeviceOpt, "batch_size": BatchSizeOpt, "min_label_mass": MinLabelMassOpt,
+    "text_confidence": TextConfidenceOpt, "guided_choice": GuidedChoiceOpt, "escalate_backend": EscalateBackendOpt,
+    "api_key_env": ApiKeyEnvOpt, "timeout": TimeoutOpt, "max_retries": MaxRetriesOpt, "preset": PresetOpt,
+    "threads": ThreadsOpt,
+}
+"""Every backend option, in the order ``--help`` lists them: the parameter name and its typer annotation."""
+
+ALL: dict[str, Any] = {}
+"""The placeholder default of a command's ``backend_options`` parameter (:func:`with_backend_options`)."""
+
+R = TypeVar("R")
+
+
+def with_backend_options(command: Callable[..., R]) -> Callable[..., R]:
+    """Decorator of a typer command: its parameter ``backend_options`` becomes every backend
+    option (:data:`BACKEND_OPTIONS`, at that place in ``--help``), and the command receives the
+    options given as that one dict (those not given left out), ready for
+    ``BackendSpec.build(**backend_options)`` or ``ModerateConfig.from_options``."""
+    sig = inspect.signature(command, eval_str=True)
+    if "backend_options" not in sig.parameters or set(BACKEND_OPTIONS) & set(sig.parameters):
+        raise TypeError(f"{command.__name__}: declare backend_options and none of its options")
+    params: list[inspect.Parameter] = []
+    for p in sig.parameters.values():
+        if p.name != "backend_options":
+            params.append(p)
+            continue
+        params += [inspect.Parameter(k, p.kind, default=None, annotation=a) for k, a in BACKEND_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> R:
+        given = {k: kwargs.pop(k) for k in BACKEND_OPTIONS if k in kwargs}
+        return command(*args, backend_options={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+    run.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]  # what typer reads
+    run.__annotations__ = {p.name: p.annotation for p in params} | {"return": sig.return_annotation}
+    return run
+
+
 __all__ = [
+    "ALL",
+    "BACKEND_OPTIONS",
     "AdapterOpt",
     "ApiKeyEnvOpt",
     "BackendOpt",
@@ -96,4 +143,5 @@ __all__ = [
     "TextConfidenceOpt",
     "ThreadsOpt",
     "TimeoutOpt",
+    "with_backend_options",
 ]

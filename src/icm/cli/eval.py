@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -308,6 +308,7 @@ def meq_cmd(
 
 
 @app.command("run")
+@bo.with_backend_options
 def run_cmd(
     dataset: Path = typer.Argument(..., help="Evaluation set: a folder of images (truth from names or --labels) or a manifest (JSONL)."),
     out_dir: Path = typer.Option(Path("eval-run"), "--out-dir", "-o", help="Folder for records.jsonl, qa.jsonl, summary.json, report.html."),
@@ -315,22 +316,7 @@ def run_cmd(
     policy: str = typer.Option("icm-sexy", "--policy", "-p"),
     rules: str | None = typer.Option(None, "--rules", "-r"),
     target: str = typer.Option("rules", help="rules or term (see `icm eval icm --help`)."),
-    backend: bo.BackendOpt = None,
-    model: bo.ModelOpt = None,
-    adapter: bo.AdapterOpt = None,
-    base_url: bo.BaseUrlOpt = None,
-    dtype: bo.DtypeOpt = None,
-    device: bo.DeviceOpt = None,
-    batch_size: bo.BatchSizeOpt = None,
-    min_label_mass: bo.MinLabelMassOpt = None,
-    text_confidence: bo.TextConfidenceOpt = None,
-    guided_choice: bo.GuidedChoiceOpt = None,
-    escalate_backend: bo.EscalateBackendOpt = None,
-    api_key_env: bo.ApiKeyEnvOpt = None,
-    timeout: bo.TimeoutOpt = None,
-    max_retries: bo.MaxRetriesOpt = None,
-    preset: bo.PresetOpt = None,
-    threads: bo.ThreadsOpt = None,
+    backend_options: dict[str, Any] = bo.ALL,
     threshold: float = typer.Option(0.5, "--threshold", "-t"),
     protocol: str = typer.Option("image"),
     confidence: float = ConfidenceOpt,
@@ -353,11 +339,7 @@ def run_cmd(
     if offline_metric not in ("combined", "embedding", "lexical", "none"):
         _fail("--offline-metric must be combined, embedding, lexical or none")
     try:
-        spec = BackendSpec.build(
-            backend=backend, model=model, adapter=adapter, base_url=base_url, dtype=dtype, device=device,
-            batch_size=batch_size, min_label_mass=min_label_mass, text_confidence=text_confidence, guided_choice=guided_choice,
-            escalate_backend=escalate_backend, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries, preset=preset, threads=threads,
-        )
+        spec = BackendSpec.build(**backend_options)
         cfg = EvalRunConfig(
             dataset=str(dataset), name=name, out_dir=str(out_dir), labels=str(labels) if labels else None, policy=policy, rules=rules,
             target=target, backend=spec, threshold=threshold, protocol=protocol, confidence=confidence, bootstrap=bootstrap,

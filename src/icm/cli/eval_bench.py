@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.text import Text
@@ -12,6 +13,7 @@ from icm.cli.common import err_console, print_error, print_json
 from icm.policy import PolicyError
 
 
+@bo.with_backend_options
 def bench_cmd(
     name: str = typer.Argument(..., help="unsafebench, llavaguard, vlguard, smid or safeeditbench (docs/benchmarks.md)."),
     data: Path = typer.Argument(..., help="The benchmark as published: the Hugging Face dataset copy (parquet or "
@@ -24,13 +26,7 @@ def bench_cmd(
                                         "(default bench-NAME)."),
     policy: str = typer.Option("icm-standard", "--policy", "-p", help="A policy or bundle (BUNDLE[:RULES])."),
     rules: str | None = typer.Option(None, "--rules", "-r"),
-    backend: bo.BackendOpt = "detector",
-    model: bo.ModelOpt = None,
-    base_url: bo.BaseUrlOpt = None,
-    api_key_env: bo.ApiKeyEnvOpt = None,
-    batch_size: bo.BatchSizeOpt = 8,
-    preset: bo.PresetOpt = None,
-    threads: bo.ThreadsOpt = None,
+    backend_options: dict[str, Any] = bo.ALL,
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds when there is no tuning split."),
     min_coverage: float = typer.Option(0.9, "--min-coverage", help="A category is scored when the backend judged at "
                                        "least this share of its images; below, it is reported as not judged."),
@@ -48,13 +44,16 @@ def bench_cmd(
     from icm.evaluation.bench.records import BenchDataError
     from icm.evaluation.bench.run import BenchConfig, run_bench
     from icm.fileio import atomic_write
+    from icm.moderation.spec import BackendSpec
 
-    given = {"backend": backend, "model": model, "base_url": base_url, "api_key_env": api_key_env, "batch_size": batch_size,
-             "preset": preset, "threads": threads}
-    cfg = BenchConfig(name=name, data=str(data), out_dir=str(out_dir or Path(f"bench-{name}")), split=split,
-                      tune_split=tune_split, policy=policy, rules=rules, folds=folds, min_coverage=min_coverage,
-                      confidence=confidence, bootstrap=bootstrap, seed=seed, limit=limit,
-                      moderate={k: v for k, v in given.items() if v is not None})
+    try:
+        cfg = BenchConfig(name=name, data=str(data), out_dir=str(out_dir or Path(f"bench-{name}")), split=split,
+                          tune_split=tune_split, policy=policy, rules=rules, folds=folds, min_coverage=min_coverage,
+                          confidence=confidence, bootstrap=bootstrap, seed=seed, limit=limit,
+                          backend=BackendSpec.build(**backend_options))
+    except ValueError as exc:
+        print_error(exc)
+        raise typer.Exit(2) from None
     try:
         report = run_bench(cfg, on_stage=None if json_ else lambda s: err_console.print(f"[dim]{s}[/dim]", highlight=False))
     except (BenchDataError, PolicyError, KeyError, ValueError, ImportError) as exc:

@@ -14,10 +14,10 @@ import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from icm import __version__
 from icm.evaluation.bench import get_benchmark
@@ -25,13 +25,16 @@ from icm.evaluation.bench.records import BenchDataError, BenchIssue, BenchItem, 
 from icm.evaluation.bench.scoring import OPERATING_POINTS, Judged, MetricValue, OperatingPoint, metric_values, predict
 from icm.evaluation.stats import DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE, DEFAULT_SEED
 from icm.moderation.record import ModerationRecord
+from icm.moderation.spec import BackendSpec
 
 TUNE_SPLITS = ("validation", "val", "dev", "train")
 Status = Literal["scored", "not_judged", "no_mapping"]
 
 
 class BenchConfig(BaseModel):
-    """Everything ``icm eval bench`` takes."""
+    """Everything ``icm eval bench`` takes; the backend is the nested spec every entry point uses."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str
     data: str
@@ -40,7 +43,7 @@ class BenchConfig(BaseModel):
     tune_split: str | None = Field(default=None, description="Where thresholds are chosen: a split, or 'cv' for folds")
     policy: str = "icm-standard"
     rules: str | None = None
-    moderate: dict[str, Any] = Field(default_factory=dict, description="Backend fields of icm moderate's config")
+    backend: BackendSpec = Field(default_factory=BackendSpec.build, description="The model backend and its settings")
     folds: int = 5
     min_coverage: float = 0.9
     confidence: float = DEFAULT_CONFIDENCE
@@ -72,8 +75,9 @@ class BenchReport(BaseModel):
     label_rule: str
     policy: str
     rules: str | None
-    backend: str
-    model: str | None
+    backend: str = Field(description="The backend the records name (cascade for a cascade)")
+    model: str | None = Field(description="The model the records name, its preset included: 'guard (preset llavaguard)'")
+    preset: str | None = Field(default=None, description="The guard model's prompt format, when one was used")
     images: dict[str, int] = Field(default_factory=dict, description="Images read per split")
     moderation_errors: int = 0
     issues: list[BenchIssue] = Field(default_factory=list)
@@ -143,13 +147,23 @@ def _materialize(items: list[BenchItem], folder: Path) -> dict[str, BenchItem]:
     return out
 
 
-def moderate(cfg: BenchConfig, paths: list[str], on_record: Callable[[ModerationRecord], None]) -> None:
-    """The job of ``icm moderate`` over ``paths``, resumable, records to ``OUT_DIR/records.jsonl``."""
-    from icm.moderation.job import ModerateConfig, run_job
+def moderate(cfg: BenchConfig, paths: list[str], on_record: Callable[[ModerationRecord], None]) -> tuple[str, str | None]:
+    """The job of ``icm moderate`` over ``paths``, resumable, records to ``OUT_DIR/records.jsonl``; the
+    backend and the model that ran (with its preset: ``guard (preset llavaguard)``, as the records name it)."""
+    from icm.run.config import ModerateConfig
+    from icm.run.local import build_runner, close_runner, run_job
 
-    mc = ModerateConfig.from_options(inputs=paths, policy=cfg.policy, rules=cfg.rules, out=str(Path(cfg.out_dir) / "records.jsonl"),
-                                     resume=True, **cfg.moderate)
-    run_job(mc, on_record=on_record)
+    mc = ModerateConfig(inputs=paths, policy=cfg.policy, rules=cfg.rules, out=str(Path(cfg.out_dir) / "records.jsonl"),
+                        resume=True, backend=cfg.backend, batch_size=cfg.backend.batch_size)
+    runner = build_runner(mc)
+    try:
+        run_job(mc, moderator=runner, on_record=on_record)
+        model = runner.backend.model_id  # the whole backend, not one member policy's sources (the detector)
+        if runner.escalate_to is not None:
+            model += f" -> {runner.escalate_to.model_id}"
+        return runner.backend_name, model
+    finally:
+        close_runner(runner)
 
 
 def policy_feeders(policy: str, rules: str | None) -> dict[tuple[str, str], set[str]]:
@@ -251,8 +265,8 @@ def run_bench(cfg: BenchConfig, *, on_stage: Callable[[str], None] | None = None
     out.mkdir(parents=True, exist_ok=True)
     by_path = _materialize(chosen, out / "images")
     recs: dict[str, list[ModerationRecord]] = {p: [] for p in by_path}
-    say(f"moderating {len(by_path)} images of {info.name} ({', '.join(wanted)}) with {cfg.moderate.get('backend', 'detector')}")
-    moderate(cfg, list(by_path), lambda r: recs.setdefault(os.path.realpath(r.local_path()), []).append(r))
+    say(f"moderating {len(by_path)} images of {info.name} ({', '.join(wanted)}) with {cfg.backend.backend}")
+    backend, model = moderate(cfg, list(by_path), lambda r: recs.setdefault(os.path.realpath(r.local_path()), []).append(r))
     for it in chosen:  # each item finds its records by its own resolved path
         it.image_path = os.path.realpath(it.image_path or "")
     errors = [it for it in chosen if not any(r.ok for r in recs.get(it.image_path or "", []))]
@@ -271,7 +285,7 @@ def run_bench(cfg: BenchConfig, *, on_stage: Callable[[str], None] | None = None
     return BenchReport(
         benchmark=info.name, title=info.title, source=info.source, split=report,
         tune_split=tune or f"cv-{cfg.folds}", label_rule=info.label_rule, policy=cfg.policy, rules=cfg.rules,
-        backend=str(cfg.moderate.get("backend", "detector")), model=cfg.moderate.get("model"), images=counts,
+        backend=backend, model=model, preset=cfg.backend.flat().get("preset"), images=counts,
         moderation_errors=len(errors), issues=issues, overall=overall, categories=categories, metrics=scorer.metrics,
         records=str(out / "records.jsonl"),
     )
