@@ -239,8 +239,7 @@ class Moderator:
 
     @property
     def model_id(self) -> str:
-        per_policy = getattr(self.backend, "model_id_for", None)  # the detector: the sources this policy runs
-        first = per_policy(self.policy) if callable(per_policy) else self.backend.model_id
+        first = self.backend.model_id_for(self.policy)  # the detector: the sources this policy runs
         if self.escalate_to is not None:
             return f"{first} -> {self.escalate_to.model_id}"
         return first
@@ -354,8 +353,7 @@ class Moderator:
             timings=Timings(model_ms=round(model_ms, 3)),
         )
         rec = _apply_unanswered(rec, ev.unanswered, self.policy.standard_categories)
-        finish = getattr(backend, "finish_record", None)  # a guard-model preset adds its categories and rationale
-        return finish(rec, answers, self.policy, self.rule_set) if callable(finish) else rec
+        return backend.finish_record(rec, answers, self.policy, self.rule_set)  # a guard-model preset adds its categories and rationale
 
     def _add_explanations(self, backend: Backend, images: Sequence[LoadedImage], records: list[ModerationRecord]) -> None:
         todo = [(im, r) for im, r in zip(images, records, strict=True) if r.ok]

@@ -36,7 +36,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from PIL import Image
 
 if TYPE_CHECKING:
+    from icm.moderation.backends.openai_requests import ItemError
     from icm.moderation.evidence.plan import Coverage
+    from icm.moderation.record import ModerationRecord
     from icm.policy.model import Policy, RuleSet
 
 Capability = Literal["score_yes_no", "choose", "generate"]
@@ -284,6 +286,24 @@ class Backend:
         """What this backend can judge of ``policy`` here (see :mod:`icm.moderation.evidence.plan`),
         or None: it judges every question (a backend that reads the question text)."""
         return None
+
+    def model_id_for(self, policy: Policy) -> str:
+        """The model that judges ``policy`` here, as its records name it: :attr:`model_id` (the
+        default), or the part of it that runs for this policy (the detector: its sources)."""
+        return self.model_id
+
+    def finish_record(
+        self, rec: ModerationRecord, answers: dict[str, Answer], policy: Policy, rules: RuleSet
+    ) -> ModerationRecord:
+        """The engine's record of one image, finished from this backend's ``answers``: ``rec``
+        unchanged (the default), or with more in it (a guard-model preset: its categories and rationale)."""
+        return rec
+
+    @property
+    def last_errors(self) -> Sequence[ItemError]:
+        """Why items of this thread's most recent call got ``None`` (one per failed item, by index):
+        none by default (a backend that raises instead); the openai backend keeps each request's error."""
+        return []
 
     def close(self) -> None:  # an optional hook: does nothing unless a backend holds resources
         """Release resources (HTTP clients, sessions)."""

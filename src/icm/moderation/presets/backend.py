@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 
@@ -30,6 +30,9 @@ from icm.moderation.presets.formats import category_rules, llavaguard_prompt, sh
 from icm.moderation.presets.replies import GuardReply, read_llama_guard, read_llavaguard
 from icm.policy.model import Policy, RuleSet
 from icm.policy.taxonomy import SCHEMES, flagged_categories
+
+if TYPE_CHECKING:
+    from icm.moderation.record import ModerationRecord
 
 __all__ = ["NATIVE_SCHEME", "PRESET_NAMES", "PresetBackend", "PresetName"]
 
@@ -121,7 +124,7 @@ class PresetBackend(Backend):
             out.append(slot)
         return out
 
-    def finish_record(self, rec: Any, answers: dict[str, Answer], policy: Policy, rules: RuleSet) -> Any:
+    def finish_record(self, rec: ModerationRecord, answers: dict[str, Answer], policy: Policy, rules: RuleSet) -> ModerationRecord:
         """Put the guard's categories, rationale and reply into the engine's record."""
         ans = answers.get(f"term:{policy.term.id}")
         info = getattr(ans, "raw", {}).get("preset") if ans is not None else None

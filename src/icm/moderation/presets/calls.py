@@ -38,7 +38,7 @@ def generate(backend: Backend, images: Sequence[Image.Image], text: str, max_new
         return []
     conv: list[Message] = [{"role": "user", "content": text}]
     out = backend.generate(images, [conv] * len(images), max_new_tokens=max_new_tokens)
-    errors = {e.index: e for e in getattr(backend, "last_errors", []) or []}
+    errors = {e.index: e for e in backend.last_errors}
     result: list[str | Failed] = []
     for i, t in enumerate(out):
         if t is None:
