@@ -102,7 +102,8 @@ class RapidOCRSource(EvidenceSource):
         logging.getLogger("RapidOCR").setLevel(logging.ERROR)
         engine._load_det_model()
         engine._load_rec_model()
-        det: Any = engine.text_det.session  # RapidOCR's wrapper: the gate calls it, as before
+        text_det: Any = engine.text_det
+        det: Any = text_det.session  # RapidOCR's wrapper: the gate calls it, as before
         float_model = Path(det.session._model_path)
         int8 = ensure_int8(float_model)
         if int8 is not None:  # the same session options (threads, arena), the quantised graph
