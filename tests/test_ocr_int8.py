@@ -69,4 +69,6 @@ def test_the_int8_gate_reads_the_posters_and_print_of_4_percent_as_the_float_one
                 found += any(word.lower().replace(" ", "") in b.label.lower().replace(" ", "") for b in got)
         read[int8] = lines, found
     assert read["1"][0] == read["0"][0] and all(read["1"][0]), read  # every poster line, word for word
-    assert read["1"][1] >= read["0"][1] >= 7, read  # at least as many of the nine 4% words (the float gate: 7)
+    # most of the nine 4% words, and no fewer than the float gate less one (here: int8 8, float 7;
+    # another CPU's kernels may round a borderline word the other way)
+    assert read["1"][1] >= 7 and read["1"][1] >= read["0"][1] - 1, read
