@@ -33,6 +33,9 @@ from icm.moderation.evidence.efficientnet import cache_dir
 CALIBRATION_SIDE = 224
 """Longest side of the calibration inputs (the gate's default resolution)."""
 
+RECIPE = 1
+"""Version of the calibration and quantisation recipe, in the cached file's name: a new one is made when it changes."""
+
 _STRIDE = 32
 _MEAN = _STD = 0.5  # RapidOCR's detector normalisation: (x / 255 - 0.5) / 0.5
 _REPO_PHOTOS = Path(__file__).resolve().parents[4] / "examples" / "images"
@@ -85,7 +88,7 @@ def _calibration_inputs(photos: list[Path]) -> Iterator[dict[str, np.ndarray]]:
 def int8_path(float_model: Path) -> Path:
     """Where the quantised copy of ``float_model`` is cached (named after its content)."""
     digest = hashlib.sha256(float_model.read_bytes()).hexdigest()[:12]
-    return cache_dir() / f"rapidocr-det-{digest}-int8.onnx"
+    return cache_dir() / f"rapidocr-det-{digest}-int8-v{RECIPE}.onnx"
 
 
 def can_quantise() -> bool:
