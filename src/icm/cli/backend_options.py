@@ -4,8 +4,10 @@ one typer option per flat field of the registered backends' options models, defi
 A command declares ``backend: BackendOpt = None`` (``icm chat`` defaults to ``hf``) and
 builds the spec with ``BackendSpec.build(backend=backend, ...)``: every option defaults to
 None, so the defaults live in the options models only. A command that takes every backend
-option (``icm eval run``, ``icm eval bench``) declares one parameter
-``backend_options: dict[str, Any] = ALL`` and is decorated with :func:`with_backend_options`. The help texts are the fields'
+option (``icm moderate``, ``icm eval run``, ``icm eval bench``) declares one parameter
+``backend_options: dict[str, Any] = ALL`` and is decorated with :func:`with_backend_options`
+(``icm serve`` has no ``--batch-size`` and ``icm chat`` a subset with its own ``--backend``:
+they list their options). The help texts are the fields'
 descriptions; ``--backend`` lists the registered names.
 """
 

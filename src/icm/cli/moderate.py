@@ -93,6 +93,7 @@ def _shown(name: str) -> str:
     return str(ModerateConfig.model_fields[name].default)
 
 
+@bo.with_backend_options
 def moderate(
     inputs: list[str] = typer.Argument(None, help="Image files, folders (recursive), glob patterns, or - for a list of paths on stdin."),
     policy: str | None = typer.Option(
@@ -100,15 +101,8 @@ def moderate(
         help="Built-in policy name or policy YAML file; or a bundle (icm-standard[:RULES], or a bundle YAML file): every member policy.",
     ),
     rules: str | None = typer.Option(None, "--rules", "-r", help="Rule set of the policy (default: the policy's default)."),
-    backend: bo.BackendOpt = None,
-    model: bo.ModelOpt = None,
-    adapter: bo.AdapterOpt = None,
-    base_url: bo.BaseUrlOpt = None,
-    dtype: bo.DtypeOpt = None,
-    device: bo.DeviceOpt = None,
-    escalate_backend: bo.EscalateBackendOpt = None,
+    backend_options: dict[str, Any] = bo.ALL,
     explain: bool = typer.Option(False, "--explain", help="Ask the model for an explanation (backends that generate text)."),
-    batch_size: bo.BatchSizeOpt = None,
     out: str | None = typer.Option(
         None, "--out", "-o", help="JSONL file, one record per image (per image and policy with a bundle), written as it goes.",
     ),
@@ -131,14 +125,6 @@ def moderate(
         False, "--allow-unjudged",
         help="Run even when the backend can judge nothing of the policy (every image would go to review); without it that is exit 2.",
     ),
-    min_label_mass: bo.MinLabelMassOpt = None,
-    text_confidence: bo.TextConfidenceOpt = None,
-    guided_choice: bo.GuidedChoiceOpt = None,
-    api_key_env: bo.ApiKeyEnvOpt = None,
-    timeout: bo.TimeoutOpt = None,
-    max_retries: bo.MaxRetriesOpt = None,
-    preset: bo.PresetOpt = None,
-    threads: bo.ThreadsOpt = None,
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data actor pool; the [ray] extra). Same records either way."),
     address: str | None = typer.Option(None, "--address", help="ray: an existing cluster (auto, ray://host:10001); default: start a local one."),
     num_actors: int | None = typer.Option(None, "--num-actors", show_default="1", help="ray: actors in the pool, each with its own backend."),
@@ -161,12 +147,8 @@ def moderate(
     stopping: tuple[type[Exception], ...] = ()  # the ray engine: a pool that cannot run, a table it cannot read, no Ray
     try:  # flags -> config -> preflight -> engine (its backends built, or Ray's driver-side view)
         config = ModerateConfig.from_options(
-            inputs=list(inputs or []), policy=policy, rules=rules, backend=backend, model=model, adapter=adapter,
-            base_url=base_url, dtype=dtype, device=device, escalate_backend=escalate_backend, explain=explain or None,
-            batch_size=batch_size, out=out, resume=resume or None, max_pixels=max_pixels, max_frames=max_frames, fps=fps,
-            null=null or None, min_label_mass=min_label_mass, text_confidence=text_confidence, guided_choice=guided_choice,
-            api_key_env=api_key_env, timeout=timeout, max_retries=max_retries, preset=preset,
-            threads=threads,
+            inputs=list(inputs or []), policy=policy, rules=rules, explain=explain or None, out=out,
+            resume=resume or None, max_pixels=max_pixels, max_frames=max_frames, fps=fps, null=null or None, **backend_options,
         )
         checked = preflight(config, engine=engine)
         if engine == "ray":
