@@ -396,3 +396,17 @@ def test_icm_standard_on_the_detector_leaves_out_what_it_cannot_judge_and_says_s
     assert result.exit_code == 0, result.output
     records, _ = read_records(out2)
     assert "gore" in {r.policy for r in records} and next(r for r in records if r.policy == "gore").verdict == "review"
+
+
+def test_icm_standard_summary_names_every_source_that_ran(tmp_path: Path) -> None:
+    """On the detector each member policy runs its own sources (each record names them); the run's summary line
+    names them all, in member order, not only the first member's."""
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(app, ["moderate", *map(str, PHOTOS), "--policy", "icm-standard", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records, _ = read_records(out)
+    ran = dict.fromkeys(s for r in records for s in str(r.model).split("+"))
+    if len(ran) == len(str(records[0].model).split("+")):
+        pytest.skip(f"every member ran the first one's sources here ({records[0].model}): nothing to tell apart")
+    text = " ".join(result.output.split())
+    assert f"backend detector ({'+'.join(ran)})" in text, text[-400:]

@@ -91,7 +91,14 @@ class BundleModerator:
 
     @property
     def model_id(self) -> str:
-        return self.members[0].model_id
+        """What ran over all members: the union of their first stages' ids (the detector judges each policy
+        with its own sources, ``rapidocr``, ``open_nsfw+nudenet-3.4.2``...), parts in member order, first seen
+        first (``none``, a member nothing judges, only when it is all), and the second stage's model."""
+        parts = dict.fromkeys(p for m in self.members for p in self.backend.model_id_for(m.policy).split("+"))
+        if len(parts) > 1:
+            parts.pop("none", None)
+        first = "+".join(parts)
+        return f"{first} -> {self.escalate_to.model_id}" if self.escalate_to is not None else first
 
     @property
     def merges(self) -> bool:
