@@ -272,7 +272,8 @@ class ServeConfig(BaseModel):
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a serve config is a mapping of settings")
-        flat = sorted(k for k in data if k in flat_backend_keys() or (k == "backend" and isinstance(data[k], str)))
+        flat_keys = flat_backend_keys()
+        flat = sorted(k for k in data if k in flat_keys or (k == "backend" and isinstance(data[k], str)))
         if flat:
             log.warning(
                 "%s: flat backend settings (%s) are deprecated; nest them: backend: {backend: %s, ...}",
@@ -281,7 +282,7 @@ class ServeConfig(BaseModel):
         given = {k: v for k, v in overrides.items() if v is not None}
         if "backend" in given and isinstance(data.get("backend"), dict):  # --backend keeps the file's other settings
             nested = BackendSpec.model_validate(data.pop("backend")).flat()
-            data.update({k: v for k, v in nested.items() if k in flat_backend_keys()})
+            data.update({k: v for k, v in nested.items() if k in flat_keys})
         data.update(given)
         return cls.model_validate(data)
 
