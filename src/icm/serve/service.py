@@ -89,7 +89,7 @@ class Service:
     bundles: dict[str, ServedBundle] = field(default_factory=dict)  # /v1/moderations' bundles (icm.serve.openai_models)
     unjudged: dict[str, str] = field(default_factory=dict)  # policy -> why the backend cannot judge it here
     ready: bool = False  # the backend has judged the warm-up image (/readyz)
-    pixel_digests: bool = False  # the detector keys its evidence by a hash of the pixels: hash them on decode
+    pixel_digests: bool = False  # a backend keys its work by a hash of the pixels (Backend.pixel_digests): hash on decode
 
     def prepare(self, im: LoadedImage) -> None:
         """Work on a decoded image that can run in the decoding thread, not the batch worker's:
@@ -314,5 +314,5 @@ def build_service(config: ServeConfig, *, moderator: Moderator | None = None, st
         bundles=bundles,
     )
     svc.unjudged = unjudged_policies(svc)
-    svc.pixel_digests = any(b is not None and b.name == "detector" for b in (moderator.backend, moderator.escalate_to))
+    svc.pixel_digests = any(b is not None and b.pixel_digests for b in (moderator.backend, moderator.escalate_to))
     return svc

@@ -191,8 +191,11 @@ class Backend:
     """Whether one :meth:`ask` may carry several policies' queries (keys made unique by the caller).
 
     A bundle (:class:`icm.moderation.bundle.BundleModerator`) then asks once for all its
-    policies. False for a backend that reads the policy from the queries (the detector
-    takes it from the term of the first yes/no query)."""
+    policies (the detector does: each of its sources then runs once per image for them all)."""
+    pixel_digests: ClassVar[bool] = False
+    """Whether the backend keys what it computes by a hash of each image's pixels
+    (:func:`icm.moderation.evidence.runtime.image_digest`, memoised on the image): the server
+    then takes the hash in the decoding thread, not in its batch worker."""
     text_stream: ClassVar[Literal["transformers", "method"] | None] = None
     """How ``icm chat`` streams this backend's answers token by token: ``"transformers"``
     (chat drives the backend's transformers ``model`` with a streamer: it has ``model``,

@@ -181,6 +181,7 @@ class DetectorBackend(Backend):
     name = "detector"
     capabilities: frozenset[Capability] = frozenset({"score_yes_no", "choose"})
     merges_policies = True  # a bundle asks once for every member: each source runs once for all
+    pixel_digests = True  # the evidence cache is keyed by image_digest
 
     def __init__(
         self,
